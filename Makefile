@@ -1,0 +1,116 @@
+# lua-stella - build, test, install.
+#
+#   make                 build the C core for Lua 5.4   -> build/5.4/stella/core.so
+#   make LUA=luajit      build it for LuaJIT/OpenResty  -> build/luajit/stella/core.so
+#   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
+#   make asan            specs with the core built under AddressSanitizer
+#   make bench           benchmarks (ratios against baselines measured in the same run)
+#   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
+#   make deps            install the Debian packages (as root) or print the apt-get line
+#   make DEV=1           extra warnings as errors
+
+LUA          ?= 5.4
+ifeq ($(LUA),luajit)
+LUA_INCDIR   ?= /usr/include/luajit-2.1
+LUA_BIN      ?= luajit
+LUA_ABI      ?= 5.1
+else
+LUA_INCDIR   ?= /usr/include/lua$(LUA)
+LUA_BIN      ?= lua$(LUA)
+LUA_ABI      ?= $(LUA)
+endif
+
+CURL_CFLAGS  ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
+CURL_LIBS    ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
+
+CC           ?= cc
+OPT          ?= -O2
+WARN         := -std=c99 -Wall -Wextra -pedantic -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
+                -Wpointer-arith -Wcast-qual -Wformat=2
+ifeq ($(DEV),1)
+WARN         += -Werror
+endif
+CFLAGS       ?= $(OPT) -g
+ALL_CFLAGS   := $(WARN) $(CFLAGS) -fPIC -I$(LUA_INCDIR) $(CURL_CFLAGS)
+LDFLAGS      ?=
+LIBFLAG      ?= -shared
+
+PREFIX       ?= /usr/local
+LUA_LIBDIR   ?= $(PREFIX)/lib/lua/$(LUA_ABI)
+LUA_SHAREDIR ?= $(PREFIX)/share/lua/$(LUA_ABI)
+BINDIR       ?= $(PREFIX)/bin
+INCDIR       ?= $(PREFIX)/include
+LIBDIR       ?= $(PREFIX)/lib
+
+BUILD        := build/$(LUA)
+CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
+                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
+MODULE       := $(BUILD)/stella/core.so
+CLIB         := build/c/libstella.a
+
+.PHONY: all module luajit clib test test-c test-lua asan valgrind bench install uninstall deps clean
+
+all: module
+
+module: $(MODULE)
+
+$(MODULE): $(CORE_SRC) csrc/lstella.c $(CORE_HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) csrc/lstella.c $(LDFLAGS) $(CURL_LIBS)
+
+luajit:
+	$(MAKE) LUA=luajit module
+
+# The core as a plain C library (no Lua), and its own test program.
+clib: $(CLIB)
+
+build/c/%.o: csrc/%.c $(CORE_HDR)
+	@mkdir -p build/c
+	$(CC) $(WARN) $(CFLAGS) -fPIC $(CURL_CFLAGS) -c -o $@ $<
+
+$(CLIB): $(patsubst csrc/%.c,build/c/%.o,$(CORE_SRC))
+	$(AR) rcs $@ $^
+
+build/c/test_core: spec/c/test_core.c $(CLIB)
+	$(CC) $(WARN) $(CFLAGS) -Icsrc $(CURL_CFLAGS) -o $@ $< $(CLIB) $(CURL_LIBS)
+
+test: build/c/test_core
+	$(MAKE) LUA=5.4 module
+	$(MAKE) LUA=luajit module
+	@tools/run-tests build/c/test_core "lua5.4:build/5.4" "luajit:build/luajit"
+
+# AddressSanitizer: the module built with -fsanitize=address, the interpreter
+# run with libasan preloaded (it is not itself instrumented).
+ASAN_FLAGS   := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
+asan:
+	$(MAKE) LUA=5.4 BUILD=build/asan MODULE=build/asan/stella/core.so CFLAGS="$(ASAN_FLAGS)" \
+	        LDFLAGS="-fsanitize=address,undefined" module
+	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
+	        $(CORE_SRC) $(CURL_LIBS)
+	@ASAN_OPTIONS=detect_leaks=1 build/asan/test_core
+	@LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	 tools/run-tests "" "lua5.4:build/asan"
+
+valgrind: build/c/test_core module
+	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core
+
+bench: 
+	$(MAKE) LUA=5.4 module
+	@tools/run-bench
+
+install: module
+	install -d $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)
+	install -m 755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/core.so
+	cd lua && find stella -name '*.lua' -exec install -D -m 644 {} $(DESTDIR)$(LUA_SHAREDIR)/{} \;
+	if [ -f bin/stella ]; then install -m 755 bin/stella $(DESTDIR)$(BINDIR)/stella; fi
+
+uninstall:
+	rm -rf $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)/stella
+
+deps:
+	@tools/install-deps
+
+clean:
+	rm -rf build

@@ -1,0 +1,193 @@
+/*
+ * stella.h - public C API of lua-stella's core.
+ *
+ * Usable from plain C without Lua: a small value model (what a Lua table or a
+ * JSON document looks like), validation against the Stella Connect Requests API
+ * schema, canonical JSON encoding, and a libcurl HTTP client that performs one
+ * POST attempt at a time (retry policy helpers are provided; the Lua module
+ * drives the retry loop so that other transports can share it).
+ *
+ * Memory: every value, error and string produced by validation lives in a
+ * stella_arena; free it with stella_arena_free (or reuse it with
+ * stella_arena_reset). Nothing here uses mutable globals.
+ */
+#ifndef STELLA_H
+#define STELLA_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define STELLA_VERSION "0.1.0"
+
+/* ---------- arena --------------------------------------------------------- */
+
+typedef struct stella_arena_block stella_arena_block;
+typedef struct stella_arena {
+  stella_arena_block *head;   /* block currently allocated from */
+  stella_arena_block *spare;  /* blocks kept for reuse after a reset */
+} stella_arena;
+
+void  stella_arena_init(stella_arena *a);
+void *stella_arena_alloc(stella_arena *a, size_t size);   /* NULL when out of memory */
+void  stella_arena_reset(stella_arena *a);                /* forget contents, keep memory */
+void  stella_arena_free(stella_arena *a);                 /* release everything; idempotent */
+
+/* ---------- values -------------------------------------------------------- */
+
+typedef enum stella_type {
+  STELLA_NIL,
+  STELLA_BOOL,
+  STELLA_NUMBER,   /* a number; is_int says whether it is integral (Lua 5.4 integer or integral float) */
+  STELLA_STRING,
+  STELLA_TABLE,    /* a Lua table or a JSON object/array: a list of key/value pairs */
+  STELLA_OTHER     /* anything else (function, userdata, ...): always a type error */
+} stella_type;
+
+typedef struct stella_pair stella_pair;
+
+typedef struct stella_value {
+  stella_type type;
+  union {
+    int boolean;
+    struct { double num; long long i; int is_int; } number;
+    struct { const char *ptr; size_t len; } string;  /* not copied: must outlive the value */
+    struct { stella_pair *pairs; size_t count; } table;
+  } u;
+} stella_value;
+
+struct stella_pair {
+  stella_value key;     /* string for object members, number 1..n for sequence items */
+  stella_value value;
+};
+
+/* Builders (allocate from the arena). A table's pairs are filled by the caller. */
+stella_value  stella_nil(void);
+stella_value  stella_bool(int b);
+stella_value  stella_int(long long i);
+stella_value  stella_double(double d);
+stella_value  stella_string(const char *s, size_t len);
+stella_value  stella_cstring(const char *s);
+stella_pair  *stella_table(stella_arena *a, stella_value *out, size_t count);
+/* Look a string key up in a table value; NULL if absent. */
+const stella_value *stella_get(const stella_value *table, const char *key);
+
+/* ---------- validation ---------------------------------------------------- */
+
+typedef enum stella_kind { STELLA_REQUEST = 0, STELLA_RECOVERY = 1 } stella_kind;
+
+typedef struct stella_error {
+  const char *path;     /* "customer.email", "tags[3]", "custom_properties.KEY" */
+  const char *code;     /* machine-readable: "required", "invalid_email", ... */
+  const char *message;  /* a sentence a person can act on */
+} stella_error;
+
+typedef struct stella_errors {
+  stella_error *items;
+  size_t count, cap;
+  int oom;              /* set when an allocation failed: the list is incomplete */
+} stella_errors;
+
+typedef struct stella_options {
+  const char *const *channels;   /* allowed channel names, or NULL for any */
+  size_t channel_count;
+} stella_options;
+
+/* Validate `req` as `kind`. Returns the number of errors found (0 = valid);
+ * errors and their strings are allocated from `a`. Returns -1 when out of memory. */
+int stella_validate(stella_arena *a, stella_kind kind, const stella_value *req,
+                    const stella_options *opts, stella_errors *errors);
+
+/* ---------- encoding ------------------------------------------------------ */
+
+typedef struct stella_buffer {
+  char *data;
+  size_t len, cap;
+  int oom;
+} stella_buffer;
+
+void stella_buffer_init(stella_buffer *b);
+void stella_buffer_free(stella_buffer *b);            /* idempotent */
+void stella_buffer_add(stella_buffer *b, const char *s, size_t len);
+
+/* Append the canonical JSON of an already *valid* request to `out`.
+ * Returns 0, or -1 when out of memory. Call stella_validate first. */
+int stella_encode_json(stella_kind kind, const stella_value *req, stella_buffer *out);
+
+/* ---------- text checks (exposed for tests and for other front ends) ------ */
+
+int    stella_utf8_valid(const char *s, size_t len);
+size_t stella_utf8_length(const char *s, size_t len);  /* characters in valid UTF-8 */
+int    stella_email_valid(const char *s, size_t len);  /* WHATWG "valid e-mail address" */
+int    stella_language_valid(const char *s, size_t len);
+int    stella_is_language_code(const char *s, size_t len);   /* ISO 639-1 */
+int    stella_is_country_code(const char *s, size_t len);    /* ISO 3166-1 alpha-2 */
+int    stella_is_m49_area_code(const char *s, size_t len);   /* UN M.49 area (BCP 47 regions) */
+
+/* ---------- HTTP client (libcurl) ----------------------------------------- */
+
+typedef struct stella_http stella_http;
+
+typedef struct stella_http_options {
+  const char *base_url;         /* e.g. "https://api.stellaconnect.net" (no trailing path) */
+  const char *api_key;          /* sent as x-api-key; never logged or echoed */
+  const char *user_agent;       /* NULL: "lua-stella/VERSION" */
+  const char *ca_file;          /* NULL: the system's CA bundle */
+  long timeout_ms;              /* whole transfer; 0 = 30000 */
+  long connect_timeout_ms;      /* 0 = 10000 */
+} stella_http_options;
+
+typedef enum stella_http_failure {
+  STELLA_HTTP_OK = 0,           /* a response with a status arrived */
+  STELLA_HTTP_TIMEOUT,
+  STELLA_HTTP_NETWORK,          /* could not connect / connection dropped */
+  STELLA_HTTP_PROTOCOL,         /* the peer answered something that is not HTTP */
+  STELLA_HTTP_TLS,              /* certificate or handshake failure */
+  STELLA_HTTP_INTERNAL          /* out of memory, bad option */
+} stella_http_failure;
+
+typedef struct stella_http_result {
+  stella_http_failure failure;
+  long status;                  /* HTTP status when failure == STELLA_HTTP_OK */
+  const char *body;             /* owned by the client, valid until the next call */
+  size_t body_len;
+  const char *content_type;     /* NULL if none; owned by the client */
+  long retry_after_ms;          /* parsed Retry-After (seconds or HTTP-date), -1 if absent */
+  const char *error;            /* failure message (never contains the key) */
+} stella_http_result;
+
+/* Creates a client. On failure returns NULL and writes a message to `err`
+ * (which must hold at least 256 bytes). Refuses plain http:// unless the host
+ * is loopback, and keys that are empty or contain whitespace/control chars. */
+stella_http *stella_http_new(const stella_http_options *opts, char *err, size_t errlen);
+/* One POST of `body` to base_url .. path. The connection is kept alive and
+ * reused by the next call. Fills `res`; returns res->failure. */
+stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
+                                     size_t body_len, stella_http_result *res);
+/* The connection number libcurl used for the last transfer (for keep-alive checks). */
+long stella_http_connects(const stella_http *h);  /* connections opened so far */
+void stella_http_free(stella_http *h);             /* NULL is fine */
+
+/* ---------- outcome classification and retry policy ----------------------- */
+
+/* Maps an HTTP status or a transport failure to an error kind:
+ * "rejected" 400, "auth" 401/403, "not_found" 404, "rate_limited" 429,
+ * "server" 5xx, "timeout", "network", "protocol"; NULL for 2xx. */
+const char *stella_error_kind(stella_http_failure failure, long status, int *retryable);
+
+/* Delay before retry number `attempt` (1 = first retry): exponential backoff
+ * with full jitter, base * 2^(attempt-1) capped at max, times `unit_random`
+ * in [0,1). A server's Retry-After (ms, or -1) wins, capped at max. */
+long stella_retry_delay_ms(int attempt, long base_ms, long max_ms, long retry_after_ms,
+                           double unit_random);
+
+/* Parses a Retry-After header value: delta-seconds or an HTTP-date relative to
+ * `now` (seconds since the epoch). Returns milliseconds, or -1 if unreadable. */
+long stella_parse_retry_after(const char *value, long long now);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,347 @@
+/* stella_http.c - one libcurl easy handle per client: POST a body, collect the
+ * answer in a buffer owned by the client, classify failures. */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <curl/curl.h>
+#include "stella.h"
+
+struct stella_http {
+  CURL *easy;
+  struct curl_slist *headers;
+  char *base_url;               /* without trailing '/' */
+  size_t base_len;
+  stella_buffer url;            /* scratch: base_url .. path */
+  stella_buffer body;           /* response body of the last call */
+  char content_type[128];
+  char retry_after[128];
+  long connects;
+  char errbuf[CURL_ERROR_SIZE];
+  char message[CURL_ERROR_SIZE + 64];
+};
+
+/* ---------- option checks ------------------------------------------------------ */
+
+static int key_ok(const char *key) {
+  const unsigned char *s = (const unsigned char *)key;
+  if (s == NULL || *s == '\0') return 0;
+  for (; *s; s++)
+    if (*s <= 0x20 || *s >= 0x7F) return 0;   /* no whitespace, controls or non-ASCII */
+  return 1;
+}
+
+static int host_is_loopback(const char *host) {
+  if (strcmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0 || strcmp(host, "::1") == 0)
+    return 1;
+  if (strncmp(host, "127.", 4) == 0) {
+    const char *p = host + 4;
+    int parts = 1;
+    for (; *p; p++) {
+      if (*p == '.') parts++;
+      else if (!isdigit((unsigned char)*p)) return 0;
+    }
+    return parts == 3;
+  }
+  return 0;
+}
+
+/* https:// anywhere; http:// only to a loopback host, so keys never cross a
+ * network in clear. */
+static int check_base_url(const char *url, char *err, size_t errlen) {
+  CURLU *u = curl_url();
+  char *scheme = NULL, *host = NULL, *query = NULL;
+  int ok = 0;
+  if (u == NULL) { snprintf(err, errlen, "out of memory"); return 0; }
+  if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+      curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+      curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
+    snprintf(err, errlen, "base_url is not a valid URL (expected https://HOST)");
+  } else if (curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK) {
+    snprintf(err, errlen, "base_url must not have a query string");
+  } else if (strcmp(scheme, "https") == 0) {
+    ok = 1;
+  } else if (strcmp(scheme, "http") == 0) {
+    if (host_is_loopback(host)) ok = 1;
+    else snprintf(err, errlen,
+                  "base_url uses plain http:// to a non-loopback host; use https:// "
+                  "(the API key must not cross a network in clear)");
+  } else {
+    snprintf(err, errlen, "base_url must use https:// (or http:// to a loopback host)");
+  }
+  curl_free(scheme);
+  curl_free(host);
+  curl_free(query);
+  curl_url_cleanup(u);
+  return ok;
+}
+
+/* ---------- callbacks (no Lua here: only the client's own buffers) ------------ */
+
+static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata) {
+  stella_http *h = (stella_http *)userdata;
+  size_t n = size * nmemb;
+  stella_buffer_add(&h->body, ptr, n);
+  return h->body.oom ? 0 : n;
+}
+
+/* Copies the value of header `name` if `line` is that header. */
+static void take_header(const char *line, size_t len, const char *name, char *out, size_t outlen) {
+  size_t nlen = strlen(name), i;
+  if (len <= nlen || line[nlen] != ':') return;
+  for (i = 0; i < nlen; i++)
+    if (tolower((unsigned char)line[i]) != name[i]) return;
+  line += nlen + 1;
+  len -= nlen + 1;
+  while (len && (*line == ' ' || *line == '\t')) { line++; len--; }
+  while (len && (line[len - 1] == '\r' || line[len - 1] == '\n' || line[len - 1] == ' ')) len--;
+  if (len >= outlen) len = outlen - 1;
+  memcpy(out, line, len);
+  out[len] = '\0';
+}
+
+static size_t on_header(char *line, size_t size, size_t nmemb, void *userdata) {
+  stella_http *h = (stella_http *)userdata;
+  size_t n = size * nmemb;
+  if (n >= 5 && memcmp(line, "HTTP/", 5) == 0) {
+    /* a new response (e.g. after 100 Continue): forget the previous one's headers */
+    h->content_type[0] = '\0';
+    h->retry_after[0] = '\0';
+    h->body.len = 0;
+  }
+  take_header(line, n, "content-type", h->content_type, sizeof h->content_type);
+  take_header(line, n, "retry-after", h->retry_after, sizeof h->retry_after);
+  return n;
+}
+
+/* ---------- life cycle ------------------------------------------------------------ */
+
+stella_http *stella_http_new(const stella_http_options *o, char *err, size_t errlen) {
+  stella_http *h;
+  const char *base = o->base_url ? o->base_url : "https://api.stellaconnect.net";
+  char line[512];
+  size_t klen;
+  struct curl_slist *tmp;
+
+  if (!key_ok(o->api_key)) {
+    snprintf(err, errlen, "api_key must be a non-empty string without whitespace or control characters");
+    return NULL;
+  }
+  klen = strlen(o->api_key);
+  if (klen > 400) { snprintf(err, errlen, "api_key is too long"); return NULL; }
+  if (!check_base_url(base, err, errlen)) return NULL;
+  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+    snprintf(err, errlen, "libcurl could not be initialised");
+    return NULL;
+  }
+  h = (stella_http *)calloc(1, sizeof *h);
+  if (h == NULL) { curl_global_cleanup(); snprintf(err, errlen, "out of memory"); return NULL; }
+  stella_buffer_init(&h->url);
+  stella_buffer_init(&h->body);
+  h->base_len = strlen(base);
+  while (h->base_len && base[h->base_len - 1] == '/') h->base_len--;
+  h->base_url = (char *)malloc(h->base_len + 1);
+  h->easy = curl_easy_init();
+  if (h->base_url == NULL || h->easy == NULL) goto oom;
+  memcpy(h->base_url, base, h->base_len);
+  h->base_url[h->base_len] = '\0';
+
+  tmp = curl_slist_append(NULL, "Accept: application/json");
+  if (tmp) h->headers = tmp;
+  tmp = tmp ? curl_slist_append(h->headers, "Content-Type: application/json") : NULL;
+  tmp = tmp ? curl_slist_append(h->headers, "Expect:") : NULL;   /* no 100-continue round trip */
+  if (tmp) {
+    snprintf(line, sizeof line, "x-api-key: %s", o->api_key);
+    tmp = curl_slist_append(h->headers, line);
+    memset(line, 0, sizeof line);   /* don't leave the key on the stack */
+  }
+  if (tmp == NULL) goto oom;
+
+  curl_easy_setopt(h->easy, CURLOPT_HTTPHEADER, h->headers);
+  curl_easy_setopt(h->easy, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h->easy, CURLOPT_ERRORBUFFER, h->errbuf);
+  curl_easy_setopt(h->easy, CURLOPT_TIMEOUT_MS, o->timeout_ms > 0 ? o->timeout_ms : 30000L);
+  curl_easy_setopt(h->easy, CURLOPT_CONNECTTIMEOUT_MS,
+                   o->connect_timeout_ms > 0 ? o->connect_timeout_ms : 10000L);
+  curl_easy_setopt(h->easy, CURLOPT_SSL_VERIFYPEER, 1L);
+  curl_easy_setopt(h->easy, CURLOPT_SSL_VERIFYHOST, 2L);
+  curl_easy_setopt(h->easy, CURLOPT_FOLLOWLOCATION, 0L);   /* a redirect must not carry the key */
+  curl_easy_setopt(h->easy, CURLOPT_TCP_NODELAY, 1L);
+  curl_easy_setopt(h->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+  curl_easy_setopt(h->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+  curl_easy_setopt(h->easy, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+  if (o->ca_file) curl_easy_setopt(h->easy, CURLOPT_CAINFO, o->ca_file);
+  snprintf(line, sizeof line, "lua-stella/%s", STELLA_VERSION);
+  curl_easy_setopt(h->easy, CURLOPT_USERAGENT, o->user_agent ? o->user_agent : line);
+  curl_easy_setopt(h->easy, CURLOPT_WRITEFUNCTION, on_body);
+  curl_easy_setopt(h->easy, CURLOPT_WRITEDATA, h);
+  curl_easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, on_header);
+  curl_easy_setopt(h->easy, CURLOPT_HEADERDATA, h);
+  curl_easy_setopt(h->easy, CURLOPT_POST, 1L);
+  return h;
+
+oom:
+  stella_http_free(h);
+  snprintf(err, errlen, "out of memory");
+  return NULL;
+}
+
+void stella_http_free(stella_http *h) {
+  if (h == NULL) return;
+  if (h->easy) curl_easy_cleanup(h->easy);
+  if (h->headers) {
+    struct curl_slist *s;
+    for (s = h->headers; s; s = s->next)   /* wipe the key before the memory is reused */
+      memset(s->data, 0, strlen(s->data));
+    curl_slist_free_all(h->headers);
+  }
+  free(h->base_url);
+  stella_buffer_free(&h->url);
+  stella_buffer_free(&h->body);
+  free(h);
+  curl_global_cleanup();
+}
+
+long stella_http_connects(const stella_http *h) {
+  return h->connects;
+}
+
+/* ---------- one POST ------------------------------------------------------------------ */
+
+static stella_http_failure failure_of(CURLcode rc) {
+  switch (rc) {
+    case CURLE_OK: return STELLA_HTTP_OK;
+    case CURLE_OPERATION_TIMEDOUT: return STELLA_HTTP_TIMEOUT;
+    case CURLE_WEIRD_SERVER_REPLY:
+    case CURLE_UNSUPPORTED_PROTOCOL:
+    case CURLE_BAD_CONTENT_ENCODING:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+      return STELLA_HTTP_PROTOCOL;
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+      return STELLA_HTTP_TLS;
+    case CURLE_OUT_OF_MEMORY:
+    case CURLE_BAD_FUNCTION_ARGUMENT:
+    case CURLE_URL_MALFORMAT:
+      return STELLA_HTTP_INTERNAL;
+    default:
+      return STELLA_HTTP_NETWORK;   /* refused, reset, empty reply, resolve failure, ... */
+  }
+}
+
+stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
+                                     size_t body_len, stella_http_result *res) {
+  CURLcode rc;
+  long connects = 0;
+  memset(res, 0, sizeof *res);
+  res->retry_after_ms = -1;
+  h->url.len = 0;
+  h->body.len = 0;
+  h->body.oom = 0;
+  h->content_type[0] = h->retry_after[0] = h->errbuf[0] = '\0';
+  stella_buffer_add(&h->url, h->base_url, h->base_len);
+  stella_buffer_add(&h->url, path, strlen(path));
+  stella_buffer_add(&h->body, "", 0);   /* make sure body.data is a valid string */
+  if (h->url.oom || h->body.oom) {
+    res->failure = STELLA_HTTP_INTERNAL;
+    res->error = "out of memory";
+    return res->failure;
+  }
+  curl_easy_setopt(h->easy, CURLOPT_URL, h->url.data);
+  curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, body);
+  curl_easy_setopt(h->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+  rc = curl_easy_perform(h->easy);
+  if (curl_easy_getinfo(h->easy, CURLINFO_NUM_CONNECTS, &connects) == CURLE_OK)
+    h->connects += connects;
+  res->failure = failure_of(rc);
+  if (rc == CURLE_WRITE_ERROR && h->body.oom) res->failure = STELLA_HTTP_INTERNAL;
+  if (res->failure != STELLA_HTTP_OK) {
+    snprintf(h->message, sizeof h->message, "%s", h->errbuf[0] ? h->errbuf : curl_easy_strerror(rc));
+    res->error = h->message;
+    return res->failure;
+  }
+  curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
+  res->body = h->body.data ? h->body.data : "";
+  res->body_len = h->body.len;
+  res->content_type = h->content_type[0] ? h->content_type : NULL;
+  if (h->retry_after[0]) {
+    long long now = 0;
+    {
+      time_t t = time(NULL);
+      now = (long long)t;
+    }
+    res->retry_after_ms = stella_parse_retry_after(h->retry_after, now);
+  }
+  return STELLA_HTTP_OK;
+}
+
+/* ---------- classification and retry policy ----------------------------------------- */
+
+const char *stella_error_kind(stella_http_failure failure, long status, int *retryable) {
+  int r = 0;
+  const char *kind = NULL;
+  switch (failure) {
+    case STELLA_HTTP_OK:
+      if (status >= 200 && status < 300) kind = NULL;
+      else if (status == 401 || status == 403) kind = "auth";
+      else if (status == 404) kind = "not_found";
+      else if (status == 408) { kind = "timeout"; r = 1; }
+      else if (status == 429) { kind = "rate_limited"; r = 1; }
+      else if (status >= 500 && status < 600) { kind = "server"; r = 1; }
+      else if (status >= 400 && status < 500) kind = "rejected";
+      else kind = "protocol";   /* 1xx/3xx: not an answer this API gives */
+      break;
+    case STELLA_HTTP_TIMEOUT: kind = "timeout"; r = 1; break;
+    case STELLA_HTTP_NETWORK: kind = "network"; r = 1; break;
+    case STELLA_HTTP_PROTOCOL: kind = "protocol"; break;
+    case STELLA_HTTP_TLS: kind = "network"; break;   /* certificate problems do not heal by retrying */
+    case STELLA_HTTP_INTERNAL: kind = "network"; break;
+  }
+  if (retryable) *retryable = r;
+  return kind;
+}
+
+long stella_retry_delay_ms(int attempt, long base_ms, long max_ms, long retry_after_ms,
+                           double unit_random) {
+  double cap = (double)base_ms;
+  int i;
+  if (max_ms < 0) max_ms = 0;
+  if (retry_after_ms >= 0) return retry_after_ms < max_ms ? retry_after_ms : max_ms;
+  for (i = 1; i < attempt && cap < (double)max_ms; i++) cap *= 2;
+  if (cap > (double)max_ms) cap = (double)max_ms;
+  if (unit_random < 0) unit_random = 0;
+  if (unit_random >= 1) unit_random = 0.999999;
+  return (long)(cap * unit_random);
+}
+
+long stella_parse_retry_after(const char *value, long long now) {
+  const char *p = value;
+  while (*p == ' ') p++;
+  if (*p >= '0' && *p <= '9') {
+    long long secs = 0;
+    for (; *p >= '0' && *p <= '9'; p++) {
+      secs = secs * 10 + (*p - '0');
+      if (secs > 86400LL * 365) secs = 86400LL * 365;   /* clamp absurd values */
+    }
+    while (*p == ' ') p++;
+    return *p ? -1 : (long)(secs * 1000);
+  }
+  {
+    time_t t = curl_getdate(p, NULL);
+    long long d;
+    if (t == (time_t)-1) return -1;
+    d = ((long long)t - now) * 1000;
+    if (d < 0) d = 0;
+    if (d > 86400LL * 365 * 1000) d = 86400LL * 365 * 1000;
+    return (long)d;
+  }
+}

@@ -1,0 +1,132 @@
+/* stella_json.c - canonical JSON for a validated request: compact, keys in
+ * schema order, custom_properties sorted, integers written as strings. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "stella_schema.h"
+
+#define ADD_LIT(b, lit) stella_buffer_add((b), (lit), sizeof(lit) - 1)
+
+static void add_string(stella_buffer *b, const char *s, size_t len) {
+  static const char hex[] = "0123456789abcdef";
+  size_t i, run = 0;
+  ADD_LIT(b, "\"");
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    const char *esc = NULL;
+    char u[6];
+    if (ch >= 0x20 && ch != '"' && ch != '\\') continue;
+    switch (ch) {
+      case '"': esc = "\\\""; break;
+      case '\\': esc = "\\\\"; break;
+      case '\n': esc = "\\n"; break;
+      case '\r': esc = "\\r"; break;
+      case '\t': esc = "\\t"; break;
+      case '\b': esc = "\\b"; break;
+      case '\f': esc = "\\f"; break;
+      default:
+        u[0] = '\\'; u[1] = 'u'; u[2] = '0'; u[3] = '0';
+        u[4] = hex[ch >> 4]; u[5] = hex[ch & 15];
+        break;
+    }
+    stella_buffer_add(b, s + run, i - run);
+    if (esc) stella_buffer_add(b, esc, 2);
+    else stella_buffer_add(b, u, 6);
+    run = i + 1;
+  }
+  stella_buffer_add(b, s + run, len - run);
+  ADD_LIT(b, "\"");
+}
+
+/* A number as a JSON string: integers exactly, others with 14 significant
+ * digits (Lua 5.1's "%.14g"), with '.' whatever the C locale says. */
+static void add_number_as_string(stella_buffer *b, const stella_value *v) {
+  char tmp[64];
+  int n;
+  size_t i;
+  if (v->u.number.is_int) n = snprintf(tmp, sizeof tmp, "%lld", v->u.number.i);
+  else n = snprintf(tmp, sizeof tmp, "%.14g", v->u.number.num);
+  if (n < 0) n = 0;
+  for (i = 0; i < (size_t)n; i++)
+    if (tmp[i] == ',') tmp[i] = '.';
+  ADD_LIT(b, "\"");
+  stella_buffer_add(b, tmp, (size_t)n);
+  ADD_LIT(b, "\"");
+}
+
+static void add_scalar(stella_buffer *b, const stella_value *v) {
+  if (v->type == STELLA_STRING) add_string(b, v->u.string.ptr, v->u.string.len);
+  else if (v->type == STELLA_NUMBER) add_number_as_string(b, v);
+  else if (v->type == STELLA_BOOL) {
+    if (v->u.boolean) ADD_LIT(b, "true");
+    else ADD_LIT(b, "false");
+  } else ADD_LIT(b, "null");
+}
+
+static void add_tags(stella_buffer *b, const stella_value *t) {
+  size_t i, k, n = t->u.table.count;
+  ADD_LIT(b, "[");
+  for (i = 1; i <= n; i++) {
+    const stella_pair *p = &t->u.table.pairs[i - 1];
+    if (!(p->key.type == STELLA_NUMBER && p->key.u.number.i == (long long)i)) {
+      for (k = 0; k < n; k++)   /* out of order (built by hand): find item i */
+        if (t->u.table.pairs[k].key.u.number.i == (long long)i) p = &t->u.table.pairs[k];
+    }
+    if (i > 1) ADD_LIT(b, ",");
+    add_scalar(b, &p->value);
+  }
+  ADD_LIT(b, "]");
+}
+
+static int add_props(stella_buffer *b, const stella_value *t) {
+  size_t i, n = t->u.table.count;
+  const stella_pair *stack_list[32], **list = stack_list;
+  if (n > 32) {
+    list = (const stella_pair **)malloc(n * sizeof *list);
+    if (list == NULL) return -1;
+  }
+  for (i = 0; i < n; i++) list[i] = &t->u.table.pairs[i];
+  qsort((void *)list, n, sizeof *list, stella_key_compare);
+  ADD_LIT(b, "{");
+  for (i = 0; i < n; i++) {
+    if (i) ADD_LIT(b, ",");
+    add_string(b, list[i]->key.u.string.ptr, list[i]->key.u.string.len);
+    ADD_LIT(b, ":");
+    add_scalar(b, &list[i]->value);
+  }
+  ADD_LIT(b, "}");
+  if (list != stack_list) free((void *)list);
+  return 0;
+}
+
+static int add_object(stella_buffer *b, const schema *s, const stella_value *obj) {
+  size_t i;
+  int first = 1;
+  ADD_LIT(b, "{");
+  for (i = 0; i < s->count; i++) {
+    const field *f = &s->fields[i];
+    const stella_value *v = stella_get(obj, f->name);
+    if (v == NULL || v->type == STELLA_NIL) continue;
+    if (!first) ADD_LIT(b, ",");
+    first = 0;
+    ADD_LIT(b, "\"");
+    stella_buffer_add(b, f->name, f->name_len);
+    ADD_LIT(b, "\":");
+    switch (f->type) {
+      case F_OBJECT:
+        if (add_object(b, f->sub, v) != 0) return -1;
+        break;
+      case F_TAGS: add_tags(b, v); break;
+      case F_PROPS:
+        if (add_props(b, v) != 0) return -1;
+        break;
+      default: add_scalar(b, v); break;
+    }
+  }
+  ADD_LIT(b, "}");
+  return b->oom ? -1 : 0;
+}
+
+int stella_encode_json(stella_kind kind, const stella_value *req, stella_buffer *out) {
+  return add_object(out, stella_schema_for(kind), req);
+}

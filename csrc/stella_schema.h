@@ -1,0 +1,50 @@
+/* stella_schema.h - the Requests API schema as data, shared by the validator
+ * and the encoder (private to the core). */
+#ifndef STELLA_SCHEMA_H
+#define STELLA_SCHEMA_H
+
+#include "stella.h"
+
+typedef enum field_type {
+  F_STRING,     /* non-empty UTF-8 string */
+  F_EMAIL,      /* WHATWG e-mail, <= 254 bytes */
+  F_ID,         /* non-empty string, or an integer sent as its decimal string */
+  F_URL,        /* string without whitespace or control characters */
+  F_BOOL,
+  F_CHANNEL,    /* non-empty string, optionally from an allowed list */
+  F_TAGS,       /* sequence of <= 20 non-empty strings of <= 2000 characters */
+  F_LANGUAGE,
+  F_COUNTRY,
+  F_PROPS,      /* flat map string -> string (numbers accepted) */
+  F_OBJECT      /* nested object described by `sub` */
+} field_type;
+
+typedef struct schema schema;
+
+typedef struct field {
+  const char *name;
+  size_t name_len;
+  field_type type;
+  int required;
+  const schema *sub;
+} field;
+
+struct schema {
+  const char *what;          /* "request", "customer", ... for messages */
+  const field *fields;
+  size_t count;
+  int one_of[2];             /* indices of fields of which at least one is needed, or -1 */
+  const char *one_of_path;   /* path the one_of_required error is reported at */
+  const char *one_of_message;
+};
+
+const schema *stella_schema_for(stella_kind kind);
+
+/* qsort comparator over `const stella_pair *`: string keys by bytes, then numbers. */
+int stella_key_compare(const void *a, const void *b);
+
+#define STELLA_MAX_TAGS 20
+#define STELLA_MAX_TEXT_CHARS 2000
+#define STELLA_MAX_EMAIL_BYTES 254
+
+#endif
