@@ -3,8 +3,11 @@
  * Lua tables are converted to stella_value trees in a scratch arena held by an
  * upvalue userdata (so a Lua error never leaks memory and no C global is
  * mutable). Strings are not copied: they stay anchored by the argument table. */
+#define _POSIX_C_SOURCE 200112L   /* nanosleep */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "compat.h"
 #include <curl/curl.h>
 #include "stella.h"
@@ -226,6 +229,18 @@ static int l_parse_retry_after(lua_State *L) {
   return 1;
 }
 
+/* sleep(seconds): the default pause between retries outside OpenResty. */
+static int l_sleep(lua_State *L) {
+  lua_Number secs = luaL_checknumber(L, 1);
+  struct timespec ts, rem;
+  if (!(secs > 0)) return 0;
+  if (secs > 86400) secs = 86400;
+  ts.tv_sec = (time_t)secs;
+  ts.tv_nsec = (long)((secs - (lua_Number)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &rem) != 0 && errno == EINTR) ts = rem;
+  return 0;
+}
+
 static const char *const failure_names[] = { "ok", "timeout", "network", "protocol", "tls",
                                              "internal", NULL };
 
@@ -372,6 +387,7 @@ static const luaL_Reg plain_funcs[] = {
   { "retry_delay", l_retry_delay },
   { "parse_retry_after", l_parse_retry_after },
   { "classify", l_classify },
+  { "sleep", l_sleep },
   { "http_new", l_http_new },
   { NULL, NULL }
 };

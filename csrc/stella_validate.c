@@ -394,9 +394,10 @@ static void check_object(ctx *c, const schema *s, const char *path, const stella
       const char *fpath = join(c, path, f->name, f->name_len);
       add_error(c, fpath, "required", fmt(c, "%s is required", fpath));
     }
+    /* "at least one of" is reported where the later of the two fields stands */
+    if ((int)i == s->one_of[1] && !found[s->one_of[0]] && !found[s->one_of[1]])
+      add_error(c, s->one_of_path, "one_of_required", s->one_of_message);
   }
-  if (s->one_of[0] >= 0 && !found[s->one_of[0]] && !found[s->one_of[1]])
-    add_error(c, s->one_of_path, "one_of_required", s->one_of_message);
   if (unknown) {
     size_t n;
     const stella_pair **list = sorted_pairs(c, v, pick, &n);

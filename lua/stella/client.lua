@@ -1,0 +1,228 @@
+-- stella.client: validate, encode and POST requests, with retries.
+local core = require "stella.core"
+local errors = require "stella.error"
+
+local assert, error, ipairs, pairs, setmetatable, tostring, type, tonumber =
+      assert, error, ipairs, pairs, setmetatable, tostring, type, tonumber
+local floor, random = math.floor, math.random
+
+local cjson_ok, cjson = pcall(require, "cjson.safe")
+
+local M = {}
+
+local DEFAULT_BASE_URL = "https://api.stellaconnect.net"
+local KNOWN_OPTIONS = {
+  api_key = true, keys = true, mode = true, base_url = true, timeout = true,
+  connect_timeout = true, retry = true, channels = true, user_agent = true, ca_file = true,
+  transport = true, sleep = true, random = true,
+}
+
+local Client = {}
+Client.__index = Client
+
+-- Accepts {"phone","chat"} or {phone=true, chat=true}; returns a sorted list.
+function M.channel_list(channels)
+  if channels == nil then return nil end
+  if type(channels) ~= "table" then error("channels must be a table", 3) end
+  local list, seen = {}, {}
+  for k, v in pairs(channels) do
+    local name = type(k) == "number" and v or k
+    if type(name) ~= "string" or name == "" then
+      error("channels must be a list of channel names or a set {name=true}", 3)
+    end
+    if (type(k) ~= "number" and v) and not seen[name] then list[#list + 1] = name; seen[name] = true
+    elseif type(k) == "number" and not seen[name] then list[#list + 1] = name; seen[name] = true end
+  end
+  table.sort(list)
+  return list
+end
+
+local function key_hint(key)
+  return "..." .. key:sub(-4)
+end
+
+local function pick_key(opts)
+  if opts.api_key ~= nil and opts.keys ~= nil then
+    error("stella.new: give api_key or keys, not both", 3)
+  end
+  if opts.api_key ~= nil then
+    if type(opts.api_key) ~= "string" then error("stella.new: api_key must be a string", 3) end
+    return opts.api_key, opts.mode or "custom"
+  end
+  if type(opts.keys) ~= "table" then
+    error("stella.new: an API key is required (api_key = ..., or keys = { test = ..., production = ... })", 3)
+  end
+  local mode = opts.mode or "test"
+  if mode ~= "test" and mode ~= "production" then
+    error("stella.new: mode must be \"test\" or \"production\"", 3)
+  end
+  local key = opts.keys[mode]
+  if type(key) ~= "string" then error("stella.new: keys." .. mode .. " is missing", 3) end
+  return key, mode
+end
+
+local function positive(opts, name, default)
+  local v = opts[name]
+  if v == nil then return default end
+  if type(v) ~= "number" or not (v > 0) then
+    error("stella.new: " .. name .. " must be a positive number of seconds", 3)
+  end
+  return v
+end
+
+function M.new(opts)
+  if type(opts) ~= "table" then error("stella.new: options table expected", 2) end
+  for k in pairs(opts) do
+    if not KNOWN_OPTIONS[k] then error("stella.new: unknown option " .. tostring(k), 2) end
+  end
+  local key, mode = pick_key(opts)
+  local retry = opts.retry or {}
+  if type(retry) ~= "table" then error("stella.new: retry must be a table", 2) end
+  local attempts = retry.attempts or 3
+  if type(attempts) ~= "number" or attempts < 1 or attempts ~= floor(attempts) then
+    error("stella.new: retry.attempts must be a whole number >= 1", 2)
+  end
+  local self = setmetatable({
+    mode = mode,
+    base_url = opts.base_url or DEFAULT_BASE_URL,
+    channels = M.channel_list(opts.channels),
+    timeout = positive(opts, "timeout", 30),
+    attempts = attempts,
+    base_delay = retry.base_delay or 0.5,
+    max_delay = retry.max_delay or 30,
+    sleep = opts.sleep or core.sleep,
+    random = opts.random or random,
+  }, Client)
+  local transport_new = opts.transport or require("stella.transport.curl").new
+  if type(transport_new) == "table" then transport_new = transport_new.new end
+  local transport, terr = transport_new({
+    base_url = self.base_url, api_key = key, user_agent = opts.user_agent,
+    ca_file = opts.ca_file, timeout = self.timeout,
+    connect_timeout = positive(opts, "connect_timeout", 10),
+  })
+  if not transport then error("stella.new: " .. tostring(terr), 2) end
+  self.transport = transport
+  -- the key is kept only where redaction needs it, behind a closure, so it is
+  -- not a field a dump or a log of the client would show
+  self.redact = function(text) return errors.redact(text, key) end
+  self.key_hint = key_hint(key)
+  return self
+end
+
+function Client:__tostring()
+  return ("stella.client (%s mode, key %s, %s)%s"):format(self.mode, self.key_hint, self.base_url,
+    self.transport and "" or " closed")
+end
+
+local function decode_body(body, content_type)
+  if body == "" then return body end
+  if cjson_ok and (content_type and content_type:find("json", 1, true) or body:match("^%s*[{%[]")) then
+    local v = cjson.decode(body)
+    if v ~= nil then return v end
+  end
+  return body
+end
+
+local function request_id_of(body)
+  if type(body) ~= "table" then return nil end
+  local id = body.request_id
+  if id == nil then id = body.id end
+  if type(id) == "string" or type(id) == "number" then return tostring(id) end
+  return nil
+end
+
+local MESSAGES = {
+  rejected = "the service rejected the request (HTTP %d)",
+  auth = "authentication failed (HTTP %d): check the API key (%s) and that it is the %s key the mode expects",
+  not_found = "HTTP %d from %s: check base_url",
+  rate_limited = "rate limited by the service (HTTP %d)",
+  server = "server error (HTTP %d)",
+  timeout = "the service did not answer in time (HTTP %d)",
+  protocol = "unexpected answer (HTTP %d)",
+}
+
+local function http_error(self, kind, retryable, status, body, url)
+  local text = self.redact(body)
+  local msg
+  if kind == "auth" then
+    msg = MESSAGES.auth:format(status, self.key_hint, self.mode == "production" and "production" or "test")
+  elseif kind == "not_found" then
+    msg = MESSAGES.not_found:format(status, url)
+  else
+    msg = MESSAGES[kind]:format(status)
+  end
+  if type(text) == "string" and text ~= "" then
+    msg = msg .. ": " .. (#text > 300 and text:sub(1, 300) .. "..." or text)
+  end
+  return errors.new{ kind = kind, status = status, message = msg, retryable = retryable,
+                     body = decode_body(text, nil) }
+end
+
+local function transport_error(self, failure, message)
+  local kind, retryable = core.classify(nil, failure)
+  local text = self.redact(message or failure)
+  if failure == "timeout" then text = "timed out after " .. self.timeout .. " s: " .. text end
+  return errors.new{ kind = kind, message = text, retryable = retryable, failure = failure }
+end
+
+-- POST one encoded body with retries. Returns res | nil, err.
+function Client:post(path, body)
+  if not self.transport then error("attempt to use a closed stella client", 3) end
+  local url = self.base_url .. path
+  local attempt = 0
+  while true do
+    attempt = attempt + 1
+    local status, rbody, ctype, retry_after = self.transport:post(path, body)
+    local err
+    if status and status >= 200 and status < 300 then
+      local decoded = decode_body(rbody, ctype)
+      return { status = status, request_id = request_id_of(decoded), body = decoded,
+               attempts = attempt }
+    elseif status then
+      local kind, retryable = core.classify(status)
+      err = http_error(self, kind, retryable, status, rbody, url)
+    else
+      err = transport_error(self, rbody, ctype)
+      retry_after = nil
+    end
+    err.attempts = attempt
+    if not err.retryable or attempt >= self.attempts then return nil, err end
+    local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
+                                   floor(self.max_delay * 1000), retry_after, self.random())
+    self.sleep(delay / 1000)
+  end
+end
+
+local function invalid(errs)
+  return errors.new{ kind = "invalid", message = "invalid request: " .. errors.summarize(errs),
+                     errors = errs, attempts = 0 }
+end
+
+function Client:send(req)
+  if type(req) ~= "table" then error("client:send: request table expected", 2) end
+  local body, errs = core.encode(req, "request", self.channels)
+  if not body then return nil, invalid(errs) end
+  return self:post("/v1/requests", body)
+end
+
+function Client:recover(req)
+  if type(req) ~= "table" then error("client:recover: recovery table expected", 2) end
+  local body, errs = core.encode(req, "recovery")
+  if not body then return nil, invalid(errs) end
+  return self:post("/v1/recoveries", body)
+end
+
+-- Number of TCP connections the transport has opened (keep-alive check).
+function Client:connections()
+  return self.transport and self.transport.connects and self.transport:connects() or nil
+end
+
+function Client:close()
+  local t = self.transport
+  self.transport = nil
+  if t then t:close() end
+end
+Client.__close = Client.close
+Client.__gc = Client.close
+
+return M
