@@ -78,7 +78,8 @@ build/c/test_core: spec/c/test_core.c $(CLIB)
 test: build/c/test_core
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
-	@tools/run-tests build/c/test_core "lua5.4:build/5.4" "luajit:build/luajit"
+	@tools/run-tests tap:build/c/test_core tap:tools/rock-check \
+	  busted:lua5.4:build/5.4 busted:luajit:build/luajit
 
 # AddressSanitizer: the module built with -fsanitize=address, the interpreter
 # run with libasan preloaded (it is not itself instrumented).
@@ -88,10 +89,10 @@ asan:
 	        LDFLAGS="-fsanitize=address,undefined" module
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
 	        $(CORE_SRC) $(CURL_LIBS)
-	@ASAN_OPTIONS=detect_leaks=1 build/asan/test_core
+	@ASAN_OPTIONS=detect_leaks=1 tools/run-tests tap:build/asan/test_core
 	@LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	 tools/run-tests "" "lua5.4:build/asan"
+	 tools/run-tests busted:lua5.4:build/asan
 
 valgrind: build/c/test_core module
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core

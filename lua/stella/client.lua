@@ -127,6 +127,9 @@ local function request_id_of(body)
   if type(body) ~= "table" then return nil end
   local id = body.request_id
   if id == nil then id = body.id end
+  if type(id) == "number" and id == floor(id) and id > -2^53 and id < 2^53 then
+    return ("%d"):format(id)   -- cjson gives 5.4 floats: 42 must not become "42.0"
+  end
   if type(id) == "string" or type(id) == "number" then return tostring(id) end
   return nil
 end

@@ -1,0 +1,51 @@
+-- LuaRocks rockspec for lua-stella (builtin build type; libcurl as an external dependency).
+--   luarocks make rockspec/stella-scm-1.rockspec
+--   luarocks --lua-version 5.4 --tree ./tree make rockspec/stella-scm-1.rockspec
+rockspec_format = "3.0"
+package = "stella"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/lua-stella/lua-stella.git",
+  branch = "main",
+}
+description = {
+  summary = "Stella Connect (Medallia Agent Connect) Requests API client with a C core",
+  detailed = [[
+Validates feedback requests exactly as the service's schema defines them, encodes
+them as canonical JSON and sends them over libcurl, with retries and typed errors.
+Trigger rules in editable Lua, state stores and a `stella` command build on it.
+]],
+  homepage = "https://github.com/lua-stella/lua-stella",
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.1, < 5.5",
+  "lua-cjson >= 2.1",
+}
+external_dependencies = {
+  CURL = { header = "curl/curl.h", library = "curl" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["stella.core"] = {
+      sources = {
+        "csrc/stella_value.c", "csrc/stella_text.c", "csrc/stella_codes.c",
+        "csrc/stella_schema.c", "csrc/stella_validate.c", "csrc/stella_json.c",
+        "csrc/stella_http.c", "csrc/lstella.c",
+      },
+      incdirs = { "csrc", "$(CURL_INCDIR)" },
+      libdirs = { "$(CURL_LIBDIR)" },
+      libraries = { "curl" },
+    },
+    ["stella"] = "lua/stella/init.lua",
+    ["stella.client"] = "lua/stella/client.lua",
+    ["stella.error"] = "lua/stella/error.lua",
+    ["stella.transport.curl"] = "lua/stella/transport/curl.lua",
+  },
+  copy_directories = {},
+}
+test = {
+  type = "command",
+  command = "make test",
+}
