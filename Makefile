@@ -44,7 +44,7 @@ LIBDIR       ?= $(PREFIX)/lib
 
 BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
-                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c
+                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sha256.c
 CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a

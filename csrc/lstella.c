@@ -214,6 +214,19 @@ static int l_utf8_valid(lua_State *L) {
   return 1;
 }
 
+/* sha256(data) -> lowercase hex digest */
+static int l_sha256(lua_State *L) {
+  static const char hex[] = "0123456789abcdef";
+  size_t len, i;
+  const char *p = luaL_checklstring(L, 1, &len);
+  unsigned char d[32];
+  char out[64];
+  stella_sha256(p, len, d);
+  for (i = 0; i < 32; i++) { out[2 * i] = hex[d[i] >> 4]; out[2 * i + 1] = hex[d[i] & 15]; }
+  lua_pushlstring(L, out, sizeof out);
+  return 1;
+}
+
 static int l_retry_delay(lua_State *L) {
   long d = stella_retry_delay_ms((int)luaL_checkinteger(L, 1), (long)luaL_checknumber(L, 2),
                                  (long)luaL_checknumber(L, 3), (long)luaL_optnumber(L, 4, -1),
@@ -388,6 +401,7 @@ static const luaL_Reg plain_funcs[] = {
   { "parse_retry_after", l_parse_retry_after },
   { "classify", l_classify },
   { "sleep", l_sleep },
+  { "sha256", l_sha256 },
   { "http_new", l_http_new },
   { NULL, NULL }
 };

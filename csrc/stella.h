@@ -126,6 +126,9 @@ int    stella_is_language_code(const char *s, size_t len);   /* ISO 639-1 */
 int    stella_is_country_code(const char *s, size_t len);    /* ISO 3166-1 alpha-2 */
 int    stella_is_m49_area_code(const char *s, size_t len);   /* UN M.49 area (BCP 47 regions) */
 
+/* SHA-256 of `len` bytes (FIPS 180-4). */
+void   stella_sha256(const void *data, size_t len, unsigned char out[32]);
+
 /* ---------- HTTP client (libcurl) ----------------------------------------- */
 
 typedef struct stella_http stella_http;

@@ -32,7 +32,7 @@ build = {
       sources = {
         "csrc/stella_value.c", "csrc/stella_text.c", "csrc/stella_codes.c",
         "csrc/stella_schema.c", "csrc/stella_validate.c", "csrc/stella_json.c",
-        "csrc/stella_http.c", "csrc/lstella.c",
+        "csrc/stella_http.c", "csrc/stella_sha256.c", "csrc/lstella.c",
       },
       incdirs = { "csrc", "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },
