@@ -9,7 +9,10 @@
  *
  * Memory: every value, error and string produced by validation lives in a
  * stella_arena; free it with stella_arena_free (or reuse it with
- * stella_arena_reset). Nothing here uses mutable globals.
+ * stella_arena_reset). Nothing here uses mutable globals of its own; stella_http_new
+ * and stella_http_free call libcurl's reference-counted curl_global_init/cleanup
+ * (thread-safe from libcurl 7.84; with older versions call curl_global_init once
+ * yourself before creating clients from several threads).
  */
 #ifndef STELLA_H
 #define STELLA_H
@@ -169,8 +172,8 @@ stella_http *stella_http_new(const stella_http_options *opts, char *err, size_t 
  * reused by the next call. Fills `res`; returns res->failure. */
 stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
                                      size_t body_len, stella_http_result *res);
-/* The connection number libcurl used for the last transfer (for keep-alive checks). */
-long stella_http_connects(const stella_http *h);  /* connections opened so far */
+/* TCP connections this client has opened so far (1 after many calls = keep-alive works). */
+long stella_http_connects(const stella_http *h);
 void stella_http_free(stella_http *h);             /* NULL is fine */
 
 /* ---------- outcome classification and retry policy ----------------------- */

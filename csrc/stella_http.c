@@ -330,7 +330,7 @@ long stella_parse_retry_after(const char *value, long long now) {
     long long secs = 0;
     for (; *p >= '0' && *p <= '9'; p++) {
       secs = secs * 10 + (*p - '0');
-      if (secs > 86400LL * 365) secs = 86400LL * 365;   /* clamp absurd values */
+      if (secs > 86400) secs = 86400;   /* clamp: a day fits a 32-bit long in ms */
     }
     while (*p == ' ') p++;
     return *p ? -1 : (long)(secs * 1000);
@@ -341,7 +341,7 @@ long stella_parse_retry_after(const char *value, long long now) {
     if (t == (time_t)-1) return -1;
     d = ((long long)t - now) * 1000;
     if (d < 0) d = 0;
-    if (d > 86400LL * 365 * 1000) d = 86400LL * 365 * 1000;
+    if (d > 86400LL * 1000) d = 86400LL * 1000;
     return (long)d;
   }
 }

@@ -212,26 +212,43 @@ static const stella_value *seq_item(const stella_value *t, size_t i) {
   return NULL;
 }
 
-static int is_sequence(const stella_value *t) {
+/* 1 if the keys are exactly 1..n (each once), 0 if not, -1 when out of memory. */
+static int is_sequence(ctx *c, const stella_value *t) {
   size_t k, n = t->u.table.count;
+  int in_order = 1;
+  unsigned char *seen;
   for (k = 0; k < n; k++) {
     const stella_value *key = &t->u.table.pairs[k].key;
     if (key->type != STELLA_NUMBER || !key->u.number.is_int || key->u.number.i < 1 ||
         (unsigned long long)key->u.number.i > n)
       return 0;
+    if ((unsigned long long)key->u.number.i != k + 1) in_order = 0;
   }
-  return 1;   /* n distinct integer keys within 1..n: exactly 1..n */
+  if (in_order) return 1;
+  /* built by hand (C callers): make sure no key repeats */
+  seen = (unsigned char *)stella_arena_alloc(c->arena, n);
+  if (seen == NULL) return -1;
+  memset(seen, 0, n);
+  for (k = 0; k < n; k++) {
+    size_t i = (size_t)t->u.table.pairs[k].key.u.number.i - 1;
+    if (seen[i]) return 0;
+    seen[i] = 1;
+  }
+  return 1;
 }
 
 
 static void check_tags(ctx *c, const char *path, const stella_value *v) {
   size_t i, n;
+  int seq;
   if (v->type != STELLA_TABLE) {
     add_error(c, path, "invalid_type",
               fmt(c, "%s must be a list of strings, got %s", path, type_name(v)));
     return;
   }
-  if (!is_sequence(v)) {
+  seq = is_sequence(c, v);
+  if (seq < 0) { c->errors->oom = 1; return; }
+  if (!seq) {
     add_error(c, path, "not_a_sequence",
               fmt(c, "%s must be a list (keys 1..n without holes) of strings", path));
     return;
@@ -243,6 +260,7 @@ static void check_tags(ctx *c, const char *path, const stella_value *v) {
                   STELLA_MAX_TAGS));
   for (i = 1; i <= n; i++) {
     const stella_value *item = seq_item(v, i);
+    if (item == NULL) continue;   /* cannot happen once is_sequence passed */
     const char *ipath = fmt(c, "%s[%lu]", path, (unsigned long)i);
     if (ipath == NULL) { c->errors->oom = 1; return; }
     if (check_text(c, ipath, item, 0)) check_max_chars(c, ipath, item);
@@ -356,6 +374,7 @@ static void check_value(ctx *c, const field *f, const char *path, const stella_v
 
 static void check_object(ctx *c, const schema *s, const char *path, const stella_value *v) {
   const stella_value *found[16] = { NULL };
+  unsigned char dup[16] = { 0 };
   unsigned char stack_pick[32], *pick = stack_pick;
   size_t i, k, unknown = 0;
   if (v->type != STELLA_TABLE) {
@@ -375,6 +394,15 @@ static void check_object(ctx *c, const schema *s, const char *path, const stella
         const field *f = &s->fields[i];
         if (f->name_len == p->key.u.string.len &&
             memcmp(f->name, p->key.u.string.ptr, f->name_len) == 0) {
+          if (found[i] || dup[i]) {
+            /* only a parsed document can repeat a key; the encoder must never
+             * have to choose between two values */
+            if (!dup[i]) {
+              const char *fpath = join(c, path, f->name, f->name_len);
+              add_error(c, fpath, "duplicate_field", fmt(c, "%s is given more than once", fpath));
+            }
+            dup[i] = 1;
+          }
           if (p->value.type != STELLA_NIL) found[i] = &p->value;
           matched = 1;
           break;
@@ -386,7 +414,9 @@ static void check_object(ctx *c, const schema *s, const char *path, const stella
   }
   for (i = 0; i < s->count; i++) {
     const field *f = &s->fields[i];
-    if (found[i]) {
+    if (dup[i]) {
+      continue;
+    } else if (found[i]) {
       const char *fpath = join(c, path, f->name, f->name_len);
       if (fpath == NULL) { c->errors->oom = 1; return; }
       check_value(c, f, fpath, found[i]);

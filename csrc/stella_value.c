@@ -20,6 +20,7 @@ void stella_arena_init(stella_arena *a) {
 
 void *stella_arena_alloc(stella_arena *a, size_t size) {
   stella_arena_block *b = a->head;
+  if (size > (size_t)-1 - BLOCK_HEADER - 2 * ARENA_ALIGN) return NULL;   /* no wrap-around */
   size = (size + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
   if (size == 0) size = ARENA_ALIGN;
   if (b == NULL || b->size - b->used < size) {

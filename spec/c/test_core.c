@@ -1,0 +1,1087 @@
+/*
+ * test_core.c - tests of lua-stella's C core through its public header only
+ * (csrc/stella.h), with no Lua anywhere. Prints TAP: "ok N - ..." or
+ * "not ok N - ..." (followed by "# ..." details) per check, then "1..N".
+ * Exits 1 if any check failed.
+ *
+ *   make build/c/test_core && build/c/test_core
+ *   make valgrind            (the same program under valgrind --leak-check=full)
+ *
+ * Everything allocated here is released before exit, so leak checkers stay quiet.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include "stella.h"
+
+/* ---------- a minimal TAP harness ------------------------------------------ */
+
+static int tests_run, tests_failed;
+
+/* One TAP line; returns cond so callers can add details on failure. */
+static int check(int cond, const char *desc) {
+  tests_run++;
+  if (!cond) tests_failed++;
+  printf("%s %d - %s\n", cond ? "ok" : "not ok", tests_run, desc);
+  return cond;
+}
+
+#define CHECK(cond, desc) check((cond) != 0, (desc))
+
+/* "#   label: "text"", with non-printable bytes shown as \xNN (quotes and
+ * backslashes as they are, so JSON stays readable). */
+static void diag_bytes(const char *label, const char *s, size_t len) {
+  size_t i;
+  printf("#   %s: ", label);
+  if (s == NULL) {
+    printf("(null)\n");
+    return;
+  }
+  putchar('"');
+  for (i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c < 0x20 || c >= 0x7F) printf("\\x%02x", c);
+    else putchar(c);
+  }
+  printf("\"\n");
+}
+
+static void diag(const char *label, const char *s) {
+  diag_bytes(label, s, s ? strlen(s) : 0);
+}
+
+static void diag_long(const char *label, long v) {
+  printf("#   %s: %ld\n", label, v);
+}
+
+static int check_long(long got, long want, const char *desc) {
+  if (check(got == want, desc)) return 1;
+  diag_long("got", got);
+  diag_long("expected", want);
+  return 0;
+}
+
+/* Both NULL, or both equal C strings. */
+static int check_str(const char *got, const char *want, const char *desc) {
+  int same = (got == NULL || want == NULL) ? got == want : strcmp(got, want) == 0;
+  if (check(same, desc)) return 1;
+  diag("got", got);
+  diag("expected", want);
+  return 0;
+}
+
+static int check_bytes(const char *got, size_t len, const char *want, const char *desc) {
+  size_t wlen = strlen(want);
+  if (check(got != NULL && len == wlen && memcmp(got, want, len) == 0, desc)) return 1;
+  diag_bytes("got", got, len);
+  diag_bytes("expected", want, wlen);
+  return 0;
+}
+
+/* `text` must not contain `secret` (an API key, or a distinctive piece of one). */
+static int check_no_secret(const char *text, const char *secret, const char *desc) {
+  if (check(text == NULL || strstr(text, secret) == NULL, desc)) return 1;
+  diag("text", text);
+  return 0;
+}
+
+/* ---------- value-building helpers ------------------------------------------ */
+
+static void member(stella_pair *p, const char *key, stella_value v) {
+  p->key = stella_cstring(key);
+  p->value = v;
+}
+
+static void item(stella_pair *p, long long index, stella_value v) {
+  p->key = stella_int(index);
+  p->value = v;
+}
+
+/* {"name": name, "email": email} (either may be NULL to leave it out). */
+static stella_value make_customer(stella_arena *a, const char *name, const char *email) {
+  stella_value v;
+  size_t n = (name != NULL) + (email != NULL), i = 0;
+  stella_pair *p = stella_table(a, &v, n);
+  if (p == NULL) return stella_nil();
+  if (name) member(&p[i++], "name", stella_cstring(name));
+  if (email) member(&p[i++], "email", stella_cstring(email));
+  return v;
+}
+
+/* {"email": email} or {} when email is NULL. */
+static stella_value make_employee(stella_arena *a, const char *email) {
+  stella_value v;
+  stella_pair *p = stella_table(a, &v, email ? 1 : 0);
+  if (p == NULL) return stella_nil();
+  if (email) member(&p[0], "email", stella_cstring(email));
+  return v;
+}
+
+/* The README's example request, plus `extra` caller-filled members at the end. */
+static stella_pair *make_request(stella_arena *a, stella_value *req, size_t extra) {
+  stella_pair *p = stella_table(a, req, 4 + extra);
+  if (p == NULL) return NULL;
+  member(&p[0], "customer", make_customer(a, "Jane", "janecustomer@example.com"));
+  member(&p[1], "employee", make_employee(a, "paulagent@blancapeak.com"));
+  member(&p[2], "channel", stella_cstring("phone"));
+  member(&p[3], "ext_interaction_id", stella_cstring("123456"));
+  return p + 4;
+}
+
+static const char EXAMPLE_JSON[] =
+    "{\"customer\":{\"name\":\"Jane\",\"email\":\"janecustomer@example.com\"},"
+    "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
+    "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\"}";
+
+/* Prints every error of a list as TAP details. */
+static void diag_errors(const stella_errors *errs) {
+  size_t i;
+  diag_long("error count", (long)errs->count);
+  for (i = 0; i < errs->count; i++) {
+    diag("path", errs->items[i].path);
+    diag("code", errs->items[i].code);
+    diag("message", errs->items[i].message);
+  }
+}
+
+typedef struct expected_error {
+  const char *path, *code;
+} expected_error;
+
+/* Validation returned exactly `n` errors, these (path, code) pairs in this order. */
+static int check_errors(int rc, const stella_errors *errs, const expected_error *want, size_t n,
+                        const char *desc) {
+  size_t i;
+  int same = rc == (int)n && errs->count == n && !errs->oom;
+  for (i = 0; same && i < n; i++)
+    same = strcmp(errs->items[i].path, want[i].path) == 0 &&
+           strcmp(errs->items[i].code, want[i].code) == 0 &&
+           errs->items[i].message != NULL && errs->items[i].message[0] != '\0';
+  if (check(same, desc)) return 1;
+  diag_long("return value", rc);
+  diag_errors(errs);
+  for (i = 0; i < n; i++) {
+    diag("expected path", want[i].path);
+    diag("expected code", want[i].code);
+  }
+  return 0;
+}
+
+/* Validates `req` (expecting no errors) and encodes it; compares to `want`. */
+static void check_encodes(stella_arena *a, stella_kind kind, const stella_value *req,
+                          const char *want, const char *desc) {
+  stella_errors errs;
+  stella_buffer out;
+  int rc = stella_validate(a, kind, req, NULL, &errs), enc;
+  char what[200];
+  snprintf(what, sizeof what, "%s: validates with 0 errors", desc);
+  if (!check(rc == 0 && errs.count == 0, what)) diag_errors(&errs);
+  stella_buffer_init(&out);
+  enc = stella_encode_json(kind, req, &out);
+  snprintf(what, sizeof what, "%s: encodes to the expected JSON", desc);
+  if (!check_bytes(enc == 0 ? out.data : NULL, out.len, want, what)) diag_long("encode returned", enc);
+  stella_buffer_free(&out);
+}
+
+/* ---------- arena ---------------------------------------------------------------- */
+
+static void test_arena(void) {
+  enum { N = 5000, SIZE = 37 };
+  stella_arena a;
+  unsigned char **ptrs = (unsigned char **)malloc(N * sizeof *ptrs);
+  unsigned char *first_before = NULL;
+  size_t i, bad = 0, misaligned = 0, moved = 0;
+  unsigned char *big, *small_after;
+  void *z1, *z2;
+
+  if (!CHECK(ptrs != NULL, "arena: test scratch allocated")) return;
+  stella_arena_init(&a);
+
+  /* many allocations, spanning several blocks; each keeps its own bytes */
+  for (i = 0; i < N; i++) {
+    ptrs[i] = (unsigned char *)stella_arena_alloc(&a, SIZE);
+    if (ptrs[i] == NULL) { bad++; continue; }
+    if ((uintptr_t)ptrs[i] % sizeof(double) != 0 || (uintptr_t)ptrs[i] % sizeof(void *) != 0)
+      misaligned++;
+    memset(ptrs[i], (int)(i & 0xFF), SIZE);
+  }
+  CHECK(bad == 0, "arena: 5000 allocations of 37 bytes all succeed");
+  CHECK(misaligned == 0, "arena: allocations are aligned for doubles and pointers");
+  for (i = 0; i < N && bad == 0; i++) {
+    size_t k;
+    for (k = 0; k < SIZE; k++)
+      if (ptrs[i][k] != (unsigned char)(i & 0xFF)) { bad++; break; }
+  }
+  CHECK(bad == 0, "arena: no allocation overlaps another (patterns intact)");
+
+  /* reset, then the same sequence of allocations reuses the same memory */
+  first_before = ptrs[0];
+  {
+    unsigned char **before = (unsigned char **)malloc(N * sizeof *before);
+    if (before != NULL) {
+      memcpy(before, ptrs, N * sizeof *before);
+      stella_arena_reset(&a);
+      for (i = 0; i < N; i++) {
+        ptrs[i] = (unsigned char *)stella_arena_alloc(&a, SIZE);
+        if (ptrs[i] == NULL) { bad++; continue; }
+        if (ptrs[i] != before[i]) moved++;
+        memset(ptrs[i], (int)((i + 1) & 0xFF), SIZE);
+      }
+      free(before);
+    } else {
+      bad++;
+    }
+  }
+  CHECK(bad == 0, "arena: allocations after reset succeed");
+  if (!CHECK(moved == 0 && ptrs[0] == first_before,
+             "arena: after reset the same allocations reuse the kept memory"))
+    diag_long("allocations at a different address", (long)moved);
+  for (i = 0; i < N && bad == 0; i++)
+    if (ptrs[i][0] != (unsigned char)((i + 1) & 0xFF) ||
+        ptrs[i][SIZE - 1] != (unsigned char)((i + 1) & 0xFF))
+      bad++;
+  CHECK(bad == 0, "arena: memory reused after reset holds the new contents");
+
+  /* a single allocation far larger than a block, between small ones */
+  big = (unsigned char *)stella_arena_alloc(&a, (size_t)3 << 20);
+  small_after = (unsigned char *)stella_arena_alloc(&a, 10);
+  CHECK(big != NULL && small_after != NULL, "arena: a 3 MiB allocation succeeds");
+  if (big != NULL && small_after != NULL) {
+    memset(big, 0xAB, (size_t)3 << 20);
+    memset(small_after, 0xCD, 10);
+  }
+  CHECK(big != NULL && small_after != NULL && big[0] == 0xAB &&
+            big[((size_t)3 << 20) - 1] == 0xAB && small_after[0] == 0xCD,
+        "arena: the large allocation is writable end to end and separate from the next one");
+
+  /* zero-byte allocations are distinct, usable pointers */
+  z1 = stella_arena_alloc(&a, 0);
+  z2 = stella_arena_alloc(&a, 0);
+  CHECK(z1 != NULL && z2 != NULL && z1 != z2, "arena: zero-byte allocations give distinct pointers");
+
+  /* free is idempotent, and a freed arena can be used again */
+  stella_arena_free(&a);
+  CHECK(a.head == NULL && a.spare == NULL, "arena: free releases every block");
+  stella_arena_free(&a);
+  CHECK(a.head == NULL && a.spare == NULL, "arena: a second free is harmless");
+  {
+    char *p = (char *)stella_arena_alloc(&a, 100);
+    if (p) memcpy(p, "again", 6);
+    CHECK(p != NULL && strcmp(p, "again") == 0, "arena: usable again after free");
+  }
+  stella_arena_free(&a);
+
+  /* a fresh arena freed without ever allocating, and reset of an empty arena */
+  stella_arena_init(&a);
+  stella_arena_reset(&a);
+  stella_arena_free(&a);
+  CHECK(a.head == NULL && a.spare == NULL, "arena: reset and free of an unused arena");
+  free(ptrs);
+}
+
+/* ---------- buffer and builders ---------------------------------------------------- */
+
+static void test_buffer_and_builders(void) {
+  stella_buffer b;
+  stella_value v, t;
+  stella_pair *p;
+  stella_arena a;
+  size_t i;
+  int good = 1;
+
+  stella_buffer_init(&b);
+  for (i = 0; i < 1000; i++) stella_buffer_add(&b, "0123456789", 10);
+  for (i = 0; good && i < 10000; i++) good = b.data[i] == (char)('0' + i % 10);
+  CHECK(!b.oom && b.len == 10000 && good && b.data[10000] == '\0',
+        "buffer: 10000 appended bytes, in order and NUL-terminated");
+  stella_buffer_free(&b);
+  stella_buffer_free(&b);
+  CHECK(b.data == NULL && b.len == 0, "buffer: free is idempotent");
+
+  v = stella_int(-42);
+  CHECK(v.type == STELLA_NUMBER && v.u.number.is_int && v.u.number.i == -42,
+        "builders: stella_int");
+  v = stella_double(42.0);
+  CHECK(v.type == STELLA_NUMBER && v.u.number.is_int && v.u.number.i == 42,
+        "builders: an integral double counts as an integer");
+  v = stella_double(1.5);
+  CHECK(v.type == STELLA_NUMBER && !v.u.number.is_int && v.u.number.num == 1.5,
+        "builders: 1.5 is not an integer");
+  v = stella_double(1e300);
+  CHECK(v.type == STELLA_NUMBER && !v.u.number.is_int, "builders: 1e300 is beyond 2^53, not an integer");
+  v = stella_bool(7);
+  CHECK(v.type == STELLA_BOOL && v.u.boolean == 1, "builders: stella_bool normalises to 1");
+  v = stella_nil();
+  CHECK(v.type == STELLA_NIL, "builders: stella_nil");
+  v = stella_string("ab\0cd", 5);
+  CHECK(v.type == STELLA_STRING && v.u.string.len == 5, "builders: stella_string keeps its length");
+
+  stella_arena_init(&a);
+  p = stella_table(&a, &t, 0);
+  CHECK(p != NULL && t.type == STELLA_TABLE && t.u.table.count == 0,
+        "builders: an empty table succeeds");
+  p = stella_table(&a, &t, 2);
+  if (CHECK(p != NULL && t.type == STELLA_TABLE && t.u.table.count == 2 && t.u.table.pairs == p,
+            "builders: a table of two pairs")) {
+    member(&p[0], "a", stella_int(1));
+    member(&p[1], "b", stella_cstring("x"));
+    CHECK(stella_get(&t, "b") == &p[1].value, "stella_get: finds a key");
+    CHECK(stella_get(&t, "c") == NULL, "stella_get: NULL for an absent key");
+    CHECK(stella_get(&t, "") == NULL, "stella_get: NULL for the empty key");
+  }
+  v = stella_cstring("b");
+  CHECK(stella_get(&v, "b") == NULL, "stella_get: NULL on a non-table");
+  CHECK(stella_get(NULL, "b") == NULL, "stella_get: NULL on NULL");
+  stella_arena_free(&a);
+}
+
+/* ---------- building and encoding a request ----------------------------------------- */
+
+static void test_encode_by_hand(void) {
+  stella_arena a;
+  stella_value req, customer, employee, tags;
+  stella_pair *p, *extra;
+  stella_arena_init(&a);
+
+  /* built field by field with the builders, in schema order */
+  p = stella_table(&a, &customer, 2);
+  member(&p[0], "name", stella_cstring("Jane"));
+  member(&p[1], "email", stella_cstring("janecustomer@example.com"));
+  p = stella_table(&a, &employee, 1);
+  member(&p[0], "email", stella_cstring("paulagent@blancapeak.com"));
+  p = stella_table(&a, &req, 4);
+  member(&p[0], "customer", customer);
+  member(&p[1], "employee", employee);
+  member(&p[2], "channel", stella_cstring("phone"));
+  member(&p[3], "ext_interaction_id", stella_cstring("123456"));
+  check_encodes(&a, STELLA_REQUEST, &req, EXAMPLE_JSON, "the README request built by hand");
+
+  /* the same request with members in reverse order and an integer id: same bytes */
+  p = stella_table(&a, &customer, 2);
+  member(&p[0], "email", stella_cstring("janecustomer@example.com"));
+  member(&p[1], "name", stella_cstring("Jane"));
+  p = stella_table(&a, &req, 4);
+  member(&p[0], "ext_interaction_id", stella_int(123456));
+  member(&p[1], "channel", stella_cstring("phone"));
+  member(&p[2], "employee", employee);
+  member(&p[3], "customer", customer);
+  check_encodes(&a, STELLA_REQUEST, &req, EXAMPLE_JSON,
+                "members out of schema order, integer id");
+
+  /* an id given as an integral double */
+  make_request(&a, &req, 0);
+  req.u.table.pairs[3].value = stella_double(123456.0);   /* ext_interaction_id */
+  check_encodes(&a, STELLA_REQUEST, &req, EXAMPLE_JSON, "an integral double id");
+
+  /* tags built out of order (3, 1, 2) come out as 1, 2, 3 */
+  extra = make_request(&a, &req, 1);
+  p = stella_table(&a, &tags, 3);
+  item(&p[0], 3, stella_cstring("gamma"));
+  item(&p[1], 1, stella_cstring("alpha"));
+  item(&p[2], 2, stella_cstring("beta"));
+  member(&extra[0], "tags", tags);
+  check_encodes(&a, STELLA_REQUEST, &req,
+                "{\"customer\":{\"name\":\"Jane\",\"email\":\"janecustomer@example.com\"},"
+                "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
+                "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\","
+                "\"tags\":[\"alpha\",\"beta\",\"gamma\"]}",
+                "tags with keys 3,1,2");
+
+  /* an empty tags table is [] */
+  extra = make_request(&a, &req, 1);
+  stella_table(&a, &tags, 0);
+  member(&extra[0], "tags", tags);
+  check_encodes(&a, STELLA_REQUEST, &req,
+                "{\"customer\":{\"name\":\"Jane\",\"email\":\"janecustomer@example.com\"},"
+                "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
+                "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\",\"tags\":[]}",
+                "empty tags");
+
+  /* custom_properties are sorted by bytes; numbers become strings; booleans stay */
+  extra = make_request(&a, &req, 2);
+  member(&extra[0], "do_not_send", stella_bool(1));
+  p = stella_table(&a, &extra[1].value, 3);
+  extra[1].key = stella_cstring("custom_properties");
+  member(&p[0], "zeta", stella_double(0.25));
+  member(&p[1], "Alpha", stella_int(42));
+  member(&p[2], "mid", stella_cstring(""));
+  check_encodes(&a, STELLA_REQUEST, &req,
+                "{\"customer\":{\"name\":\"Jane\",\"email\":\"janecustomer@example.com\"},"
+                "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
+                "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\",\"do_not_send\":true,"
+                "\"custom_properties\":{\"Alpha\":\"42\",\"mid\":\"\",\"zeta\":\"0.25\"}}",
+                "custom_properties sorted, numbers as strings");
+
+  /* a recovery */
+  p = stella_table(&a, &employee, 1);
+  member(&p[0], "custom_id", stella_cstring("agent-7"));
+  p = stella_table(&a, &req, 2);
+  member(&p[0], "initial_feedback_request_id", stella_int(42));
+  member(&p[1], "employee", employee);
+  check_encodes(&a, STELLA_RECOVERY, &req,
+                "{\"employee\":{\"custom_id\":\"agent-7\"},\"initial_feedback_request_id\":\"42\"}",
+                "a recovery");
+
+  stella_arena_free(&a);
+}
+
+static void test_json_escaping(void) {
+  static const char name[] = "a\x01" "b\n\t\r\b\f\"\\\x1f\x7f" "caf\xc3\xa9 \xe2\x82\xac";
+  stella_arena a;
+  stella_value req;
+  stella_arena_init(&a);
+  make_request(&a, &req, 0);
+  /* customer.name is the first pair of the customer table */
+  req.u.table.pairs[0].value.u.table.pairs[0].value = stella_string(name, sizeof name - 1);
+  check_encodes(&a, STELLA_REQUEST, &req,
+                "{\"customer\":{\"name\":\"a\\u0001b\\n\\t\\r\\b\\f\\\"\\\\\\u001f\x7f"
+                "caf\xc3\xa9 \xe2\x82\xac\","
+                "\"email\":\"janecustomer@example.com\"},"
+                "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
+                "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\"}",
+                "control characters, quote and backslash escaped; UTF-8 passes through");
+  stella_arena_free(&a);
+}
+
+/* ---------- validation errors ---------------------------------------------------------- */
+
+static const char *message_of(const stella_errors *errs, const char *path) {
+  size_t i;
+  for (i = 0; i < errs->count; i++)
+    if (strcmp(errs->items[i].path, path) == 0) return errs->items[i].message;
+  return NULL;
+}
+
+static void test_validation_errors(void) {
+  stella_arena a;
+  stella_errors errs;
+  stella_value req, v;
+  stella_pair *p, *extra;
+  const char *msg;
+  int rc;
+  stella_arena_init(&a);
+
+  /* an empty request: every required field, in schema order */
+  stella_table(&a, &req, 0);
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  {
+    static const expected_error want[] = {
+      { "customer", "required" }, { "employee", "required" },
+      { "channel", "required" }, { "ext_interaction_id", "required" },
+    };
+    check_errors(rc, &errs, want, 4, "validate: an empty request lists the 4 required fields");
+  }
+  check_str(message_of(&errs, "customer"), "customer is required",
+            "validate: message of a missing field");
+
+  /* empty nested objects: their required fields and employee's one-of */
+  p = stella_table(&a, &req, 4);
+  member(&p[0], "customer", make_customer(&a, NULL, NULL));
+  member(&p[1], "employee", make_employee(&a, NULL));
+  member(&p[2], "channel", stella_cstring("phone"));
+  member(&p[3], "ext_interaction_id", stella_int(7));
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  {
+    static const expected_error want[] = {
+      { "customer.name", "required" }, { "customer.email", "required" },
+      { "employee", "one_of_required" },
+    };
+    check_errors(rc, &errs, want, 3, "validate: nested required fields and employee one_of");
+  }
+
+  /* wrong types and values, each at its own path */
+  p = stella_table(&a, &req, 5);
+  member(&p[0], "customer", make_customer(&a, "", "not-an-email"));
+  member(&p[1], "employee", stella_cstring("paul"));
+  member(&p[2], "channel", stella_cstring("phone"));
+  member(&p[3], "ext_interaction_id", stella_double(1.5));
+  member(&p[4], "do_not_send", stella_int(1));
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  {
+    static const expected_error want[] = {
+      { "customer.name", "empty" }, { "customer.email", "invalid_email" },
+      { "employee", "invalid_type" }, { "ext_interaction_id", "invalid_type" },
+      { "do_not_send", "invalid_type" },
+    };
+    check_errors(rc, &errs, want, 5, "validate: empty, invalid_email and invalid_type errors");
+  }
+
+  /* unknown fields: nested one first, then the root's sorted by name; typos get a hint */
+  extra = make_request(&a, &req, 2);
+  member(&extra[0], "zzzzzzzzzz", stella_int(1));
+  member(&extra[1], "chanel", stella_cstring("chat"));
+  p = req.u.table.pairs[0].value.u.table.pairs;   /* customer: rename "email" */
+  p[1].key = stella_cstring("emial");
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  {
+    static const expected_error want[] = {
+      { "customer.email", "required" }, { "customer.emial", "unknown_field" },
+      { "chanel", "unknown_field" }, { "zzzzzzzzzz", "unknown_field" },
+    };
+    check_errors(rc, &errs, want, 4, "validate: unknown fields at both levels, in order");
+  }
+  msg = message_of(&errs, "chanel");
+  if (!CHECK(msg && strstr(msg, "did you mean channel?"), "validate: \"chanel\" suggests channel"))
+    diag("message", msg);
+  msg = message_of(&errs, "customer.emial");
+  if (!CHECK(msg && strstr(msg, "did you mean email?"), "validate: \"emial\" suggests email"))
+    diag("message", msg);
+  msg = message_of(&errs, "zzzzzzzzzz");
+  if (!CHECK(msg && !strstr(msg, "did you mean"), "validate: no suggestion for a distant name"))
+    diag("message", msg);
+
+  /* the channel allow-list */
+  {
+    static const char *const allowed[] = { "phone", "chat" };
+    stella_options opts;
+    opts.channels = allowed;
+    opts.channel_count = 2;
+    make_request(&a, &req, 0);
+    rc = stella_validate(&a, STELLA_REQUEST, &req, &opts, &errs);
+    check_errors(rc, &errs, NULL, 0, "validate: channel \"phone\" is in the allowed list");
+    req.u.table.pairs[2].value = stella_cstring("email");
+    rc = stella_validate(&a, STELLA_REQUEST, &req, &opts, &errs);
+    {
+      static const expected_error want[] = { { "channel", "unknown_channel" } };
+      check_errors(rc, &errs, want, 1, "validate: channel \"email\" is not in the allowed list");
+    }
+    msg = message_of(&errs, "channel");
+    if (!CHECK(msg && strstr(msg, "\"email\""), "validate: unknown_channel names the channel"))
+      diag("message", msg);
+    rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+    check_errors(rc, &errs, NULL, 0, "validate: without options any channel passes");
+    opts.channels = NULL;
+    rc = stella_validate(&a, STELLA_REQUEST, &req, &opts, &errs);
+    check_errors(rc, &errs, NULL, 0, "validate: options with channels = NULL allow any channel");
+  }
+
+  /* tags with a hole are not a sequence */
+  extra = make_request(&a, &req, 1);
+  p = stella_table(&a, &v, 2);
+  item(&p[0], 1, stella_cstring("a"));
+  item(&p[1], 3, stella_cstring("c"));
+  member(&extra[0], "tags", v);
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  {
+    static const expected_error want[] = { { "tags", "not_a_sequence" } };
+    check_errors(rc, &errs, want, 1, "validate: tags {1, 3} is not a sequence");
+  }
+
+  /* a bad tag is reported with its 1-based index */
+  p[1].key = stella_int(2);
+  p[1].value = stella_cstring("");
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  {
+    static const expected_error want[] = { { "tags[2]", "empty" } };
+    check_errors(rc, &errs, want, 1, "validate: an empty tag is reported as tags[2]");
+  }
+
+  /* recovery: neither id -> one_of_required at ext_interaction_id */
+  {
+    stella_value employee;
+    p = stella_table(&a, &employee, 1);
+    member(&p[0], "custom_id", stella_cstring("agent-7"));
+    p = stella_table(&a, &req, 1);
+    member(&p[0], "employee", employee);
+    rc = stella_validate(&a, STELLA_RECOVERY, &req, NULL, &errs);
+    {
+      static const expected_error want[] = { { "ext_interaction_id", "one_of_required" } };
+      check_errors(rc, &errs, want, 1, "validate: a recovery without either id");
+    }
+    p = stella_table(&a, &req, 2);
+    member(&p[0], "employee", make_employee(&a, NULL));
+    member(&p[1], "ext_interaction_id", stella_cstring("abc"));
+    rc = stella_validate(&a, STELLA_RECOVERY, &req, NULL, &errs);
+    {
+      static const expected_error want[] = { { "employee", "one_of_required" } };
+      check_errors(rc, &errs, want, 1, "validate: a recovery with an id but an empty employee");
+    }
+    p = stella_table(&a, &req, 2);
+    member(&p[0], "employee", employee);
+    member(&p[1], "channel", stella_cstring("phone"));
+    rc = stella_validate(&a, STELLA_RECOVERY, &req, NULL, &errs);
+    {
+      static const expected_error want[] = {
+        { "ext_interaction_id", "one_of_required" }, { "channel", "unknown_field" },
+      };
+      check_errors(rc, &errs, want, 2, "validate: channel is not a recovery field");
+    }
+  }
+
+  /* a root that is not a table: one invalid_type error */
+  v = stella_cstring("customer");
+  rc = stella_validate(&a, STELLA_REQUEST, &v, NULL, &errs);
+  {
+    static const expected_error want[] = { { "", "invalid_type" } };
+    check_errors(rc, &errs, want, 1, "validate: a string root is one invalid_type error");
+  }
+  msg = errs.count ? errs.items[0].message : NULL;
+  if (!CHECK(msg && strstr(msg, "request") && strstr(msg, "table"),
+             "validate: the message says a request must be a table"))
+    diag("message", msg);
+  v = stella_int(5);
+  rc = stella_validate(&a, STELLA_RECOVERY, &v, NULL, &errs);
+  {
+    static const expected_error want[] = { { "", "invalid_type" } };
+    check_errors(rc, &errs, want, 1, "validate: a number as a recovery is one invalid_type error");
+  }
+  v = stella_nil();
+  rc = stella_validate(&a, STELLA_REQUEST, &v, NULL, &errs);
+  {
+    static const expected_error want[] = { { "", "invalid_type" } };
+    check_errors(rc, &errs, want, 1, "validate: nil as a request is one invalid_type error");
+  }
+
+  stella_arena_free(&a);
+}
+
+/* ---------- text checks ---------------------------------------------------------------- */
+
+typedef struct text_case {
+  const char *s;
+  size_t len;      /* 0: strlen(s) */
+  int want;
+} text_case;
+
+#define TEXT_LEN(c) ((c).len ? (c).len : strlen((c).s))
+
+/* `s` as a C string literal (non-printable bytes as \xNN), for descriptions. */
+static const char *render(char *buf, size_t size, const char *s, size_t len) {
+  size_t i, n = 0;
+  buf[n++] = '"';
+  for (i = 0; i < len && n + 6 < size; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c < 0x20 || c >= 0x7F || c == '"' || c == '\\' || c == '#') n += (size_t)sprintf(buf + n, "\\x%02x", c);
+    else buf[n++] = (char)c;
+  }
+  if (i < len) buf[n++] = '~';   /* cut short */
+  buf[n++] = '"';
+  buf[n] = '\0';
+  return buf;
+}
+
+static void check_text_cases(int (*fn)(const char *, size_t), const char *name,
+                             const text_case *cases, size_t n) {
+  size_t i;
+  for (i = 0; i < n; i++) {
+    char desc[200], shown[100];
+    size_t len = TEXT_LEN(cases[i]);
+    int got = fn(cases[i].s, len);
+    snprintf(desc, sizeof desc, "%s(%s, %lu) is %s", name,
+             render(shown, sizeof shown, cases[i].s, len), (unsigned long)len,
+             cases[i].want ? "true" : "false");
+    if (!check((got != 0) == (cases[i].want != 0), desc)) diag_long("returned", got);
+  }
+}
+
+static void test_utf8(void) {
+  static const text_case cases[] = {
+    { "", 0, 1 },
+    { "plain ascii", 0, 1 },
+    { "a\0b", 3, 1 },                         /* NUL is a valid character */
+    { "caf\xc3\xa9", 0, 1 },                  /* U+00E9 */
+    { "\xe2\x82\xac", 0, 1 },                 /* U+20AC */
+    { "\xf0\x9f\x98\x80", 0, 1 },             /* U+1F600 */
+    { "\xed\x9f\xbf", 0, 1 },                 /* U+D7FF, just below the surrogates */
+    { "\xef\xbf\xbf", 0, 1 },                 /* U+FFFF */
+    { "\xf4\x8f\xbf\xbf", 0, 1 },             /* U+10FFFF, the last code point */
+    { "\x80", 0, 0 },                         /* lone continuation byte */
+    { "\xc0\x80", 0, 0 },                     /* overlong NUL */
+    { "\xc1\xbf", 0, 0 },                     /* overlong */
+    { "\xe0\x80\xaf", 0, 0 },                 /* overlong '/' */
+    { "\xf0\x80\x80\xaf", 0, 0 },             /* overlong '/' */
+    { "\xed\xa0\x80", 0, 0 },                 /* U+D800, a surrogate */
+    { "\xed\xbf\xbf", 0, 0 },                 /* U+DFFF, a surrogate */
+    { "\xf4\x90\x80\x80", 0, 0 },             /* U+110000 */
+    { "\xf5\x80\x80\x80", 0, 0 },
+    { "\xff", 0, 0 },
+    { "\xe2\x82", 0, 0 },                     /* truncated */
+    { "\xc3", 0, 0 },                         /* truncated */
+    { "\xf0\x9f\x98", 0, 0 },                 /* truncated */
+    { "\xc3\x28", 0, 0 },                     /* bad continuation */
+  };
+  check_text_cases(stella_utf8_valid, "stella_utf8_valid", cases, sizeof cases / sizeof cases[0]);
+
+  /* a valid sequence cut short by its length argument */
+  CHECK(!stella_utf8_valid("\xe2\x82\xac", 2), "utf8_valid: honours len (cut inside a character)");
+
+  check_long((long)stella_utf8_length("", 0), 0, "utf8_length: empty string");
+  check_long((long)stella_utf8_length("abc", 3), 3, "utf8_length: ASCII");
+  check_long((long)stella_utf8_length("a\0b", 3), 3, "utf8_length: NUL counts");
+  check_long((long)stella_utf8_length("a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 10), 4,
+             "utf8_length: 1-, 2-, 3- and 4-byte characters");
+}
+
+static void test_email(void) {
+  static char long_label[80], too_long_label[80];
+  text_case cases[] = {
+    { "a@b", 0, 1 },
+    { "janecustomer@example.com", 0, 1 },
+    { "first.last+tag@sub.example.co.uk", 0, 1 },
+    { "!#$%&'*+/=?^_`{|}~-@example.com", 0, 1 },
+    { ".dots.@example.com", 0, 1 },           /* WHATWG allows dots anywhere locally */
+    { "a@b-c.d", 0, 1 },
+    { "a@123", 0, 1 },
+    { NULL, 0, 1 },                           /* a 63-character label */
+    { NULL, 0, 0 },                           /* a 64-character label */
+    { "", 0, 0 },
+    { "a", 0, 0 },
+    { "@example.com", 0, 0 },
+    { "a@", 0, 0 },
+    { "a@b@c", 0, 0 },
+    { "a b@c", 0, 0 },
+    { "a@b c", 0, 0 },
+    { "a@-b.com", 0, 0 },
+    { "a@b-.com", 0, 0 },
+    { "a@b..com", 0, 0 },
+    { "a@.b", 0, 0 },
+    { "a@b.", 0, 0 },
+    { "a@b_c.com", 0, 0 },
+    { "\"quoted\"@example.com", 0, 0 },
+    { "caf\xc3\xa9@example.com", 0, 0 },
+    { "a@caf\xc3\xa9.com", 0, 0 },
+    { "a\0@b", 4, 0 },
+    { "a@b\0", 4, 0 },
+  };
+  memcpy(long_label, "a@", 2);
+  memset(long_label + 2, 'x', 63);
+  memcpy(long_label + 65, ".com", 5);
+  memcpy(too_long_label, "a@", 2);
+  memset(too_long_label + 2, 'x', 64);
+  memcpy(too_long_label + 66, ".com", 5);
+  cases[7].s = long_label;
+  cases[8].s = too_long_label;
+  check_text_cases(stella_email_valid, "stella_email_valid", cases, sizeof cases / sizeof cases[0]);
+  CHECK(stella_email_valid("a@b.com-trailing", 7), "email_valid: honours len");
+}
+
+static void test_codes(void) {
+  static const text_case languages[] = {
+    { "en", 0, 1 }, { "EN", 0, 1 }, { "zu", 0, 1 }, { "aa", 0, 1 },
+    { "en-US", 0, 1 }, { "en-us", 0, 1 }, { "pt-BR", 0, 1 }, { "es-419", 0, 1 }, { "en-001", 0, 1 },
+    { "", 0, 0 }, { "e", 0, 0 }, { "xx", 0, 0 }, { "eng", 0, 0 }, { "en-", 0, 0 },
+    { "en_US", 0, 0 }, { "en-XK", 0, 0 }, { "en-UK", 0, 0 }, { "en-999", 0, 0 },
+    { "en-USA", 0, 0 }, { "en-US-x", 0, 0 }, { "en-U1", 0, 0 }, { "e1", 0, 0 },
+  };
+  static const text_case countries[] = {
+    { "US", 0, 1 }, { "us", 0, 1 }, { "gB", 0, 1 }, { "AD", 0, 1 }, { "ZW", 0, 1 },
+    { "", 0, 0 }, { "U", 0, 0 }, { "USA", 0, 0 }, { "XK", 0, 0 }, { "UK", 0, 0 },
+    { "EU", 0, 0 }, { "ZZ", 0, 0 }, { "1A", 0, 0 }, { "U\0", 2, 0 },
+  };
+  check_text_cases(stella_language_valid, "stella_language_valid", languages,
+                   sizeof languages / sizeof languages[0]);
+  check_text_cases(stella_is_country_code, "stella_is_country_code", countries,
+                   sizeof countries / sizeof countries[0]);
+  CHECK(stella_is_language_code("fr", 2) && !stella_is_language_code("fr-FR", 5),
+        "is_language_code: two letters only");
+  CHECK(stella_is_m49_area_code("419", 3) && !stella_is_m49_area_code("840", 3) &&
+            !stella_is_m49_area_code("41", 2),
+        "is_m49_area_code: areas only, not countries");
+  CHECK(!stella_is_country_code(NULL, 0) && !stella_is_language_code(NULL, 0),
+        "code lookups: NULL is not a code");
+}
+
+/* ---------- outcome classification and retry policy ------------------------------- */
+
+static void check_kind(stella_http_failure failure, long status, const char *want_kind,
+                       int want_retry, const char *desc) {
+  int retry = -1;
+  const char *kind = stella_error_kind(failure, status, &retry);
+  int same = ((kind == NULL || want_kind == NULL) ? kind == want_kind
+                                                  : strcmp(kind, want_kind) == 0) &&
+             retry == want_retry;
+  if (!check(same, desc)) {
+    diag("kind", kind);
+    diag_long("retryable", retry);
+    diag("expected kind", want_kind);
+    diag_long("expected retryable", want_retry);
+  }
+}
+
+static void test_error_kind(void) {
+  check_kind(STELLA_HTTP_OK, 200, NULL, 0, "error_kind: 200 is not an error");
+  check_kind(STELLA_HTTP_OK, 201, NULL, 0, "error_kind: 201 is not an error");
+  check_kind(STELLA_HTTP_OK, 400, "rejected", 0, "error_kind: 400 rejected, final");
+  check_kind(STELLA_HTTP_OK, 401, "auth", 0, "error_kind: 401 auth, final");
+  check_kind(STELLA_HTTP_OK, 403, "auth", 0, "error_kind: 403 auth, final");
+  check_kind(STELLA_HTTP_OK, 404, "not_found", 0, "error_kind: 404 not_found, final");
+  check_kind(STELLA_HTTP_OK, 408, "timeout", 1, "error_kind: 408 timeout, retryable");
+  check_kind(STELLA_HTTP_OK, 422, "rejected", 0, "error_kind: 422 rejected, final");
+  check_kind(STELLA_HTTP_OK, 429, "rate_limited", 1, "error_kind: 429 rate_limited, retryable");
+  check_kind(STELLA_HTTP_OK, 500, "server", 1, "error_kind: 500 server, retryable");
+  check_kind(STELLA_HTTP_OK, 503, "server", 1, "error_kind: 503 server, retryable");
+  check_kind(STELLA_HTTP_OK, 302, "protocol", 0, "error_kind: 302 protocol, final");
+  check_kind(STELLA_HTTP_TIMEOUT, 0, "timeout", 1, "error_kind: transport timeout, retryable");
+  check_kind(STELLA_HTTP_NETWORK, 0, "network", 1, "error_kind: network failure, retryable");
+  check_kind(STELLA_HTTP_PROTOCOL, 0, "protocol", 0, "error_kind: protocol failure, final");
+  check_kind(STELLA_HTTP_TLS, 0, "network", 0, "error_kind: TLS failure is network, final");
+  check_kind(STELLA_HTTP_INTERNAL, 0, "network", 0, "error_kind: internal failure, final");
+  CHECK(stella_error_kind(STELLA_HTTP_OK, 500, NULL) != NULL,
+        "error_kind: the retryable pointer may be NULL");
+}
+
+static void test_retry_delay(void) {
+  long d;
+  /* growth: base * 2^(attempt-1) times 0.5 */
+  check_long(stella_retry_delay_ms(1, 100, 10000, -1, 0.5), 50, "retry_delay: attempt 1");
+  check_long(stella_retry_delay_ms(2, 100, 10000, -1, 0.5), 100, "retry_delay: attempt 2 doubles");
+  check_long(stella_retry_delay_ms(3, 100, 10000, -1, 0.5), 200, "retry_delay: attempt 3 doubles");
+  check_long(stella_retry_delay_ms(5, 100, 10000, -1, 0.5), 800, "retry_delay: attempt 5");
+  /* cap */
+  check_long(stella_retry_delay_ms(8, 100, 10000, -1, 0.5), 5000, "retry_delay: capped at max");
+  check_long(stella_retry_delay_ms(1000, 100, 10000, -1, 0.5), 5000,
+             "retry_delay: a huge attempt number stays capped");
+  /* full jitter bounds */
+  check_long(stella_retry_delay_ms(3, 100, 10000, -1, 0.0), 0, "retry_delay: jitter 0 gives 0");
+  d = stella_retry_delay_ms(3, 100, 10000, -1, 0.9999999);
+  if (!CHECK(d >= 399 && d < 400, "retry_delay: jitter just below 1 gives just below the cap"))
+    diag_long("delay", d);
+  d = stella_retry_delay_ms(3, 100, 10000, -1, 1.0);
+  if (!CHECK(d >= 0 && d < 400, "retry_delay: jitter 1.0 stays below the cap"))
+    diag_long("delay", d);
+  d = stella_retry_delay_ms(20, 100, 10000, -1, 0.9999999);
+  if (!CHECK(d >= 9999 && d < 10000, "retry_delay: jitter near 1 at the cap stays below max"))
+    diag_long("delay", d);
+  check_long(stella_retry_delay_ms(3, 100, 10000, -1, -0.5), 0,
+             "retry_delay: negative jitter counts as 0");
+  /* Retry-After wins, capped at max */
+  check_long(stella_retry_delay_ms(1, 100, 10000, 2500, 0.0), 2500,
+             "retry_delay: Retry-After wins over backoff");
+  check_long(stella_retry_delay_ms(1, 100, 10000, 0, 0.9), 0, "retry_delay: Retry-After 0 wins");
+  check_long(stella_retry_delay_ms(1, 100, 10000, 120000, 0.5), 10000,
+             "retry_delay: Retry-After is capped at max");
+}
+
+static void test_parse_retry_after(void) {
+  /* 784111777 = Sun, 06 Nov 1994 08:49:37 GMT (the RFC 9110 example date) */
+  static const char date[] = "Sun, 06 Nov 1994 08:49:37 GMT";
+  const long long when = 784111777LL;
+  long v;
+  check_long(stella_parse_retry_after("120", 0), 120000, "parse_retry_after: \"120\"");
+  check_long(stella_parse_retry_after(" 5 ", 0), 5000, "parse_retry_after: \" 5 \"");
+  check_long(stella_parse_retry_after("0", 0), 0, "parse_retry_after: \"0\"");
+  check_long(stella_parse_retry_after("abc", 0), -1, "parse_retry_after: \"abc\" is -1");
+  check_long(stella_parse_retry_after("", 0), -1, "parse_retry_after: \"\" is -1");
+  check_long(stella_parse_retry_after("5s", 0), -1, "parse_retry_after: \"5s\" is -1");
+  check_long(stella_parse_retry_after("1 2", 0), -1, "parse_retry_after: \"1 2\" is -1");
+  check_long(stella_parse_retry_after(date, when - 30), 30000,
+             "parse_retry_after: an IMF-fixdate 30 s in the future");
+  check_long(stella_parse_retry_after(date, when), 0,
+             "parse_retry_after: an IMF-fixdate equal to now");
+  check_long(stella_parse_retry_after(date, when + 3600), 0,
+             "parse_retry_after: an IMF-fixdate in the past is 0");
+  v = stella_parse_retry_after("99999999999999999999999", 0);
+  if (!CHECK(v > 0, "parse_retry_after: an absurd number is clamped, not wrapped"))
+    diag_long("value", v);
+}
+
+/* ---------- HTTP client ------------------------------------------------------------- */
+
+#define KEY "sk_test_SECRETKEY42"
+
+/* Creates a client for base_url with api_key, checks success or refusal, and
+ * that the error text never carries the key (or `secret`, a distinctive part). */
+static void try_new(const char *base_url, const char *api_key, const char *secret, int want_ok,
+                    const char *desc) {
+  stella_http_options o;
+  stella_http *h;
+  char err[256];
+  char what[200];
+  memset(&o, 0, sizeof o);
+  o.base_url = base_url;
+  o.api_key = api_key;
+  err[0] = '\0';
+  h = stella_http_new(&o, err, sizeof err);
+  if (!check(want_ok ? h != NULL : h == NULL, desc)) diag("error", err);
+  if (!want_ok) {
+    snprintf(what, sizeof what, "%s: says why", desc);
+    if (!check(err[0] != '\0', what)) diag("error", err);
+  }
+  snprintf(what, sizeof what, "%s: error text does not contain the key", desc);
+  check_no_secret(err, secret, what);
+  stella_http_free(h);
+}
+
+static void test_http_new(void) {
+  try_new("https://example.com", "", KEY, 0, "http_new: refuses an empty key");
+  try_new("https://example.com", NULL, KEY, 0, "http_new: refuses a NULL key");
+  try_new("https://example.com", "sk_test_SECRET KEY", "SECRET", 0,
+          "http_new: refuses a key with a space");
+  try_new("https://example.com", "sk_test_SECRET\nKEY", "SECRET", 0,
+          "http_new: refuses a key with a newline");
+  try_new("https://example.com", "sk_test_SECRET\tKEY", "SECRET", 0,
+          "http_new: refuses a key with a tab");
+  try_new("http://example.com", KEY, KEY, 0, "http_new: refuses http:// to a non-loopback host");
+  try_new("http://127.0.0.1.example.com:9", KEY, KEY, 0,
+          "http_new: refuses http:// to a host that only starts like loopback");
+  try_new("http://localhost.example.com", KEY, KEY, 0,
+          "http_new: refuses http:// to localhost.example.com");
+  try_new("ftp://example.com", KEY, KEY, 0, "http_new: refuses ftp://");
+  try_new("file:///etc/passwd", KEY, KEY, 0, "http_new: refuses file://");
+  try_new("not a url", KEY, KEY, 0, "http_new: refuses something that is not a URL");
+  try_new("http://127.0.0.1:9", KEY, KEY, 1, "http_new: accepts http://127.0.0.1:9");
+  try_new("http://localhost:9", KEY, KEY, 1, "http_new: accepts http://localhost:9");
+  try_new("http://[::1]:9", KEY, KEY, 1, "http_new: accepts http://[::1]:9");
+  try_new("https://example.com", KEY, KEY, 1, "http_new: accepts https://example.com");
+  try_new("https://example.com/", KEY, KEY, 1, "http_new: accepts a trailing slash");
+  try_new(NULL, KEY, KEY, 1, "http_new: a NULL base_url means the default https:// service");
+  stella_http_free(NULL);
+  CHECK(1, "http_free: NULL is fine");
+}
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+/* A loopback socket that listens but never accepts: connects complete in the
+ * kernel's backlog, then nothing is ever answered. Returns the fd (port in *port). */
+static int silent_listener(int *port) {
+  struct sockaddr_in addr;
+  socklen_t alen = sizeof addr;
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  memset(&addr, 0, sizeof addr);
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 8) != 0 ||
+      getsockname(fd, (struct sockaddr *)&addr, &alen) != 0) {
+    close(fd);
+    return -1;
+  }
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
+static void test_http_post(void) {
+  static const char body[] = "{\"x\":1}";
+  stella_http_options o;
+  stella_http_result res;
+  stella_http *h;
+  char err[256], url[64];
+  int fd, port = 0, retry = 0;
+  double t0, elapsed;
+
+  /* a closed loopback port: a network failure, without the key in the message */
+  memset(&o, 0, sizeof o);
+  o.base_url = "http://127.0.0.1:1";
+  o.api_key = KEY;
+  o.timeout_ms = 5000;
+  o.connect_timeout_ms = 2000;
+  h = stella_http_new(&o, err, sizeof err);
+  if (CHECK(h != NULL, "http_post: client for http://127.0.0.1:1")) {
+    stella_http_failure f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
+    check_long((long)f, STELLA_HTTP_NETWORK, "http_post: a closed port is STELLA_HTTP_NETWORK");
+    check_long((long)res.failure, STELLA_HTTP_NETWORK, "http_post: res.failure matches the return");
+    if (!CHECK(res.error != NULL && res.error[0] != '\0', "http_post: the failure has a message"))
+      diag("error", res.error);
+    check_no_secret(res.error, KEY, "http_post: the message does not contain the key");
+    check_no_secret(res.error, "SECRET", "http_post: nor any part of it");
+    check_str(stella_error_kind(res.failure, res.status, &retry), "network",
+              "http_post: classified as network");
+    CHECK(retry == 1, "http_post: and retryable");
+    check_long(res.retry_after_ms, -1, "http_post: no Retry-After without a response");
+    /* the client stays usable after a failure */
+    f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
+    check_long((long)f, STELLA_HTTP_NETWORK, "http_post: a second attempt fails the same way");
+  } else {
+    diag("error", err);
+  }
+  stella_http_free(h);
+
+  /* a listener that never answers: a timeout after about timeout_ms */
+  fd = silent_listener(&port);
+  if (!CHECK(fd >= 0, "http_post: a silent loopback listener")) return;
+  snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
+  memset(&o, 0, sizeof o);
+  o.base_url = url;
+  o.api_key = KEY;
+  o.timeout_ms = 200;
+  o.connect_timeout_ms = 200;
+  h = stella_http_new(&o, err, sizeof err);
+  if (CHECK(h != NULL, "http_post: client for the silent listener")) {
+    stella_http_failure f;
+    t0 = now_ms();
+    f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
+    elapsed = now_ms() - t0;
+    if (!check_long((long)f, STELLA_HTTP_TIMEOUT,
+                    "http_post: no answer within timeout_ms is STELLA_HTTP_TIMEOUT"))
+      diag("error", res.error);
+    if (!CHECK(elapsed >= 150 && elapsed < 3000, "http_post: the timeout fires after ~200 ms"))
+      diag_long("elapsed ms", (long)elapsed);
+    check_no_secret(res.error, KEY, "http_post: the timeout message does not contain the key");
+    check_str(stella_error_kind(res.failure, res.status, &retry), "timeout",
+              "http_post: classified as timeout");
+    CHECK(retry == 1, "http_post: and retryable");
+    CHECK(stella_http_connects(h) >= 1, "http_post: a connection was opened to the listener");
+  } else {
+    diag("error", err);
+  }
+  stella_http_free(h);
+  close(fd);
+}
+
+/* ---------- main ------------------------------------------------------------------------ */
+
+/* Inputs only a C caller (or a parsed document) can build: huge sizes,
+ * repeated sequence keys, repeated field names. */
+static void test_hostile_inputs(void) {
+  stella_arena a;
+  stella_value req, tags;
+  stella_pair *extra, *p;
+  stella_errors errs;
+  int rc;
+  stella_arena_init(&a);
+  CHECK(stella_arena_alloc(&a, (size_t)-1) == NULL, "arena: SIZE_MAX is refused, not wrapped");
+  CHECK(stella_arena_alloc(&a, (size_t)-1 - 40) == NULL, "arena: SIZE_MAX-40 is refused");
+
+  extra = make_request(&a, &req, 1);
+  p = stella_table(&a, &tags, 2);
+  item(&p[0], 1, stella_cstring("a"));
+  item(&p[1], 1, stella_cstring("b"));
+  member(&extra[0], "tags", tags);
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  CHECK(rc == 1 && strcmp(errs.items[0].code, "not_a_sequence") == 0,
+        "tags with keys 1,1 -> not_a_sequence (no crash)");
+
+  extra = make_request(&a, &req, 2);
+  member(&extra[0], "brand", stella_cstring("acme"));
+  member(&extra[1], "brand", stella_int(5));
+  rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+  CHECK(rc == 1 && strcmp(errs.items[0].code, "duplicate_field") == 0 &&
+        strcmp(errs.items[0].path, "brand") == 0, "a field given twice -> duplicate_field");
+  stella_arena_free(&a);
+}
+
+int main(void) {
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  printf("# lua-stella C core %s\n", STELLA_VERSION);
+  test_arena();
+  test_buffer_and_builders();
+  test_encode_by_hand();
+  test_json_escaping();
+  test_validation_errors();
+  test_utf8();
+  test_email();
+  test_codes();
+  test_error_kind();
+  test_retry_delay();
+  test_parse_retry_after();
+  test_http_new();
+  test_http_post();
+  test_hostile_inputs();
+  printf("1..%d\n", tests_run);
+  if (tests_failed) printf("# %d of %d checks failed\n", tests_failed, tests_run);
+  return tests_failed ? 1 : 0;
+}
