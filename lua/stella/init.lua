@@ -6,7 +6,7 @@ local core = require "stella.core"
 local client = require "stella.client"
 local errors = require "stella.error"
 
-local type = type
+local type, setmetatable, require = type, setmetatable, require
 
 local M = {
   version = core.version,
@@ -33,5 +33,10 @@ function M.encode(req, kind, opts)
 end
 
 M.new = client.new
+
+-- stella.trigger{...} and stella.store.* load on first use: a program that only
+-- sends never loads the rules engine or LuaSQL.
+function M.trigger(opts) return require("stella.trigger").new(opts) end
+M.store = setmetatable({}, { __index = function(_, k) return require("stella.store")[k] end })
 
 return M

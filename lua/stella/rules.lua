@@ -1,0 +1,435 @@
+-- stella.rules: load a rules file and turn an event into a decision.
+--
+-- Pure Lua 5.1-compatible code with no C module and no I/O beyond loading the
+-- file, so the same evaluation can run in Lua 5.4, LuaJIT/OpenResty and a Redis
+-- script. Everything it needs from the outside comes in `env`:
+--   env.now                 seconds since the epoch
+--   env.lookup(mark)        -> until (number) if such a mark is active, else nil
+--   env.unsubscribed(email) -> true if the address never receives requests
+-- and what it wants written comes back as `decision.marks` for the caller to
+-- commit only once the request is sent (or safely queued).
+local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select =
+      type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select
+local setfenv, loadstring, load = setfenv, loadstring, load   -- 5.1 or 5.2+ loaders
+local floor = math.floor
+local lower, byte, format = string.lower, string.byte, string.format
+
+local M = {}
+
+local DAY = 86400
+
+-- Keys a rules file may set; anything else is a typo worth an error.
+local KNOWN = {
+  map = "function", when = "function", channels = "table", exclude_tags = "table",
+  do_not_send_tags = "table", brands = "table", default_brand = "string",
+  suppression = "table", once_per_interaction = "any", unsubscribes = "table",
+  sample = "number", rules = "table", on_alert = "function", alert = "table",
+  outbox = "table",
+  -- read by the client / command line, not by the evaluation
+  api_key = "string", keys = "table", mode = "string", base_url = "string",
+}
+
+local SAFE_GLOBALS = {
+  "assert", "error", "ipairs", "next", "pairs", "pcall", "select", "tonumber", "tostring",
+  "type", "unpack", "xpcall", "print", "rawequal", "rawget", "rawlen", "rawset",
+  "setmetatable", "getmetatable",
+}
+local SAFE_LIBS = { "string", "table", "math" }
+
+local function copy_table(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+-- The environment a rules file runs in: no io, no os.execute, no require,
+-- unless the caller opts in with allow = { io = true, os = true, require = true }.
+local function sandbox(allow)
+  local G = _G
+  local env = {}
+  for _, name in ipairs(SAFE_GLOBALS) do env[name] = G[name] end
+  for _, name in ipairs(SAFE_LIBS) do env[name] = copy_table(G[name]) end
+  env.os = { time = G.os.time, clock = G.os.clock, date = G.os.date, getenv = G.os.getenv }
+  allow = allow or {}
+  if allow.io then env.io = G.io end
+  if allow.os then env.os = G.os end
+  if allow.require then env.require = G.require end
+  env._G = env
+  return env
+end
+
+local function load_chunk(path, env)
+  local f, err = io.open(path, "r")
+  if not f then return nil, "cannot open rules file " .. tostring(err) end
+  local text = f:read("*a")
+  f:close()
+  if text:sub(1, 1) == "#" then text = "--" .. text end   -- allow a shebang line
+  local chunk, cerr
+  if setfenv then   -- Lua 5.1 / LuaJIT
+    chunk, cerr = loadstring(text, "@" .. path)
+    if chunk then setfenv(chunk, env) end
+  else
+    chunk, cerr = load(text, "@" .. path, "t", env)
+  end
+  if not chunk then return nil, cerr end
+  local ok, rules = pcall(chunk)
+  if not ok then return nil, tostring(rules) end
+  if type(rules) ~= "table" then
+    return nil, path .. ": a rules file must return a table, got " .. type(rules)
+  end
+  return rules
+end
+
+local function set_of(list, what, lowercase)
+  local set = {}
+  for k, v in pairs(list) do
+    local item = type(k) == "number" and v or k
+    if type(item) ~= "string" then error(what .. " must be a list of strings", 0) end
+    set[lowercase and lower(item) or item] = true
+  end
+  return set
+end
+
+-- Checks a rules table and returns the compiled form used by evaluate().
+-- Raises with a message naming the key on a mistake.
+function M.compile(spec, name)
+  name = name or "rules"
+  if type(spec) ~= "table" then error(name .. ": rules must be a table", 0) end
+  for k, v in pairs(spec) do
+    local want = KNOWN[k]
+    if not want then error(name .. ": unknown key '" .. tostring(k) .. "'", 0) end
+    if want ~= "any" and type(v) ~= want then
+      error(name .. ": " .. k .. " must be a " .. want .. ", got " .. type(v), 0)
+    end
+  end
+  local r = {
+    source = spec, name = name, map = spec.map, when = spec.when, on_alert = spec.on_alert,
+    default_brand = spec.default_brand, rules = {},
+  }
+  if spec.channels then
+    r.channels = {}
+    for ch, mode in pairs(spec.channels) do
+      if mode ~= "integrated" and mode ~= "manual" then
+        error(name .. ": channels." .. tostring(ch) .. " must be \"integrated\" or \"manual\"", 0)
+      end
+      r.channels[ch] = mode
+    end
+  end
+  r.exclude_tags = spec.exclude_tags and set_of(spec.exclude_tags, name .. ": exclude_tags")
+  r.do_not_send_tags = spec.do_not_send_tags and set_of(spec.do_not_send_tags, name .. ": do_not_send_tags")
+  r.unsubscribes = spec.unsubscribes and set_of(spec.unsubscribes, name .. ": unsubscribes", true)
+  if spec.brands then
+    r.brands = {}
+    for bname, b in pairs(spec.brands) do
+      if type(bname) ~= "string" or type(b) ~= "table" then
+        error(name .. ": brands must map a brand name to a table", 0)
+      end
+      r.brands[bname] = b
+    end
+    if r.default_brand and not r.brands[r.default_brand] then
+      error(name .. ": default_brand '" .. r.default_brand .. "' is not in brands", 0)
+    end
+  end
+  if spec.suppression then
+    local s = spec.suppression
+    local per = s.per or "brand"
+    if per ~= "brand" and per ~= "channel" and per ~= "global" then
+      error(name .. ": suppression.per must be \"brand\", \"channel\" or \"global\"", 0)
+    end
+    if type(s.days) ~= "number" or s.days < 0 then
+      error(name .. ": suppression.days must be a number of days", 0)
+    end
+    r.suppression = { days = s.days, per = per }
+  end
+  local once = spec.once_per_interaction
+  if once then
+    r.once_days = type(once) == "number" and once or 365
+  end
+  if spec.sample ~= nil then
+    if spec.sample < 0 or spec.sample > 1 then error(name .. ": sample must be between 0 and 1", 0) end
+    r.sample = spec.sample
+  end
+  for i, rule in ipairs(spec.rules or {}) do
+    if type(rule) ~= "function" then error(name .. ": rules[" .. i .. "] must be a function", 0) end
+    r.rules[i] = rule
+  end
+  return r
+end
+
+-- load(path_or_table [, opts]) -> compiled rules | nil, err (file problems)
+function M.load(source, opts)
+  if type(source) == "table" then return M.compile(source, "rules") end
+  if type(source) ~= "string" then error("rules must be a file name or a table", 2) end
+  local spec, err = load_chunk(source, sandbox(opts and opts.allow))
+  if not spec then return nil, err end
+  local ok, compiled = pcall(M.compile, spec, source)
+  if not ok then return nil, compiled end
+  return compiled
+end
+
+-- Deterministic sampling: a 32-bit string hash (no bit operators: 5.1-safe),
+-- mapped to [0, 1).
+function M.unit_hash(s)
+  local h = 5381
+  for i = 1, #s do
+    h = (h * 33 + byte(s, i)) % 4294967296
+  end
+  return h / 4294967296
+end
+
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local c = {}
+  for k, x in pairs(v) do c[k] = deep_copy(x) end
+  return c
+end
+
+local function tag_list(request)
+  local tags = request.tags
+  if type(tags) ~= "table" then return {} end
+  return tags
+end
+
+local function customer_email(request)
+  local c = request.customer
+  local e = type(c) == "table" and c.email
+  return type(e) == "string" and lower(e) or nil
+end
+
+local function interaction_id(request)
+  local id = request.ext_interaction_id
+  if type(id) == "number" then return format("%d", id) end
+  if type(id) == "string" then return id end
+  return nil
+end
+
+-- Epoch seconds as an ISO 8601 UTC string, without os.date (not in Redis).
+-- Days to civil date after Howard Hinnant's public-domain algorithm.
+function M.iso_utc(t)
+  t = floor(t)
+  local days = floor(t / DAY)
+  local secs = t - days * DAY
+  local z = days + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local day = doy - floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return format("%04d-%02d-%02dT%02d:%02d:%02dZ", year, month, day,
+                floor(secs / 3600), floor(secs % 3600 / 60), secs % 60)
+end
+
+-- decision.action: "send" | "skip" | "suppressed" | "invalid"
+-- In explain mode every check still runs, each leaving a verdict.
+function M.evaluate(r, event, env, explain)
+  local now = env.now
+  local verdicts = explain and {} or nil
+  local d = { action = "send", verdicts = verdicts, marks = {} }
+
+  local function verdict(rule, result, reason, detail)
+    if verdicts then
+      verdicts[#verdicts + 1] = { rule = rule, verdict = result, reason = reason, detail = detail }
+    end
+  end
+  -- first non-pass verdict decides; returns true when evaluation should stop
+  local function decide(rule, action, reason, detail, extra)
+    verdict(rule, action, reason, detail)
+    if d.action == "send" then
+      d.action, d.reason, d.detail = action, reason, detail
+      if extra then for k, v in pairs(extra) do d[k] = v end end
+    end
+    return not explain
+  end
+
+  -- 1. map the source record to a request
+  local request
+  if r.map then
+    local ok, res = pcall(r.map, event)
+    if not ok then
+      decide("map", "invalid", "map_error", tostring(res))
+      return d
+    end
+    if type(res) ~= "table" then
+      decide("map", "invalid", "map_error", "map(event) must return a request table, got " .. type(res))
+      return d
+    end
+    request = res
+  else
+    request = deep_copy(event)
+  end
+  d.request = request
+  verdict("map", "pass")
+
+  -- 2. eligibility
+  if r.when then
+    local ok, res = pcall(r.when, event)
+    if not ok then
+      if decide("when", "invalid", "rule_error", "when: " .. tostring(res)) then return d end
+    elseif not res then
+      if decide("when", "skip", "not_eligible", "when(event) returned " .. tostring(res)) then return d end
+    else
+      verdict("when", "pass")
+    end
+  end
+
+  -- 3. brand
+  local brand_name = request.brand
+  if brand_name == nil then brand_name = r.default_brand end
+  local brand = nil
+  if r.brands then
+    brand = brand_name ~= nil and r.brands[brand_name] or nil
+    if not brand then
+      if decide("brand", "skip", "unknown_brand",
+                "brand " .. tostring(brand_name) .. " is not in the rules' brands") then return d end
+    else
+      if request.brand == nil then request.brand = brand.signifier or brand_name end
+      if request.language == nil and brand.language then request.language = brand.language end
+      verdict("brand", "pass", nil, tostring(brand_name))
+    end
+  end
+  d.brand = brand_name
+  brand = brand or {}
+
+  -- 4. channel mode
+  if r.channels then
+    local ch = request.channel
+    local mode = type(ch) == "string" and r.channels[ch] or nil
+    if mode == "manual" then
+      if decide("channels", "skip", "channel_manual",
+                "channel " .. tostring(ch) .. " is in manual mode") then return d end
+    elseif mode == nil then
+      if decide("channels", "skip", "channel_disabled",
+                "channel " .. tostring(ch) .. " is not enabled in the rules") then return d end
+    else
+      verdict("channels", "pass")
+    end
+  end
+
+  -- 5. tags
+  if r.exclude_tags then
+    local hit
+    for _, t in ipairs(tag_list(request)) do if r.exclude_tags[t] then hit = t break end end
+    if hit then
+      if decide("exclude_tags", "skip", "excluded_tag", "tag " .. tostring(hit)) then return d end
+    else
+      verdict("exclude_tags", "pass")
+    end
+  end
+
+  local email = customer_email(request)
+  local iid = interaction_id(request)
+  local brand_scope = "brand:" .. tostring(brand_name or "")
+
+  -- 6. unsubscribes: the rules' own list and the store's
+  if r.unsubscribes or env.unsubscribed then
+    if email and ((r.unsubscribes and r.unsubscribes[email]) or
+                  (env.unsubscribed and env.unsubscribed(email))) then
+      if decide("unsubscribes", "skip", "unsubscribed", "the customer has unsubscribed") then return d end
+    else
+      verdict("unsubscribes", "pass")
+    end
+  end
+
+  -- 7. one request per interaction
+  if r.once_days and iid then
+    local mark = { type = "once", scope = brand_scope, id = iid, ["until"] = now + r.once_days * DAY }
+    local seen = env.lookup and env.lookup(mark)
+    if seen then
+      if decide("once_per_interaction", "skip", "duplicate",
+                "interaction " .. iid .. " already triggered a request") then return d end
+    else
+      verdict("once_per_interaction", "pass")
+      d.marks[#d.marks + 1] = mark
+    end
+  end
+
+  -- 8. sampling
+  if r.sample and r.sample < 1 then
+    local h = M.unit_hash(iid or tostring(event.id or ""))
+    if h >= r.sample then
+      if decide("sample", "skip", "sampled_out",
+                format("hash %.3f is above the sample rate %.3f", h, r.sample)) then return d end
+    else
+      verdict("sample", "pass")
+    end
+  end
+
+  -- 9. custom rules, in order
+  local ctx = {
+    event = event, brand = brand_name, brand_config = brand, now = now,
+    clock = function() return now end,
+    suppressed_until = function(addr)
+      if not (env.lookup and type(addr) == "string") then return nil end
+      return env.lookup{ type = "suppress", scope = brand_scope, email = lower(addr) }
+    end,
+    seen = function(id)
+      if not env.lookup then return false end
+      return env.lookup{ type = "once", scope = brand_scope, id = tostring(id) } ~= nil
+    end,
+    unsubscribed = function(addr)
+      if type(addr) ~= "string" then return false end
+      addr = lower(addr)
+      return (r.unsubscribes and r.unsubscribes[addr]) or
+             (env.unsubscribed and env.unsubscribed(addr)) or false
+    end,
+  }
+  for i, rule in ipairs(r.rules) do
+    local label = "rules[" .. i .. "]"
+    local ok, verdict_name, reason = pcall(rule, request, ctx)
+    if not ok then
+      if decide(label, "invalid", "rule_error", label .. ": " .. tostring(verdict_name)) then return d end
+    elseif verdict_name == "skip" then
+      if decide(label, "skip", reason or "custom_rule", label .. " skipped the event") then return d end
+    elseif verdict_name == "do_not_send" then
+      request.do_not_send = true
+      d.do_not_send_reason = d.do_not_send_reason or reason or "custom_rule"
+      verdict(label, "do_not_send", reason or "custom_rule")
+    elseif verdict_name == nil or verdict_name == true then
+      verdict(label, "pass")
+    else
+      if decide(label, "invalid", "rule_error",
+                label .. " returned " .. tostring(verdict_name) ..
+                " (expected nothing, \"skip\" or \"do_not_send\")") then return d end
+    end
+  end
+
+  -- 10. do-not-send tags: recorded by the service, no e-mail
+  if r.do_not_send_tags then
+    local hit
+    for _, t in ipairs(tag_list(request)) do if r.do_not_send_tags[t] then hit = t break end end
+    if hit then
+      request.do_not_send = true
+      d.do_not_send_reason = d.do_not_send_reason or "do_not_send_tag"
+      verdict("do_not_send_tags", "do_not_send", "do_not_send_tag", "tag " .. tostring(hit))
+    else
+      verdict("do_not_send_tags", "pass")
+    end
+  end
+
+  -- 11. suppression window per customer e-mail (a do_not_send request sends no
+  -- e-mail, so it neither is suppressed nor suppresses)
+  if r.suppression and email and request.do_not_send ~= true then
+    local days = brand.suppression_days or r.suppression.days
+    local scope = r.suppression.per == "brand" and brand_scope
+               or r.suppression.per == "channel" and ("channel:" .. tostring(request.channel))
+               or "global"
+    local mark = { type = "suppress", scope = scope, email = email, ["until"] = now + days * DAY }
+    local active = days > 0 and env.lookup and env.lookup(mark)
+    if active then
+      if decide("suppression", "suppressed", "suppressed",
+                "a request reached this customer recently; next possible at " ..
+                M.iso_utc(active), { ["until"] = active }) then return d end
+    else
+      verdict("suppression", "pass")
+      if days > 0 then d.marks[#d.marks + 1] = mark end
+    end
+  end
+
+  if d.action ~= "send" then d.marks = {} end
+  return d
+end
+
+return M

@@ -1,0 +1,272 @@
+-- stella.store: where the trigger keeps its state - suppression and dedupe marks,
+-- unsubscribes, the outbox of requests still to send, the ledger of processed events, and
+-- a few named values (meta). One small interface, several backends:
+--
+--   local store = require "stella.store"
+--   local s = store.memory()                       -- per process, gone on exit
+--   local s = assert(store.sqlite("stella.db", { busy_timeout = 5 }))
+--
+-- Backends are loaded on first use, so `require "stella.store"` works without LuaSQL.
+-- Times are seconds since the epoch, always passed in by the caller.
+--
+-- Misuse (a wrong argument type) raises; a run-time failure (database locked past the
+-- busy timeout, disk I/O) returns nil, err where err is { kind = "store", message = ...,
+-- retryable = true|false } and prints as its message.
+--
+-- The helpers under M._util are shared by the backends and are not part of the interface.
+local error, format, floor, getmetatable, pairs, setmetatable, tostring, type, select =
+  error, string.format, math.floor, getmetatable, pairs, setmetatable, tostring, type, select
+local math_type = math.type   -- nil on LuaJIT
+
+local M = {}
+
+function M.memory(...)
+  return require("stella.store.memory").new(...)
+end
+
+function M.sqlite(...)
+  return require("stella.store.sqlite").new(...)
+end
+
+-- Errors -------------------------------------------------------------------------------
+
+local StoreError = {}
+StoreError.__index = StoreError
+StoreError.__tostring = function(e) return e.message end
+
+-- A run-time failure: { kind = "store", message = ..., retryable = ... }.
+function M.error(message, retryable)
+  return setmetatable({ kind = "store", message = message, retryable = retryable and true or false },
+    StoreError)
+end
+
+function M.is_error(v)
+  return type(v) == "table" and getmetatable(v) == StoreError
+end
+
+-- Shared helpers -----------------------------------------------------------------------
+
+local U = {}
+M._util = U
+
+-- The ledger statuses, and those counted by rate().
+U.statuses = {
+  sent = true, recorded = true, skipped = true, suppressed = true,
+  invalid = true, failed = true, queued = true,
+}
+U.rate_total = { sent = true, recorded = true, failed = true, invalid = true, queued = true }
+U.rate_errors = { failed = true, invalid = true }
+U.kinds = { request = true, recovery = true }
+U.states = { queued = true, dead = true }
+
+local huge = math.huge
+
+function U.is_finite(v)
+  return type(v) == "number" and v == v and v ~= huge and v ~= -huge
+end
+
+function U.is_integer(v)
+  return U.is_finite(v) and v == floor(v)
+end
+
+-- A number as text that reads back as the same number: integers in decimal, other
+-- finite numbers with 17 significant digits. Raises on NaN and infinities.
+function U.number_text(v)
+  if not U.is_finite(v) then error("stella.store: not a finite number", 2) end
+  if math_type and math_type(v) == "integer" then return format("%d", v) end
+  if v == floor(v) and v > -9.2233720368547758e18 and v < 9.2233720368547758e18 then
+    return format("%.0f", v)
+  end
+  return format("%.17g", v)
+end
+
+-- Argument checks. They raise at the level of the store method's caller, so they must be
+-- called directly from the method (as a statement, not a tail call).
+local function fail(method, what)
+  error("stella.store: " .. method .. ": " .. what, 4)
+end
+
+function U.check_string(v, method, name, optional)
+  if v == nil and optional then return end
+  if type(v) ~= "string" then
+    fail(method, name .. " must be a string" .. (optional and " or nil" or "") .. ", got " .. type(v))
+  end
+end
+
+function U.check_key(v, method, name)
+  if type(v) ~= "string" or v == "" then
+    fail(method, name .. " must be a non-empty string, got " .. (v == "" and "\"\"" or type(v)))
+  end
+end
+
+function U.check_number(v, method, name, optional)
+  if v == nil and optional then return end
+  if not U.is_finite(v) then
+    fail(method, name .. " must be a finite number" .. (optional and " or nil" or "") ..
+      ", got " .. (type(v) == "number" and tostring(v) or type(v)))
+  end
+end
+
+function U.check_count(v, method, name, optional)   -- a non-negative integer
+  if v == nil and optional then return end
+  if not U.is_integer(v) or v < 0 then
+    fail(method, name .. " must be a non-negative integer" .. (optional and " or nil" or "") ..
+      ", got " .. (type(v) == "number" and tostring(v) or type(v)))
+  end
+end
+
+function U.check_id(v, method, name)   -- an outbox id as returned by enqueue
+  if not U.is_integer(v) then
+    fail(method, name .. " must be an integer, got " .. (type(v) == "number" and tostring(v) or type(v)))
+  end
+end
+
+function U.check_reservation(v, method, name, optional)   -- an outbox id a mark refers to
+  if v == nil and optional then return end
+  if not (U.is_integer(v) or (type(v) == "string" and v ~= "")) then
+    fail(method, name .. " must be an integer or a non-empty string" .. (optional and " or nil" or "") ..
+      ", got " .. (type(v) == "number" and tostring(v) or type(v)))
+  end
+end
+
+function U.check_table(v, method, name, optional)
+  if v == nil and optional then return end
+  if type(v) ~= "table" then
+    fail(method, name .. " must be a table" .. (optional and " or nil" or "") .. ", got " .. type(v))
+  end
+end
+
+function U.check_function(v, method, name)
+  if type(v) ~= "function" then fail(method, name .. " must be a function, got " .. type(v)) end
+end
+
+function U.check_enum(v, set, method, name)
+  if type(v) ~= "string" or not set[v] then
+    local names = {}
+    for k in pairs(set) do names[#names + 1] = k end
+    table.sort(names)
+    fail(method, name .. " must be one of " .. table.concat(names, ", ") .. ", got " ..
+      (type(v) == "string" and ("\"" .. v .. "\"") or type(v)))
+  end
+end
+
+-- A text field: a string, a number (written as text) or nil. Raises at the caller's level.
+local function text_field(t, k, method, where)
+  local v = t[k]
+  if v == nil or type(v) == "string" then return v end
+  if U.is_finite(v) then return U.number_text(v) end
+  error("stella.store: " .. method .. ": " .. where .. "." .. k .. " must be a string, a number or nil, got " ..
+    type(v), 4)
+end
+
+-- Anything given as an error text: nil stays nil, the rest goes through tostring.
+function U.error_text(v)
+  if v == nil or type(v) == "string" then return v end
+  return tostring(v)
+end
+
+-- A copy of an outbox item from the caller, checked, with defaults. Raises on misuse at
+-- the level of the enqueue caller.
+function U.outbox_item(item)
+  if type(item) ~= "table" then fail("enqueue", "item must be a table, got " .. type(item)) end
+  if type(item.kind) ~= "string" or not U.kinds[item.kind] then
+    fail("enqueue", "item.kind must be \"request\" or \"recovery\"")
+  end
+  if type(item.body) ~= "string" then fail("enqueue", "item.body must be a string, got " .. type(item.body)) end
+  if not U.is_finite(item.created_at) then fail("enqueue", "item.created_at must be a finite number") end
+  if item.next_at ~= nil and not U.is_finite(item.next_at) then
+    fail("enqueue", "item.next_at must be a finite number or nil")
+  end
+  if item.attempts ~= nil and (not U.is_integer(item.attempts) or item.attempts < 0) then
+    fail("enqueue", "item.attempts must be a non-negative integer or nil")
+  end
+  return {
+    kind = item.kind,
+    body = item.body,
+    brand = text_field(item, "brand", "enqueue", "item"),
+    event_id = text_field(item, "event_id", "enqueue", "item"),
+    interaction_id = text_field(item, "interaction_id", "enqueue", "item"),
+    customer_hash = text_field(item, "customer_hash", "enqueue", "item"),
+    created_at = item.created_at,
+    next_at = item.next_at == nil and item.created_at or item.next_at,
+    attempts = item.attempts or 0,
+    state = "queued",
+  }
+end
+
+U.ledger_text_fields = {
+  "event_id", "interaction_id", "brand", "channel", "reason", "detail", "request_id",
+  "error_kind", "error_message", "customer_hash",
+}
+
+-- A copy of a ledger entry from the caller, checked. Raises at the level of record's caller.
+function U.ledger_entry(entry)
+  if type(entry) ~= "table" then fail("record", "entry must be a table, got " .. type(entry)) end
+  if not U.is_finite(entry.time) then fail("record", "entry.time must be a finite number") end
+  if type(entry.status) ~= "string" or not U.statuses[entry.status] then
+    fail("record", "entry.status must be one of sent, recorded, skipped, suppressed, invalid, failed, queued")
+  end
+  if entry.attempts ~= nil and (not U.is_integer(entry.attempts) or entry.attempts < 0) then
+    fail("record", "entry.attempts must be a non-negative integer or nil")
+  end
+  local e = { time = entry.time, status = entry.status, attempts = entry.attempts }
+  local fields = U.ledger_text_fields
+  for i = 1, #fields do
+    local k = fields[i]
+    local v = entry[k]
+    if v ~= nil and type(v) ~= "string" then
+      if k == "error_message" or k == "detail" then v = tostring(v)
+      elseif U.is_finite(v) then v = U.number_text(v)
+      else fail("record", "entry." .. k .. " must be a string, a number or nil, got " .. type(v)) end
+    end
+    e[k] = v
+  end
+  return e
+end
+
+-- The options of ledger/counts/rate: { since = t, status = s, limit = n, bucket = s }.
+function U.query_options(opts, method)
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then fail(method, "options must be a table or nil, got " .. type(opts)) end
+  if opts.since ~= nil and not U.is_finite(opts.since) then fail(method, "since must be a finite number or nil") end
+  if opts.status ~= nil and (type(opts.status) ~= "string" or not U.statuses[opts.status]) then
+    fail(method, "status must be a ledger status or nil")
+  end
+  if opts.limit ~= nil and (not U.is_integer(opts.limit) or opts.limit < 0) then
+    fail(method, "limit must be a non-negative integer or nil")
+  end
+  if opts.bucket ~= nil and (not U.is_finite(opts.bucket) or opts.bucket <= 0) then
+    fail(method, "bucket must be a positive number or nil")
+  end
+  return { since = opts.since, status = opts.status, limit = opts.limit or 100, bucket = opts.bucket or 3600 }
+end
+
+-- The start of the bucket holding time t.
+function U.bucket_start(t, bucket)
+  return floor(t / bucket) * bucket
+end
+
+-- "a@b" from " A@B\n": lower-cased (ASCII), surrounding white space removed.
+function U.normalize_email(email)
+  return (email:match("^%s*(.*%S)") or ""):lower()
+end
+
+-- 16 random bytes from /dev/urandom, hex-encoded (32 characters), or nil, err.
+function U.new_salt()
+  local f, err = io.open("/dev/urandom", "rb")
+  if not f then return nil, M.error("cannot read /dev/urandom: " .. tostring(err), false) end
+  local bytes = f:read(16)
+  f:close()
+  if type(bytes) ~= "string" or #bytes ~= 16 then
+    return nil, M.error("short read from /dev/urandom", false)
+  end
+  return (bytes:gsub(".", function(c) return format("%02x", c:byte()) end))
+end
+
+function U.pack(...)
+  return { n = select("#", ...), ... }
+end
+
+U.unpack = table.unpack or unpack   -- luacheck: ignore (unpack is the 5.1 name)
+
+return M

@@ -1,0 +1,344 @@
+-- stella.trigger: event -> rules -> request -> send, with the store keeping
+-- suppression and dedupe marks, the ledger, unsubscribes and the outbox.
+--
+-- Crash safety: a request to send is first written to the outbox, together
+-- with its suppression/dedupe marks, in one transaction (the marks are
+-- "reserved" by the outbox item). Only then is it sent. Success confirms the
+-- marks and removes the item; a permanent failure releases the marks; a
+-- retryable one leaves the item queued for flush(). A process killed at any
+-- point leaves each event sent, still queued (leased, then retried), or dead.
+local stella = require "stella"
+local rules_mod = require "stella.rules"
+local store_mod = require "stella.store"
+local client_mod = require "stella.client"
+local errors_mod = require "stella.error"
+
+local type, pairs, ipairs, tostring, tonumber, error, setmetatable, pcall =
+      type, pairs, ipairs, tostring, tonumber, error, setmetatable, pcall
+local floor, random, min = math.floor, math.random, math.min
+
+local M = {}
+
+local Trigger = {}
+Trigger.__index = Trigger
+
+local DEFAULT_OUTBOX = { lease = 300, max_attempts = 10, max_age = 86400, base_delay = 60,
+                         max_delay = 3600, batch = 100 }
+local DEFAULT_ALERT = { threshold = 0.05, min_sends = 20, window = 3600, check_every = 10 }
+local CLIENT_KEYS = { "api_key", "keys", "mode", "base_url" }
+
+local function merged(defaults, given)
+  local t = {}
+  for k, v in pairs(defaults) do t[k] = v end
+  for k, v in pairs(given or {}) do t[k] = v end
+  return t
+end
+
+local function is_client(v)
+  return type(v) == "table" and type(v.post) == "function"
+end
+
+-- stella.trigger{ rules = FILE|TABLE, client = CLIENT|options, store = STORE,
+--                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...} }
+function M.new(opts)
+  if type(opts) ~= "table" then error("stella.trigger: options table expected", 2) end
+  if opts.rules == nil then error("stella.trigger: rules (a file name or a table) is required", 2) end
+  local compiled, err = rules_mod.load(opts.rules, { allow = opts.allow })
+  if not compiled then error("stella.trigger: " .. tostring(err), 2) end
+  local spec = compiled.source
+  local self = setmetatable({
+    rules = compiled,
+    store = opts.store or store_mod.memory(),
+    clock = opts.clock or os.time,
+    dry_run = opts.dry_run and true or false,
+    outbox_opts = merged(merged(DEFAULT_OUTBOX, spec.outbox), opts.outbox),
+    alert_opts = merged(merged(DEFAULT_ALERT, spec.alert), opts.alert),
+    on_alert = opts.on_alert or compiled.on_alert,
+    clients = {},            -- brand name ("" for none) -> client
+    owned = {},              -- clients this trigger created (and closes)
+    counts = {}, reasons = {},
+    last_alert_check = nil,
+    random = opts.random or random,
+  }, Trigger)
+  if is_client(opts.client) then
+    self.default_client = opts.client
+  else
+    if opts.client ~= nil and type(opts.client) ~= "table" then
+      error("stella.trigger: client must be a client or a table of client options", 2)
+    end
+    local co = merged({}, opts.client)
+    for _, k in ipairs(CLIENT_KEYS) do   -- the rules file may carry keys and host
+      if co[k] == nil and not (k == "api_key" and co.keys) and not (k == "keys" and co.api_key) then
+        co[k] = spec[k]
+      end
+    end
+    self.client_options = co
+  end
+  return self
+end
+
+-- The client for a brand: the brand's own keys if it has them, else the default.
+function Trigger:client_for(brand_name)
+  local key = brand_name or ""
+  local c = self.clients[key]
+  if c then return c end
+  local brands = self.rules.brands
+  local b = brands and brand_name and brands[brand_name]
+  if b and (b.api_key or b.keys) then
+    local co = merged(self.client_options or {}, {})
+    co.api_key, co.keys = b.api_key, b.keys
+    if b.mode then co.mode = b.mode end
+    c = client_mod.new(co)
+    self.owned[#self.owned + 1] = c
+  elseif self.default_client then
+    c = self.default_client
+  else
+    c = client_mod.new(self.client_options)
+    self.owned[#self.owned + 1] = c
+  end
+  self.clients[key] = c
+  return c
+end
+
+-- Store keys for rule marks. E-mails become salted hashes here, never stored in clear.
+local function mark_key(store, mark)
+  if mark.type == "suppress" then
+    return "suppress|" .. mark.scope .. "|" .. store:hash_email(mark.email)
+  end
+  return "once|" .. mark.scope .. "|" .. mark.id
+end
+
+local function env_for(self, now)
+  local store = self.store
+  return {
+    now = now,
+    lookup = function(mark) return (store:get_mark(mark_key(store, mark), now)) end,
+    unsubscribed = function(email) return store:is_unsubscribed(store:hash_email(email)) end,
+  }
+end
+
+local function event_id_of(event, request)
+  local id = type(event) == "table" and (event.event_id or event.id)
+  if id == nil and type(request) == "table" then id = request.ext_interaction_id end
+  if id == nil then return nil end
+  return tostring(id)
+end
+
+local function count(self, outcome)
+  self.counts[outcome.status] = (self.counts[outcome.status] or 0) + 1
+  local key = outcome.status .. "/" .. tostring(outcome.reason or "")
+  self.reasons[key] = (self.reasons[key] or 0) + 1
+end
+
+local function ledger_entry(self, outcome, now)
+  local req = outcome.request
+  local c = type(req) == "table" and type(req.customer) == "table" and req.customer or {}
+  local err = outcome.error
+  return {
+    time = now, event_id = outcome.event_id, interaction_id = outcome.interaction_id,
+    brand = outcome.brand, channel = type(req) == "table" and type(req.channel) == "string" and req.channel or nil,
+    status = outcome.status, reason = outcome.reason, detail = outcome.detail,
+    request_id = outcome.request_id,
+    error_kind = err and err.kind or nil, error_message = err and tostring(err) or nil,
+    customer_hash = type(c.email) == "string" and self.store:hash_email(c.email) or nil,
+    attempts = outcome.attempts,
+  }
+end
+
+-- Ledger + counters + alert check for one finished outcome.
+local function finish(self, outcome, now)
+  count(self, outcome)
+  if not self.dry_run then
+    self.store:record(ledger_entry(self, outcome, now))
+    if outcome.status == "failed" or outcome.status == "invalid" then self:check_alert(now) end
+  end
+  return outcome
+end
+
+local function interaction_of(request)
+  local id = type(request) == "table" and request.ext_interaction_id
+  if type(id) == "number" then return ("%d"):format(id) end
+  return type(id) == "string" and id or nil
+end
+
+local function sent_status(body)
+  -- the body is our own canonical JSON: this byte sequence can only be the field
+  return body:find('"do_not_send":true', 1, true) and "recorded" or "sent"
+end
+
+local function backoff(self, attempts)
+  local o = self.outbox_opts
+  local cap = min(o.max_delay, o.base_delay * 2 ^ (attempts - 1))
+  return floor(cap / 2 + cap / 2 * self.random())   -- half fixed, half jitter
+end
+
+-- Decide (and, when sending, reserve marks + enqueue) in one transaction.
+local function decide(self, event, now, explain)
+  local d = rules_mod.evaluate(self.rules, event, env_for(self, now), explain)
+  local outcome = {
+    event_id = event_id_of(event, d.request), brand = d.brand, request = d.request,
+    interaction_id = interaction_of(d.request), verdicts = d.verdicts,
+    dry_run = self.dry_run or nil,
+  }
+  if d.action == "skip" then
+    outcome.status, outcome.reason, outcome.detail = "skipped", d.reason, d.detail
+    return outcome
+  elseif d.action == "suppressed" then
+    outcome.status, outcome.reason, outcome.detail = "suppressed", d.reason, d.detail
+    outcome["until"] = d["until"]
+    return outcome
+  elseif d.action == "invalid" then
+    outcome.status, outcome.reason, outcome.detail = "invalid", d.reason, d.detail
+    return outcome
+  end
+  local body, errs = stella.encode(d.request, "request")
+  if explain and d.verdicts then
+    d.verdicts[#d.verdicts + 1] = { rule = "validate", verdict = body and "pass" or "invalid",
+                                    reason = not body and "invalid_request" or nil,
+                                    detail = errs and errors_mod.summarize(errs) or nil }
+  end
+  if not body then
+    outcome.status, outcome.reason = "invalid", "invalid_request"
+    outcome.detail = errors_mod.summarize(errs)
+    outcome.errors = errs
+    return outcome
+  end
+  outcome.body = body
+  outcome.status = sent_status(body)
+  outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
+  if explain or self.dry_run then return outcome end
+  local store = self.store
+  outcome.outbox_id = store:enqueue{
+    kind = "request", body = body, brand = d.brand, event_id = outcome.event_id,
+    interaction_id = outcome.interaction_id, created_at = now,
+    next_at = now + self.outbox_opts.lease, attempts = 0,
+  }
+  for _, mark in ipairs(d.marks) do
+    store:put_mark(mark_key(store, mark), mark["until"], outcome.outbox_id)
+  end
+  return outcome
+end
+
+-- Sends an outbox item and settles it. Returns the outcome fields to merge.
+local function deliver(self, item, now, attempts_before)
+  local client = self:client_for(item.brand)
+  local path = item.kind == "recovery" and "/v1/recoveries" or "/v1/requests"
+  local res, err = client:post(path, item.body)
+  local store = self.store
+  if res then
+    store:atomic(function()
+      store:confirm_marks(item.id)
+      store:finish(item.id)
+    end)
+    return { status = sent_status(item.body), request_id = res.request_id, attempts = res.attempts }
+  end
+  local attempts = attempts_before + 1
+  local o = self.outbox_opts
+  if err.retryable and attempts < o.max_attempts and now - (item.created_at or now) < o.max_age then
+    local next_at = now + backoff(self, attempts)
+    store:reschedule(item.id, next_at, attempts, tostring(err))
+    return { status = "queued", reason = err.kind, detail = tostring(err), error = err,
+             next_at = next_at, attempts = err.attempts }
+  end
+  store:atomic(function()
+    store:release_marks(item.id)
+    if err.retryable then
+      store:kill(item.id, tostring(err), now)            -- gave up: kept as dead
+    else
+      store:finish(item.id)                               -- rejected: nothing to retry
+    end
+  end)
+  return { status = "failed", reason = err.retryable and "dead" or err.kind, detail = tostring(err),
+           error = err, attempts = err.attempts }
+end
+
+-- process(event) -> outcome { status, reason, detail, request_id, request, error, ... }
+function Trigger:process(event)
+  if type(event) ~= "table" then error("trigger:process: event table expected", 2) end
+  local now = self.clock()
+  local outcome, serr
+  if self.dry_run then
+    outcome = decide(self, event, now, false)
+  else
+    outcome, serr = self.store:atomic(decide, self, event, now, false)
+  end
+  if not outcome then
+    return finish(self, { status = "failed", reason = "store_error", detail = tostring(serr),
+                          error = serr, event_id = event_id_of(event) }, now)
+  end
+  if outcome.outbox_id then
+    local r = deliver(self, { id = outcome.outbox_id, kind = "request", body = outcome.body,
+                              brand = outcome.brand, created_at = now }, now, 0)
+    for k, v in pairs(r) do outcome[k] = v end
+  end
+  outcome.body = nil
+  return finish(self, outcome, now)
+end
+
+-- explain(event): the decision with every rule's verdict; sends and writes nothing.
+function Trigger:explain(event)
+  if type(event) ~= "table" then error("trigger:explain: event table expected", 2) end
+  local outcome = decide(self, event, self.clock(), true)
+  outcome.body = nil
+  return outcome
+end
+
+-- flush(): replay what is due in the outbox. Returns counts by status.
+function Trigger:flush()
+  local summary = { sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }
+  if self.dry_run then return summary end
+  local o = self.outbox_opts
+  while true do
+    local now = self.clock()
+    local items, err = self.store:claim(now, o.lease, o.batch)
+    if not items then return nil, err end
+    if #items == 0 then break end
+    for _, item in ipairs(items) do
+      local r = deliver(self, item, now, item.attempts or 0)
+      r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
+      if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
+      if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
+      summary[r.status] = summary[r.status] + 1
+      finish(self, r, now)
+    end
+    if #items < o.batch then break end
+  end
+  return summary
+end
+
+-- Calls on_alert when more than alert.threshold of the last hour's sends
+-- failed (at least alert.min_sends of them), at most once per window, shared
+-- across processes through the store's meta table.
+function Trigger:check_alert(now)
+  now = now or self.clock()
+  local a = self.alert_opts
+  if not self.on_alert then return nil end
+  if self.last_alert_check and now - self.last_alert_check < a.check_every then return nil end
+  self.last_alert_check = now
+  local buckets = self.store:rate{ since = now - a.window, bucket = a.window }
+  local total, errors = 0, 0
+  for _, b in ipairs(buckets or {}) do total, errors = total + b.total, errors + b.errors end
+  if total < a.min_sends or errors / total <= a.threshold then return nil end
+  local last = tonumber(self.store:get_meta("last_alert") or "")
+  if last and now - last < a.window then return nil end
+  self.store:set_meta("last_alert", tostring(now))
+  local info = { rate = errors / total, errors = errors, total = total, threshold = a.threshold,
+                 window = a.window, time = now }
+  pcall(self.on_alert, info)
+  return info
+end
+
+-- Counters of this trigger: { counts = { sent = n, ... }, reasons = { ["skipped/duplicate"] = n } }
+function Trigger:stats()
+  local c, r = {}, {}
+  for k, v in pairs(self.counts) do c[k] = v end
+  for k, v in pairs(self.reasons) do r[k] = v end
+  return { counts = c, reasons = r }
+end
+
+function Trigger:close()
+  for _, c in ipairs(self.owned) do c:close() end
+  self.owned, self.clients = {}, {}
+end
+
+return M
