@@ -12,6 +12,28 @@ typedef struct ctx {
   const stella_options *opts;
 } ctx;
 
+/* A path is only turned into text when an error is reported: valid input
+ * costs no formatting at all. */
+typedef struct path {
+  const struct path *parent;
+  const char *name;      /* field or property name (len bytes), or NULL */
+  size_t len;
+  size_t index;          /* 1-based sequence index when name == NULL */
+  const char *text;      /* already rendered (odd keys), or NULL */
+} path;
+
+static path field_path(const path *parent, const char *name, size_t len) {
+  path p;
+  p.parent = parent; p.name = name; p.len = len; p.index = 0; p.text = NULL;
+  return p;
+}
+
+static path index_path(const path *parent, size_t index) {
+  path p;
+  p.parent = parent; p.name = NULL; p.len = 0; p.index = index; p.text = NULL;
+  return p;
+}
+
 /* ---------- error list ----------------------------------------------------- */
 
 static char *fmt(ctx *c, const char *f, ...) {
@@ -30,9 +52,21 @@ static char *fmt(ctx *c, const char *f, ...) {
   return s;
 }
 
-static void add_error(ctx *c, const char *path, const char *code, const char *message) {
+static const char *render(ctx *c, const path *p) {
+  const char *parent;
+  if (p == NULL) return "";
+  if (p->text) return p->text;
+  parent = render(c, p->parent);
+  if (parent == NULL) return NULL;
+  if (p->name == NULL && p->parent == NULL) return "";
+  if (p->name == NULL) return fmt(c, "%s[%lu]", parent, (unsigned long)p->index);
+  if (parent[0] == '\0') return fmt(c, "%.*s", (int)p->len, p->name);
+  return fmt(c, "%s.%.*s", parent, (int)p->len, p->name);
+}
+
+static void add_error_text(ctx *c, const char *path_text, const char *code, const char *message) {
   stella_errors *e = c->errors;
-  if (path == NULL || message == NULL) { e->oom = 1; return; }
+  if (path_text == NULL || message == NULL) { e->oom = 1; return; }
   if (e->count == e->cap) {
     size_t ncap = e->cap ? e->cap * 2 : 8;
     stella_error *items = (stella_error *)stella_arena_alloc(c->arena, ncap * sizeof *items);
@@ -41,15 +75,29 @@ static void add_error(ctx *c, const char *path, const char *code, const char *me
     e->items = items;
     e->cap = ncap;
   }
-  e->items[e->count].path = path;
+  e->items[e->count].path = path_text;
   e->items[e->count].code = code;
   e->items[e->count].message = message;
   e->count++;
 }
 
-static const char *join(ctx *c, const char *prefix, const char *name, size_t len) {
-  if (prefix == NULL || prefix[0] == '\0') return fmt(c, "%.*s", (int)len, name);
-  return fmt(c, "%s.%.*s", prefix, (int)len, name);
+/* report(c, p, code, "must not be empty") -> message "customer.name must not be empty" */
+static void report(ctx *c, const path *p, const char *code, const char *f, ...) {
+  const char *ps = render(c, p);
+  char *rest, *msg = NULL;
+  va_list ap;
+  int n;
+  if (ps == NULL) { c->errors->oom = 1; return; }
+  va_start(ap, f);
+  n = vsnprintf(NULL, 0, f, ap);
+  va_end(ap);
+  if (n >= 0 && (rest = (char *)stella_arena_alloc(c->arena, (size_t)n + 1)) != NULL) {
+    va_start(ap, f);
+    vsnprintf(rest, (size_t)n + 1, f, ap);
+    va_end(ap);
+    msg = fmt(c, "%s%s%s", ps, rest[0] == ':' ? "" : " ", rest);
+  }
+  add_error_text(c, ps, code, msg);
 }
 
 static const char *type_name(const stella_value *v) {
@@ -78,56 +126,51 @@ static int printable_short(const stella_value *v) {
 /* ---------- scalar checks --------------------------------------------------- */
 
 /* Checks that v is a non-empty, valid UTF-8 string; reports and returns 0 if not. */
-static int check_text(ctx *c, const char *path, const stella_value *v, int allow_empty) {
+static int check_text(ctx *c, const path *p, const stella_value *v, int allow_empty) {
   if (v->type != STELLA_STRING) {
-    add_error(c, path, "invalid_type", fmt(c, "%s must be a string, got %s", path, type_name(v)));
+    report(c, p, "invalid_type", "must be a string, got %s", type_name(v));
     return 0;
   }
   if (!allow_empty && v->u.string.len == 0) {
-    add_error(c, path, "empty", fmt(c, "%s must not be empty", path));
+    report(c, p, "empty", "must not be empty");
     return 0;
   }
   if (!stella_utf8_valid(v->u.string.ptr, v->u.string.len)) {
-    add_error(c, path, "invalid_utf8", fmt(c, "%s is not valid UTF-8", path));
+    report(c, p, "invalid_utf8", "is not valid UTF-8");
     return 0;
   }
   return 1;
 }
 
-static void check_max_chars(ctx *c, const char *path, const stella_value *v) {
+static void check_max_chars(ctx *c, const path *p, const stella_value *v) {
   size_t chars;
   if (v->u.string.len <= STELLA_MAX_TEXT_CHARS) return;   /* bytes >= chars */
   chars = stella_utf8_length(v->u.string.ptr, v->u.string.len);
   if (chars > STELLA_MAX_TEXT_CHARS)
-    add_error(c, path, "too_long",
-              fmt(c, "%s has %lu characters; at most %d are kept by the service", path,
-                  (unsigned long)chars, STELLA_MAX_TEXT_CHARS));
+    report(c, p, "too_long", "has %lu characters; at most %d are kept by the service",
+           (unsigned long)chars, STELLA_MAX_TEXT_CHARS);
 }
 
-static void check_email(ctx *c, const char *path, const stella_value *v) {
-  if (!check_text(c, path, v, 0)) return;
+static void check_email(ctx *c, const path *p, const stella_value *v) {
+  if (!check_text(c, p, v, 0)) return;
   if (v->u.string.len > STELLA_MAX_EMAIL_BYTES)
-    add_error(c, path, "too_long",
-              fmt(c, "%s is %lu bytes long; an e-mail address has at most %d", path,
-                  (unsigned long)v->u.string.len, STELLA_MAX_EMAIL_BYTES));
+    report(c, p, "too_long", "is %lu bytes long; an e-mail address has at most %d",
+           (unsigned long)v->u.string.len, STELLA_MAX_EMAIL_BYTES);
   else if (!stella_email_valid(v->u.string.ptr, v->u.string.len))
-    add_error(c, path, "invalid_email",
-              fmt(c, "%s is not a valid e-mail address (expected local@domain)", path));
+    report(c, p, "invalid_email", "is not a valid e-mail address (expected local@domain)");
 }
 
-static void check_id(ctx *c, const char *path, const stella_value *v) {
+static void check_id(ctx *c, const path *p, const stella_value *v) {
   if (v->type == STELLA_NUMBER) {
     if (!v->u.number.is_int)
-      add_error(c, path, "invalid_type",
-                fmt(c, "%s must be a string or an integer, got a non-integral number", path));
+      report(c, p, "invalid_type", "must be a string or an integer, got a non-integral number");
     return;
   }
   if (v->type != STELLA_STRING) {
-    add_error(c, path, "invalid_type",
-              fmt(c, "%s must be a string or an integer, got %s", path, type_name(v)));
+    report(c, p, "invalid_type", "must be a string or an integer, got %s", type_name(v));
     return;
   }
-  check_text(c, path, v, 0);
+  check_text(c, p, v, 0);
 }
 
 /* Whitespace or control: ASCII controls, space, DEL, C1 controls (U+0080-U+009F),
@@ -151,33 +194,31 @@ static int has_space_or_control(const char *str, size_t len) {
   return 0;
 }
 
-static void check_url(ctx *c, const char *path, const stella_value *v) {
-  if (!check_text(c, path, v, 0)) return;
+static void check_url(ctx *c, const path *p, const stella_value *v) {
+  if (!check_text(c, p, v, 0)) return;
   if (has_space_or_control(v->u.string.ptr, v->u.string.len))
-    add_error(c, path, "invalid_url",
-              fmt(c, "%s must not contain whitespace or control characters", path));
+    report(c, p, "invalid_url", "must not contain whitespace or control characters");
 }
 
-static void check_channel(ctx *c, const char *path, const stella_value *v) {
+static void check_channel(ctx *c, const path *p, const stella_value *v) {
   const stella_options *o = c->opts;
   size_t i;
-  if (!check_text(c, path, v, 0)) return;
+  if (!check_text(c, p, v, 0)) return;
   if (o == NULL || o->channels == NULL) return;
   for (i = 0; i < o->channel_count; i++) {
     size_t n = strlen(o->channels[i]);
     if (n == v->u.string.len && memcmp(o->channels[i], v->u.string.ptr, n) == 0) return;
   }
   if (printable_short(v))
-    add_error(c, path, "unknown_channel",
-              fmt(c, "%s \"%.*s\" is not one of the allowed channels", path,
-                  (int)v->u.string.len, v->u.string.ptr));
+    report(c, p, "unknown_channel", "\"%.*s\" is not one of the allowed channels",
+           (int)v->u.string.len, v->u.string.ptr);
   else
-    add_error(c, path, "unknown_channel", fmt(c, "%s is not one of the allowed channels", path));
+    report(c, p, "unknown_channel", "is not one of the allowed channels");
 }
 
-static void check_code(ctx *c, const char *path, const stella_value *v, int language) {
+static void check_code(ctx *c, const path *p, const stella_value *v, int language) {
   int ok;
-  if (!check_text(c, path, v, 0)) return;
+  if (!check_text(c, p, v, 0)) return;
   ok = language ? stella_language_valid(v->u.string.ptr, v->u.string.len)
                 : (v->u.string.len == 2 && stella_is_country_code(v->u.string.ptr, 2));
   if (ok) return;
@@ -187,11 +228,9 @@ static void check_code(ctx *c, const char *path, const stella_value *v, int lang
           "(e.g. en, en-US, es-419)"
         : "is not an assigned ISO 3166-1 alpha-2 country code (e.g. us, gb, de)";
     if (printable_short(v))
-      add_error(c, path, language ? "invalid_language" : "invalid_country",
-                fmt(c, "%s \"%.*s\" %s", path, (int)v->u.string.len, v->u.string.ptr, what));
+      report(c, p, language ? "invalid_language" : "invalid_country", "\"%.*s\" %s", (int)v->u.string.len, v->u.string.ptr, what);
     else
-      add_error(c, path, language ? "invalid_language" : "invalid_country",
-                fmt(c, "%s %s", path, what));
+      report(c, p, language ? "invalid_language" : "invalid_country", "%s", what);
   }
 }
 
@@ -238,32 +277,28 @@ static int is_sequence(ctx *c, const stella_value *t) {
 }
 
 
-static void check_tags(ctx *c, const char *path, const stella_value *v) {
+static void check_tags(ctx *c, const path *p, const stella_value *v) {
   size_t i, n;
   int seq;
   if (v->type != STELLA_TABLE) {
-    add_error(c, path, "invalid_type",
-              fmt(c, "%s must be a list of strings, got %s", path, type_name(v)));
+    report(c, p, "invalid_type", "must be a list of strings, got %s", type_name(v));
     return;
   }
   seq = is_sequence(c, v);
   if (seq < 0) { c->errors->oom = 1; return; }
   if (!seq) {
-    add_error(c, path, "not_a_sequence",
-              fmt(c, "%s must be a list (keys 1..n without holes) of strings", path));
+    report(c, p, "not_a_sequence", "must be a list (keys 1..n without holes) of strings");
     return;
   }
   n = v->u.table.count;
   if (n > STELLA_MAX_TAGS)
-    add_error(c, path, "too_many",
-              fmt(c, "%s has %lu items; at most %d are allowed", path, (unsigned long)n,
-                  STELLA_MAX_TAGS));
+    report(c, p, "too_many", "has %lu items; at most %d are allowed", (unsigned long)n,
+                  STELLA_MAX_TAGS);
   for (i = 1; i <= n; i++) {
     const stella_value *item = seq_item(v, i);
     if (item == NULL) continue;   /* cannot happen once is_sequence passed */
-    const char *ipath = fmt(c, "%s[%lu]", path, (unsigned long)i);
-    if (ipath == NULL) { c->errors->oom = 1; return; }
-    if (check_text(c, ipath, item, 0)) check_max_chars(c, ipath, item);
+    path ip = index_path(p, i);
+    if (check_text(c, &ip, item, 0)) check_max_chars(c, &ip, item);
   }
 }
 
@@ -305,50 +340,81 @@ static const stella_pair **sorted_pairs(ctx *c, const stella_value *t, const uns
   return list;
 }
 
-/* A printable name for a key in a path: the string itself, or [n]. */
-static const char *key_path(ctx *c, const char *prefix, const stella_value *key) {
+/* The path of a key: parent.key, or parent[n] / parent[""] for keys that
+ * cannot be written as a name (rendered now: they are always errors). */
+static path key_path(ctx *c, const path *parent, const stella_value *key) {
+  path kp = field_path(parent, NULL, 0);
+  const char *prefix;
   if (key->type == STELLA_STRING && key->u.string.len > 0 &&
       stella_utf8_valid(key->u.string.ptr, key->u.string.len))
-    return join(c, prefix, key->u.string.ptr, key->u.string.len);
+    return field_path(parent, key->u.string.ptr, key->u.string.len);
+  prefix = render(c, parent);
+  if (prefix == NULL) prefix = "";
   if (key->type == STELLA_NUMBER && key->u.number.is_int)
-    return fmt(c, "%s[%lld]", prefix ? prefix : "", key->u.number.i);
-  if (key->type == STELLA_STRING && key->u.string.len == 0)
-    return fmt(c, "%s[\"\"]", prefix ? prefix : "");
-  return fmt(c, "%s[?]", prefix ? prefix : "");
+    kp.text = fmt(c, "%s[%lld]", prefix, key->u.number.i);
+  else if (key->type == STELLA_STRING && key->u.string.len == 0)
+    kp.text = fmt(c, "%s[\"\"]", prefix);
+  else
+    kp.text = fmt(c, "%s[?]", prefix);
+  if (kp.text == NULL) kp.text = "?";
+  return kp;
 }
 
-static void check_props(ctx *c, const char *path, const stella_value *v) {
+/* One custom property. With report == 0 it only says whether the pair is
+ * valid, so a valid table is never sorted or formatted. */
+static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report_errors) {
+  const stella_value *key = &pair->key, *val = &pair->value;
+  path kp;
+  if (key->type != STELLA_STRING || key->u.string.len == 0 ||
+      !stella_utf8_valid(key->u.string.ptr, key->u.string.len)) {
+    if (!report_errors) return 0;
+    kp = key_path(c, p, key);
+    report(c, &kp, "invalid_key", ": custom property names must be non-empty UTF-8 strings");
+    return 0;
+  }
+  if (val->type == STELLA_NUMBER) {
+    double d = val->u.number.num;
+    if (d == d && d - d == 0) return 1;
+    if (report_errors) {
+      kp = key_path(c, p, key);
+      report(c, &kp, "invalid_type", "must be a finite number");
+    }
+    return 0;
+  }
+  if (val->type == STELLA_STRING) {
+    if (stella_utf8_valid(val->u.string.ptr, val->u.string.len) &&
+        (val->u.string.len <= STELLA_MAX_TEXT_CHARS ||
+         stella_utf8_length(val->u.string.ptr, val->u.string.len) <= STELLA_MAX_TEXT_CHARS))
+      return 1;
+    if (report_errors) {
+      kp = key_path(c, p, key);
+      if (check_text(c, &kp, val, 1)) check_max_chars(c, &kp, val);
+    }
+    return 0;
+  }
+  if (report_errors) {
+    kp = key_path(c, p, key);
+    if (val->type == STELLA_TABLE)
+      report(c, &kp, "invalid_type", "must be a string; custom properties cannot be nested");
+    else
+      report(c, &kp, "invalid_type", "must be a string, got %s", type_name(val));
+  }
+  return 0;
+}
+
+static void check_props(ctx *c, const path *p, const stella_value *v) {
   size_t i, n;
   const stella_pair **list;
   if (v->type != STELLA_TABLE) {
-    add_error(c, path, "invalid_type",
-              fmt(c, "%s must be a table of string values, got %s", path, type_name(v)));
+    report(c, p, "invalid_type", "must be a table of string values, got %s", type_name(v));
     return;
   }
+  for (i = 0; i < v->u.table.count; i++)
+    if (!check_prop(c, p, &v->u.table.pairs[i], 0)) break;
+  if (i == v->u.table.count) return;
+  /* something is wrong: report every problem, in key order */
   list = sorted_pairs(c, v, NULL, &n);
-  for (i = 0; i < n; i++) {
-    const stella_value *key = &list[i]->key, *val = &list[i]->value;
-    const char *kpath = key_path(c, path, key);
-    if (kpath == NULL) { c->errors->oom = 1; return; }
-    if (key->type != STELLA_STRING || key->u.string.len == 0 ||
-        !stella_utf8_valid(key->u.string.ptr, key->u.string.len)) {
-      add_error(c, kpath, "invalid_key",
-                fmt(c, "%s: custom property names must be non-empty UTF-8 strings", kpath));
-      continue;
-    }
-    if (val->type == STELLA_NUMBER) {
-      double d = val->u.number.num;
-      if (d != d || d - d != 0)
-        add_error(c, kpath, "invalid_type", fmt(c, "%s must be a finite number", kpath));
-      continue;
-    }
-    if (val->type == STELLA_TABLE) {
-      add_error(c, kpath, "invalid_type",
-                fmt(c, "%s must be a string; custom properties cannot be nested", kpath));
-      continue;
-    }
-    if (check_text(c, kpath, val, 1)) check_max_chars(c, kpath, val);
-  }
+  for (i = 0; i < n; i++) check_prop(c, p, list[i], 1);
 }
 
 /* Edit distance (bounded) to suggest a known field for a typo. */
@@ -370,16 +436,19 @@ static size_t distance(const char *a, size_t la, const char *b, size_t lb) {
   return row[lb];
 }
 
-static void check_value(ctx *c, const field *f, const char *path, const stella_value *v);
+static void check_value(ctx *c, const field *f, const path *p, const stella_value *v);
 
-static void check_object(ctx *c, const schema *s, const char *path, const stella_value *v) {
+static void check_object(ctx *c, const schema *s, const path *p, const stella_value *v) {
   const stella_value *found[16] = { NULL };
   unsigned char dup[16] = { 0 };
   unsigned char stack_pick[32], *pick = stack_pick;
   size_t i, k, unknown = 0;
   if (v->type != STELLA_TABLE) {
-    add_error(c, path, "invalid_type",
-              fmt(c, "%s must be a table, got %s", path[0] ? path : s->what, type_name(v)));
+    if (p->parent == NULL && p->name == NULL)
+      add_error_text(c, "", "invalid_type", fmt(c, "the %s must be a table, got %s", s->what,
+                                                type_name(v)));
+    else
+      report(c, p, "invalid_type", "must be a table, got %s", type_name(v));
     return;
   }
   if (v->u.table.count > sizeof stack_pick) {
@@ -387,23 +456,23 @@ static void check_object(ctx *c, const schema *s, const char *path, const stella
     if (pick == NULL) { c->errors->oom = 1; return; }
   }
   for (k = 0; k < v->u.table.count; k++) {
-    const stella_pair *p = &v->u.table.pairs[k];
+    const stella_pair *pair = &v->u.table.pairs[k];
     int matched = 0;
-    if (p->key.type == STELLA_STRING) {
+    if (pair->key.type == STELLA_STRING) {
       for (i = 0; i < s->count; i++) {
         const field *f = &s->fields[i];
-        if (f->name_len == p->key.u.string.len &&
-            memcmp(f->name, p->key.u.string.ptr, f->name_len) == 0) {
+        if (f->name_len == pair->key.u.string.len &&
+            memcmp(f->name, pair->key.u.string.ptr, f->name_len) == 0) {
           if (found[i] || dup[i]) {
             /* only a parsed document can repeat a key; the encoder must never
              * have to choose between two values */
             if (!dup[i]) {
-              const char *fpath = join(c, path, f->name, f->name_len);
-              add_error(c, fpath, "duplicate_field", fmt(c, "%s is given more than once", fpath));
+              path fp = field_path(p, f->name, f->name_len);
+              report(c, &fp, "duplicate_field", "is given more than once");
             }
             dup[i] = 1;
           }
-          if (p->value.type != STELLA_NIL) found[i] = &p->value;
+          if (pair->value.type != STELLA_NIL) found[i] = &pair->value;
           matched = 1;
           break;
         }
@@ -417,25 +486,23 @@ static void check_object(ctx *c, const schema *s, const char *path, const stella
     if (dup[i]) {
       continue;
     } else if (found[i]) {
-      const char *fpath = join(c, path, f->name, f->name_len);
-      if (fpath == NULL) { c->errors->oom = 1; return; }
-      check_value(c, f, fpath, found[i]);
+      path fp = field_path(p, f->name, f->name_len);
+      check_value(c, f, &fp, found[i]);
     } else if (f->required) {
-      const char *fpath = join(c, path, f->name, f->name_len);
-      add_error(c, fpath, "required", fmt(c, "%s is required", fpath));
+      path fp = field_path(p, f->name, f->name_len);
+      report(c, &fp, "required", "is required");
     }
     /* "at least one of" is reported where the later of the two fields stands */
     if ((int)i == s->one_of[1] && !found[s->one_of[0]] && !found[s->one_of[1]])
-      add_error(c, s->one_of_path, "one_of_required", s->one_of_message);
+      add_error_text(c, s->one_of_path, "one_of_required", s->one_of_message);
   }
   if (unknown) {
     size_t n;
     const stella_pair **list = sorted_pairs(c, v, pick, &n);
     for (k = 0; k < n; k++) {
       const stella_value *key = &list[k]->key;
-      const char *kpath = key_path(c, path, key);
+      path kp = key_path(c, p, key);
       const char *hint = NULL;
-      if (kpath == NULL) { c->errors->oom = 1; return; }
       if (key->type == STELLA_STRING) {
         size_t best = 3;
         for (i = 0; i < s->count; i++) {
@@ -445,32 +512,29 @@ static void check_object(ctx *c, const schema *s, const char *path, const stella
         }
       }
       if (hint)
-        add_error(c, kpath, "unknown_field",
-                  fmt(c, "%s is not a field of the %s (did you mean %s?)", kpath, s->what, hint));
+        report(c, &kp, "unknown_field", "is not a field of the %s (did you mean %s?)", s->what, hint);
       else
-        add_error(c, kpath, "unknown_field",
-                  fmt(c, "%s is not a field of the %s", kpath, s->what));
+        report(c, &kp, "unknown_field", "is not a field of the %s", s->what);
     }
   }
 }
 
-static void check_value(ctx *c, const field *f, const char *path, const stella_value *v) {
+static void check_value(ctx *c, const field *f, const path *p, const stella_value *v) {
   switch (f->type) {
-    case F_STRING: check_text(c, path, v, 0); break;
-    case F_EMAIL: check_email(c, path, v); break;
-    case F_ID: check_id(c, path, v); break;
-    case F_URL: check_url(c, path, v); break;
+    case F_STRING: check_text(c, p, v, 0); break;
+    case F_EMAIL: check_email(c, p, v); break;
+    case F_ID: check_id(c, p, v); break;
+    case F_URL: check_url(c, p, v); break;
     case F_BOOL:
       if (v->type != STELLA_BOOL)
-        add_error(c, path, "invalid_type",
-                  fmt(c, "%s must be true or false, got %s", path, type_name(v)));
+        report(c, p, "invalid_type", "must be true or false, got %s", type_name(v));
       break;
-    case F_CHANNEL: check_channel(c, path, v); break;
-    case F_TAGS: check_tags(c, path, v); break;
-    case F_LANGUAGE: check_code(c, path, v, 1); break;
-    case F_COUNTRY: check_code(c, path, v, 0); break;
-    case F_PROPS: check_props(c, path, v); break;
-    case F_OBJECT: check_object(c, f->sub, path, v); break;
+    case F_CHANNEL: check_channel(c, p, v); break;
+    case F_TAGS: check_tags(c, p, v); break;
+    case F_LANGUAGE: check_code(c, p, v, 1); break;
+    case F_COUNTRY: check_code(c, p, v, 0); break;
+    case F_PROPS: check_props(c, p, v); break;
+    case F_OBJECT: check_object(c, f->sub, p, v); break;
   }
 }
 
@@ -483,6 +547,9 @@ int stella_validate(stella_arena *a, stella_kind kind, const stella_value *req,
   errors->items = NULL;
   errors->count = errors->cap = 0;
   errors->oom = 0;
-  check_object(&c, stella_schema_for(kind), "", req);
+  {
+    path root = field_path(NULL, NULL, 0);
+    check_object(&c, stella_schema_for(kind), &root, req);
+  }
   return errors->oom ? -1 : (int)errors->count;
 }
