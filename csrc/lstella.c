@@ -45,44 +45,53 @@ static int scratch_gc(lua_State *L) {
 
 static void to_value(lua_State *L, scratch *s, int idx, int depth, stella_value *out);
 
-static int scalar_key(lua_State *L, int idx, stella_value *out) {
+/* Scalars are written field by field (no builder calls: this is the hot path). */
+static void scalar_value(lua_State *L, int idx, stella_value *out) {
   switch (lua_type(L, idx)) {
-    case LUA_TSTRING: {
-      size_t len;
-      const char *p = lua_tolstring(L, idx, &len);
-      *out = stella_string(p, len);
-      return 1;
-    }
+    case LUA_TSTRING:
+      out->type = STELLA_STRING;
+      out->u.string.ptr = lua_tolstring(L, idx, &out->u.string.len);
+      break;
     case LUA_TNUMBER:
       if (stella_isinteger(L, idx)) *out = stella_int(stella_tointeger(L, idx));
       else *out = stella_double((double)lua_tonumber(L, idx));
-      return 1;
+      break;
     case LUA_TBOOLEAN:
-      *out = stella_bool(lua_toboolean(L, idx));
-      return 1;
+      out->type = STELLA_BOOL;
+      out->u.boolean = lua_toboolean(L, idx);
+      break;
     case LUA_TNIL:
-      *out = stella_nil();
-      return 1;
+      out->type = STELLA_NIL;
+      break;
     default:
-      *out = stella_nil();
       out->type = STELLA_OTHER;
-      return 0;
+      break;
   }
 }
 
+static stella_pair *grow_pairs(lua_State *L, scratch *s, stella_pair *old, size_t count,
+                               size_t *cap) {
+  size_t ncap = *cap ? *cap * 2 : 8;
+  stella_pair *p = (stella_pair *)stella_arena_alloc(&s->arena, ncap * sizeof *p);
+  if (p == NULL) luaL_error(L, "not enough memory");
+  if (count) memcpy(p, old, count * sizeof *p);
+  *cap = ncap;
+  return p;
+}
+
+/* One pass: the sequence part 1..n first, in order, then every other key. */
 static void to_table(lua_State *L, scratch *s, int idx, int depth, stella_value *out) {
-  size_t n = (size_t)stella_rawlen(L, idx), count = 0, k = 0, i;
-  stella_pair *pairs;
-  if (depth >= MAX_DEPTH) {   /* deep values are only ever type errors */
-    stella_table(&s->arena, out, 0);
-    return;
+  size_t n = (size_t)stella_rawlen(L, idx), k = 0, cap = 0, i;
+  stella_pair *pairs = NULL;
+  out->type = STELLA_TABLE;
+  out->u.table.pairs = NULL;
+  out->u.table.count = 0;
+  if (depth >= MAX_DEPTH) return;   /* deep values are only ever type errors */
+  if (n > 0) {
+    cap = n;
+    pairs = (stella_pair *)stella_arena_alloc(&s->arena, cap * sizeof *pairs);
+    if (pairs == NULL) luaL_error(L, "not enough memory");
   }
-  lua_pushnil(L);
-  while (lua_next(L, idx)) { count++; lua_pop(L, 1); }
-  if (n > count) n = count;
-  pairs = stella_table(&s->arena, out, count);
-  if (pairs == NULL) luaL_error(L, "not enough memory");
-  /* the sequence part first, in order, then everything else */
   for (i = 1; i <= n; i++) {
     lua_rawgeti(L, idx, (int)i);
     if (lua_isnil(L, -1)) { lua_pop(L, 1); n = i - 1; break; }
@@ -94,17 +103,17 @@ static void to_table(lua_State *L, scratch *s, int idx, int depth, stella_value 
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     int top = lua_gettop(L);
-    if (lua_type(L, top - 1) == LUA_TNUMBER) {
+    if (n > 0 && lua_type(L, top - 1) == LUA_TNUMBER) {
       lua_Number d = lua_tonumber(L, top - 1);
-      if (d >= 1 && (size_t)d <= n && (lua_Number)(size_t)d == d) { lua_pop(L, 1); continue; }
+      if (d >= 1 && d <= (lua_Number)n && (lua_Number)(size_t)d == d) { lua_pop(L, 1); continue; }
     }
-    if (k < count) {
-      scalar_key(L, top - 1, &pairs[k].key);
-      to_value(L, s, top, depth + 1, &pairs[k].value);
-      k++;
-    }
+    if (k == cap) pairs = grow_pairs(L, s, pairs, k, &cap);
+    scalar_value(L, top - 1, &pairs[k].key);
+    to_value(L, s, top, depth + 1, &pairs[k].value);
+    k++;
     lua_pop(L, 1);
   }
+  out->u.table.pairs = pairs;
   out->u.table.count = k;
 }
 
@@ -113,7 +122,7 @@ static void to_value(lua_State *L, scratch *s, int idx, int depth, stella_value 
     luaL_checkstack(L, 4, "request too deep");
     to_table(L, s, idx, depth, out);
   } else {
-    scalar_key(L, idx, out);
+    scalar_value(L, idx, out);
   }
 }
 
@@ -121,6 +130,7 @@ static void to_value(lua_State *L, scratch *s, int idx, int depth, stella_value 
 
 static stella_kind check_kind(lua_State *L, int idx) {
   static const char *const kinds[] = { "request", "recovery", NULL };
+  if (lua_isnoneornil(L, idx)) return STELLA_REQUEST;
   return luaL_checkoption(L, idx, "request", kinds) == 1 ? STELLA_RECOVERY : STELLA_REQUEST;
 }
 

@@ -5,7 +5,16 @@
 #include <string.h>
 #include "stella_schema.h"
 
-#define ADD_LIT(b, lit) stella_buffer_add((b), (lit), sizeof(lit) - 1)
+/* Appends without a function call when the buffer has room (the common case). */
+static void put(stella_buffer *b, const char *s, size_t len) {
+  if (b->cap - b->len > len) {
+    memcpy(b->data + b->len, s, len);
+    b->len += len;
+  } else {
+    stella_buffer_add(b, s, len);
+  }
+}
+#define ADD_LIT(b, lit) put((b), (lit), sizeof(lit) - 1)
 
 static void add_string(stella_buffer *b, const char *s, size_t len) {
   static const char hex[] = "0123456789abcdef";
@@ -29,12 +38,12 @@ static void add_string(stella_buffer *b, const char *s, size_t len) {
         u[4] = hex[ch >> 4]; u[5] = hex[ch & 15];
         break;
     }
-    stella_buffer_add(b, s + run, i - run);
-    if (esc) stella_buffer_add(b, esc, 2);
-    else stella_buffer_add(b, u, 6);
+    put(b, s + run, i - run);
+    if (esc) put(b, esc, 2);
+    else put(b, u, 6);
     run = i + 1;
   }
-  stella_buffer_add(b, s + run, len - run);
+  put(b, s + run, len - run);
   ADD_LIT(b, "\"");
 }
 
@@ -44,13 +53,24 @@ static void add_number_as_string(stella_buffer *b, const stella_value *v) {
   char tmp[64];
   int n;
   size_t i;
-  if (v->u.number.is_int) n = snprintf(tmp, sizeof tmp, "%lld", v->u.number.i);
-  else n = snprintf(tmp, sizeof tmp, "%.14g", v->u.number.num);
+  if (v->u.number.is_int) {
+    /* integers (ids) without printf */
+    unsigned long long u = v->u.number.i < 0 ? 0ULL - (unsigned long long)v->u.number.i
+                                             : (unsigned long long)v->u.number.i;
+    char rev[24];
+    int r = 0;
+    do { rev[r++] = (char)('0' + (int)(u % 10)); u /= 10; } while (u);
+    n = 0;
+    if (v->u.number.i < 0) tmp[n++] = '-';
+    while (r) tmp[n++] = rev[--r];
+  } else {
+    n = snprintf(tmp, sizeof tmp, "%.14g", v->u.number.num);
+  }
   if (n < 0) n = 0;
   for (i = 0; i < (size_t)n; i++)
     if (tmp[i] == ',') tmp[i] = '.';
   ADD_LIT(b, "\"");
-  stella_buffer_add(b, tmp, (size_t)n);
+  put(b, tmp, (size_t)n);
   ADD_LIT(b, "\"");
 }
 
@@ -86,7 +106,16 @@ static int add_props(stella_buffer *b, const stella_value *t) {
     if (list == NULL) return -1;
   }
   for (i = 0; i < n; i++) list[i] = &t->u.table.pairs[i];
-  qsort((void *)list, n, sizeof *list, stella_key_compare);
+  if (n > 16) {
+    qsort((void *)list, n, sizeof *list, stella_key_compare);
+  } else {   /* insertion sort: no allocation inside qsort for the usual few keys */
+    size_t j;
+    for (i = 1; i < n; i++) {
+      const stella_pair *x = list[i];
+      for (j = i; j > 0 && stella_key_compare(&list[j - 1], &x) > 0; j--) list[j] = list[j - 1];
+      list[j] = x;
+    }
+  }
   ADD_LIT(b, "{");
   for (i = 0; i < n; i++) {
     if (i) ADD_LIT(b, ",");
@@ -100,17 +129,30 @@ static int add_props(stella_buffer *b, const stella_value *t) {
 }
 
 static int add_object(stella_buffer *b, const schema *s, const stella_value *obj) {
-  size_t i;
+  const stella_value *found[16] = { NULL };
+  size_t i, k;
   int first = 1;
+  /* one pass over the members (the request is valid: each field at most once) */
+  for (k = 0; k < obj->u.table.count; k++) {
+    const stella_pair *p = &obj->u.table.pairs[k];
+    if (p->key.type != STELLA_STRING || p->value.type == STELLA_NIL) continue;
+    for (i = 0; i < s->count; i++)
+      if (s->fields[i].name_len == p->key.u.string.len && p->key.u.string.len > 0 &&
+          s->fields[i].name[0] == p->key.u.string.ptr[0] &&
+          memcmp(s->fields[i].name, p->key.u.string.ptr, p->key.u.string.len) == 0) {
+        found[i] = &p->value;
+        break;
+      }
+  }
   ADD_LIT(b, "{");
   for (i = 0; i < s->count; i++) {
     const field *f = &s->fields[i];
-    const stella_value *v = stella_get(obj, f->name);
-    if (v == NULL || v->type == STELLA_NIL) continue;
+    const stella_value *v = found[i];
+    if (v == NULL) continue;
     if (!first) ADD_LIT(b, ",");
     first = 0;
     ADD_LIT(b, "\"");
-    stella_buffer_add(b, f->name, f->name_len);
+    put(b, f->name, f->name_len);
     ADD_LIT(b, "\":");
     switch (f->type) {
       case F_OBJECT:
@@ -128,5 +170,7 @@ static int add_object(stella_buffer *b, const schema *s, const stella_value *obj
 }
 
 int stella_encode_json(stella_kind kind, const stella_value *req, stella_buffer *out) {
-  return add_object(out, stella_schema_for(kind), req);
+  int rc = add_object(out, stella_schema_for(kind), req);
+  stella_buffer_add(out, "", 0);   /* keep out->data NUL-terminated for C callers */
+  return out->oom ? -1 : rc;
 }

@@ -1,13 +1,36 @@
 /* stella_text.c - UTF-8, e-mail and language-tag checks. */
+#include <stdint.h>
 #include <string.h>
 #include "stella.h"
+
+/* Byte classes for the e-mail grammar: 1 = letter or digit, 2 = other atext
+ * or '.', 0 = anything else. A table keeps the per-byte test to one load. */
+static const unsigned char email_class[256] = {
+  0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0, 0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,
+  /*  !"#$%&'()*+,-./ */ 0,2,0,2,2,2,2,2,0,0,2,2,0,2,2,2,
+  /* 0-9:;<=>? */ 1,1,1,1,1,1,1,1,1,1,0,0,0,2,0,2,
+  /* @A-O */ 0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,
+  /* P-Z[\]^_ */ 1,1,1,1,1,1,1,1,1,1,1,0,0,0,2,2,
+  /* `a-o */ 2,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,
+  /* p-z{|}~DEL */ 1,1,1,1,1,1,1,1,1,1,1,2,2,2,2,0,
+};
 
 /* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing past U+10FFFF. */
 int stella_utf8_valid(const char *str, size_t len) {
   const unsigned char *s = (const unsigned char *)str, *end = s + len;
   while (s < end) {
     unsigned char c = *s;
-    if (c < 0x80) { s++; continue; }
+    if (c < 0x80) {
+      /* ASCII runs: eight bytes at a time */
+      while (end - s >= 8) {
+        uint64_t w;
+        memcpy(&w, s, 8);
+        if (w & UINT64_C(0x8080808080808080)) break;
+        s += 8;
+      }
+      while (s < end && *s < 0x80) s++;
+      continue;
+    }
     if (c >= 0xC2 && c <= 0xDF) {
       if (end - s < 2 || (s[1] & 0xC0) != 0x80) return 0;
       s += 2;
@@ -37,13 +60,8 @@ size_t stella_utf8_length(const char *str, size_t len) {
   return n;
 }
 
-static int is_alnum(unsigned char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
-}
-
-static int is_local_char(unsigned char c) {
-  return is_alnum(c) || (c != 0 && strchr(".!#$%&'*+/=?^_`{|}~-", c) != NULL);
-}
+#define is_alnum(c) (email_class[(unsigned char)(c)] == 1)
+#define is_local_char(c) (email_class[(unsigned char)(c)] != 0)
 
 /* The WHATWG HTML "valid e-mail address":
  *   1*( atext / "." ) "@" label *( "." label ), label = alnum [ *61(alnum / "-") alnum ]

@@ -461,7 +461,7 @@ static void check_object(ctx *c, const schema *s, const path *p, const stella_va
     if (pair->key.type == STELLA_STRING) {
       for (i = 0; i < s->count; i++) {
         const field *f = &s->fields[i];
-        if (f->name_len == pair->key.u.string.len &&
+        if (f->name_len == pair->key.u.string.len && f->name[0] == pair->key.u.string.ptr[0] &&
             memcmp(f->name, pair->key.u.string.ptr, f->name_len) == 0) {
           if (found[i] || dup[i]) {
             /* only a parsed document can repeat a key; the encoder must never

@@ -26,10 +26,12 @@ function M.validate(req, kind, opts)
   return core.validate(req, k, channels)
 end
 
+local core_encode = core.encode
 function M.encode(req, kind, opts)
   if type(req) ~= "table" then error("stella.encode: request table expected", 2) end
+  if kind == nil and opts == nil then return core_encode(req) end   -- the common call
   local k, channels = args(kind, opts)
-  return core.encode(req, k, channels)
+  return core_encode(req, k, channels)
 end
 
 M.new = client.new
