@@ -174,6 +174,11 @@ function M.unit_hash(s)
   for i = 1, #s do
     h = (h * 33 + byte(s, i)) % 4294967296
   end
+  -- djb2 alone leaves ids of one length (sequential ticket numbers) in one narrow band
+  -- of [0, 1): spread it with Fibonacci hashing, h * floor(2^32 / phi) mod 2^32, in two
+  -- 16-bit halves so every product stays exact in a double.
+  local hi, lo = floor(h / 65536), h % 65536
+  h = ((hi * 2654435769) % 65536 * 65536 + lo * 2654435769) % 4294967296
   return h / 4294967296
 end
 
@@ -198,7 +203,10 @@ end
 
 local function interaction_id(request)
   local id = request.ext_interaction_id
-  if type(id) == "number" then return format("%d", id) end
+  if type(id) == "number" then   -- "%d" raises in 5.4 on 1.5, NaN, 2^63 (invalid anyway)
+    if id == floor(id) and id > -2^53 and id < 2^53 then return format("%d", id) end
+    return tostring(id)
+  end
   if type(id) == "string" then return id end
   return nil
 end
@@ -240,6 +248,7 @@ function M.evaluate(r, event, env, explain)
     if d.action == "send" then
       d.action, d.reason, d.detail = action, reason, detail
       if extra then for k, v in pairs(extra) do d[k] = v end end
+      d.marks = {}   -- an early return must not hand back marks of earlier checks
     end
     return not explain
   end
@@ -285,7 +294,9 @@ function M.evaluate(r, event, env, explain)
       if decide("brand", "skip", "unknown_brand",
                 "brand " .. tostring(brand_name) .. " is not in the rules' brands") then return d end
     else
-      if request.brand == nil then request.brand = brand.signifier or brand_name end
+      -- the service knows a brand by its signifier, when the rules give one
+      if brand.signifier ~= nil then request.brand = brand.signifier
+      elseif request.brand == nil then request.brand = brand_name end
       if request.language == nil and brand.language then request.language = brand.language end
       verdict("brand", "pass", nil, tostring(brand_name))
     end
@@ -322,6 +333,12 @@ function M.evaluate(r, event, env, explain)
   local email = customer_email(request)
   local iid = interaction_id(request)
   local brand_scope = "brand:" .. tostring(brand_name or "")
+  local function suppression_scope()   -- the scope of this request's suppression mark
+    local per = r.suppression and r.suppression.per or "brand"
+    return per == "brand" and brand_scope
+        or per == "channel" and ("channel:" .. tostring(request.channel))
+        or "global"
+  end
 
   -- 6. unsubscribes: the rules' own list and the store's
   if r.unsubscribes or env.unsubscribed then
@@ -363,7 +380,7 @@ function M.evaluate(r, event, env, explain)
     clock = function() return now end,
     suppressed_until = function(addr)
       if not (env.lookup and type(addr) == "string") then return nil end
-      return env.lookup{ type = "suppress", scope = brand_scope, email = lower(addr) }
+      return env.lookup{ type = "suppress", scope = suppression_scope(), email = lower(addr) }
     end,
     seen = function(id)
       if not env.lookup then return false end
@@ -413,10 +430,7 @@ function M.evaluate(r, event, env, explain)
   -- e-mail, so it neither is suppressed nor suppresses)
   if r.suppression and email and request.do_not_send ~= true then
     local days = brand.suppression_days or r.suppression.days
-    local scope = r.suppression.per == "brand" and brand_scope
-               or r.suppression.per == "channel" and ("channel:" .. tostring(request.channel))
-               or "global"
-    local mark = { type = "suppress", scope = scope, email = email, ["until"] = now + days * DAY }
+    local mark = { type = "suppress", scope = suppression_scope(), email = email, ["until"] = now + days * DAY }
     local active = days > 0 and env.lookup and env.lookup(mark)
     if active then
       if decide("suppression", "suppressed", "suppressed",

@@ -85,7 +85,8 @@ function Trigger:client_for(brand_name)
   local brands = self.rules.brands
   local b = brands and brand_name and brands[brand_name]
   if b and (b.api_key or b.keys) then
-    local co = merged(self.client_options or {}, {})
+    -- given a client object: the brand's client still goes to that client's host
+    local co = merged(self.client_options or { base_url = self.default_client.base_url }, {})
     co.api_key, co.keys = b.api_key, b.keys
     if b.mode then co.mode = b.mode end
     c = client_mod.new(co)
@@ -140,7 +141,7 @@ local function ledger_entry(self, outcome, now)
     status = outcome.status, reason = outcome.reason, detail = outcome.detail,
     request_id = outcome.request_id,
     error_kind = err and err.kind or nil, error_message = err and tostring(err) or nil,
-    customer_hash = type(c.email) == "string" and self.store:hash_email(c.email) or nil,
+    customer_hash = type(c.email) == "string" and self.store:hash_email(c.email) or outcome.customer_hash,
     attempts = outcome.attempts,
   }
 end
@@ -157,7 +158,10 @@ end
 
 local function interaction_of(request)
   local id = type(request) == "table" and request.ext_interaction_id
-  if type(id) == "number" then return ("%d"):format(id) end
+  if type(id) == "number" then   -- "%d" raises in 5.4 on 1.5, NaN, 2^63 (invalid anyway)
+    if id == floor(id) and id > -2^53 and id < 2^53 then return ("%d"):format(id) end
+    return tostring(id)
+  end
   return type(id) == "string" and id or nil
 end
 
@@ -208,9 +212,11 @@ local function decide(self, event, now, explain)
   outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
   if explain or self.dry_run then return outcome end
   local store = self.store
+  local c = d.request.customer
   outcome.outbox_id = store:enqueue{
     kind = "request", body = body, brand = d.brand, event_id = outcome.event_id,
     interaction_id = outcome.interaction_id, created_at = now,
+    customer_hash = type(c) == "table" and type(c.email) == "string" and store:hash_email(c.email) or nil,
     next_at = now + self.outbox_opts.lease, attempts = 0,
   }
   for _, mark in ipairs(d.marks) do
@@ -296,6 +302,7 @@ function Trigger:flush()
     for _, item in ipairs(items) do
       local r = deliver(self, item, now, item.attempts or 0)
       r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
+      r.customer_hash = item.customer_hash   -- for the ledger: flush has no request table
       if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
       if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
       summary[r.status] = summary[r.status] + 1

@@ -301,7 +301,9 @@ local function launch(self, nginx, vars, template)
   -- The shell prints its pid, then exec's nginx, so that pid is nginx's.
   -- -e makes nginx log errors from before the config is read to error.log too;
   -- anything else it prints (e.g. a bad command line) goes to nginx.out.
-  self.proc = assert(io.popen("echo $$; exec " .. shell_quote(nginx)
+  -- LD_PRELOAD is dropped for nginx: `make asan` preloads libasan into the Lua
+  -- interpreter, and nginx must not inherit it.
+  self.proc = assert(io.popen("echo $$; unset LD_PRELOAD; exec " .. shell_quote(nginx)
     .. " -p " .. shell_quote(self.prefix .. "/")
     .. " -c " .. shell_quote(self.prefix .. "/nginx.conf")
     .. " -e " .. shell_quote(self.prefix .. "/error.log")

@@ -1,0 +1,714 @@
+-- Specs for stella.trigger: events through the rules, the store and a real client to the
+-- loopback test server, with a controlled clock, on both stores (memory and SQLite in a
+-- temporary file); then what only SQLite can show: other processes, the file's bytes
+-- and a child process killed with SIGKILL in the middle of its work.
+local stella = require "stella"
+local store_mod = require "stella.store"
+local testserver = require "support.testserver"
+local socket = require "socket"
+
+local SPEC_DIR = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+local RULES = SPEC_DIR .. "support/trigger_rules.lua"
+local ONCE = SPEC_DIR .. "support/trigger_once.lua"
+local CRASH = SPEC_DIR .. "support/trigger_crash.lua"
+local LUA = os.getenv("STELLA_TEST_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
+
+local T0 = 1700000000
+local DAY = 86400
+local API_KEY = "tk_trigger_spec_0123SECRET"
+local JANE = "jane.customer@example.com"
+
+local function quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Child processes find the modules as busted found them, unless the environment says.
+local CHILD_ENV = ""
+if not os.getenv("LUA_PATH") then
+  CHILD_ENV = "env LUA_PATH=" .. quote(package.path) .. " LUA_PATH_5_4=" .. quote(package.path) ..
+              " LUA_CPATH=" .. quote(package.cpath) .. " LUA_CPATH_5_4=" .. quote(package.cpath) .. " "
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local data = f:read("*a")
+  f:close()
+  return data
+end
+
+local function remove_db(path)
+  for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
+end
+
+-- The rules file as a table, with some settings changed.
+local function rules_with(changes)
+  local r = dofile(RULES)
+  for k, v in pairs(changes or {}) do r[k] = v end
+  return r
+end
+
+-- Active marks in a store (reading the backend's own tables: the interface has no
+-- listing on purpose).
+local function mark_count(s, now)
+  if s.conn then
+    local cur = assert(s.conn:execute("SELECT COUNT(*) FROM marks WHERE until_at > " .. now))
+    local n = cur:fetch()
+    cur:close()
+    return tonumber(n)
+  end
+  local n = 0
+  for _, m in pairs(s.marks) do if m["until"] > now then n = n + 1 end end
+  return n
+end
+
+-- Wire requests per ext_interaction_id (taken from the JSON body).
+local function per_interaction(reqs)
+  local counts = {}
+  for _, r in ipairs(reqs) do
+    local id = r.body:match('"ext_interaction_id":"([^"]*)"')
+    if id then counts[id] = (counts[id] or 0) + 1 end
+  end
+  return counts
+end
+
+-- Ledger entries of one event, oldest first.
+local function ledger_of(s, event_id)
+  local list = {}
+  local all = assert(s:ledger{ limit = 10000 })
+  for i = #all, 1, -1 do
+    if all[i].event_id == event_id then list[#list + 1] = all[i] end
+  end
+  return list
+end
+
+local function statuses(entries)
+  local list = {}
+  for i, e in ipairs(entries) do list[i] = e.status .. "/" .. tostring(e.reason) end
+  return list
+end
+
+describe("stella.trigger", function()
+  local server
+
+  lazy_setup(function() server = testserver.start() end)
+  lazy_teardown(function() if server then server:stop() end end)
+  before_each(function() server:reset() end)
+
+  local function client_options(over)
+    local o = { api_key = API_KEY, base_url = server.url, timeout = 5,
+                retry = { attempts = 2, base_delay = 0.001 }, sleep = function() end }
+    for k, v in pairs(over or {}) do o[k] = v end
+    return o
+  end
+
+  for _, backend in ipairs{ "memory", "sqlite" } do
+    describe(backend .. " store", function()
+      local now, s, path, triggers
+
+      local function trigger(opts)
+        opts = opts or {}
+        opts.rules = opts.rules or RULES
+        opts.store = opts.store or s
+        opts.clock = opts.clock or function() return now end
+        opts.random = opts.random or function() return 0.5 end
+        if opts.client == nil then opts.client = client_options() end
+        local t = stella.trigger(opts)
+        triggers[#triggers + 1] = t
+        return t
+      end
+
+      before_each(function()
+        now = T0
+        triggers = {}
+        if backend == "sqlite" then
+          path = os.tmpname()
+          s = assert(store_mod.sqlite(path))
+        else
+          s = assert(store_mod.memory())
+        end
+      end)
+
+      after_each(function()
+        for _, t in ipairs(triggers) do t:close() end
+        s:close()
+        if path then remove_db(path) end
+        path = nil
+      end)
+
+      it("sends an eligible event: request_id from the server, encoded mapped request on the wire", function()
+        local t = trigger()
+        local out = t:process{ ticket = 1001, email = JANE }
+        assert.equal("sent", out.status)
+        assert.is_nil(out.reason)
+        assert.equal("req-1", out.request_id)
+        assert.equal("1001", out.event_id)
+        assert.equal("1001", out.interaction_id)
+        local reqs = server:requests()
+        assert.equal(1, #reqs)
+        assert.equal("/v1/requests", reqs[1].path)
+        assert.equal(API_KEY, reqs[1].headers["x-api-key"])
+        assert.equal(stella.encode(out.request), reqs[1].body)
+        assert.equal('{"customer":{"name":"Jane Doe","email":"' .. JANE .. '"},' ..
+                     '"employee":{"email":"paulagent@blancapeak.com"},"channel":"phone",' ..
+                     '"ext_interaction_id":"1001"}', reqs[1].body)
+        local ledger = s:ledger()
+        assert.equal(1, #ledger)
+        assert.same({ time = T0, status = "sent", event_id = "1001", interaction_id = "1001",
+                      channel = "phone", request_id = "req-1", attempts = 1,
+                      customer_hash = s:hash_email(JANE) }, ledger[1])
+        assert.equal(2, mark_count(s, now))   -- once + suppression, confirmed
+        assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+      end)
+
+      it("records a do_not_send request: sent with do_not_send, status recorded, no suppression", function()
+        local t = trigger()
+        local out = t:process{ ticket = 1002, email = JANE, tags = { "vip-no-survey" } }
+        assert.equal("recorded", out.status)
+        assert.equal("do_not_send_tag", out.reason)
+        local reqs = server:requests()
+        assert.equal(1, #reqs)
+        assert.truthy(reqs[1].body:find('"do_not_send":true', 1, true))
+        assert.equal(stella.encode(out.request), reqs[1].body)
+        assert.same({ "recorded/do_not_send_tag" }, statuses(s:ledger()))
+        assert.equal(1, mark_count(s, now))   -- the once mark only
+        -- it neither is suppressed nor suppresses: the customer is still reachable
+        assert.equal("sent", t:process{ ticket = 1003, email = JANE }.status)
+        assert.equal("duplicate", t:process{ ticket = 1002, email = JANE }.reason)
+      end)
+
+      it("ledgers skipped and invalid events with their reason, with no marks and nothing on the wire", function()
+        local t = trigger()
+        local cases = {
+          { { ticket = 1, email = JANE, tags = { "spam" } }, "skipped", "excluded_tag" },
+          { { ticket = 2, email = JANE, channel = "email" }, "skipped", "channel_manual" },
+          { { ticket = 3, email = JANE, channel = "sms" }, "skipped", "channel_disabled" },
+          { { ticket = 4, email = "not an address" }, "invalid", "invalid_request" },
+          { { id = 5, email = JANE, boom = true }, "invalid", "map_error" },   -- no request: event.id
+        }
+        for _, c in ipairs(cases) do
+          local out = t:process(c[1])
+          assert.equal(c[2], out.status, c[3])
+          assert.equal(c[3], out.reason)
+          assert.truthy(out.detail)
+        end
+        assert.truthy(t:process{ ticket = 4, email = "not an address" }.detail:find("customer.email", 1, true))
+        assert.same({}, server:requests())
+        assert.equal(0, mark_count(s, now))
+        assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+        local ledger = s:ledger{ limit = 100 }
+        assert.equal(#cases + 1, #ledger)
+        for i, c in ipairs(cases) do
+          local e = ledger[#ledger - i + 1]   -- newest first
+          assert.equal(c[2], e.status)
+          assert.equal(c[3], e.reason)
+          assert.equal(tostring(c[1].ticket or c[1].id), e.event_id)
+          assert.truthy(e.detail)
+        end
+        -- the same customer can be sent right after all of that
+        assert.equal("sent", t:process{ ticket = 6, email = JANE }.status)
+      end)
+
+      it("ledgers a suppressed event with until, adds no marks and sends nothing", function()
+        local t = trigger()
+        assert.equal("sent", t:process{ ticket = 1, email = JANE }.status)
+        now = T0 + 2 * DAY
+        local marks = mark_count(s, now)
+        local out = t:process{ ticket = 2, email = "Jane.Customer@EXAMPLE.com" }
+        assert.equal("suppressed", out.status)
+        assert.equal("suppressed", out.reason)
+        assert.equal(T0 + 7 * DAY, out["until"])
+        assert.equal(1, #server:requests())
+        assert.equal(marks, mark_count(s, now))
+        local e = s:ledger()[1]
+        assert.equal("suppressed", e.status)
+        assert.equal("2", e.event_id)
+        assert.equal(s:hash_email(JANE), e.customer_hash)
+      end)
+
+      it("lifts suppression after the window", function()
+        local t = trigger()
+        assert.equal("sent", t:process{ ticket = 1, email = JANE }.status)
+        now = T0 + 7 * DAY - 1
+        assert.equal("suppressed", t:process{ ticket = 2, email = JANE }.status)
+        now = T0 + 7 * DAY
+        local out = t:process{ ticket = 2, email = JANE }   -- a suppressed event left no once mark
+        assert.equal("sent", out.status)
+        assert.equal("suppressed", t:process{ ticket = 3, email = JANE }.status)
+        assert.equal(2, #server:requests())
+      end)
+
+      it("sends one request per interaction, also from a second trigger on the same store", function()
+        local a, b = trigger(), trigger()
+        assert.equal("sent", a:process{ ticket = 77, email = JANE }.status)
+        local out = b:process{ ticket = 77, email = "someone.else@example.com" }
+        assert.equal("skipped", out.status)
+        assert.equal("duplicate", out.reason)
+        assert.equal("duplicate", a:process{ ticket = "77", email = JANE }.reason)
+        assert.equal(1, #server:requests())
+      end)
+
+      it("commits no marks for a rejected request (400): failed, and the customer can be sent again", function()
+        server:script{ { status = 400, body = "Invalid customer" } }
+        local t = trigger()
+        local out = t:process{ ticket = 10, email = JANE }
+        assert.equal("failed", out.status)
+        assert.equal("rejected", out.reason)
+        assert.equal("rejected", out.error.kind)
+        assert.truthy(out.detail:find("Invalid customer", 1, true))
+        assert.equal(0, mark_count(s, now))
+        assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+        local e = s:ledger()[1]
+        assert.equal("failed", e.status)
+        assert.equal("rejected", e.error_kind)
+        assert.truthy(e.error_message:find("HTTP 400", 1, true))
+        out = t:process{ ticket = 10, email = JANE }
+        assert.equal("sent", out.status)
+        assert.equal("req-2", out.request_id)
+        assert.equal(2, #server:requests())
+      end)
+
+      it("queues a request after the client's retries fail (503), keeps its marks, and flush() sends it once", function()
+        server:script{ { status = 503 }, { status = 503 } }
+        local t = trigger()
+        local out = t:process{ ticket = 20, email = JANE }
+        assert.equal("queued", out.status)
+        assert.equal("server", out.reason)
+        assert.equal(2, out.attempts)                -- the client tried twice
+        assert.equal(T0 + 45, out.next_at)           -- 60 s backoff, half of it jittered (random 0.5)
+        assert.equal(2, #server:requests())
+        assert.equal(2, mark_count(s, now))          -- reserved by the queued item
+        assert.same({ queued = 1, dead = 0 }, s:outbox_counts())
+        -- the marks hold while it waits
+        assert.equal("suppressed", t:process{ ticket = 21, email = JANE }.status)
+        assert.equal("duplicate", t:process{ ticket = 20, email = JANE }.reason)
+        -- not due yet
+        assert.same({ sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
+        assert.equal(2, #server:requests())
+        now = T0 + 60
+        assert.same({ sent = 1, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
+        local reqs = server:requests()
+        assert.equal(3, #reqs)
+        assert.equal(reqs[1].body, reqs[3].body)
+        assert.same({ sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
+        now = T0 + DAY
+        assert.same({ sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
+        assert.equal(3, #server:requests())
+        assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+        local entries = ledger_of(s, "20")
+        assert.same({ "queued/server", "skipped/duplicate", "sent/outbox" }, statuses(entries))
+        assert.equal("req-3", entries[3].request_id)
+        assert.equal(s:hash_email(JANE), entries[3].customer_hash)
+        -- confirmed: still suppressed, still a duplicate
+        assert.equal(2, mark_count(s, now))
+        assert.equal("suppressed", t:process{ ticket = 22, email = JANE }.status)
+      end)
+
+      it("gives up after outbox.max_attempts: dead with the last error, marks released", function()
+        server:script{ { status = 503 }, { status = 503, body = "still down" } }
+        local t = trigger{ outbox = { max_attempts = 2 }, client = client_options{ retry = { attempts = 1 } } }
+        assert.equal("queued", t:process{ ticket = 30, email = JANE }.status)
+        now = T0 + 3600
+        local summary = t:flush()
+        assert.same({ sent = 0, recorded = 0, queued = 0, failed = 1, dead = 1 }, summary)
+        local dead = s:outbox("dead")
+        assert.equal(1, #dead)
+        assert.equal("30", dead[1].event_id)
+        assert.truthy(dead[1].last_error:find("HTTP 503", 1, true))
+        assert.truthy(dead[1].last_error:find("still down", 1, true))
+        assert.equal(now, dead[1].died_at)
+        assert.equal(0, mark_count(s, now))
+        local entries = ledger_of(s, "30")
+        assert.same({ "queued/server", "failed/dead" }, statuses(entries))
+        assert.truthy(entries[2].error_message:find("still down", 1, true))
+        -- released: the same interaction and customer go through now
+        assert.equal("sent", t:process{ ticket = 30, email = JANE }.status)
+      end)
+
+      it("gives up after outbox.max_age: dead, marks released", function()
+        server:script{ { status = 503 }, { status = 502 } }
+        local t = trigger{ outbox = { max_age = 600 }, client = client_options{ retry = { attempts = 1 } } }
+        assert.equal("queued", t:process{ ticket = 31, email = JANE }.status)
+        now = T0 + 700
+        assert.same({ sent = 0, recorded = 0, queued = 0, failed = 1, dead = 1 }, t:flush())
+        local dead = s:outbox("dead")
+        assert.equal(1, #dead)
+        assert.truthy(dead[1].last_error:find("HTTP 502", 1, true))
+        assert.equal(0, mark_count(s, now))
+        assert.equal("sent", t:process{ ticket = 32, email = JANE }.status)
+      end)
+
+      it("dry_run returns statuses but sends and writes nothing", function()
+        local t = trigger{ dry_run = true }
+        local out = t:process{ ticket = 40, email = JANE }
+        assert.equal("sent", out.status)
+        assert.is_true(out.dry_run)
+        assert.is_nil(out.request_id)
+        -- nothing was written, so nothing is suppressed or a duplicate
+        assert.equal("sent", t:process{ ticket = 40, email = JANE }.status)
+        assert.equal("sent", t:process{ ticket = 41, email = JANE }.status)
+        assert.equal("recorded", t:process{ ticket = 42, email = JANE, tags = { "vip-no-survey" } }.status)
+        assert.equal("skipped", t:process{ ticket = 43, email = JANE, tags = { "spam" } }.status)
+        assert.equal("invalid", t:process{ ticket = 44, email = "nope" }.status)
+        assert.same({ sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
+        assert.same({}, server:requests())
+        assert.same({}, s:ledger())
+        assert.equal(0, mark_count(s, now))
+        assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+        assert.same({ sent = 3, recorded = 1, skipped = 1, invalid = 1 }, t:stats().counts)
+      end)
+
+      it("explain returns every verdict, validate included, and writes nothing", function()
+        local t = trigger()
+        local out = t:explain{ ticket = 50, email = JANE }
+        assert.equal("sent", out.status)
+        local rules = {}
+        for _, v in ipairs(out.verdicts) do rules[#rules + 1] = v.rule .. "=" .. v.verdict end
+        assert.same({ "map=pass", "channels=pass", "exclude_tags=pass", "unsubscribes=pass",
+                      "once_per_interaction=pass",
+                      "do_not_send_tags=pass", "suppression=pass", "validate=pass" }, rules)
+        out = t:explain{ ticket = 51, email = "not an address", tags = { "spam" } }
+        assert.equal("skipped", out.status)   -- the first non-pass decides
+        assert.equal("excluded_tag", out.reason)
+        out = t:explain{ ticket = 52, email = "not an address" }
+        assert.equal("invalid", out.status)
+        assert.equal("invalid_request", out.reason)
+        local last = out.verdicts[#out.verdicts]
+        assert.equal("validate", last.rule)
+        assert.equal("invalid", last.verdict)
+        assert.truthy(last.detail:find("customer.email", 1, true))
+        assert.same({}, server:requests())
+        assert.same({}, s:ledger())
+        assert.equal(0, mark_count(s, now))
+        -- after a real send, explain shows why the next one would not go
+        assert.equal("sent", t:process{ ticket = 50, email = JANE }.status)
+        out = t:explain{ ticket = 50, email = JANE }
+        assert.equal("skipped", out.status)
+        assert.equal("duplicate", out.reason)
+        local seen = {}
+        for _, v in ipairs(out.verdicts) do seen[v.rule] = v.verdict end
+        assert.equal("suppressed", seen.suppression)
+        assert.equal(1, #s:ledger())
+      end)
+
+      it("routes each brand to its own api_key", function()
+        local rules = rules_with{
+          brands = { acme = { api_key = "key-acme" }, beta = { api_key = "key-beta", signifier = "BETA-1" },
+                     plain = {} },
+          default_brand = "plain",
+        }
+        local t = trigger{ rules = rules }
+        local i = 0
+        local function send(brand)
+          i = i + 1
+          return t:process{ ticket = 60 + i, email = ("c%d@example.com"):format(i), brand = brand }
+        end
+        assert.equal("sent", send("acme").status)
+        assert.equal("sent", send("beta").status)
+        assert.equal("sent", send("plain").status)
+        assert.equal("sent", send(nil).status)
+        assert.equal("sent", send("acme").status)
+        local out = send("gamma")
+        assert.equal("skipped", out.status)
+        assert.equal("unknown_brand", out.reason)
+        local reqs = server:requests()
+        assert.equal(5, #reqs)
+        local keys, brands = {}, {}
+        for k, r in ipairs(reqs) do
+          keys[k] = r.headers["x-api-key"]
+          brands[k] = r.body:match('"brand":"([^"]*)"')
+        end
+        assert.same({ "key-acme", "key-beta", API_KEY, API_KEY, "key-acme" }, keys)
+        assert.same({ "acme", "BETA-1", "plain", "plain", "acme" }, brands)
+        -- given a client object instead of options, a brand's client goes to the same host
+        local c = stella.new(client_options())
+        local t2 = trigger{ rules = rules, client = c }
+        server:reset()
+        assert.equal("sent", t2:process{ ticket = 70, email = "d@example.com", brand = "acme" }.status)
+        assert.equal("sent", t2:process{ ticket = 71, email = "e@example.com" }.status)
+        reqs = server:requests()
+        assert.equal("key-acme", reqs[1].headers["x-api-key"])
+        assert.equal(API_KEY, reqs[2].headers["x-api-key"])
+        c:close()
+      end)
+
+      it("counts outcomes in stats() by status and by status/reason", function()
+        server:script{ { status = 400 } }
+        local t = trigger{ client = client_options{ retry = { attempts = 1 } } }
+        t:process{ ticket = 80, email = "a@example.com" }                             -- failed/rejected
+        t:process{ ticket = 81, email = JANE }                                        -- sent
+        t:process{ ticket = 82, email = JANE }                                        -- suppressed
+        t:process{ ticket = 81, email = "b@example.com" }                             -- duplicate
+        t:process{ ticket = 83, email = "c@example.com", tags = { "spam" } }          -- excluded
+        t:process{ ticket = 84, email = "d@example.com", tags = { "vip-no-survey" } } -- recorded
+        t:process{ ticket = 85, boom = true }                                         -- map_error
+        local st = t:stats()
+        assert.same({ failed = 1, sent = 1, suppressed = 1, skipped = 2, recorded = 1, invalid = 1 }, st.counts)
+        assert.same({
+          ["failed/rejected"] = 1, ["sent/"] = 1, ["suppressed/suppressed"] = 1,
+          ["skipped/duplicate"] = 1, ["skipped/excluded_tag"] = 1,
+          ["recorded/do_not_send_tag"] = 1, ["invalid/map_error"] = 1,
+        }, st.reasons)
+        -- a copy: changing it changes nothing
+        st.counts.sent = 99
+        assert.equal(1, t:stats().counts.sent)
+      end)
+
+      it("calls on_alert once when over 5% of at least min_sends sends fail in the hour", function()
+        local alerts = {}
+        local t = trigger{
+          alert = { min_sends = 5, check_every = 0 },
+          on_alert = function(info) alerts[#alerts + 1] = info end,
+          client = client_options{ retry = { attempts = 1 } },
+        }
+        local n = 0
+        local function ok()
+          n = n + 1
+          assert.equal("sent", t:process{ ticket = 9000 + n, email = ("ok%d@example.com"):format(n) }.status)
+        end
+        local function fail()
+          n = n + 1
+          server:script{ { status = 400 } }
+          assert.equal("failed", t:process{ ticket = 9000 + n, email = ("f%d@example.com"):format(n) }.status)
+        end
+        fail()                          -- 1 of 1: fewer than min_sends, no alert
+        for _ = 1, 3 do ok() end
+        assert.equal(0, #alerts)
+        fail()                          -- 2 of 5
+        assert.equal(1, #alerts)
+        assert.same({ rate = 2 / 5, errors = 2, total = 5, threshold = 0.05, window = 3600, time = T0 },
+                    alerts[1])
+        now = T0 + 1800
+        fail()                          -- still within the hour: no second alert
+        assert.equal(1, #alerts)
+        -- an hour after that, all of it is out of the window: 1 failure in 25 (4%) is fine ...
+        now = T0 + 1800 + 3601
+        for _ = 1, 24 do ok() end
+        fail()
+        assert.equal(1, #alerts)
+        -- ... 2 in 26 (7.7%) is not, and the last alert is more than an hour old
+        now = T0 + 5500
+        fail()
+        assert.equal(2, #alerts)
+        assert.equal(2, alerts[2].errors)
+        assert.equal(26, alerts[2].total)
+        assert.equal(T0 + 5500, alerts[2].time)
+        assert.equal(tostring(T0 + 5500), s:get_meta("last_alert"))
+      end)
+
+      it("keeps customer hashes, never the address, in the ledger", function()
+        server:script{ { status = 503 }, { status = 503 } }
+        local t = trigger()
+        t:process{ ticket = 1, email = JANE }                              -- queued
+        t:process{ ticket = 2, email = JANE }                              -- suppressed
+        t:process{ ticket = 3, email = "Bob@Example.com", tags = { "spam" } } -- skipped
+        t:process{ ticket = 4, email = "carol@example.com" }               -- sent
+        now = T0 + 3600
+        t:flush()                                                          -- 1: sent
+        local entries = s:ledger{ limit = 100 }
+        assert.equal(5, #entries)
+        local hashes = { [s:hash_email(JANE)] = true, [s:hash_email("bob@example.com")] = true,
+                         [s:hash_email("carol@example.com")] = true }
+        for _, e in ipairs(entries) do
+          assert.truthy(hashes[e.customer_hash], e.status .. " has no known customer_hash")
+          for k, v in pairs(e) do
+            local text = tostring(v):lower()
+            assert.is_nil(text:find("@example.com", 1, true), k .. " holds an address: " .. text)
+          end
+        end
+      end)
+    end)
+  end
+
+  describe("sqlite only", function()
+    local paths, now
+
+    local function new_path()
+      local p = os.tmpname()
+      paths[#paths + 1] = p
+      return p
+    end
+
+    before_each(function()
+      paths, now = {}, T0
+    end)
+    after_each(function()
+      for _, p in ipairs(paths) do remove_db(p); os.remove(p .. ".log") end
+    end)
+
+    local function trigger(s, opts)
+      opts = opts or {}
+      opts.rules, opts.store = opts.rules or RULES, s
+      opts.clock = function() return now end
+      opts.client = opts.client or client_options()
+      return stella.trigger(opts)
+    end
+
+    local function run(cmd)
+      local p = io.popen(cmd .. " 2>&1", "r")
+      local out = p:read("*a")
+      p:close()
+      return out
+    end
+
+    it("sends one request per interaction across processes", function()
+      local p = new_path()
+      local function child(ticket, email)
+        return run(CHILD_ENV .. table.concat({ LUA, quote(ONCE), quote(p), quote(server.url), tostring(T0), tostring(ticket),
+                                  quote(email), quote(RULES) }, " "))
+      end
+      assert.equal("sent nil\n", child(501, JANE))
+      local s = assert(store_mod.sqlite(p))
+      local t = trigger(s)
+      local out = t:process{ ticket = 501, email = JANE }
+      assert.equal("skipped", out.status)
+      assert.equal("duplicate", out.reason)
+      assert.equal("sent", t:process{ ticket = 502, email = "bob@example.com" }.status)
+      assert.equal("skipped duplicate\n", child(502, "carol@example.com"))
+      assert.equal("suppressed suppressed\n", child(503, "BOB@example.com"))
+      local counts = per_interaction(server:requests())
+      assert.same({ ["501"] = 1, ["502"] = 1 }, counts)
+      t:close()
+      s:close()
+    end)
+
+    it("never writes a customer's address in clear to the file once nothing for them is queued", function()
+      local p = new_path()
+      local s = assert(store_mod.sqlite(p))
+      local t = trigger(s)
+      local emails = { JANE, "bob.secret@example.com", "carol.secret@example.com", "dave.secret@example.com" }
+      server:script{ { status = 400 }, { status = 503 }, { status = 503 } }
+      assert.equal("failed", t:process{ ticket = 1, email = emails[3] }.status)
+      assert.equal("queued", t:process{ ticket = 2, email = emails[4] }.status)
+      assert.equal("sent", t:process{ ticket = 3, email = JANE }.status)
+      assert.equal("suppressed", t:process{ ticket = 4, email = JANE }.status)
+      assert.equal("skipped", t:process{ ticket = 5, email = emails[2], tags = { "spam" } }.status)
+      local function bytes() return read_file(p) .. read_file(p .. "-wal") .. read_file(p .. "-shm") end
+      -- the outbox keeps a queued request's body (it must be sent as it was), address and all
+      assert.truthy(bytes():find(emails[4], 1, true))
+      now = T0 + 3600
+      assert.equal(1, t:flush().sent)
+      t:close()
+      s:close()   -- the last connection checkpoints the WAL into the file and removes it
+      local all = bytes()
+      assert.truthy(#all > 0)
+      for _, email in ipairs(emails) do
+        assert.is_nil(all:find(email, 1, true), email .. " is in the file")
+        assert.is_nil(all:find(email:upper(), 1, true), email .. " is in the file")
+      end
+      s = assert(store_mod.sqlite(p))
+      assert.truthy(all:find(s:hash_email(JANE), 1, true))   -- a check of the check
+      for _, e in ipairs(s:ledger{ limit = 100 }) do
+        assert.truthy(e.customer_hash, e.status)
+      end
+      s:close()
+    end)
+
+    -- A child process works through events while the server takes 2 s to answer each;
+    -- we kill it with SIGKILL while a request is in flight, then recover with flush() in
+    -- a fresh trigger once the outbox lease has run out.
+    it("loses no event and sends none twice after a kill -9 and a recovery flush", function()
+      local p = new_path()
+      local log = p .. ".log"
+      local FIRST, COUNT = 7001, 6
+      assert(store_mod.sqlite(p)):close()   -- schema in place before the child starts
+      -- the first event's request fails at once (503: to the outbox); the rest take 2 s
+      local script = { { status = 503 } }
+      for i = 2, COUNT do script[i] = { delay = 2 } end
+      server:script(script)
+
+      local proc = assert(io.popen("echo $$; exec " .. CHILD_ENV .. table.concat({ LUA, quote(CRASH), quote(p),
+        quote(server.url), tostring(T0), tostring(FIRST), tostring(COUNT), quote(log), quote(RULES) }, " ")
+        .. " 2>&1", "r"))
+      local pid = assert(tonumber(proc:read("*l")))
+      -- wait until the third request is at the server (the first went to the outbox, the
+      -- second was answered after 2 s, the third is waiting for its answer), then kill
+      local deadline = socket.gettime() + 20
+      local seen = 0
+      repeat
+        socket.sleep(0.02)
+        seen = #server:requests()
+      until seen >= 3 or socket.gettime() > deadline
+      run("kill -9 " .. pid)
+      local child_out = proc:read("*a")
+      proc:close()
+      assert.truthy(seen >= 3, "the child made only " .. seen .. " requests: " .. child_out .. read_file(log))
+
+      local before = server:requests()
+      server:reset()   -- drops the rest of the delayed script: the recovery gets prompt 200s
+
+      -- what the child logged
+      local started, done = {}, {}
+      for line in read_file(log):gmatch("[^\n]+") do
+        local ticket = line:match("^start (%d+)$")
+        if ticket then started[#started + 1] = ticket end
+        local dticket, status = line:match("^done (%d+) (%S+)")
+        if dticket then done[dticket] = status end
+        assert.is_nil(line:match("^error"), line)
+        assert.is_nil(line:match("^finished"), "the child finished before the kill")
+      end
+      local in_flight = {}
+      for _, ticket in ipairs(started) do
+        if not done[ticket] then in_flight[#in_flight + 1] = ticket end
+      end
+      assert.equal(1, #in_flight)   -- killed while waiting for the server
+      assert.equal("queued", done[tostring(FIRST)])
+
+      -- recovery: a fresh trigger, past the lease (300 s) and the first item's backoff
+      local s = assert(store_mod.sqlite(p))
+      now = T0 + 3600
+      local t = trigger(s, { client = client_options{ retry = { attempts = 1 } } })
+      local summary = assert(t:flush())
+      assert.equal(2, summary.sent)   -- the 503 one and the one in flight
+      local after = server:requests()
+      -- a second flush finds nothing more to send
+      assert.same({ sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
+      assert.equal(#after, #server:requests())
+
+      local wire_before, wire_after = per_interaction(before), per_interaction(after)
+      local queued, dead = {}, {}
+      for _, it in ipairs(s:outbox("queued", 1000)) do queued[it.event_id] = true end
+      for _, it in ipairs(s:outbox("dead", 1000)) do dead[it.event_id] = it end
+      for _, ticket in ipairs(started) do
+        local sent = 0
+        for _, e in ipairs(ledger_of(s, ticket)) do
+          if e.status == "sent" then sent = sent + 1 end
+        end
+        local states = (sent > 0 and 1 or 0) + (queued[ticket] and 1 or 0) + (dead[ticket] and 1 or 0)
+        assert.equal(1, states, "ticket " .. ticket .. " is in " .. states .. " of sent/queued/dead")
+        assert.truthy(sent <= 1, "ticket " .. ticket .. " ledgered as sent " .. sent .. " times")
+        if dead[ticket] then assert.truthy(dead[ticket].last_error, "dead without a reason") end
+        -- on the wire: what the child sent, plus at most one more from the recovery
+        local b, a = wire_before[ticket] or 0, wire_after[ticket] or 0
+        if done[ticket] == "sent" then
+          assert.equal(1, b)
+          assert.equal(0, a, "ticket " .. ticket .. " was sent again after it was sent")
+        elseif done[ticket] == "queued" then
+          assert.equal(1, b)   -- the 503
+          assert.equal(1, a)
+        else
+          -- In flight at the kill: the request reached the server (it may even have been
+          -- answered) but the child never recorded the outcome, so the outbox item was
+          -- still queued under its lease and the recovery sent it again. Delivery is
+          -- at-least-once: one duplicate for each event killed in flight, never more.
+          assert.equal(1, b)
+          assert.equal(1, a)
+        end
+      end
+      -- events the child never started left no trace
+      for ticket = FIRST + #started, FIRST + COUNT - 1 do
+        assert.is_nil(wire_before[tostring(ticket)])
+        assert.is_nil(wire_after[tostring(ticket)])
+        assert.same({}, ledger_of(s, tostring(ticket)))
+      end
+      -- the in-flight event's marks were reserved by its outbox item and are now confirmed
+      local out = t:process{ ticket = tonumber(in_flight[1]), email = "other@example.com" }
+      assert.equal("duplicate", out.reason)
+      out = t:process{ ticket = 7999, email = ("crash.customer.%s@example.com"):format(in_flight[1]) }
+      assert.equal("suppressed", out.status)
+      assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+      t:close()
+      s:close()
+    end)
+  end)
+end)
