@@ -81,18 +81,20 @@ test: build/c/test_core
 	@tools/run-tests tap:build/c/test_core tap:tools/rock-check \
 	  busted:lua5.4:build/5.4 busted:luajit:build/luajit
 
-# AddressSanitizer: the module built with -fsanitize=address, the interpreter
-# run with libasan preloaded (it is not itself instrumented).
+# AddressSanitizer + UBSan: the module and a small Lua 5.4 host (spec/c/lua_host.c)
+# built with the sanitizers, so the runtime lives in the interpreter and child
+# processes (nginx, shells) are not preloaded with it. Specs that start Lua
+# children (the CLI, the stores) use the same host through STELLA_TEST_LUA.
 ASAN_FLAGS   := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 asan:
 	$(MAKE) LUA=5.4 BUILD=build/asan MODULE=build/asan/stella/core.so CFLAGS="$(ASAN_FLAGS)" \
 	        LDFLAGS="-fsanitize=address,undefined" module
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
 	        $(CORE_SRC) $(CURL_LIBS)
+	$(CC) $(ASAN_FLAGS) -I$(LUA_INCDIR) -o build/asan/lua spec/c/lua_host.c -llua5.4 -lm -ldl
 	@ASAN_OPTIONS=detect_leaks=1 tools/run-tests tap:build/asan/test_core
-	@LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
-	 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	 tools/run-tests busted:lua5.4:build/asan
+	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	 tools/run-tests busted:$(CURDIR)/build/asan/lua:build/asan
 
 valgrind: build/c/test_core module
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core

@@ -535,6 +535,8 @@ local function each_event(ctx, inputs, format, on_event, report, progress)
   return malformed, unreadable
 end
 
+local BATCH_SIZE = 50   -- events per trigger:process_many call
+
 function commands.trigger(ctx, opts, inputs)
   if not opts.rules then return ctx:usage_error("trigger", "--rules FILE is required") end
   if #inputs == 0 then inputs = { "-" } end
@@ -551,11 +553,8 @@ function commands.trigger(ctx, opts, inputs)
   local tally, order = {}, {}
   local bad = 0
   local progress = new_progress(ctx)
-  local malformed, unreadable = each_event(ctx, inputs, opts.format, function(reader, line_no, event)
-    local pok, outcome, perr = pcall(trigger.process, trigger, event)
-    if not pok or type(outcome) ~= "table" then
-      outcome = { status = "failed", reason = "error", error = tostring(pok and perr or outcome) }
-    end
+
+  local function tally_outcome(name, line_no, outcome)
     local status, reason = tostring(outcome.status), outcome.reason
     local key = status .. "\0" .. tostring(reason)
     local t = tally[key]
@@ -568,10 +567,31 @@ function commands.trigger(ctx, opts, inputs)
     if status == "failed" or status == "invalid" then
       bad = bad + 1
       local id = outcome.event_id
-      ctx:warn("%s:%d: %s%s: %s", reader.name, line_no, status,
+      ctx:warn("%s:%d: %s%s: %s", name, line_no, status,
         id ~= nil and (" (event " .. tostring(id) .. ")") or "", outcome_message(outcome))
     end
+  end
+
+  -- Events go to the trigger in batches: one transaction to decide and queue a
+  -- batch, one to settle it, instead of two per event.
+  local batch, where = {}, {}
+  local function run_batch()
+    if #batch == 0 then return end
+    local pok, outcomes = pcall(trigger.process_many, trigger, batch)
+    for i = 1, #batch do
+      local outcome = pok and type(outcomes) == "table" and outcomes[i] or
+        { status = "failed", reason = "error", error = tostring(outcomes) }
+      tally_outcome(where[i][1], where[i][2], outcome)
+    end
+    batch, where = {}, {}
+  end
+
+  local malformed, unreadable = each_event(ctx, inputs, opts.format, function(reader, line_no, event)
+    batch[#batch + 1] = event
+    where[#where + 1] = { reader.name, line_no }
+    if #batch >= BATCH_SIZE then run_batch() end
   end, function(message) ctx:warn("%s", message) end, progress)
+  run_batch()
 
   stop(run)
 

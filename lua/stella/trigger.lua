@@ -146,16 +146,6 @@ local function ledger_entry(self, outcome, now)
   }
 end
 
--- Ledger + counters + alert check for one finished outcome.
-local function finish(self, outcome, now)
-  count(self, outcome)
-  if not self.dry_run then
-    self.store:record(ledger_entry(self, outcome, now))
-    if outcome.status == "failed" or outcome.status == "invalid" then self:check_alert(now) end
-  end
-  return outcome
-end
-
 local function interaction_of(request)
   local id = type(request) == "table" and request.ext_interaction_id
   if type(id) == "number" then   -- "%d" raises in 5.4 on 1.5, NaN, 2^63 (invalid anyway)
@@ -225,17 +215,20 @@ local function decide(self, event, now, explain)
   return outcome
 end
 
--- Sends an outbox item and settles it. Returns the outcome fields to merge.
-local function deliver(self, item, now, attempts_before)
+-- Sends one outbox item (network only; the store is not touched here).
+local function send_item(self, item)
   local client = self:client_for(item.brand)
   local path = item.kind == "recovery" and "/v1/recoveries" or "/v1/requests"
-  local res, err = client:post(path, item.body)
+  return client:post(path, item.body)
+end
+
+-- Settles a sent item in the store (the caller holds the transaction).
+-- Returns the outcome fields to merge.
+local function settle(self, item, res, err, now, attempts_before)
   local store = self.store
   if res then
-    store:atomic(function()
-      store:confirm_marks(item.id)
-      store:finish(item.id)
-    end)
+    store:confirm_marks(item.id)
+    store:finish(item.id)
     return { status = sent_status(item.body), request_id = res.request_id, attempts = res.attempts }
   end
   local attempts = attempts_before + 1
@@ -246,39 +239,84 @@ local function deliver(self, item, now, attempts_before)
     return { status = "queued", reason = err.kind, detail = tostring(err), error = err,
              next_at = next_at, attempts = err.attempts }
   end
-  store:atomic(function()
-    store:release_marks(item.id)
-    if err.retryable then
-      store:kill(item.id, tostring(err), now)            -- gave up: kept as dead
-    else
-      store:finish(item.id)                               -- rejected: nothing to retry
-    end
-  end)
+  store:release_marks(item.id)
+  if err.retryable then
+    store:kill(item.id, tostring(err), now)            -- gave up: kept as dead
+  else
+    store:finish(item.id)                               -- rejected: nothing to retry
+  end
   return { status = "failed", reason = err.retryable and "dead" or err.kind, detail = tostring(err),
            error = err, attempts = err.attempts }
+end
+
+-- Counts the outcomes, checks the alert once, returns them.
+local function conclude(self, outcomes, now)
+  local check = false
+  for _, o in ipairs(outcomes) do
+    count(self, o)
+    if o.status == "failed" or o.status == "invalid" then check = true end
+  end
+  if check and not self.dry_run then self:check_alert(now) end
+  return outcomes
+end
+
+-- process_many(events) -> outcomes, in order. Two transactions for the whole
+-- batch: decide + reserve (outbox items and their marks), then send every
+-- request, then settle + ledger. A batch is how the command line feeds files.
+function Trigger:process_many(events)
+  if type(events) ~= "table" then error("trigger:process_many: list of events expected", 2) end
+  for i = 1, #events do
+    if type(events[i]) ~= "table" then error("trigger:process_many: event " .. i .. " is not a table", 2) end
+  end
+  local now = self.clock()
+  local outcomes = {}
+  local function decide_all()
+    for i = 1, #events do outcomes[i] = decide(self, events[i], now, false) end
+    return true
+  end
+  if self.dry_run then
+    decide_all()
+    for _, o in ipairs(outcomes) do o.body = nil end
+    return conclude(self, outcomes, now)
+  end
+  local store = self.store
+  local ok, serr = store:atomic(decide_all)
+  if not ok then   -- rolled back: nothing was reserved or queued
+    outcomes = {}
+    for i = 1, #events do
+      outcomes[i] = { status = "failed", reason = "store_error", detail = tostring(serr),
+                      error = serr, event_id = event_id_of(events[i]) }
+    end
+    return conclude(self, outcomes, now)
+  end
+  local items = {}
+  for i, o in ipairs(outcomes) do
+    if o.outbox_id then
+      local item = { id = o.outbox_id, kind = "request", body = o.body, brand = o.brand,
+                     created_at = now }
+      item.res, item.err = send_item(self, item)
+      items[i] = item
+    end
+  end
+  -- if this transaction fails, sent items stay leased in the outbox and a later
+  -- flush() sends them again: at least once, never lost
+  store:atomic(function()
+    for i, o in ipairs(outcomes) do
+      local item = items[i]
+      if item then
+        for k, v in pairs(settle(self, item, item.res, item.err, now, 0)) do o[k] = v end
+      end
+      o.body = nil
+      store:record(ledger_entry(self, o, now))
+    end
+  end)
+  return conclude(self, outcomes, now)
 end
 
 -- process(event) -> outcome { status, reason, detail, request_id, request, error, ... }
 function Trigger:process(event)
   if type(event) ~= "table" then error("trigger:process: event table expected", 2) end
-  local now = self.clock()
-  local outcome, serr
-  if self.dry_run then
-    outcome = decide(self, event, now, false)
-  else
-    outcome, serr = self.store:atomic(decide, self, event, now, false)
-  end
-  if not outcome then
-    return finish(self, { status = "failed", reason = "store_error", detail = tostring(serr),
-                          error = serr, event_id = event_id_of(event) }, now)
-  end
-  if outcome.outbox_id then
-    local r = deliver(self, { id = outcome.outbox_id, kind = "request", body = outcome.body,
-                              brand = outcome.brand, created_at = now }, now, 0)
-    for k, v in pairs(r) do outcome[k] = v end
-  end
-  outcome.body = nil
-  return finish(self, outcome, now)
+  return self:process_many({ event })[1]
 end
 
 -- explain(event): the decision with every rule's verdict; sends and writes nothing.
@@ -299,15 +337,21 @@ function Trigger:flush()
     local items, err = self.store:claim(now, o.lease, o.batch)
     if not items then return nil, err end
     if #items == 0 then break end
-    for _, item in ipairs(items) do
-      local r = deliver(self, item, now, item.attempts or 0)
-      r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
-      r.customer_hash = item.customer_hash   -- for the ledger: flush has no request table
-      if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
-      if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
-      summary[r.status] = summary[r.status] + 1
-      finish(self, r, now)
-    end
+    for _, item in ipairs(items) do item.res, item.err = send_item(self, item) end
+    local outcomes = {}
+    self.store:atomic(function()
+      for i, item in ipairs(items) do
+        local r = settle(self, item, item.res, item.err, now, item.attempts or 0)
+        r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
+        r.customer_hash = item.customer_hash   -- for the ledger: flush has no request table
+        if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
+        if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
+        summary[r.status] = summary[r.status] + 1
+        self.store:record(ledger_entry(self, r, now))
+        outcomes[i] = r
+      end
+    end)
+    conclude(self, outcomes, now)
     if #items < o.batch then break end
   end
   return summary
