@@ -107,7 +107,8 @@ install: module
 	install -d $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/core.so
 	cd lua && find stella -name '*.lua' -exec install -D -m 644 {} $(DESTDIR)$(LUA_SHAREDIR)/{} \;
-	if [ -f bin/stella ]; then install -m 755 bin/stella $(DESTDIR)$(BINDIR)/stella; fi
+	sed '1s|.*|#!/usr/bin/env $(LUA_BIN)|' bin/stella > $(DESTDIR)$(BINDIR)/stella
+	chmod 755 $(DESTDIR)$(BINDIR)/stella
 
 uninstall:
 	rm -rf $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)/stella

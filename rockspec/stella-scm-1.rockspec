@@ -42,8 +42,17 @@ build = {
     ["stella.client"] = "lua/stella/client.lua",
     ["stella.error"] = "lua/stella/error.lua",
     ["stella.transport.curl"] = "lua/stella/transport/curl.lua",
+    ["stella.rules"] = "lua/stella/rules.lua",
+    ["stella.trigger"] = "lua/stella/trigger.lua",
+    ["stella.store"] = "lua/stella/store/init.lua",
+    ["stella.store.memory"] = "lua/stella/store/memory.lua",
+    ["stella.store.sqlite"] = "lua/stella/store/sqlite.lua",
+    ["stella.input"] = "lua/stella/input.lua",
+    ["stella.cli"] = "lua/stella/cli.lua",
   },
-  copy_directories = {},
+  install = {
+    bin = { stella = "bin/stella" },
+  },
 }
 test = {
   type = "command",
