@@ -99,8 +99,9 @@ asan:
 valgrind: build/c/test_core module
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core
 
-bench: 
+bench:
 	$(MAKE) LUA=5.4 module
+	$(MAKE) LUA=luajit module
 	@tools/run-bench
 
 install: module
@@ -118,3 +119,17 @@ deps:
 
 clean:
 	rm -rf build
+
+# The demo (tools/demo): the examples sent through the local Requests API sandbox.
+#   make demo        build (and, as root, install missing packages), start the sandbox in
+#                    the background (build/demo/, pid file build/demo/sandbox.pid), run
+#                    `stella trigger` over examples/ against it with its test key, print the
+#                    summary and the status page address (http://127.0.0.1:8787/status)
+#   make demo-stop   stop the sandbox
+#   tools/demo --foreground   the same with the sandbox in the foreground: Ctrl-C stops it
+.PHONY: demo demo-stop
+demo:
+	@tools/demo
+
+demo-stop:
+	@tools/demo stop

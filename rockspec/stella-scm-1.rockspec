@@ -21,6 +21,7 @@ Trigger rules in editable Lua, state stores and a `stella` command build on it.
 dependencies = {
   "lua >= 5.1, < 5.5",
   "lua-cjson >= 2.1",
+  "luadbi-sqlite3 >= 0.7.2",
 }
 external_dependencies = {
   CURL = { header = "curl/curl.h", library = "curl" },
@@ -47,6 +48,12 @@ build = {
     ["stella.store"] = "lua/stella/store/init.lua",
     ["stella.store.memory"] = "lua/stella/store/memory.lua",
     ["stella.store.sqlite"] = "lua/stella/store/sqlite.lua",
+    ["stella.store.shdict"] = "lua/stella/store/shdict.lua",
+    ["stella.transport.cosocket"] = "lua/stella/transport/cosocket.lua",
+    ["stella.sandbox"] = "lua/stella/sandbox/init.lua",
+    ["stella.sandbox.config"] = "lua/stella/sandbox/config.lua",
+    ["stella.sandbox.server"] = "lua/stella/sandbox/server.lua",
+    ["stella.sandbox.status"] = "lua/stella/sandbox/status.lua",
     ["stella.input"] = "lua/stella/input.lua",
     ["stella.cli"] = "lua/stella/cli.lua",
   },

@@ -502,6 +502,138 @@ describe("stella.store", function()
         end)
       end)
 
+      describe("batches (*_many)", function()
+        it("enqueues a list in order, with the ids enqueue would give", function()
+          local before = s:enqueue(item())
+          local items = {}
+          for i = 1, 50 do   -- more than one statement's worth
+            items[i] = item{ body = "{\"n\":" .. i .. (i == 7 and ",\"x\":\"\0\"" or "") .. "}", event_id = i,
+                             brand = i % 2 == 0 and "B" or nil, next_at = T0 + i }
+          end
+          local ids = s:enqueue_many(items)
+          assert.equal(50, #ids)
+          for i = 1, 50 do assert.equal(before + i, ids[i]) end
+          local queued = s:outbox("queued", 100)
+          assert.equal(51, #queued)
+          for i = 1, 50 do
+            local it = queued[i + 1]
+            assert.equal(ids[i], it.id)
+            assert.equal(items[i].body, it.body)
+            assert.equal(tostring(i), it.event_id)
+            assert.equal(items[i].brand, it.brand)
+            assert.equal(T0 + i, it.next_at)
+            assert.equal(0, it.attempts)
+          end
+          assert.same({}, s:enqueue_many{})
+          assert.is_true(s:enqueue(item()) > ids[50])
+        end)
+
+        it("puts a list of marks in order: a later one with the same key replaces an earlier", function()
+          local marks = {}
+          for i = 1, 70 do marks[i] = { key = "k" .. i, ["until"] = T0 + i, outbox_id = i % 3 == 0 and "r" or i } end
+          marks[71] = { key = "k1", ["until"] = T0 + 500 }
+          assert.is_true(s:put_mark_many(marks))
+          assert.is_true(s:put_mark_many{})
+          local until_, reserved = s:get_mark("k1", T0)
+          assert.equal(T0 + 500, until_)
+          assert.is_nil(reserved)
+          until_, reserved = s:get_mark("k70", T0)
+          assert.equal(T0 + 70, until_)
+          assert.equal(70, reserved)
+          assert.equal("r", select(2, s:get_mark("k69", T0)))
+          assert.equal(23, s:release_marks("r"))
+          assert.is_nil(s:get_mark("k69", T0))
+        end)
+
+        it("confirms the marks of a list of reservations and finishes a list of items", function()
+          local got = s:enqueue_many{ item(), item(), item(), item() }
+          s:put_mark_many{
+            { key = "a", ["until"] = T0 + 10, outbox_id = got[1] },
+            { key = "b", ["until"] = T0 + 10, outbox_id = got[1] },
+            { key = "c", ["until"] = T0 + 10, outbox_id = got[2] },
+            { key = "d", ["until"] = T0 + 10, outbox_id = got[3] },
+            { key = "e", ["until"] = T0 + 10, outbox_id = "job-1" },
+          }
+          assert.equal(4, s:confirm_marks_many{ got[1], got[2], "job-1", 999 })
+          assert.equal(0, s:confirm_marks_many{})
+          for _, k in ipairs{ "a", "b", "c", "e" } do
+            assert.is_nil(select(2, s:get_mark(k, T0)), k)
+          end
+          assert.equal(got[3], select(2, s:get_mark("d", T0)))
+          assert.equal(3, s:finish_many{ got[1], got[2], got[4], got[4] + 100 })
+          assert.equal(0, s:finish_many{})
+          assert.same({ got[3] }, ids(s:outbox("queued")))
+          -- more ids than one statement takes
+          local many = {}
+          for i = 1, 45 do many[i] = s:enqueue(item()) end
+          assert.equal(45, s:finish_many(many))
+          assert.same({ got[3] }, ids(s:outbox("queued")))
+        end)
+
+        it("records a list of entries in order", function()
+          local entries = {}
+          for i = 1, 40 do
+            entries[i] = { time = T0, status = i % 2 == 0 and "sent" or "skipped", event_id = i,
+                           reason = i % 2 == 1 and "sampled" or nil, detail = i == 5 and "a\0b" or nil }
+          end
+          assert.is_true(s:record_many(entries))
+          assert.is_true(s:record_many{})
+          local list = s:ledger{ limit = 100 }
+          assert.equal(40, #list)
+          for i = 1, 40 do assert.equal(tostring(41 - i), list[i].event_id) end   -- the later first
+          assert.equal("a\0b", list[36].detail)
+          assert.same({ { status = "sent", count = 20 }, { status = "skipped", reason = "sampled", count = 20 } },
+            s:counts{ since = T0 })
+        end)
+
+        it("writes all or nothing, as part of a transaction", function()
+          local ok = pcall(s.atomic, s, function()
+            s:enqueue_many{ item(), item() }
+            s:put_mark_many{ { key = "a", ["until"] = T0 + 10, outbox_id = 1 } }
+            s:record_many{ { time = T0, status = "sent" } }
+            error("boom")
+          end)
+          assert.is_false(ok)
+          assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+          assert.is_nil(s:get_mark("a", T0))
+          assert.same({}, s:ledger())
+          -- a bad element raises before anything is written
+          raises("items%[2%]%.body must be a string", function() s:enqueue_many{ item(), item{ body = 5 } } end)
+          raises("entries%[3%]%.status must be one of", function()
+            s:record_many{ { time = T0, status = "sent" }, { time = T0, status = "sent" }, { time = T0 } }
+          end)
+          raises("marks%[2%]%.until must be a finite number", function()
+            s:put_mark_many{ { key = "a", ["until"] = T0 }, { key = "b" } }
+          end)
+          assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+          assert.same({}, s:ledger())
+          assert.is_nil(s:get_mark("a", T0 - 1))
+        end)
+
+        it("raises on wrong arguments", function()
+          raises("items must be a list", function() s:enqueue_many() end)
+          raises("items%[1%] must be a table", function() s:enqueue_many{ "x" } end)
+          raises("marks must be a list", function() s:put_mark_many("k") end)
+          raises("marks%[1%] must be a table", function() s:put_mark_many{ 1 } end)
+          raises("marks%[1%]%.key must be a non%-empty string", function() s:put_mark_many{ { key = "", ["until"] = T0 } } end)
+          raises("marks%[1%]%.outbox_id must be an integer or a non%-empty string", function()
+            s:put_mark_many{ { key = "k", ["until"] = T0, outbox_id = 1.5 } }
+          end)
+          raises("ids must be a list", function() s:confirm_marks_many(7) end)
+          raises("ids%[2%] must be an integer or a non%-empty string", function() s:confirm_marks_many{ 1, {} } end)
+          raises("ids must be a list", function() s:finish_many() end)
+          raises("ids%[1%] must be an integer", function() s:finish_many{ "1" } end)
+          raises("entries must be a list", function() s:record_many(true) end)
+          raises("entries%[1%]%.brand must be a string", function()
+            s:record_many{ { time = T0, status = "sent", brand = {} } }
+          end)
+          raises("the store is closed", function()
+            s:close()
+            s:record_many{}
+          end)
+        end)
+      end)
+
       describe("meta", function()
         it("keeps named values as strings", function()
           assert.is_nil(s:get_meta("last_alert"))
@@ -584,7 +716,8 @@ describe("stella.store", function()
           assert.same({}, s:ledger())
           assert.equal("before", s:get_meta("m"))
           assert.is_nil(s:get_meta("n"))
-          -- and the store works on afterwards
+          -- and the store works on afterwards, with both marks still reserved by 1
+          assert.equal(2, s:confirm_marks(1))
           assert.is_true(s:put_mark("after", T0 + 1))
           assert.equal(T0 + 1, (s:get_mark("after", T0)))
         end)
@@ -641,20 +774,20 @@ describe("stella.store", function()
     end)
   end
 
-  it("loads without LuaSQL until SQLite is used", function()
+  it("loads without LuaDBI until SQLite is used", function()
     local script = [[
-      package.preload["luasql.sqlite3"] = function() error("LuaSQL is not installed") end
+      package.preload["DBI"] = function() error("LuaDBI is not installed") end
       local store = require "stella.store"
       local m = assert(store.memory())
       m:put_mark("k", 10)
       assert(m:get_mark("k", 1) == 10)
       local ok, err = pcall(store.sqlite, "/tmp/never.db")
-      print(ok and "opened" or ("raised " .. tostring(err):match("LuaSQL is not installed")))
+      print(ok and "opened" or ("raised " .. tostring(err):match("LuaDBI is not installed")))
     ]]
     local p = io.popen(LUA .. " -e '" .. script:gsub("\n", " ") .. "' 2>&1", "r")
     local out = p:read("*a")
     p:close()
-    assert.equal("raised LuaSQL is not installed\n", out)
+    assert.equal("raised LuaDBI is not installed\n", out)
   end)
 
   describe("sqlite only", function()
@@ -712,6 +845,26 @@ describe("stella.store", function()
         "outbox_state_next", "outbox_state_died" } do
         assert.truthy(indexes:find(name, 1, true), name)
       end
+    end)
+
+    it("runs its connection with secure_delete, synchronous NORMAL and the WAL settings", function()
+      local p = new_path()
+      local s = assert(store.sqlite(p))
+      local function pragma(name)   -- on the store's own connection (LuaDBI)
+        local sth = assert(s.db:prepare("PRAGMA " .. name))
+        assert(sth:execute())
+        local row = sth:fetch(false)
+        while sth:fetch(false) do end
+        sth:close()
+        return row[1]
+      end
+      assert.equal(1, tonumber(pragma("secure_delete")))
+      assert.equal(1, tonumber(pragma("synchronous")))      -- NORMAL
+      assert.equal("wal", pragma("journal_mode"))
+      assert.equal(2, tonumber(pragma("temp_store")))       -- MEMORY
+      assert.equal(10000, tonumber(pragma("wal_autocheckpoint")))
+      assert.equal(5000, tonumber(pragma("busy_timeout")))
+      s:close()
     end)
 
     it("keeps everything across close and reopen, with the same salt", function()
@@ -781,11 +934,16 @@ describe("stella.store", function()
     it("returns a retryable store error when locked past the busy timeout, and waits otherwise", function()
       local p = new_path()
       local s = assert(store.sqlite(p, { busy_timeout = 0.2 }))
-      local driver = require "luasql.sqlite3"
-      local env = driver.sqlite3()
-      local conn = assert(env:connect(p))
-      assert(conn:execute("BEGIN IMMEDIATE"))
-      assert(conn:execute("INSERT INTO meta (name, value) VALUES ('held', 'x')"))
+      -- another connection holds the write lock
+      local conn = assert(require("DBI").Connect("SQLite3", p))
+      conn:autocommit(true)
+      local function sql(q)
+        local sth = assert(conn:prepare(q))
+        assert(sth:execute())
+        sth:close()
+      end
+      sql("BEGIN IMMEDIATE")
+      sql("INSERT INTO meta (name, value) VALUES ('held', 'x')")
       local ok, err = s:put_mark("k", T0 + 10)
       assert.is_nil(ok)
       assert.equal("store", err.kind)
@@ -797,11 +955,10 @@ describe("stella.store", function()
       -- readers are not blocked (WAL)
       assert.is_nil(s:get_mark("k", T0))
       assert.is_nil(s:get_meta("held"))
-      assert(conn:execute("COMMIT"))
+      sql("COMMIT")
       assert.is_true(s:put_mark("k", T0 + 10))
       assert.equal("x", s:get_meta("held"))
       conn:close()
-      env:close()
       s:close()
     end)
 

@@ -51,10 +51,11 @@ end
 -- Active marks in a store (reading the backend's own tables: the interface has no
 -- listing on purpose).
 local function mark_count(s, now)
-  if s.conn then
-    local cur = assert(s.conn:execute("SELECT COUNT(*) FROM marks WHERE until_at > " .. now))
-    local n = cur:fetch()
-    cur:close()
+  if s.db then   -- SQLite, through LuaDBI
+    local sth = assert(s.db:prepare("SELECT COUNT(*) FROM marks WHERE until_at > ?"))
+    assert(sth:execute(now))
+    local n = sth:fetch(false)[1]
+    sth:close()
     return tonumber(n)
   end
   local n = 0
@@ -344,10 +345,14 @@ describe("stella.trigger", function()
         assert.equal("sent", out.status)
         assert.is_true(out.dry_run)
         assert.is_nil(out.request_id)
-        -- nothing was written, so nothing is suppressed or a duplicate
-        assert.equal("sent", t:process{ ticket = 40, email = JANE }.status)
-        assert.equal("sent", t:process{ ticket = 41, email = JANE }.status)
-        assert.equal("recorded", t:process{ ticket = 42, email = JANE, tags = { "vip-no-survey" } }.status)
+        -- what it would have sent counts for the rest of its run, as in a real run
+        out = t:process{ ticket = 40, email = "someone.else@example.com" }
+        assert.equal("skipped", out.status)
+        assert.equal("duplicate", out.reason)
+        out = t:process{ ticket = 41, email = " Jane.Customer@EXAMPLE.com" }
+        assert.equal("suppressed", out.status)
+        assert.equal(T0 + 7 * DAY, out["until"])
+        assert.equal("recorded", t:process{ ticket = 42, email = "vip@example.com", tags = { "vip-no-survey" } }.status)
         assert.equal("skipped", t:process{ ticket = 43, email = JANE, tags = { "spam" } }.status)
         assert.equal("invalid", t:process{ ticket = 44, email = "nope" }.status)
         assert.same({ sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }, t:flush())
@@ -355,7 +360,53 @@ describe("stella.trigger", function()
         assert.same({}, s:ledger())
         assert.equal(0, mark_count(s, now))
         assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
-        assert.same({ sent = 3, recorded = 1, skipped = 1, invalid = 1 }, t:stats().counts)
+        assert.same({ sent = 1, recorded = 1, skipped = 2, suppressed = 1, invalid = 1 }, t:stats().counts)
+        -- and within one batch, as a real batch does
+        local outs = trigger{ dry_run = true }:process_many{
+          { ticket = 60, email = "a@example.com" }, { ticket = 61, email = "a@example.com" },
+          { ticket = 60, email = "b@example.com" }, { ticket = 62, email = "b@example.com" },
+        }
+        assert.same({ "sent", "suppressed", "skipped", "sent" },
+                    { outs[1].status, outs[2].status, outs[3].status, outs[4].status })
+        -- nothing was written: another trigger on the store sends
+        assert.equal("sent", trigger():process{ ticket = 40, email = JANE }.status)
+        assert.equal(1, #server:requests())
+      end)
+
+      it("suppresses and dedupes within one batch as across batches, and reports as a dry run would", function()
+        local events = {
+          { ticket = 70, email = "a@example.com" },
+          { ticket = 71, email = "A@example.com " },            -- same customer: suppressed
+          { ticket = 70, email = "b@example.com" },              -- same interaction: duplicate
+          { ticket = 72, email = "b@example.com", tags = { "vip-no-survey" } },   -- recorded
+          { ticket = 73, email = "b@example.com" },              -- recorded marks no suppression
+          { ticket = 74, email = "c@example.com", tags = { "spam" } },
+          { ticket = 75, email = "c@example.com" },
+        }
+        local function statuses_of(outs)
+          local list = {}
+          for i, o in ipairs(outs) do list[i] = o.status .. "/" .. tostring(o.reason) end
+          return list
+        end
+        local dry = statuses_of(trigger{ dry_run = true }:process_many(events))
+        local real = statuses_of(trigger():process_many(events))
+        assert.same({ "sent/nil", "suppressed/suppressed", "skipped/duplicate", "recorded/do_not_send_tag",
+                      "sent/nil", "skipped/excluded_tag", "sent/nil" }, real)
+        assert.same(real, dry)
+        assert.equal(4, #server:requests())
+        -- one outbox item per request, all settled; marks confirmed, none left reserved
+        assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+        local until_, reserved = s:get_mark("once|brand:|70", now)
+        assert.truthy(until_)
+        assert.is_nil(reserved)
+        until_, reserved = s:get_mark("suppress|brand:|" .. s:hash_email("a@example.com"), now)
+        assert.equal(now + 7 * DAY, until_)
+        assert.is_nil(reserved)
+        assert.equal(7, #s:ledger())
+        -- a second batch sees the first one's marks in the store
+        assert.same({ "suppressed/suppressed", "skipped/duplicate" },
+                    statuses_of(trigger():process_many{ { ticket = 76, email = "a@example.com" },
+                                                        { ticket = 75, email = "d@example.com" } }))
       end)
 
       it("explain returns every verdict, validate included, and writes nothing", function()

@@ -20,6 +20,30 @@ local KNOWN_OPTIONS = {
 local Client = {}
 Client.__index = Client
 
+-- Inside nginx (OpenResty), the phases whose handlers may use cosockets and ngx.sleep.
+local COSOCKET_PHASES = { rewrite = true, access = true, content = true, timer = true,
+                          ssl_cert = true, ssl_session_fetch = true }
+
+local function in_cosocket_phase()
+  local ngx = rawget(_G, "ngx")
+  return type(ngx) == "table" and type(ngx.get_phase) == "function"
+    and COSOCKET_PHASES[ngx.get_phase()] == true
+end
+
+-- The transport factory stella.new uses without opts.transport: cosockets where nginx
+-- offers them (libcurl would block the whole worker), libcurl everywhere else.
+function M.default_transport()
+  if in_cosocket_phase() then return require("stella.transport.cosocket").new end
+  return require("stella.transport.curl").new
+end
+
+-- The pause between retries: ngx.sleep where it can run (the worker keeps serving),
+-- else a blocking sleep.
+local function default_sleep(seconds)
+  if in_cosocket_phase() then return rawget(_G, "ngx").sleep(seconds) end
+  return core.sleep(seconds)
+end
+
 -- Accepts {"phone","chat"} or {phone=true, chat=true}; returns a sorted list.
 function M.channel_list(channels)
   if channels == nil then return nil end
@@ -90,10 +114,10 @@ function M.new(opts)
     attempts = attempts,
     base_delay = retry.base_delay or 0.5,
     max_delay = retry.max_delay or 30,
-    sleep = opts.sleep or core.sleep,
+    sleep = opts.sleep or default_sleep,
     random = opts.random or random,
   }, Client)
-  local transport_new = opts.transport or require("stella.transport.curl").new
+  local transport_new = opts.transport or M.default_transport()
   if type(transport_new) == "table" then transport_new = transport_new.new end
   local transport, terr = transport_new({
     base_url = self.base_url, api_key = key, user_agent = opts.user_agent,

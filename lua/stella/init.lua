@@ -37,7 +37,7 @@ end
 M.new = client.new
 
 -- stella.trigger{...} and stella.store.* load on first use: a program that only
--- sends never loads the rules engine or LuaSQL.
+-- sends never loads the rules engine or the SQLite binding.
 function M.trigger(opts) return require("stella.trigger").new(opts) end
 M.store = setmetatable({}, { __index = function(_, k) return require("stella.store")[k] end })
 

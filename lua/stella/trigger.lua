@@ -51,6 +51,7 @@ function M.new(opts)
     store = opts.store or store_mod.memory(),
     clock = opts.clock or os.time,
     dry_run = opts.dry_run and true or false,
+    dry_marks = {},          -- a dry run's marks (key -> until): see new_batch
     outbox_opts = merged(merged(DEFAULT_OUTBOX, spec.outbox), opts.outbox),
     alert_opts = merged(merged(DEFAULT_ALERT, spec.alert), opts.alert),
     on_alert = opts.on_alert or compiled.on_alert,
@@ -101,21 +102,54 @@ function Trigger:client_for(brand_name)
   return c
 end
 
+-- A batch: what one process_many (or flush) call shares across its events.
+--   hash(email)  the store's salted hash, computed once per address in the batch
+--   marks        key -> until of the marks this batch puts, seen by its later events
+--                before they reach the store (a dry-run trigger keeps one such table for
+--                its whole life instead, so that it suppresses as a real run would)
+--   pending      { outcome, item, marks } of each request to enqueue, in event order
+local function new_batch(self)
+  local store, memo = self.store, {}
+  return {
+    hash = function(email)
+      local h = memo[email]
+      if not h then
+        h = store:hash_email(email)
+        memo[email] = h
+      end
+      return h
+    end,
+    marks = self.dry_run and self.dry_marks or {},
+    pending = {},
+    env = nil,   -- the rules' environment, made by env_for on first use
+  }
+end
+
 -- Store keys for rule marks. E-mails become salted hashes here, never stored in clear.
-local function mark_key(store, mark)
+local function mark_key(batch, mark)
   if mark.type == "suppress" then
-    return "suppress|" .. mark.scope .. "|" .. store:hash_email(mark.email)
+    return "suppress|" .. mark.scope .. "|" .. batch.hash(mark.email)
   end
   return "once|" .. mark.scope .. "|" .. mark.id
 end
 
-local function env_for(self, now)
-  local store = self.store
-  return {
+-- The rules' view of the store for the events of a batch (all decided at `now`).
+local function env_for(self, now, batch)
+  local env = batch.env
+  if env and env.now == now then return env end
+  local store, marks = self.store, batch.marks
+  env = {
     now = now,
-    lookup = function(mark) return (store:get_mark(mark_key(store, mark), now)) end,
-    unsubscribed = function(email) return store:is_unsubscribed(store:hash_email(email)) end,
+    lookup = function(mark)
+      local key = mark_key(batch, mark)
+      local until_ = marks[key]   -- put earlier in this batch: not in the store yet
+      if until_ ~= nil then return until_ > now and until_ or nil end
+      return (store:get_mark(key, now))
+    end,
+    unsubscribed = function(email) return store:is_unsubscribed(batch.hash(email)) end,
   }
+  batch.env = env
+  return env
 end
 
 local function event_id_of(event, request)
@@ -131,7 +165,7 @@ local function count(self, outcome)
   self.reasons[key] = (self.reasons[key] or 0) + 1
 end
 
-local function ledger_entry(self, outcome, now)
+local function ledger_entry(batch, outcome, now)
   local req = outcome.request
   local c = type(req) == "table" and type(req.customer) == "table" and req.customer or {}
   local err = outcome.error
@@ -141,7 +175,7 @@ local function ledger_entry(self, outcome, now)
     status = outcome.status, reason = outcome.reason, detail = outcome.detail,
     request_id = outcome.request_id,
     error_kind = err and err.kind or nil, error_message = err and tostring(err) or nil,
-    customer_hash = type(c.email) == "string" and self.store:hash_email(c.email) or outcome.customer_hash,
+    customer_hash = type(c.email) == "string" and batch.hash(c.email) or outcome.customer_hash,
     attempts = outcome.attempts,
   }
 end
@@ -166,9 +200,10 @@ local function backoff(self, attempts)
   return floor(cap / 2 + cap / 2 * self.random())   -- half fixed, half jitter
 end
 
--- Decide (and, when sending, reserve marks + enqueue) in one transaction.
-local function decide(self, event, now, explain)
-  local d = rules_mod.evaluate(self.rules, event, env_for(self, now), explain)
+-- Decides one event. A request to send joins batch.pending (enqueue_pending writes them)
+-- and its marks join batch.marks, where the batch's later events see them.
+local function decide(self, event, now, explain, batch)
+  local d = rules_mod.evaluate(self.rules, event, env_for(self, now, batch), explain)
   local outcome = {
     event_id = event_id_of(event, d.request), brand = d.brand, request = d.request,
     interaction_id = interaction_of(d.request), verdicts = d.verdicts,
@@ -200,19 +235,45 @@ local function decide(self, event, now, explain)
   outcome.body = body
   outcome.status = sent_status(body)
   outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
-  if explain or self.dry_run then return outcome end
-  local store = self.store
-  local c = d.request.customer
-  outcome.outbox_id = store:enqueue{
-    kind = "request", body = body, brand = d.brand, event_id = outcome.event_id,
-    interaction_id = outcome.interaction_id, created_at = now,
-    customer_hash = type(c) == "table" and type(c.email) == "string" and store:hash_email(c.email) or nil,
-    next_at = now + self.outbox_opts.lease, attempts = 0,
-  }
-  for _, mark in ipairs(d.marks) do
-    store:put_mark(mark_key(store, mark), mark["until"], outcome.outbox_id)
+  if explain then return outcome end
+  local marks = {}
+  for i, mark in ipairs(d.marks) do
+    local key = mark_key(batch, mark)
+    batch.marks[key] = mark["until"]
+    marks[i] = { key = key, ["until"] = mark["until"] }
   end
+  if self.dry_run then return outcome end
+  local c = d.request.customer
+  batch.pending[#batch.pending + 1] = {
+    outcome = outcome, marks = marks,
+    item = {
+      kind = "request", body = body, brand = d.brand, event_id = outcome.event_id,
+      interaction_id = outcome.interaction_id, created_at = now,
+      customer_hash = type(c) == "table" and type(c.email) == "string" and batch.hash(c.email) or nil,
+      next_at = now + self.outbox_opts.lease, attempts = 0,
+    },
+  }
   return outcome
+end
+
+-- Writes the batch's pending requests to the outbox and their marks, reserved by them
+-- (inside the decide transaction). true, or nil, err.
+local function enqueue_pending(self, batch)
+  local pending = batch.pending
+  if #pending == 0 then return true end
+  local store, items = self.store, {}
+  for i, p in ipairs(pending) do items[i] = p.item end
+  local ids, err = store:enqueue_many(items)
+  if not ids then return nil, err end
+  local marks = {}
+  for i, p in ipairs(pending) do
+    p.outcome.outbox_id = ids[i]
+    for _, m in ipairs(p.marks) do
+      m.outbox_id = ids[i]
+      marks[#marks + 1] = m
+    end
+  end
+  return store:put_mark_many(marks)
 end
 
 -- Sends one outbox item (network only; the store is not touched here).
@@ -222,13 +283,13 @@ local function send_item(self, item)
   return client:post(path, item.body)
 end
 
--- Settles a sent item in the store (the caller holds the transaction).
--- Returns the outcome fields to merge.
-local function settle(self, item, res, err, now, attempts_before)
+-- Settles one item after its send (the caller holds the transaction): the outcome
+-- fields to merge. A sent item only joins `sent` (settle_sent confirms and finishes those
+-- together); a failure is written here.
+local function settle(self, item, res, err, now, attempts_before, sent)
   local store = self.store
   if res then
-    store:confirm_marks(item.id)
-    store:finish(item.id)
+    sent[#sent + 1] = item.id
     return { status = sent_status(item.body), request_id = res.request_id, attempts = res.attempts }
   end
   local attempts = attempts_before + 1
@@ -249,6 +310,17 @@ local function settle(self, item, res, err, now, attempts_before)
            error = err, attempts = err.attempts }
 end
 
+-- Confirms the marks of the sent items and removes them from the outbox, then writes the
+-- ledger entries (the caller holds the transaction).
+local function settle_sent(self, sent, entries)
+  local store = self.store
+  if #sent > 0 then
+    store:confirm_marks_many(sent)
+    store:finish_many(sent)
+  end
+  store:record_many(entries)
+end
+
 -- Counts the outcomes, checks the alert once, returns them.
 local function conclude(self, outcomes, now)
   local check = false
@@ -263,6 +335,9 @@ end
 -- process_many(events) -> outcomes, in order. Two transactions for the whole
 -- batch: decide + reserve (outbox items and their marks), then send every
 -- request, then settle + ledger. A batch is how the command line feeds files.
+-- A later event of the batch sees the marks of an earlier one as if each had been
+-- processed on its own. A dry run writes nothing but remembers, for the trigger's
+-- life, the marks its requests would have put, so it reports what a real run would.
 function Trigger:process_many(events)
   if type(events) ~= "table" then error("trigger:process_many: list of events expected", 2) end
   for i = 1, #events do
@@ -270,17 +345,20 @@ function Trigger:process_many(events)
   end
   local now = self.clock()
   local outcomes = {}
-  local function decide_all()
-    for i = 1, #events do outcomes[i] = decide(self, events[i], now, false) end
-    return true
-  end
+  local batch = new_batch(self)
   if self.dry_run then
-    decide_all()
-    for _, o in ipairs(outcomes) do o.body = nil end
+    for i = 1, #events do
+      local o = decide(self, events[i], now, false, batch)
+      o.body = nil
+      outcomes[i] = o
+    end
     return conclude(self, outcomes, now)
   end
   local store = self.store
-  local ok, serr = store:atomic(decide_all)
+  local ok, serr = store:atomic(function()
+    for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
+    return enqueue_pending(self, batch)
+  end)
   if not ok then   -- rolled back: nothing was reserved or queued
     outcomes = {}
     for i = 1, #events do
@@ -301,14 +379,16 @@ function Trigger:process_many(events)
   -- if this transaction fails, sent items stay leased in the outbox and a later
   -- flush() sends them again: at least once, never lost
   store:atomic(function()
+    local sent, entries = {}, {}
     for i, o in ipairs(outcomes) do
       local item = items[i]
       if item then
-        for k, v in pairs(settle(self, item, item.res, item.err, now, 0)) do o[k] = v end
+        for k, v in pairs(settle(self, item, item.res, item.err, now, 0, sent)) do o[k] = v end
       end
       o.body = nil
-      store:record(ledger_entry(self, o, now))
+      entries[i] = ledger_entry(batch, o, now)
     end
+    settle_sent(self, sent, entries)
   end)
   return conclude(self, outcomes, now)
 end
@@ -322,7 +402,7 @@ end
 -- explain(event): the decision with every rule's verdict; sends and writes nothing.
 function Trigger:explain(event)
   if type(event) ~= "table" then error("trigger:explain: event table expected", 2) end
-  local outcome = decide(self, event, self.clock(), true)
+  local outcome = decide(self, event, self.clock(), true, new_batch(self))
   outcome.body = nil
   return outcome
 end
@@ -339,17 +419,20 @@ function Trigger:flush()
     if #items == 0 then break end
     for _, item in ipairs(items) do item.res, item.err = send_item(self, item) end
     local outcomes = {}
+    local batch = new_batch(self)
     self.store:atomic(function()
+      local sent, entries = {}, {}
       for i, item in ipairs(items) do
-        local r = settle(self, item, item.res, item.err, now, item.attempts or 0)
+        local r = settle(self, item, item.res, item.err, now, item.attempts or 0, sent)
         r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
         r.customer_hash = item.customer_hash   -- for the ledger: flush has no request table
         if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
         if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
         summary[r.status] = summary[r.status] + 1
-        self.store:record(ledger_entry(self, r, now))
+        entries[i] = ledger_entry(batch, r, now)
         outcomes[i] = r
       end
+      settle_sent(self, sent, entries)
     end)
     conclude(self, outcomes, now)
     if #items < o.batch then break end

@@ -6,7 +6,15 @@
 --   local s = store.memory()                       -- per process, gone on exit
 --   local s = assert(store.sqlite("stella.db", { busy_timeout = 5 }))
 --
--- Backends are loaded on first use, so `require "stella.store"` works without LuaSQL.
+-- Backends are loaded on first use, so `require "stella.store"` works without LuaDBI.
+--
+-- Batches: enqueue_many(items) -> ids, put_mark_many(marks), confirm_marks_many(ids),
+-- finish_many(ids) and record_many(entries) do what a loop of enqueue, put_mark,
+-- confirm_marks, finish and record would, in order, in one transaction (or in the
+-- caller's), with fewer statements; a mark there is { key = k, ["until"] = t,
+-- outbox_id = id|nil }. confirm_marks_many and finish_many return how many marks were
+-- confirmed and how many items deleted. A bad element raises before anything is written.
+--
 -- Times are seconds since the epoch, always passed in by the caller.
 --
 -- Misuse (a wrong argument type) raises; a run-time failure (database locked past the
@@ -35,6 +43,12 @@ StoreError.__index = StoreError
 StoreError.__tostring = function(e) return e.message end
 
 -- A run-time failure: { kind = "store", message = ..., retryable = ... }.
+-- stella.store.shdict(name_or_dict): marks, unsubscribes and a small outbox/ledger in
+-- an ngx.shared dict (one nginx node; see lua/stella/store/shdict.lua).
+function M.shdict(...)
+  return require("stella.store.shdict").new(...)
+end
+
 function M.error(message, retryable)
   return setmetatable({ kind = "store", message = message, retryable = retryable and true or false },
     StoreError)
@@ -59,15 +73,16 @@ U.rate_errors = { failed = true, invalid = true }
 U.kinds = { request = true, recovery = true }
 U.states = { queued = true, dead = true }
 
-local huge = math.huge
-
-function U.is_finite(v)
-  return type(v) == "number" and v == v and v ~= huge and v ~= -huge
+-- (v - v is 0 for every finite number, NaN for NaN and the infinities)
+local function is_finite(v)
+  return type(v) == "number" and v - v == 0
 end
+U.is_finite = is_finite
 
-function U.is_integer(v)
-  return U.is_finite(v) and v == floor(v)
+local function is_integer(v)
+  return type(v) == "number" and v - v == 0 and v % 1 == 0
 end
+U.is_integer = is_integer
 
 -- A number as text that reads back as the same number: integers in decimal, other
 -- finite numbers with 17 significant digits. Raises on NaN and infinities.
@@ -82,8 +97,8 @@ end
 
 -- Argument checks. They raise at the level of the store method's caller, so they must be
 -- called directly from the method (as a statement, not a tail call).
-local function fail(method, what)
-  error("stella.store: " .. method .. ": " .. what, 4)
+local function fail(method, what, level)
+  error("stella.store: " .. method .. ": " .. what, level or 4)
 end
 
 function U.check_string(v, method, name, optional)
@@ -101,7 +116,7 @@ end
 
 function U.check_number(v, method, name, optional)
   if v == nil and optional then return end
-  if not U.is_finite(v) then
+  if not is_finite(v) then
     fail(method, name .. " must be a finite number" .. (optional and " or nil" or "") ..
       ", got " .. (type(v) == "number" and tostring(v) or type(v)))
   end
@@ -109,21 +124,21 @@ end
 
 function U.check_count(v, method, name, optional)   -- a non-negative integer
   if v == nil and optional then return end
-  if not U.is_integer(v) or v < 0 then
+  if not is_integer(v) or v < 0 then
     fail(method, name .. " must be a non-negative integer" .. (optional and " or nil" or "") ..
       ", got " .. (type(v) == "number" and tostring(v) or type(v)))
   end
 end
 
 function U.check_id(v, method, name)   -- an outbox id as returned by enqueue
-  if not U.is_integer(v) then
+  if not is_integer(v) then
     fail(method, name .. " must be an integer, got " .. (type(v) == "number" and tostring(v) or type(v)))
   end
 end
 
 function U.check_reservation(v, method, name, optional)   -- an outbox id a mark refers to
   if v == nil and optional then return end
-  if not (U.is_integer(v) or (type(v) == "string" and v ~= "")) then
+  if not (is_integer(v) or (type(v) == "string" and v ~= "")) then
     fail(method, name .. " must be an integer or a non-empty string" .. (optional and " or nil" or "") ..
       ", got " .. (type(v) == "number" and tostring(v) or type(v)))
   end
@@ -151,12 +166,11 @@ function U.check_enum(v, set, method, name)
 end
 
 -- A text field: a string, a number (written as text) or nil. Raises at the caller's level.
-local function text_field(t, k, method, where)
-  local v = t[k]
-  if v == nil or type(v) == "string" then return v end
-  if U.is_finite(v) then return U.number_text(v) end
+-- (called only for a value that is not a string or nil; `level` as for error())
+local function text_field(v, k, method, where, level)
+  if is_finite(v) then return U.number_text(v) end
   error("stella.store: " .. method .. ": " .. where .. "." .. k .. " must be a string, a number or nil, got " ..
-    type(v), 4)
+    type(v), level)
 end
 
 -- Anything given as an error text: nil stays nil, the rest goes through tostring.
@@ -166,30 +180,45 @@ function U.error_text(v)
 end
 
 -- A copy of an outbox item from the caller, checked, with defaults. Raises on misuse at
--- the level of the enqueue caller.
-function U.outbox_item(item)
-  if type(item) ~= "table" then fail("enqueue", "item must be a table, got " .. type(item)) end
-  if type(item.kind) ~= "string" or not U.kinds[item.kind] then
-    fail("enqueue", "item.kind must be \"request\" or \"recovery\"")
+-- the level of the enqueue caller. `method` and `name` name it in messages (default
+-- "enqueue" and "item"; enqueue_many passes "items[3]").
+function U.outbox_item(item, method, name)
+  method, name = method or "enqueue", name or "item"
+  if type(item) ~= "table" then fail(method, name .. " must be a table, got " .. type(item)) end
+  local kind, body, created_at, next_at, attempts = item.kind, item.body, item.created_at, item.next_at, item.attempts
+  if not U.kinds[kind] then
+    fail(method, name .. ".kind must be \"request\" or \"recovery\"")
   end
-  if type(item.body) ~= "string" then fail("enqueue", "item.body must be a string, got " .. type(item.body)) end
-  if not U.is_finite(item.created_at) then fail("enqueue", "item.created_at must be a finite number") end
-  if item.next_at ~= nil and not U.is_finite(item.next_at) then
-    fail("enqueue", "item.next_at must be a finite number or nil")
+  if type(body) ~= "string" then fail(method, name .. ".body must be a string, got " .. type(body)) end
+  if not is_finite(created_at) then fail(method, name .. ".created_at must be a finite number") end
+  if next_at ~= nil and not is_finite(next_at) then
+    fail(method, name .. ".next_at must be a finite number or nil")
   end
-  if item.attempts ~= nil and (not U.is_integer(item.attempts) or item.attempts < 0) then
-    fail("enqueue", "item.attempts must be a non-negative integer or nil")
+  if attempts ~= nil and (not is_integer(attempts) or attempts < 0) then
+    fail(method, name .. ".attempts must be a non-negative integer or nil")
+  end
+  local brand, event_id, interaction_id, customer_hash =
+    item.brand, item.event_id, item.interaction_id, item.customer_hash
+  if brand ~= nil and type(brand) ~= "string" then brand = text_field(brand, "brand", method, name, 4) end
+  if event_id ~= nil and type(event_id) ~= "string" then
+    event_id = text_field(event_id, "event_id", method, name, 4)
+  end
+  if interaction_id ~= nil and type(interaction_id) ~= "string" then
+    interaction_id = text_field(interaction_id, "interaction_id", method, name, 4)
+  end
+  if customer_hash ~= nil and type(customer_hash) ~= "string" then
+    customer_hash = text_field(customer_hash, "customer_hash", method, name, 4)
   end
   return {
-    kind = item.kind,
-    body = item.body,
-    brand = text_field(item, "brand", "enqueue", "item"),
-    event_id = text_field(item, "event_id", "enqueue", "item"),
-    interaction_id = text_field(item, "interaction_id", "enqueue", "item"),
-    customer_hash = text_field(item, "customer_hash", "enqueue", "item"),
-    created_at = item.created_at,
-    next_at = item.next_at == nil and item.created_at or item.next_at,
-    attempts = item.attempts or 0,
+    kind = kind,
+    body = body,
+    brand = brand,
+    event_id = event_id,
+    interaction_id = interaction_id,
+    customer_hash = customer_hash,
+    created_at = created_at,
+    next_at = next_at == nil and created_at or next_at,
+    attempts = attempts or 0,
     state = "queued",
   }
 end
@@ -200,42 +229,74 @@ U.ledger_text_fields = {
 }
 
 -- A copy of a ledger entry from the caller, checked. Raises at the level of record's caller.
-function U.ledger_entry(entry)
-  if type(entry) ~= "table" then fail("record", "entry must be a table, got " .. type(entry)) end
-  if not U.is_finite(entry.time) then fail("record", "entry.time must be a finite number") end
-  if type(entry.status) ~= "string" or not U.statuses[entry.status] then
-    fail("record", "entry.status must be one of sent, recorded, skipped, suppressed, invalid, failed, queued")
+-- `method` and `name` as for outbox_item (default "record" and "entry").
+function U.ledger_entry(entry, method, name)
+  method, name = method or "record", name or "entry"
+  if type(entry) ~= "table" then fail(method, name .. " must be a table, got " .. type(entry)) end
+  local time, status, attempts = entry.time, entry.status, entry.attempts
+  if not is_finite(time) then fail(method, name .. ".time must be a finite number") end
+  if not U.statuses[status] then
+    fail(method, name .. ".status must be one of sent, recorded, skipped, suppressed, invalid, failed, queued")
   end
-  if entry.attempts ~= nil and (not U.is_integer(entry.attempts) or entry.attempts < 0) then
-    fail("record", "entry.attempts must be a non-negative integer or nil")
+  if attempts ~= nil and (not is_integer(attempts) or attempts < 0) then
+    fail(method, name .. ".attempts must be a non-negative integer or nil")
   end
-  local e = { time = entry.time, status = entry.status, attempts = entry.attempts }
+  local e = { time = time, status = status, attempts = attempts }
   local fields = U.ledger_text_fields
   for i = 1, #fields do
     local k = fields[i]
     local v = entry[k]
     if v ~= nil and type(v) ~= "string" then
       if k == "error_message" or k == "detail" then v = tostring(v)
-      elseif U.is_finite(v) then v = U.number_text(v)
-      else fail("record", "entry." .. k .. " must be a string, a number or nil, got " .. type(v)) end
+      else v = text_field(v, k, method, name, 4) end
     end
     e[k] = v
   end
   return e
 end
 
+-- A list argument of the *_many methods: a table whose elements 1..#list are checked by
+-- the caller. Raises at the level of the method's caller.
+function U.check_list(v, method, name)
+  if type(v) ~= "table" then fail(method, name .. " must be a list (a table), got " .. type(v)) end
+end
+
+-- A mark of put_mark_many, checked: { key = k, ["until"] = t, outbox_id = id|nil } -> key,
+-- until, outbox_id. `i`: its index in the list (for messages).
+function U.mark_entry(m, method, i)
+  if type(m) == "table" then
+    local key, until_, id = m.key, m["until"], m.outbox_id
+    if type(key) == "string" and key ~= "" and is_finite(until_) and
+        (id == nil or is_integer(id) or (type(id) == "string" and id ~= "")) then
+      return key, until_, id
+    end
+  end
+  local name = "marks[" .. i .. "]"
+  if type(m) ~= "table" then fail(method, name .. " must be a table, got " .. type(m)) end
+  local key, until_, id = m.key, m["until"], m.outbox_id
+  if type(key) ~= "string" or key == "" then
+    fail(method, name .. ".key must be a non-empty string, got " .. (key == "" and "\"\"" or type(key)))
+  end
+  if not is_finite(until_) then
+    fail(method, name .. ".until must be a finite number, got " ..
+      (type(until_) == "number" and tostring(until_) or type(until_)))
+  end
+  fail(method, name .. ".outbox_id must be an integer or a non-empty string or nil, got " ..
+    (type(id) == "number" and tostring(id) or type(id)))
+end
+
 -- The options of ledger/counts/rate: { since = t, status = s, limit = n, bucket = s }.
 function U.query_options(opts, method)
   if opts == nil then opts = {} end
   if type(opts) ~= "table" then fail(method, "options must be a table or nil, got " .. type(opts)) end
-  if opts.since ~= nil and not U.is_finite(opts.since) then fail(method, "since must be a finite number or nil") end
+  if opts.since ~= nil and not is_finite(opts.since) then fail(method, "since must be a finite number or nil") end
   if opts.status ~= nil and (type(opts.status) ~= "string" or not U.statuses[opts.status]) then
     fail(method, "status must be a ledger status or nil")
   end
-  if opts.limit ~= nil and (not U.is_integer(opts.limit) or opts.limit < 0) then
+  if opts.limit ~= nil and (not is_integer(opts.limit) or opts.limit < 0) then
     fail(method, "limit must be a non-negative integer or nil")
   end
-  if opts.bucket ~= nil and (not U.is_finite(opts.bucket) or opts.bucket <= 0) then
+  if opts.bucket ~= nil and (not is_finite(opts.bucket) or opts.bucket <= 0) then
     fail(method, "bucket must be a positive number or nil")
   end
   return { since = opts.since, status = opts.status, limit = opts.limit or 100, bucket = opts.bucket or 3600 }

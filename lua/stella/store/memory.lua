@@ -42,6 +42,7 @@ function M.new()
   return setmetatable({
     salt = salt,
     marks = {},        -- key -> { until = t, outbox_id = id|nil }
+    reserved = {},     -- outbox_id -> { key = true }: the marks a reservation holds
     unsubscribed = {}, -- hash -> time
     unsub_count = 0,
     items = {},        -- id -> item
@@ -87,48 +88,97 @@ function Store:get_mark(key, now)
   return nil
 end
 
+local function put_mark(self, key, until_, outbox_id)
+  local marks, reserved = self.marks, self.reserved
+  local old = marks[key]
+  local held = old and old.outbox_id ~= nil and reserved[old.outbox_id]
+  if held then set(self, held, key, nil) end
+  set(self, marks, key, { ["until"] = until_, outbox_id = outbox_id })
+  if outbox_id ~= nil then
+    local keys = reserved[outbox_id]
+    if not keys then
+      keys = {}
+      set(self, reserved, outbox_id, keys)
+    end
+    set(self, keys, key, true)
+  end
+end
+
 function Store:put_mark(key, until_, outbox_id)
   check_open(self, "put_mark")
   U.check_key(key, "put_mark", "key")
   U.check_number(until_, "put_mark", "until")
   U.check_reservation(outbox_id, "put_mark", "outbox_id", true)
-  set(self, self.marks, key, { ["until"] = until_, outbox_id = outbox_id })
+  put_mark(self, key, until_, outbox_id)
   return true
+end
+
+-- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true
+function Store:put_mark_many(marks)
+  check_open(self, "put_mark_many")
+  U.check_list(marks, "put_mark_many", "marks")
+  local list = {}
+  for i = 1, #marks do list[i] = { U.mark_entry(marks[i], "put_mark_many", i) } end
+  for i = 1, #list do
+    local m = list[i]
+    put_mark(self, m[1], m[2], m[3])
+  end
+  return true
+end
+
+-- The marks reserved for outbox_id: confirmed (keep = true) or deleted. Their number.
+local function settle_marks(self, outbox_id, keep)
+  local keys = self.reserved[outbox_id]
+  if not keys then return 0 end
+  local marks, n = self.marks, 0
+  for key in pairs(keys) do
+    local mark = marks[key]
+    if mark and mark.outbox_id == outbox_id then
+      set(self, marks, key, keep and { ["until"] = mark["until"] } or nil)
+      n = n + 1
+    end
+  end
+  set(self, self.reserved, outbox_id, nil)
+  return n
 end
 
 function Store:confirm_marks(outbox_id)
   check_open(self, "confirm_marks")
   U.check_reservation(outbox_id, "confirm_marks", "outbox_id")
-  local n = 0
-  for key, mark in pairs(self.marks) do
-    if mark.outbox_id == outbox_id then
-      set(self, self.marks, key, { ["until"] = mark["until"] })   -- existing key: safe while iterating
-      n = n + 1
+  return settle_marks(self, outbox_id, true)
+end
+
+-- confirm_marks_many{ id, ... } -> the number of marks confirmed
+function Store:confirm_marks_many(ids)
+  check_open(self, "confirm_marks_many")
+  U.check_list(ids, "confirm_marks_many", "ids")
+  for i = 1, #ids do
+    local v = ids[i]
+    if not (U.is_integer(v) or (type(v) == "string" and v ~= "")) then
+      U.check_reservation(v, "confirm_marks_many", "ids[" .. i .. "]")
     end
   end
+  local n = 0
+  for i = 1, #ids do n = n + settle_marks(self, ids[i], true) end
   return n
 end
 
 function Store:release_marks(outbox_id)
   check_open(self, "release_marks")
   U.check_reservation(outbox_id, "release_marks", "outbox_id")
-  local n = 0
-  for key, mark in pairs(self.marks) do
-    if mark.outbox_id == outbox_id then
-      set(self, self.marks, key, nil)   -- clearing a field while iterating is allowed
-      n = n + 1
-    end
-  end
-  return n
+  return settle_marks(self, outbox_id, false)
 end
 
 function Store:purge_marks(now)
   check_open(self, "purge_marks")
   U.check_number(now, "purge_marks", "now")
   local n = 0
+  local reserved = self.reserved
   for key, mark in pairs(self.marks) do
     if mark["until"] <= now then
-      set(self, self.marks, key, nil)
+      set(self, self.marks, key, nil)   -- clearing a field while iterating is allowed
+      local keys = mark.outbox_id ~= nil and reserved[mark.outbox_id]
+      if keys then set(self, keys, key, nil) end
       n = n + 1
     end
   end
@@ -177,6 +227,23 @@ function Store:enqueue(item)
   it.id = id
   set(self, self.items, id, it)
   return id
+end
+
+-- enqueue_many{ item, ... } -> { id, ... }
+function Store:enqueue_many(items)
+  check_open(self, "enqueue_many")
+  U.check_list(items, "enqueue_many", "items")
+  local list = {}
+  for i = 1, #items do list[i] = U.outbox_item(items[i], "enqueue_many", "items[" .. i .. "]") end
+  local ids = {}
+  for i = 1, #list do
+    local it, id = list[i], self.next_id
+    set(self, self, "next_id", id + 1)
+    it.id = id
+    set(self, self.items, id, it)
+    ids[i] = id
+  end
+  return ids
 end
 
 local function by_next_at(a, b)
@@ -243,6 +310,23 @@ function Store:finish(id)
   return true
 end
 
+-- finish_many{ id, ... } -> the number of items deleted
+function Store:finish_many(ids)
+  check_open(self, "finish_many")
+  U.check_list(ids, "finish_many", "ids")
+  for i = 1, #ids do
+    if not U.is_integer(ids[i]) then U.check_id(ids[i], "finish_many", "ids[" .. i .. "]") end
+  end
+  local n = 0
+  for i = 1, #ids do
+    if self.items[ids[i]] ~= nil then
+      set(self, self.items, ids[i], nil)
+      n = n + 1
+    end
+  end
+  return n
+end
+
 function Store:kill(id, last_error, now)
   check_open(self, "kill")
   U.check_id(id, "kill", "id")
@@ -278,6 +362,17 @@ function Store:record(entry)
   check_open(self, "record")
   local e = U.ledger_entry(entry)
   set(self, self.entries, #self.entries + 1, e)
+  return true
+end
+
+-- record_many{ entry, ... } -> true
+function Store:record_many(entries)
+  check_open(self, "record_many")
+  U.check_list(entries, "record_many", "entries")
+  local list = {}
+  for i = 1, #entries do list[i] = U.ledger_entry(entries[i], "record_many", "entries[" .. i .. "]") end
+  local all = self.entries
+  for i = 1, #list do set(self, all, #all + 1, list[i]) end
   return true
 end
 

@@ -1,20 +1,35 @@
--- stella.store.sqlite: the store interface on an SQLite file (through LuaSQL), safe for
+-- stella.store.sqlite: the store interface on an SQLite file (through LuaDBI), safe for
 -- several processes on one machine: WAL journal, a busy timeout, every write in a
 -- `BEGIN IMMEDIATE` transaction retried while the database is busy.
 --
--- LuaSQL has no bound parameters, so every value reaches SQL through sql_value(): strings
--- through conn:escape (or as a hex blob literal when they hold a NUL byte, which escape
--- cannot carry), numbers through a checked formatter, nil as NULL. Statements are written
--- with "?" placeholders that bind() fills in with sql_value().
+-- Every statement is prepared once per connection and kept (self.stmts, by SQL text);
+-- values reach SQL as bound parameters, never as text. LuaDBI's own transaction handling
+-- is off (autocommit): the BEGIN IMMEDIATE / COMMIT here are the only transactions.
+--
+-- What LuaDBI (0.7) does that shapes this file:
+--   * it binds every Lua number as a double: integral ids in `marks.outbox_id` (a column
+--     with no affinity) come back as floats and are turned back into integers on 5.4;
+--   * it reads TEXT and BLOB values up to their first NUL byte: columns that can hold any
+--     bytes are read through bin() (the value, and its hex when it holds a NUL);
+--   * after a failed execute, the statement's next execute reports the same failure
+--     again: a statement that failed is closed and prepared afresh on its next use;
+--   * fetch raises on a failed step: rows are read under pcall.
+--
+-- The *_many methods write n rows with multi-row statements (32, 16, ... rows each; see
+-- MULTI). The connection runs with secure_delete ON (deleted outbox bodies are
+-- overwritten), synchronous NORMAL, statement journals in memory (temp_store) and a WAL
+-- checkpointed every WAL_CHECKPOINT pages.
 local store = require "stella.store"
 local core = require "stella.core"
-local driver = require "luasql.sqlite3"
+local DBI = require "DBI"
+require "dbd.sqlite3"   -- LuaDBI's SQLite driver: fail on load, not on first use, without it
 
 local U = store._util
-local error, getmetatable, ipairs, setmetatable, tonumber, tostring, type, pcall, select =
-  error, getmetatable, ipairs, setmetatable, tonumber, tostring, type, pcall, select
-local concat, floor, format = table.concat, math.floor, string.format
+local error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
+  error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
+local concat, floor, format, char = table.concat, math.floor, string.format, string.char
 local pack, unpack = U.pack, U.unpack
+local math_type, tointeger = math.type, math.tointeger   -- nil on LuaJIT
 
 -- The clock for the busy timeout (not for the data: those times are passed in), and a
 -- short sleep between retries of a busy BEGIN when SQLite's own busy handler did not wait:
@@ -28,6 +43,9 @@ do
 end
 
 local SCHEMA_VERSION = 1
+
+local WAL_CHECKPOINT = 10000              -- pages (40 MiB of 4 KiB pages)
+local WAL_LIMIT = 64 * 1024 * 1024        -- bytes
 
 local SCHEMA = {
   [[CREATE TABLE IF NOT EXISTS meta (
@@ -77,51 +95,135 @@ local SCHEMA = {
   "CREATE INDEX IF NOT EXISTS ledger_status_time ON ledger (status, time)",
 }
 
-local ITEM_COLUMNS = "id, kind, body, brand, event_id, interaction_id, customer_hash, created_at, " ..
-  "next_at, attempts, state, last_error, died_at"
+-- Reading any bytes ------------------------------------------------------------------------
+
+-- The select-list entries for a column that may hold any bytes: the value, and under
+-- NAME_hex its hex digits when it holds a NUL (NULL otherwise; see unnul).
+local function bin(col)
+  return col .. ", CASE WHEN instr(CAST(" .. col .. " AS BLOB), X'00') THEN hex(" .. col .. ") END AS " ..
+    col .. "_hex"
+end
+
+-- { name = name .. "_hex" } for the columns read through bin().
+local function hex_names(list)
+  local t = {}
+  for _, name in ipairs(list) do t[name] = name .. "_hex" end
+  return t
+end
+
+local function unhex(h)
+  return (h:gsub("%x%x", function(x) return char(tonumber(x, 16)) end))
+end
+
+-- Puts back the whole value of each column that was cut at a NUL byte.
+local function unnul(row, names)
+  for name, hex_name in pairs(names) do
+    local h = row[hex_name]
+    if h ~= nil then
+      row[name], row[hex_name] = unhex(h), nil
+    end
+  end
+end
+
+-- An outbox id as it was given: integral numbers come back from LuaDBI as floats.
+local function reservation(v)
+  if tointeger and math_type(v) == "float" then return tointeger(v) or v end
+  return v
+end
+
+-- Statements -------------------------------------------------------------------------------
+
+local ITEM_TEXT = { "body", "brand", "event_id", "interaction_id", "customer_hash", "last_error" }
+local ITEM_HEX = hex_names(ITEM_TEXT)
+local ITEM_COLUMNS = "id, kind, " .. bin("body") .. ", " .. bin("brand") .. ", " .. bin("event_id") .. ", " ..
+  bin("interaction_id") .. ", " .. bin("customer_hash") .. ", created_at, next_at, attempts, state, " ..
+  bin("last_error") .. ", died_at"
+
+local LEDGER_TEXT = U.ledger_text_fields   -- every text field of an entry may hold any bytes
+local LEDGER_HEX = hex_names(LEDGER_TEXT)
+local LEDGER_SELECT
+do
+  local cols = { "time", "status", "attempts" }
+  for _, name in ipairs(LEDGER_TEXT) do cols[#cols + 1] = bin(name) end
+  LEDGER_SELECT = concat(cols, ", ")
+end
 local LEDGER_COLUMNS = "time, status, reason, event_id, interaction_id, brand, channel, detail, " ..
   "request_id, error_kind, error_message, customer_hash, attempts"
+
+local MARK_HEX = hex_names{ "outbox_id" }
+local VALUE_HEX = hex_names{ "value" }
+local REASON_HEX = hex_names{ "reason" }
+
+local SQL = {
+  get_mark = "SELECT until_at, " .. bin("outbox_id") .. " FROM marks WHERE key = ? AND until_at > ?",
+  put_mark = "INSERT OR REPLACE INTO marks (key, until_at, outbox_id) VALUES (?, ?, ?)",
+  confirm_marks = "UPDATE marks SET outbox_id = NULL WHERE outbox_id = ?",
+  release_marks = "DELETE FROM marks WHERE outbox_id = ?",
+  purge_marks = "DELETE FROM marks WHERE until_at <= ?",
+  unsubscribe = "INSERT OR REPLACE INTO unsubscribes (hash, time) VALUES (?, ?)",
+  resubscribe = "DELETE FROM unsubscribes WHERE hash = ?",
+  is_unsubscribed = "SELECT 1 AS x FROM unsubscribes WHERE hash = ?",
+  unsubscribed_count = "SELECT COUNT(*) AS n FROM unsubscribes",
+  enqueue = "INSERT INTO outbox (kind, body, brand, event_id, interaction_id, customer_hash, " ..
+    "created_at, next_at, attempts, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+  any_due = "SELECT 1 AS x FROM outbox WHERE state = 'queued' AND next_at <= ? LIMIT 1",
+  due = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' AND next_at <= ? " ..
+    "ORDER BY next_at, id LIMIT ?",
+  lease = "UPDATE outbox SET next_at = ? WHERE id = ?",
+  reschedule = "UPDATE outbox SET state = 'queued', next_at = ?, attempts = COALESCE(?, attempts), " ..
+    "last_error = ?, died_at = NULL WHERE id = ?",
+  finish = "DELETE FROM outbox WHERE id = ?",
+  kill = "UPDATE outbox SET state = 'dead', last_error = ?, died_at = ? WHERE id = ?",
+  outbox_queued = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' ORDER BY next_at, id LIMIT ?",
+  outbox_dead = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'dead' " ..
+    "ORDER BY died_at DESC, id DESC LIMIT ?",
+  outbox_counts = "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state",
+  record = "INSERT INTO ledger (" .. LEDGER_COLUMNS .. ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+  get_meta = "SELECT " .. bin("value") .. " FROM meta WHERE name = ?",
+  set_meta = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+  delete_meta = "DELETE FROM meta WHERE name = ?",
+  read_meta = "SELECT name, value FROM meta WHERE name IN ('schema_version', 'salt')",
+  salt = "INSERT OR IGNORE INTO meta (name, value) VALUES ('salt', ?)",
+  schema_version = "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
+}
+
+-- Multi-row statements for the *_many methods: a list of n rows goes through statements of
+-- 32, 16, 8, 4, 2 and 1 rows (at most six executes, and six cached statements per kind,
+-- for any n below 64).
+local CHUNKS = { 32, 16, 8, 4, 2, 1 }
+
+local MULTI = {
+  put_mark = { "INSERT OR REPLACE INTO marks (key, until_at, outbox_id) VALUES ", 3 },
+  enqueue = { "INSERT INTO outbox (kind, body, brand, event_id, interaction_id, customer_hash, " ..
+    "created_at, next_at, attempts, state) VALUES ", 9, ", 'queued'" },
+  record = { "INSERT INTO ledger (" .. LEDGER_COLUMNS .. ") VALUES ", 13 },
+  confirm_marks = { "UPDATE marks SET outbox_id = NULL WHERE outbox_id IN ", 1, nil, true },
+  finish = { "DELETE FROM outbox WHERE id IN ", 1, nil, true },
+}
+for _, m in pairs(MULTI) do
+  local prefix, width, extra, list = m[1], m[2], m[3] or "", m[4]
+  local sql = {}
+  for _, n in ipairs(CHUNKS) do
+    if list then   -- "... IN (?, ?, ?)"
+      sql[n] = prefix .. "(" .. string.rep("?", n, ", ") .. ")"
+    else           -- "... VALUES (?, ?, 'queued'), (?, ?, 'queued')"
+      sql[n] = prefix .. string.rep("(" .. string.rep("?", width, ", ") .. extra .. ")", n, ", ")
+    end
+  end
+  m.sql, m.width = sql, width
+end
 
 local M = {}
 
 local Store = {}
 Store.__index = Store
 
--- SQL values ---------------------------------------------------------------------------
-
-local function hex(s)
-  return (s:gsub(".", function(c) return format("%02X", c:byte()) end))
-end
-
--- One value as an SQL literal.
-local function sql_value(conn, v)
-  local t = type(v)
-  if v == nil then return "NULL" end
-  if t == "number" then return U.number_text(v) end   -- raises on NaN and infinities
-  if t == "string" then
-    if v:find("\0", 1, true) then return "X'" .. hex(v) .. "'" end
-    return "'" .. conn:escape(v) .. "'"
-  end
-  if t == "boolean" then return v and "1" or "0" end
-  error("stella.store.sqlite: cannot write a " .. t .. " to SQL", 2)
-end
-
--- sql with each "?" replaced by the next argument as a literal.
-local function bind(conn, sql, n, args)
-  if n == 0 then return sql end
-  local i = 0
-  local out = sql:gsub("%?", function()
-    i = i + 1
-    return sql_value(conn, args[i])
-  end)
-  if i ~= n then error("stella.store.sqlite: " .. n .. " values for " .. i .. " placeholders", 3) end
-  return out
-end
-
--- Running statements -------------------------------------------------------------------
+-- Running statements -----------------------------------------------------------------------
 
 local function clean(msg)
-  return (tostring(msg or "unknown error"):gsub("^LuaSQL: ", ""))
+  msg = tostring(msg or "unknown error")
+  return (msg:gsub("^Execute failed ", ""):gsub("^Error preparing statement handle: ", "")
+    :gsub("^Failed to connect to database: ", ""):gsub("^Fetch failed ", ""))
 end
 
 local function is_busy(msg)
@@ -136,30 +238,109 @@ local function failure(self, msg)
   return nil, err
 end
 
--- A statement that returns no rows: the number of changed rows, or nil, err.
-local function exec(self, sql, ...)
-  local res, err = self.conn:execute(bind(self.conn, sql, select("#", ...), { ... }))
-  if not res then return failure(self, err) end
-  if type(res) ~= "number" then   -- a statement with rows (PRAGMA): drop them
-    res:close()
-    return 0
-  end
-  return floor(res)
+-- Forgets a statement that failed (see the top of the file).
+local function drop(self, sql, sth)
+  self.stmts[sql] = nil
+  pcall(sth.close, sth)
 end
 
--- A query: an array of rows (tables keyed by column name, NULL columns absent), or nil, err.
-local function rows(self, sql, ...)
-  local cur, err = self.conn:execute(bind(self.conn, sql, select("#", ...), { ... }))
-  if not cur then return failure(self, err) end
-  local list = {}
-  if type(cur) == "number" then return list end
-  local row = cur:fetch({}, "a")
-  while row do
-    list[#list + 1] = row
-    row = cur:fetch({}, "a")
+-- Runs sql with the values bound: the statement, its first row (if any) ready to fetch,
+-- or nil, message.
+local function run_raw(self, sql, ...)
+  local stmts = self.stmts
+  local sth = stmts[sql]
+  if not sth then
+    local err
+    sth, err = self.db:prepare(sql)
+    if not sth then return nil, err end
+    stmts[sql] = sth
   end
-  cur:close()
+  local ok, err = sth:execute(...)
+  if ok then return sth end
+  drop(self, sql, sth)
+  return nil, err
+end
+
+-- Every row of an executed statement, run to completion (so that it holds no read
+-- transaction open). Raises when a step fails (call it under pcall).
+local function fetch_all(sth)
+  local list, n = {}, 0
+  local row = sth:fetch(true)
+  while row do
+    n = n + 1
+    list[n] = row
+    row = sth:fetch(true)
+  end
   return list
+end
+
+-- A statement that returns no rows: the number of changed rows, or nil, err.
+local function exec(self, sql, ...)
+  local sth, err = run_raw(self, sql, ...)
+  if not sth then return failure(self, err) end
+  return sth:affected()
+end
+
+-- Runs the statements of MULTI[kind] over the rows held in `values` (row after row, `width`
+-- values each, `count` rows). Calls after(self, first_row, rows) after each statement when
+-- given. The number of changed rows, or nil, err.
+local function exec_multi(self, kind, values, count, after)
+  local m = MULTI[kind]
+  local sql, width = m.sql, m.width
+  local row, total = 1, 0
+  while row <= count do
+    local left = count - row + 1
+    local n = 1
+    for _, c in ipairs(CHUNKS) do
+      if c <= left then n = c; break end
+    end
+    local first = (row - 1) * width + 1
+    local changed, err = exec(self, sql[n], unpack(values, first, first + n * width - 1))
+    if not changed then return nil, err end
+    total = total + changed
+    if after then after(self, row, n) end
+    row = row + n
+  end
+  return total
+end
+
+-- A query: an array of rows (tables keyed by column name, NULL columns absent), or nil,
+-- err. `names`: the columns read through bin(), or nil.
+local function rows(self, sql, names, ...)
+  local sth, err = run_raw(self, sql, ...)
+  if not sth then return failure(self, err) end
+  local ok, list = pcall(fetch_all, sth)
+  if not ok then
+    drop(self, sql, sth)
+    return failure(self, list)
+  end
+  if names then
+    for i = 1, #list do unnul(list[i], names) end
+  end
+  return list
+end
+
+-- The row of an executed query that has at most one (a primary key lookup, a count), or
+-- false; run to completion. Raises when a step fails (call it under pcall).
+local function fetch_one(sth)
+  local r = sth:fetch(true)
+  if r and sth:fetch(true) then   -- more than one after all: run it to completion
+    while sth:fetch(true) do end
+  end
+  return r or false
+end
+
+-- The row of a query that has at most one, false when it has none, or nil, err.
+local function row(self, sql, names, ...)
+  local sth, err = run_raw(self, sql, ...)
+  if not sth then return failure(self, err) end
+  local ok, r = pcall(fetch_one, sth)
+  if not ok then
+    drop(self, sql, sth)
+    return failure(self, r)
+  end
+  if r and names then unnul(r, names) end
+  return r
 end
 
 local function check_open(self, method)
@@ -169,7 +350,7 @@ local function check_open(self, method)
   if self.closed then error("stella.store: " .. method .. ": the store is closed", 3) end
 end
 
--- Transactions -------------------------------------------------------------------------
+-- Transactions -----------------------------------------------------------------------------
 
 -- Runs a statement, retrying while the database is busy until the busy timeout has passed.
 -- SQLite's busy handler (PRAGMA busy_timeout) already waits inside each attempt; the loop
@@ -177,10 +358,12 @@ end
 local function exec_retry(self, sql)
   local deadline = time() + self.busy_timeout
   while true do
-    local res, err = self.conn:execute(sql)
-    if res then
-      if type(res) ~= "number" then res:close() end
-      return true
+    local sth, err = run_raw(self, sql)
+    if sth then
+      local ok, ferr = pcall(fetch_all, sth)   -- PRAGMA journal_mode answers with a row
+      if ok then return true end
+      drop(self, sql, sth)
+      err = ferr
     end
     err = clean(err)
     if not is_busy(err) or time() > deadline then
@@ -191,8 +374,7 @@ local function exec_retry(self, sql)
 end
 
 local function rollback(self)
-  local res = self.conn:execute("ROLLBACK")   -- fails harmlessly if SQLite already rolled back
-  if type(res) == "userdata" then res:close() end
+  run_raw(self, "ROLLBACK")   -- fails harmlessly if SQLite already rolled back
 end
 
 function Store:atomic(fn, ...)
@@ -222,24 +404,62 @@ function Store:atomic(fn, ...)
   return unpack(res, 2, res.n)
 end
 
--- Opening ------------------------------------------------------------------------------
+-- Runs fn(self, ...) in a transaction of its own, or in the caller's when inside atomic.
+local function write(self, fn, ...)
+  if self.depth > 0 then return fn(self, ...) end
+  return self:atomic(fn, self, ...)
+end
+
+-- Opening ----------------------------------------------------------------------------------
 
 local function read_meta(self)
-  local list = rows(self, "SELECT name, value FROM meta WHERE name IN ('schema_version', 'salt')")
+  local list = rows(self, SQL.read_meta, nil)   -- both are ASCII
   local meta = {}
   for _, r in ipairs(list or {}) do meta[r.name] = r.value end
   return meta
 end
 
+local function create_schema(self, salt)
+  for _, sql in ipairs(SCHEMA) do
+    local sth, err = run_raw(self, sql)
+    if not sth then return failure(self, err) end
+    drop(self, sql, sth)   -- used once
+  end
+  local done, err = exec(self, SQL.salt, salt)
+  if not done then return nil, err end
+  return exec(self, SQL.schema_version, tostring(SCHEMA_VERSION))
+end
+
+local function pragma(self, sql)
+  local list, err = rows(self, sql)
+  if not list then return nil, err end
+  local sth = self.stmts[sql]
+  if sth then drop(self, sql, sth) end   -- used once
+  return true
+end
+
 local function init(self)
-  local ok, err = exec(self, "PRAGMA busy_timeout = ?", floor(self.busy_timeout * 1000 + 0.5))
+  local ok, err = pragma(self, format("PRAGMA busy_timeout = %d", floor(self.busy_timeout * 1000 + 0.5)))
   if not ok then return nil, err end
   ok, err = exec_retry(self, "PRAGMA journal_mode = WAL")
   if not ok then return nil, err end
-  ok, err = exec(self, "PRAGMA synchronous = NORMAL")
+  ok, err = pragma(self, "PRAGMA synchronous = NORMAL")
   if not ok then return nil, err end
   -- deleted rows (sent outbox bodies, which hold the customer's address) are overwritten
-  ok, err = exec(self, "PRAGMA secure_delete = ON")
+  ok, err = pragma(self, "PRAGMA secure_delete = ON")
+  if not ok then return nil, err end
+  -- statement journals (what a multi-row statement of the *_many methods may have to undo)
+  -- in memory: on disk they cost more than the statement, and would be one more file with
+  -- page images (customers' addresses) in it
+  ok, err = pragma(self, "PRAGMA temp_store = MEMORY")
+  if not ok then return nil, err end
+  -- checkpoint the WAL every WAL_CHECKPOINT pages rather than SQLite's 1000: a checkpoint
+  -- costs two fsyncs whatever it copies, and a batch of events dirties ~100 pages (mostly
+  -- leaves of the marks index, keyed by hashes, so all over it); the WAL file is cut back
+  -- to WAL_LIMIT bytes after a checkpoint
+  ok, err = pragma(self, "PRAGMA wal_autocheckpoint = " .. WAL_CHECKPOINT)
+  if not ok then return nil, err end
+  ok, err = pragma(self, "PRAGMA journal_size_limit = " .. WAL_LIMIT)
   if not ok then return nil, err end
 
   local meta = read_meta(self)
@@ -251,16 +471,7 @@ local function init(self)
     end
     local salt, serr = U.new_salt()
     if not salt then return nil, serr end
-    ok, err = self:atomic(function()
-      for _, sql in ipairs(SCHEMA) do
-        local done, e = exec(self, sql)
-        if not done then return nil, e end
-      end
-      local done, e = exec(self, "INSERT OR IGNORE INTO meta (name, value) VALUES ('salt', ?)", salt)
-      if not done then return nil, e end
-      return exec(self, "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
-        tostring(SCHEMA_VERSION))
-    end)
+    ok, err = self:atomic(create_schema, self, salt)
     if not ok then return nil, err end
     meta = read_meta(self)
   end
@@ -285,15 +496,13 @@ function M.new(path, opts)
     error("stella.store.sqlite: opts.busy_timeout must be a non-negative number of seconds", 2)
   end
 
-  local env, eerr = driver.sqlite3()
-  if not env then return nil, store.error("sqlite: " .. clean(eerr), false) end
-  local conn, cerr = env:connect(path)
-  if not conn then
-    env:close()
-    return nil, store.error(path .. ": " .. clean(cerr), false)
-  end
+  local db, cerr = DBI.Connect("SQLite3", path)
+  if not db then return nil, store.error(path .. ": " .. clean(cerr), false) end
+  -- no implicit BEGIN before each statement (the call answers false when there was no
+  -- transaction to roll back, which is the case here)
+  db:autocommit(true)
   local self = setmetatable({
-    path = path, env = env, conn = conn, busy_timeout = timeout, depth = 0, closed = false,
+    path = path, db = db, stmts = {}, busy_timeout = timeout, depth = 0, closed = false,
   }, Store)
   local ok, err = init(self)
   if not ok then
@@ -303,7 +512,7 @@ function M.new(path, opts)
   return self
 end
 
--- Hashing ------------------------------------------------------------------------------
+-- Hashing ----------------------------------------------------------------------------------
 
 function Store:hash_email(email)
   check_open(self, "hash_email")
@@ -311,17 +520,21 @@ function Store:hash_email(email)
   return core.sha256(self.salt .. U.normalize_email(email))
 end
 
--- Marks --------------------------------------------------------------------------------
+-- Marks ------------------------------------------------------------------------------------
 
 function Store:get_mark(key, now)
   check_open(self, "get_mark")
   U.check_key(key, "get_mark", "key")
   U.check_number(now, "get_mark", "now")
-  local list, err = rows(self, "SELECT until_at, outbox_id FROM marks WHERE key = ? AND until_at > ?", key, now)
-  if not list then return nil, err end
-  local r = list[1]
-  if not r then return nil end
-  return r.until_at, r.outbox_id
+  local r, err = row(self, SQL.get_mark, MARK_HEX, key, now)
+  if not r then return nil, err end
+  return r.until_at, reservation(r.outbox_id)
+end
+
+local function put_mark(self, key, until_, outbox_id)
+  local n, err = exec(self, SQL.put_mark, key, until_, outbox_id)
+  if not n then return nil, err end
+  return true
 end
 
 function Store:put_mark(key, until_, outbox_id)
@@ -329,100 +542,156 @@ function Store:put_mark(key, until_, outbox_id)
   U.check_key(key, "put_mark", "key")
   U.check_number(until_, "put_mark", "until")
   U.check_reservation(outbox_id, "put_mark", "outbox_id", true)
-  return self:atomic(function()
-    local n, err = exec(self, "INSERT OR REPLACE INTO marks (key, until_at, outbox_id) VALUES (?, ?, ?)",
-      key, until_, outbox_id)
-    if not n then return nil, err end
-    return true
-  end)
+  return write(self, put_mark, key, until_, outbox_id)
 end
 
 function Store:confirm_marks(outbox_id)
   check_open(self, "confirm_marks")
   U.check_reservation(outbox_id, "confirm_marks", "outbox_id")
-  return self:atomic(exec, self, "UPDATE marks SET outbox_id = NULL WHERE outbox_id = ?", outbox_id)
+  return write(self, exec, SQL.confirm_marks, outbox_id)
+end
+
+local function put_mark_many(self, values, count)
+  local n, err = exec_multi(self, "put_mark", values, count)
+  if not n then return nil, err end
+  return true
+end
+
+-- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true: put_mark for
+-- each, in order, in one transaction.
+function Store:put_mark_many(marks)
+  check_open(self, "put_mark_many")
+  U.check_list(marks, "put_mark_many", "marks")
+  local values, k = {}, 0
+  for i = 1, #marks do
+    values[k + 1], values[k + 2], values[k + 3] = U.mark_entry(marks[i], "put_mark_many", i)
+    k = k + 3
+  end
+  if #marks == 0 then return true end
+  return write(self, put_mark_many, values, #marks)
+end
+
+local function is_reservation(v)
+  return U.is_integer(v) or (type(v) == "string" and v ~= "")
+end
+
+-- confirm_marks_many{ id, ... } -> n: confirm_marks for each, in one transaction; the number
+-- of marks confirmed.
+function Store:confirm_marks_many(ids)
+  check_open(self, "confirm_marks_many")
+  U.check_list(ids, "confirm_marks_many", "ids")
+  local values = {}
+  for i = 1, #ids do
+    local v = ids[i]
+    if not is_reservation(v) then U.check_reservation(v, "confirm_marks_many", "ids[" .. i .. "]") end
+    values[i] = v
+  end
+  if #values == 0 then return 0 end
+  return write(self, exec_multi, "confirm_marks", values, #values)
 end
 
 function Store:release_marks(outbox_id)
   check_open(self, "release_marks")
   U.check_reservation(outbox_id, "release_marks", "outbox_id")
-  return self:atomic(exec, self, "DELETE FROM marks WHERE outbox_id = ?", outbox_id)
+  return write(self, exec, SQL.release_marks, outbox_id)
 end
 
 function Store:purge_marks(now)
   check_open(self, "purge_marks")
   U.check_number(now, "purge_marks", "now")
-  return self:atomic(exec, self, "DELETE FROM marks WHERE until_at <= ?", now)
+  return write(self, exec, SQL.purge_marks, now)
 end
 
--- Unsubscribes -------------------------------------------------------------------------
+-- Unsubscribes -----------------------------------------------------------------------------
+
+local function exec_true(self, sql, ...)
+  local n, err = exec(self, sql, ...)
+  if not n then return nil, err end
+  return true
+end
 
 function Store:unsubscribe(hash, now)
   check_open(self, "unsubscribe")
   U.check_key(hash, "unsubscribe", "hash")
   U.check_number(now, "unsubscribe", "now")
-  return self:atomic(function()
-    local n, err = exec(self, "INSERT OR REPLACE INTO unsubscribes (hash, time) VALUES (?, ?)", hash, now)
-    if not n then return nil, err end
-    return true
-  end)
+  return write(self, exec_true, SQL.unsubscribe, hash, now)
 end
 
 function Store:resubscribe(hash)
   check_open(self, "resubscribe")
   U.check_key(hash, "resubscribe", "hash")
-  return self:atomic(function()
-    local n, err = exec(self, "DELETE FROM unsubscribes WHERE hash = ?", hash)
-    if not n then return nil, err end
-    return true
-  end)
+  return write(self, exec_true, SQL.resubscribe, hash)
 end
 
 function Store:is_unsubscribed(hash)
   check_open(self, "is_unsubscribed")
   U.check_key(hash, "is_unsubscribed", "hash")
-  local list, err = rows(self, "SELECT 1 AS x FROM unsubscribes WHERE hash = ?", hash)
-  if not list then return nil, err end
-  return list[1] ~= nil
+  local r, err = row(self, SQL.is_unsubscribed, nil, hash)
+  if r == nil then return nil, err end
+  return r ~= false
 end
 
 function Store:unsubscribed_count()
   check_open(self, "unsubscribed_count")
-  local list, err = rows(self, "SELECT COUNT(*) AS n FROM unsubscribes")
-  if not list then return nil, err end
-  return list[1].n
+  local r, err = row(self, SQL.unsubscribed_count, nil)
+  if not r then return nil, err end
+  return r.n
 end
 
--- Outbox -------------------------------------------------------------------------------
+-- Outbox -----------------------------------------------------------------------------------
+
+local function enqueue(self, it)
+  local n, err = exec(self, SQL.enqueue, it.kind, it.body, it.brand, it.event_id, it.interaction_id,
+    it.customer_hash, it.created_at, it.next_at, it.attempts)
+  if not n then return nil, err end
+  return self.db:last_id()
+end
 
 function Store:enqueue(item)
   check_open(self, "enqueue")
   local it = U.outbox_item(item)
-  return self:atomic(function()
-    local n, err = exec(self, "INSERT INTO outbox (kind, body, brand, event_id, interaction_id, customer_hash, " ..
-      "created_at, next_at, attempts, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
-      it.kind, it.body, it.brand, it.event_id, it.interaction_id, it.customer_hash,
-      it.created_at, it.next_at, it.attempts)
-    if not n then return nil, err end
-    local list
-    list, err = rows(self, "SELECT last_insert_rowid() AS id")
-    if not list then return nil, err end
-    return list[1].id
+  return write(self, enqueue, it)
+end
+
+local function enqueue_many(self, values, count)
+  local ids = {}
+  -- one INSERT of n rows gives them consecutive ids (the write lock is held): the last
+  -- one's and the n - 1 before it
+  local n, err = exec_multi(self, "enqueue", values, count, function(s, first, rows)
+    local last = s.db:last_id()
+    for i = 0, rows - 1 do ids[first + i] = last - rows + 1 + i end
   end)
+  if not n then return nil, err end
+  return ids
+end
+
+-- enqueue_many{ item, ... } -> { id, ... }: enqueue for each, in order, in one transaction.
+function Store:enqueue_many(items)
+  check_open(self, "enqueue_many")
+  U.check_list(items, "enqueue_many", "items")
+  local values, k = {}, 0
+  for i = 1, #items do
+    local it = U.outbox_item(items[i], "enqueue_many", "items[" .. i .. "]")
+    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6],
+      values[k + 7], values[k + 8], values[k + 9] =
+      it.kind, it.body, it.brand, it.event_id, it.interaction_id, it.customer_hash,
+      it.created_at, it.next_at, it.attempts
+    k = k + 9
+  end
+  if #items == 0 then return {} end
+  return write(self, enqueue_many, values, #items)
 end
 
 local function claim(self, now, lease, limit)
-  local list, err = rows(self, "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' AND next_at <= ? " ..
-    "ORDER BY next_at, id LIMIT ?", now, limit)
+  local list, err = rows(self, SQL.due, ITEM_HEX, now, limit)
   if not list or #list == 0 then return list, err end
-  local until_, ids = now + lease, {}
-  for i, it in ipairs(list) do
-    ids[i] = sql_value(self.conn, it.id)
+  local until_ = now + lease
+  for _, it in ipairs(list) do
+    local n
+    n, err = exec(self, SQL.lease, until_, it.id)
+    if not n then return nil, err end
     it.next_at = until_
   end
-  local n
-  n, err = exec(self, "UPDATE outbox SET next_at = ? WHERE id IN (" .. concat(ids, ", ") .. ")", until_)
-  if not n then return nil, err end
   return list
 end
 
@@ -434,11 +703,11 @@ function Store:claim(now, lease, limit)
   limit = limit or 100
   if self.depth == 0 then
     -- nothing due: answer without taking the write lock (workers poll)
-    local due, err = rows(self, "SELECT 1 AS x FROM outbox WHERE state = 'queued' AND next_at <= ? LIMIT 1", now)
-    if not due then return nil, err end
-    if #due == 0 or limit == 0 then return {} end
+    local due, err = row(self, SQL.any_due, nil, now)
+    if due == nil then return nil, err end
+    if not due or limit == 0 then return {} end
   end
-  return self:atomic(claim, self, now, lease, limit)
+  return write(self, claim, now, lease, limit)
 end
 
 local function changed(self, sql, ...)
@@ -452,54 +721,89 @@ function Store:reschedule(id, next_at, attempts, last_error)
   U.check_id(id, "reschedule", "id")
   U.check_number(next_at, "reschedule", "next_at")
   U.check_count(attempts, "reschedule", "attempts", true)
-  return self:atomic(changed, self, "UPDATE outbox SET state = 'queued', next_at = ?, attempts = COALESCE(?, attempts), " ..
-    "last_error = ?, died_at = NULL WHERE id = ?", next_at, attempts, U.error_text(last_error), id)
+  return write(self, changed, SQL.reschedule, next_at, attempts, U.error_text(last_error), id)
 end
 
 function Store:finish(id)
   check_open(self, "finish")
   U.check_id(id, "finish", "id")
-  return self:atomic(changed, self, "DELETE FROM outbox WHERE id = ?", id)
+  return write(self, changed, SQL.finish, id)
+end
+
+-- finish_many{ id, ... } -> n: finish for each, in one transaction; the number of items
+-- deleted.
+function Store:finish_many(ids)
+  check_open(self, "finish_many")
+  U.check_list(ids, "finish_many", "ids")
+  local values = {}
+  for i = 1, #ids do
+    local v = ids[i]
+    if not U.is_integer(v) then U.check_id(v, "finish_many", "ids[" .. i .. "]") end
+    values[i] = v
+  end
+  if #values == 0 then return 0 end
+  return write(self, exec_multi, "finish", values, #values)
 end
 
 function Store:kill(id, last_error, now)
   check_open(self, "kill")
   U.check_id(id, "kill", "id")
   U.check_number(now, "kill", "now")
-  return self:atomic(changed, self, "UPDATE outbox SET state = 'dead', last_error = ?, died_at = ? WHERE id = ?",
-    U.error_text(last_error), now, id)
+  return write(self, changed, SQL.kill, U.error_text(last_error), now, id)
 end
 
 function Store:outbox(state, limit)
   check_open(self, "outbox")
   U.check_enum(state, U.states, "outbox", "state")
   U.check_count(limit, "outbox", "limit", true)
-  local order = state == "dead" and "died_at DESC, id DESC" or "next_at, id"
-  return rows(self, "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = ? ORDER BY " .. order .. " LIMIT ?",
-    state, limit or 100)
+  return rows(self, state == "dead" and SQL.outbox_dead or SQL.outbox_queued, ITEM_HEX, limit or 100)
 end
 
 function Store:outbox_counts()
   check_open(self, "outbox_counts")
-  local list, err = rows(self, "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
+  local list, err = rows(self, SQL.outbox_counts, nil)
   if not list then return nil, err end
   local counts = { queued = 0, dead = 0 }
   for _, r in ipairs(list) do counts[r.state] = r.n end
   return counts
 end
 
--- Ledger -------------------------------------------------------------------------------
+-- Ledger -----------------------------------------------------------------------------------
+
+local function record(self, e)
+  local n, err = exec(self, SQL.record, e.time, e.status, e.reason, e.event_id, e.interaction_id, e.brand,
+    e.channel, e.detail, e.request_id, e.error_kind, e.error_message, e.customer_hash, e.attempts)
+  if not n then return nil, err end
+  return true
+end
 
 function Store:record(entry)
   check_open(self, "record")
   local e = U.ledger_entry(entry)
-  return self:atomic(function()
-    local n, err = exec(self, "INSERT INTO ledger (" .. LEDGER_COLUMNS .. ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+  return write(self, record, e)
+end
+
+local function record_many(self, values, count)
+  local n, err = exec_multi(self, "record", values, count)
+  if not n then return nil, err end
+  return true
+end
+
+-- record_many{ entry, ... } -> true: record for each, in order, in one transaction.
+function Store:record_many(entries)
+  check_open(self, "record_many")
+  U.check_list(entries, "record_many", "entries")
+  local values, k = {}, 0
+  for i = 1, #entries do
+    local e = U.ledger_entry(entries[i], "record_many", "entries[" .. i .. "]")
+    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6], values[k + 7],
+      values[k + 8], values[k + 9], values[k + 10], values[k + 11], values[k + 12], values[k + 13] =
       e.time, e.status, e.reason, e.event_id, e.interaction_id, e.brand, e.channel, e.detail,
-      e.request_id, e.error_kind, e.error_message, e.customer_hash, e.attempts)
-    if not n then return nil, err end
-    return true
-  end)
+      e.request_id, e.error_kind, e.error_message, e.customer_hash, e.attempts
+    k = k + 13
+  end
+  if #entries == 0 then return true end
+  return write(self, record_many, values, #entries)
 end
 
 -- " WHERE ..." for the query options (with the extra condition `also`), and its values.
@@ -522,8 +826,8 @@ function Store:ledger(opts)
   local o = U.query_options(opts, "ledger")
   local w, values = where(o)
   values[#values + 1] = o.limit
-  return rows(self, "SELECT " .. LEDGER_COLUMNS .. " FROM ledger" .. w .. " ORDER BY time DESC, id DESC LIMIT ?",
-    unpack(values, 1, #values))
+  return rows(self, "SELECT " .. LEDGER_SELECT .. " FROM ledger" .. w .. " ORDER BY time DESC, id DESC LIMIT ?",
+    LEDGER_HEX, unpack(values, 1, #values))
 end
 
 function Store:counts(opts)
@@ -531,8 +835,8 @@ function Store:counts(opts)
   local o = U.query_options(opts, "counts")
   o.status = nil
   local w, values = where(o)
-  local list, err = rows(self, "SELECT status, reason, COUNT(*) AS n FROM ledger" .. w ..
-    " GROUP BY status, reason ORDER BY status, reason", unpack(values, 1, #values))
+  local list, err = rows(self, "SELECT status, " .. bin("reason") .. ", COUNT(*) AS n FROM ledger" .. w ..
+    " GROUP BY status, reason ORDER BY status, reason", REASON_HEX, unpack(values, 1, #values))
   if not list then return nil, err end
   for _, r in ipairs(list) do
     r.count, r.n = r.n, nil
@@ -551,7 +855,7 @@ function Store:rate(opts)
     "SUM(CASE WHEN status IN ('failed', 'invalid') THEN 1 ELSE 0 END) AS errors FROM (" ..
     "SELECT CAST(q AS INTEGER) - (q < CAST(q AS INTEGER)) AS k, status FROM (" ..
     "SELECT time * 1.0 / ? AS q, status FROM ledger" .. w .. ")) GROUP BY k ORDER BY k",
-    unpack(values, 1, #values))
+    nil, unpack(values, 1, #values))
   if not list then return nil, err end
   local out = {}
   for i, r in ipairs(list) do
@@ -560,14 +864,14 @@ function Store:rate(opts)
   return out
 end
 
--- Meta ---------------------------------------------------------------------------------
+-- Meta -------------------------------------------------------------------------------------
 
 function Store:get_meta(name)
   check_open(self, "get_meta")
   U.check_key(name, "get_meta", "name")
-  local list, err = rows(self, "SELECT value FROM meta WHERE name = ?", name)
-  if not list then return nil, err end
-  return list[1] and list[1].value
+  local r, err = row(self, SQL.get_meta, VALUE_HEX, name)
+  if r == nil then return nil, err end
+  return r and r.value or nil
 end
 
 function Store:set_meta(name, value)
@@ -579,27 +883,21 @@ function Store:set_meta(name, value)
     end
     value = U.number_text(value)
   end
-  return self:atomic(function()
-    local n, err
-    if value == nil then
-      n, err = exec(self, "DELETE FROM meta WHERE name = ?", name)
-    else
-      n, err = exec(self, "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", name, value)
-    end
-    if not n then return nil, err end
-    return true
-  end)
+  if value == nil then return write(self, exec_true, SQL.delete_meta, name) end
+  return write(self, exec_true, SQL.set_meta, name, value)
 end
 
--- Life ---------------------------------------------------------------------------------
+-- Life -------------------------------------------------------------------------------------
 
 function Store:close()
   if self.closed then return true end
   self.closed = true
-  if self.depth > 0 then rollback(self) end
-  if self.conn then self.conn:close() end
-  if self.env then self.env:close() end
-  self.conn, self.env = nil, nil
+  if self.db then
+    if self.depth > 0 then rollback(self) end
+    for _, sth in pairs(self.stmts) do pcall(sth.close, sth) end
+    pcall(self.db.close, self.db)
+  end
+  self.db, self.stmts = nil, {}
   return true
 end
 

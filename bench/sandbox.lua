@@ -1,0 +1,135 @@
+-- bench/sandbox.lua: requests per second the Requests API sandbox answers (POST
+-- /v1/requests with a valid body and the test key: the key check, JSON decoding,
+-- validation and encoding by the C core, the company's checks, the marks and the status
+-- rows), against the same nginx answering a fixed 200 at another location
+-- (`return 200 ...`, no Lua). Both driven by wrk -t1 -c8 -d3s with the same script
+-- (method, body, headers), in one run. Prints the measurements and one ratio line.
+--
+-- From the repository root (needs build/luajit/stella/core.so for nginx, and the core
+-- for the interpreter running this file):
+--   LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./build/5.4/?.so;;" \
+--     lua5.4 bench/sandbox.lua
+-- Environment: BENCH_SANDBOX_SECONDS (length of each timed run, default 3).
+--
+-- Everything runs over 127.0.0.1; wrk runs under timeout(1); the sandbox is stopped at
+-- the end, also after an error.
+
+local stella = require "stella"
+local sandbox = require "stella.sandbox"
+
+local fmt = string.format
+local DURATION = tonumber(os.getenv("BENCH_SANDBOX_SECONDS")) or 3
+local CONNECTIONS = 8
+local FIXED_PATH = "/_bench/fixed"
+local FIXED_BODY = '{"request_id":"00000000-0000-4000-8000-000000000000"}'
+
+-- A realistic valid request for the default company (sandbox/config.lua).
+local REQ = {
+  customer = { name = "Zoë Åkesson", email = "zoe.akesson@example.com", custom_id = "cust-8812" },
+  employee = { email = "paulagent@blancapeak.com" },
+  channel = "phone",
+  ext_interaction_id = 123456,
+  external_url = "https://support.blancapeak.com/tickets/123456",
+  tags = { "billing", "refund", "priority-high" },
+  brand = "blancapeak",
+  language = "en-US",
+  country = "us",
+  custom_properties = { order_id = "ORD-99812", plan = "premium", seats = 12 },
+}
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function run(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1"))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+local sb
+local tmpfiles = {}
+
+local function wrk_script(body, key)
+  local path = os.tmpname()
+  tmpfiles[#tmpfiles + 1] = path
+  local f = assert(io.open(path, "wb"))
+  f:write('wrk.method = "POST"\n', "wrk.body = ", fmt("%q", body), "\n",
+          'wrk.headers["Content-Type"] = "application/json"\n',
+          'wrk.headers["Accept"] = "application/json"\n',
+          "wrk.headers[\"x-api-key\"] = ", fmt("%q", key), "\n")
+  f:close()
+  return path
+end
+
+local function wrk(url, seconds, script)
+  local cmd = fmt("timeout %d wrk -t1 -c%d -d%ds -s %s %s", seconds + 15, CONNECTIONS, seconds,
+                  shell_quote(script), shell_quote(url))
+  local out = run(cmd)
+  local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
+  if not rate then error("wrk failed:\n" .. out, 0) end
+  return {
+    rate = rate,
+    requests = tonumber(out:match("(%d+) requests in")) or 0,
+    non2xx = tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0,
+    latency = out:match("Latency%s+(%S+)"),
+    output = out,
+  }
+end
+
+local function get(url)
+  return run("curl -s --max-time 10 " .. shell_quote(url))
+end
+
+local function main()
+  if not run("command -v wrk"):match("wrk") then error("wrk is not installed", 0) end
+  local err
+  sb, err = sandbox.start{
+    port = 0,
+    extra_locations = "location = " .. FIXED_PATH .. " { return 200 '" .. FIXED_BODY .. "'; }",
+  }
+  if not sb then error(err, 0) end
+  local key = sb.config.keys.test
+  local body = assert(stella.encode(REQ))
+  local script = wrk_script(body, key)
+
+  -- the body passes: one send through the client, answered 200 with a request id
+  local client = stella.new{ api_key = key, base_url = sb.url, retry = { attempts = 1 } }
+  local res, serr = client:send(REQ)
+  client:close()
+  if not res or not res.request_id then error("the sandbox refused the bench request: " .. tostring(serr), 0) end
+
+  local api, fixed = sb.url .. "/v1/requests", sb.url .. FIXED_PATH
+  wrk(api, 1, script)     -- warm-up (LuaJIT traces, connections, dict)
+  wrk(fixed, 1, script)
+  local s = wrk(api, DURATION, script)
+  local f = wrk(fixed, DURATION, script)
+  for name, r in pairs{ sandbox = s, fixed = f } do
+    if r.non2xx > 0 then
+      error(fmt("wrk got %d non-2xx answers of %d from the %s location:\n%s", r.non2xx, r.requests, name, r.output), 0)
+    end
+  end
+  local status = get(sb.url .. "/status.json?limit=0")
+  local deliveries = status:match('"test":(%b{})') or "?"
+
+  local interp = jit and jit.version or _VERSION
+  local lf = io.open("/proc/loadavg", "rb")
+  local load = lf and lf:read("*l"):match("^(%S+ %S+ %S+)") or "?"
+  if lf then lf:close() end
+  print(fmt("sandbox benchmark (driver under %s): %d-byte body, wrk -t1 -c%d -d%ds, one nginx worker; "
+    .. "load average %s", interp, #body, CONNECTIONS, DURATION, load))
+  print(fmt("  POST /v1/requests    %8.0f/s  (%d requests, latency avg %s)", s.rate, s.requests, s.latency or "?"))
+  print(fmt("  fixed 200 (no Lua)   %8.0f/s  (%d requests, latency avg %s)", f.rate, f.requests, f.latency or "?"))
+  print(fmt("  test-key deliveries after the run: %s", deliveries))
+  print(fmt("sandbox: %.0f req/s, fixed response %.0f req/s, ratio %.0f%% (target >= 60%%)",
+    s.rate, f.rate, s.rate / f.rate * 100))
+end
+
+local ok, err = xpcall(main, debug.traceback)
+if sb then pcall(sb.stop, sb) end
+for _, path in ipairs(tmpfiles) do os.remove(path) end
+if not ok then
+  io.stderr:write("bench/sandbox.lua: ", tostring(err), "\n")
+  os.exit(1)
+end

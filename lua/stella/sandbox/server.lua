@@ -1,0 +1,537 @@
+-- stella.sandbox.server: the Requests API sandbox inside nginx (its Lua module, LuaJIT).
+-- Loaded by sandbox/nginx.conf; lua/stella/sandbox/init.lua starts nginx with it.
+--
+--   POST /v1/requests     x-api-key, then the schema (stella.validate: the C core, exactly
+--                         what the client checks), then the company's settings; 200 with
+--                         the request echoed, request_id (UUID v4) and delivery
+--   POST /v1/recoveries   the same checks for a recovery, which must name a known
+--                         feedback request or interaction; 200 {"request_id": ...}
+--   GET  /status          the API status page (HTML); GET /status.json the same data
+--   /_sandbox/ping        200 "ok TOKEN" (the launcher's); with test_controls: POST /_sandbox/reset,
+--                         POST /_sandbox/clock {"advance": seconds}
+--
+-- Answers: 403 {"message":"Forbidden"} for a missing or unknown key (counted, not logged);
+-- 400 {"errors":[{path,code,message}...]} for schema errors; 400 {"error": LABEL} for the
+-- service's processing errors (and the sandbox's own two recovery labels).
+--
+-- Processing order (the service does not publish one; this follows the order of its
+-- status page): employee, customer, channel, brand, language. For recoveries: employee
+-- (when given), then the original request.
+--
+-- One nginx worker: nothing between reading and writing a mark yields, so the checks
+-- need no locks. State lives in four lua_shared_dicts (ids, marks, log, counts: see
+-- sandbox/nginx.conf and stella.sandbox.status).
+local cjson = require "cjson.safe"
+local stella = require "stella"
+local config = require "stella.sandbox.config"
+local status = require "stella.sandbox.status"
+
+local ngx = ngx
+local ngx_now, ngx_print, ngx_say = ngx.now, ngx.print, ngx.say
+local req_read_body, req_get_body_data, req_get_body_file, req_get_method =
+      ngx.req.read_body, ngx.req.get_body_data, ngx.req.get_body_file, ngx.req.get_method
+local encode, validate = stella.encode, stella.validate
+local utf8_valid = require("stella.core").utf8_valid
+local json_decode, json_encode = cjson.decode, cjson.encode
+local fmt, lower, byte, sub, find = string.format, string.lower, string.byte, string.sub, string.find
+local floor, random = math.floor, math.random
+local bit = require "bit"
+local band, bor, bxor, lshift, rshift, tobit, tohex =
+      bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit, bit.tohex
+local type, tostring, tonumber, pairs, ipairs = type, tostring, tonumber, pairs, ipairs
+
+local M = {}
+
+local LABELS = {
+  employee_not_found = "Employee not found",
+  deactivated = "Deactivated employee",
+  profile = "Employee profile not complete",
+  customer = "Invalid customer",
+  channel_disabled = "Channel not enabled for company",
+  channel_manual = "Channel is in manual mode",
+  brand_missing = "Brand signifier not provided",
+  brand_invalid = "Invalid/inactive brand signifier",
+  language = "Language not specified",
+  -- the sandbox's own, for recoveries (the service publishes none)
+  request_unknown = "Feedback request not found",
+  interaction_unknown = "Interaction not found",
+}
+M.LABELS = LABELS
+
+local FORBIDDEN = '{"message":"Forbidden"}'
+local NOT_ALLOWED = '{"message":"Method Not Allowed"}'
+local DAY = 86400
+local MINUTE_TTL = 25 * 3600      -- per-minute buckets cover the status page's 24 hours
+local BODY_KEEP = 8192            -- bytes of an invalid body kept for the status page
+
+local conf          -- the normalised config, loaded in init_by_lua (shared by the workers)
+local assets        -- the status page's template, style and script
+local logs, ids, marks, counts   -- the shared dicts (see sandbox/nginx.conf)
+local log_limit
+
+---------------------------------------------------------------------------
+-- Start-up
+---------------------------------------------------------------------------
+
+local function read_asset(dir, name)
+  local f = assert(io.open(dir .. "/" .. name, "rb"), "sandbox: cannot read " .. dir .. "/" .. name)
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- init_by_lua: load and check the config (an error stops nginx, with the reason in
+-- error.log) and the status page's files.
+local token = ""    -- the launcher's, answered by /_sandbox/ping
+
+function M.init(config_file, sandbox_dir, start_token)
+  token = start_token or ""
+  local c, err = config.load(config_file)
+  if not c then error(err, 0) end
+  c.error_labels = {}
+  for _, label in pairs(LABELS) do c.error_labels[label] = true end
+  conf = c
+  log_limit = c.log_limit
+  assets = {
+    html = read_asset(sandbox_dir, "status.html"),
+    css = read_asset(sandbox_dir, "status.css"),
+    js = read_asset(sandbox_dir, "status.js"),
+  }
+  -- fail now, not on the first request, when the LuaJIT core cannot be loaded
+  assert(stella.encode({ customer = { name = "a", email = "a@example.com" },
+                         employee = { email = "e@example.com" }, channel = "phone",
+                         ext_interaction_id = "1" }))
+end
+
+-- init_worker_by_lua: the dicts, and math.random seeded from the kernel (it draws the
+-- key of the request ids).
+function M.init_worker()
+  logs = ngx.shared.stella_sandbox_log
+  ids = ngx.shared.stella_sandbox_ids
+  marks = ngx.shared.stella_sandbox_marks
+  counts = ngx.shared.stella_sandbox_counts
+  local seed = floor(ngx_now() * 1000) + ngx.worker.pid()
+  local f = io.open("/dev/urandom", "rb")
+  if f then
+    local b = f:read(6)
+    f:close()
+    if b and #b == 6 then
+      local a1, a2, a3, a4, a5, a6 = byte(b, 1, 6)
+      seed = ((((a1 * 256 + a2) * 256 + a3) * 256 + a4) * 256 + a5) * 256 + a6
+    end
+  end
+  math.randomseed(seed)
+end
+
+---------------------------------------------------------------------------
+-- Helpers
+---------------------------------------------------------------------------
+
+-- The sandbox's clock: real time, moved forward by /_sandbox/clock (test_controls).
+local function now()
+  local t = ngx_now()
+  if conf.test_controls then t = t + (counts:get("clock") or 0) end
+  return t
+end
+
+---------------------------------------------------------------------------
+-- Request ids
+--
+-- Every accepted call takes the next number of its key mode (the counters q:test and
+-- q:production, which also place its row in the status log). Its request id is that
+-- number through a keyed 32-bit permutation, followed by 90 bits of a keyed hash of it,
+-- laid out as a UUID v4: random-looking, unique, and naming its request without a table
+-- of ids (one new shared-dict key per request would cost more than all the checks). An
+-- id is known when it decodes to a number already issued to that key mode and encodes
+-- back to itself. The key comes from a random seed in the counts dict; a reset draws a
+-- new one, so ids do not repeat.
+---------------------------------------------------------------------------
+
+local K = {}         -- 8 round keys, from the seed
+local K_seed         -- the seed they came from
+
+-- A keyed 32-bit mix: shifts, additions and xors only (exact in LuaJIT's doubles).
+local function mix(x, k)
+  x = bxor(x, k)
+  x = tobit(x + lshift(x, 10))
+  x = bxor(x, rshift(x, 6))
+  x = tobit(x + lshift(x, 3))
+  x = bxor(x, rshift(x, 11))
+  return tobit(x + lshift(x, 15))
+end
+
+local function load_keys()
+  local seed = counts:get("seed")
+  if not seed then
+    counts:add("seed", random(1, 0x7fffffff) * 0x200000 + random(0, 0x1fffff))
+    seed = counts:get("seed")
+  end
+  if seed ~= K_seed then
+    local lo, hi = tobit(seed % 0x100000000), tobit(floor(seed / 0x100000000))
+    for i = 1, 8 do K[i] = mix(mix(bxor(lo, i * 0x9e3779b), hi), lo) end
+    K_seed = seed
+  end
+end
+
+-- a 4-round Feistel network on 16-bit halves: a bijection of 32-bit numbers
+local function permute(v)
+  local l, r = band(rshift(v, 16), 0xffff), band(v, 0xffff)
+  for i = 1, 4 do l, r = r, bxor(l, band(mix(r, K[i]), 0xffff)) end
+  return bor(lshift(l, 16), r)
+end
+
+local function unpermute(v)
+  local l, r = band(rshift(v, 16), 0xffff), band(v, 0xffff)
+  for i = 4, 1, -1 do l, r = bxor(r, band(mix(l, K[i]), 0xffff)), l end
+  return bor(lshift(l, 16), r) % 0x100000000
+end
+
+local MODE_KEY = { test = 0, production = 8 }   -- index into K (0: none)
+
+local function request_id(mode, seq)
+  local e = permute(seq)
+  local mk = MODE_KEY[mode]
+  local w1 = mix(mk > 0 and bxor(e, K[mk]) or e, K[5])
+  local w2 = mix(w1, K[6])
+  local w3 = mix(bxor(w2, e), K[7])
+  return tohex(e, 8) .. "-" .. tohex(w1, 4) .. "-4" .. tohex(rshift(w1, 16), 3) .. "-"
+    .. tohex(bor(0x8000, band(w2, 0x3fff)), 4) .. "-" .. tohex(rshift(w2, 16), 4) .. tohex(w3, 8)
+end
+
+local QUEUE = { test = "q:test", production = "q:production" }
+local TAB = { test = "test", production = "delivered" }
+
+-- The number of an id issued to this key mode, or nil.
+local function issued(mode, id)
+  if type(id) ~= "string" then return nil end
+  id = lower(id)
+  local a = id:match("^(%x%x%x%x%x%x%x%x)%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$")
+  if not a then return nil end
+  load_keys()
+  local seq = unpermute(tonumber(a, 16))
+  if seq < 1 or seq > (counts:get(QUEUE[mode]) or 0) then return nil end
+  if request_id(mode, seq) ~= id then return nil end
+  return seq
+end
+
+local function reply(status, body)
+  ngx.status = status
+  ngx_print(body)
+end
+
+local function body_text()
+  req_read_body()
+  local body = req_get_body_data()
+  if body then return body end
+  local path = req_get_body_file()
+  if not path then return "" end
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  body = f:read("*a")
+  f:close()
+  return body
+end
+
+-- The x-api-key's mode ("test" | "production"), or nil after answering 403.
+local function authenticate()
+  local key = ngx.var.http_x_api_key
+  local mode = key and conf.modes[key]
+  if not mode then
+    counts:incr("auth", 1, 0)
+    reply(403, FORBIDDEN)
+    return nil
+  end
+  if req_get_method() ~= "POST" then
+    ngx.header["Allow"] = "POST"
+    reply(405, NOT_ALLOWED)
+    return nil
+  end
+  return mode
+end
+
+-- Counts one call in its minute (and as an error) for the error rate.
+local function count_call(t, is_error)
+  local m = floor(t / 60)
+  counts:incr("m:" .. m, 1, 0, MINUTE_TTL)
+  if is_error then counts:incr("x:" .. m, 1, 0, MINUTE_TTL) end
+end
+
+-- Puts the row of call number seq into a tab of the status page (a ring of log_limit
+-- rows per tab).
+local function put_row(tab, seq, row)
+  logs:set("l:" .. tab .. ":" .. (seq % log_limit), row)
+end
+
+-- A row must stay valid JSON text: a body that is not UTF-8 (answered invalid_utf8) keeps
+-- its ASCII, every other byte shown as U+FFFD.
+local function utf8_row(row)
+  if utf8_valid(row) then return row end
+  return (row:gsub("[\128-\255]", "\239\191\189"))
+end
+
+-- Logs the call under Invalid Requests; returns 400 and the answer. `label` is a processing error,
+-- `errors` a list of schema errors.
+local function reject(t, mode, call, body, label, errors)
+  count_call(t, true)
+  if label then
+    counts:incr("e:" .. label, 1, 0)
+  else
+    local seen = {}
+    for _, e in ipairs(errors) do
+      if not seen[e.code] then
+        seen[e.code] = true
+        counts:incr("e:schema:" .. tostring(e.code), 1, 0)
+      end
+    end
+  end
+  if #body > BODY_KEEP then body = sub(body, 1, BODY_KEEP) end
+  put_row("invalid", counts:incr("q:invalid", 1, 0), utf8_row(json_encode{
+    time = t, mode = mode, call = call, error = label, errors = errors, body = body,
+  } or "{}"))
+  if label then return 400, json_encode{ error = label } end
+  return 400, json_encode{ errors = errors }
+end
+
+-- The request body as a table, or nil and the schema-style error list.
+local function parse(body)
+  local first = find(body, "%S")
+  if not first or byte(body, first) ~= 123 then   -- "{"
+    return nil, { { path = "", code = "invalid_json", message = "the body must be a JSON object" } }
+  end
+  local req, err = json_decode(body)
+  if type(req) ~= "table" then
+    return nil, { { path = "", code = "invalid_json", message = "the body is not valid JSON: " .. tostring(err) } }
+  end
+  return req
+end
+
+local function id_text(v)
+  if type(v) == "number" then return fmt("%.0f", v) end
+  return v
+end
+
+local function employee_error(emp)
+  local email, custom_id = emp.email, emp.custom_id
+  local a = email and conf.by_email[lower(email)]
+  local b = custom_id and conf.by_custom_id[custom_id]
+  if (email and not a) or (custom_id and not b) or (a and b and a ~= b) then
+    return LABELS.employee_not_found
+  end
+  local e = a or b
+  if not e.active then return LABELS.deactivated end
+  if not e.profile_complete then return LABELS.profile end
+  return nil
+end
+
+-- A customer the service cannot deliver to: listed in invalid_customers, or an address
+-- whose domain has no dot (valid for the schema, e.g. jane@localhost, but not on the
+-- internet).
+local function customer_error(e)
+  if conf.invalid_customer_set[e] then return LABELS.customer end
+  local at = #e
+  while at > 0 and byte(e, at) ~= 64 do at = at - 1 end   -- the last "@"
+  if at == 0 or not find(e, ".", at + 1, true) then return LABELS.customer end
+  return nil
+end
+
+---------------------------------------------------------------------------
+-- POST /v1/requests
+---------------------------------------------------------------------------
+
+-- A request body -> status, answer. (Public for bench/sandbox.lua's profile of the Lua
+-- side; M.requests is the handler.)
+function M.handle_request(mode, body, t)
+  local req, perr = parse(body)
+  if not req then return reject(t, mode, "request", body, nil, perr) end
+  -- the C core: the checks the client makes before sending
+  local ok, errors = validate(req)
+  if not ok then return reject(t, mode, "request", body, nil, errors) end
+
+  local label = employee_error(req.employee)
+  local customer = req.customer
+  local email = customer.email
+  local lemail = lower(email)
+  if not label then label = customer_error(lemail) end
+  local channel = req.channel
+  if not label then
+    local cm = conf.channels[channel]
+    if not cm then label = LABELS.channel_disabled
+    elseif cm == "manual" and mode == "production" then label = LABELS.channel_manual end
+  end
+  local brand = req.brand
+  if not label then
+    if brand == nil then
+      if conf.multi_brand then label = LABELS.brand_missing end
+    else
+      local b = conf.brand_by_name[brand]
+      if not b or not b.active then label = LABELS.brand_invalid end
+    end
+  end
+  if not label and conf.multi_language and req.language == nil then label = LABELS.language end
+  if label then return reject(t, mode, "request", body, label) end
+
+  -- accepted: where does it go?
+  local delivery, to, until_t
+  if req.do_not_send == true then
+    delivery = "do_not_send"
+  elseif conf.unsubscribed_set[lemail] then
+    delivery = "unsubscribed"
+  else
+    local days = conf.suppression_days
+    if days > 0 then
+      local key = "s:" .. mode .. ":" .. (brand or conf.default_brand) .. "\0" .. lemail
+      local u = marks:get(key)
+      if u and u > t then
+        delivery, until_t = "suppressed", u
+      else
+        marks:set(key, t + days * DAY, days * DAY + 3600)
+      end
+    end
+    if not delivery then
+      if mode == "test" then delivery, to = "test_inbox", conf.test_email
+      else delivery, to = "customer", email end
+    end
+  end
+
+  load_keys()
+  local seq = counts:incr(QUEUE[mode], 1, 0)
+  local id = request_id(mode, seq)
+  ids:set("i:" .. mode .. ":" .. id_text(req.ext_interaction_id), id)
+  count_call(t, false)
+  counts:incr("d:" .. mode .. ":" .. delivery, 1, 0)
+  -- e-mail addresses hold no '"' or '\' (the schema's e-mail check), so they need no escaping
+  put_row(TAB[mode], seq, '{"time":' .. fmt("%.3f", t)
+    .. ',"request_id":"' .. id .. '","mode":"' .. mode .. '","call":"request","delivery":"' .. delivery .. '"'
+    .. (to and (',"to":"' .. to .. '"') or "")
+    .. (until_t and (',"until":' .. fmt("%.0f", until_t)) or "")
+    .. ',"request":' .. body .. "}")
+  -- the echo: the body as sent (a valid JSON object) with two more members
+  local last = #body
+  while byte(body, last) ~= 125 do last = last - 1 end   -- its closing "}"
+  return 200, sub(body, 1, last - 1) .. ',"request_id":"' .. id .. '","delivery":"' .. delivery .. '"}'
+end
+
+-- POST /v1/requests
+function M.requests()
+  local mode = authenticate()
+  if not mode then return end
+  local status, answer = M.handle_request(mode, body_text(), now())
+  if status ~= 200 then ngx.status = status end
+  ngx_print(answer)
+end
+
+---------------------------------------------------------------------------
+-- POST /v1/recoveries
+---------------------------------------------------------------------------
+
+-- The original request of a recovery: its id and its customer's e-mail (nil once its row
+-- has left the status log), or nil when it is not a feedback request of this key mode.
+local function original_request(mode, id)
+  local seq = issued(mode, id)
+  if not seq then return nil end
+  id = lower(id)
+  local row = json_decode(logs:get("l:" .. TAB[mode] .. ":" .. (seq % log_limit)) or "")
+  if type(row) == "table" and row.request_id == id then
+    if row.call ~= "request" then return nil end     -- a recovery is no feedback request
+    local c = type(row.request) == "table" and row.request.customer
+    return id, type(c) == "table" and c.email or nil
+  end
+  return id, nil
+end
+
+-- A recovery body -> status, answer.
+function M.handle_recovery(mode, body, t)
+  local req, perr = parse(body)
+  if not req then return reject(t, mode, "recovery", body, nil, perr) end
+  local json, errors = encode(req, "recovery")
+  if not json then return reject(t, mode, "recovery", body, nil, errors) end
+
+  local label = req.employee ~= nil and employee_error(req.employee) or nil
+  local original, email
+  if not label then
+    if req.initial_feedback_request_id ~= nil then
+      original, email = original_request(mode, id_text(req.initial_feedback_request_id))
+      if not original then label = LABELS.request_unknown end
+    else
+      original, email = original_request(mode, ids:get("i:" .. mode .. ":" .. id_text(req.ext_interaction_id)))
+      if not original then label = LABELS.interaction_unknown end
+    end
+  end
+  if label then return reject(t, mode, "recovery", body, label) end
+
+  local delivery, to
+  if req.do_not_send == true then delivery = "do_not_send"
+  elseif email and conf.unsubscribed_set[lower(email)] then delivery = "unsubscribed"
+  elseif mode == "test" then delivery, to = "test_inbox", conf.test_email
+  else delivery, to = "customer", email end     -- the address is unknown once the row is gone
+
+  load_keys()
+  local seq = counts:incr(QUEUE[mode], 1, 0)
+  local id = request_id(mode, seq)
+  count_call(t, false)
+  counts:incr("d:" .. mode .. ":" .. delivery, 1, 0)
+  put_row(TAB[mode], seq, json_encode{
+    time = t, request_id = id, mode = mode, call = "recovery", delivery = delivery, to = to,
+    original = original, request = json_decode(json),
+  })
+  return 200, '{"request_id":"' .. id .. '"}'
+end
+
+-- POST /v1/recoveries
+function M.recoveries()
+  local mode = authenticate()
+  if not mode then return end
+  local status, answer = M.handle_recovery(mode, body_text(), now())
+  if status ~= 200 then ngx.status = status end
+  ngx_print(answer)
+end
+
+---------------------------------------------------------------------------
+-- Status
+---------------------------------------------------------------------------
+
+local function base_url()
+  return "http://" .. (ngx.var.http_host or ("127.0.0.1:" .. ngx.var.server_port))
+end
+
+function M.status_page()
+  if req_get_method() ~= "GET" and req_get_method() ~= "HEAD" then return reply(405, NOT_ALLOWED) end
+  ngx_print(status.html(conf, logs, counts, now(), assets, base_url()))
+end
+
+function M.status_json()
+  if req_get_method() ~= "GET" and req_get_method() ~= "HEAD" then return reply(405, NOT_ALLOWED) end
+  local limit = tonumber(ngx.var.arg_limit)
+  ngx_print(status.json(conf, logs, counts, now(), limit and limit >= 0 and floor(limit) or nil))
+end
+
+---------------------------------------------------------------------------
+-- /_sandbox/ controls
+---------------------------------------------------------------------------
+
+function M.control()
+  local uri = ngx.var.uri
+  if uri == "/_sandbox/ping" then return ngx_say("ok ", token) end
+  if not conf.test_controls then
+    return reply(404, '{"message":"Not Found (test_controls is off in the sandbox config)"}')
+  end
+  if req_get_method() ~= "POST" then return reply(405, NOT_ALLOWED) end
+  if uri == "/_sandbox/reset" then
+    for _, d in ipairs{ logs, ids, marks, counts } do
+      d:flush_all()
+      d:flush_expired()
+    end
+    return ngx_say('{"reset":true}')
+  elseif uri == "/_sandbox/clock" then
+    local req = json_decode(body_text())
+    local advance = type(req) == "table" and tonumber(req.advance)
+    if not advance or advance < 0 then
+      return reply(400, '{"error":"give {\\"advance\\": seconds} (0 or more)"}')
+    end
+    local offset = counts:incr("clock", advance, 0)
+    return ngx_say(json_encode{ offset = offset, now = now() })
+  end
+  return reply(404, '{"message":"Not Found"}')
+end
+
+return M
