@@ -230,6 +230,34 @@ function M.iso_utc(t)
                 floor(secs / 3600), floor(secs % 3600 / 60), secs % 60)
 end
 
+local LABELS = {}   -- "rules[i]"
+for i = 1, 32 do LABELS[i] = "rules[" .. i .. "]" end
+
+local function add_verdict(verdicts, rule, result, reason, detail)
+  verdicts[#verdicts + 1] = { rule = rule, verdict = result, reason = reason, detail = detail }
+end
+
+-- The first non-pass verdict decides; returns true when evaluation should stop.
+-- (d.verdicts is there in explain mode only)
+local function decide(d, rule, action, reason, detail, extra)
+  local verdicts = d.verdicts
+  if verdicts then add_verdict(verdicts, rule, action, reason, detail) end
+  if d.action == "send" then
+    d.action, d.reason, d.detail = action, reason, detail
+    if extra then for k, v in pairs(extra) do d[k] = v end end
+    d.marks = {}   -- an early return must not hand back marks of earlier checks
+  end
+  return verdicts == nil
+end
+
+-- The scope of a request's suppression mark.
+local function suppression_scope(r, request, brand_scope)
+  local per = r.suppression and r.suppression.per or "brand"
+  return per == "brand" and brand_scope
+      or per == "channel" and ("channel:" .. tostring(request.channel))
+      or "global"
+end
+
 -- decision.action: "send" | "skip" | "suppressed" | "invalid"
 -- In explain mode every check still runs, each leaving a verdict.
 function M.evaluate(r, event, env, explain)
@@ -237,32 +265,16 @@ function M.evaluate(r, event, env, explain)
   local verdicts = explain and {} or nil
   local d = { action = "send", verdicts = verdicts, marks = {} }
 
-  local function verdict(rule, result, reason, detail)
-    if verdicts then
-      verdicts[#verdicts + 1] = { rule = rule, verdict = result, reason = reason, detail = detail }
-    end
-  end
-  -- first non-pass verdict decides; returns true when evaluation should stop
-  local function decide(rule, action, reason, detail, extra)
-    verdict(rule, action, reason, detail)
-    if d.action == "send" then
-      d.action, d.reason, d.detail = action, reason, detail
-      if extra then for k, v in pairs(extra) do d[k] = v end end
-      d.marks = {}   -- an early return must not hand back marks of earlier checks
-    end
-    return not explain
-  end
-
   -- 1. map the source record to a request
   local request
   if r.map then
     local ok, res = pcall(r.map, event)
     if not ok then
-      decide("map", "invalid", "map_error", tostring(res))
+      decide(d, "map", "invalid", "map_error", tostring(res))
       return d
     end
     if type(res) ~= "table" then
-      decide("map", "invalid", "map_error", "map(event) must return a request table, got " .. type(res))
+      decide(d, "map", "invalid", "map_error", "map(event) must return a request table, got " .. type(res))
       return d
     end
     request = res
@@ -270,17 +282,17 @@ function M.evaluate(r, event, env, explain)
     request = deep_copy(event)
   end
   d.request = request
-  verdict("map", "pass")
+  if verdicts then add_verdict(verdicts, "map", "pass") end
 
   -- 2. eligibility
   if r.when then
     local ok, res = pcall(r.when, event)
     if not ok then
-      if decide("when", "invalid", "rule_error", "when: " .. tostring(res)) then return d end
+      if decide(d, "when", "invalid", "rule_error", "when: " .. tostring(res)) then return d end
     elseif not res then
-      if decide("when", "skip", "not_eligible", "when(event) returned " .. tostring(res)) then return d end
+      if decide(d, "when", "skip", "not_eligible", "when(event) returned " .. tostring(res)) then return d end
     else
-      verdict("when", "pass")
+      if verdicts then add_verdict(verdicts, "when", "pass") end
     end
   end
 
@@ -291,14 +303,14 @@ function M.evaluate(r, event, env, explain)
   if r.brands then
     brand = brand_name ~= nil and r.brands[brand_name] or nil
     if not brand then
-      if decide("brand", "skip", "unknown_brand",
+      if decide(d, "brand", "skip", "unknown_brand",
                 "brand " .. tostring(brand_name) .. " is not in the rules' brands") then return d end
     else
       -- the service knows a brand by its signifier, when the rules give one
       if brand.signifier ~= nil then request.brand = brand.signifier
       elseif request.brand == nil then request.brand = brand_name end
       if request.language == nil and brand.language then request.language = brand.language end
-      verdict("brand", "pass", nil, tostring(brand_name))
+      if verdicts then add_verdict(verdicts, "brand", "pass", nil, tostring(brand_name)) end
     end
   end
   d.brand = brand_name
@@ -309,13 +321,13 @@ function M.evaluate(r, event, env, explain)
     local ch = request.channel
     local mode = type(ch) == "string" and r.channels[ch] or nil
     if mode == "manual" then
-      if decide("channels", "skip", "channel_manual",
+      if decide(d, "channels", "skip", "channel_manual",
                 "channel " .. tostring(ch) .. " is in manual mode") then return d end
     elseif mode == nil then
-      if decide("channels", "skip", "channel_disabled",
+      if decide(d, "channels", "skip", "channel_disabled",
                 "channel " .. tostring(ch) .. " is not enabled in the rules") then return d end
     else
-      verdict("channels", "pass")
+      if verdicts then add_verdict(verdicts, "channels", "pass") end
     end
   end
 
@@ -324,29 +336,23 @@ function M.evaluate(r, event, env, explain)
     local hit
     for _, t in ipairs(tag_list(request)) do if r.exclude_tags[t] then hit = t break end end
     if hit then
-      if decide("exclude_tags", "skip", "excluded_tag", "tag " .. tostring(hit)) then return d end
+      if decide(d, "exclude_tags", "skip", "excluded_tag", "tag " .. tostring(hit)) then return d end
     else
-      verdict("exclude_tags", "pass")
+      if verdicts then add_verdict(verdicts, "exclude_tags", "pass") end
     end
   end
 
   local email = customer_email(request)
   local iid = interaction_id(request)
   local brand_scope = "brand:" .. tostring(brand_name or "")
-  local function suppression_scope()   -- the scope of this request's suppression mark
-    local per = r.suppression and r.suppression.per or "brand"
-    return per == "brand" and brand_scope
-        or per == "channel" and ("channel:" .. tostring(request.channel))
-        or "global"
-  end
 
   -- 6. unsubscribes: the rules' own list and the store's
   if r.unsubscribes or env.unsubscribed then
     if email and ((r.unsubscribes and r.unsubscribes[email]) or
                   (env.unsubscribed and env.unsubscribed(email))) then
-      if decide("unsubscribes", "skip", "unsubscribed", "the customer has unsubscribed") then return d end
+      if decide(d, "unsubscribes", "skip", "unsubscribed", "the customer has unsubscribed") then return d end
     else
-      verdict("unsubscribes", "pass")
+      if verdicts then add_verdict(verdicts, "unsubscribes", "pass") end
     end
   end
 
@@ -355,10 +361,10 @@ function M.evaluate(r, event, env, explain)
     local mark = { type = "once", scope = brand_scope, id = iid, ["until"] = now + r.once_days * DAY }
     local seen = env.lookup and env.lookup(mark)
     if seen then
-      if decide("once_per_interaction", "skip", "duplicate",
+      if decide(d, "once_per_interaction", "skip", "duplicate",
                 "interaction " .. iid .. " already triggered a request") then return d end
     else
-      verdict("once_per_interaction", "pass")
+      if verdicts then add_verdict(verdicts, "once_per_interaction", "pass") end
       d.marks[#d.marks + 1] = mark
     end
   end
@@ -367,49 +373,55 @@ function M.evaluate(r, event, env, explain)
   if r.sample and r.sample < 1 then
     local h = M.unit_hash(iid or tostring(event.id or ""))
     if h >= r.sample then
-      if decide("sample", "skip", "sampled_out",
+      if decide(d, "sample", "skip", "sampled_out",
                 format("hash %.3f is above the sample rate %.3f", h, r.sample)) then return d end
     else
-      verdict("sample", "pass")
+      if verdicts then add_verdict(verdicts, "sample", "pass") end
     end
   end
 
   -- 9. custom rules, in order
-  local ctx = {
-    event = event, brand = brand_name, brand_config = brand, now = now,
-    clock = function() return now end,
-    suppressed_until = function(addr)
-      if not (env.lookup and type(addr) == "string") then return nil end
-      return env.lookup{ type = "suppress", scope = suppression_scope(), email = lower(addr) }
-    end,
-    seen = function(id)
-      if not env.lookup then return false end
-      return env.lookup{ type = "once", scope = brand_scope, id = tostring(id) } ~= nil
-    end,
-    unsubscribed = function(addr)
-      if type(addr) ~= "string" then return false end
-      addr = lower(addr)
-      return (r.unsubscribes and r.unsubscribes[addr]) or
-             (env.unsubscribed and env.unsubscribed(addr)) or false
-    end,
-  }
-  for i, rule in ipairs(r.rules) do
-    local label = "rules[" .. i .. "]"
-    local ok, verdict_name, reason = pcall(rule, request, ctx)
-    if not ok then
-      if decide(label, "invalid", "rule_error", label .. ": " .. tostring(verdict_name)) then return d end
-    elseif verdict_name == "skip" then
-      if decide(label, "skip", reason or "custom_rule", label .. " skipped the event") then return d end
-    elseif verdict_name == "do_not_send" then
-      request.do_not_send = true
-      d.do_not_send_reason = d.do_not_send_reason or reason or "custom_rule"
-      verdict(label, "do_not_send", reason or "custom_rule")
-    elseif verdict_name == nil or verdict_name == true then
-      verdict(label, "pass")
-    else
-      if decide(label, "invalid", "rule_error",
-                label .. " returned " .. tostring(verdict_name) ..
-                " (expected nothing, \"skip\" or \"do_not_send\")") then return d end
+  local custom = r.rules
+  if custom[1] ~= nil then
+    local ctx = {
+      event = event, brand = brand_name, brand_config = brand, now = now,
+      clock = function() return now end,
+      suppressed_until = function(addr)
+        if not (env.lookup and type(addr) == "string") then return nil end
+        return env.lookup{ type = "suppress", scope = suppression_scope(r, request, brand_scope),
+                           email = lower(addr) }
+      end,
+      seen = function(id)
+        if not env.lookup then return false end
+        return env.lookup{ type = "once", scope = brand_scope, id = tostring(id) } ~= nil
+      end,
+      unsubscribed = function(addr)
+        if type(addr) ~= "string" then return false end
+        addr = lower(addr)
+        return (r.unsubscribes and r.unsubscribes[addr]) or
+               (env.unsubscribed and env.unsubscribed(addr)) or false
+      end,
+    }
+    for i, rule in ipairs(custom) do
+      local label = LABELS[i] or ("rules[" .. i .. "]")
+      local ok, verdict_name, reason = pcall(rule, request, ctx)
+      if not ok then
+        if decide(d, label, "invalid", "rule_error",
+                     label .. ": " .. tostring(verdict_name)) then return d end
+      elseif verdict_name == "skip" then
+        if decide(d, label, "skip", reason or "custom_rule",
+                     label .. " skipped the event") then return d end
+      elseif verdict_name == "do_not_send" then
+        request.do_not_send = true
+        d.do_not_send_reason = d.do_not_send_reason or reason or "custom_rule"
+        if verdicts then add_verdict(verdicts, label, "do_not_send", reason or "custom_rule") end
+      elseif verdict_name == nil or verdict_name == true then
+        if verdicts then add_verdict(verdicts, label, "pass") end
+      else
+        if decide(d, label, "invalid", "rule_error",
+                  label .. " returned " .. tostring(verdict_name) ..
+                  " (expected nothing, \"skip\" or \"do_not_send\")") then return d end
+      end
     end
   end
 
@@ -420,9 +432,11 @@ function M.evaluate(r, event, env, explain)
     if hit then
       request.do_not_send = true
       d.do_not_send_reason = d.do_not_send_reason or "do_not_send_tag"
-      verdict("do_not_send_tags", "do_not_send", "do_not_send_tag", "tag " .. tostring(hit))
+      if verdicts then
+        add_verdict(verdicts, "do_not_send_tags", "do_not_send", "do_not_send_tag", "tag " .. tostring(hit))
+      end
     else
-      verdict("do_not_send_tags", "pass")
+      if verdicts then add_verdict(verdicts, "do_not_send_tags", "pass") end
     end
   end
 
@@ -430,14 +444,15 @@ function M.evaluate(r, event, env, explain)
   -- e-mail, so it neither is suppressed nor suppresses)
   if r.suppression and email and request.do_not_send ~= true then
     local days = brand.suppression_days or r.suppression.days
-    local mark = { type = "suppress", scope = suppression_scope(), email = email, ["until"] = now + days * DAY }
+    local mark = { type = "suppress", scope = suppression_scope(r, request, brand_scope), email = email,
+                   ["until"] = now + days * DAY }
     local active = days > 0 and env.lookup and env.lookup(mark)
     if active then
-      if decide("suppression", "suppressed", "suppressed",
+      if decide(d, "suppression", "suppressed", "suppressed",
                 "a request reached this customer recently; next possible at " ..
                 M.iso_utc(active), { ["until"] = active }) then return d end
     else
-      verdict("suppression", "pass")
+      if verdicts then add_verdict(verdicts, "suppression", "pass") end
       if days > 0 then d.marks[#d.marks + 1] = mark end
     end
   end

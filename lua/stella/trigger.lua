@@ -120,17 +120,25 @@ local function new_batch(self)
       return h
     end,
     marks = self.dry_run and self.dry_marks or {},
-    pending = {},
+    pending = {},    -- outcomes of the requests to enqueue, in event order
+    phash = {},      -- their customers' hashes (false for none), by index in pending
+    pmarks = {},     -- their marks, flat: key, until, index in pending
+    npmarks = 0,     -- values in pmarks
     env = nil,   -- the rules' environment, made by env_for on first use
   }
 end
 
 -- Store keys for rule marks. E-mails become salted hashes here, never stored in clear.
 local function mark_key(batch, mark)
+  local key = mark._key   -- a mark looked up and then put is keyed once
+  if key then return key end
   if mark.type == "suppress" then
-    return "suppress|" .. mark.scope .. "|" .. batch.hash(mark.email)
+    key = "suppress|" .. mark.scope .. "|" .. batch.hash(mark.email)
+  else
+    key = "once|" .. mark.scope .. "|" .. mark.id
   end
-  return "once|" .. mark.scope .. "|" .. mark.id
+  mark._key = key
+  return key
 end
 
 -- The rules' view of the store for the events of a batch (all decided at `now`).
@@ -138,15 +146,20 @@ local function env_for(self, now, batch)
   local env = batch.env
   if env and env.now == now then return env end
   local store, marks = self.store, batch.marks
+  local mark_until = store._mark_until   -- the stores' fast look-up, when they have one
   env = {
     now = now,
     lookup = function(mark)
       local key = mark_key(batch, mark)
       local until_ = marks[key]   -- put earlier in this batch: not in the store yet
       if until_ ~= nil then return until_ > now and until_ or nil end
+      if mark_until then return (mark_until(store, key, now)) end
       return (store:get_mark(key, now))
     end,
-    unsubscribed = function(email) return store:is_unsubscribed(batch.hash(email)) end,
+    unsubscribed = function(email)
+      if batch.no_unsubscribes then return false end
+      return store:is_unsubscribed(batch.hash(email))
+    end,
   }
   batch.env = env
   return env
@@ -165,20 +178,66 @@ local function count(self, outcome)
   self.reasons[key] = (self.reasons[key] or 0) + 1
 end
 
-local function ledger_entry(batch, outcome, now)
+local function is_text(v) return v == nil or type(v) == "string" end
+
+-- Appends the 13 values of outcome's ledger entry (record_many's column order) to `values`
+-- after its k-th value. Returns false when one of them needs the store's own checks and
+-- conversions (a number or table where text goes), true otherwise.
+local function ledger_values(batch, outcome, now, values, k)
   local req = outcome.request
-  local c = type(req) == "table" and type(req.customer) == "table" and req.customer or {}
+  local channel, hash = nil, outcome.customer_hash
+  if type(req) == "table" then
+    if type(req.channel) == "string" then channel = req.channel end
+    local c = req.customer
+    if type(c) == "table" and type(c.email) == "string" then hash = batch.hash(c.email) end
+  end
   local err = outcome.error
-  return {
-    time = now, event_id = outcome.event_id, interaction_id = outcome.interaction_id,
-    brand = outcome.brand, channel = type(req) == "table" and type(req.channel) == "string" and req.channel or nil,
-    status = outcome.status, reason = outcome.reason, detail = outcome.detail,
-    request_id = outcome.request_id,
-    error_kind = err and err.kind or nil, error_message = err and tostring(err) or nil,
-    customer_hash = type(c.email) == "string" and batch.hash(c.email) or outcome.customer_hash,
-    attempts = outcome.attempts,
-  }
+  local error_kind, error_message
+  if err then error_kind, error_message = err.kind, tostring(err) end
+  local reason, detail, brand, request_id, attempts =
+    outcome.reason, outcome.detail, outcome.brand, outcome.request_id, outcome.attempts
+  values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6], values[k + 7],
+    values[k + 8], values[k + 9], values[k + 10], values[k + 11], values[k + 12], values[k + 13] =
+    now, outcome.status, reason, outcome.event_id, outcome.interaction_id, brand, channel, detail,
+    request_id, error_kind, error_message, hash, attempts
+  return is_text(reason) and is_text(detail) and is_text(brand) and is_text(request_id) and
+    is_text(error_kind) and is_text(hash) and is_text(outcome.event_id) and is_text(outcome.interaction_id) and
+    (attempts == nil or (type(attempts) == "number" and attempts >= 0 and attempts % 1 == 0))
 end
+
+local ENQUEUE_FIELDS = { "kind", "body", "brand", "event_id", "interaction_id", "customer_hash",
+                         "created_at", "next_at", "attempts" }
+local MARK_FIELDS = { "key", "until", "outbox_id" }
+local LEDGER_FIELDS = { "time", "status", "reason", "event_id", "interaction_id", "brand", "channel",
+                        "detail", "request_id", "error_kind", "error_message", "customer_hash", "attempts" }
+local PUBLIC = {
+  enqueue = { "enqueue_many", ENQUEUE_FIELDS }, put_mark = { "put_mark_many", MARK_FIELDS },
+  record = { "record_many", LEDGER_FIELDS }, confirm_marks = { "confirm_marks_many" },
+  finish = { "finish_many" },
+}
+
+-- A batch write of `count` rows held flat in `values`: through the store's trusted
+-- _write_values when it has one and the values need no checks (`trusted`), else through
+-- the public *_many method (which checks and converts them).
+local function write_values(store, kind, values, count, trusted)
+  if trusted and store._write_values then return store:_write_values(kind, values, count) end
+  local p = PUBLIC[kind]
+  local fields = p[2]
+  if not fields then
+    local list = {}
+    for i = 1, count do list[i] = values[i] end
+    return store[p[1]](store, list)
+  end
+  local list, width = {}, #fields
+  for i = 1, count do
+    local row, base = {}, (i - 1) * width
+    for j = 1, width do row[fields[j]] = values[base + j] end
+    list[i] = row
+  end
+  return store[p[1]](store, list)
+end
+
+local function is_finite(v) return type(v) == "number" and v - v == 0 end
 
 local function interaction_of(request)
   local id = type(request) == "table" and request.ext_interaction_id
@@ -236,44 +295,63 @@ local function decide(self, event, now, explain, batch)
   outcome.status = sent_status(body)
   outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
   if explain then return outcome end
-  local marks = {}
-  for i, mark in ipairs(d.marks) do
-    local key = mark_key(batch, mark)
-    batch.marks[key] = mark["until"]
-    marks[i] = { key = key, ["until"] = mark["until"] }
+  local bmarks, dmarks = batch.marks, d.marks
+  if self.dry_run then
+    for i = 1, #dmarks do
+      local mark = dmarks[i]
+      bmarks[mark_key(batch, mark)] = mark["until"]
+    end
+    return outcome
   end
-  if self.dry_run then return outcome end
+  local pending = batch.pending
+  local np = #pending + 1
+  local pm, k = batch.pmarks, batch.npmarks
+  for i = 1, #dmarks do
+    local mark = dmarks[i]
+    local key, until_ = mark_key(batch, mark), mark["until"]
+    bmarks[key] = until_
+    pm[k + 1], pm[k + 2], pm[k + 3] = key, until_, np
+    k = k + 3
+  end
+  batch.npmarks = k
+  pending[np] = outcome
   local c = d.request.customer
-  batch.pending[#batch.pending + 1] = {
-    outcome = outcome, marks = marks,
-    item = {
-      kind = "request", body = body, brand = d.brand, event_id = outcome.event_id,
-      interaction_id = outcome.interaction_id, created_at = now,
-      customer_hash = type(c) == "table" and type(c.email) == "string" and batch.hash(c.email) or nil,
-      next_at = now + self.outbox_opts.lease, attempts = 0,
-    },
-  }
+  batch.phash[np] = type(c) == "table" and type(c.email) == "string" and batch.hash(c.email) or false
   return outcome
 end
 
 -- Writes the batch's pending requests to the outbox and their marks, reserved by them
 -- (inside the decide transaction). true, or nil, err.
-local function enqueue_pending(self, batch)
+local function enqueue_pending(self, batch, now)
   local pending = batch.pending
-  if #pending == 0 then return true end
-  local store, items = self.store, {}
-  for i, p in ipairs(pending) do items[i] = p.item end
-  local ids, err = store:enqueue_many(items)
-  if not ids then return nil, err end
-  local marks = {}
-  for i, p in ipairs(pending) do
-    p.outcome.outbox_id = ids[i]
-    for _, m in ipairs(p.marks) do
-      m.outbox_id = ids[i]
-      marks[#marks + 1] = m
-    end
+  local n = #pending
+  if n == 0 then return true end
+  local store, hashes = self.store, batch.phash
+  local next_at = now + self.outbox_opts.lease
+  local trusted = is_finite(now) and is_finite(next_at)
+  local values, k = {}, 0
+  for i = 1, n do
+    local o = pending[i]
+    local brand, h = o.brand, hashes[i]
+    if brand ~= nil and type(brand) ~= "string" then trusted = false end
+    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6],
+      values[k + 7], values[k + 8], values[k + 9] =
+      "request", o.body, brand, o.event_id, o.interaction_id, h or nil, now, next_at, 0
+    k = k + 9
   end
-  return store:put_mark_many(marks)
+  local ids, err = write_values(store, "enqueue", values, n, trusted)
+  if not ids then return nil, err end
+  for i = 1, n do pending[i].outbox_id = ids[i] end
+  local pm, count = batch.pmarks, batch.npmarks
+  if count == 0 then return true end
+  local mv = {}
+  trusted = true
+  for j = 1, count, 3 do
+    local until_, id = pm[j + 1], ids[pm[j + 2]]
+    if not (is_finite(until_) and type(id) == "number" and id % 1 == 0) then trusted = false end
+    mv[j], mv[j + 1], mv[j + 2] = pm[j], until_, id
+  end
+  return write_values(store, "put_mark", mv, floor(count / 3), trusted)
 end
 
 -- Sends one outbox item (network only; the store is not touched here).
@@ -312,13 +390,14 @@ end
 
 -- Confirms the marks of the sent items and removes them from the outbox, then writes the
 -- ledger entries (the caller holds the transaction).
-local function settle_sent(self, sent, entries)
+local function settle_sent(self, sent, entries, count, trusted)
   local store = self.store
-  if #sent > 0 then
-    store:confirm_marks_many(sent)
-    store:finish_many(sent)
+  local n = #sent
+  if n > 0 then
+    write_values(store, "confirm_marks", sent, n, true)   -- ids the store gave
+    write_values(store, "finish", sent, n, true)
   end
-  store:record_many(entries)
+  write_values(store, "record", entries, count, trusted)
 end
 
 -- Counts the outcomes, checks the alert once, returns them.
@@ -356,8 +435,11 @@ function Trigger:process_many(events)
   end
   local store = self.store
   local ok, serr = store:atomic(function()
+    -- inside the transaction nothing else writes the store: with no unsubscribes at its
+    -- start, none of this batch's events is unsubscribed (the rules cannot add one)
+    if store._any_unsubscribes and store:_any_unsubscribes() == false then batch.no_unsubscribes = true end
     for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
-    return enqueue_pending(self, batch)
+    return enqueue_pending(self, batch, now)
   end)
   if not ok then   -- rolled back: nothing was reserved or queued
     outcomes = {}
@@ -367,28 +449,36 @@ function Trigger:process_many(events)
     end
     return conclude(self, outcomes, now)
   end
-  local items = {}
-  for i, o in ipairs(outcomes) do
+  local n = #outcomes
+  local results, errs = {}, {}
+  for i = 1, n do
+    local o = outcomes[i]
     if o.outbox_id then
-      local item = { id = o.outbox_id, kind = "request", body = o.body, brand = o.brand,
-                     created_at = now }
-      item.res, item.err = send_item(self, item)
-      items[i] = item
+      results[i], errs[i] = self:client_for(o.brand):post("/v1/requests", o.body)
     end
   end
   -- if this transaction fails, sent items stay leased in the outbox and a later
   -- flush() sends them again: at least once, never lost
   store:atomic(function()
-    local sent, entries = {}, {}
-    for i, o in ipairs(outcomes) do
-      local item = items[i]
-      if item then
-        for k, v in pairs(settle(self, item, item.res, item.err, now, 0, sent)) do o[k] = v end
+    local sent, entries, k, trusted = {}, {}, 0, is_finite(now)
+    for i = 1, n do
+      local o = outcomes[i]
+      local id = o.outbox_id
+      if id then
+        local res = results[i]
+        if res then   -- settle's success case, without its table
+          sent[#sent + 1] = id
+          o.status, o.request_id, o.attempts = sent_status(o.body), res.request_id, res.attempts
+        else
+          local item = { id = id, kind = "request", body = o.body, brand = o.brand, created_at = now }
+          for key, v in pairs(settle(self, item, nil, errs[i], now, 0, sent)) do o[key] = v end
+        end
       end
       o.body = nil
-      entries[i] = ledger_entry(batch, o, now)
+      if not ledger_values(batch, o, now, entries, k) then trusted = false end
+      k = k + 13
     end
-    settle_sent(self, sent, entries)
+    settle_sent(self, sent, entries, n, trusted)
   end)
   return conclude(self, outcomes, now)
 end
@@ -421,7 +511,7 @@ function Trigger:flush()
     local outcomes = {}
     local batch = new_batch(self)
     self.store:atomic(function()
-      local sent, entries = {}, {}
+      local sent, entries, trusted = {}, {}, is_finite(now)
       for i, item in ipairs(items) do
         local r = settle(self, item, item.res, item.err, now, item.attempts or 0, sent)
         r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
@@ -429,10 +519,10 @@ function Trigger:flush()
         if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
         if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
         summary[r.status] = summary[r.status] + 1
-        entries[i] = ledger_entry(batch, r, now)
+        if not ledger_values(batch, r, now, entries, (i - 1) * 13) then trusted = false end
         outcomes[i] = r
       end
-      settle_sent(self, sent, entries)
+      settle_sent(self, sent, entries, #items, trusted)
     end)
     conclude(self, outcomes, now)
     if #items < o.batch then break end

@@ -19,7 +19,8 @@
 -- (when given), then the original request.
 --
 -- One nginx worker: nothing between reading and writing a mark yields, so the checks
--- need no locks. State lives in four lua_shared_dicts (ids, marks, log, counts: see
+-- need no locks, and an accepted request's writes can wait in the worker for one batched
+-- flush (see "batched" below) that every reader runs first. State lives in four lua_shared_dicts (ids, marks, log, counts: see
 -- sandbox/nginx.conf and stella.sandbox.status).
 local cjson = require "cjson.safe"
 local stella = require "stella"
@@ -63,6 +64,9 @@ local NOT_ALLOWED = '{"message":"Method Not Allowed"}'
 local DAY = 86400
 local MINUTE_TTL = 25 * 3600      -- per-minute buckets cover the status page's 24 hours
 local BODY_KEEP = 8192            -- bytes of an invalid body kept for the status page
+
+local FLUSH_EVERY = 0.05   -- seconds between flushes of the batched writes (see flush)
+local flush
 
 local conf          -- the normalised config, loaded in init_by_lua (shared by the workers)
 local assets        -- the status page's template, style and script
@@ -121,6 +125,8 @@ function M.init_worker()
     end
   end
   math.randomseed(seed)
+  local ok, err = ngx.timer.every(FLUSH_EVERY, flush)
+  if not ok then ngx.log(ngx.ERR, "sandbox: no flush timer: ", err) end
 end
 
 ---------------------------------------------------------------------------
@@ -161,6 +167,7 @@ local function mix(x, k)
 end
 
 local function load_keys()
+  if K_seed then return end    -- one worker: a reset (M.control) forgets it
   local seed = counts:get("seed")
   if not seed then
     counts:add("seed", random(1, 0x7fffffff) * 0x200000 + random(0, 0x1fffff))
@@ -257,9 +264,104 @@ local function count_call(t, is_error)
 end
 
 -- Puts the row of call number seq into a tab of the status page (a ring of log_limit
--- rows per tab).
-local function put_row(tab, seq, row)
-  logs:set("l:" .. tab .. ":" .. (seq % log_limit), row)
+-- rows per tab). With `body`, the row is `row .. body .. "}"`, kept in two parts (see
+-- stella.sandbox.status.row): a request's row is mostly its body, and building one long
+-- string per request costs more than a second dict entry (LuaJIT hashes a long string
+-- from a few sampled bytes, so rows that differ only in their id all collide).
+local function put_row(tab, seq, row, body)
+  local slot = tab .. ":" .. (seq % log_limit)
+  if body then logs:set("r:" .. slot, body) else logs:delete("r:" .. slot) end
+  logs:set("l:" .. slot, row)
+end
+
+---------------------------------------------------------------------------
+-- The accepted requests' writes, batched: a request's row, its interaction's id and its
+-- counters wait in this worker's tables and reach the dicts in one loop (flush), run by a
+-- timer every FLUSH_EVERY seconds and before anything reads them (the status pages,
+-- recoveries, the controls). One worker: every reader is in this worker, so none sees a
+-- dict without its pending writes. A flush writes only what the dicts keep: the newest
+-- log_limit rows of each tab, the latest id of each interaction.
+---------------------------------------------------------------------------
+
+local FLUSH_AT = 8192                  -- pending rows that force a flush
+local pend_n = 0
+local p_tab, p_seq, p_time, p_id, p_mode, p_delivery, p_to, p_until, p_body, p_ikey =
+      {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
+local p_counts, p_minutes = {}, {}     -- key -> n (p_minutes: with MINUTE_TTL)
+-- The marks this worker has read (key -> until), so a suppressed customer's next request
+-- skips the dict; one worker writes every mark, and a reset empties it.
+local MARK_CACHE_MAX = 10000
+local mark_cache, mark_cached = {}, 0
+local q_next = {}   -- mode -> the last number given (q:MODE with the pending ones added)
+local p_any = false
+
+function flush()    -- (declared above init_worker, which starts its timer)
+  if not p_any then return end
+  p_any = false
+  local n = pend_n
+  pend_n = 0
+  local written, seen = {}, {}
+  for i = n, 1, -1 do
+    local tab = p_tab[i]
+    local w = written[tab] or 0
+    if w < log_limit then
+      written[tab] = w + 1
+      -- e-mail addresses hold no '"' or '\' (the schema's e-mail check): no escaping
+      local to, until_t = p_to[i], p_until[i]
+      put_row(tab, p_seq[i], '{"time":' .. fmt("%.3f", p_time[i])
+        .. ',"request_id":"' .. p_id[i] .. '","mode":"' .. p_mode[i] .. '","call":"request","delivery":"'
+        .. p_delivery[i] .. '"' .. (to and (',"to":"' .. to .. '"') or "")
+        .. (until_t and (',"until":' .. fmt("%.0f", until_t)) or "") .. ',"request":', p_body[i])
+    end
+    local ik = p_ikey[i]
+    if not seen[ik] then
+      seen[ik] = true
+      ids:set(ik, p_id[i])
+    end
+  end
+  for i = 1, n do p_id[i], p_to[i], p_until[i], p_body[i], p_ikey[i] = nil, nil, nil, nil, nil end
+  for k, v in pairs(p_minutes) do
+    counts:incr(k, v, 0, MINUTE_TTL)
+    p_minutes[k] = nil
+  end
+  for k, v in pairs(p_counts) do
+    counts:incr(k, v, 0)
+    p_counts[k] = nil
+  end
+  q_next.test, q_next.production = nil, nil
+end
+M.flush = flush
+
+-- Forgets the pending writes (a reset).
+local function drop_pending()
+  for i = 1, pend_n do p_id[i], p_to[i], p_until[i], p_body[i], p_ikey[i] = nil, nil, nil, nil, nil end
+  pend_n, p_any = 0, false
+  for k in pairs(p_minutes) do p_minutes[k] = nil end
+  for k in pairs(p_counts) do p_counts[k] = nil end
+  q_next.test, q_next.production = nil, nil
+  mark_cache, mark_cached = {}, 0
+end
+
+local minute_of, minute_key = nil, nil
+local D_KEY = {}
+for _, mode in ipairs{ "test", "production" } do
+  D_KEY[mode] = {}
+  for _, d in ipairs{ "test_inbox", "customer", "suppressed", "unsubscribed", "do_not_send" } do
+    D_KEY[mode][d] = "d:" .. mode .. ":" .. d
+  end
+end
+
+local function pend(tab, seq, t, id, mode, delivery, to, until_t, body, ikey, dkey)
+  local i = pend_n + 1
+  pend_n, p_any = i, true
+  p_tab[i], p_seq[i], p_time[i], p_id[i], p_mode[i], p_delivery[i] = tab, seq, t, id, mode, delivery
+  p_to[i], p_until[i], p_body[i], p_ikey[i] = to or false, until_t or false, body, ikey
+  local m = floor(t / 60)
+  if m ~= minute_of then minute_of, minute_key = m, "m:" .. m end
+  p_minutes[minute_key] = (p_minutes[minute_key] or 0) + 1
+  p_counts[dkey] = (p_counts[dkey] or 0) + 1
+  p_counts[QUEUE[mode]] = (p_counts[QUEUE[mode]] or 0) + 1
+  if i >= FLUSH_AT then flush() end
 end
 
 -- A row must stay valid JSON text: a body that is not UTF-8 (answered invalid_utf8) keeps
@@ -338,8 +440,15 @@ end
 -- POST /v1/requests
 ---------------------------------------------------------------------------
 
--- A request body -> status, answer. (Public for bench/sandbox.lua's profile of the Lua
--- side; M.requests is the handler.)
+-- The body without its closing "}" (and what follows it): a valid JSON object's members.
+local function echo_head(body)
+  local last = #body
+  while byte(body, last) ~= 125 do last = last - 1 end   -- its closing "}"
+  return sub(body, 1, last - 1)
+end
+
+-- A request body -> status, answer (a string, or a list of strings for ngx.print).
+-- (Public for a profile of the Lua side; M.requests is the handler.)
 function M.handle_request(mode, body, t)
   local req, perr = parse(body)
   if not req then return reject(t, mode, "request", body, nil, perr) end
@@ -380,9 +489,14 @@ function M.handle_request(mode, body, t)
     local days = conf.suppression_days
     if days > 0 then
       local key = "s:" .. mode .. ":" .. (brand or conf.default_brand) .. "\0" .. lemail
-      local u = marks:get(key)
+      local u = mark_cache[key]
+      if not (u and u > t) then u = marks:get(key) end
       if u and u > t then
         delivery, until_t = "suppressed", u
+        if mark_cache[key] ~= u then
+          if mark_cached >= MARK_CACHE_MAX then mark_cache, mark_cached = {}, 0 end
+          mark_cache[key], mark_cached = u, mark_cached + 1
+        end
       else
         marks:set(key, t + days * DAY, days * DAY + 3600)
       end
@@ -394,21 +508,15 @@ function M.handle_request(mode, body, t)
   end
 
   load_keys()
-  local seq = counts:incr(QUEUE[mode], 1, 0)
+  local seq = (q_next[mode] or counts:get(QUEUE[mode]) or 0) + 1   -- its q counter: see pend
+  q_next[mode] = seq
   local id = request_id(mode, seq)
-  ids:set("i:" .. mode .. ":" .. id_text(req.ext_interaction_id), id)
-  count_call(t, false)
-  counts:incr("d:" .. mode .. ":" .. delivery, 1, 0)
-  -- e-mail addresses hold no '"' or '\' (the schema's e-mail check), so they need no escaping
-  put_row(TAB[mode], seq, '{"time":' .. fmt("%.3f", t)
-    .. ',"request_id":"' .. id .. '","mode":"' .. mode .. '","call":"request","delivery":"' .. delivery .. '"'
-    .. (to and (',"to":"' .. to .. '"') or "")
-    .. (until_t and (',"until":' .. fmt("%.0f", until_t)) or "")
-    .. ',"request":' .. body .. "}")
-  -- the echo: the body as sent (a valid JSON object) with two more members
-  local last = #body
-  while byte(body, last) ~= 125 do last = last - 1 end   -- its closing "}"
-  return 200, sub(body, 1, last - 1) .. ',"request_id":"' .. id .. '","delivery":"' .. delivery .. '"}'
+  pend(TAB[mode], seq, t, id, mode, delivery, to, until_t, body,
+       "i:" .. mode .. ":" .. id_text(req.ext_interaction_id), D_KEY[mode][delivery])
+  -- the echo: the body as sent (a valid JSON object) with two more members, as parts for
+  -- ngx.print (one long string per request, unlike every other one, would cost LuaJIT's
+  -- string table a search through the others: their sampled hashes are all alike)
+  return 200, { echo_head(body), ',"request_id":"', id, '","delivery":"', delivery, '"}' }
 end
 
 -- POST /v1/requests
@@ -430,7 +538,7 @@ local function original_request(mode, id)
   local seq = issued(mode, id)
   if not seq then return nil end
   id = lower(id)
-  local row = json_decode(logs:get("l:" .. TAB[mode] .. ":" .. (seq % log_limit)) or "")
+  local row = json_decode(status.row(logs, TAB[mode] .. ":" .. (seq % log_limit)) or "")
   if type(row) == "table" and row.request_id == id then
     if row.call ~= "request" then return nil end     -- a recovery is no feedback request
     local c = type(row.request) == "table" and row.request.customer
@@ -479,6 +587,7 @@ end
 
 -- POST /v1/recoveries
 function M.recoveries()
+  flush()
   local mode = authenticate()
   if not mode then return end
   local status, answer = M.handle_recovery(mode, body_text(), now())
@@ -495,11 +604,13 @@ local function base_url()
 end
 
 function M.status_page()
+  flush()
   if req_get_method() ~= "GET" and req_get_method() ~= "HEAD" then return reply(405, NOT_ALLOWED) end
   ngx_print(status.html(conf, logs, counts, now(), assets, base_url()))
 end
 
 function M.status_json()
+  flush()
   if req_get_method() ~= "GET" and req_get_method() ~= "HEAD" then return reply(405, NOT_ALLOWED) end
   local limit = tonumber(ngx.var.arg_limit)
   ngx_print(status.json(conf, logs, counts, now(), limit and limit >= 0 and floor(limit) or nil))
@@ -517,12 +628,15 @@ function M.control()
   end
   if req_get_method() ~= "POST" then return reply(405, NOT_ALLOWED) end
   if uri == "/_sandbox/reset" then
+    drop_pending()
+    K_seed = nil
     for _, d in ipairs{ logs, ids, marks, counts } do
       d:flush_all()
       d:flush_expired()
     end
     return ngx_say('{"reset":true}')
   elseif uri == "/_sandbox/clock" then
+    flush()
     local req = json_decode(body_text())
     local advance = type(req) == "table" and tonumber(req.advance)
     if not advance or advance < 0 then

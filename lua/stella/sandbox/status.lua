@@ -9,7 +9,8 @@
 --           m:MINUTE, x:MINUTE                 calls and errors per minute (25 hours)
 --           auth                               calls refused with 403
 --           seed                               the key of the request ids
---   logs    l:TAB:SLOT                         the rows, a ring of log_limit per tab
+--   logs    l:TAB:SLOT, r:TAB:SLOT             the rows, a ring of log_limit per tab (r: the
+--                                              body of a request's row, see M.row)
 --
 -- GET /status.json (?limit=N: at most N rows per tab):
 --   company, test_email, generated_at (epoch seconds), threshold (0.05)
@@ -50,13 +51,24 @@ local HOUR, DAY_HOURS = 3600, 24
 -- Data
 ---------------------------------------------------------------------------
 
+-- The JSON text of the row in slot "TAB:N", or nil. A request's row is kept in two parts
+-- (l:SLOT its start, r:SLOT its body; see put_row in stella.sandbox.server).
+function M.row(logs, slot)
+  local row = logs:get("l:" .. slot)
+  if not row then return nil end
+  local body = logs:get("r:" .. slot)
+  if body then return row .. body .. "}" end
+  return row
+end
+local row_text = M.row
+
 -- The newest `limit` rows of a tab, newest first, as JSON texts.
 local function rows(logs, counts, queue, tab, log_limit, limit)
   local n = counts:get(queue) or 0
   local out = {}
   local last = n - min(n, log_limit, limit or log_limit) + 1
   for seq = n, last, -1 do
-    local row = logs:get("l:" .. tab .. ":" .. (seq % log_limit))
+    local row = row_text(logs, tab .. ":" .. (seq % log_limit))
     if row then out[#out + 1] = row end
   end
   return out, n

@@ -22,6 +22,8 @@
 -- retryable = true|false } and prints as its message.
 --
 -- The helpers under M._util are shared by the backends and are not part of the interface.
+-- Nor are methods whose names start with "_" (_mark_until, _any_unsubscribes, _write_values):
+-- fast paths for the trigger's batches, which skip the checks; a backend may lack them.
 local error, format, floor, getmetatable, pairs, setmetatable, tostring, type, select =
   error, string.format, math.floor, getmetatable, pairs, setmetatable, tostring, type, select
 local math_type = math.type   -- nil on LuaJIT

@@ -212,6 +212,20 @@ function Store:is_unsubscribed(hash)
   return self.unsubscribed[hash] ~= nil
 end
 
+-- For the trigger (not part of the interface): false when no address is unsubscribed.
+function Store:_any_unsubscribes()
+  check_open(self, "_any_unsubscribes")
+  return self.unsub_count > 0
+end
+
+-- For the trigger (not part of the interface): the until of the active mark under key, or nil.
+function Store:_mark_until(key, now)
+  check_open(self, "_mark_until")
+  local mark = self.marks[key]
+  if mark and mark["until"] > now then return mark["until"] end
+  return nil
+end
+
 function Store:unsubscribed_count()
   check_open(self, "unsubscribed_count")
   return self.unsub_count

@@ -163,6 +163,8 @@ local SQL = {
   unsubscribe = "INSERT OR REPLACE INTO unsubscribes (hash, time) VALUES (?, ?)",
   resubscribe = "DELETE FROM unsubscribes WHERE hash = ?",
   is_unsubscribed = "SELECT 1 AS x FROM unsubscribes WHERE hash = ?",
+  any_unsubscribes = "SELECT 1 AS x FROM unsubscribes LIMIT 1",
+  mark_until = "SELECT until_at FROM marks WHERE key = ? AND until_at > ?",
   unsubscribed_count = "SELECT COUNT(*) AS n FROM unsubscribes",
   enqueue = "INSERT INTO outbox (kind, body, brand, event_id, interaction_id, customer_hash, " ..
     "created_at, next_at, attempts, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
@@ -531,6 +533,29 @@ function Store:get_mark(key, now)
   return r.until_at, reservation(r.outbox_id)
 end
 
+-- For the trigger (not part of the interface; key and now already checked by the caller):
+-- the until of the active mark under key, or nil (nil, err on a failure).
+local function fetch_until(sth)
+  local r = sth:fetch(false)
+  if r and sth:fetch(false) then
+    while sth:fetch(false) do end
+  end
+  return r and r[1]
+end
+
+function Store:_mark_until(key, now)
+  check_open(self, "_mark_until")
+  local sql = SQL.mark_until
+  local sth, err = run_raw(self, sql, key, now)
+  if not sth then return failure(self, err) end
+  local ok, u = pcall(fetch_until, sth)
+  if not ok then
+    drop(self, sql, sth)
+    return failure(self, u)
+  end
+  return u
+end
+
 local function put_mark(self, key, until_, outbox_id)
   local n, err = exec(self, SQL.put_mark, key, until_, outbox_id)
   if not n then return nil, err end
@@ -628,6 +653,14 @@ function Store:is_unsubscribed(hash)
   U.check_key(hash, "is_unsubscribed", "hash")
   local r, err = row(self, SQL.is_unsubscribed, nil, hash)
   if r == nil then return nil, err end
+  return r ~= false
+end
+
+-- For the trigger (not part of the interface): false when no address is unsubscribed,
+-- true otherwise (and when the answer is unknown).
+function Store:_any_unsubscribes()
+  check_open(self, "_any_unsubscribes")
+  local r = row(self, SQL.any_unsubscribes, nil)
   return r ~= false
 end
 
@@ -804,6 +837,30 @@ function Store:record_many(entries)
   end
   if #entries == 0 then return true end
   return write(self, record_many, values, #entries)
+end
+
+-- For the trigger (not part of the interface): the writes of enqueue_many ("enqueue", 9 values
+-- a row), put_mark_many ("put_mark", 3), record_many ("record", 13), confirm_marks_many
+-- ("confirm_marks", 1) and finish_many ("finish", 1) from rows already flat in `values`, in
+-- the column order of those methods, and already checked by the caller: strings or nil in
+-- the text columns, finite numbers in the numeric ones, integer ids. Returns what the public
+-- method would.
+local WRITERS = {
+  enqueue = enqueue_many, put_mark = put_mark_many, record = record_many,
+}
+
+function Store:_write_values(kind, values, count)
+  check_open(self, "_write_values")
+  local fn = WRITERS[kind]
+  if fn then
+    if count == 0 then return kind == "enqueue" and {} or true end
+    return write(self, fn, values, count)
+  end
+  if kind ~= "confirm_marks" and kind ~= "finish" then
+    error("stella.store: _write_values: unknown kind " .. tostring(kind), 2)
+  end
+  if count == 0 then return 0 end
+  return write(self, exec_multi, kind, values, count)
 end
 
 -- " WHERE ..." for the query options (with the extra condition `also`), and its values.
