@@ -134,22 +134,42 @@ static stella_kind check_kind(lua_State *L, int idx) {
   return luaL_checkoption(L, idx, "request", kinds) == 1 ? STELLA_RECOVERY : STELLA_REQUEST;
 }
 
-/* Optional allowed channel list (a sequence of strings) at idx. */
+/* The allowed channels of an options table at idx: { channels = {"phone","chat"} } or
+ * { channels = { phone = true } }. The channel table is left on the stack so that the
+ * name strings stay anchored while they are used. */
 static void check_channels(lua_State *L, scratch *s, int idx, stella_options *o) {
-  size_t i, n;
+  size_t n = 0, cap;
   const char **list;
+  int t;
   o->channels = NULL;
   o->channel_count = 0;
-  if (lua_isnoneornil(L, idx)) return;
-  luaL_checktype(L, idx, LUA_TTABLE);
-  n = (size_t)stella_rawlen(L, idx);
-  list = (const char **)stella_arena_alloc(&s->arena, (n ? n : 1) * sizeof *list);
+  if (idx == 0) return;
+  lua_getfield(L, idx, "channels");
+  t = lua_gettop(L);
+  if (lua_isnil(L, t)) return;
+  if (!lua_istable(L, t)) luaL_error(L, "options.channels must be a table");
+  cap = (size_t)stella_rawlen(L, t) + 8;
+  list = (const char **)stella_arena_alloc(&s->arena, cap * sizeof *list);
   if (list == NULL) luaL_error(L, "not enough memory");
-  for (i = 0; i < n; i++) {
-    lua_rawgeti(L, idx, (int)i + 1);
-    if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "channels must be a list of strings");
-    list[i] = lua_tostring(L, -1);   /* anchored by the table */
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    const char *name = NULL;
+    if (lua_type(L, -2) == LUA_TNUMBER && lua_type(L, -1) == LUA_TSTRING)
+      name = lua_tostring(L, -1);                     /* list form */
+    else if (lua_type(L, -2) == LUA_TSTRING && lua_toboolean(L, -1))
+      name = lua_tostring(L, -2);                     /* set form */
+    else if (!(lua_type(L, -2) == LUA_TSTRING && !lua_toboolean(L, -1)))
+      luaL_error(L, "options.channels must be a list of channel names or a set {name = true}");
     lua_pop(L, 1);
+    if (name == NULL) continue;
+    if (n == cap) {
+      const char **bigger = (const char **)stella_arena_alloc(&s->arena, 2 * cap * sizeof *list);
+      if (bigger == NULL) luaL_error(L, "not enough memory");
+      memcpy((void *)bigger, (const void *)list, n * sizeof *list);
+      list = bigger;
+      cap *= 2;
+    }
+    list[n++] = name;
   }
   o->channels = list;
   o->channel_count = n;
@@ -176,10 +196,19 @@ static int run_validation(lua_State *L, scratch *s, stella_kind *kind, stella_va
   stella_options o;
   stella_errors errors;
   int n;
+  int opts = 0;
   luaL_checktype(L, 1, LUA_TTABLE);
-  *kind = check_kind(L, 2);
-  check_channels(L, s, 3, &o);
+  /* (req), (req, kind), (req, opts) or (req, kind, opts) */
+  if (lua_istable(L, 2)) {
+    *kind = STELLA_REQUEST;
+    opts = 2;
+  } else {
+    *kind = check_kind(L, 2);
+    if (lua_istable(L, 3)) opts = 3;
+    else if (!lua_isnoneornil(L, 3)) luaL_argerror(L, 3, "options table expected");
+  }
   lua_settop(L, 3);
+  check_channels(L, s, opts, &o);
   to_value(L, s, 1, 0, req);
   n = stella_validate(&s->arena, *kind, req, &o, &errors);
   if (n < 0) return luaL_error(L, "not enough memory");

@@ -110,6 +110,7 @@ function M.new(opts)
     mode = mode,
     base_url = opts.base_url or DEFAULT_BASE_URL,
     channels = M.channel_list(opts.channels),
+    encode_opts = opts.channels ~= nil and { channels = M.channel_list(opts.channels) } or nil,
     timeout = positive(opts, "timeout", 30),
     attempts = attempts,
     base_delay = retry.base_delay or 0.5,
@@ -227,7 +228,7 @@ end
 
 function Client:send(req)
   if type(req) ~= "table" then error("client:send: request table expected", 2) end
-  local body, errs = core.encode(req, "request", self.channels)
+  local body, errs = core.encode(req, "request", self.encode_opts)
   if not body then return nil, invalid(errs) end
   return self:post("/v1/requests", body)
 end

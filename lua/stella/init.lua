@@ -6,7 +6,7 @@ local core = require "stella.core"
 local client = require "stella.client"
 local errors = require "stella.error"
 
-local type, setmetatable, require = type, setmetatable, require
+local setmetatable, require = setmetatable, require
 
 local M = {
   version = core.version,
@@ -14,25 +14,10 @@ local M = {
   is_error = errors.is_error,
 }
 
--- (req, "recovery", opts) or (req, opts)
-local function args(kind, opts)
-  if type(kind) == "table" then kind, opts = nil, kind end
-  return kind, opts and client.channel_list(opts.channels) or nil
-end
-
-function M.validate(req, kind, opts)
-  if type(req) ~= "table" then error("stella.validate: request table expected", 2) end
-  local k, channels = args(kind, opts)
-  return core.validate(req, k, channels)
-end
-
-local core_encode = core.encode
-function M.encode(req, kind, opts)
-  if type(req) ~= "table" then error("stella.encode: request table expected", 2) end
-  if kind == nil and opts == nil then return core_encode(req) end   -- the common call
-  local k, channels = args(kind, opts)
-  return core_encode(req, k, channels)
-end
+-- Both are the C functions themselves (no Lua wrapper on the hot path); they take
+-- (req), (req, kind), (req, opts) or (req, kind, opts) with opts.channels a list or set.
+M.validate = core.validate
+M.encode = core.encode
 
 M.new = client.new
 
