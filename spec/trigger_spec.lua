@@ -763,3 +763,58 @@ describe("stella.trigger", function()
     end)
   end)
 end)
+
+describe("stella.trigger batch lease", function()
+  local stella = require "stella"
+  -- A client whose every send takes 100 s of the trigger's clock: a slow API.
+  local function slow_setup(store)
+    local now = 1700000000
+    local sent = {}
+    local client = {
+      post = function(_, _, body)
+        now = now + 100
+        sent[#sent + 1] = body
+        return { status = 200, request_id = "r" .. #sent, attempts = 1 }
+      end,
+    }
+    local trigger = stella.trigger{
+      rules = {}, client = client, store = store, clock = function() return now end,
+      outbox = { lease = 300 },
+    }
+    local function ev(i)
+      return { customer = { name = "C" .. i, email = "c" .. i .. "@example.com" },
+               employee = { email = "agent@example.com" }, channel = "phone",
+               ext_interaction_id = "lease-" .. i }
+    end
+    return trigger, sent, ev
+  end
+
+  for _, kind in ipairs{ "memory", "sqlite" } do
+    it("stops sending past half the lease and leaves the rest queued for flush (" .. kind .. ")", function()
+      local path = kind == "sqlite" and os.tmpname() or nil
+      local store = kind == "sqlite" and assert(stella.store.sqlite(path)) or stella.store.memory()
+      local trigger, sent, ev = slow_setup(store)
+      local outcomes = trigger:process_many{ ev(1), ev(2), ev(3), ev(4) }
+      -- deadline = start + 150 s: sends at +100 and +200 happen (the check comes before
+      -- each send), then the clock is past it
+      assert.same({ "sent", "sent", "queued", "queued" },
+        { outcomes[1].status, outcomes[2].status, outcomes[3].status, outcomes[4].status })
+      assert.equal("deferred", outcomes[3].reason)
+      assert.equal(2, #sent)
+      assert.equal(2, store:outbox_counts().queued)
+      local summary = trigger:flush()
+      assert.equal(2, summary.sent)
+      assert.equal(4, #sent)
+      assert.equal(0, store:outbox_counts().queued)
+      -- each interaction went out exactly once
+      local seen = {}
+      for _, body in ipairs(sent) do
+        local id = body:match('"ext_interaction_id":"([^"]+)"')
+        assert.is_nil(seen[id], "sent twice: " .. tostring(id))
+        seen[id] = true
+      end
+      store:close()
+      if path then for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(path .. suffix) end end
+    end)
+  end
+end)

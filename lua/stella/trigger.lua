@@ -364,8 +364,37 @@ end
 -- Settles one item after its send (the caller holds the transaction): the outcome
 -- fields to merge. A sent item only joins `sent` (settle_sent confirms and finishes those
 -- together); a failure is written here.
+-- A request not sent because its batch ran past half of its outbox lease: sending
+-- on could overlap a flush() in another process that may claim it once the lease
+-- ends (a duplicate). It goes back to the outbox, due at once, attempts unchanged.
+local DEFERRED = { kind = "deferred", retryable = true }
+local DEFERRED_DETAIL = "not sent yet: the batch ran past half of its outbox lease; flush() sends it"
+
+-- Sends the items of a batch in order, stopping (DEFERRED) once half the lease has
+-- passed; at least the first item is always tried. results[i], errs[i] per item.
+local function send_batch(self, list, now, send)
+  local results, errs = {}, {}
+  local deadline = now + self.outbox_opts.lease / 2
+  local tried = false
+  for i = 1, #list do
+    if list[i] then
+      if tried and self.clock() >= deadline then
+        errs[i] = DEFERRED
+      else
+        results[i], errs[i] = send(list[i])
+        tried = true
+      end
+    end
+  end
+  return results, errs
+end
+
 local function settle(self, item, res, err, now, attempts_before, sent)
   local store = self.store
+  if err == DEFERRED then
+    store:reschedule(item.id, now, attempts_before, item.last_error)
+    return { status = "queued", reason = "deferred", detail = DEFERRED_DETAIL }
+  end
   if res then
     sent[#sent + 1] = item.id
     return { status = sent_status(item.body), request_id = res.request_id, attempts = res.attempts }
@@ -450,13 +479,11 @@ function Trigger:process_many(events)
     return conclude(self, outcomes, now)
   end
   local n = #outcomes
-  local results, errs = {}, {}
-  for i = 1, n do
-    local o = outcomes[i]
-    if o.outbox_id then
-      results[i], errs[i] = self:client_for(o.brand):post("/v1/requests", o.body)
-    end
-  end
+  local to_send = {}
+  for i = 1, n do to_send[i] = outcomes[i].outbox_id ~= nil and outcomes[i] or false end
+  local results, errs = send_batch(self, to_send, now, function(o)
+    return self:client_for(o.brand):post("/v1/requests", o.body)
+  end)
   -- if this transaction fails, sent items stay leased in the outbox and a later
   -- flush() sends them again: at least once, never lost
   store:atomic(function()
@@ -507,7 +534,8 @@ function Trigger:flush()
     local items, err = self.store:claim(now, o.lease, o.batch)
     if not items then return nil, err end
     if #items == 0 then break end
-    for _, item in ipairs(items) do item.res, item.err = send_item(self, item) end
+    local results, errs = send_batch(self, items, now, function(item) return send_item(self, item) end)
+    for i, item in ipairs(items) do item.res, item.err = results[i], errs[i] end
     local outcomes = {}
     local batch = new_batch(self)
     self.store:atomic(function()
