@@ -179,6 +179,24 @@ describe("stella command", function()
     db = fresh_db()
   end)
 
+  describe("housekeeping", function()
+    it("drops expired marks at the start of a trigger run, keeps live ones", function()
+      local store_mod = require "stella.store"
+      local st = assert(store_mod.sqlite(db))
+      st:put_mark("suppress|brand:x|old", os.time() - 10, nil)
+      st:put_mark("suppress|brand:x|live", os.time() + 86400, nil)
+      st:close()
+      local rules = dir .. "/empty_rules.lua"
+      write_file(rules, "return {}")
+      local status = stella({ "trigger", "--rules", rules, "--db", db, "-" }, { stdin = "" })
+      assert.equal(0, status)
+      st = assert(store_mod.sqlite(db))
+      assert.is_nil((st:get_mark("suppress|brand:x|old", os.time() - 100)))
+      assert.is_number((st:get_mark("suppress|brand:x|live", os.time())))
+      st:close()
+    end)
+  end)
+
   describe("help and usage", function()
     it("prints the command list for --help, -h and help", function()
       for _, args in ipairs{ { "--help" }, { "-h" }, { "help" } } do

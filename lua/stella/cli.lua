@@ -576,6 +576,8 @@ function commands.trigger(ctx, opts, inputs)
                                                dry_run = dry_run })
   if not run then return rstatus end
   local trigger = run.trigger
+  -- expired suppression and dedupe marks are dead weight: drop them once per run
+  if not dry_run and run.store.purge_marks then pcall(run.store.purge_marks, run.store, os.time()) end
 
   local tally, order = {}, {}
   local bad = 0
