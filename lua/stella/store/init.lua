@@ -332,4 +332,50 @@ end
 
 U.unpack = table.unpack or unpack   -- luacheck: ignore (unpack is the 5.1 name)
 
+-- counts/rate over a list of ledger entries: the memory and shdict stores share these
+-- (SQLite does the same in SQL).
+function U.count_entries(entries, since)
+  local groups, out = {}, {}
+  for i = 1, #entries do
+    local e = entries[i]
+    if since == nil or e.time >= since then
+      local k = e.status .. "\0" .. (e.reason and ("+" .. e.reason) or "-")
+      local g = groups[k]
+      if not g then
+        g = { status = e.status, reason = e.reason, count = 0 }
+        groups[k] = g
+        out[#out + 1] = g
+      end
+      g.count = g.count + 1
+    end
+  end
+  table.sort(out, function(a, b)   -- by status, then reason with no reason first
+    if a.status ~= b.status then return a.status < b.status end
+    if a.reason == nil then return b.reason ~= nil end
+    if b.reason == nil then return false end
+    return a.reason < b.reason
+  end)
+  return out
+end
+
+function U.rate_entries(entries, since, bucket)
+  local buckets, out = {}, {}
+  for i = 1, #entries do
+    local e = entries[i]
+    if (since == nil or e.time >= since) and U.rate_total[e.status] then
+      local start = U.bucket_start(e.time, bucket)
+      local b = buckets[start]
+      if not b then
+        b = { start = start, total = 0, errors = 0 }
+        buckets[start] = b
+        out[#out + 1] = b
+      end
+      b.total = b.total + 1
+      if U.rate_errors[e.status] then b.errors = b.errors + 1 end
+    end
+  end
+  table.sort(out, function(a, b) return a.start < b.start end)
+  return out
+end
+
 return M

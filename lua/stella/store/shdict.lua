@@ -751,47 +751,13 @@ end
 function Store:counts(opts)
   check_open(self, "counts")
   local o = U.query_options(opts, "counts")
-  local groups, out = {}, {}
-  for _, e in ipairs(entries(self)) do
-    if o.since == nil or e.time >= o.since then
-      local k = e.status .. "\0" .. (e.reason and ("+" .. e.reason) or "-")
-      local g = groups[k]
-      if not g then
-        g = { status = e.status, reason = e.reason, count = 0 }
-        groups[k] = g
-        out[#out + 1] = g
-      end
-      g.count = g.count + 1
-    end
-  end
-  sort(out, function(a, b)   -- by status, then reason with no reason first
-    if a.status ~= b.status then return a.status < b.status end
-    if a.reason == nil then return b.reason ~= nil end
-    if b.reason == nil then return false end
-    return a.reason < b.reason
-  end)
-  return out
+  return U.count_entries(entries(self), o.since)
 end
 
 function Store:rate(opts)
   check_open(self, "rate")
   local o = U.query_options(opts, "rate")
-  local buckets, out = {}, {}
-  for _, e in ipairs(entries(self)) do
-    if (o.since == nil or e.time >= o.since) and U.rate_total[e.status] then
-      local start = U.bucket_start(e.time, o.bucket)
-      local b = buckets[start]
-      if not b then
-        b = { start = start, total = 0, errors = 0 }
-        buckets[start] = b
-        out[#out + 1] = b
-      end
-      b.total = b.total + 1
-      if U.rate_errors[e.status] then b.errors = b.errors + 1 end
-    end
-  end
-  sort(out, function(a, b) return a.start < b.start end)
-  return out
+  return U.rate_entries(entries(self), o.since, o.bucket)
 end
 
 ---------------------------------------------------------------------------------------
