@@ -22,6 +22,7 @@ endif
 
 CURL_CFLAGS  ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
 CURL_LIBS    ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
+THREAD_LIBS  ?= -pthread   # stella_sender.c: the background sending thread
 
 CC           ?= cc
 OPT          ?= -O2
@@ -44,7 +45,9 @@ LIBDIR       ?= $(PREFIX)/lib
 
 BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
-                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sha256.c
+                csrc/stella_parse.c \
+                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sender.c \
+                csrc/stella_sha256.c
 CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a
@@ -57,7 +60,7 @@ module: $(MODULE)
 
 $(MODULE): $(CORE_SRC) csrc/lstella.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) csrc/lstella.c $(LDFLAGS) $(CURL_LIBS)
+	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) csrc/lstella.c $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
 
 luajit:
 	$(MAKE) LUA=luajit module
@@ -73,7 +76,7 @@ $(CLIB): $(patsubst csrc/%.c,build/c/%.o,$(CORE_SRC))
 	$(AR) rcs $@ $^
 
 build/c/test_core: spec/c/test_core.c $(CLIB)
-	$(CC) $(WARN) $(CFLAGS) -Icsrc $(CURL_CFLAGS) -o $@ $< $(CLIB) $(CURL_LIBS)
+	$(CC) $(WARN) $(CFLAGS) -Icsrc $(CURL_CFLAGS) -o $@ $< $(CLIB) $(CURL_LIBS) $(THREAD_LIBS)
 
 test: build/c/test_core
 	$(MAKE) LUA=5.4 module
@@ -90,7 +93,7 @@ asan:
 	$(MAKE) LUA=5.4 BUILD=build/asan MODULE=build/asan/stella/core.so CFLAGS="$(ASAN_FLAGS)" \
 	        LDFLAGS="-fsanitize=address,undefined" module
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
-	        $(CORE_SRC) $(CURL_LIBS)
+	        $(CORE_SRC) $(CURL_LIBS) $(THREAD_LIBS)
 	$(CC) $(ASAN_FLAGS) -I$(LUA_INCDIR) -o build/asan/lua spec/c/lua_host.c -llua5.4 -lm -ldl
 	@ASAN_OPTIONS=detect_leaks=1 tools/run-tests tap:build/asan/test_core
 	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

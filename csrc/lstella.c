@@ -5,6 +5,7 @@
  * mutable). Strings are not copied: they stay anchored by the argument table. */
 #define _POSIX_C_SOURCE 200112L   /* nanosleep */
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -14,6 +15,7 @@
 
 #define SCRATCH_MT "stella.scratch"
 #define HTTP_MT "stella.http"
+#define SENDER_MT "stella.sender"
 #define MAX_DEPTH 3   /* the schema is 2 levels deep; below that only the type matters */
 
 typedef struct scratch {
@@ -21,10 +23,20 @@ typedef struct scratch {
   stella_buffer json;
 } scratch;
 
+typedef struct sender_ud sender_ud;
+
 typedef struct http_ud {
   stella_http *h;
   char *base_url;   /* for tostring; never the key */
+  sender_ud *lent;  /* the sender this client is lent to, or NULL */
 } http_ud;
+
+/* A background send (stella_sender) and the clients lent to it: a registry reference
+ * to a table holding their userdata, so they outlive it. */
+struct sender_ud {
+  stella_sender *s;
+  int ref;
+};
 
 static scratch *get_scratch(lua_State *L) {
   scratch *s = (scratch *)lua_touserdata(L, lua_upvalueindex(1));
@@ -63,6 +75,10 @@ static void scalar_value(lua_State *L, int idx, stella_value *out) {
     case LUA_TNIL:
       out->type = STELLA_NIL;
       break;
+    case LUA_TLIGHTUSERDATA:
+      /* cjson.null and ngx.null: JSON null, as stella_parse_json gives it */
+      out->type = lua_touserdata(L, idx) == NULL ? STELLA_NULL : STELLA_OTHER;
+      break;
     default:
       out->type = STELLA_OTHER;
       break;
@@ -86,6 +102,7 @@ static void to_table(lua_State *L, scratch *s, int idx, int depth, stella_value 
   out->type = STELLA_TABLE;
   out->u.table.pairs = NULL;
   out->u.table.count = 0;
+  out->u.table.shape = STELLA_SHAPE_ANY;   /* a Lua table: {} is an object or a list */
   if (depth >= MAX_DEPTH) return;   /* deep values are only ever type errors */
   if (n > 0) {
     cap = n;
@@ -190,15 +207,11 @@ static void push_errors(lua_State *L, const stella_errors *e) {
   }
 }
 
-/* Shared front half of validate and encode: convert and check. Returns 1 if
- * valid; otherwise pushes nil, errors and returns 0. */
-static int run_validation(lua_State *L, scratch *s, stella_kind *kind, stella_value *req) {
-  stella_options o;
-  stella_errors errors;
-  int n;
+/* The arguments after the request: (x), (x, kind), (x, opts) or (x, kind, opts).
+ * Sets the kind; returns the index of the options table (0: none). Leaves the
+ * stack at 3 values, plus the channel list when there is one. */
+static int check_args(lua_State *L, scratch *s, stella_kind *kind, stella_options *o) {
   int opts = 0;
-  luaL_checktype(L, 1, LUA_TTABLE);
-  /* (req), (req, kind), (req, opts) or (req, kind, opts) */
   if (lua_istable(L, 2)) {
     *kind = STELLA_REQUEST;
     opts = 2;
@@ -208,14 +221,30 @@ static int run_validation(lua_State *L, scratch *s, stella_kind *kind, stella_va
     else if (!lua_isnoneornil(L, 3)) luaL_argerror(L, 3, "options table expected");
   }
   lua_settop(L, 3);
-  check_channels(L, s, opts, &o);
-  to_value(L, s, 1, 0, req);
-  n = stella_validate(&s->arena, *kind, req, &o, &errors);
+  check_channels(L, s, opts, o);
+  return opts;
+}
+
+/* Validates req; returns 1 if valid, otherwise pushes nil, errors and returns 0. */
+static int check_request(lua_State *L, scratch *s, stella_kind kind, const stella_value *req,
+                         const stella_options *o) {
+  stella_errors errors;
+  int n = stella_validate(&s->arena, kind, req, o, &errors);
   if (n < 0) return luaL_error(L, "not enough memory");
   if (n == 0) return 1;
   lua_pushnil(L);
   push_errors(L, &errors);
   return 0;
+}
+
+/* Shared front half of validate and encode: convert and check. Returns 1 if
+ * valid; otherwise pushes nil, errors and returns 0. */
+static int run_validation(lua_State *L, scratch *s, stella_kind *kind, stella_value *req) {
+  stella_options o;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  check_args(L, s, kind, &o);
+  to_value(L, s, 1, 0, req);
+  return check_request(L, s, *kind, req, &o);
 }
 
 static int l_validate(lua_State *L) {
@@ -232,6 +261,125 @@ static int l_encode(lua_State *L) {
   stella_kind kind;
   stella_value req;
   if (!run_validation(L, s, &kind, &req)) return 2;
+  if (stella_encode_json(kind, &req, &s->json) != 0) return luaL_error(L, "not enough memory");
+  lua_pushlstring(L, s->json.data, s->json.len);
+  return 1;
+}
+
+/* ---------- JSON text: validate_json / encode_json ---------------------------------- */
+
+/* The same front half for JSON text at index 1: parse, then check. A syntax error
+ * is one invalid_json error at the root. Strings of the tree point into the text,
+ * which the argument keeps alive. Returns the options' index + 1 when valid (so
+ * never 0), otherwise pushes nil, errors and returns 0. */
+static int run_json_validation(lua_State *L, scratch *s, stella_kind *kind, stella_value *req) {
+  stella_options o;
+  stella_parse_error perr;
+  size_t len;
+  const char *text;
+  int opts, rc;
+  luaL_checktype(L, 1, LUA_TSTRING);
+  text = lua_tolstring(L, 1, &len);
+  opts = check_args(L, s, kind, &o);
+  rc = stella_parse_json(&s->arena, text, len, req, &perr);
+  if (rc < 0) return luaL_error(L, "not enough memory");
+  if (rc > 0) {
+    lua_pushnil(L);
+    lua_createtable(L, 1, 0);
+    lua_createtable(L, 0, 3);
+    lua_pushliteral(L, "");
+    lua_setfield(L, -2, "path");
+    lua_pushliteral(L, "invalid_json");
+    lua_setfield(L, -2, "code");
+    lua_pushfstring(L, "invalid JSON: %s at line %d, column %d", perr.message,
+                    perr.line > INT_MAX ? INT_MAX : (int)perr.line,
+                    perr.column > INT_MAX ? INT_MAX : (int)perr.column);
+    lua_setfield(L, -2, "message");
+    lua_rawseti(L, -2, 1);
+    return 0;
+  }
+  if (!check_request(L, s, *kind, req, &o)) return 0;
+  return opts + 1;
+}
+
+/* The value at a dotted path ("customer.email") of a parsed document, or NULL. */
+static const stella_value *lookup(const stella_value *v, const char *path, size_t len) {
+  const char *seg = path, *end = path + len;
+  for (;;) {
+    const char *dot = (const char *)memchr(seg, '.', (size_t)(end - seg));
+    size_t n = dot ? (size_t)(dot - seg) : (size_t)(end - seg), k;
+    const stella_value *next = NULL;
+    if (v->type != STELLA_TABLE) return NULL;
+    for (k = 0; k < v->u.table.count; k++) {
+      const stella_value *key = &v->u.table.pairs[k].key;
+      if (key->type == STELLA_STRING && key->u.string.len == n &&
+          memcmp(key->u.string.ptr, seg, n) == 0) {
+        next = &v->u.table.pairs[k].value;
+        break;
+      }
+    }
+    if (next == NULL || dot == NULL) return next;
+    v = next;
+    seg = dot + 1;
+  }
+}
+
+/* A looked-up value as Lua: strings, numbers and booleans as they are, true for a
+ * table, nil for null or absent. */
+static void push_field(lua_State *L, const stella_value *v) {
+  if (v == NULL) { lua_pushnil(L); return; }
+  switch (v->type) {
+    case STELLA_STRING: lua_pushlstring(L, v->u.string.ptr, v->u.string.len); break;
+    case STELLA_NUMBER:
+      if (v->u.number.is_int) lua_pushinteger(L, (lua_Integer)v->u.number.i);
+      else lua_pushnumber(L, (lua_Number)v->u.number.num);
+      break;
+    case STELLA_BOOL: lua_pushboolean(L, v->u.boolean); break;
+    case STELLA_TABLE: lua_pushboolean(L, 1); break;
+    default: lua_pushnil(L); break;
+  }
+}
+
+/* validate_json(text [, kind] [, opts]) -> true [, values of opts.fields] | nil, errors */
+static int l_validate_json(lua_State *L) {
+  scratch *s = get_scratch(L);
+  stella_kind kind;
+  stella_value req;
+  int opts = run_json_validation(L, s, &kind, &req) - 1, t, i, n;
+  if (opts < 0) return 2;
+  if (opts == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_getfield(L, opts, "fields");
+  t = lua_gettop(L);
+  if (lua_isnil(L, t)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!lua_istable(L, t)) return luaL_error(L, "options.fields must be a list of dotted paths");
+  n = (int)stella_rawlen(L, t);
+  luaL_checkstack(L, n + 2, "too many fields");
+  lua_pushboolean(L, 1);
+  for (i = 1; i <= n; i++) {
+    size_t len;
+    const char *path;
+    lua_rawgeti(L, t, i);
+    if (lua_type(L, -1) != LUA_TSTRING)
+      return luaL_error(L, "options.fields[%d] must be a string (a dotted path)", i);
+    path = lua_tolstring(L, -1, &len);
+    lua_pop(L, 1);   /* still anchored by the fields table */
+    push_field(L, lookup(&req, path, len));
+  }
+  return n + 1;
+}
+
+/* encode_json(text [, kind] [, opts]) -> canonical JSON | nil, errors */
+static int l_encode_json(lua_State *L) {
+  scratch *s = get_scratch(L);
+  stella_kind kind;
+  stella_value req;
+  if (!run_json_validation(L, s, &kind, &req)) return 2;
   if (stella_encode_json(kind, &req, &s->json) != 0) return luaL_error(L, "not enough memory");
   lua_pushlstring(L, s->json.data, s->json.len);
   return 1;
@@ -352,6 +500,7 @@ static int l_http_new(lua_State *L) {
   ud = (http_ud *)lua_newuserdata(L, sizeof *ud);
   ud->h = NULL;
   ud->base_url = NULL;
+  ud->lent = NULL;
   luaL_getmetatable(L, HTTP_MT);
   lua_setmetatable(L, -2);
   ud->h = stella_http_new(&o, err, sizeof err);
@@ -376,6 +525,7 @@ static http_ud *check_http(lua_State *L) {
 /* One close for close/__gc/__close: frees once, then the pointers are NULL. */
 static int l_http_close(lua_State *L) {
   http_ud *ud = check_http(L);
+  if (ud->lent) stella_sender_wait(ud->lent->s);   /* the thread may be using it */
   stella_http_free(ud->h);
   ud->h = NULL;
   free(ud->base_url);
@@ -383,28 +533,71 @@ static int l_http_close(lua_State *L) {
   return 0;
 }
 
+/* Pushes an ended transfer's results: status, body, content_type, retry_after_ms
+ * | nil, failure ("timeout"|"network"|...), message. */
+static int push_result(lua_State *L, const stella_http_result *r) {
+  if (r->failure != STELLA_HTTP_OK) {
+    lua_pushnil(L);
+    lua_pushstring(L, failure_names[r->failure]);
+    lua_pushstring(L, r->error ? r->error : "transfer failed");
+    return 3;
+  }
+  lua_pushinteger(L, (lua_Integer)r->status);
+  lua_pushlstring(L, r->body, r->body_len);
+  if (r->content_type) lua_pushstring(L, r->content_type);
+  else lua_pushnil(L);
+  if (r->retry_after_ms >= 0) lua_pushnumber(L, (lua_Number)r->retry_after_ms);
+  else lua_pushnil(L);
+  return 4;
+}
+
+static http_ud *open_http(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->h == NULL) luaL_error(L, "attempt to use a closed stella client");
+  if (ud->lent) stella_sender_wait(ud->lent->s);   /* lent: wait until the thread is done */
+  return ud;
+}
+
 /* http:post(path, body) -> status, body, content_type, retry_after_ms
  *                        | nil, failure ("timeout"|"network"|...), message */
 static int l_http_post(lua_State *L) {
-  http_ud *ud = check_http(L);
+  http_ud *ud = open_http(L);
   const char *path = luaL_checkstring(L, 2);
   size_t len;
   const char *body = luaL_checklstring(L, 3, &len);
   stella_http_result r;
-  if (ud->h == NULL) return luaL_error(L, "attempt to use a closed stella client");
-  if (stella_http_post(ud->h, path, body, len, &r) != STELLA_HTTP_OK) {
-    lua_pushnil(L);
-    lua_pushstring(L, failure_names[r.failure]);
-    lua_pushstring(L, r.error ? r.error : "transfer failed");
-    return 3;
+  if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
+  stella_http_post(ud->h, path, body, len, &r);
+  return push_result(L, &r);
+}
+
+/* http:start(path, body) -> true | nil, failure, message: the post without waiting
+ * (the body is copied); then http:step() until it ends. */
+static int l_http_start(lua_State *L) {
+  http_ud *ud = open_http(L);
+  const char *path = luaL_checkstring(L, 2);
+  size_t len;
+  const char *body = luaL_checklstring(L, 3, &len);
+  stella_http_result r;
+  if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
+  if (stella_http_start(ud->h, path, body, len, &r) != STELLA_HTTP_OK) return push_result(L, &r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* http:step([wait_seconds]) -> false while the started post runs, else what post returns.
+ * wait_seconds (default 0) bounds how long it waits for the network. */
+static int l_http_step(lua_State *L) {
+  http_ud *ud = open_http(L);
+  lua_Number wait = luaL_optnumber(L, 2, 0);
+  stella_http_result r;
+  int wait_ms = wait > 0 ? (wait > 60 ? 60000 : (int)(wait * 1000 + 0.5)) : 0;
+  if (!stella_http_running(ud->h)) return luaL_error(L, "stella client: no started post to step");
+  if (!stella_http_step(ud->h, wait_ms, &r)) {
+    lua_pushboolean(L, 0);
+    return 1;
   }
-  lua_pushinteger(L, (lua_Integer)r.status);
-  lua_pushlstring(L, r.body, r.body_len);
-  if (r.content_type) lua_pushstring(L, r.content_type);
-  else lua_pushnil(L);
-  if (r.retry_after_ms >= 0) lua_pushnumber(L, (lua_Number)r.retry_after_ms);
-  else lua_pushnil(L);
-  return 4;
+  return push_result(L, &r);
 }
 
 static int l_http_connects(lua_State *L) {
@@ -422,6 +615,8 @@ static int l_http_tostring(lua_State *L) {
 
 static const luaL_Reg http_methods[] = {
   { "post", l_http_post },
+  { "start", l_http_start },
+  { "step", l_http_step },
   { "connects", l_http_connects },
   { "close", l_http_close },
   { NULL, NULL }
@@ -430,6 +625,138 @@ static const luaL_Reg http_methods[] = {
 static const luaL_Reg scratch_funcs[] = {
   { "validate", l_validate },
   { "encode", l_encode },
+  { "validate_json", l_validate_json },
+  { "encode_json", l_encode_json },
+  { NULL, NULL }
+};
+
+/* ---------- background sends (stella_sender) ------------------------------------------ */
+
+static sender_ud *check_sender(lua_State *L) {
+  return (sender_ud *)luaL_checkudata(L, 1, SENDER_MT);
+}
+
+/* One close for close/__gc: stops and joins the thread, frees it, gives the clients back. */
+static int l_sender_close(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  stella_sender_free(su->s);
+  su->s = NULL;
+  if (su->ref != LUA_NOREF) {
+    size_t i, n;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+    n = (size_t)stella_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      http_ud *h;
+      lua_rawgeti(L, -1, (int)i);
+      h = (http_ud *)lua_touserdata(L, -1);
+      if (h && h->lent == su) h->lent = NULL;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    luaL_unref(L, LUA_REGISTRYINDEX, su->ref);
+    su->ref = LUA_NOREF;
+  }
+  return 0;
+}
+
+/* send_many({ http, path, body, http, path, body, ... }, budget_seconds) -> sender
+ * | nil, message: posts the bodies one after another on a background thread (see
+ * stella.h, stella_sender_start). The clients are lent to it until sender:close(); using
+ * one meanwhile waits for the thread first. */
+static int l_send_many(lua_State *L) {
+  size_t n, i, count;
+  lua_Number budget = luaL_checknumber(L, 2);
+  stella_send_item *items;
+  sender_ud *su;
+  char err[128];
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = (size_t)stella_rawlen(L, 1);
+  if (n % 3 != 0) return luaL_argerror(L, 1, "a list of (client, path, body) triples expected");
+  count = n / 3;
+  /* the userdata first, so that nothing allocated below can leak on a Lua error */
+  su = (sender_ud *)lua_newuserdata(L, sizeof *su);
+  su->s = NULL;
+  su->ref = LUA_NOREF;
+  luaL_getmetatable(L, SENDER_MT);
+  lua_setmetatable(L, -2);
+  lua_createtable(L, (int)count, 0);          /* the lent clients, anchored */
+  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * sizeof *items);   /* scratch */
+  for (i = 0; i < count; i++) {
+    http_ud *h;
+    lua_rawgeti(L, 1, (int)(3 * i + 1));
+    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
+    if (h == NULL || h->h == NULL) return luaL_error(L, "send_many: item %d: an open stella.http expected", (int)i + 1);
+    if (h->lent) stella_sender_wait(h->lent->s);
+    lua_rawseti(L, -3, (int)i + 1);
+    lua_rawgeti(L, 1, (int)(3 * i + 2));
+    lua_rawgeti(L, 1, (int)(3 * i + 3));
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      return luaL_error(L, "send_many: item %d: path and body must be strings", (int)i + 1);
+    items[i].h = h->h;
+    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
+    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
+    lua_pop(L, 2);
+  }
+  su->s = stella_sender_start(items, count, budget > 0 ? (long)(budget * 1000) : 0, err, sizeof err);
+  lua_pop(L, 1);                              /* the scratch */
+  if (su->s == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  for (i = 0; i < count; i++) {               /* lend them */
+    lua_rawgeti(L, -1, (int)i + 1);
+    ((http_ud *)lua_touserdata(L, -1))->lent = su;
+    lua_pop(L, 1);
+  }
+  su->ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the table */
+  return 1;
+}
+
+static sender_ud *open_sender(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  if (su->s == NULL) luaL_error(L, "attempt to use a closed stella sender");
+  return su;
+}
+
+/* sender:done() -> true once the thread has finished (never waits) */
+static int l_sender_done(lua_State *L) {
+  lua_pushboolean(L, stella_sender_done(open_sender(L)->s));
+  return 1;
+}
+
+/* sender:wait() -> number of items attempted (a prefix of the list) */
+static int l_sender_wait(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)stella_sender_wait(open_sender(L)->s));
+  return 1;
+}
+
+/* sender:result(i) -> what http:post returns, for item i (after wait); nothing when the
+ * item was not attempted */
+static int l_sender_result(lua_State *L) {
+  sender_ud *su = open_sender(L);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  const stella_send_result *r;
+  stella_http_result hr;
+  stella_sender_wait(su->s);
+  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+  if (r == NULL) return 0;
+  memset(&hr, 0, sizeof hr);
+  hr.failure = r->failure;
+  hr.status = r->status;
+  hr.body = r->body;
+  hr.body_len = r->body_len;
+  hr.content_type = r->content_type;
+  hr.retry_after_ms = r->retry_after_ms;
+  hr.error = r->error;
+  return push_result(L, &hr);
+}
+
+static const luaL_Reg sender_methods[] = {
+  { "done", l_sender_done },
+  { "wait", l_sender_wait },
+  { "result", l_sender_result },
+  { "close", l_sender_close },
   { NULL, NULL }
 };
 
@@ -442,6 +769,7 @@ static const luaL_Reg plain_funcs[] = {
   { "sleep", l_sleep },
   { "sha256", l_sha256 },
   { "http_new", l_http_new },
+  { "send_many", l_send_many },
   { NULL, NULL }
 };
 
@@ -462,6 +790,18 @@ int luaopen_stella_core(lua_State *L) {
     lua_pushcfunction(L, l_http_tostring);
     lua_setfield(L, -2, "__tostring");
     lua_pushliteral(L, "stella.http");
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, SENDER_MT)) {
+    lua_newtable(L);
+    stella_setfuncs(L, sender_methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_sender_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, l_sender_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushliteral(L, "stella.sender");
     lua_setfield(L, -2, "__name");
   }
   lua_pop(L, 1);

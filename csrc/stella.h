@@ -46,8 +46,19 @@ typedef enum stella_type {
   STELLA_NUMBER,   /* a number; is_int says whether it is integral (Lua 5.4 integer or integral float) */
   STELLA_STRING,
   STELLA_TABLE,    /* a Lua table or a JSON object/array: a list of key/value pairs */
-  STELLA_OTHER     /* anything else (function, userdata, ...): always a type error */
+  STELLA_OTHER,    /* anything else (function, userdata, ...): always a type error */
+  STELLA_NULL      /* JSON null (and cjson.null/ngx.null from Lua): present, never valid.
+                    * STELLA_NIL instead means "absent" in a member's value */
 } stella_type;
+
+/* What a table looked like where it came from. A JSON object must not stand where
+ * the schema wants a list, nor an array where it wants an object; a Lua table (or
+ * one built with stella_table) can be either, so an empty one fits both. */
+typedef enum stella_shape {
+  STELLA_SHAPE_ANY = 0,   /* Lua tables and stella_table(): the default */
+  STELLA_SHAPE_OBJECT,    /* a JSON object: string keys, in document order */
+  STELLA_SHAPE_ARRAY      /* a JSON array: integer keys 1..n, in order */
+} stella_shape;
 
 typedef struct stella_pair stella_pair;
 
@@ -57,7 +68,7 @@ typedef struct stella_value {
     int boolean;
     struct { double num; long long i; int is_int; } number;
     struct { const char *ptr; size_t len; } string;  /* not copied: must outlive the value */
-    struct { stella_pair *pairs; size_t count; } table;
+    struct { stella_pair *pairs; size_t count; stella_shape shape; } table;
   } u;
 } stella_value;
 
@@ -66,7 +77,8 @@ struct stella_pair {
   stella_value value;
 };
 
-/* Builders (allocate from the arena). A table's pairs are filled by the caller. */
+/* Builders (allocate from the arena). A table's pairs are filled by the caller;
+ * stella_table gives shape STELLA_SHAPE_ANY (set u.table.shape to say more). */
 stella_value  stella_nil(void);
 stella_value  stella_bool(int b);
 stella_value  stella_int(long long i);
@@ -76,6 +88,33 @@ stella_value  stella_cstring(const char *s);
 stella_pair  *stella_table(stella_arena *a, stella_value *out, size_t count);
 /* Look a string key up in a table value; NULL if absent. */
 const stella_value *stella_get(const stella_value *table, const char *key);
+
+/* ---------- JSON text -> value ---------------------------------------------- */
+
+#define STELLA_JSON_MAX_DEPTH 64   /* nested objects/arrays a document may open */
+
+typedef struct stella_parse_error {
+  size_t offset;          /* byte offset of the problem in the text */
+  size_t line, column;    /* 1-based; the column counts characters (UTF-8 lead bytes) */
+  const char *message;    /* a static string, e.g. "unterminated string" */
+} stella_parse_error;
+
+/* Parses one JSON document (RFC 8259, strict: no comments, trailing commas,
+ * NaN/Infinity, leading zeros or raw control characters in strings; whitespace
+ * around the value only). Objects become STELLA_SHAPE_OBJECT tables with their
+ * members in document order, repeated keys kept (stella_validate reports them as
+ * duplicate_field); arrays become STELLA_SHAPE_ARRAY tables keyed 1..n; null is
+ * STELLA_NULL. Strings without escapes point into `text` (which must outlive the
+ * value); escaped ones are decoded into the arena, \uXXXX as UTF-8 (a lone
+ * surrogate is kept as its 3-byte form, which is not valid UTF-8, so the validator
+ * reports invalid_utf8 at that field). Bytes that are not UTF-8 are not a parse
+ * error either. A number without fraction or exponent that fits in a long long is
+ * an integer; any other number is stella_double(strtod) (an integral double within
+ * +-2^53 counts as an integer, as from Lua), read independently of the C locale.
+ * Returns 0 and fills `out`; 1 on a syntax error (fills `err`); -1 when out of
+ * memory. Everything is allocated from `a`; nothing recurses. */
+int stella_parse_json(stella_arena *a, const char *text, size_t len, stella_value *out,
+                      stella_parse_error *err);
 
 /* ---------- validation ---------------------------------------------------- */
 
@@ -172,9 +211,60 @@ stella_http *stella_http_new(const stella_http_options *opts, char *err, size_t 
  * reused by the next call. Fills `res`; returns res->failure. */
 stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
                                      size_t body_len, stella_http_result *res);
+/* The same POST without waiting for the answer: starts it and returns STELLA_HTTP_OK
+ * (the body is copied), or a failure in `res` when it could not start (one transfer at
+ * a time per client). Then call stella_http_step until it returns 1. */
+stella_http_failure stella_http_start(stella_http *h, const char *path, const char *body,
+                                      size_t body_len, stella_http_result *res);
+/* Drives the started transfer, waiting up to `wait_ms` for the network (0: not at all).
+ * Returns 0 while it runs; 1 when it has ended, with `res` filled as stella_http_post
+ * fills it (the body and strings are valid until the next start or post). */
+int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res);
+/* 1 while a started transfer has not ended. */
+int stella_http_running(const stella_http *h);
 /* TCP connections this client has opened so far (1 after many calls = keep-alive works). */
 long stella_http_connects(const stella_http *h);
 void stella_http_free(stella_http *h);             /* NULL is fine */
+
+/* ---------- sending a list in the background ---------------------------------------- */
+
+/* Posts items one after another on a background thread (pthreads), so that the caller
+ * can do other work meanwhile. The thread makes first attempts only: it stops after
+ * the first answer that is not 2xx or the first transport failure, before any item
+ * but the first once `budget_ms` has passed since the start, or when the sender is
+ * freed. Paths and bodies are copied. The clients are lent to the thread: do not use
+ * them until stella_sender_wait has returned. Several items may share a client. */
+typedef struct stella_send_item {
+  stella_http *h;
+  const char *path;
+  const char *body;
+  size_t body_len;
+} stella_send_item;
+
+typedef struct stella_send_result {
+  int attempted;
+  stella_http_failure failure;  /* as in stella_http_result */
+  long status;
+  char *body;                   /* owned by the sender (NUL-terminated) */
+  size_t body_len;
+  char *content_type;           /* NULL if none */
+  long retry_after_ms;          /* -1 if absent */
+  char *error;                  /* failure message, NULL when failure == STELLA_HTTP_OK */
+} stella_send_result;
+
+typedef struct stella_sender stella_sender;
+
+/* NULL on failure, with a message in err. */
+stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long budget_ms,
+                                   char *err, size_t errlen);
+/* 1 once the thread has finished (never waits). */
+int stella_sender_done(stella_sender *s);
+/* Waits for the thread; returns how many items it attempted (a prefix of the list). */
+size_t stella_sender_wait(stella_sender *s);
+/* Item i's result after stella_sender_wait, or NULL if it was not attempted. */
+const stella_send_result *stella_sender_result(const stella_sender *s, size_t i);
+/* Stops the thread after the post in flight, waits for it, frees everything. NULL is fine. */
+void stella_sender_free(stella_sender *s);
 
 /* ---------- outcome classification and retry policy ----------------------- */
 

@@ -1,5 +1,8 @@
-/* stella_http.c - one libcurl easy handle per client: POST a body, collect the
- * answer in a buffer owned by the client, classify failures. */
+/* stella_http.c - one libcurl easy handle per client, driven through the client's own
+ * multi handle: POST a body (blocking, or started and then stepped without blocking),
+ * collect the answer in a buffer owned by the client, classify failures. Every transfer
+ * goes through the same multi handle, so blocking and non-blocking posts share one
+ * keep-alive connection. */
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +13,9 @@
 
 struct stella_http {
   CURL *easy;
+  CURLM *multi;
+  int running;                  /* a transfer is in the multi handle */
+  stella_buffer request;        /* the body being sent (a copy: the caller's may go) */
   struct curl_slist *headers;
   char *base_url;               /* without trailing '/' */
   size_t base_len;
@@ -139,11 +145,13 @@ stella_http *stella_http_new(const stella_http_options *o, char *err, size_t err
   if (h == NULL) { curl_global_cleanup(); snprintf(err, errlen, "out of memory"); return NULL; }
   stella_buffer_init(&h->url);
   stella_buffer_init(&h->body);
+  stella_buffer_init(&h->request);
   h->base_len = strlen(base);
   while (h->base_len && base[h->base_len - 1] == '/') h->base_len--;
   h->base_url = (char *)malloc(h->base_len + 1);
   h->easy = curl_easy_init();
-  if (h->base_url == NULL || h->easy == NULL) goto oom;
+  h->multi = curl_multi_init();
+  if (h->base_url == NULL || h->easy == NULL || h->multi == NULL) goto oom;
   memcpy(h->base_url, base, h->base_len);
   h->base_url[h->base_len] = '\0';
 
@@ -192,7 +200,9 @@ oom:
 
 void stella_http_free(stella_http *h) {
   if (h == NULL) return;
+  if (h->running) curl_multi_remove_handle(h->multi, h->easy);   /* abandons it */
   if (h->easy) curl_easy_cleanup(h->easy);
+  if (h->multi) curl_multi_cleanup(h->multi);
   if (h->headers) {
     struct curl_slist *s;
     for (s = h->headers; s; s = s->next)   /* wipe the key before the memory is reused */
@@ -202,6 +212,7 @@ void stella_http_free(stella_http *h) {
   free(h->base_url);
   stella_buffer_free(&h->url);
   stella_buffer_free(&h->body);
+  stella_buffer_free(&h->request);
   free(h);
   curl_global_cleanup();
 }
@@ -238,28 +249,43 @@ static stella_http_failure failure_of(CURLcode rc) {
   }
 }
 
-stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
-                                     size_t body_len, stella_http_result *res) {
-  CURLcode rc;
-  long connects = 0;
+static stella_http_failure fail(stella_http_result *res, stella_http_failure f, const char *msg) {
+  res->failure = f;
+  res->error = msg;
+  return f;
+}
+
+stella_http_failure stella_http_start(stella_http *h, const char *path, const char *body,
+                                      size_t body_len, stella_http_result *res) {
   memset(res, 0, sizeof *res);
   res->retry_after_ms = -1;
+  if (h->running) return fail(res, STELLA_HTTP_INTERNAL, "a transfer is already running on this client");
   h->url.len = 0;
   h->body.len = 0;
   h->body.oom = 0;
+  h->request.len = 0;
+  h->request.oom = 0;
   h->content_type[0] = h->retry_after[0] = h->errbuf[0] = '\0';
   stella_buffer_add(&h->url, h->base_url, h->base_len);
   stella_buffer_add(&h->url, path, strlen(path));
+  stella_buffer_add(&h->url, "", 0);
   stella_buffer_add(&h->body, "", 0);   /* make sure body.data is a valid string */
-  if (h->url.oom || h->body.oom) {
-    res->failure = STELLA_HTTP_INTERNAL;
-    res->error = "out of memory";
-    return res->failure;
-  }
+  stella_buffer_add(&h->request, body, body_len);
+  if (h->url.oom || h->body.oom || h->request.oom) return fail(res, STELLA_HTTP_INTERNAL, "out of memory");
   curl_easy_setopt(h->easy, CURLOPT_URL, h->url.data);
-  curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, body);
+  curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, h->request.data ? h->request.data : "");
   curl_easy_setopt(h->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-  rc = curl_easy_perform(h->easy);
+  if (curl_multi_add_handle(h->multi, h->easy) != CURLM_OK)
+    return fail(res, STELLA_HTTP_INTERNAL, "libcurl refused the transfer");
+  h->running = 1;
+  return STELLA_HTTP_OK;
+}
+
+/* The finished transfer's result (rc: its CURLcode). */
+static void finish(stella_http *h, CURLcode rc, stella_http_result *res) {
+  long connects = 0;
+  curl_multi_remove_handle(h->multi, h->easy);
+  h->running = 0;
   if (curl_easy_getinfo(h->easy, CURLINFO_NUM_CONNECTS, &connects) == CURLE_OK)
     h->connects += connects;
   res->failure = failure_of(rc);
@@ -267,21 +293,61 @@ stella_http_failure stella_http_post(stella_http *h, const char *path, const cha
   if (res->failure != STELLA_HTTP_OK) {
     snprintf(h->message, sizeof h->message, "%s", h->errbuf[0] ? h->errbuf : curl_easy_strerror(rc));
     res->error = h->message;
-    return res->failure;
+    return;
   }
   curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
   res->body = h->body.data ? h->body.data : "";
   res->body_len = h->body.len;
   res->content_type = h->content_type[0] ? h->content_type : NULL;
   if (h->retry_after[0]) {
-    long long now = 0;
-    {
-      time_t t = time(NULL);
-      now = (long long)t;
-    }
-    res->retry_after_ms = stella_parse_retry_after(h->retry_after, now);
+    time_t t = time(NULL);
+    res->retry_after_ms = stella_parse_retry_after(h->retry_after, (long long)t);
   }
-  return STELLA_HTTP_OK;
+}
+
+int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
+  int still = 0, queued = 0, waited = 0;
+  CURLMsg *msg;
+  memset(res, 0, sizeof *res);
+  res->retry_after_ms = -1;
+  if (!h->running) {
+    fail(res, STELLA_HTTP_INTERNAL, "no transfer is running on this client");
+    return 1;
+  }
+  for (;;) {
+    if (curl_multi_perform(h->multi, &still) != CURLM_OK) {
+      curl_multi_remove_handle(h->multi, h->easy);
+      h->running = 0;
+      fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to drive the transfer");
+      return 1;
+    }
+    while ((msg = curl_multi_info_read(h->multi, &queued)) != NULL) {
+      if (msg->msg == CURLMSG_DONE && msg->easy_handle == h->easy) {
+        finish(h, msg->data.result, res);
+        return 1;
+      }
+    }
+    if (wait_ms <= 0 || waited) return 0;
+    waited = 1;
+    /* waits for the socket or curl's own timer (the transfer's timeouts), at most wait_ms */
+    if (curl_multi_poll(h->multi, NULL, 0, wait_ms, NULL) != CURLM_OK) {
+      curl_multi_remove_handle(h->multi, h->easy);
+      h->running = 0;
+      fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to wait for the transfer");
+      return 1;
+    }
+  }
+}
+
+stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
+                                     size_t body_len, stella_http_result *res) {
+  if (stella_http_start(h, path, body, body_len, res) != STELLA_HTTP_OK) return res->failure;
+  while (!stella_http_step(h, 1000, res)) { /* each step waits for activity, up to 1 s */ }
+  return res->failure;
+}
+
+int stella_http_running(const stella_http *h) {
+  return h->running;
 }
 
 /* ---------- classification and retry policy ----------------------------------------- */

@@ -1,6 +1,7 @@
 /* stella_validate.c - checks a value tree against the Requests API schema,
  * collecting every problem (path, code, message) in a stable order. */
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,7 +107,10 @@ static const char *type_name(const stella_value *v) {
     case STELLA_BOOL: return "a boolean";
     case STELLA_NUMBER: return v->u.number.is_int ? "an integer" : "a number";
     case STELLA_STRING: return "a string";
-    case STELLA_TABLE: return "a table";
+    case STELLA_TABLE:
+      return v->u.table.shape == STELLA_SHAPE_OBJECT ? "an object"
+           : v->u.table.shape == STELLA_SHAPE_ARRAY ? "an array" : "a table";
+    case STELLA_NULL: return "null";
     default: return "an unsupported value";
   }
 }
@@ -177,8 +181,17 @@ static void check_id(ctx *c, const path *p, const stella_value *v) {
  * NBSP, U+1680, U+2000-U+200A, U+2028/9, U+202F, U+205F, U+3000, U+FEFF. */
 static int has_space_or_control(const char *str, size_t len) {
   const unsigned char *s = (const unsigned char *)str;
-  size_t i;
-  for (i = 0; i < len; i++) {
+  size_t i = 0;
+  /* plain ASCII (0x21-0x7E) eight bytes at a time: a byte below 0x21, 0x7F or any
+   * byte from 0x80 up sends the word to the byte checks */
+  while (len - i >= 8) {
+    const uint64_t ones = UINT64_C(0x0101010101010101), highs = UINT64_C(0x8080808080808080);
+    uint64_t w;
+    memcpy(&w, s + i, 8);
+    if ((((w - ones * 0x21) | ((w ^ (ones * 0x7F)) - ones)) & ~w & highs) | (w & highs)) break;
+    i += 8;
+  }
+  for (; i < len; i++) {
     unsigned char ch = s[i];
     if (ch <= 0x20 || ch == 0x7F) return 1;
     if (ch == 0xC2 && i + 1 < len && (s[i + 1] <= 0x9F || s[i + 1] == 0xA0)) return 1;
@@ -280,7 +293,7 @@ static int is_sequence(ctx *c, const stella_value *t) {
 static void check_tags(ctx *c, const path *p, const stella_value *v) {
   size_t i, n;
   int seq;
-  if (v->type != STELLA_TABLE) {
+  if (v->type != STELLA_TABLE || v->u.table.shape == STELLA_SHAPE_OBJECT) {
     report(c, p, "invalid_type", "must be a list of strings, got %s", type_name(v));
     return;
   }
@@ -402,6 +415,30 @@ static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report
   return 0;
 }
 
+static int same_string_key(const stella_value *x, const stella_value *y) {
+  return x->type == STELLA_STRING && y->type == STELLA_STRING &&
+         x->u.string.len == y->u.string.len &&
+         memcmp(x->u.string.ptr, y->u.string.ptr, x->u.string.len) == 0;
+}
+
+/* 1 if some string key of the table repeats. Only a parsed object or a C
+ * caller can repeat one; a few keys are compared pairwise, more are sorted. */
+static int has_repeated_key(ctx *c, const stella_value *t) {
+  size_t i, j, n = t->u.table.count;
+  const stella_pair *pr = t->u.table.pairs;
+  const stella_pair **list;
+  if (n <= 16) {
+    for (i = 1; i < n; i++)
+      for (j = 0; j < i; j++)
+        if (same_string_key(&pr[j].key, &pr[i].key)) return 1;
+    return 0;
+  }
+  list = sorted_pairs(c, t, NULL, &n);
+  for (i = 1; i < n; i++)
+    if (same_string_key(&list[i - 1]->key, &list[i]->key)) return 1;
+  return 0;
+}
+
 static void check_props(ctx *c, const path *p, const stella_value *v) {
   size_t i, n;
   const stella_pair **list;
@@ -409,12 +446,27 @@ static void check_props(ctx *c, const path *p, const stella_value *v) {
     report(c, p, "invalid_type", "must be a table of string values, got %s", type_name(v));
     return;
   }
+  if (v->u.table.shape == STELLA_SHAPE_ARRAY) {
+    report(c, p, "invalid_type", "must be an object of string values, got an array");
+    return;
+  }
   for (i = 0; i < v->u.table.count; i++)
     if (!check_prop(c, p, &v->u.table.pairs[i], 0)) break;
-  if (i == v->u.table.count) return;
-  /* something is wrong: report every problem, in key order */
+  if (i == v->u.table.count && !has_repeated_key(c, v)) return;
+  /* something is wrong: report every problem, in key order; a repeated key is one
+   * duplicate_field error (its values are not checked: neither would be sent) */
   list = sorted_pairs(c, v, NULL, &n);
-  for (i = 0; i < n; i++) check_prop(c, p, list[i], 1);
+  for (i = 0; i < n; i++) {
+    size_t j = i;
+    while (j + 1 < n && same_string_key(&list[i]->key, &list[j + 1]->key)) j++;
+    if (j > i) {
+      path kp = key_path(c, p, &list[i]->key);
+      report(c, &kp, "duplicate_field", "is given more than once");
+      i = j;
+      continue;
+    }
+    check_prop(c, p, list[i], 1);
+  }
 }
 
 /* Edit distance (bounded) to suggest a known field for a typo. */
@@ -439,8 +491,8 @@ static size_t distance(const char *a, size_t la, const char *b, size_t lb) {
 static void check_value(ctx *c, const field *f, const path *p, const stella_value *v);
 
 static void check_object(ctx *c, const schema *s, const path *p, const stella_value *v) {
-  const stella_value *found[16] = { NULL };
-  unsigned char dup[16] = { 0 };
+  const stella_value *found[16];
+  unsigned char dup[16];
   unsigned char stack_pick[32], *pick = stack_pick;
   size_t i, k, unknown = 0;
   if (v->type != STELLA_TABLE) {
@@ -451,6 +503,16 @@ static void check_object(ctx *c, const schema *s, const path *p, const stella_va
       report(c, p, "invalid_type", "must be a table, got %s", type_name(v));
     return;
   }
+  if (v->u.table.shape == STELLA_SHAPE_ARRAY) {   /* from JSON: [] where {} belongs */
+    if (p->parent == NULL && p->name == NULL)
+      add_error_text(c, "", "invalid_type", fmt(c, "the %s must be an object, got an array", s->what));
+    else
+      report(c, p, "invalid_type", "must be an object, got an array");
+    return;
+  }
+  /* only the schema's fields (a constant-size initialiser costs a "rep stos") */
+  memset((void *)found, 0, s->count * sizeof found[0]);
+  memset(dup, 0, s->count);
   if (v->u.table.count > sizeof stack_pick) {
     pick = (unsigned char *)stella_arena_alloc(c->arena, v->u.table.count);
     if (pick == NULL) { c->errors->oom = 1; return; }
@@ -463,15 +525,9 @@ static void check_object(ctx *c, const schema *s, const path *p, const stella_va
         const field *f = &s->fields[i];
         if (f->name_len == pair->key.u.string.len && f->name[0] == pair->key.u.string.ptr[0] &&
             memcmp(f->name, pair->key.u.string.ptr, f->name_len) == 0) {
-          if (found[i] || dup[i]) {
-            /* only a parsed document can repeat a key; the encoder must never
-             * have to choose between two values */
-            if (!dup[i]) {
-              path fp = field_path(p, f->name, f->name_len);
-              report(c, &fp, "duplicate_field", "is given more than once");
-            }
-            dup[i] = 1;
-          }
+          /* only a parsed document (or a C caller) can repeat a key; the
+           * encoder must never have to choose between two values */
+          if (found[i]) dup[i] = 1;
           if (pair->value.type != STELLA_NIL) found[i] = &pair->value;
           matched = 1;
           break;
@@ -484,7 +540,8 @@ static void check_object(ctx *c, const schema *s, const path *p, const stella_va
   for (i = 0; i < s->count; i++) {
     const field *f = &s->fields[i];
     if (dup[i]) {
-      continue;
+      path fp = field_path(p, f->name, f->name_len);
+      report(c, &fp, "duplicate_field", "is given more than once");
     } else if (found[i]) {
       path fp = field_path(p, f->name, f->name_len);
       check_value(c, f, &fp, found[i]);

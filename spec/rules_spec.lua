@@ -96,6 +96,22 @@ describe("stella.rules", function()
       assert.truthy(contains(err, "default_brand 'acme-es' is not in brands"), err)
     end)
 
+    it("rejects a brand field of the wrong type or range, naming the brand and field", function()
+      local err = compile_error{ brands = { acme = { suppression_days = "7" } } }
+      assert.truthy(contains(err, "brands.acme.suppression_days must be a number, got string"), err)
+      err = compile_error{ brands = { acme = { suppression_days = -1 } } }
+      assert.truthy(contains(err, "brands.acme.suppression_days must be a number of days"), err)
+      err = compile_error{ brands = { acme = { suppression_days = 0 / 0 } } }
+      assert.truthy(contains(err, "brands.acme.suppression_days"), err)
+      err = compile_error{ brands = { acme = { language = 1 } } }
+      assert.truthy(contains(err, "brands.acme.language must be a string"), err)
+      err = compile_error{ brands = { acme = { keys = "k" } } }
+      assert.truthy(contains(err, "brands.acme.keys must be a table"), err)
+      err = compile_error{ brands = { acme = { mode = "live" } } }
+      assert.truthy(contains(err, "brands.acme.mode must be \"test\" or \"production\""), err)
+      assert.truthy(rules.compile{ brands = { acme = { suppression_days = 0, language = "en", mode = "test" } } })
+    end)
+
     it("rejects a sample outside [0, 1]", function()
       assert.truthy(contains(compile_error{ sample = 1.5 }, "sample must be between 0 and 1"))
       assert.truthy(contains(compile_error{ sample = -0.1 }, "sample must be between 0 and 1"))

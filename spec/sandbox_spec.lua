@@ -237,11 +237,78 @@ describe("stella sandbox", function()
       end
     end)
 
-    it("answers 400 invalid_json to a body that is not a JSON object", function()
-      for _, body in ipairs{ "", "not json", "[1,2]", '{"customer":' } do
-        local code, res = post(sb, "/v1/requests", body, TEST_KEY)
+    -- a table (or JSON text) as JSON text with one more member at its end, even one it
+    -- already has
+    local function plus(t, name, json)
+      local text = type(t) == "table" and cjson.encode(t) or t
+      return text:sub(1, -2) .. ',"' .. name .. '":' .. json .. "}"
+    end
+
+    it("answers 400 duplicate_field to a key given twice, at any level, and logs it", function()
+      local code, body = post(sb, "/v1/requests", plus(req(), "channel", '"chat"'), TEST_KEY)
+      assert.equal(400, code)
+      assert.same({ errors = { { path = "channel", code = "duplicate_field",
+                                 message = "channel is given more than once" } } }, body)
+      code, body = post(sb, "/v1/requests", plus(req{ customer = "nil" }, "customer",
+        '{"name":"Jane","email":"a@example.com","email":"b@example.com"}'), TEST_KEY)
+      assert.equal(400, code)
+      assert.same({ { "customer.email", "duplicate_field" } }, { { body.errors[1].path, body.errors[1].code } })
+      assert.equal(1, #body.errors)
+      code, body = post(sb, "/v1/requests", plus(req{ custom_properties = { plan = "a" } }, "custom_properties",
+        '{"plan":"b"}'), TEST_KEY)
+      assert.equal(400, code)
+      assert.equal("custom_properties", body.errors[1].path)
+      assert.equal("duplicate_field", body.errors[1].code)
+      local s = status_json(sb)
+      assert.equal(3, s.counts.invalid)
+      assert.equal("duplicate_field", s.invalid[3].errors[1].code)
+      assert.same({ { label = "schema:duplicate_field", count = 3 } }, s.errors)
+    end)
+
+    it("answers 400 invalid_type to {} where a list belongs and [] where an object does", function()
+      for _, case in ipairs{ { "tags", "{}" }, { "custom_properties", "[]" }, { "customer", "[]" },
+                             { "employee", "[]" } } do
+        local code, body = post(sb, "/v1/requests", plus(req{ [case[1]] = "nil" }, case[1], case[2]), TEST_KEY)
         assert.equal(400, code)
+        assert.equal(1, #body.errors)
+        assert.equal(case[1], body.errors[1].path)
+        assert.equal("invalid_type", body.errors[1].code)
+      end
+      -- where they belong, both are fine
+      assert.equal(200, (post(sb, "/v1/requests", plus(plus(req(), "tags", "[]"), "custom_properties", "{}"),
+                              TEST_KEY)))
+    end)
+
+    it("checks recoveries for repeated keys and {}/[] mix-ups too", function()
+      local emp = { email = "paul@spec.example.com" }
+      local code, body = post(sb, "/v1/recoveries",
+        plus({ employee = emp, initial_feedback_request_id = "x" }, "initial_feedback_request_id", '"y"'), TEST_KEY)
+      assert.equal(400, code)
+      assert.same({ { "initial_feedback_request_id", "duplicate_field" } },
+                  { { body.errors[1].path, body.errors[1].code } })
+      code, body = post(sb, "/v1/recoveries", plus({ employee = emp, ext_interaction_id = "x" }, "tags", "{}"), TEST_KEY)
+      assert.equal(400, code)
+      assert.equal("tags", body.errors[1].path)
+      assert.equal("invalid_type", body.errors[1].code)
+    end)
+
+    it("answers 400 invalid_json to a body that is not a JSON object", function()
+      for _, body in ipairs{ "", "not json", "[1,2]", " \n\t" } do
+        for _, path in ipairs{ "/v1/requests", "/v1/recoveries" } do
+          local code, res = post(sb, path, body, TEST_KEY)
+          assert.equal(400, code)
+          assert.same({ errors = { { path = "", code = "invalid_json", message = "the body must be a JSON object" } } },
+                      res)
+        end
+      end
+      -- past its first character, the parser says what and where
+      for _, case in ipairs{ { '{"customer":', "at line 1, column 13" }, { '  {"a":1,}', "at line 1, column 10" },
+                             { '{"channel":"phone"} x', "at line 1, column 21" } } do
+        local code, res = post(sb, "/v1/requests", case[1], TEST_KEY)
+        assert.equal(400, code)
+        assert.equal(1, #res.errors)
         assert.equal("invalid_json", res.errors[1].code)
+        assert.truthy(res.errors[1].message:find(case[2], 1, true), res.errors[1].message)
       end
     end)
 

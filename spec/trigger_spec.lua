@@ -318,6 +318,7 @@ describe("stella.trigger", function()
         assert.truthy(dead[1].last_error:find("HTTP 503", 1, true))
         assert.truthy(dead[1].last_error:find("still down", 1, true))
         assert.equal(now, dead[1].died_at)
+        assert.equal(2, dead[1].attempts)   -- both tries, the one that gave up included
         assert.equal(0, mark_count(s, now))
         local entries = ledger_of(s, "30")
         assert.same({ "queued/server", "failed/dead" }, statuses(entries))
@@ -817,4 +818,58 @@ describe("stella.trigger batch lease", function()
       if path then for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(path .. suffix) end end
     end)
   end
+end)
+
+describe("stella.trigger and a retryable store failure while deciding", function()
+  local stella = require "stella"
+  -- A memory store whose first mark write fails as another writer's race would (a
+  -- retryable store error, everything rolled back), and which then holds the other
+  -- writer's mark for the customer.
+  local function racing_store(other_key_of)
+    local s = stella.store.memory()
+    local failed = false
+    local real_write, real_put = s._write_values, s.put_mark_many
+    local real_atomic, other = s.atomic, false
+    local function race()
+      failed, other = true, true
+      return nil, store_mod.error("mark was taken by another worker", true)
+    end
+    -- the other writer's mark is committed by then (outside this store's rolled-back transaction)
+    s.atomic = function(self, ...)
+      local res = (function(...) return { n = select("#", ...), ... } end)(pcall(real_atomic, self, ...))
+      if other then
+        other = false
+        assert(real_put(self, { { key = other_key_of(self), ["until"] = 1700000000 + 86400 } }))
+      end
+      if not res[1] then error(res[2], 0) end
+      return (table.unpack or unpack)(res, 2, res.n)
+    end
+    if real_write then
+      s._write_values = function(self, kind, ...)
+        if kind == "put_mark" and not failed then return race(self) end
+        return real_write(self, kind, ...)
+      end
+    end
+    s.put_mark_many = function(self, ...)
+      if not failed then return race(self) end
+      return real_put(self, ...)
+    end
+    return s
+  end
+
+  it("decides the batch again: the loser is suppressed, not failed, and nothing is sent twice", function()
+    local s = racing_store(function(self) return "suppress|brand:acme|" .. self:hash_email("jane@example.com") end)
+    local sent = {}
+    local t = stella.trigger{
+      rules = { suppression = { days = 7, per = "brand" }, brands = { acme = {} }, default_brand = "acme" },
+      store = s, clock = function() return 1700000000 end,
+      client = { post = function(_, _, body) sent[#sent + 1] = body return { status = 200, request_id = "r", attempts = 1 } end },
+    }
+    local out = t:process{ customer = { name = "Jane", email = "jane@example.com" },
+                           employee = { email = "agent@example.com" }, channel = "phone",
+                           ext_interaction_id = "race-1" }
+    assert.equal("suppressed", out.status)
+    assert.equal(0, #sent)
+    assert.equal(0, s:outbox_counts().queued)
+  end)
 end)

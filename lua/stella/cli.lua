@@ -562,7 +562,7 @@ local function each_event(ctx, inputs, format, on_event, report, progress)
   return malformed, unreadable
 end
 
-local BATCH_SIZE = 50   -- events per trigger:process_many call
+local BATCH_SIZE = 50   -- events per batch of the trigger's pipeline
 
 function commands.trigger(ctx, opts, inputs)
   if not opts.rules then return ctx:usage_error("trigger", "--rules FILE is required") end
@@ -601,18 +601,28 @@ function commands.trigger(ctx, opts, inputs)
     end
   end
 
-  -- Events go to the trigger in batches: one transaction to decide and queue a
-  -- batch, one to settle it, instead of two per event.
-  local batch, where = {}, {}
-  local function run_batch()
-    if #batch == 0 then return end
-    local pok, outcomes = pcall(trigger.process_many, trigger, batch)
-    for i = 1, #batch do
-      local outcome = pok and type(outcomes) == "table" and outcomes[i] or
-        { status = "failed", reason = "error", error = tostring(outcomes) }
+  -- Events go to the trigger in batches through its pipeline: one transaction to decide
+  -- and queue a batch, one to settle it, instead of two per event; a batch's sends
+  -- overlap the store work of the batches beside it.
+  local pipeline = trigger:pipeline(function(outcomes, events, where)
+    for i = 1, #events do
+      local outcome = type(outcomes[i]) == "table" and outcomes[i] or
+        { status = "failed", reason = "error", error = "no outcome" }
       tally_outcome(where[i][1], where[i][2], outcome)
     end
+  end)
+  local batch, where = {}, {}
+  local function fail_batch(events, places, err)
+    for i = 1, #events do
+      tally_outcome(places[i][1], places[i][2], { status = "failed", reason = "error", error = tostring(err) })
+    end
+  end
+  local function run_batch()
+    if #batch == 0 then return end
+    local events, places = batch, where
     batch, where = {}, {}
+    local pok, perr = pcall(pipeline.process, pipeline, events, places)
+    if not pok then fail_batch(events, places, perr) end
   end
 
   local malformed, unreadable = each_event(ctx, inputs, opts.format, function(reader, line_no, event)
@@ -621,6 +631,8 @@ function commands.trigger(ctx, opts, inputs)
     if #batch >= BATCH_SIZE then run_batch() end
   end, function(message) ctx:warn("%s", message) end, progress)
   run_batch()
+  local fok, ferr = pcall(pipeline.finish, pipeline)
+  if not fok then ctx:warn("error: %s", tostring(ferr)) bad = bad + 1 end
 
   stop(run)
 

@@ -193,32 +193,78 @@ local function transport_error(self, failure, message)
   return errors.new{ kind = kind, message = text, retryable = retryable, failure = failure }
 end
 
+-- One attempt's answer (what transport:post returned) -> res | nil, err, retry_after_ms.
+local function answer(self, url, attempt, status, rbody, ctype, retry_after)
+  if status and status >= 200 and status < 300 then
+    local decoded = decode_body(rbody, ctype)
+    return { status = status, request_id = request_id_of(decoded), body = decoded,
+             attempts = attempt }
+  end
+  local err
+  if status then
+    local kind, retryable = core.classify(status)
+    err = http_error(self, kind, retryable, status, rbody, url)
+  else
+    err = transport_error(self, rbody, ctype)
+    retry_after = nil
+  end
+  err.attempts = attempt
+  return nil, err, retry_after
+end
+
+-- The retries after attempt number `attempt` failed with err: pause, post again, while
+-- the error is retryable and attempts remain. Returns res | nil, err.
+local function retry(self, path, body, url, attempt, err, retry_after)
+  while err.retryable and attempt < self.attempts do
+    local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
+                                   floor(self.max_delay * 1000), retry_after, self.random())
+    self.sleep(delay / 1000)
+    if not self.transport then error("attempt to use a closed stella client", 3) end
+    attempt = attempt + 1
+    local res
+    res, err, retry_after = answer(self, url, attempt, self.transport:post(path, body))
+    if res then return res end
+  end
+  return nil, err
+end
+
 -- POST one encoded body with retries. Returns res | nil, err.
 function Client:post(path, body)
   if not self.transport then error("attempt to use a closed stella client", 3) end
   local url = self.base_url .. path
-  local attempt = 0
-  while true do
-    attempt = attempt + 1
-    local status, rbody, ctype, retry_after = self.transport:post(path, body)
-    local err
-    if status and status >= 200 and status < 300 then
-      local decoded = decode_body(rbody, ctype)
-      return { status = status, request_id = request_id_of(decoded), body = decoded,
-               attempts = attempt }
-    elseif status then
-      local kind, retryable = core.classify(status)
-      err = http_error(self, kind, retryable, status, rbody, url)
-    else
-      err = transport_error(self, rbody, ctype)
-      retry_after = nil
-    end
-    err.attempts = attempt
-    if not err.retryable or attempt >= self.attempts then return nil, err end
-    local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
-                                   floor(self.max_delay * 1000), retry_after, self.random())
-    self.sleep(delay / 1000)
+  local res, err, retry_after = answer(self, url, 1, self.transport:post(path, body))
+  if res then return res end
+  return retry(self, path, body, url, 1, err, retry_after)
+end
+
+-- client:complete(path, body, ...) -> res | nil, err: what post returns, given what the
+-- transport's post returned for the first attempt (made elsewhere: a background send,
+-- stella.client.send_many); makes the retries post would make.
+function Client:complete(path, body, status, rbody, ctype, retry_after)
+  local url = self.base_url .. path
+  local res, err, ra = answer(self, url, 1, status, rbody, ctype, retry_after)
+  if res then return res end
+  return retry(self, path, body, url, 1, err, ra)
+end
+
+-- send_many(list, budget) -> sender | nil: posts list = { client, path, body, client,
+-- path, body, ... } one after another on a background thread of the C core, when every
+-- client's transport is the libcurl one (nil otherwise, or when no thread can start).
+-- First attempts only: the thread stops at the first failure or non-2xx answer, and
+-- before any but the first item once `budget` seconds have passed. sender:wait() -> the
+-- number attempted; sender:result(k) -> the transport's answer to item k, for
+-- client:complete; sender:close() gives the clients back (their transports are lent to
+-- the thread until then; using one meanwhile waits for the thread).
+function M.send_many(list, budget)
+  local flat = {}
+  for i = 1, #list, 3 do
+    local c = list[i]
+    local t = c.transport
+    if not t then error("attempt to use a closed stella client", 2) end
+    if type(t) ~= "userdata" then return nil end   -- the C core's client is the only userdata transport
+    flat[i], flat[i + 1], flat[i + 2] = t, list[i + 1], list[i + 2]
   end
+  return (core.send_many(flat, budget))
 end
 
 local function invalid(errs)

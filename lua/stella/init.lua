@@ -1,6 +1,8 @@
 -- stella: customer-feedback requests for the Stella Connect Requests API.
 --   stella.validate(req [, kind [, opts]]) -> true | nil, errors
 --   stella.encode(req [, kind [, opts]])   -> json | nil, errors
+--   stella.validate_json(text [, kind [, opts]]) -> true [, field values] | nil, errors
+--   stella.encode_json(text [, kind [, opts]])   -> json | nil, errors
 --   stella.new(opts)                        -> client (client:send, client:recover, client:close)
 local core = require "stella.core"
 local client = require "stella.client"
@@ -18,6 +20,12 @@ local M = {
 -- (req), (req, kind), (req, opts) or (req, kind, opts) with opts.channels a list or set.
 M.validate = core.validate
 M.encode = core.encode
+-- The same checks on JSON text, parsed by the C core (no Lua tables built): repeated
+-- keys are duplicate_field, {} where a list belongs (or [] where an object does) is
+-- invalid_type, a syntax error is one invalid_json error. opts.fields = { "customer.email",
+-- ... } makes validate_json also return the values at those dotted paths.
+M.validate_json = core.validate_json
+M.encode_json = core.encode_json
 
 M.new = client.new
 

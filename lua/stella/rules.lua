@@ -11,7 +11,7 @@
 local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select =
       type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select
 local setfenv, loadstring, load = setfenv, loadstring, load   -- 5.1 or 5.2+ loaders
-local floor = math.floor
+local floor, huge = math.floor, math.huge
 local lower, byte, format = string.lower, string.byte, string.format
 
 local M = {}
@@ -92,6 +92,27 @@ end
 
 -- Checks a rules table and returns the compiled form used by evaluate().
 -- Raises with a message naming the key on a mistake.
+-- The typed fields of a brand; a mistake here would otherwise surface only when an event
+-- of that brand comes (or never: a suppression_days of "7" would silently not suppress).
+local BRAND_FIELDS = { suppression_days = "number", language = "string", signifier = "string",
+                       api_key = "string", keys = "table", mode = "string" }
+
+local function check_brand(b, where)
+  for field, want in pairs(BRAND_FIELDS) do
+    local v = b[field]
+    if v ~= nil and type(v) ~= want then
+      error(where .. "." .. field .. " must be a " .. want .. ", got " .. type(v), 0)
+    end
+  end
+  local days = b.suppression_days
+  if days ~= nil and not (days >= 0 and days < huge) then
+    error(where .. ".suppression_days must be a number of days (0 or more)", 0)
+  end
+  if b.mode ~= nil and b.mode ~= "test" and b.mode ~= "production" then
+    error(where .. ".mode must be \"test\" or \"production\"", 0)
+  end
+end
+
 function M.compile(spec, name)
   name = name or "rules"
   if type(spec) ~= "table" then error(name .. ": rules must be a table", 0) end
@@ -124,6 +145,7 @@ function M.compile(spec, name)
       if type(bname) ~= "string" or type(b) ~= "table" then
         error(name .. ": brands must map a brand name to a table", 0)
       end
+      check_brand(b, name .. ": brands." .. bname)
       r.brands[bname] = b
     end
     if r.default_brand and not r.brands[r.default_brand] then

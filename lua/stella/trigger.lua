@@ -409,7 +409,7 @@ local function settle(self, item, res, err, now, attempts_before, sent)
   end
   store:release_marks(item.id)
   if err.retryable then
-    store:kill(item.id, tostring(err), now)            -- gave up: kept as dead
+    store:kill(item.id, tostring(err), now, attempts)  -- gave up: kept as dead, every try counted
   else
     store:finish(item.id)                               -- rejected: nothing to retry
   end
@@ -440,53 +440,124 @@ local function conclude(self, outcomes, now)
   return outcomes
 end
 
--- process_many(events) -> outcomes, in order. Two transactions for the whole
--- batch: decide + reserve (outbox items and their marks), then send every
--- request, then settle + ledger. A batch is how the command line feeds files.
--- A later event of the batch sees the marks of an earlier one as if each had been
--- processed on its own. A dry run writes nothing but remembers, for the trigger's
--- life, the marks its requests would have put, so it reports what a real run would.
-function Trigger:process_many(events)
-  if type(events) ~= "table" then error("trigger:process_many: list of events expected", 2) end
-  for i = 1, #events do
-    if type(events[i]) ~= "table" then error("trigger:process_many: event " .. i .. " is not a table", 2) end
+-- Starts sending a batch's requests (list[i]: an outcome to send, or false) in order,
+-- as send_batch does, on a background thread of the C core when every client uses the
+-- libcurl transport: the caller goes on with its store work (the next batch's decisions,
+-- the previous batch's settling) while they are on the wire. finish() waits and returns
+-- results, errs like send_batch. The thread makes first attempts on the happy path only
+-- and stops at the first failure or once half the lease has passed; what it did not
+-- send, finish() sends as send_batch does (with the client's retries, or DEFERRED).
+local function start_sends(self, list, now)
+  local n = #list
+  local deadline = now + self.outbox_opts.lease / 2
+  local flat, index, clients = {}, {}, {}
+  for i = 1, n do
+    local o = list[i]
+    if o then
+      local k = #index + 1
+      local c = self:client_for(o.brand)
+      index[k], clients[k] = i, c
+      flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, "/v1/requests", o.body
+    end
   end
-  local now = self.clock()
-  local outcomes = {}
-  local batch = new_batch(self)
+  local bg = #index > 0 and client_mod.send_many(flat, deadline - self.clock()) or nil
+
+  return function()   -- finish
+    local results, errs = {}, {}
+    local from, tried = 1, false
+    if bg then
+      local attempted = bg:wait()
+      for k = 1, attempted do
+        local i = index[k]
+        results[i], errs[i] = clients[k]:complete("/v1/requests", list[i].body, bg:result(k))
+      end
+      bg:close()
+      if attempted > 0 then from, tried = index[attempted] + 1, true end
+    end
+    for j = from, n do
+      local o = list[j]
+      if o then
+        if tried and self.clock() >= deadline then
+          errs[j] = DEFERRED
+        else
+          results[j], errs[j] = self:client_for(o.brand):post("/v1/requests", o.body)
+          tried = true
+        end
+      end
+    end
+    return results, errs
+  end
+end
+
+-- Decides a batch of events at `now` in one transaction: rules, then the outbox items
+-- and marks of the requests to send. Returns the
+-- outcomes, the batch, and whether it was written (false: a store error, every outcome
+-- failed).
+local DECIDE_TRIES = 3
+local ROLLED_BACK = {}   -- key of the error a failed decide raises inside atomic
+
+local function decide_batch(self, events, now)
   if self.dry_run then
+    local outcomes, batch = {}, new_batch(self)
     for i = 1, #events do
       local o = decide(self, events[i], now, false, batch)
       o.body = nil
       outcomes[i] = o
     end
-    return conclude(self, outcomes, now)
+    return outcomes, batch, false
   end
   local store = self.store
-  local ok, serr = store:atomic(function()
-    -- inside the transaction nothing else writes the store: with no unsubscribes at its
-    -- start, none of this batch's events is unsubscribed (the rules cannot add one)
-    if store._any_unsubscribes and store:_any_unsubscribes() == false then batch.no_unsubscribes = true end
-    for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
-    return enqueue_pending(self, batch, now)
-  end)
+  local outcomes, batch, ok, serr
+  -- a retryable failure (another writer took a mark this batch looked at: the shared-dict
+  -- store's cross-worker race) rolled everything back: decide again, now seeing what the
+  -- other writer wrote (its customer is then suppressed here, not failed)
+  for _ = 1, DECIDE_TRIES do
+    outcomes, batch = {}, new_batch(self)
+    local pok, r1, r2 = pcall(store.atomic, store, function()
+      -- inside the transaction nothing else writes the store: with no unsubscribes at its
+      -- start, none of this batch's events is unsubscribed (the rules cannot add one)
+      if store._any_unsubscribes and store:_any_unsubscribes() == false then batch.no_unsubscribes = true end
+      for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
+      local done, err = enqueue_pending(self, batch, now)
+      -- raised, so that every store rolls the batch back (raising is what the interface
+      -- promises to undo; a store need not undo writes before a returned failure)
+      if not done then error({ [ROLLED_BACK] = err }, 0) end
+      return true
+    end)
+    if pok then
+      ok, serr = r1, r2
+    elseif type(r1) == "table" and r1[ROLLED_BACK] ~= nil then
+      ok, serr = nil, r1[ROLLED_BACK]
+    else
+      error(r1, 0)   -- not a store failure: a bug to see
+    end
+    if ok or not (type(serr) == "table" and serr.retryable) then break end
+  end
   if not ok then   -- rolled back: nothing was reserved or queued
     outcomes = {}
     for i = 1, #events do
       outcomes[i] = { status = "failed", reason = "store_error", detail = tostring(serr),
                       error = serr, event_id = event_id_of(events[i]) }
     end
-    return conclude(self, outcomes, now)
+    return outcomes, batch, false
   end
-  local n = #outcomes
-  local to_send = {}
-  for i = 1, n do to_send[i] = outcomes[i].outbox_id ~= nil and outcomes[i] or false end
-  local results, errs = send_batch(self, to_send, now, function(o)
-    return self:client_for(o.brand):post("/v1/requests", o.body)
-  end)
+  return outcomes, batch, true
+end
+
+-- The outcomes' sends, in event order (false where an outcome sends nothing).
+local function sends_of(outcomes)
+  local list = {}
+  for i = 1, #outcomes do list[i] = outcomes[i].outbox_id ~= nil and outcomes[i] or false end
+  return list
+end
+
+-- Settles a decided batch after its sends, in one transaction: confirms or requeues each
+-- item, writes the ledger.
+local function settle_batch(self, outcomes, batch, now, results, errs)
   -- if this transaction fails, sent items stay leased in the outbox and a later
   -- flush() sends them again: at least once, never lost
-  store:atomic(function()
+  self.store:atomic(function()
+    local n = #outcomes
     local sent, entries, k, trusted = {}, {}, 0, is_finite(now)
     for i = 1, n do
       local o = outcomes[i]
@@ -507,6 +578,89 @@ function Trigger:process_many(events)
     end
     settle_sent(self, sent, entries, n, trusted)
   end)
+end
+
+-- A pipeline: batches of events in, their outcomes out, each batch's sends on the wire
+-- (start_sends) while the next batch is decided and the previous one settled. Made by
+-- trigger:pipeline.
+local Pipeline = {}
+Pipeline.__index = Pipeline
+
+-- trigger:pipeline(on_outcomes) -> pipeline
+--   pipeline:process(events [, tag])  decides the batch and starts its sends, then
+--                                      completes the batch before it; on_outcomes(outcomes,
+--                                      events, tag) is called for each batch, in order,
+--                                      once it is complete
+--   pipeline:finish()                  completes the last batch (always call it; a batch
+--                                      left unfinished stays in the outbox for flush())
+-- The same decisions, writes and sends as process_many on each batch: a batch's
+-- requests, marks and outbox items are written before any of them is sent; the next
+-- batch is decided while they are on the wire and sees their marks as a later event of
+-- the same batch would.
+function Trigger:pipeline(on_outcomes)
+  if type(on_outcomes) ~= "function" then error("trigger:pipeline: function expected", 2) end
+  return setmetatable({ trigger = self, sink = on_outcomes, prev = nil }, Pipeline)
+end
+
+-- Completes batch b: waits for the rest of its sends, settles it, hands its outcomes on.
+local function complete(p, b)
+  local t = p.trigger
+  if b.finish then
+    local results, errs = b.finish()
+    settle_batch(t, b.outcomes, b.batch, b.now, results, errs)
+  end
+  p.sink(conclude(t, b.outcomes, b.now), b.events, b.tag)
+end
+
+function Pipeline:process(events, tag)
+  if type(events) ~= "table" then error("pipeline:process: list of events expected", 2) end
+  for i = 1, #events do
+    if type(events[i]) ~= "table" then error("pipeline:process: event " .. i .. " is not a table", 2) end
+  end
+  local t = self.trigger
+  local prev = self.prev
+  self.prev = nil
+  local now = t.clock()
+  -- decided while the previous batch's requests are still on the wire
+  local outcomes, batch, written = decide_batch(t, events, now)
+  local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
+  -- a client sends one request at a time: the previous batch's sends end before this
+  -- batch's start; its settling then overlaps them
+  local prev_results, prev_errs
+  if prev and prev.finish then prev_results, prev_errs = prev.finish() end
+  if written then b.finish = start_sends(t, sends_of(outcomes), now) end
+  self.prev = b
+  if prev then
+    if prev.finish then settle_batch(t, prev.outcomes, prev.batch, prev.now, prev_results, prev_errs) end
+    self.sink(conclude(t, prev.outcomes, prev.now), prev.events, prev.tag)
+  end
+end
+
+function Pipeline:finish()
+  local b = self.prev
+  self.prev = nil
+  if b then complete(self, b) end
+end
+
+-- process_many(events) -> outcomes, in order. Two transactions for the whole
+-- batch: decide + reserve (outbox items and their marks), then send every
+-- request, then settle + ledger. A batch is how the command line feeds files.
+-- A later event of the batch sees the marks of an earlier one as if each had been
+-- processed on its own. A dry run writes nothing but remembers, for the trigger's
+-- life, the marks its requests would have put, so it reports what a real run would.
+function Trigger:process_many(events)
+  if type(events) ~= "table" then error("trigger:process_many: list of events expected", 2) end
+  for i = 1, #events do
+    if type(events[i]) ~= "table" then error("trigger:process_many: event " .. i .. " is not a table", 2) end
+  end
+  local now = self.clock()
+  local outcomes, batch, written = decide_batch(self, events, now, nil)
+  if written then
+    local results, errs = send_batch(self, sends_of(outcomes), now, function(o)
+      return self:client_for(o.brand):post("/v1/requests", o.body)
+    end)
+    settle_batch(self, outcomes, batch, now, results, errs, nil)
+  end
   return conclude(self, outcomes, now)
 end
 

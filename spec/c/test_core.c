@@ -11,6 +11,8 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include <locale.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1032,6 +1034,617 @@ static void test_http_post(void) {
   close(fd);
 }
 
+/* ---------- non-blocking post and the background sender ------------------------------- */
+
+static stella_http *loopback_client(const char *url, long timeout_ms) {
+  stella_http_options o;
+  char err[256];
+  stella_http *h;
+  memset(&o, 0, sizeof o);
+  o.base_url = url;
+  o.api_key = KEY;
+  o.timeout_ms = timeout_ms;
+  o.connect_timeout_ms = timeout_ms;
+  h = stella_http_new(&o, err, sizeof err);
+  if (h == NULL) diag("error", err);
+  return h;
+}
+
+static void test_http_start_step(void) {
+  static const char body[] = "{\"x\":1}";
+  stella_http_result res;
+  stella_http *h;
+  char url[64];
+  int fd, port = 0, ended, spins = 0;
+
+  h = loopback_client("http://127.0.0.1:1", 2000);
+  if (!CHECK(h != NULL, "http_start: a client")) return;
+  CHECK(stella_http_running(h) == 0, "http_start: nothing runs at first");
+  check_long(stella_http_step(h, 0, &res), 1, "http_step: with nothing started it ends at once");
+  check_long((long)res.failure, STELLA_HTTP_INTERNAL, "http_step: ... as an internal failure");
+  check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_OK,
+             "http_start: starts a post to a closed port");
+  CHECK(stella_http_running(h) == 1, "http_start: it runs");
+  check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res),
+             STELLA_HTTP_INTERNAL, "http_start: a second start while one runs is refused");
+  check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res),
+             STELLA_HTTP_INTERNAL, "http_post: refused too while a started post runs");
+  do { ended = stella_http_step(h, 50, &res); } while (!ended && ++spins < 200);
+  CHECK(ended, "http_step: the post ends");
+  check_long((long)res.failure, STELLA_HTTP_NETWORK, "http_step: a closed port is STELLA_HTTP_NETWORK");
+  check_no_secret(res.error, KEY, "http_step: the message does not contain the key");
+  CHECK(stella_http_running(h) == 0, "http_step: nothing runs after the end");
+  check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_NETWORK,
+             "http_post: the client posts again after a started post ended");
+  stella_http_free(h);
+
+  /* freeing a client while its post runs abandons the post (no leak, no wait) */
+  fd = silent_listener(&port);
+  if (!CHECK(fd >= 0, "http_start: a silent loopback listener")) return;
+  snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
+  h = loopback_client(url, 5000);
+  if (CHECK(h != NULL, "http_start: a client for the silent listener")) {
+    double t0 = now_ms();
+    check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_OK,
+               "http_start: starts a post nobody answers");
+    check_long(stella_http_step(h, 0, &res), 0, "http_step(0): still running, returns at once");
+    check_long(stella_http_step(h, 20, &res), 0, "http_step(20): still running after waiting a little");
+    CHECK(now_ms() - t0 < 2000, "http_step: neither call waited for the 5 s timeout");
+  }
+  stella_http_free(h);
+  CHECK(1, "http_free: frees a client with a running post");
+  close(fd);
+}
+
+static void test_sender(void) {
+  static const char body[] = "{\"x\":1}";
+  stella_send_item items[3];
+  stella_sender *s;
+  const stella_send_result *r;
+  stella_http *h;
+  char err[128], url[64];
+  int fd, port = 0, i;
+  double t0;
+
+  s = stella_sender_start(NULL, 0, 1000, err, sizeof err);
+  if (CHECK(s != NULL, "sender: an empty list starts")) {
+    CHECK(stella_sender_done(s) == 1, "sender: an empty list is done at once");
+    check_long((long)stella_sender_wait(s), 0, "sender: nothing attempted");
+    CHECK(stella_sender_result(s, 0) == NULL, "sender: no result for item 1");
+  }
+  stella_sender_free(s);
+  stella_sender_free(NULL);
+
+  /* a closed port: the first post fails, the thread stops there */
+  h = loopback_client("http://127.0.0.1:1", 2000);
+  if (!CHECK(h != NULL, "sender: a client")) return;
+  for (i = 0; i < 3; i++) {
+    items[i].h = h;
+    items[i].path = "/v1/requests";
+    items[i].body = body;
+    items[i].body_len = sizeof body - 1;
+  }
+  s = stella_sender_start(items, 3, 10000, err, sizeof err);
+  if (CHECK(s != NULL, "sender: starts three posts")) {
+    check_long((long)stella_sender_wait(s), 1, "sender: stops after the first failure");
+    CHECK(stella_sender_done(s) == 1, "sender: done after wait");
+    r = stella_sender_result(s, 0);
+    if (CHECK(r != NULL && r->attempted, "sender: item 1 was attempted")) {
+      check_long((long)r->failure, STELLA_HTTP_NETWORK, "sender: item 1 failed as network");
+      CHECK(r->error != NULL && r->error[0] != '\0', "sender: with a message");
+      check_no_secret(r->error, KEY, "sender: the message does not contain the key");
+    }
+    CHECK(stella_sender_result(s, 1) == NULL, "sender: item 2 was not attempted");
+    CHECK(stella_sender_result(s, 3) == NULL, "sender: no item 4");
+    check_long((long)stella_sender_wait(s), 1, "sender: wait again gives the same count");
+  }
+  stella_sender_free(s);
+  stella_http_free(h);
+
+  /* freeing a sender whose post hangs: it waits for that post only (its timeout) */
+  fd = silent_listener(&port);
+  if (!CHECK(fd >= 0, "sender: a silent loopback listener")) return;
+  snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
+  h = loopback_client(url, 300);
+  if (CHECK(h != NULL, "sender: a client for the silent listener")) {
+    for (i = 0; i < 3; i++) items[i].h = h;
+    s = stella_sender_start(items, 3, 10000, err, sizeof err);
+    if (CHECK(s != NULL, "sender: starts posts nobody answers")) {
+      CHECK(stella_sender_done(s) == 0, "sender: not done while the post hangs");
+      t0 = now_ms();
+      stella_sender_free(s);
+      if (!CHECK(now_ms() - t0 < 2500, "sender: free returns after the post in flight times out"))
+        diag_long("elapsed ms", (long)(now_ms() - t0));
+    }
+  }
+  stella_http_free(h);
+  close(fd);
+}
+
+/* ---------- JSON text (stella_parse_json) ------------------------------------------ */
+
+/* Parses NUL-terminated `text`; expects success. */
+static int parse_ok(stella_arena *a, const char *text, stella_value *out, const char *desc) {
+  stella_parse_error err;
+  int rc = stella_parse_json(a, text, strlen(text), out, &err);
+  if (check(rc == 0, desc)) return 1;
+  diag_long("return value", rc);
+  diag("message", err.message);
+  diag_long("offset", (long)err.offset);
+  return 0;
+}
+
+/* Parses `len` bytes of `text`; expects a syntax error with this message (a prefix
+ * of it), at this offset, line and column. */
+static void parse_fails(const char *text, size_t len, const char *message, size_t offset,
+                        size_t line, size_t column, const char *desc) {
+  stella_arena a;
+  stella_value v;
+  stella_parse_error err;
+  int rc;
+  stella_arena_init(&a);
+  memset(&err, 0, sizeof err);
+  rc = stella_parse_json(&a, text, len, &v, &err);
+  if (!check(rc == 1 && err.message != NULL && strncmp(err.message, message, strlen(message)) == 0 &&
+             err.offset == offset && err.line == line && err.column == column && v.type == STELLA_NIL,
+             desc)) {
+    diag_bytes("text", text, len);
+    diag_long("return value", rc);
+    diag("message", err.message);
+    diag("expected message", message);
+    diag_long("offset", (long)err.offset);
+    diag_long("expected offset", (long)offset);
+    diag_long("line", (long)err.line);
+    diag_long("expected line", (long)line);
+    diag_long("column", (long)err.column);
+    diag_long("expected column", (long)column);
+  }
+  stella_arena_free(&a);
+}
+
+#define PARSE_FAILS(text, msg, off, line, col, desc) \
+  parse_fails((text), sizeof(text) - 1, (msg), (off), (line), (col), (desc))
+
+static void test_parse_valid(void) {
+  stella_arena a;
+  stella_value v;
+  const stella_value *x;
+  static const char arr[] = " \t\r\n[1, \"a\", true, false, null, {}, [], -2.5]\n ";
+  stella_arena_init(&a);
+
+  if (parse_ok(&a, EXAMPLE_JSON, &v, "parse: the README's example request")) {
+    CHECK(v.type == STELLA_TABLE && v.u.table.shape == STELLA_SHAPE_OBJECT && v.u.table.count == 4,
+          "parse: an object is a table of shape OBJECT with its 4 members");
+    CHECK(v.u.table.pairs[0].key.type == STELLA_STRING &&
+          v.u.table.pairs[0].key.u.string.len == 8 &&
+          memcmp(v.u.table.pairs[0].key.u.string.ptr, "customer", 8) == 0 &&
+          v.u.table.pairs[3].key.u.string.len == 18,
+          "parse: members keep the document's order");
+    x = stella_get(stella_get(&v, "customer"), "email");
+    CHECK(x && x->type == STELLA_STRING && x->u.string.ptr > EXAMPLE_JSON &&
+          x->u.string.ptr < EXAMPLE_JSON + sizeof EXAMPLE_JSON &&
+          x->u.string.len == strlen("janecustomer@example.com"),
+          "parse: a string without escapes points into the text");
+  }
+  if (parse_ok(&a, arr, &v, "parse: an array with every kind of value, whitespace around")) {
+    const stella_pair *p = v.u.table.pairs;
+    int keys_ok = 1;
+    size_t i;
+    for (i = 0; v.type == STELLA_TABLE && i < v.u.table.count; i++)
+      keys_ok &= p[i].key.type == STELLA_NUMBER && p[i].key.u.number.is_int &&
+                 p[i].key.u.number.i == (long long)i + 1;
+    CHECK(v.type == STELLA_TABLE && v.u.table.shape == STELLA_SHAPE_ARRAY && v.u.table.count == 8 &&
+          keys_ok, "parse: an array is a table of shape ARRAY keyed 1..n");
+    if (v.type == STELLA_TABLE && v.u.table.count == 8) {
+      CHECK(p[0].value.type == STELLA_NUMBER && p[0].value.u.number.is_int && p[0].value.u.number.i == 1 &&
+            p[1].value.type == STELLA_STRING && p[2].value.type == STELLA_BOOL && p[2].value.u.boolean &&
+            p[3].value.type == STELLA_BOOL && !p[3].value.u.boolean && p[4].value.type == STELLA_NULL &&
+            p[5].value.type == STELLA_TABLE && p[5].value.u.table.shape == STELLA_SHAPE_OBJECT &&
+            p[5].value.u.table.count == 0 &&
+            p[6].value.type == STELLA_TABLE && p[6].value.u.table.shape == STELLA_SHAPE_ARRAY &&
+            p[6].value.u.table.count == 0 &&
+            p[7].value.type == STELLA_NUMBER && !p[7].value.u.number.is_int && p[7].value.u.number.num == -2.5,
+            "parse: number, string, true, false, null, {}, [] and a fraction, each as itself");
+    }
+  }
+  if (parse_ok(&a, "\"just a string\"", &v, "parse: a scalar document"))
+    CHECK(v.type == STELLA_STRING && v.u.string.len == 13, "parse: a string document is a string");
+  {
+    /* not NUL-terminated: nothing may be read past len (ASan and valgrind watch) */
+    char *buf = (char *)malloc(7);
+    if (buf) {
+      stella_parse_error err;
+      memcpy(buf, "[1,\"x\"]", 7);
+      CHECK(stella_parse_json(&a, buf, 7, &v, &err) == 0 && v.u.table.count == 2,
+            "parse: text without a terminating NUL");
+      CHECK(stella_parse_json(&a, buf, 6, &v, &err) == 1 && err.offset == 6,
+            "parse: a length that cuts the text short is the end of input");
+      free(buf);
+    }
+  }
+  {
+    /* a big array: the work list grows, every item in place */
+    enum { N = 5000 };
+    char *big = (char *)malloc(N * 6 + 3);
+    if (big) {
+      size_t n = 0, i;
+      int ok;
+      big[n++] = '[';
+      for (i = 0; i < N; i++) n += (size_t)sprintf(big + n, "%s%lu", i ? "," : "", (unsigned long)i);
+      big[n++] = ']';
+      big[n] = '\0';
+      ok = parse_ok(&a, big, &v, "parse: an array of 5000 numbers");
+      CHECK(ok && v.u.table.count == N && v.u.table.pairs[N - 1].value.u.number.i == N - 1 &&
+            v.u.table.pairs[N - 1].key.u.number.i == N, "parse: its last item is item 5000");
+      free(big);
+    }
+  }
+  stella_arena_free(&a);
+}
+
+static void test_parse_errors(void) {
+  char deep_ok[2 * STELLA_JSON_MAX_DEPTH], deep_bad[STELLA_JSON_MAX_DEPTH + 1];
+  int i;
+  PARSE_FAILS("", "unexpected end of input", 0, 1, 1, "parse error: empty text");
+  PARSE_FAILS("   ", "unexpected end of input", 3, 1, 4, "parse error: only whitespace");
+  PARSE_FAILS("{\"customer\":", "unexpected end of input", 12, 1, 13, "parse error: cut after a key");
+  PARSE_FAILS("[1,]", "unexpected character (expected a value)", 3, 1, 4, "parse error: trailing comma in an array");
+  PARSE_FAILS("{\"a\":1,}", "unexpected character (expected a string key)", 7, 1, 8,
+              "parse error: trailing comma in an object");
+  PARSE_FAILS("{a:1}", "unexpected character (expected a string key)", 1, 1, 2, "parse error: unquoted key");
+  PARSE_FAILS("{'a':1}", "unexpected character (expected a string key)", 1, 1, 2, "parse error: single quotes");
+  PARSE_FAILS("{\"a\" 1}", "unexpected character (expected ':'", 5, 1, 6, "parse error: missing colon");
+  PARSE_FAILS("[1 2]", "unexpected character (expected ',' or ']')", 3, 1, 4, "parse error: missing comma in an array");
+  PARSE_FAILS("{\"a\":1 \"b\":2}", "unexpected character (expected ',' or '}')", 7, 1, 8,
+              "parse error: missing comma in an object");
+  PARSE_FAILS("[1}", "unexpected character (expected ',' or ']')", 2, 1, 3, "parse error: mismatched bracket");
+  PARSE_FAILS("{\n  \"a\": tru\n}", "invalid literal", 9, 2, 8, "parse error: a misspelt literal, line 2");
+  PARSE_FAILS("[nul", "unexpected end of input", 4, 1, 5, "parse error: a literal cut short");
+  PARSE_FAILS("[NaN]", "unexpected character (expected a value)", 1, 1, 2, "parse error: NaN");
+  PARSE_FAILS("[Infinity]", "unexpected character (expected a value)", 1, 1, 2, "parse error: Infinity");
+  PARSE_FAILS("// c\n{}", "unexpected character (expected a value)", 0, 1, 1, "parse error: a // comment");
+  PARSE_FAILS("{} /* c */", "trailing characters after the document", 3, 1, 4, "parse error: a trailing comment");
+  PARSE_FAILS("{} x", "trailing characters after the document", 3, 1, 4, "parse error: trailing characters");
+  PARSE_FAILS("{}{}", "trailing characters after the document", 2, 1, 3, "parse error: two documents");
+  PARSE_FAILS("{}\0", "trailing characters after the document", 2, 1, 3, "parse error: a NUL after the document");
+  PARSE_FAILS("\"abc", "unterminated string", 0, 1, 1, "parse error: unterminated string (at its quote)");
+  PARSE_FAILS("[\"ab\\\"]", "unterminated string", 1, 1, 2, "parse error: an escaped quote does not end a string");
+  PARSE_FAILS("[\"a\\", "unterminated string", 1, 1, 2, "parse error: a backslash at the end");
+  PARSE_FAILS("[\"a\tb\"]", "control character in string", 3, 1, 4, "parse error: a raw tab in a string");
+  PARSE_FAILS("{\"a\":\"x\ny\"}", "control character in string", 7, 1, 8, "parse error: a raw newline in a string");
+  PARSE_FAILS("[\"\x1f\"]", "control character in string", 2, 1, 3, "parse error: U+001F raw in a string");
+  PARSE_FAILS("[\"\\x\"]", "invalid escape", 2, 1, 3, "parse error: \\x is no escape");
+  PARSE_FAILS("[\"\\'\"]", "invalid escape", 2, 1, 3, "parse error: \\' is no escape");
+  PARSE_FAILS("[\"\\u12G4\"]", "invalid \\u escape", 2, 1, 3, "parse error: a \\u escape with a non-hex digit");
+  PARSE_FAILS("[\"\\u12\"]", "invalid \\u escape", 2, 1, 3, "parse error: a short \\u escape");
+  PARSE_FAILS("[\"\\ud800\\u12\"]", "invalid \\u escape", 8, 1, 9, "parse error: a bad escape after a high surrogate");
+  PARSE_FAILS("[01]", "invalid number (leading zero)", 1, 1, 2, "parse error: leading zero");
+  PARSE_FAILS("[-01]", "invalid number (leading zero)", 1, 1, 2, "parse error: leading zero after -");
+  PARSE_FAILS("[-]", "invalid number", 1, 1, 2, "parse error: a lone minus");
+  PARSE_FAILS("[1.]", "invalid number", 1, 1, 2, "parse error: no digit after the point");
+  PARSE_FAILS("[.5]", "unexpected character (expected a value)", 1, 1, 2, "parse error: no digit before the point");
+  PARSE_FAILS("[1e]", "invalid number", 1, 1, 2, "parse error: no digit in the exponent");
+  PARSE_FAILS("[1e+]", "invalid number", 1, 1, 2, "parse error: a signed exponent without digits");
+  PARSE_FAILS("[+1]", "unexpected character (expected a value)", 1, 1, 2, "parse error: a plus sign");
+  PARSE_FAILS("[0x10]", "unexpected character (expected ',' or ']')", 2, 1, 3, "parse error: hexadecimal");
+  PARSE_FAILS("-", "unexpected end of input", 1, 1, 2, "parse error: a minus at the end");
+  PARSE_FAILS("\xef\xbb\xbf{}", "unexpected character (expected a value)", 0, 1, 1, "parse error: a byte order mark");
+  PARSE_FAILS("[\"\xc3\xa9\", x]", "unexpected character (expected a value)", 7, 1, 7,
+              "parse error: the column counts characters, not bytes");
+  PARSE_FAILS("{\r\n\"a\":\n\n  @}", "unexpected character (expected a value)", 11, 4, 3,
+              "parse error: line and column after CRLF and blank lines");
+
+  /* depth: STELLA_JSON_MAX_DEPTH nested arrays pass, one more does not */
+  for (i = 0; i < STELLA_JSON_MAX_DEPTH; i++) {
+    deep_ok[i] = '[';
+    deep_ok[2 * STELLA_JSON_MAX_DEPTH - 1 - i] = ']';
+  }
+  {
+    stella_arena a;
+    stella_value v;
+    stella_parse_error err;
+    stella_arena_init(&a);
+    CHECK(stella_parse_json(&a, deep_ok, 2 * STELLA_JSON_MAX_DEPTH, &v, &err) == 0,
+          "parse: 64 nested arrays are fine");
+    stella_arena_free(&a);
+  }
+  for (i = 0; i <= STELLA_JSON_MAX_DEPTH; i++) deep_bad[i] = '[';
+  parse_fails(deep_bad, STELLA_JSON_MAX_DEPTH + 1, "nesting too deep", STELLA_JSON_MAX_DEPTH, 1,
+              STELLA_JSON_MAX_DEPTH + 1, "parse error: 65 nested arrays are too deep");
+  {
+    /* the same depth through objects: {"a":{"a":...}} */
+    char *buf = (char *)malloc(6 * (STELLA_JSON_MAX_DEPTH + 1) + 1);
+    if (buf) {
+      size_t n = 0;
+      for (i = 0; i <= STELLA_JSON_MAX_DEPTH; i++) {
+        memcpy(buf + n, "{\"a\":", 5);
+        n += 5;
+      }
+      parse_fails(buf, n, "nesting too deep", 5 * STELLA_JSON_MAX_DEPTH, 1, 5 * STELLA_JSON_MAX_DEPTH + 1,
+                  "parse error: 65 nested objects are too deep");
+      free(buf);
+    }
+  }
+}
+
+/* The one string of a one-string array. */
+static const stella_value *only_string(stella_arena *a, const char *text, stella_value *doc,
+                                       const char *desc) {
+  if (!parse_ok(a, text, doc, desc)) return NULL;
+  if (doc->type != STELLA_TABLE || doc->u.table.count != 1 ||
+      doc->u.table.pairs[0].value.type != STELLA_STRING)
+    return NULL;
+  return &doc->u.table.pairs[0].value;
+}
+
+static void test_parse_strings(void) {
+  /* want_len 0: strlen(want) */
+  static const struct { const char *json, *want; size_t want_len; const char *desc; } cases[] = {
+    { "[\"a\\\"b\\\\c\\/d\\b\\f\\n\\r\\t\"]", "a\"b\\c/d\b\f\n\r\t", 0, "escapes: the two-character ones" },
+    { "[\"caf\\u00e9 \\u00E9\"]", "caf\xc3\xa9 \xc3\xa9", 0, "escapes: \\u00e9 in either case -> 2 bytes" },
+    { "[\"\\u20ac\"]", "\xe2\x82\xac", 0, "escapes: \\u20ac -> 3 bytes" },
+    { "[\"\\ud83d\\ude00!\"]", "\xf0\x9f\x98\x80!", 0, "escapes: a surrogate pair -> one 4-byte character" },
+    { "[\"a\\u0000b\"]", "a\0b", 3, "escapes: \\u0000 is a NUL byte inside the string" },
+    { "[\"\\u0041\\u007a\"]", "Az", 0, "escapes: ASCII through \\u" },
+    { "[\"\\ud800\"]", "\xed\xa0\x80", 0, "escapes: a lone high surrogate keeps its (invalid) 3-byte form" },
+    { "[\"\\udc00x\"]", "\xed\xb0\x80x", 0, "escapes: a lone low surrogate keeps its (invalid) 3-byte form" },
+    { "[\"\\ud800\\u0041\"]", "\xed\xa0\x80" "A", 4, "escapes: a high surrogate followed by a non-surrogate" },
+    { "[\"\\ude00\\ud83d\"]", "\xed\xb8\x80\xed\xa0\xbd", 0, "escapes: a reversed pair is two lone surrogates" },
+    { "[\"raw \xff\xfe bytes\"]", "raw \xff\xfe bytes", 0, "bytes that are not UTF-8 pass through" },
+  };
+  stella_arena a;
+  size_t i;
+  stella_arena_init(&a);
+  for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    stella_value doc;
+    const stella_value *s = only_string(&a, cases[i].json, &doc, "escapes: parses");
+    size_t n = cases[i].want_len ? cases[i].want_len : strlen(cases[i].want);
+    if (!check(s != NULL && s->u.string.len == n && memcmp(s->u.string.ptr, cases[i].want, n) == 0,
+               cases[i].desc)) {
+      diag_bytes("got", s ? s->u.string.ptr : NULL, s ? s->u.string.len : 0);
+      diag_bytes("expected", cases[i].want, n);
+    }
+  }
+  {
+    stella_value doc;
+    const stella_value *s = only_string(&a, "[\"\\u00e9\"]", &doc, "escapes: decoded into the arena");
+    CHECK(s && stella_utf8_valid(s->u.string.ptr, s->u.string.len), "escapes: \\u00e9 decodes to valid UTF-8");
+    s = only_string(&a, "[\"\\ud800\"]", &doc, "escapes: a lone surrogate parses");
+    CHECK(s && !stella_utf8_valid(s->u.string.ptr, s->u.string.len),
+          "escapes: a lone surrogate is not valid UTF-8 (the validator reports it)");
+  }
+  stella_arena_free(&a);
+}
+
+/* The number of a one-number array. */
+static int only_number(const char *text, stella_value *out) {
+  stella_arena a;
+  stella_value doc;
+  stella_parse_error err;
+  int ok;
+  stella_arena_init(&a);
+  ok = stella_parse_json(&a, text, strlen(text), &doc, &err) == 0 && doc.type == STELLA_TABLE &&
+       doc.u.table.count == 1 && doc.u.table.pairs[0].value.type == STELLA_NUMBER;
+  if (ok) *out = doc.u.table.pairs[0].value;
+  stella_arena_free(&a);
+  return ok;
+}
+
+static void number_is(const char *text, int is_int, long long i, double num, const char *desc) {
+  stella_value v;
+  int ok = only_number(text, &v);
+  if (!check(ok && v.u.number.is_int == is_int && (!is_int || v.u.number.i == i) &&
+             (v.u.number.num == num || (num != num && v.u.number.num != v.u.number.num)), desc)) {
+    diag("text", text);
+    if (ok) {
+      diag_long("is_int", v.u.number.is_int);
+      printf("#   i: %lld, num: %.17g\n", v.u.number.i, v.u.number.num);
+    }
+  }
+}
+
+static void test_parse_numbers(void) {
+  number_is("[0]", 1, 0, 0.0, "number: 0");
+  number_is("[-0]", 1, 0, 0.0, "number: -0 is the integer 0");
+  number_is("[123456]", 1, 123456, 123456.0, "number: an integer");
+  number_is("[-42]", 1, -42, -42.0, "number: a negative integer");
+  number_is("[9223372036854775807]", 1, 9223372036854775807LL, 9223372036854775807.0,
+            "number: LLONG_MAX is an exact integer");
+  number_is("[-9223372036854775808]", 1, -9223372036854775807LL - 1, -9223372036854775808.0,
+            "number: LLONG_MIN is an exact integer");
+  number_is("[9007199254740993]", 1, 9007199254740993LL, 9007199254740992.0,
+            "number: 2^53+1 keeps its exact integer value");
+  number_is("[9223372036854775808]", 0, 0, 9223372036854775808.0,
+            "number: past LLONG_MAX it is a double, not an integer");
+  number_is("[123456789012345678901234567890]", 0, 0, 123456789012345678901234567890.0,
+            "number: a 30-digit integer is a double");
+  number_is("[1.5]", 0, 0, 1.5, "number: a fraction");
+  number_is("[-0.25]", 0, 0, -0.25, "number: a negative fraction");
+  number_is("[2.0]", 1, 2, 2.0, "number: 2.0 is integral (as a Lua float would be)");
+  number_is("[1e3]", 1, 1000, 1000.0, "number: 1e3");
+  number_is("[1E-2]", 0, 0, 0.01, "number: 1E-2");
+  number_is("[-1.25e+2]", 1, -125, -125.0, "number: -1.25e+2");
+  number_is("[0.1e1]", 1, 1, 1.0, "number: 0.1e1");
+  number_is("[1e400]", 0, 0, HUGE_VAL, "number: 1e400 overflows to infinity (not an integer)");
+  number_is("[1e-400]", 1, 0, 0.0, "number: 1e-400 underflows to 0");
+  {
+    /* a long fraction does not fit the stack buffer: still read in full */
+    char text[300];
+    size_t n = 0;
+    text[n++] = '[';
+    text[n++] = '0';
+    text[n++] = '.';
+    while (n < 250) text[n++] = '5';
+    text[n++] = ']';
+    text[n] = '\0';
+    number_is(text, 0, 0, 5.0 / 9.0, "number: 247 digits after the point");
+  }
+}
+
+/* strtod reads the locale's decimal point; the parser must not care. A locale with
+ * a decimal comma is made with localedef when none is installed (LOCPATH). */
+static void test_parse_locale(void) {
+  static const char *const names[] = { "de_DE.UTF-8", "de_DE.utf8", "fr_FR.UTF-8", "de_DE", NULL };
+  char dir[] = "/tmp/stella-locale-XXXXXX", cmd[512];
+  const char *name = NULL;
+  int made = 0, i;
+  for (i = 0; names[i] && !name; i++)
+    if (setlocale(LC_NUMERIC, names[i])) name = names[i];
+  if (!name && mkdtemp(dir)) {
+    made = 1;
+    snprintf(cmd, sizeof cmd, "localedef -i de_DE -f UTF-8 %s/de_DE.UTF-8 >/dev/null 2>&1", dir);
+    if (system(cmd) == 0) {
+      setenv("LOCPATH", dir, 1);
+      if (setlocale(LC_NUMERIC, "de_DE.UTF-8")) name = "de_DE.UTF-8";
+    }
+  }
+  if (name && strcmp(localeconv()->decimal_point, ",") == 0) {
+    stella_value v;
+    CHECK(strtod("1.5", NULL) == 1.0, "locale: with a decimal comma, strtod stops at '.'");
+    CHECK(only_number("[1.5]", &v) && v.u.number.num == 1.5, "locale: the parser still reads 1.5");
+    CHECK(only_number("[-2.75e1]", &v) && v.u.number.num == -27.5, "locale: and -2.75e1");
+  } else {
+    printf("ok %d - # SKIP no locale with a decimal comma (localedef unavailable)\n", ++tests_run);
+  }
+  setlocale(LC_NUMERIC, "C");
+  if (made) {
+    unsetenv("LOCPATH");
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0) printf("# could not remove %s\n", dir);
+  }
+}
+
+/* Parses `json` and validates it as `kind`; compares the (path, code) list. */
+static void json_errors(stella_kind kind, const char *json, const expected_error *want, size_t n,
+                        const char *desc) {
+  stella_arena a;
+  stella_value v;
+  stella_parse_error perr;
+  stella_errors errs;
+  int rc;
+  stella_arena_init(&a);
+  rc = stella_parse_json(&a, json, strlen(json), &v, &perr);
+  if (rc != 0) {
+    check(0, desc);
+    diag("parse error", perr.message);
+  } else {
+    rc = stella_validate(&a, kind, &v, NULL, &errs);
+    check_errors(rc, &errs, want, n, desc);
+  }
+  stella_arena_free(&a);
+}
+
+#define REQ_HEAD "{\"customer\":{\"name\":\"Jane\",\"email\":\"jane@example.com\"}," \
+                 "\"employee\":{\"email\":\"paul@example.com\"},\"channel\":\"phone\"," \
+                 "\"ext_interaction_id\":\"1\""
+
+static void test_parse_then_validate(void) {
+  stella_arena a;
+  stella_value v, t;
+  stella_parse_error perr;
+  stella_errors errs;
+  stella_pair *extra;
+  int rc;
+  stella_arena_init(&a);
+
+  /* parse -> validate -> encode gives back the canonical text */
+  rc = stella_parse_json(&a, EXAMPLE_JSON, strlen(EXAMPLE_JSON), &v, &perr);
+  if (check(rc == 0, "parse+validate: the example parses"))
+    check_encodes(&a, STELLA_REQUEST, &v, EXAMPLE_JSON, "parse+validate: the example");
+  json_errors(STELLA_REQUEST, REQ_HEAD ",\"tags\":[],\"custom_properties\":{}}", NULL, 0,
+              "parse+validate: [] tags and {} custom_properties are fine");
+  {
+    static const expected_error want[] = { { "brand", "duplicate_field" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"brand\":\"a\",\"brand\":\"a\"}", want, 1,
+                "parse+validate: a repeated field (even with the same value) -> duplicate_field");
+  }
+  {
+    static const expected_error want[] = { { "customer.email", "duplicate_field" },
+                                           { "channel", "duplicate_field" } };
+    json_errors(STELLA_REQUEST,
+                "{\"channel\":\"chat\",\"customer\":{\"name\":\"J\",\"email\":\"a@example.com\",\"email\":\"b@example.com\"},"
+                "\"employee\":{\"email\":\"paul@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":\"1\"}",
+                want, 2, "parse+validate: repeated fields at two levels, reported in schema order");
+  }
+  {
+    static const expected_error want[] = { { "custom_properties.plan", "duplicate_field" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"custom_properties\":{\"plan\":\"a\",\"seats\":\"2\",\"plan\":\"b\"}}",
+                want, 1, "parse+validate: a repeated custom property -> duplicate_field");
+  }
+  {
+    static const expected_error want[] = { { "tags", "invalid_type" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"tags\":{}}", want, 1, "parse+validate: tags {} -> invalid_type");
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"tags\":{\"1\":\"a\"}}", want, 1,
+                "parse+validate: tags {\"1\":...} -> invalid_type");
+  }
+  {
+    static const expected_error want[] = { { "custom_properties", "invalid_type" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"custom_properties\":[]}", want, 1,
+                "parse+validate: custom_properties [] -> invalid_type");
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"custom_properties\":[\"a\"]}", want, 1,
+                "parse+validate: custom_properties [\"a\"] -> invalid_type");
+  }
+  {
+    static const expected_error want[] = { { "customer", "invalid_type" } };
+    json_errors(STELLA_REQUEST, "{\"customer\":[],\"employee\":{\"email\":\"p@example.com\"},"
+                "\"channel\":\"phone\",\"ext_interaction_id\":1}", want, 1,
+                "parse+validate: customer [] -> invalid_type");
+  }
+  {
+    static const expected_error want[] = { { "employee", "invalid_type" } };
+    json_errors(STELLA_RECOVERY, "{\"employee\":[],\"ext_interaction_id\":1}", want, 1,
+                "parse+validate: a recovery's employee [] -> invalid_type");
+  }
+  {
+    static const expected_error want[] = { { "", "invalid_type" } };
+    json_errors(STELLA_REQUEST, "[]", want, 1, "parse+validate: a root [] -> invalid_type at the root");
+  }
+  {
+    static const expected_error want[] = { { "tags[2]", "invalid_type" }, { "brand", "invalid_type" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"tags\":[\"a\",null],\"brand\":null}", want, 2,
+                "parse+validate: null is a value of the wrong type, not an absent field");
+  }
+  {
+    static const expected_error want[] = { { "customer.name", "invalid_utf8" } };
+    json_errors(STELLA_REQUEST, "{\"customer\":{\"name\":\"Jos\xff\",\"email\":\"j@example.com\"},"
+                "\"employee\":{\"email\":\"p@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":1}",
+                want, 1, "parse+validate: a raw byte that is not UTF-8 -> invalid_utf8 at its field");
+    json_errors(STELLA_REQUEST, "{\"customer\":{\"name\":\"Jos\\ud800\",\"email\":\"j@example.com\"},"
+                "\"employee\":{\"email\":\"p@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":1}",
+                want, 1, "parse+validate: a lone surrogate escape -> invalid_utf8 at its field");
+  }
+  {
+    static const expected_error want[] = { { "ext_interaction_id", "invalid_type" } };
+    json_errors(STELLA_REQUEST, "{\"customer\":{\"name\":\"J\",\"email\":\"j@example.com\"},"
+                "\"employee\":{\"email\":\"p@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":1.5}",
+                want, 1, "parse+validate: a fractional interaction id -> invalid_type");
+    json_errors(STELLA_REQUEST, "{\"customer\":{\"name\":\"J\",\"email\":\"j@example.com\"},"
+                "\"employee\":{\"email\":\"p@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":1e300}",
+                want, 1, "parse+validate: 1e300 as an interaction id -> invalid_type");
+  }
+
+  /* messages name the JSON shapes */
+  {
+    static const char doc[] = REQ_HEAD ",\"tags\":{},\"brand\":[]}";
+    rc = stella_parse_json(&a, doc, sizeof doc - 1, &v, &perr);
+    rc = rc == 0 ? stella_validate(&a, STELLA_REQUEST, &v, NULL, &errs) : -1;
+    CHECK(rc == 2 && strstr(errs.items[0].message, "got an object") != NULL,
+          "parse+validate: a message says \"got an object\"");
+    CHECK(rc == 2 && strstr(errs.items[1].message, "got an array") != NULL,
+          "parse+validate: a message says \"got an array\"");
+  }
+
+  /* a table built in C (shape ANY) stays what it was: {} fits both */
+  extra = make_request(&a, &v, 2);
+  stella_table(&a, &t, 0);
+  member(&extra[0], "tags", t);
+  member(&extra[1], "custom_properties", t);
+  rc = stella_validate(&a, STELLA_REQUEST, &v, NULL, &errs);
+  CHECK(rc == 0 && t.u.table.shape == STELLA_SHAPE_ANY,
+        "validate: an empty table of unknown shape is fine as tags and as custom_properties");
+  stella_arena_free(&a);
+}
+
 /* ---------- main ------------------------------------------------------------------------ */
 
 /* Inputs only a C caller (or a parsed document) can build: huge sizes,
@@ -1080,7 +1693,15 @@ int main(void) {
   test_parse_retry_after();
   test_http_new();
   test_http_post();
+  test_http_start_step();
+  test_sender();
   test_hostile_inputs();
+  test_parse_valid();
+  test_parse_errors();
+  test_parse_strings();
+  test_parse_numbers();
+  test_parse_locale();
+  test_parse_then_validate();
   printf("1..%d\n", tests_run);
   if (tests_failed) printf("# %d of %d checks failed\n", tests_failed, tests_run);
   return tests_failed ? 1 : 0;

@@ -341,11 +341,13 @@ function Store:finish_many(ids)
   return n
 end
 
-function Store:kill(id, last_error, now)
+function Store:kill(id, last_error, now, attempts)
   check_open(self, "kill")
   U.check_id(id, "kill", "id")
   U.check_number(now, "kill", "now")
-  return update(self, id, { state = "dead", last_error = U.error_text(last_error), died_at = now })
+  U.check_count(attempts, "kill", "attempts", true)
+  return update(self, id, { state = "dead", last_error = U.error_text(last_error), died_at = now,
+                            attempts = attempts })
 end
 
 function Store:outbox(state, limit)

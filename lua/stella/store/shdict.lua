@@ -38,8 +38,8 @@
 --     everything rolled back: the other worker sends, this event is not sent twice.
 --   * ids come from incr; unsubscribe uses safe_add; claim takes a token with safe_add,
 --     so two workers never claim the same item at once.
--- With stella.trigger, the event that loses such a race comes out as failed/store_error
--- and is not sent (nor written to the ledger): the winner's request is the customer's one.
+-- stella.trigger then decides the losing batch again (it sees the winner's mark: the
+-- event comes out suppressed or duplicate): the winner's request is the customer's one.
 -- The counters (unsubscribed_count) and the ledger are approximate under concurrent
 -- writers. fn must not rely on another coroutine's uncommitted writes.
 --
@@ -643,12 +643,13 @@ function Store:finish_many(ids)
   return n
 end
 
-function Store:kill(id, last_error, now)
+function Store:kill(id, last_error, now, attempts)
   check_open(self, "kill")
   U.check_id(id, "kill", "id")
   U.check_number(now, "kill", "now")
-  return update(self, id, { state = "dead", last_error = U.error_text(last_error), died_at = now },
-    self.dead_ttl)
+  U.check_count(attempts, "kill", "attempts", true)
+  return update(self, id, { state = "dead", last_error = U.error_text(last_error), died_at = now,
+                            attempts = attempts }, self.dead_ttl)
 end
 
 function Store:outbox(state, limit)

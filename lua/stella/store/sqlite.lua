@@ -175,7 +175,8 @@ local SQL = {
   reschedule = "UPDATE outbox SET state = 'queued', next_at = ?, attempts = COALESCE(?, attempts), " ..
     "last_error = ?, died_at = NULL WHERE id = ?",
   finish = "DELETE FROM outbox WHERE id = ?",
-  kill = "UPDATE outbox SET state = 'dead', last_error = ?, died_at = ? WHERE id = ?",
+  kill = "UPDATE outbox SET state = 'dead', last_error = ?, died_at = ?, attempts = COALESCE(?, attempts) " ..
+    "WHERE id = ?",
   outbox_queued = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' ORDER BY next_at, id LIMIT ?",
   outbox_dead = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'dead' " ..
     "ORDER BY died_at DESC, id DESC LIMIT ?",
@@ -778,11 +779,12 @@ function Store:finish_many(ids)
   return write(self, exec_multi, "finish", values, #values)
 end
 
-function Store:kill(id, last_error, now)
+function Store:kill(id, last_error, now, attempts)
   check_open(self, "kill")
   U.check_id(id, "kill", "id")
   U.check_number(now, "kill", "now")
-  return write(self, changed, SQL.kill, U.error_text(last_error), now, id)
+  U.check_count(attempts, "kill", "attempts", true)
+  return write(self, changed, SQL.kill, U.error_text(last_error), now, attempts, id)
 end
 
 function Store:outbox(state, limit)

@@ -1,0 +1,434 @@
+-- Specs for sending in the background: the C core's sender (core.send_many, a thread
+-- posting a list one request after another), the non-blocking post (http:start/step),
+-- client:complete, and the trigger's pipeline, which overlaps a batch's sends with the
+-- store work of its neighbours. Everything goes to the loopback test server (nginx).
+local stella = require "stella"
+local core = require "stella.core"
+local client_mod = require "stella.client"
+local store_mod = require "stella.store"
+local testserver = require "support.testserver"
+local socket = require "socket"
+
+local SPEC_DIR = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+local RULES = SPEC_DIR .. "support/trigger_rules.lua"
+local API_KEY = "tk_pipeline_spec_0123SECRET"
+local T0 = 1700000000
+
+local function body_of(n)
+  return '{"customer":{"name":"C' .. n .. '","email":"c' .. n .. '@example.com"},' ..
+    '"employee":{"email":"agent@example.com"},"channel":"phone","ext_interaction_id":"p' .. n .. '"}'
+end
+
+local function remove_db(path)
+  for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
+end
+
+describe("background sends", function()
+  local server, https
+
+  lazy_setup(function() server = testserver.start() end)
+  lazy_teardown(function() if server then server:stop() end end)
+  before_each(function()
+    server:reset()
+    https = {}
+  end)
+  after_each(function()
+    for _, h in ipairs(https) do h:close() end
+  end)
+
+  local function http()
+    local h = assert(core.http_new{ base_url = server.url, api_key = API_KEY, timeout = 5 })
+    https[#https + 1] = h
+    return h
+  end
+
+  local function triples(h, n, first)
+    local list = {}
+    for i = 1, n do
+      list[#list + 1] = h
+      list[#list + 1] = "/v1/requests"
+      list[#list + 1] = body_of((first or 0) + i)
+    end
+    return list
+  end
+
+  describe("core.send_many", function()
+    it("posts every body in order on the client's one connection, and reports each answer", function()
+      local h = http()
+      local s = assert(core.send_many(triples(h, 5), 30))
+      assert.equal(5, s:wait())
+      assert.is_true(s:done())
+      for i = 1, 5 do
+        local status, body, ctype, retry_after = s:result(i)
+        assert.equal(200, status)
+        assert.equal('{"request_id":"req-' .. i .. '"}', body)
+        assert.matches("json", ctype)
+        assert.is_nil(retry_after)
+      end
+      assert.equal(0, select("#", s:result(6)))
+      s:close()
+      local seen = server:requests()
+      assert.equal(5, #seen)
+      for i = 1, 5 do
+        assert.equal(body_of(i), seen[i].body)
+        assert.equal(API_KEY, seen[i].headers["x-api-key"])
+        assert.equal(seen[1].connection, seen[i].connection)
+      end
+      assert.equal(1, h:connects())
+    end)
+
+    it("stops at the first answer that is not 2xx, and leaves the rest unattempted", function()
+      server:script{ {}, { status = 503, headers = { ["Retry-After"] = "7" } } }
+      local s = assert(core.send_many(triples(http(), 4), 30))
+      assert.equal(2, s:wait())
+      assert.equal(200, (s:result(1)))
+      local status, _, _, retry_after = s:result(2)
+      assert.equal(503, status)
+      assert.equal(7000, retry_after)
+      assert.equal(0, select("#", s:result(3)))
+      s:close()
+      assert.equal(2, #server:requests())
+    end)
+
+    it("stops at a transport failure and says which", function()
+      server:script{ { drop = true } }
+      local s = assert(core.send_many(triples(http(), 3), 30))
+      assert.equal(1, s:wait())
+      local status, failure, message = s:result(1)
+      assert.is_nil(status)
+      assert.equal("network", failure)
+      assert.is_string(message)
+      assert.is_nil(message:find(API_KEY, 1, true))
+      s:close()
+    end)
+
+    it("starts nothing after the first once the budget has passed", function()
+      server:script{ { delay = 0.2 } }
+      local s = assert(core.send_many(triples(http(), 3), 0.1))
+      assert.equal(1, s:wait())
+      assert.equal(200, (s:result(1)))
+      s:close()
+      assert.equal(1, #server:requests())
+      -- a budget of 0 still makes the first attempt
+      server:reset()
+      s = assert(core.send_many(triples(http(), 3), 0))
+      assert.equal(1, s:wait())
+      s:close()
+    end)
+
+    it("runs in the background: done() is false while the answer is delayed", function()
+      server:script{ { delay = 0.3 } }
+      local s = assert(core.send_many(triples(http(), 1), 30))
+      local t0 = socket.gettime()
+      assert.is_false(s:done())
+      assert.is_true(socket.gettime() - t0 < 0.2)   -- neither call waited
+      assert.equal(1, s:wait())
+      assert.is_true(s:done())
+      s:close()
+    end)
+
+    it("lends the clients: a post meanwhile waits for the thread, then goes out after it", function()
+      local h = http()
+      server:script{ { delay = 0.2 } }
+      local s = assert(core.send_many(triples(h, 2), 30))
+      local status = h:post("/v1/requests", body_of(99))
+      assert.equal(200, status)
+      local seen = server:requests()
+      assert.equal(3, #seen)
+      assert.equal(body_of(1), seen[1].body)
+      assert.equal(body_of(2), seen[2].body)
+      assert.equal(body_of(99), seen[3].body)
+      s:close()
+    end)
+
+    it("several clients in one list: each item on its own client", function()
+      local a, b = http(), http()
+      local list = { a, "/v1/requests", body_of(1), b, "/v1/requests", body_of(2), a, "/v1/requests", body_of(3) }
+      local s = assert(core.send_many(list, 30))
+      assert.equal(3, s:wait())
+      s:close()
+      local seen = server:requests()
+      assert.equal(seen[1].connection, seen[3].connection)
+      assert.are_not.equal(seen[1].connection, seen[2].connection)
+    end)
+
+    it("close stops the thread after the post in flight; close is idempotent, the clients are free", function()
+      local h = http()
+      server:script{ { delay = 0.2 } }
+      local s = assert(core.send_many(triples(h, 5), 30))
+      socket.sleep(0.05)
+      s:close()
+      s:close()
+      assert.equal(1, #server:requests())
+      assert.has_error(function() s:wait() end, "attempt to use a closed stella sender")
+      assert.equal(200, (h:post("/v1/requests", body_of(7))))
+      -- closing a lent client waits for the thread first
+      server:script{ { delay = 0.1 } }
+      local s2 = assert(core.send_many(triples(h, 1), 30))
+      h:close()
+      assert.equal(1, s2:wait())
+      assert.equal(200, (s2:result(1)))
+      s2:close()
+    end)
+
+    it("an empty list is a finished sender", function()
+      local s = assert(core.send_many({}, 1))
+      assert.is_true(s:done())
+      assert.equal(0, s:wait())
+      s:close()
+    end)
+
+    it("raises on a list that is not (client, path, body) triples", function()
+      local h = http()
+      assert.has_error(function() core.send_many({ h, "/v1/requests" }, 1) end)
+      assert.has_error(function() core.send_many({ {}, "/v1/requests", "{}" }, 1) end)
+      assert.has_error(function() core.send_many({ h, "/v1/requests", 42 }, 1) end)
+      assert.has_error(function() core.send_many("x", 1) end)
+      local closed = http()
+      closed:close()
+      assert.has_error(function() core.send_many({ closed, "/v1/requests", "{}" }, 1) end)
+    end)
+  end)
+
+  describe("http:start / http:step", function()
+    it("posts without waiting, then steps until the answer is there", function()
+      local h = http()
+      server:script{ { delay = 0.1 } }
+      assert.is_true(h:start("/v1/requests", body_of(1)))
+      assert.is_false(h:step())
+      assert.has_error(function() h:start("/v1/requests", body_of(2)) end,
+        "stella client busy: a started post has not ended")
+      local status, body
+      repeat status, body = h:step(0.05) until status ~= false
+      assert.equal(200, status)
+      assert.equal('{"request_id":"req-1"}', body)
+      assert.has_error(function() h:step() end, "stella client: no started post to step")
+      -- the blocking post reuses the same connection
+      assert.equal(200, (h:post("/v1/requests", body_of(2))))
+      assert.equal(1, h:connects())
+    end)
+
+    it("reports a failure the way post does", function()
+      local h = http()
+      server:script{ { drop = true } }
+      assert.is_true(h:start("/v1/requests", body_of(1)))
+      local status, failure
+      repeat status, failure = h:step(0.05) until status ~= false
+      assert.is_nil(status)
+      assert.equal("network", failure)
+    end)
+  end)
+
+  describe("client:complete and stella.client.send_many", function()
+    it("retries after a failed first attempt made elsewhere, as post would", function()
+      local c = stella.new{ api_key = API_KEY, base_url = server.url, retry = { attempts = 3, base_delay = 0.001 },
+                            sleep = function() end }
+      local res = c:complete("/v1/requests", body_of(1), 503, "", nil, nil)
+      assert.equal(200, res.status)
+      assert.equal(2, res.attempts)
+      assert.equal("req-1", res.request_id)
+      local _, err = c:complete("/v1/requests", body_of(2), 400, '{"error":"Invalid customer"}', "application/json")
+      assert.equal("rejected", err.kind)
+      assert.equal(1, err.attempts)
+      c:close()
+    end)
+
+    it("gives nil for a client whose transport is not the C core's", function()
+      local custom = stella.new{ api_key = API_KEY, base_url = server.url,
+                                 transport = function() return { post = function() return 200, "{}" end,
+                                                                 close = function() end } end }
+      assert.is_nil(client_mod.send_many({ custom, "/v1/requests", "{}" }, 1))
+      custom:close()
+    end)
+  end)
+end)
+
+describe("trigger:pipeline", function()
+  local server
+
+  lazy_setup(function() server = testserver.start() end)
+  lazy_teardown(function() if server then server:stop() end end)
+  before_each(function() server:reset() end)
+
+  local function events(first, n, over)
+    local list = {}
+    for i = first, first + n - 1 do
+      local e = { ticket = i, channel = i % 2 == 0 and "phone" or "chat",
+                  email = "customer" .. (i % 7) .. "@example.com", agent = "agent@example.com",
+                  name = "Customer " .. i }
+      for k, v in pairs(over or {}) do e[k] = v end
+      list[#list + 1] = e
+    end
+    return list
+  end
+
+  for _, backend in ipairs{ "memory", "sqlite" } do
+    describe(backend .. " store", function()
+      local paths, stores, triggers = {}, {}, {}
+
+      local function new_store()
+        local s
+        if backend == "sqlite" then
+          local path = os.tmpname()
+          paths[#paths + 1] = path
+          s = assert(store_mod.sqlite(path))
+        else
+          s = assert(store_mod.memory())
+        end
+        stores[#stores + 1] = s
+        return s
+      end
+
+      local function trigger(opts)
+        opts = opts or {}
+        opts.rules = opts.rules or RULES
+        opts.store = opts.store or new_store()
+        opts.clock = opts.clock or function() return T0 end
+        opts.random = function() return 0.5 end
+        if opts.client == nil then
+          opts.client = { api_key = API_KEY, base_url = server.url, timeout = 5,
+                          retry = { attempts = 2, base_delay = 0.001 }, sleep = function() end }
+        end
+        local t = stella.trigger(opts)
+        triggers[#triggers + 1] = t
+        return t
+      end
+
+      after_each(function()
+        for _, t in ipairs(triggers) do t:close() end
+        for _, s in ipairs(stores) do s:close() end
+        for _, p in ipairs(paths) do remove_db(p) end
+        paths, stores, triggers = {}, {}, {}
+      end)
+
+      local function summary(outcomes)
+        local list = {}
+        for i, o in ipairs(outcomes) do
+          list[i] = table.concat({ o.status, tostring(o.reason), tostring(o.event_id) }, "/")
+        end
+        return list
+      end
+
+      it("decides, sends and records exactly what process_many does, batch after batch", function()
+        local batches = { events(1, 12), events(13, 12), events(25, 9) }
+        -- the reference: process_many on a store of its own
+        local ref = trigger()
+        local expected, expected_bodies = {}, {}
+        for i, b in ipairs(batches) do expected[i] = summary(ref:process_many(b)) end
+        for _, r in ipairs(server:requests()) do expected_bodies[#expected_bodies + 1] = r.body end
+        server:reset()
+
+        local t = trigger()
+        local got, tags = {}, {}
+        local p = t:pipeline(function(outcomes, evs, tag)
+          got[#got + 1] = summary(outcomes)
+          tags[#tags + 1] = tag
+          assert.equal(#evs, #outcomes)
+        end)
+        for i, b in ipairs(batches) do
+          p:process(b, "batch " .. i)
+          assert.equal(i - 1, #got)   -- a batch is complete once the next one is in
+        end
+        p:finish()
+        assert.same(expected, got)
+        assert.same({ "batch 1", "batch 2", "batch 3" }, tags)
+        local bodies = {}
+        for _, r in ipairs(server:requests()) do bodies[#bodies + 1] = r.body end
+        assert.same(expected_bodies, bodies)
+        -- and a mix of outcomes was exercised: sent, suppressed (customers repeat)
+        local kinds = {}
+        for _, list in ipairs(got) do
+          for _, s in ipairs(list) do kinds[s:match("^[^/]+")] = true end
+        end
+        assert.is_true(kinds.sent and kinds.suppressed)
+        local st = t:stats()
+        assert.equal(#expected_bodies, st.counts.sent)
+        if backend == "sqlite" then
+          assert.same({ queued = 0, dead = 0 }, t.store:outbox_counts())
+        end
+      end)
+
+      it("a failing answer mid-batch: the rest is sent in line, with the client's retries", function()
+        local t = trigger()
+        server:script{ {}, { status = 503 }, {}, { status = 503 }, { status = 503 } }
+        local all = {}
+        local p = t:pipeline(function(outcomes)
+          for _, o in ipairs(outcomes) do all[#all + 1] = o end
+        end)
+        p:process(events(1, 5), nil)   -- 5 customers: customer1..5
+        p:finish()
+        -- 1: sent by the thread; 2: 503 (the thread stops), then 200 on the client's
+        -- retry; 3: 503 twice -> queued; 4, 5: sent in line
+        local st = {}
+        for i, o in ipairs(all) do st[i] = o.status end
+        assert.same({ "sent", "sent", "queued", "sent", "sent" }, st)
+        assert.equal(2, all[2].attempts)
+        assert.equal("server", all[3].reason)
+        assert.equal(7, #server:requests())
+      end)
+
+      it("a request past half the lease stays queued (deferred), and flush() sends it once", function()
+        local clock = socket.gettime
+        local t = trigger{ clock = clock, outbox = { lease = 0.4 } }
+        server:script{ { delay = 0.3 } }
+        local all = {}
+        local p = t:pipeline(function(outcomes)
+          for _, o in ipairs(outcomes) do all[#all + 1] = o end
+        end)
+        p:process(events(1, 4), nil)
+        p:finish()
+        local st = {}
+        for i, o in ipairs(all) do st[i] = o.status .. "/" .. tostring(o.reason) end
+        -- customers 1..4: the first send always goes; the lease (0.4 s) is half gone after it
+        assert.equal("sent/nil", st[1])
+        for i = 2, 4 do assert.equal("queued/deferred", st[i]) end
+        local summary = t:flush()
+        assert.equal(3, summary.sent)
+        local per = {}
+        for _, r in ipairs(server:requests()) do
+          local id = r.body:match('"ext_interaction_id":"([^"]+)"')
+          per[id] = (per[id] or 0) + 1
+        end
+        for id, n in pairs(per) do assert.equal(1, n, "sent twice: " .. id) end
+      end)
+
+      it("a client with its own transport sends in line: the same outcomes", function()
+        local sent = {}
+        local c = stella.new{ api_key = API_KEY, base_url = server.url,
+          transport = function() return {
+            post = function(_, _, body) sent[#sent + 1] = body return 200, '{"request_id":"x' .. #sent .. '"}', "application/json" end,
+            close = function() end } end }
+        local t = trigger{ client = c }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        p:process(events(1, 3), nil)
+        p:process(events(4, 3), nil)
+        p:finish()
+        assert.equal(6, #all)
+        assert.equal(6, #sent)
+        assert.equal("x6", all[6].request_id)
+        c:close()
+      end)
+
+      it("a dry run decides without sending", function()
+        local t = trigger{ dry_run = true }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        p:process(events(1, 10), nil)
+        p:finish()
+        assert.equal(10, #all)
+        assert.equal(0, #server:requests())
+      end)
+
+      it("raises on misuse", function()
+        local t = trigger()
+        assert.has_error(function() t:pipeline() end, "trigger:pipeline: function expected")
+        local p = t:pipeline(function() end)
+        assert.has_error(function() p:process("x") end, "pipeline:process: list of events expected")
+        assert.has_error(function() p:process({ 1 }) end, "pipeline:process: event 1 is not a table")
+        p:finish()
+        p:finish()
+      end)
+    end)
+  end
+end)
