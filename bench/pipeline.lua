@@ -157,7 +157,7 @@ local function main()
   end
   -- The way `stella trigger` feeds a file: BATCH events per process_many call
   -- (two store transactions per batch instead of two per event).
-  local BATCH = tonumber(os.getenv("BENCH_BATCH")) or 50
+  local BATCH = tonumber(os.getenv("BENCH_BATCH")) or require("stella.cli").BATCH_SIZE
   local function pipeline_batch_step(b)
     local events = {}
     for i = 1, BATCH do events[i] = event(b * BATCH + i) end

@@ -372,11 +372,11 @@ local DEFERRED_DETAIL = "not sent yet: the batch ran past half of its outbox lea
 
 -- Sends the items of a batch in order, stopping (DEFERRED) once half the lease has
 -- passed; at least the first item is always tried. results[i], errs[i] per item.
-local function send_batch(self, list, now, send)
-  local results, errs = {}, {}
+-- (from, tried, results, errs): go on from item `from` of a batch partly sent already.
+local function send_batch(self, list, now, send, from, tried, results, errs)
+  results, errs = results or {}, errs or {}
   local deadline = now + self.outbox_opts.lease / 2
-  local tried = false
-  for i = 1, #list do
+  for i = from or 1, #list do
     if list[i] then
       if tried and self.clock() >= deadline then
         errs[i] = DEFERRED
@@ -474,18 +474,9 @@ local function start_sends(self, list, now)
       bg:close()
       if attempted > 0 then from, tried = index[attempted] + 1, true end
     end
-    for j = from, n do
-      local o = list[j]
-      if o then
-        if tried and self.clock() >= deadline then
-          errs[j] = DEFERRED
-        else
-          results[j], errs[j] = self:client_for(o.brand):post("/v1/requests", o.body)
-          tried = true
-        end
-      end
-    end
-    return results, errs
+    return send_batch(self, list, now, function(o)
+      return self:client_for(o.brand):post("/v1/requests", o.body)
+    end, from, tried, results, errs)
   end
 end
 
