@@ -773,38 +773,36 @@ static const luaL_Reg plain_funcs[] = {
   { NULL, NULL }
 };
 
+/* The metatable `name` of a userdata class: methods, one idempotent close for close,
+ * __gc and __close, and an optional __tostring. */
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction close,
+                      lua_CFunction tostring) {
+  if (luaL_newmetatable(L, name)) {
+    lua_newtable(L);
+    stella_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__close");
+    if (tostring) {
+      lua_pushcfunction(L, tostring);
+      lua_setfield(L, -2, "__tostring");
+    }
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+}
+
 int luaopen_stella_core(lua_State *L);
 int luaopen_stella_core(lua_State *L) {
   scratch *s;
   /* libcurl's global state is reference-counted: this Lua state keeps one
    * reference for good, so clients created later never re-initialise TLS. */
   curl_global_init(CURL_GLOBAL_DEFAULT);
-  if (luaL_newmetatable(L, HTTP_MT)) {
-    lua_newtable(L);
-    stella_setfuncs(L, http_methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_http_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_http_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, l_http_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pushliteral(L, "stella.http");
-    lua_setfield(L, -2, "__name");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, SENDER_MT)) {
-    lua_newtable(L);
-    stella_setfuncs(L, sender_methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_sender_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_sender_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushliteral(L, "stella.sender");
-    lua_setfield(L, -2, "__name");
-  }
-  lua_pop(L, 1);
+  new_class(L, HTTP_MT, http_methods, l_http_close, l_http_tostring);
+  new_class(L, SENDER_MT, sender_methods, l_sender_close, NULL);
   if (luaL_newmetatable(L, SCRATCH_MT)) {
     lua_pushcfunction(L, scratch_gc);
     lua_setfield(L, -2, "__gc");
