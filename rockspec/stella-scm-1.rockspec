@@ -61,6 +61,11 @@ build = {
   install = {
     bin = { stella = "bin/stella" },
   },
+  -- the sandbox's nginx template, default company and status page: stella.sandbox finds
+  -- them in the rock's directory (TREE/lib/luarocks/rocks-VERSION/stella/VERSION/sandbox).
+  -- Its nginx also needs the C core built for LuaJIT: `make LUA=luajit` in a checkout, then
+  -- STELLA_SANDBOX_CORE=DIR (the directory holding stella/core.so).
+  copy_directories = { "sandbox" },
 }
 test = {
   type = "command",

@@ -130,6 +130,32 @@ end
 -- Where things are
 ---------------------------------------------------------------------------
 
+-- The directory of the sandbox's files (nginx.conf, config.lua, status.*): the
+-- repository's sandbox/, or where `make install` puts it (PREFIX/share/lua-stella/sandbox,
+-- beside PREFIX/share/lua/VERSION), or the rock's copy after `luarocks install`
+-- (TREE/lib/luarocks/rocks-VERSION/stella/VERSION/sandbox). The first that has nginx.conf;
+-- the repository's when none has.
+local function find_sandbox_dir(lua_dir, root)
+  local share = lua_dir:match("^(.*)/lua/[^/]+$")            -- PREFIX/share (make install)
+  local tree = share and share:match("^(.*)/share$")          -- TREE (luarocks)
+  local candidates = { root .. "/sandbox" }
+  if share then candidates[#candidates + 1] = share .. "/lua-stella/sandbox" end
+  if tree then
+    local p = io.popen("ls -d " .. shell_quote(tree) .. "/lib/luarocks/rocks-*/stella/*/sandbox 2>/dev/null")
+    if p then
+      for dir in p:lines() do candidates[#candidates + 1] = dir end
+      p:close()
+    end
+  end
+  for _, dir in ipairs{ "/usr/local/share/lua-stella/sandbox", "/usr/share/lua-stella/sandbox" } do
+    candidates[#candidates + 1] = dir
+  end
+  for _, dir in ipairs(candidates) do
+    if exists(dir .. "/nginx.conf") then return dir end
+  end
+  return candidates[1]
+end
+
 -- lua/ (this module's tree), the repository root, sandbox/ and the LuaJIT core.
 function M.paths(opts)
   opts = opts or {}
@@ -137,11 +163,12 @@ function M.paths(opts)
   local file = absolute(source:match("^@(.*)$") or "lua/stella/sandbox/init.lua")
   local lua_dir = file:match("^(.*)/stella/sandbox/[^/]*$") or absolute("lua")
   local root = lua_dir:match("^(.*)/[^/]*$") or "."
-  local sandbox_dir = opts.sandbox_dir or os.getenv("STELLA_SANDBOX_DIR") or (root .. "/sandbox")
+  local sandbox_dir = opts.sandbox_dir or os.getenv("STELLA_SANDBOX_DIR") or find_sandbox_dir(lua_dir, root)
   local core_dir = opts.core_dir or os.getenv("STELLA_SANDBOX_CORE")
   if not core_dir then
-    for _, dir in ipairs{ root .. "/build/luajit", CORE_CANDIDATES[1], CORE_CANDIDATES[2],
-                          CORE_CANDIDATES[3] } do
+    local prefix = lua_dir:match("^(.*)/share/lua/[^/]+$")   -- make install's PREFIX
+    for _, dir in ipairs{ root .. "/build/luajit", prefix and (prefix .. "/lib/lua/5.1") or root .. "/build/luajit",
+                          CORE_CANDIDATES[1], CORE_CANDIDATES[2], CORE_CANDIDATES[3] } do
       if exists(dir .. "/stella/core.so") then core_dir = dir break end
     end
   end
