@@ -54,7 +54,7 @@ CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a
 
-.PHONY: all module luajit clib test test-c test-lua asan valgrind bench install uninstall deps clean
+.PHONY: all module luajit clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
 
 all: module
 
@@ -97,9 +97,21 @@ asan:
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
 	        $(CORE_SRC) $(CURL_LIBS) $(THREAD_LIBS)
 	$(CC) $(ASAN_FLAGS) -I$(LUA_INCDIR) -o build/asan/lua spec/c/lua_host.c -llua5.4 -lm -ldl
-	@ASAN_OPTIONS=detect_leaks=1 tools/run-tests tap:build/asan/test_core
+	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc -o build/asan/fuzz_json spec/c/fuzz_json.c $(CORE_SRC) \
+	        $(CURL_LIBS) $(THREAD_LIBS)
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	 tools/run-tests tap:build/asan/test_core tap:build/asan/fuzz_json
 	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	 tools/run-tests busted:$(CURDIR)/build/asan/lua:build/asan
+
+# The JSON front end under ASan + UBSan with FUZZ_ITERATIONS mutated documents (make asan
+# runs 200,000).
+FUZZ_ITERATIONS ?= 5000000
+fuzz:
+	@mkdir -p build/asan
+	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc -o build/asan/fuzz_json spec/c/fuzz_json.c $(CORE_SRC) \
+	        $(CURL_LIBS) $(THREAD_LIBS)
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 build/asan/fuzz_json $(FUZZ_ITERATIONS) $${FUZZ_SEED:-1}
 
 valgrind: build/c/test_core module
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core

@@ -1,0 +1,92 @@
+/* fuzz_json.c - a mutation fuzzer for the JSON front end of the C core: random edits
+ * (byte flips, inserted JSON punctuation, deletions, truncation) of a few seed documents
+ * go through stella_parse_json, then stella_validate and stella_encode_json for the
+ * ones that parse. Built with AddressSanitizer and UBSan by `make fuzz` (and a short run
+ * by `make asan`), where any memory error or undefined behaviour aborts the run; it also
+ * checks that every syntax error has a message and an offset inside the text, and that
+ * what is encoded parses again. Prints TAP.
+ *
+ *   build/asan/fuzz_json [ITERATIONS [SEED]]   (default 200000, 1) */
+#define _POSIX_C_SOURCE 200112L   /* rand_r */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "stella.h"
+
+static const char *const seeds[] = {
+  "{\"customer\":{\"name\":\"Zo\\u00eb \\u00c5kesson\",\"email\":\"zoe@example.com\",\"custom_id\":\"c-1\"},"
+  "\"employee\":{\"email\":\"agent@example.com\",\"custom_id\":\"a-7\"},\"channel\":\"phone\","
+  "\"ext_interaction_id\":123456,\"external_url\":\"https://example.com/t/1\",\"tags\":[\"a\",\"b\"],"
+  "\"custom_properties\":{\"order\":\"ORD-1\",\"seats\":12,\"ratio\":1.5e3,\"vip\":true},"
+  "\"brand\":\"acme\",\"language\":\"en-US\",\"country\":\"us\",\"do_not_send\":false}",
+  "{\"initial_feedback_request_id\":\"00000000-0000-4000-8000-000000000000\","
+  "\"employee\":{\"email\":\"agent@example.com\"},\"ext_interaction_id\":\"x\\\"y\\\\z\\n\"}",
+  "[1,-2,3.25e-7,[true,false,null],{\"a\":\"\\ud83d\\ude00\",\"b\":{\"c\":[[[{}]]]}},\"\\u0000\"]",
+};
+#define NSEEDS (sizeof seeds / sizeof seeds[0])
+static const char punct[] = "{}[]\",:\\0123456789eE+-.tfnu ";
+
+int main(int argc, char **argv) {
+  long iters = argc > 1 ? atol(argv[1]) : 200000, it, parsed = 0, valid = 0;
+  unsigned seed = argc > 2 ? (unsigned)atol(argv[2]) : 1u;
+  static char buf[8192];
+  stella_arena a;
+  stella_buffer out;
+  int failed = 0;
+  stella_arena_init(&a);
+  stella_buffer_init(&out);
+  for (it = 0; it < iters && !failed; it++) {
+    const char *s = seeds[it % NSEEDS];
+    size_t len = strlen(s);
+    int muts = 1 + rand_r(&seed) % 6, m, rc;
+    stella_value v;
+    stella_parse_error pe;
+    stella_errors errs;
+    stella_kind kind = (stella_kind)(rand_r(&seed) % 2);
+    memcpy(buf, s, len);
+    for (m = 0; m < muts; m++) {
+      size_t pos = len ? (size_t)rand_r(&seed) % len : 0;
+      switch (rand_r(&seed) % 4) {
+        case 0: if (len) buf[pos] = (char)(rand_r(&seed) % 256); break;
+        case 1:
+          if (len + 1 < sizeof buf) {
+            memmove(buf + pos + 1, buf + pos, len - pos);
+            buf[pos] = punct[rand_r(&seed) % (sizeof punct - 1)];
+            len++;
+          }
+          break;
+        case 2: if (len > 1) { memmove(buf + pos, buf + pos + 1, len - pos - 1); len--; } break;
+        default: len = pos; break;
+      }
+    }
+    stella_arena_reset(&a);
+    rc = stella_parse_json(&a, buf, len, &v, &pe);
+    if (rc > 0 && (pe.message == NULL || pe.offset > len || pe.line < 1 || pe.column < 1)) {
+      printf("not ok 1 - a syntax error without a message or with an offset outside the text "
+             "(iteration %ld, seed %u)\n", it, seed);
+      failed = 1;
+    } else if (rc == 0) {
+      parsed++;
+      if (stella_validate(&a, kind, &v, NULL, &errs) == 0) {
+        stella_value again;
+        valid++;
+        out.len = 0;
+        if (stella_encode_json(kind, &v, &out) != 0 ||
+            stella_parse_json(&a, out.data, out.len, &again, &pe) != 0) {
+          printf("not ok 1 - the encoding of a valid document does not parse (iteration %ld)\n", it);
+          failed = 1;
+        }
+      }
+    } else if (rc < 0) {
+      printf("not ok 1 - out of memory (iteration %ld)\n", it);
+      failed = 1;
+    }
+  }
+  if (!failed)
+    printf("ok 1 - fuzz: %ld mutated documents (%ld parsed, %ld valid) through parse, validate, "
+           "encode\n", iters, parsed, valid);
+  printf("1..1\n");
+  stella_arena_free(&a);
+  stella_buffer_free(&out);
+  return failed;
+}
