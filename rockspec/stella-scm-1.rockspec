@@ -51,6 +51,7 @@ build = {
     ["stella.store.sqlite"] = "lua/stella/store/sqlite.lua",
     ["stella.store.shdict"] = "lua/stella/store/shdict.lua",
     ["stella.transport.cosocket"] = "lua/stella/transport/cosocket.lua",
+    ["stella.nginx"] = "lua/stella/nginx.lua",
     ["stella.sandbox"] = "lua/stella/sandbox/init.lua",
     ["stella.sandbox.config"] = "lua/stella/sandbox/config.lua",
     ["stella.sandbox.server"] = "lua/stella/sandbox/server.lua",

@@ -18,36 +18,13 @@ local function it_with(ok, name, fn)
   return pending(name .. " (needs stella.trigger and the stores)")
 end
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+-- the shell and file helpers the nginx launchers share
+local nginx = require "stella.nginx"
+local shell_quote, read_file, exists, sh = nginx.shell_quote, nginx.read_file, nginx.file_exists, nginx.run
 
 local function write_file(path, contents)
-  local f = assert(io.open(path, "wb"))
-  f:write(contents)
-  f:close()
+  assert(nginx.write_file(path, contents))
   return path
-end
-
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
-
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. "; echo \"@exit=$?\""))
-  local out = p:read("*a")
-  p:close()
-  return tonumber(out:match("@exit=(%d+)%s*$")), (out:gsub("@exit=%d+%s*$", ""))
 end
 
 -- Every output a run produced, checked for keys at the end.
@@ -164,14 +141,12 @@ describe("stella command", function()
 
   lazy_setup(function()
     server = testserver.start()
-    local code, out = sh("mktemp -d \"${TMPDIR:-/tmp}/stella-cli-XXXXXX\"")
-    assert(code == 0, out)
-    dir = out:gsub("%s+$", "")
+    dir = assert(nginx.temp_dir("stella-cli"))
   end)
 
   lazy_teardown(function()
     if server then server:stop() end
-    if dir then sh("rm -rf " .. shell_quote(dir)) end
+    if dir then nginx.remove_dir(dir) end
   end)
 
   before_each(function()

@@ -13,17 +13,8 @@ local TEST_KEY, PRODUCTION_KEY, TEST_EMAIL = companies.TEST_KEY, companies.PRODU
 local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local UUID4 = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local nginx = require "stella.nginx"
+local shell_quote, read_file = nginx.shell_quote, nginx.read_file
 
 -- Raw HTTP: status and body (decoded when it is JSON).
 local function request(url, method, body, headers)
@@ -623,13 +614,7 @@ describe("stella sandbox", function()
 
   describe("the stella sandbox command", function()
     it("runs in the foreground until its nginx is stopped through the pid file", function()
-      local code, dir = (function()
-        local p = io.popen("mktemp -d \"${TMPDIR:-/tmp}/stella-sbcli-XXXXXX\"")
-        local d = p:read("*l")
-        p:close()
-        return 0, d
-      end)()
-      assert.equal(0, code)
+      local dir = assert(nginx.temp_dir("stella-sbcli"))
       local config = dir .. "/company.lua"
       local f = assert(io.open(config, "wb"))
       f:write(require("stella.sandbox.config").serialize(companies.single_brand()))
@@ -660,7 +645,7 @@ describe("stella sandbox", function()
       end
       local rest = p:read("*a")
       p:close()
-      os.execute("rm -rf " .. shell_quote(dir))
+      nginx.remove_dir(dir)
       assert(ok, err)
       assert.matches("POST /v1/requests 200", rest)
       assert.matches("stella sandbox: stopped", rest)

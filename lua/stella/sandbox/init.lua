@@ -29,102 +29,18 @@
 -- io.popen), so it shares the terminal's process group: Ctrl-C stops it too. Its pid is
 -- also in PREFIX/sandbox.pid, for stopping it from elsewhere: kill -TERM $(cat ...).
 local config_mod = require "stella.sandbox.config"
+local nginx = require "stella.nginx"
 
 local M = {}
 
 local DEFAULT_PORT = 8787
 local START_TIMEOUT = 10
-local STOP_TIMEOUT = 5
-local BIND_ATTEMPTS = 5
-local MODULE_DIRS = { "/usr/lib/nginx/modules", "/usr/share/nginx/modules" }
-local NGINX_CANDIDATES = { "/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx" }
 local CORE_CANDIDATES = { "/usr/local/lib/lua/5.1", "/usr/lib/x86_64-linux-gnu/lua/5.1", "/usr/lib/lua/5.1" }
 
----------------------------------------------------------------------------
--- Helpers
----------------------------------------------------------------------------
-
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function run(cmd)
-  local p = assert(io.popen("(" .. cmd .. ") 2>&1; echo \"@exit=$?\""))
-  local out = p:read("*a")
-  p:close()
-  return tonumber(out:match("@exit=(%d+)%s*$")), (out:gsub("@exit=%d+%s*$", ""))
-end
-
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
-local function write_file(path, text)
-  local f, err = io.open(path, "wb")
-  if not f then return nil, err end
-  f:write(text)
-  f:close()
-  return true
-end
-
-local function tail(text, n)
-  local lines = {}
-  for line in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
-  return table.concat(lines, "\n", math.max(1, #lines - n + 1))
-end
-
-local function cwd()
-  local _, out = run("pwd")
-  return (out:gsub("%s+$", ""))
-end
-
-local function absolute(path)
-  if path:sub(1, 1) == "/" then return path end
-  return cwd() .. "/" .. path:gsub("^%./", "")
-end
-
-local function is_root()
-  local _, out = run("id -u")
-  return out:match("^%s*0%s*$") ~= nil
-end
-
--- A pid counts as gone when it no longer exists or is a zombie.
-local function alive(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
-  if stat then return stat:match("^%d+ %b() (%a)") ~= "Z" end
-  return run("kill -0 " .. pid .. " 2>/dev/null") == 0
-end
+local shell_quote, run, exists, read_file, write_file = nginx.shell_quote, nginx.run, nginx.file_exists,
+  nginx.read_file, nginx.write_file
+local absolute, alive = nginx.absolute, nginx.alive
 M.alive = alive
-
-local function sleep(s)
-  local ok, socket = pcall(require, "socket")
-  if ok then socket.sleep(s) else run("sleep " .. s) end
-end
-
-local function clock()
-  local ok, socket = pcall(require, "socket")
-  if ok then return socket.gettime() end
-  return os.time()
-end
-
-local function wait_until(timeout, pred)
-  local deadline = clock() + timeout
-  repeat
-    if pred() then return true end
-    sleep(0.02)
-  until clock() > deadline
-  return pred()
-end
 
 ---------------------------------------------------------------------------
 -- Where things are
@@ -176,33 +92,6 @@ function M.paths(opts)
            core_dir = core_dir and absolute(core_dir) or nil }
 end
 
-local function find_nginx(opts)
-  local explicit = opts.nginx or os.getenv("STELLA_NGINX")
-  if explicit then return explicit end
-  for _, path in ipairs(NGINX_CANDIDATES) do
-    if exists(path) then return path end
-  end
-  local code, out = run("command -v nginx")
-  if code == 0 and out:match("%S") then return (out:gsub("%s+$", "")) end
-  return nil, "nginx not found (install nginx and libnginx-mod-http-lua: make deps; or set STELLA_NGINX)"
-end
-
-local function find_module(name, opts)
-  local dirs = opts.module_dirs or MODULE_DIRS
-  for _, dir in ipairs(dirs) do
-    if exists(dir .. "/" .. name) then return dir .. "/" .. name end
-  end
-  return nil, name .. " not found in " .. table.concat(dirs, ", ") .. " (install libnginx-mod-http-lua)"
-end
-
-local function free_port()
-  local socket = require "socket"
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
-
 -- Is our nginx answering? Its ping answers with the token it was started with, so
 -- another server on the same port does not count.
 local function ping(url, token)
@@ -227,15 +116,7 @@ local function token()
   if bytes and #bytes == 8 then
     return (bytes:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end))
   end
-  return ("%x%x"):format(os.time(), math.floor(clock() * 1e6) % 0x7fffffff)
-end
-
-local function render(template, vars)
-  return (template:gsub("@([%u_]+)@", function(name)
-    local v = vars[name]
-    if v == nil then error("sandbox: nginx.conf template has an unknown placeholder @" .. name .. "@", 0) end
-    return v
-  end))
+  return ("%x%x"):format(os.time(), math.floor(nginx.clock() * 1e6) % 0x7fffffff)
 end
 
 -- a Lua string literal for the nginx config (inside *_by_lua_block)
@@ -249,10 +130,9 @@ end
 
 local Sandbox = {}
 Sandbox.__index = Sandbox
-local running = {}   -- started and not yet stopped (keeps their gc guards alive)
 
 function Sandbox:running()
-  return self.pid ~= nil and not self.stopped and alive(self.pid)
+  return not self.stopped and self.process ~= nil and self.process:running()
 end
 
 function Sandbox:error_log()
@@ -260,35 +140,20 @@ function Sandbox:error_log()
 end
 
 -- Stops nginx (fast shutdown), reaps it, removes the pid file and a temporary prefix.
--- Safe to call more than once, and after nginx was stopped from elsewhere.
+-- Safe to call more than once, and after nginx was stopped from elsewhere. (Dropped
+-- without stop(), the sandbox is stopped by stella.nginx's gc guard; nginx removes its
+-- pid file itself on TERM.)
 function Sandbox:stop()
   if self.stopped then return end
   self.stopped = true
-  running[self] = nil
-  local pid = self.pid
-  if pid and alive(pid) then
-    run("kill -TERM " .. pid)
-    if not wait_until(STOP_TIMEOUT, function() return not alive(pid) end) then
-      run("pkill -KILL -P " .. pid .. "; kill -KILL " .. pid)
-      wait_until(STOP_TIMEOUT, function() return not alive(pid) end)
-    end
-  end
-  if self.proc then
-    self.proc:close()
-    self.proc = nil
-  end
+  if self.process then self.process:stop() end
   os.remove(self.pid_file)
-  if self.temporary then run("rm -rf " .. shell_quote(self.prefix)) end
 end
 
 -- Blocks until nginx exits (Ctrl-C, kill -TERM of its pid), calling on_line(line) for
 -- each access-log line (with access_log = true). Then cleans up as stop() does.
 function Sandbox:wait(on_line)
-  if self.proc and not self.stopped then
-    for line in self.proc:lines() do
-      if on_line then on_line(line) end
-    end
-  end
+  if self.process and not self.stopped then self.process:wait(on_line) end
   self:stop()
 end
 
@@ -298,42 +163,6 @@ end
 
 local ACCESS_LOG = [[log_format stella_sandbox '$time_iso8601 $request_method $request_uri $status $body_bytes_sent ${request_time}s';
     access_log /dev/stdout stella_sandbox;]]
-
-local function launch(self, nginx, vars, template)
-  vars.PORT = tostring(self.port)
-  local ok, werr = write_file(self.prefix .. "/nginx.conf", render(template, vars))
-  if not ok then return false, "cannot write " .. self.prefix .. "/nginx.conf: " .. tostring(werr) end
-  os.remove(self.prefix .. "/error.log")
-  -- nginx's standard output stays the pipe (the access log, when on, and EOF when nginx
-  -- exits: wait() relies on it); anything on its standard error goes to nginx.out
-  self.proc = assert(io.popen("echo $$; unset LD_PRELOAD; exec " .. shell_quote(nginx)
-    .. " -p " .. shell_quote(self.prefix .. "/")
-    .. " -c " .. shell_quote(self.prefix .. "/nginx.conf")
-    .. " -e " .. shell_quote(self.prefix .. "/error.log")
-    .. " 2>>" .. shell_quote(self.prefix .. "/nginx.out")))
-  self.pid = tonumber(self.proc:read("*l"))
-  local ready = wait_until(START_TIMEOUT, function()
-    return not alive(self.pid) or ping(self.url, vars.TOKEN)
-  end) and alive(self.pid)
-  if ready then return true end
-  run("pkill -KILL -P " .. self.pid .. "; kill -KILL " .. self.pid)
-  self.proc:close()
-  self.proc, self.pid = nil, nil
-  local text = self:error_log()
-  if not text:match("%S") then text = read_file(self.prefix .. "/nginx.out") or "" end
-  if not text:match("%S") then text = "(nothing logged)" end
-  return false, text, text:find("Address already in use", 1, true) ~= nil
-end
-
-local function gc_guard(sb)
-  local function finalise() pcall(Sandbox.stop, sb) end
-  if newproxy then
-    local guard = newproxy(true)
-    getmetatable(guard).__gc = finalise
-    return guard
-  end
-  return setmetatable({}, { __gc = finalise })
-end
 
 function M.start(opts)
   opts = opts or {}
@@ -346,11 +175,11 @@ function M.start(opts)
   if not template then
     return nil, "cannot read " .. paths.sandbox_dir .. "/nginx.conf (set STELLA_SANDBOX_DIR to the sandbox/ directory)"
   end
-  local nginx, nerr = find_nginx(opts)
-  if not nginx then return nil, nerr end
-  local ndk, merr = find_module("ndk_http_module.so", opts)
+  local binary, nerr = nginx.find_nginx(opts)
+  if not binary then return nil, nerr end
+  local ndk, merr = nginx.find_module("ndk_http_module.so", opts)
   if not ndk then return nil, merr end
-  local lua_mod, lerr = find_module("ngx_http_lua_module.so", opts)
+  local lua_mod, lerr = nginx.find_module("ngx_http_lua_module.so", opts)
   if not lua_mod then return nil, lerr end
 
   local port = opts.port
@@ -366,10 +195,9 @@ function M.start(opts)
     local code, out = run("mkdir -p " .. shell_quote(self.prefix))
     if code ~= 0 then return nil, "cannot create " .. self.prefix .. ": " .. out end
   else
-    local code, out = run("mktemp -d \"${TMPDIR:-/tmp}/stella-sandbox-XXXXXX\"")
-    if code ~= 0 then return nil, "mktemp failed: " .. out end
-    self.prefix = out:gsub("%s+$", "")
-    self.temporary = true
+    local dir, terr = nginx.temp_dir("stella-sandbox")
+    if not dir then return nil, terr end
+    self.prefix, self.temporary = dir, true
   end
   self.pid_file = self.prefix .. "/sandbox.pid"
   local old = tonumber((read_file(self.pid_file) or ""):match("%d+"))
@@ -392,43 +220,41 @@ function M.start(opts)
     conf, cerr = config_mod.load(config_file)
   end
   if not conf or cerr then
-    if self.temporary then run("rm -rf " .. shell_quote(self.prefix)) end
+    if self.temporary then nginx.remove_dir(self.prefix) end
     return nil, cerr
   end
   self.config, self.config_file = conf, config_file
 
   local vars = {
-    PREFIX = self.prefix,
     PID_FILE = self.pid_file,
     NDK_MODULE = ndk,
     LUA_MODULE = lua_mod,
-    USER_DIRECTIVE = is_root() and "user root;" or "",
+    USER_DIRECTIVE = nginx.is_root() and "user root;" or "",
     ACCESS_LOG = self.access_log and ACCESS_LOG or "access_log off;",
     LUA_DIR = paths.lua_dir,
     CORE_DIR = paths.core_dir,
     CONFIG_FILE = lua_string(config_file),
     SANDBOX_DIR = lua_string(paths.sandbox_dir),
     EXTRA_LOCATIONS = opts.extra_locations or "",
+    TOKEN = token(),
+    PORT = port ~= 0 and port or nil,   -- 0: a free port (another is tried if one is taken)
   }
-  vars.TOKEN = token()
-  local started, log, retry
-  for _ = 1, (port == 0 and BIND_ATTEMPTS or 1) do
-    self.port = port == 0 and free_port() or port
-    self.url = "http://127.0.0.1:" .. self.port
-    local ok, a, b, c = pcall(launch, self, nginx, vars, template)
-    if ok then started, log, retry = a, b, c else started, log, retry = false, tostring(a), false end
-    if started or not retry then break end
-  end
-  if not started then
+  -- nginx's standard output stays the pipe (the access log, when on, and EOF when nginx
+  -- exits: wait() relies on it)
+  local process, log, in_use, ports = nginx.start{
+    nginx = binary, prefix = self.prefix, temporary = self.temporary, who = "sandbox",
+    config = template, vars = vars, ports = { "PORT" }, stdout = true, timeout = START_TIMEOUT,
+    ready = function(n) return ping(n.url, vars.TOKEN) end,
+  }
+  if not process then
     self.stopped = true
-    if self.temporary then run("rm -rf " .. shell_quote(self.prefix)) end
-    if retry then
+    self.port = ports.PORT or port
+    if in_use then
       return nil, ("127.0.0.1:%d is in use (another sandbox?): stop it or choose another port"):format(self.port)
     end
-    return nil, "nginx failed to start on port " .. tostring(self.port) .. ":\n" .. tail(log, 12)
+    return nil, "nginx failed to start on port " .. tostring(self.port) .. ":\n" .. nginx.tail(log, 12)
   end
-  self.gc_guard = gc_guard(self)
-  running[self] = true
+  self.process, self.pid, self.port, self.url = process, process.pid, process.port, process.url
   return self
 end
 
