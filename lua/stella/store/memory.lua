@@ -5,21 +5,15 @@ local store = require "stella.store"
 local core = require "stella.core"
 
 local U = store._util
-local error, getmetatable, pairs, setmetatable, type, sort, pcall =
-  error, getmetatable, pairs, setmetatable, type, table.sort, pcall
-local pack, unpack = U.pack, U.unpack
+local error, pairs, setmetatable, pcall = error, pairs, setmetatable, pcall
+local pack, unpack, copy = U.pack, U.unpack, U.copy
 
 local M = {}
 
 local Store = {}
 Store.__index = Store
 
-local function check_open(self, method)
-  if getmetatable(self) ~= Store then
-    error("stella.store: " .. method .. ": called without a store (use store:" .. method .. ")", 3)
-  end
-  if self.closed then error("stella.store: " .. method .. ": the store is closed", 3) end
-end
+local check_open, check = U.guards(Store)
 
 -- tbl[key] = value, remembering the old value while inside atomic.
 local function set(self, tbl, key, value)
@@ -28,12 +22,6 @@ local function set(self, tbl, key, value)
     journal[#journal + 1] = { tbl, key, tbl[key] }
   end
   tbl[key] = value
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do c[k] = v end
-  return c
 end
 
 function M.new()
@@ -54,14 +42,12 @@ function M.new()
 end
 
 function Store:hash_email(email)
-  check_open(self, "hash_email")
-  U.check_string(email, "hash_email", "email")
+  check(self, "hash_email", email)
   return core.sha256(self.salt .. U.normalize_email(email))
 end
 
 function Store:atomic(fn, ...)
-  check_open(self, "atomic")
-  U.check_function(fn, "atomic", "fn")
+  check(self, "atomic", fn)
   if self.journal then return fn(...) end   -- nested: part of the outer transaction
   self.journal = {}
   local res = pack(pcall(fn, ...))
@@ -80,9 +66,7 @@ end
 -- Marks --------------------------------------------------------------------------------
 
 function Store:get_mark(key, now)
-  check_open(self, "get_mark")
-  U.check_key(key, "get_mark", "key")
-  U.check_number(now, "get_mark", "now")
+  check(self, "get_mark", key, now)
   local mark = self.marks[key]
   if mark and mark["until"] > now then return mark["until"], mark.outbox_id end
   return nil
@@ -105,10 +89,7 @@ local function put_mark(self, key, until_, outbox_id)
 end
 
 function Store:put_mark(key, until_, outbox_id)
-  check_open(self, "put_mark")
-  U.check_key(key, "put_mark", "key")
-  U.check_number(until_, "put_mark", "until")
-  U.check_reservation(outbox_id, "put_mark", "outbox_id", true)
+  check(self, "put_mark", key, until_, outbox_id)
   put_mark(self, key, until_, outbox_id)
   return true
 end
@@ -116,13 +97,8 @@ end
 -- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true
 function Store:put_mark_many(marks)
   check_open(self, "put_mark_many")
-  U.check_list(marks, "put_mark_many", "marks")
-  local list = {}
-  for i = 1, #marks do list[i] = { U.mark_entry(marks[i], "put_mark_many", i) } end
-  for i = 1, #list do
-    local m = list[i]
-    put_mark(self, m[1], m[2], m[3])
-  end
+  local v, n = U.mark_values(marks)
+  for k = 0, 3 * n - 1, 3 do put_mark(self, v[k + 1], v[k + 2], v[k + 3]) end
   return true
 end
 
@@ -143,35 +119,25 @@ local function settle_marks(self, outbox_id, keep)
 end
 
 function Store:confirm_marks(outbox_id)
-  check_open(self, "confirm_marks")
-  U.check_reservation(outbox_id, "confirm_marks", "outbox_id")
+  check(self, "confirm_marks", outbox_id)
   return settle_marks(self, outbox_id, true)
 end
 
 -- confirm_marks_many{ id, ... } -> the number of marks confirmed
 function Store:confirm_marks_many(ids)
   check_open(self, "confirm_marks_many")
-  U.check_list(ids, "confirm_marks_many", "ids")
-  for i = 1, #ids do
-    local v = ids[i]
-    if not (U.is_integer(v) or (type(v) == "string" and v ~= "")) then
-      U.check_reservation(v, "confirm_marks_many", "ids[" .. i .. "]")
-    end
-  end
-  local n = 0
-  for i = 1, #ids do n = n + settle_marks(self, ids[i], true) end
+  local count, n = U.check_ids(ids, "confirm_marks_many", true), 0
+  for i = 1, count do n = n + settle_marks(self, ids[i], true) end
   return n
 end
 
 function Store:release_marks(outbox_id)
-  check_open(self, "release_marks")
-  U.check_reservation(outbox_id, "release_marks", "outbox_id")
+  check(self, "release_marks", outbox_id)
   return settle_marks(self, outbox_id, false)
 end
 
 function Store:purge_marks(now)
-  check_open(self, "purge_marks")
-  U.check_number(now, "purge_marks", "now")
+  check(self, "purge_marks", now)
   local n = 0
   local reserved = self.reserved
   for key, mark in pairs(self.marks) do
@@ -188,17 +154,14 @@ end
 -- Unsubscribes -------------------------------------------------------------------------
 
 function Store:unsubscribe(hash, now)
-  check_open(self, "unsubscribe")
-  U.check_key(hash, "unsubscribe", "hash")
-  U.check_number(now, "unsubscribe", "now")
+  check(self, "unsubscribe", hash, now)
   if self.unsubscribed[hash] == nil then set(self, self, "unsub_count", self.unsub_count + 1) end
   set(self, self.unsubscribed, hash, now)
   return true
 end
 
 function Store:resubscribe(hash)
-  check_open(self, "resubscribe")
-  U.check_key(hash, "resubscribe", "hash")
+  check(self, "resubscribe", hash)
   if self.unsubscribed[hash] ~= nil then
     set(self, self, "unsub_count", self.unsub_count - 1)
     set(self, self.unsubscribed, hash, nil)
@@ -207,8 +170,7 @@ function Store:resubscribe(hash)
 end
 
 function Store:is_unsubscribed(hash)
-  check_open(self, "is_unsubscribed")
-  U.check_key(hash, "is_unsubscribed", "hash")
+  check(self, "is_unsubscribed", hash)
   return self.unsubscribed[hash] ~= nil
 end
 
@@ -233,9 +195,8 @@ end
 
 -- Outbox -------------------------------------------------------------------------------
 
-function Store:enqueue(item)
-  check_open(self, "enqueue")
-  local it = U.outbox_item(item)
+-- One checked item (a new table) into the outbox: its id.
+local function enqueue(self, it)
   local id = self.next_id
   set(self, self, "next_id", id + 1)
   it.id = id
@@ -243,45 +204,29 @@ function Store:enqueue(item)
   return id
 end
 
+function Store:enqueue(item)
+  local it = check(self, "enqueue", item)
+  return enqueue(self, it)
+end
+
 -- enqueue_many{ item, ... } -> { id, ... }
 function Store:enqueue_many(items)
   check_open(self, "enqueue_many")
-  U.check_list(items, "enqueue_many", "items")
-  local list = {}
-  for i = 1, #items do list[i] = U.outbox_item(items[i], "enqueue_many", "items[" .. i .. "]") end
-  local ids = {}
-  for i = 1, #list do
-    local it, id = list[i], self.next_id
-    set(self, self, "next_id", id + 1)
-    it.id = id
-    set(self, self.items, id, it)
-    ids[i] = id
-  end
+  local list, ids = U.outbox_items(items), {}
+  for i = 1, #list do ids[i] = enqueue(self, list[i]) end
   return ids
 end
 
-local function by_next_at(a, b)
-  if a.next_at ~= b.next_at then return a.next_at < b.next_at end
-  return a.id < b.id
-end
-
-local function by_death(a, b)   -- most recent first
-  local da, db = a.died_at or 0, b.died_at or 0
-  if da ~= db then return da > db end
-  return a.id > b.id
+-- The items as an array.
+local function all_items(self)
+  local list = {}
+  for _, it in pairs(self.items) do list[#list + 1] = it end
+  return list
 end
 
 function Store:claim(now, lease, limit)
-  check_open(self, "claim")
-  U.check_number(now, "claim", "now")
-  U.check_number(lease, "claim", "lease")
-  U.check_count(limit, "claim", "limit", true)
-  limit = limit or 100
-  local due = {}
-  for _, it in pairs(self.items) do
-    if it.state == "queued" and it.next_at <= now then due[#due + 1] = it end
-  end
-  sort(due, by_next_at)
+  now, lease, limit = check(self, "claim", now, lease, limit)
+  local due = U.select_items(all_items(self), "queued", now)
   local out = {}
   for i = 1, limit < #due and limit or #due do
     local it = copy(due[i])
@@ -292,33 +237,20 @@ function Store:claim(now, lease, limit)
   return out
 end
 
-local function update(self, id, changes)
-  local it = self.items[id]
-  if not it then return false end
-  it = copy(it)
-  for k, v in pairs(changes) do it[k] = v end
-  set(self, self.items, id, it)
-  return true
-end
-
 function Store:reschedule(id, next_at, attempts, last_error)
-  check_open(self, "reschedule")
-  U.check_id(id, "reschedule", "id")
-  U.check_number(next_at, "reschedule", "next_at")
-  U.check_count(attempts, "reschedule", "attempts", true)
+  id, next_at, attempts, last_error = check(self, "reschedule", id, next_at, attempts, last_error)
   local it = self.items[id]
   if not it then return false end
   it = copy(it)
   it.state, it.next_at, it.died_at = "queued", next_at, nil
   if attempts ~= nil then it.attempts = attempts end
-  it.last_error = U.error_text(last_error)
+  it.last_error = last_error
   set(self, self.items, id, it)
   return true
 end
 
 function Store:finish(id)
-  check_open(self, "finish")
-  U.check_id(id, "finish", "id")
+  check(self, "finish", id)
   if self.items[id] == nil then return false end
   set(self, self.items, id, nil)
   return true
@@ -327,12 +259,8 @@ end
 -- finish_many{ id, ... } -> the number of items deleted
 function Store:finish_many(ids)
   check_open(self, "finish_many")
-  U.check_list(ids, "finish_many", "ids")
-  for i = 1, #ids do
-    if not U.is_integer(ids[i]) then U.check_id(ids[i], "finish_many", "ids[" .. i .. "]") end
-  end
   local n = 0
-  for i = 1, #ids do
+  for i = 1, U.check_ids(ids, "finish_many") do
     if self.items[ids[i]] ~= nil then
       set(self, self.items, ids[i], nil)
       n = n + 1
@@ -342,41 +270,31 @@ function Store:finish_many(ids)
 end
 
 function Store:kill(id, last_error, now, attempts)
-  check_open(self, "kill")
-  U.check_id(id, "kill", "id")
-  U.check_number(now, "kill", "now")
-  U.check_count(attempts, "kill", "attempts", true)
-  return update(self, id, { state = "dead", last_error = U.error_text(last_error), died_at = now,
-                            attempts = attempts })
+  id, last_error, now, attempts = check(self, "kill", id, last_error, now, attempts)
+  local it = self.items[id]
+  if not it then return false end
+  it = copy(it)
+  it.state, it.died_at = "dead", now
+  if last_error ~= nil then it.last_error = last_error end   -- (nil keeps the last one)
+  if attempts ~= nil then it.attempts = attempts end
+  set(self, self.items, id, it)
+  return true
 end
 
 function Store:outbox(state, limit)
-  check_open(self, "outbox")
-  U.check_enum(state, U.states, "outbox", "state")
-  U.check_count(limit, "outbox", "limit", true)
-  limit = limit or 100
-  local list = {}
-  for _, it in pairs(self.items) do
-    if it.state == state then list[#list + 1] = it end
-  end
-  sort(list, state == "dead" and by_death or by_next_at)
-  local out = {}
-  for i = 1, limit < #list and limit or #list do out[i] = copy(list[i]) end
-  return out
+  state, limit = check(self, "outbox", state, limit)
+  return U.first(U.select_items(all_items(self), state), limit)
 end
 
 function Store:outbox_counts()
   check_open(self, "outbox_counts")
-  local counts = { queued = 0, dead = 0 }
-  for _, it in pairs(self.items) do counts[it.state] = counts[it.state] + 1 end
-  return counts
+  return U.outbox_counts(all_items(self))
 end
 
 -- Ledger -------------------------------------------------------------------------------
 
 function Store:record(entry)
-  check_open(self, "record")
-  local e = U.ledger_entry(entry)
+  local e = check(self, "record", entry)
   set(self, self.entries, #self.entries + 1, e)
   return true
 end
@@ -384,62 +302,35 @@ end
 -- record_many{ entry, ... } -> true
 function Store:record_many(entries)
   check_open(self, "record_many")
-  U.check_list(entries, "record_many", "entries")
-  local list = {}
-  for i = 1, #entries do list[i] = U.ledger_entry(entries[i], "record_many", "entries[" .. i .. "]") end
-  local all = self.entries
+  local list, all = U.ledger_entries(entries), self.entries
   for i = 1, #list do set(self, all, #all + 1, list[i]) end
   return true
 end
 
 function Store:ledger(opts)
-  check_open(self, "ledger")
-  local o = U.query_options(opts, "ledger")
-  local list, entries = {}, self.entries
-  for i = 1, #entries do
-    local e = entries[i]
-    if (o.since == nil or e.time >= o.since) and (o.status == nil or e.status == o.status) then
-      list[#list + 1] = { i, e }
-    end
-  end
-  sort(list, function(a, b)   -- newest first, then latest recorded first
-    if a[2].time ~= b[2].time then return a[2].time > b[2].time end
-    return a[1] > b[1]
-  end)
-  local out = {}
-  for i = 1, o.limit < #list and o.limit or #list do out[i] = copy(list[i][2]) end
-  return out
+  local o = check(self, "ledger", opts)
+  return U.ledger_list(self.entries, o)
 end
 
 function Store:counts(opts)
-  check_open(self, "counts")
-  local o = U.query_options(opts, "counts")
+  local o = check(self, "counts", opts)
   return U.count_entries(self.entries, o.since)
 end
 
 function Store:rate(opts)
-  check_open(self, "rate")
-  local o = U.query_options(opts, "rate")
+  local o = check(self, "rate", opts)
   return U.rate_entries(self.entries, o.since, o.bucket)
 end
 
 -- Meta ---------------------------------------------------------------------------------
 
 function Store:get_meta(name)
-  check_open(self, "get_meta")
-  U.check_key(name, "get_meta", "name")
+  check(self, "get_meta", name)
   return self.meta[name]
 end
 
 function Store:set_meta(name, value)
-  check_open(self, "set_meta")
-  U.check_key(name, "set_meta", "name")
-  if value ~= nil and type(value) ~= "string" then
-    if not U.is_finite(value) then
-      error("stella.store: set_meta: value must be a string, a number or nil, got " .. type(value), 2)
-    end
-    value = U.number_text(value)
-  end
+  name, value = check(self, "set_meta", name, value)
   set(self, self.meta, name, value)
   return true
 end

@@ -52,10 +52,10 @@ local cjson = require "cjson.safe"
 
 local U = store._util
 local ngx = rawget(_G, "ngx")
-local error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
-      error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
-local sort, running = table.sort, coroutine.running
-local pack, unpack = U.pack, U.unpack
+local error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
+      error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
+local running = coroutine.running
+local pack, unpack, copy = U.pack, U.unpack, U.copy
 local number_text = U.number_text
 
 local clock = ngx and ngx.now or os.time
@@ -66,20 +66,9 @@ local Store = {}
 Store.__index = Store
 M.Store = Store
 
+local check_open, check = U.guards(Store)
+
 local MAIN = {}   -- journal key outside any coroutine (LuaJIT's running() gives nil there)
-
-local function check_open(self, method)
-  if getmetatable(self) ~= Store then
-    error("stella.store: " .. method .. ": called without a store (use store:" .. method .. ")", 3)
-  end
-  if self.closed then error("stella.store: " .. method .. ": the store is closed", 3) end
-end
-
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do c[k] = v end
-  return c
-end
 
 ---------------------------------------------------------------------------------------
 -- Journal and writes
@@ -198,16 +187,14 @@ function M.new(dict, opts)
 end
 
 function Store:hash_email(email)
-  check_open(self, "hash_email")
-  U.check_string(email, "hash_email", "email")
+  check(self, "hash_email", email)
   return core.sha256(self.salt .. U.normalize_email(email))
 end
 
 -- atomic(fn, ...): fn's results, or nil, err when a write inside failed (rolled back);
 -- an error raised by fn rolls back and is raised again.
 function Store:atomic(fn, ...)
-  check_open(self, "atomic")
-  U.check_function(fn, "atomic", "fn")
+  check(self, "atomic", fn)
   local key = running() or MAIN
   if self.journals[key] then return fn(...) end   -- nested: part of the outer transaction
   local j = { seen = {}, looked = {} }
@@ -251,9 +238,7 @@ local function decode_mark(v)
 end
 
 function Store:get_mark(key, now)
-  check_open(self, "get_mark")
-  U.check_key(key, "get_mark", "key")
-  U.check_number(now, "get_mark", "now")
+  check(self, "get_mark", key, now)
   local k = self.p .. "m:" .. key
   local v = self.dict:get(k)
   local j = journal(self)
@@ -333,22 +318,16 @@ local function put_mark(self, key, until_, outbox_id)
 end
 
 function Store:put_mark(key, until_, outbox_id)
-  check_open(self, "put_mark")
-  U.check_key(key, "put_mark", "key")
-  U.check_number(until_, "put_mark", "until")
-  U.check_reservation(outbox_id, "put_mark", "outbox_id", true)
+  check(self, "put_mark", key, until_, outbox_id)
   return put_mark(self, key, until_, outbox_id)
 end
 
 -- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true | nil, err
 function Store:put_mark_many(marks)
   check_open(self, "put_mark_many")
-  U.check_list(marks, "put_mark_many", "marks")
-  local list = {}
-  for i = 1, #marks do list[i] = { U.mark_entry(marks[i], "put_mark_many", i) } end
-  for i = 1, #list do
-    local m = list[i]
-    local ok, err = put_mark(self, m[1], m[2], m[3])
+  local v, n = U.mark_values(marks)
+  for k = 0, 3 * n - 1, 3 do
+    local ok, err = put_mark(self, v[k + 1], v[k + 2], v[k + 3])
     if not ok then return nil, err end
   end
   return true
@@ -375,23 +354,15 @@ local function settle_marks(self, outbox_id, confirm)
 end
 
 function Store:confirm_marks(outbox_id)
-  check_open(self, "confirm_marks")
-  U.check_reservation(outbox_id, "confirm_marks", "outbox_id")
+  check(self, "confirm_marks", outbox_id)
   return settle_marks(self, outbox_id, true)
 end
 
 -- confirm_marks_many{ id, ... } -> the number of marks confirmed
 function Store:confirm_marks_many(ids)
   check_open(self, "confirm_marks_many")
-  U.check_list(ids, "confirm_marks_many", "ids")
-  for i = 1, #ids do
-    local v = ids[i]
-    if not (U.is_integer(v) or (type(v) == "string" and v ~= "")) then
-      U.check_reservation(v, "confirm_marks_many", "ids[" .. i .. "]")
-    end
-  end
   local n = 0
-  for i = 1, #ids do
+  for i = 1, U.check_ids(ids, "confirm_marks_many", true) do
     local c, err = settle_marks(self, ids[i], true)
     if not c then return nil, err end
     n = n + c
@@ -400,16 +371,14 @@ function Store:confirm_marks_many(ids)
 end
 
 function Store:release_marks(outbox_id)
-  check_open(self, "release_marks")
-  U.check_reservation(outbox_id, "release_marks", "outbox_id")
+  check(self, "release_marks", outbox_id)
   return settle_marks(self, outbox_id, false)
 end
 
 -- Marks expire by themselves; this frees the memory of everything expired in the dict
 -- now and returns how many items that was.
 function Store:purge_marks(now)
-  check_open(self, "purge_marks")
-  U.check_number(now, "purge_marks", "now")
+  check(self, "purge_marks", now)
   return self.dict:flush_expired()
 end
 
@@ -425,9 +394,7 @@ local function count_by(self, k, delta)
 end
 
 function Store:unsubscribe(hash, now)
-  check_open(self, "unsubscribe")
-  U.check_key(hash, "unsubscribe", "hash")
-  U.check_number(now, "unsubscribe", "now")
+  check(self, "unsubscribe", hash, now)
   local k = self.p .. "u:" .. hash
   local ok, err = self.dict:safe_add(k, number_text(now))
   if ok then
@@ -443,8 +410,7 @@ function Store:unsubscribe(hash, now)
 end
 
 function Store:resubscribe(hash)
-  check_open(self, "resubscribe")
-  U.check_key(hash, "resubscribe", "hash")
+  check(self, "resubscribe", hash)
   local k = self.p .. "u:" .. hash
   if self.dict:get(k) ~= nil then
     del(self, k)
@@ -455,8 +421,7 @@ function Store:resubscribe(hash)
 end
 
 function Store:is_unsubscribed(hash)
-  check_open(self, "is_unsubscribed")
-  U.check_key(hash, "is_unsubscribed", "hash")
+  check(self, "is_unsubscribed", hash)
   return self.dict:get(self.p .. "u:" .. hash) ~= nil
 end
 
@@ -494,7 +459,8 @@ local function item_key(self, id)
   return self.p .. "o:" .. number_text(id)
 end
 
--- The live items, read through the list of ids (which drops ids whose item is gone).
+-- The live items, read through the list of ids (which drops ids whose item is gone), and
+-- the JSON each was read from (raws[item]).
 local function live_items(self)
   local dict, list = self.dict, self.p .. "o@"
   local ids = {}
@@ -503,16 +469,19 @@ local function live_items(self)
     if id == nil then break end
     ids[#ids + 1] = id
   end
-  local items = {}
+  local items, raws = {}, {}
   for _, id in ipairs(ids) do
     local raw = dict:get(self.p .. "o:" .. id)
     if raw ~= nil then
       dict:rpush(list, id)   -- back at once: the list only lives in memory between the two
       local it = decode_item(raw)
-      if it then items[#items + 1] = { item = it, raw = raw } end
+      if it then
+        items[#items + 1] = it
+        raws[it] = raw
+      end
     end
   end
-  return items
+  return items, raws
 end
 
 -- One checked item into the outbox. id | nil, err
@@ -531,18 +500,14 @@ local function enqueue(self, it)
 end
 
 function Store:enqueue(item)
-  check_open(self, "enqueue")
-  local it = U.outbox_item(item)
+  local it = check(self, "enqueue", item)
   return enqueue(self, it)
 end
 
 -- enqueue_many{ item, ... } -> { id, ... } | nil, err
 function Store:enqueue_many(items)
   check_open(self, "enqueue_many")
-  U.check_list(items, "enqueue_many", "items")
-  local list = {}
-  for i = 1, #items do list[i] = U.outbox_item(items[i], "enqueue_many", "items[" .. i .. "]") end
-  local ids = {}
+  local list, ids = U.outbox_items(items), {}
   for i = 1, #list do
     local id, err = enqueue(self, list[i])
     if not id then return nil, err end
@@ -551,32 +516,10 @@ function Store:enqueue_many(items)
   return ids
 end
 
-local function by_next_at(a, b)
-  if a.next_at ~= b.next_at then return a.next_at < b.next_at end
-  return a.id < b.id
-end
-
-local function by_death(a, b)   -- most recent first
-  local da, db = a.died_at or 0, b.died_at or 0
-  if da ~= db then return da > db end
-  return a.id > b.id
-end
-
 function Store:claim(now, lease, limit)
-  check_open(self, "claim")
-  U.check_number(now, "claim", "now")
-  U.check_number(lease, "claim", "lease")
-  U.check_count(limit, "claim", "limit", true)
-  limit = limit or 100
-  local due, raws = {}, {}
-  for _, e in ipairs(live_items(self)) do
-    local it = e.item
-    if it.state == "queued" and it.next_at <= now then
-      due[#due + 1] = it
-      raws[it] = e.raw
-    end
-  end
-  sort(due, by_next_at)
+  now, lease, limit = check(self, "claim", now, lease, limit)
+  local items, raws = live_items(self)
+  local due = U.select_items(items, "queued", now)
   local out, dict = {}, self.dict
   for _, it in ipairs(due) do
     if #out >= limit then break end
@@ -606,19 +549,15 @@ local function update(self, id, changes, exptime)
 end
 
 function Store:reschedule(id, next_at, attempts, last_error)
-  check_open(self, "reschedule")
-  U.check_id(id, "reschedule", "id")
-  U.check_number(next_at, "reschedule", "next_at")
-  U.check_count(attempts, "reschedule", "attempts", true)
+  id, next_at, attempts, last_error = check(self, "reschedule", id, next_at, attempts, last_error)
   local it = decode_item(self.dict:get(item_key(self, id)))
   if not it then return false end
   return update(self, id, { state = "queued", next_at = next_at, attempts = attempts or it.attempts,
-                            last_error = U.error_text(last_error) })
+                            last_error = last_error })
 end
 
 function Store:finish(id)
-  check_open(self, "finish")
-  U.check_id(id, "finish", "id")
+  check(self, "finish", id)
   local k = item_key(self, id)
   if self.dict:get(k) == nil then return false end
   del(self, k)
@@ -628,12 +567,8 @@ end
 -- finish_many{ id, ... } -> the number of items deleted
 function Store:finish_many(ids)
   check_open(self, "finish_many")
-  U.check_list(ids, "finish_many", "ids")
-  for i = 1, #ids do
-    if not U.is_integer(ids[i]) then U.check_id(ids[i], "finish_many", "ids[" .. i .. "]") end
-  end
   local n = 0
-  for i = 1, #ids do
+  for i = 1, U.check_ids(ids, "finish_many") do
     local k = item_key(self, ids[i])
     if self.dict:get(k) ~= nil then
       del(self, k)
@@ -644,37 +579,19 @@ function Store:finish_many(ids)
 end
 
 function Store:kill(id, last_error, now, attempts)
-  check_open(self, "kill")
-  U.check_id(id, "kill", "id")
-  U.check_number(now, "kill", "now")
-  U.check_count(attempts, "kill", "attempts", true)
-  return update(self, id, { state = "dead", last_error = U.error_text(last_error), died_at = now,
+  id, last_error, now, attempts = check(self, "kill", id, last_error, now, attempts)
+  return update(self, id, { state = "dead", last_error = last_error, died_at = now,
                             attempts = attempts }, self.dead_ttl)
 end
 
 function Store:outbox(state, limit)
-  check_open(self, "outbox")
-  U.check_enum(state, U.states, "outbox", "state")
-  U.check_count(limit, "outbox", "limit", true)
-  limit = limit or 100
-  local list = {}
-  for _, e in ipairs(live_items(self)) do
-    if e.item.state == state then list[#list + 1] = e.item end
-  end
-  sort(list, state == "dead" and by_death or by_next_at)
-  local out = {}
-  for i = 1, limit < #list and limit or #list do out[i] = list[i] end
-  return out
+  state, limit = check(self, "outbox", state, limit)
+  return U.first(U.select_items((live_items(self)), state), limit)
 end
 
 function Store:outbox_counts()
   check_open(self, "outbox_counts")
-  local counts = { queued = 0, dead = 0 }
-  for _, e in ipairs(live_items(self)) do
-    local s = e.item.state
-    if counts[s] then counts[s] = counts[s] + 1 end
-  end
-  return counts
+  return U.outbox_counts((live_items(self)))
 end
 
 ---------------------------------------------------------------------------------------
@@ -698,29 +615,27 @@ local function record(self, e)
 end
 
 function Store:record(entry)
-  check_open(self, "record")
-  record(self, U.ledger_entry(entry))
+  local e = check(self, "record", entry)
+  record(self, e)
   return true
 end
 
 -- record_many{ entry, ... } -> true
 function Store:record_many(entries)
   check_open(self, "record_many")
-  U.check_list(entries, "record_many", "entries")
-  local list = {}
-  for i = 1, #entries do list[i] = U.ledger_entry(entries[i], "record_many", "entries[" .. i .. "]") end
+  local list = U.ledger_entries(entries)
   for i = 1, #list do record(self, list[i]) end
   return true
 end
 
--- Entries still in the ring, oldest first, each with its sequence number.
+-- Entries still in the ring, oldest first.
 local function entries(self)
   local last = self.dict:get(self.p .. "l#") or 0
   local list = {}
   for seq = last - self.ledger_size + 1 > 1 and last - self.ledger_size + 1 or 1, last do
     local e = cjson.decode(self.dict:get(slot_key(self, seq)) or "null")
     if type(e) == "table" and tonumber(e.seq) == seq then
-      e.time, e.attempts = tonumber(e.time), tonumber(e.attempts)
+      e.seq, e.time, e.attempts = nil, tonumber(e.time), tonumber(e.attempts)
       list[#list + 1] = e
     end
   end
@@ -728,36 +643,17 @@ local function entries(self)
 end
 
 function Store:ledger(opts)
-  check_open(self, "ledger")
-  local o = U.query_options(opts, "ledger")
-  local list = {}
-  for _, e in ipairs(entries(self)) do
-    if (o.since == nil or e.time >= o.since) and (o.status == nil or e.status == o.status) then
-      list[#list + 1] = e
-    end
-  end
-  sort(list, function(a, b)   -- newest first, then latest recorded first
-    if a.time ~= b.time then return a.time > b.time end
-    return a.seq > b.seq
-  end)
-  local out = {}
-  for i = 1, o.limit < #list and o.limit or #list do
-    local e = list[i]
-    e.seq = nil
-    out[i] = e
-  end
-  return out
+  local o = check(self, "ledger", opts)
+  return U.ledger_list(entries(self), o)
 end
 
 function Store:counts(opts)
-  check_open(self, "counts")
-  local o = U.query_options(opts, "counts")
+  local o = check(self, "counts", opts)
   return U.count_entries(entries(self), o.since)
 end
 
 function Store:rate(opts)
-  check_open(self, "rate")
-  local o = U.query_options(opts, "rate")
+  local o = check(self, "rate", opts)
   return U.rate_entries(entries(self), o.since, o.bucket)
 end
 
@@ -766,20 +662,12 @@ end
 ---------------------------------------------------------------------------------------
 
 function Store:get_meta(name)
-  check_open(self, "get_meta")
-  U.check_key(name, "get_meta", "name")
+  check(self, "get_meta", name)
   return self.dict:get(self.p .. "meta:" .. name)
 end
 
 function Store:set_meta(name, value)
-  check_open(self, "set_meta")
-  U.check_key(name, "set_meta", "name")
-  if value ~= nil and type(value) ~= "string" then
-    if not U.is_finite(value) then
-      error("stella.store: set_meta: value must be a string, a number or nil, got " .. type(value), 2)
-    end
-    value = number_text(value)
-  end
+  name, value = check(self, "set_meta", name, value)
   local k = self.p .. "meta:" .. name
   if value == nil then
     del(self, k)

@@ -25,8 +25,8 @@ local DBI = require "DBI"
 require "dbd.sqlite3"   -- LuaDBI's SQLite driver: fail on load, not on first use, without it
 
 local U = store._util
-local error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
-  error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
+local error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
+  error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
 local concat, floor, format, char = table.concat, math.floor, string.format, string.char
 local pack, unpack = U.pack, U.unpack
 local math_type, tointeger = math.type, math.tointeger   -- nil on LuaJIT
@@ -221,6 +221,8 @@ local M = {}
 local Store = {}
 Store.__index = Store
 
+local check_open, check = U.guards(Store)
+
 -- Running statements -----------------------------------------------------------------------
 
 local function clean(msg)
@@ -346,13 +348,6 @@ local function row(self, sql, names, ...)
   return r
 end
 
-local function check_open(self, method)
-  if getmetatable(self) ~= Store then
-    error("stella.store: " .. method .. ": called without a store (use store:" .. method .. ")", 3)
-  end
-  if self.closed then error("stella.store: " .. method .. ": the store is closed", 3) end
-end
-
 -- Transactions -----------------------------------------------------------------------------
 
 -- Runs a statement, retrying while the database is busy until the busy timeout has passed.
@@ -381,8 +376,7 @@ local function rollback(self)
 end
 
 function Store:atomic(fn, ...)
-  check_open(self, "atomic")
-  U.check_function(fn, "atomic", "fn")
+  check(self, "atomic", fn)
   if self.depth > 0 then return fn(...) end   -- nested: part of the outer transaction
   local ok, err = exec_retry(self, "BEGIN IMMEDIATE")
   if not ok then return nil, err end
@@ -518,17 +512,14 @@ end
 -- Hashing ----------------------------------------------------------------------------------
 
 function Store:hash_email(email)
-  check_open(self, "hash_email")
-  U.check_string(email, "hash_email", "email")
+  check(self, "hash_email", email)
   return core.sha256(self.salt .. U.normalize_email(email))
 end
 
 -- Marks ------------------------------------------------------------------------------------
 
 function Store:get_mark(key, now)
-  check_open(self, "get_mark")
-  U.check_key(key, "get_mark", "key")
-  U.check_number(now, "get_mark", "now")
+  check(self, "get_mark", key, now)
   local r, err = row(self, SQL.get_mark, MARK_HEX, key, now)
   if not r then return nil, err end
   return r.until_at, reservation(r.outbox_id)
@@ -564,16 +555,12 @@ local function put_mark(self, key, until_, outbox_id)
 end
 
 function Store:put_mark(key, until_, outbox_id)
-  check_open(self, "put_mark")
-  U.check_key(key, "put_mark", "key")
-  U.check_number(until_, "put_mark", "until")
-  U.check_reservation(outbox_id, "put_mark", "outbox_id", true)
+  check(self, "put_mark", key, until_, outbox_id)
   return write(self, put_mark, key, until_, outbox_id)
 end
 
 function Store:confirm_marks(outbox_id)
-  check_open(self, "confirm_marks")
-  U.check_reservation(outbox_id, "confirm_marks", "outbox_id")
+  check(self, "confirm_marks", outbox_id)
   return write(self, exec, SQL.confirm_marks, outbox_id)
 end
 
@@ -587,44 +574,27 @@ end
 -- each, in order, in one transaction.
 function Store:put_mark_many(marks)
   check_open(self, "put_mark_many")
-  U.check_list(marks, "put_mark_many", "marks")
-  local values, k = {}, 0
-  for i = 1, #marks do
-    values[k + 1], values[k + 2], values[k + 3] = U.mark_entry(marks[i], "put_mark_many", i)
-    k = k + 3
-  end
-  if #marks == 0 then return true end
-  return write(self, put_mark_many, values, #marks)
-end
-
-local function is_reservation(v)
-  return U.is_integer(v) or (type(v) == "string" and v ~= "")
+  local values, n = U.mark_values(marks)
+  if n == 0 then return true end
+  return write(self, put_mark_many, values, n)
 end
 
 -- confirm_marks_many{ id, ... } -> n: confirm_marks for each, in one transaction; the number
 -- of marks confirmed.
 function Store:confirm_marks_many(ids)
   check_open(self, "confirm_marks_many")
-  U.check_list(ids, "confirm_marks_many", "ids")
-  local values = {}
-  for i = 1, #ids do
-    local v = ids[i]
-    if not is_reservation(v) then U.check_reservation(v, "confirm_marks_many", "ids[" .. i .. "]") end
-    values[i] = v
-  end
-  if #values == 0 then return 0 end
-  return write(self, exec_multi, "confirm_marks", values, #values)
+  local n = U.check_ids(ids, "confirm_marks_many", true)
+  if n == 0 then return 0 end
+  return write(self, exec_multi, "confirm_marks", ids, n)
 end
 
 function Store:release_marks(outbox_id)
-  check_open(self, "release_marks")
-  U.check_reservation(outbox_id, "release_marks", "outbox_id")
+  check(self, "release_marks", outbox_id)
   return write(self, exec, SQL.release_marks, outbox_id)
 end
 
 function Store:purge_marks(now)
-  check_open(self, "purge_marks")
-  U.check_number(now, "purge_marks", "now")
+  check(self, "purge_marks", now)
   return write(self, exec, SQL.purge_marks, now)
 end
 
@@ -637,21 +607,17 @@ local function exec_true(self, sql, ...)
 end
 
 function Store:unsubscribe(hash, now)
-  check_open(self, "unsubscribe")
-  U.check_key(hash, "unsubscribe", "hash")
-  U.check_number(now, "unsubscribe", "now")
+  check(self, "unsubscribe", hash, now)
   return write(self, exec_true, SQL.unsubscribe, hash, now)
 end
 
 function Store:resubscribe(hash)
-  check_open(self, "resubscribe")
-  U.check_key(hash, "resubscribe", "hash")
+  check(self, "resubscribe", hash)
   return write(self, exec_true, SQL.resubscribe, hash)
 end
 
 function Store:is_unsubscribed(hash)
-  check_open(self, "is_unsubscribed")
-  U.check_key(hash, "is_unsubscribed", "hash")
+  check(self, "is_unsubscribed", hash)
   local r, err = row(self, SQL.is_unsubscribed, nil, hash)
   if r == nil then return nil, err end
   return r ~= false
@@ -682,8 +648,7 @@ local function enqueue(self, it)
 end
 
 function Store:enqueue(item)
-  check_open(self, "enqueue")
-  local it = U.outbox_item(item)
+  local it = check(self, "enqueue", item)
   return write(self, enqueue, it)
 end
 
@@ -702,18 +667,9 @@ end
 -- enqueue_many{ item, ... } -> { id, ... }: enqueue for each, in order, in one transaction.
 function Store:enqueue_many(items)
   check_open(self, "enqueue_many")
-  U.check_list(items, "enqueue_many", "items")
-  local values, k = {}, 0
-  for i = 1, #items do
-    local it = U.outbox_item(items[i], "enqueue_many", "items[" .. i .. "]")
-    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6],
-      values[k + 7], values[k + 8], values[k + 9] =
-      it.kind, it.body, it.brand, it.event_id, it.interaction_id, it.customer_hash,
-      it.created_at, it.next_at, it.attempts
-    k = k + 9
-  end
-  if #items == 0 then return {} end
-  return write(self, enqueue_many, values, #items)
+  local values, n = U.outbox_values(items)
+  if n == 0 then return {} end
+  return write(self, enqueue_many, values, n)
 end
 
 local function claim(self, now, lease, limit)
@@ -730,11 +686,7 @@ local function claim(self, now, lease, limit)
 end
 
 function Store:claim(now, lease, limit)
-  check_open(self, "claim")
-  U.check_number(now, "claim", "now")
-  U.check_number(lease, "claim", "lease")
-  U.check_count(limit, "claim", "limit", true)
-  limit = limit or 100
+  now, lease, limit = check(self, "claim", now, lease, limit)
   if self.depth == 0 then
     -- nothing due: answer without taking the write lock (workers poll)
     local due, err = row(self, SQL.any_due, nil, now)
@@ -751,16 +703,12 @@ local function changed(self, sql, ...)
 end
 
 function Store:reschedule(id, next_at, attempts, last_error)
-  check_open(self, "reschedule")
-  U.check_id(id, "reschedule", "id")
-  U.check_number(next_at, "reschedule", "next_at")
-  U.check_count(attempts, "reschedule", "attempts", true)
-  return write(self, changed, SQL.reschedule, next_at, attempts, U.error_text(last_error), id)
+  id, next_at, attempts, last_error = check(self, "reschedule", id, next_at, attempts, last_error)
+  return write(self, changed, SQL.reschedule, next_at, attempts, last_error, id)
 end
 
 function Store:finish(id)
-  check_open(self, "finish")
-  U.check_id(id, "finish", "id")
+  check(self, "finish", id)
   return write(self, changed, SQL.finish, id)
 end
 
@@ -768,30 +716,19 @@ end
 -- deleted.
 function Store:finish_many(ids)
   check_open(self, "finish_many")
-  U.check_list(ids, "finish_many", "ids")
-  local values = {}
-  for i = 1, #ids do
-    local v = ids[i]
-    if not U.is_integer(v) then U.check_id(v, "finish_many", "ids[" .. i .. "]") end
-    values[i] = v
-  end
-  if #values == 0 then return 0 end
-  return write(self, exec_multi, "finish", values, #values)
+  local n = U.check_ids(ids, "finish_many")
+  if n == 0 then return 0 end
+  return write(self, exec_multi, "finish", ids, n)
 end
 
 function Store:kill(id, last_error, now, attempts)
-  check_open(self, "kill")
-  U.check_id(id, "kill", "id")
-  U.check_number(now, "kill", "now")
-  U.check_count(attempts, "kill", "attempts", true)
-  return write(self, changed, SQL.kill, U.error_text(last_error), now, attempts, id)
+  id, last_error, now, attempts = check(self, "kill", id, last_error, now, attempts)
+  return write(self, changed, SQL.kill, last_error, now, attempts, id)
 end
 
 function Store:outbox(state, limit)
-  check_open(self, "outbox")
-  U.check_enum(state, U.states, "outbox", "state")
-  U.check_count(limit, "outbox", "limit", true)
-  return rows(self, state == "dead" and SQL.outbox_dead or SQL.outbox_queued, ITEM_HEX, limit or 100)
+  state, limit = check(self, "outbox", state, limit)
+  return rows(self, state == "dead" and SQL.outbox_dead or SQL.outbox_queued, ITEM_HEX, limit)
 end
 
 function Store:outbox_counts()
@@ -813,8 +750,7 @@ local function record(self, e)
 end
 
 function Store:record(entry)
-  check_open(self, "record")
-  local e = U.ledger_entry(entry)
+  local e = check(self, "record", entry)
   return write(self, record, e)
 end
 
@@ -827,18 +763,9 @@ end
 -- record_many{ entry, ... } -> true: record for each, in order, in one transaction.
 function Store:record_many(entries)
   check_open(self, "record_many")
-  U.check_list(entries, "record_many", "entries")
-  local values, k = {}, 0
-  for i = 1, #entries do
-    local e = U.ledger_entry(entries[i], "record_many", "entries[" .. i .. "]")
-    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6], values[k + 7],
-      values[k + 8], values[k + 9], values[k + 10], values[k + 11], values[k + 12], values[k + 13] =
-      e.time, e.status, e.reason, e.event_id, e.interaction_id, e.brand, e.channel, e.detail,
-      e.request_id, e.error_kind, e.error_message, e.customer_hash, e.attempts
-    k = k + 13
-  end
-  if #entries == 0 then return true end
-  return write(self, record_many, values, #entries)
+  local values, n = U.ledger_values(entries)
+  if n == 0 then return true end
+  return write(self, record_many, values, n)
 end
 
 -- For the trigger (not part of the interface): the writes of enqueue_many ("enqueue", 9 values
@@ -881,8 +808,7 @@ local function where(o, also)
 end
 
 function Store:ledger(opts)
-  check_open(self, "ledger")
-  local o = U.query_options(opts, "ledger")
+  local o = check(self, "ledger", opts)
   local w, values = where(o)
   values[#values + 1] = o.limit
   return rows(self, "SELECT " .. LEDGER_SELECT .. " FROM ledger" .. w .. " ORDER BY time DESC, id DESC LIMIT ?",
@@ -890,8 +816,7 @@ function Store:ledger(opts)
 end
 
 function Store:counts(opts)
-  check_open(self, "counts")
-  local o = U.query_options(opts, "counts")
+  local o = check(self, "counts", opts)
   o.status = nil
   local w, values = where(o)
   local list, err = rows(self, "SELECT status, " .. bin("reason") .. ", COUNT(*) AS n FROM ledger" .. w ..
@@ -904,8 +829,7 @@ function Store:counts(opts)
 end
 
 function Store:rate(opts)
-  check_open(self, "rate")
-  local o = U.query_options(opts, "rate")
+  local o = check(self, "rate", opts)
   o.status = nil
   local w, values = where(o, "status IN ('sent', 'recorded', 'failed', 'invalid', 'queued')")
   table.insert(values, 1, o.bucket)
@@ -926,22 +850,14 @@ end
 -- Meta -------------------------------------------------------------------------------------
 
 function Store:get_meta(name)
-  check_open(self, "get_meta")
-  U.check_key(name, "get_meta", "name")
+  check(self, "get_meta", name)
   local r, err = row(self, SQL.get_meta, VALUE_HEX, name)
   if r == nil then return nil, err end
   return r and r.value or nil
 end
 
 function Store:set_meta(name, value)
-  check_open(self, "set_meta")
-  U.check_key(name, "set_meta", "name")
-  if value ~= nil and type(value) ~= "string" then
-    if not U.is_finite(value) then
-      error("stella.store: set_meta: value must be a string, a number or nil, got " .. type(value), 2)
-    end
-    value = U.number_text(value)
-  end
+  name, value = check(self, "set_meta", name, value)
   if value == nil then return write(self, exec_true, SQL.delete_meta, name) end
   return write(self, exec_true, SQL.set_meta, name, value)
 end
