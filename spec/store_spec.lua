@@ -466,27 +466,28 @@ describe("stella.store", function()
         it("reports the rate per time bucket: totals and errors", function()
           local H = 3600
           local base = 472222 * H   -- T0 rounded down to the hour
-          local function at(t, status) s:record{ time = t, status = status } end
+          local function at(t, status, reason) s:record{ time = t, status = status, reason = reason } end
           at(base + 10, "sent")
           at(base + 20, "failed")
           at(base + 30, "skipped")        -- not counted
           at(base + 40, "suppressed")     -- not counted
           at(base + H - 1, "invalid")
           at(base + H, "recorded")        -- the next bucket starts here
-          at(base + H + 5, "queued")
+          at(base + H + 5, "queued", "server")     -- queued after a failed send: an error
+          at(base + H + 6, "queued", "deferred")   -- deferred to a later flush: no error
           at(base + 3 * H + 0.5, "failed")
           at(base + 4 * H, "skipped")     -- a bucket with nothing counted: left out
           assert.same({
             { start = base, total = 3, errors = 2 },
-            { start = base + H, total = 2, errors = 0 },
+            { start = base + H, total = 3, errors = 1 },
             { start = base + 3 * H, total = 1, errors = 1 },
           }, s:rate{ since = base, bucket = H })
           assert.same({
-            { start = base + H, total = 2, errors = 0 },
+            { start = base + H, total = 3, errors = 1 },
             { start = base + 3 * H, total = 1, errors = 1 },
           }, s:rate{ since = base + H })   -- bucket defaults to 3600
           assert.same({
-            { start = base, total = 5, errors = 2 },
+            { start = base, total = 6, errors = 3 },
             { start = base + 2 * H, total = 1, errors = 1 },
           }, s:rate{ since = base, bucket = 2 * H })
           assert.same({ start = base + 10, total = 1, errors = 0 }, s:rate{ since = base, bucket = 1 }[1])

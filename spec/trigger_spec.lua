@@ -548,6 +548,25 @@ describe("stella.trigger", function()
         assert.equal(tostring(T0 + 5500), s:get_meta("last_alert"))
       end)
 
+      it("calls on_alert when sends keep failing and go to the outbox (an outage queues, not fails)", function()
+        local alerts = {}
+        local t = trigger{
+          alert = { min_sends = 5, check_every = 0 },
+          on_alert = function(info) alerts[#alerts + 1] = info end,
+          client = client_options{ retry = { attempts = 1 } },
+        }
+        for i = 1, 4 do
+          assert.equal("sent", t:process{ ticket = 9100 + i, email = ("ok%d@example.com"):format(i) }.status)
+        end
+        assert.equal(0, #alerts)
+        server:script{ { status = 503 } }
+        local out = t:process{ ticket = 9105, email = "down@example.com" }
+        assert.equal("queued", out.status)
+        assert.equal(1, #alerts)
+        assert.same({ rate = 1 / 5, errors = 1, total = 5 },
+                    { rate = alerts[1].rate, errors = alerts[1].errors, total = alerts[1].total })
+      end)
+
       it("keeps customer hashes, never the address, in the ledger", function()
         server:script{ { status = 503 }, { status = 503 } }
         local t = trigger()

@@ -434,7 +434,7 @@ local function conclude(self, outcomes, now)
   local check = false
   for _, o in ipairs(outcomes) do
     count(self, o)
-    if o.status == "failed" or o.status == "invalid" then check = true end
+    if store_mod._util.is_rate_error(o.status, o.reason) then check = true end
   end
   if check and not self.dry_run then self:check_alert(now) end
   return outcomes

@@ -73,6 +73,12 @@ U.statuses = {
 }
 U.rate_total = { sent = true, recorded = true, failed = true, invalid = true, queued = true }
 U.rate_errors = { failed = true, invalid = true }
+-- An entry that counts as an error in rate(): failed, invalid, or queued after a failed
+-- send (an outage that queues everything must show; a request merely deferred to a
+-- later flush, reason "deferred", is no error).
+function U.is_rate_error(status, reason)
+  return U.rate_errors[status] == true or (status == "queued" and reason ~= "deferred")
+end
 U.kinds = { request = true, recovery = true }
 U.states = { queued = true, dead = true }
 
@@ -638,7 +644,7 @@ function U.rate_entries(entries, since, bucket)
         out[#out + 1] = b
       end
       b.total = b.total + 1
-      if U.rate_errors[e.status] then b.errors = b.errors + 1 end
+      if U.is_rate_error(e.status, e.reason) then b.errors = b.errors + 1 end
     end
   end
   sort(out, function(a, b) return a.start < b.start end)

@@ -835,9 +835,10 @@ function Store:rate(opts)
   table.insert(values, 1, o.bucket)
   -- k = floor(time / bucket) in real arithmetic (CAST truncates towards zero)
   local list, err = rows(self, "SELECT k, COUNT(*) AS total, " ..
-    "SUM(CASE WHEN status IN ('failed', 'invalid') THEN 1 ELSE 0 END) AS errors FROM (" ..
-    "SELECT CAST(q AS INTEGER) - (q < CAST(q AS INTEGER)) AS k, status FROM (" ..
-    "SELECT time * 1.0 / ? AS q, status FROM ledger" .. w .. ")) GROUP BY k ORDER BY k",
+    "SUM(CASE WHEN status IN ('failed', 'invalid') OR (status = 'queued' AND " ..
+    "(reason IS NULL OR reason <> 'deferred')) THEN 1 ELSE 0 END) AS errors FROM (" ..   -- U.is_rate_error
+    "SELECT CAST(q AS INTEGER) - (q < CAST(q AS INTEGER)) AS k, status, reason FROM (" ..
+    "SELECT time * 1.0 / ? AS q, status, reason FROM ledger" .. w .. ")) GROUP BY k ORDER BY k",
     nil, unpack(values, 1, #values))
   if not list then return nil, err end
   local out = {}
