@@ -228,23 +228,20 @@ local function retry(self, path, body, url, attempt, err, retry_after)
   return nil, err
 end
 
--- POST one encoded body with retries. Returns res | nil, err.
-function Client:post(path, body)
-  if not self.transport then error("attempt to use a closed stella client", 3) end
-  local url = self.base_url .. path
-  local res, err, retry_after = answer(self, url, 1, self.transport:post(path, body))
-  if res then return res end
-  return retry(self, path, body, url, 1, err, retry_after)
-end
-
 -- client:complete(path, body, ...) -> res | nil, err: what post returns, given what the
--- transport's post returned for the first attempt (made elsewhere: a background send,
--- stella.client.send_many); makes the retries post would make.
+-- transport's post returned for the first attempt (made here by post, or elsewhere: a
+-- background send, stella.client.send_many); makes the retries post makes.
 function Client:complete(path, body, status, rbody, ctype, retry_after)
   local url = self.base_url .. path
   local res, err, ra = answer(self, url, 1, status, rbody, ctype, retry_after)
   if res then return res end
   return retry(self, path, body, url, 1, err, ra)
+end
+
+-- POST one encoded body with retries. Returns res | nil, err.
+function Client:post(path, body)
+  if not self.transport then error("attempt to use a closed stella client", 3) end
+  return self:complete(path, body, self.transport:post(path, body))
 end
 
 -- send_many(list, budget) -> sender | nil: posts list = { client, path, body, client,

@@ -370,6 +370,11 @@ end
 local DEFERRED = { kind = "deferred", retryable = true }
 local DEFERRED_DETAIL = "not sent yet: the batch ran past half of its outbox lease; flush() sends it"
 
+-- Posts the request of an outcome (with the client's retries).
+local function post_request(self, o)
+  return self:client_for(o.brand):post("/v1/requests", o.body)
+end
+
 -- Sends the items of a batch in order, stopping (DEFERRED) once half the lease has
 -- passed; at least the first item is always tried. results[i], errs[i] per item.
 -- (from, tried, results, errs): go on from item `from` of a batch partly sent already.
@@ -474,19 +479,17 @@ local function start_sends(self, list, now)
       bg:close()
       if attempted > 0 then from, tried = index[attempted] + 1, true end
     end
-    return send_batch(self, list, now, function(o)
-      return self:client_for(o.brand):post("/v1/requests", o.body)
-    end, from, tried, results, errs)
+    return send_batch(self, list, now, function(o) return post_request(self, o) end,
+                      from, tried, results, errs)
   end
 end
 
--- Decides a batch of events at `now` in one transaction: rules, then the outbox items
--- and marks of the requests to send. Returns the
--- outcomes, the batch, and whether it was written (false: a store error, every outcome
--- failed).
 local DECIDE_TRIES = 3
 local ROLLED_BACK = {}   -- key of the error a failed decide raises inside atomic
 
+-- Decides a batch of events at `now` in one transaction: rules, then the outbox items
+-- and marks of the requests to send. Returns the outcomes, the batch, and whether it was
+-- written (false: a dry run, or a store error and every outcome failed).
 local function decide_batch(self, events, now)
   if self.dry_run then
     local outcomes, batch = {}, new_batch(self)
@@ -593,13 +596,14 @@ function Trigger:pipeline(on_outcomes)
   return setmetatable({ trigger = self, sink = on_outcomes, prev = nil }, Pipeline)
 end
 
--- Completes batch b: waits for the rest of its sends, settles it, hands its outcomes on.
-local function complete(p, b)
+-- Completes batch b: waits for the rest of its sends, then (after `between`, if given)
+-- settles it and hands its outcomes on.
+local function complete(p, b, between)
   local t = p.trigger
-  if b.finish then
-    local results, errs = b.finish()
-    settle_batch(t, b.outcomes, b.batch, b.now, results, errs)
-  end
+  local results, errs
+  if b.finish then results, errs = b.finish() end
+  if between then between() end
+  if b.finish then settle_batch(t, b.outcomes, b.batch, b.now, results, errs) end
   p.sink(conclude(t, b.outcomes, b.now), b.events, b.tag)
 end
 
@@ -615,16 +619,13 @@ function Pipeline:process(events, tag)
   -- decided while the previous batch's requests are still on the wire
   local outcomes, batch, written = decide_batch(t, events, now)
   local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
-  -- a client sends one request at a time: the previous batch's sends end before this
-  -- batch's start; its settling then overlaps them
-  local prev_results, prev_errs
-  if prev and prev.finish then prev_results, prev_errs = prev.finish() end
-  if written then b.finish = start_sends(t, sends_of(outcomes), now) end
   self.prev = b
-  if prev then
-    if prev.finish then settle_batch(t, prev.outcomes, prev.batch, prev.now, prev_results, prev_errs) end
-    self.sink(conclude(t, prev.outcomes, prev.now), prev.events, prev.tag)
+  local function start()
+    if written then b.finish = start_sends(t, sends_of(outcomes), now) end
   end
+  -- a client sends one request at a time: the previous batch's sends end before this
+  -- batch's start; the previous batch's settling then overlaps them
+  if prev then complete(self, prev, start) else start() end
 end
 
 function Pipeline:finish()
@@ -647,9 +648,8 @@ function Trigger:process_many(events)
   local now = self.clock()
   local outcomes, batch, written = decide_batch(self, events, now, nil)
   if written then
-    local results, errs = send_batch(self, sends_of(outcomes), now, function(o)
-      return self:client_for(o.brand):post("/v1/requests", o.body)
-    end)
+    local results, errs = send_batch(self, sends_of(outcomes), now,
+                                     function(o) return post_request(self, o) end)
     settle_batch(self, outcomes, batch, now, results, errs, nil)
   end
   return conclude(self, outcomes, now)
