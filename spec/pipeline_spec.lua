@@ -11,12 +11,33 @@ local socket = require "socket"
 
 local SPEC_DIR = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
 local RULES = SPEC_DIR .. "support/trigger_rules.lua"
+local CRASH = SPEC_DIR .. "support/pipeline_crash.lua"
+local LUA = os.getenv("STELLA_TEST_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
 local API_KEY = "tk_pipeline_spec_0123SECRET"
 local T0 = 1700000000
 
 local function body_of(n)
   return '{"customer":{"name":"C' .. n .. '","email":"c' .. n .. '@example.com"},' ..
     '"employee":{"email":"agent@example.com"},"channel":"phone","ext_interaction_id":"p' .. n .. '"}'
+end
+
+local function quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Child processes find the modules as busted found them, unless the environment says.
+local CHILD_ENV = ""
+if not os.getenv("LUA_PATH") then
+  CHILD_ENV = "env LUA_PATH=" .. quote(package.path) .. " LUA_PATH_5_4=" .. quote(package.path) ..
+              " LUA_CPATH=" .. quote(package.cpath) .. " LUA_CPATH_5_4=" .. quote(package.cpath) .. " "
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local data = f:read("*a")
+  f:close()
+  return data
 end
 
 local function remove_db(path)
@@ -431,4 +452,95 @@ describe("trigger:pipeline", function()
       end)
     end)
   end
+end)
+
+describe("trigger:pipeline after a kill -9", function()
+  local server
+
+  lazy_setup(function() server = testserver.start() end)
+  lazy_teardown(function() if server then server:stop() end end)
+
+  -- A child feeds 12 events in batches of 4. The 6th request (the second of batch 2, sent
+  -- by the background thread) is held by the server; by then batch 3 is decided (in the
+  -- outbox) and batch 1 complete. The child is killed while it waits; a fresh trigger
+  -- then flushes the outbox once the lease has run out.
+  it("loses no event, and sends again only what was on the wire unsettled", function()
+    local p = os.tmpname()
+    local log = p .. ".log"
+    local FIRST, COUNT, BATCH = 8001, 12, 4
+    assert(store_mod.sqlite(p)):close()   -- schema in place before the child starts
+    server:reset()
+    server:script{ {}, {}, {}, {}, {}, { delay = 10 } }
+    local proc = assert(io.popen("echo $$; exec " .. CHILD_ENV .. table.concat({ LUA, quote(CRASH), quote(p),
+      quote(server.url), tostring(T0), tostring(FIRST), tostring(COUNT), tostring(BATCH), quote(log),
+      quote(RULES) }, " ") .. " 2>&1", "r"))
+    local pid = assert(tonumber(proc:read("*l")))
+    local deadline = socket.gettime() + 20
+    local seen
+    repeat
+      socket.sleep(0.02)
+      seen = #server:requests()
+    until seen >= 6 or socket.gettime() > deadline
+    -- and batch 1 is complete (logged), then batch 3 decided: its 4 items and batch 2's 4
+    -- are in the outbox (read through a connection of our own: WAL lets it read while the
+    -- child writes)
+    local watch = assert(store_mod.sqlite(p))
+    repeat
+      local counts = read_file(log):find("done " .. (FIRST + 3) .. " ", 1, true) and watch:outbox_counts()
+      if counts and counts.queued == 8 then break end
+      socket.sleep(0.02)
+    until socket.gettime() > deadline
+    watch:close()
+    os.execute("kill -9 " .. pid)
+    local child_out = proc:read("*a")
+    proc:close()
+    assert.equal(6, seen, child_out .. read_file(log))
+    local before = server:requests()
+    server:reset()
+
+    local done = {}
+    for line in read_file(log):gmatch("[^\n]+") do
+      assert.is_nil(line:match("^error"), line)
+      assert.is_nil(line:match("^finished"), "the child finished before the kill")
+      local ticket, status = line:match("^done (%d+) (%S+)")
+      if ticket then done[ticket] = status end
+    end
+    for t = FIRST, FIRST + 3 do assert.equal("sent", done[tostring(t)]) end   -- batch 1 complete
+    for t = FIRST + 4, FIRST + COUNT - 1 do assert.is_nil(done[tostring(t)]) end
+
+    local s = assert(store_mod.sqlite(p))
+    local t = stella.trigger{ rules = RULES, store = s, clock = function() return T0 + 3600 end,
+                              client = { api_key = API_KEY, base_url = server.url, retry = { attempts = 1 } } }
+    local summary = assert(t:flush())
+    assert.equal(COUNT - 4, summary.sent)          -- batches 2 and 3 were in the outbox
+    assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+    local function wire(list)
+      local n = {}
+      for _, r in ipairs(list) do
+        local id = r.body:match('"ext_interaction_id":"([^"]*)"')
+        n[id] = (n[id] or 0) + 1
+      end
+      return n
+    end
+    local b, a = wire(before), wire(server:requests())
+    local sent_ledger = {}
+    for _, e in ipairs(s:ledger{ limit = 1000 }) do
+      if e.status == "sent" then sent_ledger[e.event_id] = (sent_ledger[e.event_id] or 0) + 1 end
+    end
+    for ticket = FIRST, FIRST + COUNT - 1 do
+      local id = tostring(ticket)
+      assert.equal(1, sent_ledger[id], "ticket " .. id .. " ledgered as sent " .. tostring(sent_ledger[id]) .. " times")
+      if ticket < FIRST + 4 then
+        assert.same({ 1, nil }, { b[id], a[id] })           -- sent and settled: never again
+      elseif ticket < FIRST + 6 then
+        assert.same({ 1, 1 }, { b[id], a[id] })              -- on the wire, unsettled: once more
+      else
+        assert.same({ nil, 1 }, { b[id], a[id] })            -- queued, never sent: once
+      end
+    end
+    t:close()
+    s:close()
+    remove_db(p)
+    os.remove(log)
+  end)
 end)
