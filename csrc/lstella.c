@@ -268,11 +268,34 @@ static int l_encode(lua_State *L) {
 
 /* ---------- JSON text: validate_json / encode_json ---------------------------------- */
 
+/* opts.fields of validate_json: a list of dotted paths. Leaves the list on the stack and
+ * returns its index, or returns 0 when there is none; raises on anything else. */
+static int check_fields(lua_State *L, int opts) {
+  int t, i, n;
+  if (opts == 0) return 0;
+  lua_getfield(L, opts, "fields");
+  t = lua_gettop(L);
+  if (lua_isnil(L, t)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  if (!lua_istable(L, t)) luaL_error(L, "options.fields must be a list of dotted paths");
+  n = (int)stella_rawlen(L, t);
+  for (i = 1; i <= n; i++) {
+    lua_rawgeti(L, t, i);
+    if (lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "options.fields[%d] must be a string (a dotted path)", i);
+    lua_pop(L, 1);
+  }
+  return t;
+}
+
 /* The same front half for JSON text at index 1: parse, then check. A syntax error
  * is one invalid_json error at the root. Strings of the tree point into the text,
- * which the argument keeps alive. Returns the options' index + 1 when valid (so
- * never 0), otherwise pushes nil, errors and returns 0. */
-static int run_json_validation(lua_State *L, scratch *s, stella_kind *kind, stella_value *req) {
+ * which the argument keeps alive. Returns 1 when valid, otherwise pushes nil, errors and
+ * returns 0. With `fields`, checks opts.fields first (check_fields) and sets *fields. */
+static int run_json_validation(lua_State *L, scratch *s, stella_kind *kind, stella_value *req,
+                               int *fields) {
   stella_options o;
   stella_parse_error perr;
   size_t len;
@@ -281,6 +304,7 @@ static int run_json_validation(lua_State *L, scratch *s, stella_kind *kind, stel
   luaL_checktype(L, 1, LUA_TSTRING);
   text = lua_tolstring(L, 1, &len);
   opts = check_args(L, s, kind, &o);
+  if (fields) *fields = check_fields(L, opts);   /* misuse raises whatever the text */
   rc = stella_parse_json(&s->arena, text, len, req, &perr);
   if (rc < 0) return luaL_error(L, "not enough memory");
   if (rc > 0) {
@@ -299,7 +323,7 @@ static int run_json_validation(lua_State *L, scratch *s, stella_kind *kind, stel
     return 0;
   }
   if (!check_request(L, s, *kind, req, &o)) return 0;
-  return opts + 1;
+  return 1;
 }
 
 /* The value at a dotted path ("customer.email") of a parsed document, or NULL. */
@@ -345,19 +369,12 @@ static int l_validate_json(lua_State *L) {
   scratch *s = get_scratch(L);
   stella_kind kind;
   stella_value req;
-  int opts = run_json_validation(L, s, &kind, &req) - 1, t, i, n;
-  if (opts < 0) return 2;
-  if (opts == 0) {
+  int t, i, n;
+  if (!run_json_validation(L, s, &kind, &req, &t)) return 2;
+  if (t == 0) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  lua_getfield(L, opts, "fields");
-  t = lua_gettop(L);
-  if (lua_isnil(L, t)) {
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  if (!lua_istable(L, t)) return luaL_error(L, "options.fields must be a list of dotted paths");
   n = (int)stella_rawlen(L, t);
   luaL_checkstack(L, n + 2, "too many fields");
   lua_pushboolean(L, 1);
@@ -365,10 +382,8 @@ static int l_validate_json(lua_State *L) {
     size_t len;
     const char *path;
     lua_rawgeti(L, t, i);
-    if (lua_type(L, -1) != LUA_TSTRING)
-      return luaL_error(L, "options.fields[%d] must be a string (a dotted path)", i);
-    path = lua_tolstring(L, -1, &len);
-    lua_pop(L, 1);   /* still anchored by the fields table */
+    path = lua_tolstring(L, -1, &len);   /* checked by check_fields */
+    lua_pop(L, 1);                       /* still anchored by the fields table */
     push_field(L, lookup(&req, path, len));
   }
   return n + 1;
@@ -379,7 +394,7 @@ static int l_encode_json(lua_State *L) {
   scratch *s = get_scratch(L);
   stella_kind kind;
   stella_value req;
-  if (!run_json_validation(L, s, &kind, &req)) return 2;
+  if (!run_json_validation(L, s, &kind, &req, NULL)) return 2;
   if (stella_encode_json(kind, &req, &s->json) != 0) return luaL_error(L, "not enough memory");
   lua_pushlstring(L, s->json.data, s->json.len);
   return 1;

@@ -283,6 +283,13 @@ describe("stella.validate_json", function()
       assert.has_error(function() validate_json(BASE, { fields = { 1 } }) end)
       assert.has_error(function() validate_json("{}", { channels = "phone" }) end)
     end)
+
+    it("raises for bad fields whatever the text: an invalid or broken document too", function()
+      assert.has_error(function() validate_json("{}", { fields = "customer.email" }) end,
+        "options.fields must be a list of dotted paths")
+      assert.has_error(function() validate_json("{", { fields = { "a", 2 } }) end,
+        "options.fields[2] must be a string (a dotted path)")
+    end)
   end)
 end)
 
