@@ -3,6 +3,7 @@
  * collect the answer in a buffer owned by the client, classify failures. Every transfer
  * goes through the same multi handle, so blocking and non-blocking posts share one
  * keep-alive connection. */
+#define _POSIX_C_SOURCE 200112L   /* nanosleep (for libcurl < 7.66) */
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -305,6 +306,25 @@ static void finish(stella_http *h, CURLcode rc, stella_http_result *res) {
   }
 }
 
+/* curl_multi_poll (libcurl 7.66) waits even when the transfer has no socket yet (during
+ * name resolution); curl_multi_wait may return at once then, so older libcurls get a short
+ * sleep instead of a busy loop. */
+static CURLMcode wait_for_activity(CURLM *multi, int wait_ms) {
+#if LIBCURL_VERSION_NUM >= 0x074200
+  return curl_multi_poll(multi, NULL, 0, wait_ms, NULL);
+#else
+  int fds = 0;
+  CURLMcode rc = curl_multi_wait(multi, NULL, 0, wait_ms, &fds);
+  if (rc == CURLM_OK && fds == 0) {
+    struct timespec ts;
+    ts.tv_sec = 0;
+    ts.tv_nsec = 1000000L;   /* 1 ms */
+    nanosleep(&ts, NULL);
+  }
+  return rc;
+#endif
+}
+
 int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
   int still = 0, queued = 0, waited = 0;
   CURLMsg *msg;
@@ -330,7 +350,7 @@ int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
     if (wait_ms <= 0 || waited) return 0;
     waited = 1;
     /* waits for the socket or curl's own timer (the transfer's timeouts), at most wait_ms */
-    if (curl_multi_poll(h->multi, NULL, 0, wait_ms, NULL) != CURLM_OK) {
+    if (wait_for_activity(h->multi, wait_ms) != CURLM_OK) {
       curl_multi_remove_handle(h->multi, h->easy);
       h->running = 0;
       fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to wait for the transfer");
