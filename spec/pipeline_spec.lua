@@ -413,6 +413,31 @@ describe("trigger:pipeline", function()
         for id, n in pairs(per) do assert.equal(1, n, "sent twice: " .. id) end
       end)
 
+      it("brands with their own keys: one background batch over several clients, each with its key", function()
+        local rules = dofile(RULES)
+        rules.brands = { acme = { api_key = "key-acme" }, beta = { api_key = "key-beta", signifier = "BETA-1" },
+                         plain = {} }
+        rules.default_brand = "plain"
+        local t = trigger{ rules = rules }
+        local brand_of = { "acme", "beta", "plain", false, "acme", "beta" }
+        local evs = {}
+        for i, b in ipairs(brand_of) do
+          evs[i] = { ticket = 700 + i, email = ("brand%d@example.com"):format(i), brand = b or nil }
+        end
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        p:process(evs, nil)
+        p:finish()
+        for i = 1, #evs do assert.equal("sent", all[i].status) end
+        local keys, brands = {}, {}
+        for k, r in ipairs(server:requests()) do
+          keys[k] = r.headers["x-api-key"]
+          brands[k] = r.body:match('"brand":"([^"]*)"')
+        end
+        assert.same({ "key-acme", "key-beta", API_KEY, API_KEY, "key-acme", "key-beta" }, keys)
+        assert.same({ "acme", "BETA-1", "plain", "plain", "acme", "BETA-1" }, brands)
+      end)
+
       it("a client with its own transport sends in line: the same outcomes", function()
         local sent = {}
         local c = stella.new{ api_key = API_KEY, base_url = server.url,
