@@ -228,12 +228,14 @@ void stella_http_free(stella_http *h);             /* NULL is fine */
 
 /* ---------- sending a list in the background ---------------------------------------- */
 
-/* Posts items one after another on a background thread (pthreads), so that the caller
- * can do other work meanwhile. The thread makes first attempts only: it stops after
- * the first answer that is not 2xx or the first transport failure, before any item
- * but the first once `budget_ms` has passed since the start, or when the sender is
- * freed. Paths and bodies are copied. The clients are lent to the thread: do not use
- * them until stella_sender_wait has returned. Several items may share a client. */
+/* Posts items on background threads (pthreads), so that the caller can do other work
+ * meanwhile: one thread per distinct client in the list, each posting its client's items
+ * in list order (several clients to one host: several connections, concurrent sends).
+ * First attempts only: a lane stops, and stops the others after their post in flight, at
+ * the first answer that is not 2xx or the first transport failure; no item but the first
+ * starts once `budget_ms` has passed since the start; freeing the sender stops them too.
+ * Paths and bodies are copied. The clients are lent to the threads: do not use them
+ * until stella_sender_wait has returned. */
 typedef struct stella_send_item {
   stella_http *h;
   const char *path;
@@ -257,13 +259,14 @@ typedef struct stella_sender stella_sender;
 /* NULL on failure, with a message in err. */
 stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long budget_ms,
                                    char *err, size_t errlen);
-/* 1 once the thread has finished (never waits). */
+/* 1 once every thread has finished (never waits). */
 int stella_sender_done(stella_sender *s);
-/* Waits for the thread; returns how many items it attempted (a prefix of the list). */
+/* Waits for the threads; returns how many items they attempted (with one client, a prefix
+ * of the list; with several, any subset: see stella_sender_result). */
 size_t stella_sender_wait(stella_sender *s);
 /* Item i's result after stella_sender_wait, or NULL if it was not attempted. */
 const stella_send_result *stella_sender_result(const stella_sender *s, size_t i);
-/* Stops the thread after the post in flight, waits for it, frees everything. NULL is fine. */
+/* Stops the threads after their posts in flight, waits for them, frees everything. NULL is fine. */
 void stella_sender_free(stella_sender *s);
 
 /* ---------- outcome classification and retry policy ----------------------- */

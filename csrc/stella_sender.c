@@ -1,4 +1,5 @@
-/* stella_sender.c - posts a list of bodies one after another on a background thread.
+/* stella_sender.c - posts a list of bodies on background threads: one thread per client
+ * in the list, each posting its client's items one after another.
  *
  * The caller (the trigger's pipeline) keeps doing its own work - deciding the next
  * batch, settling the previous one in its store - while this batch is on the wire, so
@@ -6,8 +7,10 @@
  * attempts on the happy path: it stops at the first answer that is not 2xx or the first
  * transport failure (the caller's retry policy takes over from there, in its own
  * thread), once `budget_ms` has passed (the rest waits for the caller), or when asked to
- * stop. The clients it uses are lent to it: the caller must not use them until
- * stella_sender_wait returns. */
+ * stop; a stop in one lane stops all. Several clients to the same host are several
+ * connections, so a caller gets concurrent sends by spreading a list over them. The
+ * clients it uses are lent to it: the caller must not use them until stella_sender_wait
+ * returns. */
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime, pthreads */
 #include <pthread.h>
 #include <stdlib.h>
@@ -21,16 +24,26 @@ typedef struct job {
   size_t body_len;
 } job;
 
+typedef struct lane {
+  stella_sender *s;
+  stella_http *h;                /* the client whose items this lane posts */
+  pthread_t thread;
+  size_t attempted;              /* written by the lane's thread, read after the join */
+  int started;
+} lane;
+
 struct stella_sender {
   job *items;
   stella_send_result *results;
   size_t n;
-  size_t attempted;              /* items the thread has finished with (written by the thread) */
+  lane *lanes;                   /* one per distinct client, each on its own thread */
+  size_t nlanes;
   long budget_ms;
-  pthread_t thread;
-  pthread_mutex_t lock;          /* guards done and stop */
-  int done, stop;
-  int started, joined;
+  long long start_ms;
+  pthread_mutex_t lock;          /* guards finished and stop */
+  size_t finished;               /* lanes whose thread has ended */
+  int stop;
+  int mutex_ready, joined;
 };
 
 static long long now_ms(void) {
@@ -71,17 +84,27 @@ static int keep_result(stella_send_result *out, const stella_http_result *r) {
   return out->body != NULL && (r->content_type == NULL || out->content_type != NULL);
 }
 
+static void request_stop(stella_sender *s) {
+  pthread_mutex_lock(&s->lock);
+  s->stop = 1;
+  pthread_mutex_unlock(&s->lock);
+}
+
+/* One lane: its client's items in list order. A failure stops every lane (after the post
+ * each has in flight); so does the budget, except for the list's first item. */
 static void *run(void *arg) {
-  stella_sender *s = (stella_sender *)arg;
-  long long start = now_ms();
+  lane *ln = (lane *)arg;
+  stella_sender *s = ln->s;
   size_t i;
   for (i = 0; i < s->n; i++) {
     stella_http_result r;
     stella_send_result *out = &s->results[i];
-    if (i > 0 && (should_stop(s) || now_ms() - start >= s->budget_ms)) break;
+    if (s->items[i].h != ln->h) continue;
+    if (should_stop(s)) break;
+    if (i > 0 && now_ms() - s->start_ms >= s->budget_ms) { request_stop(s); break; }
     stella_http_post(s->items[i].h, s->items[i].path, s->items[i].body, s->items[i].body_len, &r);
     out->attempted = 1;
-    s->attempted = i + 1;
+    ln->attempted++;
     if (!keep_result(out, &r)) {   /* out of memory: report the attempt as an internal failure */
       free(out->body);
       free(out->content_type);
@@ -89,12 +112,16 @@ static void *run(void *arg) {
       out->body = out->content_type = out->error = NULL;
       out->failure = STELLA_HTTP_INTERNAL;
       out->status = 0;
+      request_stop(s);
       break;
     }
-    if (r.failure != STELLA_HTTP_OK || r.status < 200 || r.status >= 300) break;
+    if (r.failure != STELLA_HTTP_OK || r.status < 200 || r.status >= 300) {
+      request_stop(s);
+      break;
+    }
   }
   pthread_mutex_lock(&s->lock);
-  s->done = 1;
+  s->finished++;
   pthread_mutex_unlock(&s->lock);
   return NULL;
 }
@@ -102,75 +129,83 @@ static void *run(void *arg) {
 stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long budget_ms,
                                    char *err, size_t errlen) {
   stella_sender *s = (stella_sender *)calloc(1, sizeof *s);
-  size_t i;
-  if (s == NULL) goto oom;
+  const char *why = "out of memory";
+  size_t i, k;
+  if (s == NULL) goto fail;
   s->n = n;
   s->budget_ms = budget_ms;
   s->items = (job *)calloc(n ? n : 1, sizeof *s->items);
   s->results = (stella_send_result *)calloc(n ? n : 1, sizeof *s->results);
-  if (s->items == NULL || s->results == NULL) goto oom;
+  s->lanes = (lane *)calloc(n ? n : 1, sizeof *s->lanes);
+  if (s->items == NULL || s->results == NULL || s->lanes == NULL) goto fail;
   for (i = 0; i < n; i++) {
     s->items[i].h = items[i].h;
     s->items[i].path = copy_text(items[i].path, strlen(items[i].path));
     s->items[i].body = copy_text(items[i].body, items[i].body_len);
     s->items[i].body_len = items[i].body_len;
-    if (s->items[i].path == NULL || s->items[i].body == NULL) goto oom;
+    if (s->items[i].path == NULL || s->items[i].body == NULL) goto fail;
+    for (k = 0; k < s->nlanes && s->lanes[k].h != items[i].h; k++) {}
+    if (k == s->nlanes) {
+      s->lanes[k].s = s;
+      s->lanes[k].h = items[i].h;
+      s->nlanes++;
+    }
   }
-  if (pthread_mutex_init(&s->lock, NULL) != 0) {
-    stella_sender_free(s);
-    if (errlen) { strncpy(err, "cannot create a mutex", errlen - 1); err[errlen - 1] = '\0'; }
-    return NULL;
-  }
-  s->started = 1;   /* from here on free() destroys the mutex */
-  if (n == 0) {
-    s->done = s->joined = 1;
-    return s;
-  }
-  if (pthread_create(&s->thread, NULL, run, s) != 0) {
-    s->done = s->joined = 1;
-    stella_sender_free(s);
-    if (errlen) { strncpy(err, "cannot start a sending thread", errlen - 1); err[errlen - 1] = '\0'; }
-    return NULL;
+  if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
+  s->mutex_ready = 1;
+  s->start_ms = now_ms();
+  for (k = 0; k < s->nlanes; k++) {
+    if (pthread_create(&s->lanes[k].thread, NULL, run, &s->lanes[k]) != 0) {
+      why = "cannot start a sending thread";
+      goto fail;   /* free() stops and joins the lanes already started */
+    }
+    s->lanes[k].started = 1;
   }
   return s;
 
-oom:
+fail:
   stella_sender_free(s);
-  if (errlen) { strncpy(err, "out of memory", errlen - 1); err[errlen - 1] = '\0'; }
+  if (errlen) { strncpy(err, why, errlen - 1); err[errlen - 1] = '\0'; }
   return NULL;
 }
 
 int stella_sender_done(stella_sender *s) {
-  int done;
+  size_t finished;
   if (s->joined) return 1;
   pthread_mutex_lock(&s->lock);
-  done = s->done;
+  finished = s->finished;
   pthread_mutex_unlock(&s->lock);
-  return done;
+  return finished == s->nlanes;
+}
+
+static void join_all(stella_sender *s) {
+  size_t k;
+  for (k = 0; k < s->nlanes; k++) {
+    if (s->lanes[k].started) pthread_join(s->lanes[k].thread, NULL);
+    s->lanes[k].started = 0;
+  }
+  s->joined = 1;
 }
 
 size_t stella_sender_wait(stella_sender *s) {
-  if (!s->joined) {
-    pthread_join(s->thread, NULL);
-    s->joined = 1;
-  }
-  return s->attempted;
+  size_t k, total = 0;
+  if (!s->joined) join_all(s);
+  for (k = 0; k < s->nlanes; k++) total += s->lanes[k].attempted;
+  return total;
 }
 
 const stella_send_result *stella_sender_result(const stella_sender *s, size_t i) {
-  if (!s->joined || i >= s->attempted) return NULL;
+  if (!s->joined || i >= s->n || !s->results[i].attempted) return NULL;
   return &s->results[i];
 }
 
 void stella_sender_free(stella_sender *s) {
   size_t i;
   if (s == NULL) return;
-  if (s->started) {
+  if (s->mutex_ready) {
     if (!s->joined) {
-      pthread_mutex_lock(&s->lock);
-      s->stop = 1;   /* the post in flight ends (or times out); no further one starts */
-      pthread_mutex_unlock(&s->lock);
-      pthread_join(s->thread, NULL);
+      request_stop(s);   /* each lane ends its post in flight (or times out); none starts another */
+      join_all(s);
     }
     pthread_mutex_destroy(&s->lock);
   }
@@ -189,5 +224,6 @@ void stella_sender_free(stella_sender *s) {
   }
   free(s->items);
   free(s->results);
+  free(s->lanes);
   free(s);
 }

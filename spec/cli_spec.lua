@@ -220,6 +220,10 @@ describe("stella command", function()
       { args = { "trigger", "--rules", "examples/rules.lua", "-x" }, says = "unknown option -x" },
       { args = { "trigger", "--dry-run=yes", "--rules", "r.lua" }, says = "--dry-run takes no value" },
       { args = { "trigger", "--rules", "r.lua", "--format", "xml" }, says = "--format must be jsonl or csv" },
+      { args = { "trigger", "--rules", "examples/rules.lua", "--connections", "0" },
+        says = "--connections must be a whole number from 1 to 64" },
+      { args = { "trigger", "--rules", "examples/rules.lua", "--connections", "two" },
+        says = "--connections must be a whole number from 1 to 64" },
       { args = { "validate", "--rules", "examples/rules.lua", "--channels", "phone" }, says = "not both" },
       { args = { "send" }, says = "the request is missing" },
       { args = { "send", "{}", "{}" }, says = "give one request" },
@@ -486,6 +490,23 @@ describe("stella command", function()
       assert.equal(48, s.total)
       assert.equal(1, s.by_status.invalid)
       assert.same({}, server:requests())
+    end)
+
+    it_with(has_trigger and has_sqlite, "--connections 4: the same outcomes and requests, over four connections", function()
+      local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,
+                                       "--connections", "4", "examples/interactions.jsonl" }
+      assert.equal(1, status, err)
+      local s = summary(out)
+      assert.same(EXAMPLE_COUNTS, s.by_status)
+      local expected = {}
+      for _, id in ipairs(EXAMPLE_SENT) do expected[#expected + 1] = id end
+      for _, id in ipairs(EXAMPLE_RECORDED) do expected[#expected + 1] = id end
+      assert.same(sorted(expected), ids_received())
+      local conns, n = {}, 0
+      for _, r in ipairs(server:requests()) do
+        if not conns[r.connection] then conns[r.connection], n = true, n + 1 end
+      end
+      assert.equal(4, n)
     end)
 
     it_with(has_trigger and has_sqlite, "reads CSV from a file and JSON Lines from stdin in one run", function()

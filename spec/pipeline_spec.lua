@@ -168,9 +168,11 @@ describe("background sends", function()
       local s = assert(core.send_many(list, 30))
       assert.equal(3, s:wait())
       s:close()
-      local seen = server:requests()
-      assert.equal(seen[1].connection, seen[3].connection)
-      assert.are_not.equal(seen[1].connection, seen[2].connection)
+      local by_body = {}   -- the two clients send at the same time: arrival order varies
+      for _, r in ipairs(server:requests()) do by_body[r.body] = r end
+      assert.equal(by_body[body_of(1)].connection, by_body[body_of(3)].connection)
+      assert.are_not.equal(by_body[body_of(1)].connection, by_body[body_of(2)].connection)
+      assert.is_true(by_body[body_of(1)].time <= by_body[body_of(3)].time)   -- in order on one client
     end)
 
     it("close stops the thread after the post in flight; close is idempotent, the clients are free", function()
@@ -429,13 +431,66 @@ describe("trigger:pipeline", function()
         p:process(evs, nil)
         p:finish()
         for i = 1, #evs do assert.equal("sent", all[i].status) end
-        local keys, brands = {}, {}
-        for k, r in ipairs(server:requests()) do
+        local keys, brands = {}, {}   -- each brand's client sends on its own thread
+        for _, r in ipairs(server:requests()) do
+          local k = tonumber(r.body:match('"ext_interaction_id":"(%d+)"')) - 700
           keys[k] = r.headers["x-api-key"]
           brands[k] = r.body:match('"brand":"([^"]*)"')
         end
         assert.same({ "key-acme", "key-beta", API_KEY, API_KEY, "key-acme", "key-beta" }, keys)
         assert.same({ "acme", "BETA-1", "plain", "plain", "acme", "BETA-1" }, brands)
+      end)
+
+      it("connections = 4: a batch's sends go out four at a time, each connection in order", function()
+        local t = trigger{ connections = 4 }
+        -- the first four answers wait 1 s: all four requests arrive before any answer
+        server:script{ { delay = 1 }, { delay = 1 }, { delay = 1 }, { delay = 1 } }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        local evs = {}
+        for i = 1, 8 do evs[i] = { ticket = 900 + i, email = ("lane%d@example.com"):format(i) } end
+        p:process(evs, nil)
+        p:finish()
+        for i = 1, 8 do assert.equal("sent", all[i].status) end
+        local reqs = server:requests()
+        assert.equal(8, #reqs)
+        local per_conn, first = {}, reqs[1].time
+        for i, r in ipairs(reqs) do
+          per_conn[r.connection] = (per_conn[r.connection] or 0) + 1
+          if i <= 4 then assert.is_true(r.time - first < 0.9, "request " .. i .. " waited for an answer") end
+        end
+        local conns = 0
+        for _, n in pairs(per_conn) do
+          conns = conns + 1
+          assert.equal(2, n)   -- round robin: two events per connection
+        end
+        assert.equal(4, conns)
+      end)
+
+      it("connections = 3 and a failure in one lane: the lanes stop, the rest goes in line, each event once", function()
+        local t = trigger{ connections = 3 }
+        server:script{ { status = 503 } }   -- whichever request comes first
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        local evs = {}
+        for i = 1, 9 do evs[i] = { ticket = 950 + i, email = ("stop%d@example.com"):format(i) } end
+        p:process(evs, nil)
+        p:finish()
+        local per = {}
+        for _, r in ipairs(server:requests()) do
+          local id = r.body:match('"ext_interaction_id":"([^"]+)"')
+          per[id] = (per[id] or 0) + 1
+        end
+        local retried = 0
+        for i = 1, 9 do
+          assert.equal("sent", all[i].status)   -- the 503 was retried by the client (attempts = 2)
+          local n = per[tostring(950 + i)]
+          assert.truthy(n == 1 or n == 2)
+          if n == 2 then retried = retried + 1 end
+        end
+        assert.equal(1, retried)
+        assert.has_error(function() trigger{ connections = 0 } end,
+          "stella.trigger: connections must be a whole number from 1 to 64")
       end)
 
       it("a client with its own transport sends in line: the same outcomes", function()

@@ -52,7 +52,7 @@ API keys and host (never printed):
 
 local HELP = {
   trigger = [[
-usage: stella trigger --rules FILE [--db FILE] [--dry-run] [--format FMT] [INPUT...]
+usage: stella trigger --rules FILE [--db FILE] [--dry-run] [--format FMT] [--connections N] [INPUT...]
 
 Runs every event of each INPUT (a JSON Lines or CSV export file; "-" or nothing is
 standard input) through the rules and sends the requests they decide on.
@@ -62,6 +62,8 @@ standard input) through the rules and sends the requests they decide on.
                  (default stella.db in the current directory; ":memory:" keeps nothing)
   --dry-run      decide and validate, but send nothing and write nothing
   --format FMT   jsonl or csv, when the file name and content do not tell
+  --connections N  send up to N requests at once, each on its own connection (1 to 64;
+                 default 1): for a distant API, where each request mostly waits
 
 A malformed line is reported on standard error as FILE:LINE: message and skipped. At the
 end a summary by outcome and reason goes to standard output. Exit status: 0 when nothing
@@ -157,7 +159,7 @@ HELP.help = "usage: stella help [COMMAND]\n\nShows the list of commands, or one 
 
 -- options each command takes: "flag" or "value"
 local OPTIONS = {
-  trigger = { rules = "value", db = "value", ["dry-run"] = "flag", format = "value" },
+  trigger = { rules = "value", db = "value", ["dry-run"] = "flag", format = "value", connections = "value" },
   send = { test = "flag", production = "flag", channels = "value" },
   validate = { rules = "value", channels = "value", format = "value" },
   status = { db = "value", since = "value" },
@@ -416,7 +418,7 @@ local function start(ctx, command, o)
   if not store then return fail(1, "%s", serr) end
   run.store = store
   local trigger, terr = new_trigger{ rules = run.rules, client = run.client, store = store,
-                                     dry_run = o.dry_run }
+                                     dry_run = o.dry_run, connections = o.connections }
   if not trigger then return fail(2, "%s", terr) end
   run.trigger = trigger
   return run
@@ -576,8 +578,12 @@ function commands.trigger(ctx, opts, inputs)
   -- a dry run reads an existing store but does not create one; it sends nothing, so it
   -- needs no key
   if dry_run and db ~= ":memory:" and not file_exists(db) then db = ":memory:" end
+  local connections = tonumber(opts.connections or "1")
+  if not connections or connections < 1 or connections > 64 or connections % 1 ~= 0 then
+    return ctx:usage_error("trigger", "--connections must be a whole number from 1 to 64")
+  end
   local run, rstatus = start(ctx, "trigger", { rules = opts.rules, send = not dry_run, db = db,
-                                               dry_run = dry_run })
+                                               dry_run = dry_run, connections = connections })
   if not run then return rstatus end
   local trigger = run.trigger
   -- expired suppression and dedupe marks are dead weight: drop them once per run

@@ -130,8 +130,19 @@ function M.new(opts)
   -- the key is kept only where redaction needs it, behind a closure, so it is
   -- not a field a dump or a log of the client would show
   self.redact = function(text) return errors.redact(text, key) end
+  -- a twin with the same options (and so its own connection), for concurrent sends;
+  -- a closure too, for the same reason
+  local same = {}
+  for k, v in pairs(opts) do same[k] = v end
+  self.spawn = function() return M.new(same) end
   self.key_hint = key_hint(key)
   return self
+end
+
+-- client:clone() -> a new client with the same options: its own transport and connection
+-- (close it too). The trigger's `connections` option sends over such clones.
+function Client:clone()
+  return self.spawn()
 end
 
 function Client:__tostring()

@@ -13,8 +13,8 @@ local store_mod = require "stella.store"
 local client_mod = require "stella.client"
 local errors_mod = require "stella.error"
 
-local type, pairs, ipairs, tostring, tonumber, error, setmetatable, pcall =
-      type, pairs, ipairs, tostring, tonumber, error, setmetatable, pcall
+local type, pairs, ipairs, tostring, tonumber, error, setmetatable, pcall, select =
+      type, pairs, ipairs, tostring, tonumber, error, setmetatable, pcall, select
 local floor, random, min = math.floor, math.random, math.min
 
 local M = {}
@@ -38,8 +38,17 @@ local function is_client(v)
   return type(v) == "table" and type(v.post) == "function"
 end
 
+local function connections_of(n)
+  if n == nil then return 1 end
+  if type(n) ~= "number" or n < 1 or n > 64 or n % 1 ~= 0 then
+    error("stella.trigger: connections must be a whole number from 1 to 64", 3)
+  end
+  return n
+end
+
 -- stella.trigger{ rules = FILE|TABLE, client = CLIENT|options, store = STORE,
---                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...} }
+--                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...},
+--                 connections = n (a pipeline's sends per brand at once; default 1) }
 function M.new(opts)
   if type(opts) ~= "table" then error("stella.trigger: options table expected", 2) end
   if opts.rules == nil then error("stella.trigger: rules (a file name or a table) is required", 2) end
@@ -56,6 +65,8 @@ function M.new(opts)
     alert_opts = merged(merged(DEFAULT_ALERT, spec.alert), opts.alert),
     on_alert = opts.on_alert or compiled.on_alert,
     clients = {},            -- brand name ("" for none) -> client
+    lanes = {},              -- client -> the clients its background sends spread over
+    connections = connections_of(opts.connections),
     owned = {},              -- clients this trigger created (and closes)
     counts = {}, reasons = {},
     last_alert_check = nil,
@@ -76,6 +87,23 @@ function M.new(opts)
     self.client_options = co
   end
   return self
+end
+
+-- The clients a brand's background sends spread over: its client and connections - 1
+-- clones of it (each its own connection). A client that cannot be cloned sends alone.
+function Trigger:lanes_for(brand_name)
+  local c = self:client_for(brand_name)
+  local lanes = self.lanes[c]
+  if lanes then return lanes end
+  lanes = { c }
+  if type(c.clone) == "function" then
+    for j = 2, self.connections do
+      lanes[j] = c:clone()
+      self.owned[#self.owned + 1] = lanes[j]
+    end
+  end
+  self.lanes[c] = lanes
+  return lanes
 end
 
 -- The client for a brand: the brand's own keys if it has them, else the default.
@@ -455,12 +483,15 @@ end
 local function start_sends(self, list, now)
   local n = #list
   local deadline = now + self.outbox_opts.lease / 2
-  local flat, index, clients = {}, {}, {}
+  local flat, index, clients, turn = {}, {}, {}, {}
   for i = 1, n do
     local o = list[i]
     if o then
       local k = #index + 1
-      local c = self:client_for(o.brand)
+      local lanes = self:lanes_for(o.brand)
+      local t = (turn[lanes] or 0) % #lanes + 1   -- round robin over the brand's connections
+      turn[lanes] = t
+      local c = lanes[t]
       index[k], clients[k] = i, c
       flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, "/v1/requests", o.body
     end
@@ -469,18 +500,24 @@ local function start_sends(self, list, now)
 
   return function()   -- finish
     local results, errs = {}, {}
-    local from, tried = 1, false
+    local rest, tried = list, false   -- what goes in line: the items the threads did not try
     if bg then
-      local attempted = bg:wait()
-      for k = 1, attempted do
-        local i = index[k]
-        results[i], errs[i] = clients[k]:complete("/v1/requests", list[i].body, bg:result(k))
+      rest = {}
+      for i = 1, #list do rest[i] = list[i] end
+      if bg:wait() > 0 then
+        tried = true
+        for k = 1, #index do
+          local i = index[k]
+          if select("#", bg:result(k)) > 0 then
+            results[i], errs[i] = clients[k]:complete("/v1/requests", list[i].body, bg:result(k))
+            rest[i] = false
+          end
+        end
       end
       bg:close()
-      if attempted > 0 then from, tried = index[attempted] + 1, true end
     end
-    return send_batch(self, list, now, function(o) return post_request(self, o) end,
-                      from, tried, results, errs)
+    return send_batch(self, rest, now, function(o) return post_request(self, o) end,
+                      1, tried, results, errs)
   end
 end
 
@@ -735,7 +772,7 @@ end
 
 function Trigger:close()
   for _, c in ipairs(self.owned) do c:close() end
-  self.owned, self.clients = {}, {}
+  self.owned, self.clients, self.lanes = {}, {}, {}
 end
 
 return M

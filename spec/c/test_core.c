@@ -1139,6 +1139,29 @@ static void test_sender(void) {
     check_long((long)stella_sender_wait(s), 1, "sender: wait again gives the same count");
   }
   stella_sender_free(s);
+
+  /* two clients: two lanes; the first lane's failure stops the other after its post */
+  {
+    stella_http *h2 = loopback_client("http://127.0.0.1:1", 2000);
+    size_t attempted;
+    if (CHECK(h2 != NULL, "sender: a second client")) {
+      items[1].h = h2;
+      s = stella_sender_start(items, 3, 10000, err, sizeof err);
+      if (CHECK(s != NULL, "sender: starts three posts over two clients")) {
+        attempted = stella_sender_wait(s);
+        if (!CHECK(attempted >= 1 && attempted <= 3, "sender: two lanes attempted 1 to 3 items"))
+          diag_long("attempted", (long)attempted);
+        CHECK(stella_sender_result(s, 0) != NULL, "sender: the first item was attempted");
+        if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->failure ==
+                  STELLA_HTTP_NETWORK, "sender: the second lane's item failed as network or was not tried"))
+          CHECK(1, "sender: results of two lanes are readable");
+        CHECK(stella_sender_done(s) == 1, "sender: done after wait, with two lanes");
+      }
+      stella_sender_free(s);
+      items[1].h = h;
+    }
+    stella_http_free(h2);
+  }
   stella_http_free(h);
 
   /* freeing a sender whose post hangs: it waits for that post only (its timeout) */
