@@ -224,6 +224,7 @@ describe("stella command", function()
         says = "--connections must be a whole number from 1 to 64" },
       { args = { "trigger", "--rules", "examples/rules.lua", "--connections", "two" },
         says = "--connections must be a whole number from 1 to 64" },
+      { args = { "retry", "--connections", "65" }, says = "--connections must be a whole number from 1 to 64" },
       { args = { "validate", "--rules", "examples/rules.lua", "--channels", "phone" }, says = "not both" },
       { args = { "send" }, says = "the request is missing" },
       { args = { "send", "{}", "{}" }, says = "give one request" },
@@ -667,6 +668,32 @@ describe("stella command", function()
       assert.equal("sent 1, recorded 0, still queued 0, failed 0 (of which 0 given up: dead)\n"
         .. "outbox: 0 queued, 0 dead\n", out)
       assert.same({ "48600" }, ids_received())
+    end)
+
+    it_with(has_trigger and has_sqlite, "--connections 3 sends a backlog over three connections", function()
+      local rules = retry_rules()
+      local lines = {}
+      for i = 1, 6 do
+        lines[i] = RETRY_EVENT:gsub("retry%.me", "retry" .. i):gsub("48600", tostring(48610 + i))
+      end
+      -- the run's six requests fail (one attempt each: the client makes three)
+      local fail = { status = 503, headers = { ["Retry-After"] = "0" } }
+      local script = {}
+      for i = 1, 18 do script[i] = fail end
+      server:script(script)
+      local status, out, err = stella({ "trigger", "--rules", rules, "--db", db }, { stdin = table.concat(lines) })
+      assert.equal(0, status, err)
+      assert.same({ queued = 6 }, summary(out).by_status)
+      server:reset()
+      status, out = stella{ "retry", "--rules", rules, "--db", db, "--connections", "3" }
+      assert.equal(0, status, out)
+      assert.truthy(out:find("^sent 6, recorded 0, still queued 0"), out)
+      assert.same({ "48611", "48612", "48613", "48614", "48615", "48616" }, ids_received())
+      local conns, n = {}, 0
+      for _, r in ipairs(server:requests()) do
+        if not conns[r.connection] then conns[r.connection], n = true, n + 1 end
+      end
+      assert.equal(3, n)
     end)
 
     it_with(has_trigger and has_sqlite, "reports a request the service then rejects, exit 1", function()

@@ -262,6 +262,8 @@ describe("background sends", function()
                                                                  close = function() end } end }
       assert.is_nil(client_mod.send_many({ custom, "/v1/requests", "{}" }, 1))
       custom:close()
+      -- nor for an object of the caller's making that only has post()
+      assert.is_nil(client_mod.send_many({ { post = function() end }, "/v1/requests", "{}" }, 1))
     end)
   end)
 end)

@@ -110,7 +110,7 @@ failed events with their messages.
 ]],
 
   retry = [[
-usage: stella retry [--rules FILE] [--db FILE]
+usage: stella retry [--rules FILE] [--db FILE] [--connections N]
 
 Sends the requests waiting in the outbox (those that failed with a retryable error) and
 prints how many were sent, are still queued, or were given up (dead). Exit status 1 when
@@ -118,6 +118,7 @@ any failed or was given up.
 
   --rules FILE   the rules file (for keys, brands and alerts); optional
   --db FILE      the store (default stella.db)
+  --connections N  send up to N requests at once (1 to 64; default 1)
 ]] .. KEYS_HELP,
 
   unsubscribe = [[
@@ -163,7 +164,7 @@ local OPTIONS = {
   send = { test = "flag", production = "flag", channels = "value" },
   validate = { rules = "value", channels = "value", format = "value" },
   status = { db = "value", since = "value" },
-  retry = { rules = "value", db = "value" },
+  retry = { rules = "value", db = "value", connections = "value" },
   unsubscribe = { db = "value" },
   sandbox = { port = "value", config = "value", prefix = "value", quiet = "flag" },
   help = {},
@@ -567,6 +568,13 @@ end
 -- Events per batch of the trigger's pipeline: a batch costs two store transactions
 -- whatever its size, and a bigger one spreads them over more events (200 ran ~15% faster
 -- than 50 in bench/pipeline.lua); a batch's outcomes are printed when it completes.
+-- --connections N: a whole number from 1 to 64 (1 when absent), or nil.
+local function connections_option(opts)
+  local n = tonumber(opts.connections or "1")
+  if not n or n < 1 or n > 64 or n % 1 ~= 0 then return nil end
+  return n
+end
+
 local BATCH_SIZE = 200
 M.BATCH_SIZE = BATCH_SIZE
 
@@ -578,8 +586,8 @@ function commands.trigger(ctx, opts, inputs)
   -- a dry run reads an existing store but does not create one; it sends nothing, so it
   -- needs no key
   if dry_run and db ~= ":memory:" and not file_exists(db) then db = ":memory:" end
-  local connections = tonumber(opts.connections or "1")
-  if not connections or connections < 1 or connections > 64 or connections % 1 ~= 0 then
+  local connections = connections_option(opts)
+  if not connections then
     return ctx:usage_error("trigger", "--connections must be a whole number from 1 to 64")
   end
   local run, rstatus = start(ctx, "trigger", { rules = opts.rules, send = not dry_run, db = db,
@@ -817,7 +825,11 @@ end
 
 function commands.retry(ctx, opts, args)
   if #args > 0 then return ctx:usage_error("retry", "unexpected argument %s", args[1]) end
-  local run, rstatus = start(ctx, "retry", { rules = opts.rules, send = true,
+  local connections = connections_option(opts)
+  if not connections then
+    return ctx:usage_error("retry", "--connections must be a whole number from 1 to 64")
+  end
+  local run, rstatus = start(ctx, "retry", { rules = opts.rules, send = true, connections = connections,
                                              db = opts.db or DEFAULT_DB, must_exist = true })
   if not run then return rstatus end
   local fok, res, flush_err = pcall(run.trigger.flush, run.trigger)

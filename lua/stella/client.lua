@@ -2,8 +2,8 @@
 local core = require "stella.core"
 local errors = require "stella.error"
 
-local assert, error, ipairs, pairs, setmetatable, tostring, type, tonumber =
-      assert, error, ipairs, pairs, setmetatable, tostring, type, tonumber
+local assert, error, ipairs, pairs, setmetatable, getmetatable, tostring, type, tonumber =
+      assert, error, ipairs, pairs, setmetatable, getmetatable, tostring, type, tonumber
 local floor, random = math.floor, math.random
 
 local cjson_ok, cjson = pcall(require, "cjson.safe")
@@ -267,6 +267,7 @@ function M.send_many(list, budget)
   local flat = {}
   for i = 1, #list, 3 do
     local c = list[i]
+    if getmetatable(c) ~= Client then return nil end   -- a client of the caller's own making
     local t = c.transport
     if not t then error("attempt to use a closed stella client", 2) end
     if type(t) ~= "userdata" then return nil end   -- the C core's client is the only userdata transport

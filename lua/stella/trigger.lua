@@ -382,11 +382,15 @@ local function enqueue_pending(self, batch, now)
   return write_values(store, "put_mark", mv, floor(count / 3), trusted)
 end
 
--- Sends one outbox item (network only; the store is not touched here).
+-- The API path of an outbox item or of an outcome to send (outcomes are requests).
+local function path_of(item)
+  return item.kind == "recovery" and "/v1/recoveries" or "/v1/requests"
+end
+
+-- Sends one outbox item or outcome, with the client's retries (network only; the store is
+-- not touched here).
 local function send_item(self, item)
-  local client = self:client_for(item.brand)
-  local path = item.kind == "recovery" and "/v1/recoveries" or "/v1/requests"
-  return client:post(path, item.body)
+  return self:client_for(item.brand):post(path_of(item), item.body)
 end
 
 -- Settles one item after its send (the caller holds the transaction): the outcome
@@ -397,11 +401,6 @@ end
 -- ends (a duplicate). It goes back to the outbox, due at once, attempts unchanged.
 local DEFERRED = { kind = "deferred", retryable = true }
 local DEFERRED_DETAIL = "not sent yet: the batch ran past half of its outbox lease; flush() sends it"
-
--- Posts the request of an outcome (with the client's retries).
-local function post_request(self, o)
-  return self:client_for(o.brand):post("/v1/requests", o.body)
-end
 
 -- Sends the items of a batch in order, stopping (DEFERRED) once half the lease has
 -- passed; at least the first item is always tried. results[i], errs[i] per item.
@@ -473,7 +472,8 @@ local function conclude(self, outcomes, now)
   return outcomes
 end
 
--- Starts sending a batch's requests (list[i]: an outcome to send, or false) in order,
+-- Starts sending a batch's requests (list[i]: an outcome or outbox item to send, or false)
+-- in order,
 -- as send_batch does, on a background thread of the C core when every client uses the
 -- libcurl transport: the caller goes on with its store work (the next batch's decisions,
 -- the previous batch's settling) while they are on the wire. finish() waits and returns
@@ -493,7 +493,7 @@ local function start_sends(self, list, now)
       turn[lanes] = t
       local c = lanes[t]
       index[k], clients[k] = i, c
-      flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, "/v1/requests", o.body
+      flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, path_of(o), o.body
     end
   end
   local bg = #index > 0 and client_mod.send_many(flat, deadline - self.clock()) or nil
@@ -509,14 +509,14 @@ local function start_sends(self, list, now)
         for k = 1, #index do
           local i = index[k]
           if select("#", bg:result(k)) > 0 then
-            results[i], errs[i] = clients[k]:complete("/v1/requests", list[i].body, bg:result(k))
+            results[i], errs[i] = clients[k]:complete(path_of(list[i]), list[i].body, bg:result(k))
             rest[i] = false
           end
         end
       end
       bg:close()
     end
-    return send_batch(self, rest, now, function(o) return post_request(self, o) end,
+    return send_batch(self, rest, now, function(o) return send_item(self, o) end,
                       1, tried, results, errs)
   end
 end
@@ -686,7 +686,7 @@ function Trigger:process_many(events)
   local outcomes, batch, written = decide_batch(self, events, now, nil)
   if written then
     local results, errs = send_batch(self, sends_of(outcomes), now,
-                                     function(o) return post_request(self, o) end)
+                                     function(o) return send_item(self, o) end)
     settle_batch(self, outcomes, batch, now, results, errs, nil)
   end
   return conclude(self, outcomes, now)
@@ -716,7 +716,8 @@ function Trigger:flush()
     local items, err = self.store:claim(now, o.lease, o.batch)
     if not items then return nil, err end
     if #items == 0 then break end
-    local results, errs = send_batch(self, items, now, function(item) return send_item(self, item) end)
+    -- first attempts on background threads (over `connections` per brand), then in line
+    local results, errs = start_sends(self, items, now)()
     for i, item in ipairs(items) do item.res, item.err = results[i], errs[i] end
     local outcomes = {}
     local batch = new_batch(self)
