@@ -892,3 +892,18 @@ describe("stella.trigger and a retryable store failure while deciding", function
     assert.equal(0, s:outbox_counts().queued)
   end)
 end)
+
+describe("stella.trigger event ids", function()
+  local stella = require "stella"
+  it("names an event whose map raised by its ext_interaction_id when it has no id", function()
+    local s = stella.store.memory()
+    local t = stella.trigger{ rules = { map = function() error("no requester", 0) end }, store = s,
+                              client = { post = function() error("nothing is sent") end } }
+    local out = t:process{ ext_interaction_id = "tk-77", customer = { email = "x@example.com" } }
+    assert.equal("invalid", out.status)
+    assert.equal("map_error", out.reason)
+    assert.equal("tk-77", out.event_id)
+    assert.equal("tk-77", s:ledger{ limit = 1 }[1].event_id)
+    assert.is_nil(t:process{ customer = {} }.event_id)   -- nothing names it
+  end)
+end)

@@ -196,6 +196,8 @@ end
 local function event_id_of(event, request)
   local id = type(event) == "table" and (event.event_id or event.id)
   if id == nil and type(request) == "table" then id = request.ext_interaction_id end
+  -- no request (map raised): a request-shaped event still names its interaction
+  if id == nil and type(event) == "table" then id = event.ext_interaction_id end
   if id == nil then return nil end
   return tostring(id)
 end
