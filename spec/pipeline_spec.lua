@@ -21,28 +21,8 @@ local function body_of(n)
     '"employee":{"email":"agent@example.com"},"channel":"phone","ext_interaction_id":"p' .. n .. '"}'
 end
 
-local function quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- Child processes find the modules as busted found them, unless the environment says.
-local CHILD_ENV = ""
-if not os.getenv("LUA_PATH") then
-  CHILD_ENV = "env LUA_PATH=" .. quote(package.path) .. " LUA_PATH_5_4=" .. quote(package.path) ..
-              " LUA_CPATH=" .. quote(package.cpath) .. " LUA_CPATH_5_4=" .. quote(package.cpath) .. " "
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local data = f:read("*a")
-  f:close()
-  return data
-end
-
-local function remove_db(path)
-  for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
-end
+local child = require "support.child"
+local quote, CHILD_ENV, read_file, remove_db = child.quote, child.ENV, child.read_file, child.remove_db
 
 describe("background sends", function()
   local server, https

@@ -18,28 +18,8 @@ local DAY = 86400
 local API_KEY = "tk_trigger_spec_0123SECRET"
 local JANE = "jane.customer@example.com"
 
-local function quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- Child processes find the modules as busted found them, unless the environment says.
-local CHILD_ENV = ""
-if not os.getenv("LUA_PATH") then
-  CHILD_ENV = "env LUA_PATH=" .. quote(package.path) .. " LUA_PATH_5_4=" .. quote(package.path) ..
-              " LUA_CPATH=" .. quote(package.cpath) .. " LUA_CPATH_5_4=" .. quote(package.cpath) .. " "
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local data = f:read("*a")
-  f:close()
-  return data
-end
-
-local function remove_db(path)
-  for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
-end
+local child = require "support.child"
+local quote, CHILD_ENV, read_file, remove_db = child.quote, child.ENV, child.read_file, child.remove_db
 
 -- The rules file as a table, with some settings changed.
 local function rules_with(changes)
