@@ -281,6 +281,35 @@ local function main()
   end)
   local m_count = m_calls * BATCH
 
+  -- 5. A distant API [info]: every answer 20 ms late (the test server's scripted delay),
+  --    one batch through the pipeline over 1 and over 8 connections, and the bare client.
+  local LATENCY, DISTANT = 0.02, 80
+  local function delayed()
+    local script = {}
+    for i = 1, DISTANT do script[i] = { delay = LATENCY } end
+    server:reset()
+    server:script(script)
+  end
+  local distant = {}
+  for _, conns in ipairs{ 1, 8 } do
+    local dt = stella.trigger{ rules = RULES, store = mem, client = client_opts, connections = conns }
+    closers[#closers + 1] = function() dt:close() end
+    local events = {}
+    for i = 1, DISTANT do events[i] = event(50000000 + conns * 1000 + i) end
+    delayed()
+    local t0 = gettime()
+    local p = dt:pipeline(function(outcomes)
+      for _, out in ipairs(outcomes) do assert(out.status == "sent", out.status) end
+    end)
+    p:process(events)
+    p:finish()
+    distant[conns] = DISTANT / (gettime() - t0)
+  end
+  delayed()
+  local t0 = gettime()
+  for i = 1, DISTANT do assert(client:send(request(60000000 + i))) end
+  distant.client = DISTANT / (gettime() - t0)
+
   print(fmt("pipeline benchmark under %s: stella.trigger (rules: when, map, channels, exclude_tags, "
     .. "do_not_send_tags, 2 brands, suppression 7 days per brand, once_per_interaction, 1 custom rule) "
     .. "+ SQLite store (%s) vs client:send, same bodies, same server", interp, db_path))
@@ -319,6 +348,9 @@ local function main()
     (pr_elapsed - top.time - post_time) / pr_count * 1e6))
   print(fmt("  trigger:process_many, memory store [info] %6.0f/s  (%d events in %.2f s; no SQLite)",
     m_count / m_elapsed, m_count, m_elapsed))
+  print(fmt("  a distant API [info] (answers %d ms late, %d events): bare client %.0f/s, pipeline %.0f/s "
+    .. "over 1 connection, %.0f/s over 8 (connections = 8, --connections 8)", LATENCY * 1000, DISTANT,
+    distant.client, distant[1], distant[8]))
   print(fmt("pipeline: %.0f events/s (trigger:pipeline, batches of %d, as `stella trigger` runs), "
     .. "bare client %.0f sends/s, ratio %.0f%% (median of %d rounds; target >= 50%%)", s_rate, BATCH, c_rate,
     median.ratio * 100, ROUNDS))

@@ -887,3 +887,20 @@ describe("stella.trigger event ids", function()
     assert.is_nil(t:process{ customer = {} }.event_id)   -- nothing names it
   end)
 end)
+
+describe("stella.trigger clients", function()
+  local stella = require "stella"
+  it("gives brands without keys of their own one shared client (one connection), others their own", function()
+    local t = stella.trigger{
+      rules = { brands = { a = {}, b = {}, k = { api_key = "key-k" } }, default_brand = "a" },
+      store = stella.store.memory(),
+      client = { api_key = "key-default", base_url = "http://127.0.0.1:9" },
+    }
+    local d = t:client_for(nil)
+    assert.equal(d, t:client_for("a"))
+    assert.equal(d, t:client_for("b"))
+    assert.are_not.equal(d, t:client_for("k"))
+    assert.equal(t:client_for("k"), t:client_for("k"))
+    t:close()
+  end)
+end)

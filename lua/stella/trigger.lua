@@ -122,6 +122,8 @@ function Trigger:client_for(brand_name)
     self.owned[#self.owned + 1] = c
   elseif self.default_client then
     c = self.default_client
+  elseif key ~= "" then
+    c = self:client_for(nil)   -- brands without keys of their own share the default client
   else
     c = client_mod.new(self.client_options)
     self.owned[#self.owned + 1] = c
