@@ -23,16 +23,17 @@ API keys and host (never printed):
   A rules file may set api_key, keys = { test = ..., production = ... }, mode and base_url;
   the environment wins over the file.]]
 
--- Loads and checks a rules file with stella.rules (the same sandbox the library uses,
--- plus io, so that on_alert can write to stderr). Returns the rules table, or nil and a
--- message. The table, not the file name, goes to the trigger: it is read once.
+-- Loads and compiles a rules file with stella.rules (the same rule environment the
+-- library uses, plus io, so that on_alert can write to stderr). Returns the compiled
+-- rules, or nil and a message. They, not the file name, go to the trigger: the file is
+-- read and compiled once.
 local function load_rules(ctx, path)
   local compiled, err = require("stella.rules").load(path, { allow = { io = true } })
   if not compiled then
     -- a syntax error quotes the token it stopped at: never a string, which may be a key
     return nil, (tostring(err):gsub("near '[\"'%[].*'$", "near a string (not shown)"))
   end
-  local rules = compiled.source
+  local rules = compiled.source   -- the table the file returned
   local function secrets_of(t)
     ctx:secret(t.api_key)
     if type(t.keys) == "table" then
@@ -41,7 +42,7 @@ local function load_rules(ctx, path)
   end
   secrets_of(rules)
   for _, brand in pairs(compiled.brands or {}) do secrets_of(brand) end
-  return rules
+  return compiled
 end
 
 -- Returns key, mode, base_url | nil, message, exit status.
@@ -109,10 +110,10 @@ end
 
 -- Loads the rules, makes the client (when the command sends), opens the store and starts
 -- the trigger. o = { rules = FILE|nil, send = bool, db = FILE|":memory:", must_exist,
--- dry_run, connections }. Returns run = { rules, client, store, trigger }, or nil and the exit status
--- after saying what went wrong.
+-- dry_run, connections }. Returns run = { rules (compiled), client, store, trigger }, or
+-- nil and the exit status after saying what went wrong.
 function M.start(ctx, command, o)
-  local run = { rules = {} }
+  local run = {}
   local function fail(status, fmt, ...)
     M.stop(run)
     ctx:warn("stella " .. command .. ": " .. fmt, ...)
@@ -124,14 +125,14 @@ function M.start(ctx, command, o)
     run.rules = rules
   end
   if o.send then
-    local client, err, status = M.new_client(ctx, run.rules)
+    local client, err, status = M.new_client(ctx, run.rules and run.rules.source)
     if not client then return fail(status, "%s", err) end
     run.client = client
   end
   local store, serr = M.open_store(o.db, { must_exist = o.must_exist })
   if not store then return fail(1, "%s", serr) end
   run.store = store
-  local trigger, terr = new_trigger{ rules = run.rules, client = run.client, store = store,
+  local trigger, terr = new_trigger{ rules = run.rules or {}, client = run.client, store = store,
                                      dry_run = o.dry_run, connections = o.connections }
   if not trigger then return fail(2, "%s", terr) end
   run.trigger = trigger
