@@ -75,12 +75,19 @@ build = {
   },
   install = {
     bin = { stella = "bin/stella" },
+    -- the sandbox's nginx template, default company and status page, installed beside
+    -- its modules (stella/sandbox/files/ in the tree's Lua directory), where
+    -- stella.sandbox finds them. A key's last part names nothing: the file keeps its
+    -- name. Its nginx also needs the C core built for LuaJIT: `make LUA=luajit` in a
+    -- checkout, then STELLA_SANDBOX_CORE=DIR (the directory holding stella/core.so).
+    lua = {
+      ["stella.sandbox.files.nginx_conf"] = "lua/stella/sandbox/files/nginx.conf",
+      ["stella.sandbox.files.config"] = "lua/stella/sandbox/files/config.lua",
+      ["stella.sandbox.files.status_html"] = "lua/stella/sandbox/files/status.html",
+      ["stella.sandbox.files.status_css"] = "lua/stella/sandbox/files/status.css",
+      ["stella.sandbox.files.status_js"] = "lua/stella/sandbox/files/status.js",
+    },
   },
-  -- the sandbox's nginx template, default company and status page: stella.sandbox finds
-  -- them in the rock's directory (TREE/lib/luarocks/rocks-VERSION/stella/VERSION/sandbox).
-  -- Its nginx also needs the C core built for LuaJIT: `make LUA=luajit` in a checkout, then
-  -- STELLA_SANDBOX_CORE=DIR (the directory holding stella/core.so).
-  copy_directories = { "sandbox" },
 }
 test = {
   type = "command",

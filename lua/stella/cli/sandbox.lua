@@ -18,7 +18,8 @@ goes to standard output.
   --port N       the 127.0.0.1 port (default 8787; 0 picks a free one)
   --config FILE  the company: its test and production keys, test e-mail, channels,
                  employees, brands, languages, suppression days, unsubscribed customers
-                 (default sandbox/config.lua, which documents every setting)
+                 (default: lua/stella/sandbox/files/config.lua, which documents every
+                 setting; the path of the one in use is printed at the start)
   --prefix DIR   keep nginx's config, logs and the pid file DIR/sandbox.pid in DIR
                  (default: a temporary directory, removed on exit)
   --quiet        no line per request
