@@ -42,9 +42,10 @@ local function copy_table(t)
   return c
 end
 
--- The environment a rules file runs in: no io, no os.execute, no require,
+-- The globals a rules file runs with (its _ENV): no io, no os.execute, no require,
 -- unless the caller opts in with allow = { io = true, os = true, require = true }.
-local function sandbox(allow)
+-- (Not `env` below: that is what an evaluation is given, the clock and the marks.)
+local function rule_globals(allow)
   local G = _G
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = G[name] end
@@ -182,7 +183,7 @@ end
 function M.load(source, opts)
   if type(source) == "table" then return M.compile(source, "rules") end
   if type(source) ~= "string" then error("rules must be a file name or a table", 2) end
-  local spec, err = load_chunk(source, sandbox(opts and opts.allow))
+  local spec, err = load_chunk(source, rule_globals(opts and opts.allow))
   if not spec then return nil, err end
   local ok, compiled = pcall(M.compile, spec, source)
   if not ok then return nil, compiled end

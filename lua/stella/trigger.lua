@@ -52,7 +52,12 @@ end
 function M.new(opts)
   if type(opts) ~= "table" then error("stella.trigger: options table expected", 2) end
   if opts.rules == nil then error("stella.trigger: rules (a file name or a table) is required", 2) end
-  local compiled, err = rules_mod.load(opts.rules, { allow = opts.allow })
+  -- a compiled rules object (what rules.load returns: it has the source it came from)
+  -- is used as it is; a file name or a rules table is loaded and compiled here
+  local compiled, err = opts.rules, nil
+  if type(compiled) ~= "table" or type(compiled.source) ~= "table" then
+    compiled, err = rules_mod.load(opts.rules, { allow = opts.allow })
+  end
   if not compiled then error("stella.trigger: " .. tostring(err), 2) end
   local spec = compiled.source
   local self = setmetatable({
