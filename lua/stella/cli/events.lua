@@ -27,6 +27,8 @@ function M.each(ctx, inputs, format, on_event, report, progress)
         if progress then progress.update(reader) end
       end
       reader:close()
+      local note = reader:warning()   -- no records at all: say so (not an error)
+      if note then ctx:warn("stella: %s: %s", reader.name, note) end
     end
   end
   if progress then progress.done() end
