@@ -1151,7 +1151,15 @@ static void test_sender(void) {
         attempted = stella_sender_wait(s);
         if (!CHECK(attempted >= 1 && attempted <= 3, "sender: two lanes attempted 1 to 3 items"))
           diag_long("attempted", (long)attempted);
-        CHECK(stella_sender_result(s, 0) != NULL, "sender: the first item was attempted");
+        /* which lane fails first is a race: the other lane may stop before its first post */
+        {
+          size_t k, seen = 0;
+          for (k = 0; k < 3; k++) if (stella_sender_result(s, k) != NULL) seen++;
+          CHECK(stella_sender_result(s, 0) != NULL || stella_sender_result(s, 1) != NULL,
+                "sender: a lane's first item was attempted");
+          if (!CHECK(seen == attempted, "sender: one result for each attempted item"))
+            diag_long("results", (long)seen);
+        }
         if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->failure ==
                   STELLA_HTTP_NETWORK, "sender: the second lane's item failed as network or was not tried"))
           CHECK(1, "sender: results of two lanes are readable");
