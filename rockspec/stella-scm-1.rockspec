@@ -45,6 +45,7 @@ build = {
     ["stella.error"] = "lua/stella/error.lua",
     ["stella.transport.curl"] = "lua/stella/transport/curl.lua",
     ["stella.rules"] = "lua/stella/rules.lua",
+    ["stella.keys"] = "lua/stella/keys.lua",
     ["stella.trigger"] = "lua/stella/trigger/init.lua",
     ["stella.trigger.decide"] = "lua/stella/trigger/decide.lua",
     ["stella.trigger.send"] = "lua/stella/trigger/send.lua",

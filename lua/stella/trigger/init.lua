@@ -18,7 +18,7 @@
 -- point leaves each event sent, still queued (leased, then retried), or dead.
 local rules_mod = require "stella.rules"
 local store_mod = require "stella.store"
-local client_mod = require "stella.client"
+local keys = require "stella.keys"
 local decide = require "stella.trigger.decide"
 local send = require "stella.trigger.send"
 local settle = require "stella.trigger.settle"
@@ -26,8 +26,8 @@ local pipeline = require "stella.trigger.pipeline"
 local flush = require "stella.trigger.flush"
 local alert = require "stella.trigger.alert"
 
-local type, pairs, ipairs, tostring, error, setmetatable =
-      type, pairs, ipairs, tostring, error, setmetatable
+local type, pairs, tostring, error, setmetatable =
+      type, pairs, tostring, error, setmetatable
 local random = math.random
 
 local M = {}
@@ -37,17 +37,12 @@ Trigger.__index = Trigger
 
 local DEFAULT_OUTBOX = { lease = 300, max_attempts = 10, max_age = 86400, base_delay = 60,
                          max_delay = 3600, batch = 100 }
-local CLIENT_KEYS = { "api_key", "keys", "mode", "base_url" }
 
 local function merged(defaults, given)
   local t = {}
   for k, v in pairs(defaults) do t[k] = v end
   for k, v in pairs(given or {}) do t[k] = v end
   return t
-end
-
-local function is_client(v)
-  return type(v) == "table" and type(v.post) == "function"
 end
 
 local function connections_of(n)
@@ -58,90 +53,45 @@ local function connections_of(n)
   return n
 end
 
--- stella.trigger{ rules = FILE|TABLE, client = CLIENT|options, store = STORE,
+-- stella.trigger{ rules = FILE|TABLE|COMPILED, client = CLIENT|options, store = STORE,
 --                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...},
 --                 connections = n (a pipeline's sends per brand at once; default 1) }
+-- rules: a rules file's name, a rules table, or what stella.rules.load returned (used as
+-- it is: not compiled again). client: see stella.keys.clients.
 function M.new(opts)
   if type(opts) ~= "table" then error("stella.trigger: options table expected", 2) end
   if opts.rules == nil then error("stella.trigger: rules (a file name or a table) is required", 2) end
   local compiled, err = rules_mod.load(opts.rules, { allow = opts.allow })
   if not compiled then error("stella.trigger: " .. tostring(err), 2) end
   local spec = compiled.source
-  local self = setmetatable({
+  local connections = connections_of(opts.connections)
+  if opts.client ~= nil and type(opts.client) ~= "table" then
+    error("stella.trigger: client must be a client or a table of client options", 2)
+  end
+  return setmetatable({
     rules = compiled,
     store = opts.store or store_mod.memory(),
     clock = opts.clock or os.time,
     dry_run = opts.dry_run and true or false,
-    dry_marks = {},          -- a dry run's marks (key -> until): see new_batch
+    dry_marks = {},          -- a dry run's marks (key -> until): see decide.new_batch
     outbox_opts = merged(merged(DEFAULT_OUTBOX, spec.outbox), opts.outbox),
     alert_opts = merged(merged(alert.DEFAULTS, spec.alert), opts.alert),
     on_alert = opts.on_alert or compiled.on_alert,
-    clients = {},            -- brand name ("" for none) -> client
-    lanes = {},              -- client -> the clients its background sends spread over
-    connections = connections_of(opts.connections),
-    owned = {},              -- clients this trigger created (and closes)
+    clients = keys.clients(compiled, opts.client, connections),   -- per brand, with their lanes
     counts = {}, reasons = {},
     last_alert_check = nil,
     random = opts.random or random,
   }, Trigger)
-  if is_client(opts.client) then
-    self.default_client = opts.client
-  else
-    if opts.client ~= nil and type(opts.client) ~= "table" then
-      error("stella.trigger: client must be a client or a table of client options", 2)
-    end
-    local co = merged({}, opts.client)
-    for _, k in ipairs(CLIENT_KEYS) do   -- the rules file may carry keys and host
-      if co[k] == nil and not (k == "api_key" and co.keys) and not (k == "keys" and co.api_key) then
-        co[k] = spec[k]
-      end
-    end
-    self.client_options = co
-  end
-  return self
-end
-
--- The clients a brand's background sends spread over: its client and connections - 1
--- clones of it (each its own connection). A client that cannot be cloned sends alone.
-function Trigger:lanes_for(brand_name)
-  local c = self:client_for(brand_name)
-  local lanes = self.lanes[c]
-  if lanes then return lanes end
-  lanes = { c }
-  if type(c.clone) == "function" then
-    for j = 2, self.connections do
-      lanes[j] = c:clone()
-      self.owned[#self.owned + 1] = lanes[j]
-    end
-  end
-  self.lanes[c] = lanes
-  return lanes
 end
 
 -- The client for a brand: the brand's own keys if it has them, else the default.
 function Trigger:client_for(brand_name)
-  local key = brand_name or ""
-  local c = self.clients[key]
-  if c then return c end
-  local brands = self.rules.brands
-  local b = brands and brand_name and brands[brand_name]
-  if b and (b.api_key or b.keys) then
-    -- given a client object: the brand's client still goes to that client's host
-    local co = merged(self.client_options or { base_url = self.default_client.base_url }, {})
-    co.api_key, co.keys = b.api_key, b.keys
-    if b.mode then co.mode = b.mode end
-    c = client_mod.new(co)
-    self.owned[#self.owned + 1] = c
-  elseif self.default_client then
-    c = self.default_client
-  elseif key ~= "" then
-    c = self:client_for(nil)   -- brands without keys of their own share the default client
-  else
-    c = client_mod.new(self.client_options)
-    self.owned[#self.owned + 1] = c
-  end
-  self.clients[key] = c
-  return c
+  return self.clients:for_brand(brand_name)
+end
+
+-- The clients a brand's background sends spread over (connections of them).
+function Trigger:lanes_for(brand_name)
+  return self.clients:lanes(brand_name)
 end
 
 -- process_many(events) -> outcomes, in order. Two transactions for the whole
@@ -200,9 +150,9 @@ function Trigger:stats()
   return { counts = c, reasons = r }
 end
 
+-- Closes the clients the trigger made (not a client object it was given, nor the store).
 function Trigger:close()
-  for _, c in ipairs(self.owned) do c:close() end
-  self.owned, self.clients, self.lanes = {}, {}, {}
+  self.clients:close()
 end
 
 return M

@@ -23,7 +23,7 @@ end
 
 -- Sends one outbox item or outcome, with the client's retries.
 local function send_item(self, item)
-  return self:client_for(item.brand):post(path_of(item), item.body)
+  return self.clients:for_brand(item.brand):post(path_of(item), item.body)
 end
 
 -- The outcomes' sends, in event order (false where an outcome sends nothing).
@@ -69,11 +69,12 @@ function M.start(self, list, now)
   local n = #list
   local deadline = now + self.outbox_opts.lease / 2
   local flat, index, clients, turn = {}, {}, {}, {}
+  local set = self.clients
   for i = 1, n do
     local o = list[i]
     if o then
       local k = #index + 1
-      local lanes = self:lanes_for(o.brand)
+      local lanes = set:lanes(o.brand)
       local t = (turn[lanes] or 0) % #lanes + 1   -- round robin over the brand's connections
       turn[lanes] = t
       local c = lanes[t]
