@@ -133,4 +133,18 @@ describe("stella.keys.clients", function()
     assert.equal(CLOSED, set:for_brand("k").base_url)   -- a keyed brand goes to its host
     set:close()
   end)
+
+  it("gives a keyed brand without a mode of its own the mode of the client it was given", function()
+    local given = require("stella.client").new{ keys = { test = "given-test", production = "given-prod" },
+                                                mode = "production", base_url = CLOSED }
+    local rules = rules_mod.load{ brands = { k = { keys = { test = "k-test-1111", production = "k-prod-2222" } },
+                                             t = { keys = { test = "t-test-3333", production = "t-prod-4444" },
+                                                   mode = "test" } } }
+    local set = keys.clients(rules, given)
+    assert.equal("production", set:for_brand("k").mode)
+    assert.equal("...2222", set:for_brand("k").key_hint)
+    assert.equal("...3333", set:for_brand("t").key_hint)   -- the brand's own mode wins
+    set:close()
+    given:close()
+  end)
 end)

@@ -147,8 +147,15 @@ function Clients:for_brand(brand_name)
   local brands = self.brands
   local b = brands and brand_name and brands[brand_name]
   if b and (b.api_key or b.keys) then
-    -- given a client object: the brand's client still goes to that client's host
-    local co = copy(self.options or { base_url = self.default.base_url })
+    -- given a client object: the brand's client goes to that client's host, in its mode
+    -- (the command's STELLA_MODE), unless the brand names its own
+    local co = self.options
+    if not co then
+      local mode = self.default.mode
+      co = { base_url = self.default.base_url,
+             mode = (mode == "test" or mode == "production") and mode or nil }
+    end
+    co = copy(co)
     co.api_key, co.keys = b.api_key, b.keys
     if b.mode then co.mode = b.mode end
     c = client_new()(co)
