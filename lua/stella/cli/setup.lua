@@ -7,7 +7,9 @@
 --
 -- Every key it meets (rules file, brands) is handed to ctx:secret before anything is
 -- printed.
-local pairs, pcall, tostring, type = pairs, pcall, tostring, type
+local ipairs, pcall, tostring = ipairs, pcall, tostring
+
+local keys = require "stella.keys"
 
 local M = {}
 
@@ -33,43 +35,15 @@ local function load_rules(ctx, path)
     -- a syntax error quotes the token it stopped at: never a string, which may be a key
     return nil, (tostring(err):gsub("near '[\"'%[].*'$", "near a string (not shown)"))
   end
-  local rules = compiled.source   -- the table the file returned
-  local function secrets_of(t)
-    ctx:secret(t.api_key)
-    if type(t.keys) == "table" then
-      for _, v in pairs(t.keys) do ctx:secret(v) end
-    end
-  end
-  secrets_of(rules)
-  for _, brand in pairs(compiled.brands or {}) do secrets_of(brand) end
+  for _, key in ipairs(keys.of_rules(compiled)) do ctx:secret(key) end
   return compiled
 end
 
--- Returns key, mode, base_url | nil, message, exit status.
-local function resolve_key(ctx, rules, mode)
-  rules = rules or {}
-  local getenv = ctx.getenv
-  mode = mode or getenv("STELLA_MODE") or rules.mode or "test"
-  if mode ~= "test" and mode ~= "production" then
-    return nil, "STELLA_MODE (or the rules file's mode) must be test or production, not " .. tostring(mode), 2
-  end
-  local var = mode == "test" and "STELLA_TEST_KEY" or "STELLA_PRODUCTION_KEY"
-  local keys = type(rules.keys) == "table" and rules.keys or {}
-  local key = getenv("STELLA_API_KEY") or getenv(var) or rules.api_key or keys[mode]
-  if type(key) ~= "string" or key == "" then
-    return nil, ("no API key for %s mode: set %s (or STELLA_API_KEY), or api_key / keys.%s in the rules file")
-      :format(mode, var, mode), 2
-  end
-  local base_url = getenv("STELLA_BASE_URL") or rules.base_url
-  return key, mode, base_url
-end
-
+-- A client with the key, mode and host of the environment and the rules (stella.keys).
+-- Returns the client | nil, message, exit status.
 function M.new_client(ctx, rules, mode, channels)
-  local key, m, base_url = resolve_key(ctx, rules, mode)
-  if not key then return nil, m, base_url end
-  local stella = require "stella"
-  local ok, client = pcall(stella.new, { api_key = key, mode = m, base_url = base_url, channels = channels })
-  if not ok then return nil, ctx:redact(client), 2 end
+  local client, err = keys.from_environment(rules, { mode = mode, channels = channels, getenv = ctx.getenv })
+  if not client then return nil, ctx:redact(err), 2 end
   return client
 end
 
@@ -125,7 +99,7 @@ function M.start(ctx, command, o)
     run.rules = rules
   end
   if o.send then
-    local client, err, status = M.new_client(ctx, run.rules and run.rules.source)
+    local client, err, status = M.new_client(ctx, run.rules)
     if not client then return fail(status, "%s", err) end
     run.client = client
   end
