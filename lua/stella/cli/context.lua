@@ -18,7 +18,7 @@ local errors = require "stella.error"
 local M = {}
 
 -- the environment variables that hold keys: redacted from the start
-local KEY_VARIABLES = { "STELLA_API_KEY", "STELLA_TEST_KEY", "STELLA_PRODUCTION_KEY" }
+local KEY_VARIABLES = require("stella.keys").VARIABLES
 
 local Ctx = {}
 Ctx.__index = Ctx
