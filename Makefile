@@ -50,7 +50,8 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
                 csrc/stella_parse.c \
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h
+BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a
 
@@ -60,9 +61,9 @@ all: module
 
 module: $(MODULE)
 
-$(MODULE): $(CORE_SRC) csrc/lstella.c $(CORE_HDR)
+$(MODULE): $(CORE_SRC) $(BINDING_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) csrc/lstella.c $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
+	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) $(BINDING_SRC) $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
 
 luajit:
 	$(MAKE) LUA=luajit module

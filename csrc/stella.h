@@ -118,29 +118,33 @@ int stella_parse_json(stella_arena *a, const char *text, size_t len, stella_valu
 
 /* ---------- validation ---------------------------------------------------- */
 
-typedef enum stella_kind { STELLA_REQUEST = 0, STELLA_RECOVERY = 1 } stella_kind;
+/* Which endpoint a document is for: POST /v1/requests or POST /v1/recoveries (each has
+ * its own schema). */
+typedef enum stella_endpoint { STELLA_REQUEST = 0, STELLA_RECOVERY = 1 } stella_endpoint;
 
-typedef struct stella_error {
+/* One way a document breaks the schema. */
+typedef struct stella_violation {
   const char *path;     /* "customer.email", "tags[3]", "custom_properties.KEY" */
   const char *code;     /* machine-readable: "required", "invalid_email", ... */
   const char *message;  /* a sentence a person can act on */
-} stella_error;
+} stella_violation;
 
-typedef struct stella_errors {
-  stella_error *items;
+typedef struct stella_violations {
+  stella_violation *items;
   size_t count, cap;
   int oom;              /* set when an allocation failed: the list is incomplete */
-} stella_errors;
+} stella_violations;
 
 typedef struct stella_options {
   const char *const *channels;   /* allowed channel names, or NULL for any */
   size_t channel_count;
 } stella_options;
 
-/* Validate `req` as `kind`. Returns the number of errors found (0 = valid);
- * errors and their strings are allocated from `a`. Returns -1 when out of memory. */
-int stella_validate(stella_arena *a, stella_kind kind, const stella_value *req,
-                    const stella_options *opts, stella_errors *errors);
+/* Validate `req` against `endpoint`'s schema. Returns the number of violations found
+ * (0 = valid); they and their strings are allocated from `a`. Returns -1 when out of
+ * memory. */
+int stella_validate(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
+                    const stella_options *opts, stella_violations *errors);
 
 /* ---------- encoding ------------------------------------------------------ */
 
@@ -156,7 +160,7 @@ void stella_buffer_add(stella_buffer *b, const char *s, size_t len);
 
 /* Append the canonical JSON of an already *valid* request to `out`.
  * Returns 0, or -1 when out of memory. Call stella_validate first. */
-int stella_encode_json(stella_kind kind, const stella_value *req, stella_buffer *out);
+int stella_encode_json(stella_endpoint endpoint, const stella_value *req, stella_buffer *out);
 
 /* ---------- text checks (exposed for tests and for other front ends) ------ */
 

@@ -145,7 +145,7 @@ static const char EXAMPLE_JSON[] =
     "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\"}";
 
 /* Prints every error of a list as TAP details. */
-static void diag_errors(const stella_errors *errs) {
+static void diag_errors(const stella_violations *errs) {
   size_t i;
   diag_long("error count", (long)errs->count);
   for (i = 0; i < errs->count; i++) {
@@ -160,7 +160,7 @@ typedef struct expected_error {
 } expected_error;
 
 /* Validation returned exactly `n` errors, these (path, code) pairs in this order. */
-static int check_errors(int rc, const stella_errors *errs, const expected_error *want, size_t n,
+static int check_errors(int rc, const stella_violations *errs, const expected_error *want, size_t n,
                         const char *desc) {
   size_t i;
   int same = rc == (int)n && errs->count == n && !errs->oom;
@@ -179,16 +179,16 @@ static int check_errors(int rc, const stella_errors *errs, const expected_error 
 }
 
 /* Validates `req` (expecting no errors) and encodes it; compares to `want`. */
-static void check_encodes(stella_arena *a, stella_kind kind, const stella_value *req,
+static void check_encodes(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
                           const char *want, const char *desc) {
-  stella_errors errs;
+  stella_violations errs;
   stella_buffer out;
-  int rc = stella_validate(a, kind, req, NULL, &errs), enc;
+  int rc = stella_validate(a, endpoint, req, NULL, &errs), enc;
   char what[200];
   snprintf(what, sizeof what, "%s: validates with 0 errors", desc);
   if (!check(rc == 0 && errs.count == 0, what)) diag_errors(&errs);
   stella_buffer_init(&out);
-  enc = stella_encode_json(kind, req, &out);
+  enc = stella_encode_json(endpoint, req, &out);
   snprintf(what, sizeof what, "%s: encodes to the expected JSON", desc);
   if (!check_bytes(enc == 0 ? out.data : NULL, out.len, want, what)) diag_long("encode returned", enc);
   stella_buffer_free(&out);
@@ -456,7 +456,7 @@ static void test_json_escaping(void) {
 
 /* ---------- validation errors ---------------------------------------------------------- */
 
-static const char *message_of(const stella_errors *errs, const char *path) {
+static const char *message_of(const stella_violations *errs, const char *path) {
   size_t i;
   for (i = 0; i < errs->count; i++)
     if (strcmp(errs->items[i].path, path) == 0) return errs->items[i].message;
@@ -465,7 +465,7 @@ static const char *message_of(const stella_errors *errs, const char *path) {
 
 static void test_validation_errors(void) {
   stella_arena a;
-  stella_errors errs;
+  stella_violations errs;
   stella_value req, v;
   stella_pair *p, *extra;
   const char *msg;
@@ -1537,13 +1537,13 @@ static void test_parse_locale(void) {
   }
 }
 
-/* Parses `json` and validates it as `kind`; compares the (path, code) list. */
-static void json_errors(stella_kind kind, const char *json, const expected_error *want, size_t n,
+/* Parses `json` and validates it for `endpoint`; compares the (path, code) list. */
+static void json_errors(stella_endpoint endpoint, const char *json, const expected_error *want, size_t n,
                         const char *desc) {
   stella_arena a;
   stella_value v;
   stella_parse_error perr;
-  stella_errors errs;
+  stella_violations errs;
   int rc;
   stella_arena_init(&a);
   rc = stella_parse_json(&a, json, strlen(json), &v, &perr);
@@ -1551,7 +1551,7 @@ static void json_errors(stella_kind kind, const char *json, const expected_error
     check(0, desc);
     diag("parse error", perr.message);
   } else {
-    rc = stella_validate(&a, kind, &v, NULL, &errs);
+    rc = stella_validate(&a, endpoint, &v, NULL, &errs);
     check_errors(rc, &errs, want, n, desc);
   }
   stella_arena_free(&a);
@@ -1565,7 +1565,7 @@ static void test_parse_then_validate(void) {
   stella_arena a;
   stella_value v, t;
   stella_parse_error perr;
-  stella_errors errs;
+  stella_violations errs;
   stella_pair *extra;
   int rc;
   stella_arena_init(&a);
@@ -1676,7 +1676,7 @@ static void test_hostile_inputs(void) {
   stella_arena a;
   stella_value req, tags;
   stella_pair *extra, *p;
-  stella_errors errs;
+  stella_violations errs;
   int rc;
   stella_arena_init(&a);
   CHECK(stella_arena_alloc(&a, (size_t)-1) == NULL, "arena: SIZE_MAX is refused, not wrapped");

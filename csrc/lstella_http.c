@@ -1,0 +1,405 @@
+/* lstella_http.c - the sending half of the Lua binding `stella.core`: the libcurl client
+ * (stella.http userdata), background sends (stella.sender userdata), and the retry
+ * policy's helpers. lstella.c opens the module and calls lstella_open_http. */
+#define _POSIX_C_SOURCE 200112L   /* nanosleep */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "lstella.h"
+
+#define HTTP_MT "stella.http"
+#define SENDER_MT "stella.sender"
+
+typedef struct sender_ud sender_ud;
+
+typedef struct http_ud {
+  stella_http *h;
+  char *base_url;   /* for tostring; never the key */
+  sender_ud *lent;  /* the sender this client is lent to, or NULL */
+} http_ud;
+
+/* A background send (stella_sender) and the clients lent to it: a registry reference
+ * to a table holding their userdata, so they outlive it. */
+struct sender_ud {
+  stella_sender *s;
+  int ref;
+};
+
+/* ---------- retry policy ------------------------------------------------------------- */
+
+static int l_retry_delay(lua_State *L) {
+  long d = stella_retry_delay_ms((int)luaL_checkinteger(L, 1), (long)luaL_checknumber(L, 2),
+                                 (long)luaL_checknumber(L, 3), (long)luaL_optnumber(L, 4, -1),
+                                 (double)luaL_checknumber(L, 5));
+  lua_pushinteger(L, (lua_Integer)d);
+  return 1;
+}
+
+static int l_parse_retry_after(lua_State *L) {
+  long ms = stella_parse_retry_after(luaL_checkstring(L, 1), (long long)luaL_checknumber(L, 2));
+  if (ms < 0) lua_pushnil(L);
+  else lua_pushinteger(L, (lua_Integer)ms);
+  return 1;
+}
+
+/* sleep(seconds): the default pause between retries outside OpenResty. */
+static int l_sleep(lua_State *L) {
+  lua_Number secs = luaL_checknumber(L, 1);
+  struct timespec ts, rem;
+  if (!(secs > 0)) return 0;
+  if (secs > 86400) secs = 86400;
+  ts.tv_sec = (time_t)secs;
+  ts.tv_nsec = (long)((secs - (lua_Number)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &rem) != 0 && errno == EINTR) ts = rem;
+  return 0;
+}
+
+static const char *const failure_names[] = { "ok", "timeout", "network", "protocol", "tls",
+                                             "internal", NULL };
+
+/* classify(status) or classify(nil, failure_name) -> kind|nil, retryable */
+static int l_classify(lua_State *L) {
+  int retryable = 0;
+  stella_http_failure f = STELLA_HTTP_OK;
+  long status = 0;
+  const char *kind;
+  if (lua_isnoneornil(L, 1))
+    f = (stella_http_failure)luaL_checkoption(L, 2, NULL, failure_names);
+  else
+    status = (long)luaL_checkinteger(L, 1);
+  kind = stella_error_kind(f, status, &retryable);
+  if (kind) lua_pushstring(L, kind);
+  else lua_pushnil(L);
+  lua_pushboolean(L, retryable);
+  return 2;
+}
+
+/* ---------- HTTP client userdata ---------------------------------------------------- */
+
+static const char *opt_string(lua_State *L, int idx, const char *key) {
+  const char *v;
+  lua_getfield(L, idx, key);
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option %s must be a string", key);
+  v = lua_tostring(L, -1);
+  lua_pop(L, 1);   /* still anchored by the options table */
+  return v;
+}
+
+static long opt_ms(lua_State *L, int idx, const char *key) {
+  lua_Number v;
+  lua_getfield(L, idx, key);
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); return 0; }
+  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option %s must be a number of seconds", key);
+  v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (!(v > 0)) luaL_error(L, "option %s must be positive", key);
+  return (long)(v * 1000 + 0.5) > 0 ? (long)(v * 1000 + 0.5) : 1;
+}
+
+static int l_http_new(lua_State *L) {
+  stella_http_options o;
+  char err[256];
+  http_ud *ud;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  memset(&o, 0, sizeof o);
+  o.base_url = opt_string(L, 1, "base_url");
+  o.api_key = opt_string(L, 1, "api_key");
+  o.user_agent = opt_string(L, 1, "user_agent");
+  o.ca_file = opt_string(L, 1, "ca_file");
+  o.timeout_ms = opt_ms(L, 1, "timeout");
+  o.connect_timeout_ms = opt_ms(L, 1, "connect_timeout");
+  /* the userdata exists before the C object, so a Lua error cannot leak it */
+  ud = (http_ud *)lua_newuserdata(L, sizeof *ud);
+  ud->h = NULL;
+  ud->base_url = NULL;
+  ud->lent = NULL;
+  luaL_getmetatable(L, HTTP_MT);
+  lua_setmetatable(L, -2);
+  ud->h = stella_http_new(&o, err, sizeof err);
+  if (ud->h == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  {
+    const char *b = o.base_url ? o.base_url : "https://api.stellaconnect.net";
+    size_t n = strlen(b);
+    ud->base_url = (char *)malloc(n + 1);
+    if (ud->base_url) memcpy(ud->base_url, b, n + 1);
+  }
+  return 1;
+}
+
+static http_ud *check_http(lua_State *L) {
+  return (http_ud *)luaL_checkudata(L, 1, HTTP_MT);
+}
+
+/* One close for close/__gc/__close: frees once, then the pointers are NULL. */
+static int l_http_close(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->lent) stella_sender_wait(ud->lent->s);   /* the thread may be using it */
+  stella_http_free(ud->h);
+  ud->h = NULL;
+  free(ud->base_url);
+  ud->base_url = NULL;
+  return 0;
+}
+
+/* Pushes an ended transfer's results: status, body, content_type, retry_after_ms
+ * | nil, failure ("timeout"|"network"|...), message. */
+static int push_result(lua_State *L, const stella_http_result *r) {
+  if (r->failure != STELLA_HTTP_OK) {
+    lua_pushnil(L);
+    lua_pushstring(L, failure_names[r->failure]);
+    lua_pushstring(L, r->error ? r->error : "transfer failed");
+    return 3;
+  }
+  lua_pushinteger(L, (lua_Integer)r->status);
+  lua_pushlstring(L, r->body, r->body_len);
+  if (r->content_type) lua_pushstring(L, r->content_type);
+  else lua_pushnil(L);
+  if (r->retry_after_ms >= 0) lua_pushnumber(L, (lua_Number)r->retry_after_ms);
+  else lua_pushnil(L);
+  return 4;
+}
+
+static http_ud *open_http(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->h == NULL) luaL_error(L, "attempt to use a closed stella client");
+  if (ud->lent) stella_sender_wait(ud->lent->s);   /* lent: wait until the thread is done */
+  return ud;
+}
+
+/* http:post(path, body) -> status, body, content_type, retry_after_ms
+ *                        | nil, failure ("timeout"|"network"|...), message */
+static int l_http_post(lua_State *L) {
+  http_ud *ud = open_http(L);
+  const char *path = luaL_checkstring(L, 2);
+  size_t len;
+  const char *body = luaL_checklstring(L, 3, &len);
+  stella_http_result r;
+  if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
+  stella_http_post(ud->h, path, body, len, &r);
+  return push_result(L, &r);
+}
+
+/* http:start(path, body) -> true | nil, failure, message: the post without waiting
+ * (the body is copied); then http:step() until it ends. */
+static int l_http_start(lua_State *L) {
+  http_ud *ud = open_http(L);
+  const char *path = luaL_checkstring(L, 2);
+  size_t len;
+  const char *body = luaL_checklstring(L, 3, &len);
+  stella_http_result r;
+  if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
+  if (stella_http_start(ud->h, path, body, len, &r) != STELLA_HTTP_OK) return push_result(L, &r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* http:step([wait_seconds]) -> false while the started post runs, else what post returns.
+ * wait_seconds (default 0) bounds how long it waits for the network. */
+static int l_http_step(lua_State *L) {
+  http_ud *ud = open_http(L);
+  lua_Number wait = luaL_optnumber(L, 2, 0);
+  stella_http_result r;
+  int wait_ms = wait > 0 ? (wait > 60 ? 60000 : (int)(wait * 1000 + 0.5)) : 0;
+  if (!stella_http_running(ud->h)) return luaL_error(L, "stella client: no started post to step");
+  if (!stella_http_step(ud->h, wait_ms, &r)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  return push_result(L, &r);
+}
+
+static int l_http_connects(lua_State *L) {
+  http_ud *ud = check_http(L);
+  lua_pushinteger(L, ud->h ? (lua_Integer)stella_http_connects(ud->h) : 0);
+  return 1;
+}
+
+static int l_http_tostring(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->h == NULL) lua_pushliteral(L, "stella.http (closed)");
+  else lua_pushfstring(L, "stella.http (%s)", ud->base_url ? ud->base_url : "?");
+  return 1;
+}
+
+static const luaL_Reg http_methods[] = {
+  { "post", l_http_post },
+  { "start", l_http_start },
+  { "step", l_http_step },
+  { "connects", l_http_connects },
+  { "close", l_http_close },
+  { NULL, NULL }
+};
+
+/* ---------- background sends (stella_sender) ------------------------------------------ */
+
+static sender_ud *check_sender(lua_State *L) {
+  return (sender_ud *)luaL_checkudata(L, 1, SENDER_MT);
+}
+
+/* One close for close/__gc: stops and joins the thread, frees it, gives the clients back. */
+static int l_sender_close(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  stella_sender_free(su->s);
+  su->s = NULL;
+  if (su->ref != LUA_NOREF) {
+    size_t i, n;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+    n = (size_t)stella_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      http_ud *h;
+      lua_rawgeti(L, -1, (int)i);
+      h = (http_ud *)lua_touserdata(L, -1);
+      if (h && h->lent == su) h->lent = NULL;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    luaL_unref(L, LUA_REGISTRYINDEX, su->ref);
+    su->ref = LUA_NOREF;
+  }
+  return 0;
+}
+
+/* send_many({ http, path, body, http, path, body, ... }, budget_seconds) -> sender
+ * | nil, message: posts the bodies one after another on a background thread (see
+ * stella.h, stella_sender_start). The clients are lent to it until sender:close(); using
+ * one meanwhile waits for the thread first. */
+static int l_send_many(lua_State *L) {
+  size_t n, i, count;
+  lua_Number budget = luaL_checknumber(L, 2);
+  stella_send_item *items;
+  sender_ud *su;
+  char err[128];
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = (size_t)stella_rawlen(L, 1);
+  if (n % 3 != 0) return luaL_argerror(L, 1, "a list of (client, path, body) triples expected");
+  count = n / 3;
+  /* the userdata first, so that nothing allocated below can leak on a Lua error */
+  su = (sender_ud *)lua_newuserdata(L, sizeof *su);
+  su->s = NULL;
+  su->ref = LUA_NOREF;
+  luaL_getmetatable(L, SENDER_MT);
+  lua_setmetatable(L, -2);
+  lua_createtable(L, (int)count, 0);          /* the lent clients, anchored */
+  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * sizeof *items);   /* scratch */
+  for (i = 0; i < count; i++) {
+    http_ud *h;
+    lua_rawgeti(L, 1, (int)(3 * i + 1));
+    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
+    if (h == NULL || h->h == NULL) return luaL_error(L, "send_many: item %d: an open stella.http expected", (int)i + 1);
+    if (h->lent) stella_sender_wait(h->lent->s);
+    lua_rawseti(L, -3, (int)i + 1);
+    lua_rawgeti(L, 1, (int)(3 * i + 2));
+    lua_rawgeti(L, 1, (int)(3 * i + 3));
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      return luaL_error(L, "send_many: item %d: path and body must be strings", (int)i + 1);
+    items[i].h = h->h;
+    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
+    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
+    lua_pop(L, 2);
+  }
+  su->s = stella_sender_start(items, count, budget > 0 ? (long)(budget * 1000) : 0, err, sizeof err);
+  lua_pop(L, 1);                              /* the scratch */
+  if (su->s == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  for (i = 0; i < count; i++) {               /* lend them */
+    lua_rawgeti(L, -1, (int)i + 1);
+    ((http_ud *)lua_touserdata(L, -1))->lent = su;
+    lua_pop(L, 1);
+  }
+  su->ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the table */
+  return 1;
+}
+
+static sender_ud *open_sender(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  if (su->s == NULL) luaL_error(L, "attempt to use a closed stella sender");
+  return su;
+}
+
+/* sender:done() -> true once the thread has finished (never waits) */
+static int l_sender_done(lua_State *L) {
+  lua_pushboolean(L, stella_sender_done(open_sender(L)->s));
+  return 1;
+}
+
+/* sender:wait() -> number of items attempted (a prefix of the list) */
+static int l_sender_wait(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)stella_sender_wait(open_sender(L)->s));
+  return 1;
+}
+
+/* sender:result(i) -> what http:post returns, for item i (after wait); nothing when the
+ * item was not attempted */
+static int l_sender_result(lua_State *L) {
+  sender_ud *su = open_sender(L);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  const stella_send_result *r;
+  stella_http_result hr;
+  stella_sender_wait(su->s);
+  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+  if (r == NULL) return 0;
+  memset(&hr, 0, sizeof hr);
+  hr.failure = r->failure;
+  hr.status = r->status;
+  hr.body = r->body;
+  hr.body_len = r->body_len;
+  hr.content_type = r->content_type;
+  hr.retry_after_ms = r->retry_after_ms;
+  hr.error = r->error;
+  return push_result(L, &hr);
+}
+
+static const luaL_Reg sender_methods[] = {
+  { "done", l_sender_done },
+  { "wait", l_sender_wait },
+  { "result", l_sender_result },
+  { "close", l_sender_close },
+  { NULL, NULL }
+};
+
+static const luaL_Reg http_funcs[] = {
+  { "retry_delay", l_retry_delay },
+  { "parse_retry_after", l_parse_retry_after },
+  { "classify", l_classify },
+  { "sleep", l_sleep },
+  { "http_new", l_http_new },
+  { "send_many", l_send_many },
+  { NULL, NULL }
+};
+
+/* The metatable `name` of a userdata class: methods, one idempotent close for close,
+ * __gc and __close, and an optional __tostring. */
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction close,
+                      lua_CFunction tostring) {
+  if (luaL_newmetatable(L, name)) {
+    lua_newtable(L);
+    stella_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__close");
+    if (tostring) {
+      lua_pushcfunction(L, tostring);
+      lua_setfield(L, -2, "__tostring");
+    }
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+}
+
+void lstella_open_http(lua_State *L) {
+  new_class(L, HTTP_MT, http_methods, l_http_close, l_http_tostring);
+  new_class(L, SENDER_MT, sender_methods, l_sender_close, NULL);
+  stella_setfuncs(L, http_funcs, 0);
+}
