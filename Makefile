@@ -48,7 +48,8 @@ LIBDIR       ?= $(PREFIX)/lib
 BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
                 csrc/stella_parse.c \
-                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sender.c \
+                csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
+                csrc/stella_sender.c \
                 csrc/stella_sha256.c
 CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h
 BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c

@@ -55,24 +55,40 @@ static int l_sleep(lua_State *L) {
   return 0;
 }
 
-static const char *const failure_names[] = { "ok", "timeout", "network", "protocol", "tls",
-                                             "internal", NULL };
+/* ---------- outcomes (stella_outcome.c) ----------------------------------------------- */
 
-/* classify(status) or classify(nil, failure_name) -> kind|nil, retryable */
-static int l_classify(lua_State *L) {
-  int retryable = 0;
-  stella_http_failure f = STELLA_HTTP_OK;
-  long status = 0;
-  const char *kind;
-  if (lua_isnoneornil(L, 1))
-    f = (stella_http_failure)luaL_checkoption(L, 2, NULL, failure_names);
-  else
-    status = (long)luaL_checkinteger(L, 1);
-  kind = stella_error_kind(f, status, &retryable);
-  if (kind) lua_pushstring(L, kind);
-  else lua_pushnil(L);
-  lua_pushboolean(L, retryable);
-  return 2;
+/* classify_status(status) -> the name of the outcome of an HTTP answer with that status */
+static int l_classify_status(lua_State *L) {
+  lua_Integer status = luaL_checkinteger(L, 1);
+  lua_pushstring(L, stella_outcome_info_of(stella_outcome_of_status((long)status))->name);
+  return 1;
+}
+
+/* Sets field `outcomes` of the table on top of the stack: name -> { name, kind,
+ * retryable, answered, message } for every outcome (kind and message absent for ok). */
+static void push_outcomes(lua_State *L) {
+  int o;
+  lua_createtable(L, 0, STELLA_OUTCOME_COUNT);
+  for (o = 0; o < STELLA_OUTCOME_COUNT; o++) {
+    const stella_outcome_info *i = stella_outcome_info_of((stella_outcome)o);
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, i->name);
+    lua_setfield(L, -2, "name");
+    if (i->kind) {
+      lua_pushstring(L, i->kind);
+      lua_setfield(L, -2, "kind");
+    }
+    lua_pushboolean(L, i->retryable);
+    lua_setfield(L, -2, "retryable");
+    lua_pushboolean(L, i->answered);
+    lua_setfield(L, -2, "answered");
+    if (i->message) {
+      lua_pushstring(L, i->message);
+      lua_setfield(L, -2, "message");
+    }
+    lua_setfield(L, -2, i->name);
+  }
+  lua_setfield(L, -2, "outcomes");
 }
 
 /* ---------- HTTP client userdata ---------------------------------------------------- */
@@ -147,22 +163,32 @@ static int l_http_close(lua_State *L) {
   return 0;
 }
 
-/* Pushes an ended transfer's results: status, body, content_type, retry_after_ms
- * | nil, failure ("timeout"|"network"|...), message. */
+/* Pushes an ended transfer as one value: an answer { status, body, content_type,
+ * retry_after } (retry_after in ms; the last two absent when the answer had none) or a
+ * failure { failure = "timeout"|"network"|"protocol"|"tls"|"internal", message }. */
 static int push_result(lua_State *L, const stella_http_result *r) {
-  if (r->failure != STELLA_HTTP_OK) {
-    lua_pushnil(L);
-    lua_pushstring(L, failure_names[r->failure]);
+  const stella_outcome_info *info = stella_outcome_info_of(r->outcome);
+  lua_createtable(L, 0, 4);
+  if (!info->answered) {
+    lua_pushstring(L, info->name);
+    lua_setfield(L, -2, "failure");
     lua_pushstring(L, r->error ? r->error : "transfer failed");
-    return 3;
+    lua_setfield(L, -2, "message");
+    return 1;
   }
   lua_pushinteger(L, (lua_Integer)r->status);
+  lua_setfield(L, -2, "status");
   lua_pushlstring(L, r->body, r->body_len);
-  if (r->content_type) lua_pushstring(L, r->content_type);
-  else lua_pushnil(L);
-  if (r->retry_after_ms >= 0) lua_pushnumber(L, (lua_Number)r->retry_after_ms);
-  else lua_pushnil(L);
-  return 4;
+  lua_setfield(L, -2, "body");
+  if (r->content_type) {
+    lua_pushstring(L, r->content_type);
+    lua_setfield(L, -2, "content_type");
+  }
+  if (r->retry_after_ms >= 0) {
+    lua_pushnumber(L, (lua_Number)r->retry_after_ms);
+    lua_setfield(L, -2, "retry_after");
+  }
+  return 1;
 }
 
 static http_ud *open_http(lua_State *L) {
@@ -172,8 +198,7 @@ static http_ud *open_http(lua_State *L) {
   return ud;
 }
 
-/* http:post(path, body) -> status, body, content_type, retry_after_ms
- *                        | nil, failure ("timeout"|"network"|...), message */
+/* http:post(path, body) -> an answer or a failure (see push_result) */
 static int l_http_post(lua_State *L) {
   http_ud *ud = open_http(L);
   const char *path = luaL_checkstring(L, 2);
@@ -185,7 +210,7 @@ static int l_http_post(lua_State *L) {
   return push_result(L, &r);
 }
 
-/* http:start(path, body) -> true | nil, failure, message: the post without waiting
+/* http:start(path, body) -> true | a failure (see push_result): the post without waiting
  * (the body is copied); then http:step() until it ends. */
 static int l_http_start(lua_State *L) {
   http_ud *ud = open_http(L);
@@ -194,7 +219,7 @@ static int l_http_start(lua_State *L) {
   const char *body = luaL_checklstring(L, 3, &len);
   stella_http_result r;
   if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
-  if (stella_http_start(ud->h, path, body, len, &r) != STELLA_HTTP_OK) return push_result(L, &r);
+  if (stella_http_start(ud->h, path, body, len, &r) != STELLA_OUTCOME_OK) return push_result(L, &r);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -266,9 +291,9 @@ static int l_sender_close(lua_State *L) {
 }
 
 /* send_many({ http, path, body, http, path, body, ... }, budget_seconds) -> sender
- * | nil, message: posts the bodies one after another on a background thread (see
- * stella.h, stella_sender_start). The clients are lent to it until sender:close(); using
- * one meanwhile waits for the thread first. */
+ * | nil, message: posts the bodies on background threads, one per distinct client, each
+ * client's in list order (see stella.h, stella_sender_start). The clients are lent to
+ * the threads until sender:close(); using one meanwhile waits for them first. */
 static int l_send_many(lua_State *L) {
   size_t n, i, count;
   lua_Number budget = luaL_checknumber(L, 2);
@@ -331,7 +356,7 @@ static int l_sender_done(lua_State *L) {
   return 1;
 }
 
-/* sender:wait() -> number of items attempted (a prefix of the list) */
+/* sender:wait() -> the number of items attempted (with one client, a prefix of the list) */
 static int l_sender_wait(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)stella_sender_wait(open_sender(L)->s));
   return 1;
@@ -348,7 +373,7 @@ static int l_sender_result(lua_State *L) {
   r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
   if (r == NULL) return 0;
   memset(&hr, 0, sizeof hr);
-  hr.failure = r->failure;
+  hr.outcome = r->outcome;
   hr.status = r->status;
   hr.body = r->body;
   hr.body_len = r->body_len;
@@ -369,7 +394,7 @@ static const luaL_Reg sender_methods[] = {
 static const luaL_Reg http_funcs[] = {
   { "retry_delay", l_retry_delay },
   { "parse_retry_after", l_parse_retry_after },
-  { "classify", l_classify },
+  { "classify_status", l_classify_status },
   { "sleep", l_sleep },
   { "http_new", l_http_new },
   { "send_many", l_send_many },
@@ -402,4 +427,5 @@ void lstella_open_http(lua_State *L) {
   new_class(L, HTTP_MT, http_methods, l_http_close, l_http_tostring);
   new_class(L, SENDER_MT, sender_methods, l_sender_close, NULL);
   stella_setfuncs(L, http_funcs, 0);
+  push_outcomes(L);
 }

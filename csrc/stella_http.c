@@ -1,6 +1,6 @@
 /* stella_http.c - one libcurl easy handle per client, driven through the client's own
  * multi handle: POST a body (blocking, or started and then stepped without blocking),
- * collect the answer in a buffer owned by the client, classify failures. Every transfer
+ * collect the answer in a buffer owned by the client; stella_outcome.c classifies it. Every transfer
  * goes through the same multi handle, so blocking and non-blocking posts share one
  * keep-alive connection. */
 #define _POSIX_C_SOURCE 200112L   /* nanosleep (for libcurl < 7.66) */
@@ -224,43 +224,17 @@ long stella_http_connects(const stella_http *h) {
 
 /* ---------- one POST ------------------------------------------------------------------ */
 
-static stella_http_failure failure_of(CURLcode rc) {
-  switch (rc) {
-    case CURLE_OK: return STELLA_HTTP_OK;
-    case CURLE_OPERATION_TIMEDOUT: return STELLA_HTTP_TIMEOUT;
-    case CURLE_WEIRD_SERVER_REPLY:
-    case CURLE_UNSUPPORTED_PROTOCOL:
-    case CURLE_BAD_CONTENT_ENCODING:
-    case CURLE_HTTP2:
-    case CURLE_HTTP2_STREAM:
-      return STELLA_HTTP_PROTOCOL;
-    case CURLE_PEER_FAILED_VERIFICATION:
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_SSL_CERTPROBLEM:
-    case CURLE_SSL_CIPHER:
-    case CURLE_SSL_CACERT_BADFILE:
-    case CURLE_SSL_ISSUER_ERROR:
-      return STELLA_HTTP_TLS;
-    case CURLE_OUT_OF_MEMORY:
-    case CURLE_BAD_FUNCTION_ARGUMENT:
-    case CURLE_URL_MALFORMAT:
-      return STELLA_HTTP_INTERNAL;
-    default:
-      return STELLA_HTTP_NETWORK;   /* refused, reset, empty reply, resolve failure, ... */
-  }
-}
-
-static stella_http_failure fail(stella_http_result *res, stella_http_failure f, const char *msg) {
-  res->failure = f;
+static stella_outcome fail(stella_http_result *res, stella_outcome o, const char *msg) {
+  res->outcome = o;
   res->error = msg;
-  return f;
+  return o;
 }
 
-stella_http_failure stella_http_start(stella_http *h, const char *path, const char *body,
+stella_outcome stella_http_start(stella_http *h, const char *path, const char *body,
                                       size_t body_len, stella_http_result *res) {
   memset(res, 0, sizeof *res);
   res->retry_after_ms = -1;
-  if (h->running) return fail(res, STELLA_HTTP_INTERNAL, "a transfer is already running on this client");
+  if (h->running) return fail(res, STELLA_OUTCOME_INTERNAL, "a transfer is already running on this client");
   h->url.len = 0;
   h->body.len = 0;
   h->body.oom = 0;
@@ -272,14 +246,14 @@ stella_http_failure stella_http_start(stella_http *h, const char *path, const ch
   stella_buffer_add(&h->url, "", 0);
   stella_buffer_add(&h->body, "", 0);   /* make sure body.data is a valid string */
   stella_buffer_add(&h->request, body, body_len);
-  if (h->url.oom || h->body.oom || h->request.oom) return fail(res, STELLA_HTTP_INTERNAL, "out of memory");
+  if (h->url.oom || h->body.oom || h->request.oom) return fail(res, STELLA_OUTCOME_INTERNAL, "out of memory");
   curl_easy_setopt(h->easy, CURLOPT_URL, h->url.data);
   curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, h->request.data ? h->request.data : "");
   curl_easy_setopt(h->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
   if (curl_multi_add_handle(h->multi, h->easy) != CURLM_OK)
-    return fail(res, STELLA_HTTP_INTERNAL, "libcurl refused the transfer");
+    return fail(res, STELLA_OUTCOME_INTERNAL, "libcurl refused the transfer");
   h->running = 1;
-  return STELLA_HTTP_OK;
+  return STELLA_OUTCOME_OK;
 }
 
 /* The finished transfer's result (rc: its CURLcode). */
@@ -289,14 +263,15 @@ static void finish(stella_http *h, CURLcode rc, stella_http_result *res) {
   h->running = 0;
   if (curl_easy_getinfo(h->easy, CURLINFO_NUM_CONNECTS, &connects) == CURLE_OK)
     h->connects += connects;
-  res->failure = failure_of(rc);
-  if (rc == CURLE_WRITE_ERROR && h->body.oom) res->failure = STELLA_HTTP_INTERNAL;
-  if (res->failure != STELLA_HTTP_OK) {
+  if (rc == CURLE_OK) curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
+  res->outcome = stella_outcome_of_curl(rc, res->status);
+  if (rc == CURLE_WRITE_ERROR && h->body.oom) res->outcome = STELLA_OUTCOME_INTERNAL;
+  if (rc != CURLE_OK) {
+    res->status = 0;
     snprintf(h->message, sizeof h->message, "%s", h->errbuf[0] ? h->errbuf : curl_easy_strerror(rc));
     res->error = h->message;
     return;
   }
-  curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
   res->body = h->body.data ? h->body.data : "";
   res->body_len = h->body.len;
   res->content_type = h->content_type[0] ? h->content_type : NULL;
@@ -331,14 +306,14 @@ int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
   memset(res, 0, sizeof *res);
   res->retry_after_ms = -1;
   if (!h->running) {
-    fail(res, STELLA_HTTP_INTERNAL, "no transfer is running on this client");
+    fail(res, STELLA_OUTCOME_INTERNAL, "no transfer is running on this client");
     return 1;
   }
   for (;;) {
     if (curl_multi_perform(h->multi, &still) != CURLM_OK) {
       curl_multi_remove_handle(h->multi, h->easy);
       h->running = 0;
-      fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to drive the transfer");
+      fail(res, STELLA_OUTCOME_INTERNAL, "libcurl failed to drive the transfer");
       return 1;
     }
     while ((msg = curl_multi_info_read(h->multi, &queued)) != NULL) {
@@ -353,48 +328,24 @@ int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
     if (wait_for_activity(h->multi, wait_ms) != CURLM_OK) {
       curl_multi_remove_handle(h->multi, h->easy);
       h->running = 0;
-      fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to wait for the transfer");
+      fail(res, STELLA_OUTCOME_INTERNAL, "libcurl failed to wait for the transfer");
       return 1;
     }
   }
 }
 
-stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
+stella_outcome stella_http_post(stella_http *h, const char *path, const char *body,
                                      size_t body_len, stella_http_result *res) {
-  if (stella_http_start(h, path, body, body_len, res) != STELLA_HTTP_OK) return res->failure;
+  if (stella_http_start(h, path, body, body_len, res) != STELLA_OUTCOME_OK) return res->outcome;
   while (!stella_http_step(h, 1000, res)) { /* each step waits for activity, up to 1 s */ }
-  return res->failure;
+  return res->outcome;
 }
 
 int stella_http_running(const stella_http *h) {
   return h->running;
 }
 
-/* ---------- classification and retry policy ----------------------------------------- */
-
-const char *stella_error_kind(stella_http_failure failure, long status, int *retryable) {
-  int r = 0;
-  const char *kind = NULL;
-  switch (failure) {
-    case STELLA_HTTP_OK:
-      if (status >= 200 && status < 300) kind = NULL;
-      else if (status == 401 || status == 403) kind = "auth";
-      else if (status == 404) kind = "not_found";
-      else if (status == 408) { kind = "timeout"; r = 1; }
-      else if (status == 429) { kind = "rate_limited"; r = 1; }
-      else if (status >= 500 && status < 600) { kind = "server"; r = 1; }
-      else if (status >= 400 && status < 500) kind = "rejected";
-      else kind = "protocol";   /* 1xx/3xx: not an answer this API gives */
-      break;
-    case STELLA_HTTP_TIMEOUT: kind = "timeout"; r = 1; break;
-    case STELLA_HTTP_NETWORK: kind = "network"; r = 1; break;
-    case STELLA_HTTP_PROTOCOL: kind = "protocol"; break;
-    case STELLA_HTTP_TLS: kind = "network"; break;   /* certificate problems do not heal by retrying */
-    case STELLA_HTTP_INTERNAL: kind = "network"; break;
-  }
-  if (retryable) *retryable = r;
-  return kind;
-}
+/* ---------- retry policy ------------------------------------------------------------ */
 
 long stella_retry_delay_ms(int attempt, long base_ms, long max_ms, long retry_after_ms,
                            double unit_random) {

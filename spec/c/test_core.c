@@ -792,43 +792,67 @@ static void test_codes(void) {
         "code lookups: NULL is not a code");
 }
 
-/* ---------- outcome classification and retry policy ------------------------------- */
+/* ---------- outcomes and retry policy ---------------------------------------------- */
 
-static void check_kind(stella_http_failure failure, long status, const char *want_kind,
-                       int want_retry, const char *desc) {
-  int retry = -1;
-  const char *kind = stella_error_kind(failure, status, &retry);
-  int same = ((kind == NULL || want_kind == NULL) ? kind == want_kind
-                                                  : strcmp(kind, want_kind) == 0) &&
-             retry == want_retry;
+/* The outcome `o` has this name, kind and retryability. */
+static void check_outcome(stella_outcome o, const char *want_name, const char *want_kind,
+                          int want_retry, const char *desc) {
+  const stella_outcome_info *i = stella_outcome_info_of(o);
+  int same = i != NULL && strcmp(i->name, want_name) == 0 &&
+             ((i->kind == NULL || want_kind == NULL) ? i->kind == want_kind
+                                                     : strcmp(i->kind, want_kind) == 0) &&
+             i->retryable == want_retry;
   if (!check(same, desc)) {
-    diag("kind", kind);
-    diag_long("retryable", retry);
+    diag("name", i ? i->name : NULL);
+    diag("kind", i ? i->kind : NULL);
+    diag_long("retryable", i ? i->retryable : -1);
+    diag("expected name", want_name);
     diag("expected kind", want_kind);
     diag_long("expected retryable", want_retry);
   }
 }
 
-static void test_error_kind(void) {
-  check_kind(STELLA_HTTP_OK, 200, NULL, 0, "error_kind: 200 is not an error");
-  check_kind(STELLA_HTTP_OK, 201, NULL, 0, "error_kind: 201 is not an error");
-  check_kind(STELLA_HTTP_OK, 400, "rejected", 0, "error_kind: 400 rejected, final");
-  check_kind(STELLA_HTTP_OK, 401, "auth", 0, "error_kind: 401 auth, final");
-  check_kind(STELLA_HTTP_OK, 403, "auth", 0, "error_kind: 403 auth, final");
-  check_kind(STELLA_HTTP_OK, 404, "not_found", 0, "error_kind: 404 not_found, final");
-  check_kind(STELLA_HTTP_OK, 408, "timeout", 1, "error_kind: 408 timeout, retryable");
-  check_kind(STELLA_HTTP_OK, 422, "rejected", 0, "error_kind: 422 rejected, final");
-  check_kind(STELLA_HTTP_OK, 429, "rate_limited", 1, "error_kind: 429 rate_limited, retryable");
-  check_kind(STELLA_HTTP_OK, 500, "server", 1, "error_kind: 500 server, retryable");
-  check_kind(STELLA_HTTP_OK, 503, "server", 1, "error_kind: 503 server, retryable");
-  check_kind(STELLA_HTTP_OK, 302, "protocol", 0, "error_kind: 302 protocol, final");
-  check_kind(STELLA_HTTP_TIMEOUT, 0, "timeout", 1, "error_kind: transport timeout, retryable");
-  check_kind(STELLA_HTTP_NETWORK, 0, "network", 1, "error_kind: network failure, retryable");
-  check_kind(STELLA_HTTP_PROTOCOL, 0, "protocol", 0, "error_kind: protocol failure, final");
-  check_kind(STELLA_HTTP_TLS, 0, "network", 0, "error_kind: TLS failure is network, final");
-  check_kind(STELLA_HTTP_INTERNAL, 0, "network", 0, "error_kind: internal failure, final");
-  CHECK(stella_error_kind(STELLA_HTTP_OK, 500, NULL) != NULL,
-        "error_kind: the retryable pointer may be NULL");
+static void test_outcomes(void) {
+  int o, answered = 0;
+  check_outcome(stella_outcome_of_status(200), "ok", NULL, 0, "outcome: 200 is not an error");
+  check_outcome(stella_outcome_of_status(201), "ok", NULL, 0, "outcome: 201 is not an error");
+  check_outcome(stella_outcome_of_status(400), "rejected", "rejected", 0, "outcome: 400 rejected, final");
+  check_outcome(stella_outcome_of_status(401), "auth", "auth", 0, "outcome: 401 auth, final");
+  check_outcome(stella_outcome_of_status(403), "auth", "auth", 0, "outcome: 403 auth, final");
+  check_outcome(stella_outcome_of_status(404), "not_found", "not_found", 0, "outcome: 404 not_found, final");
+  check_outcome(stella_outcome_of_status(408), "request_timeout", "timeout", 1,
+                "outcome: 408 is a timeout, retryable");
+  check_outcome(stella_outcome_of_status(422), "rejected", "rejected", 0, "outcome: 422 rejected, final");
+  check_outcome(stella_outcome_of_status(429), "rate_limited", "rate_limited", 1,
+                "outcome: 429 rate_limited, retryable");
+  check_outcome(stella_outcome_of_status(500), "server", "server", 1, "outcome: 500 server, retryable");
+  check_outcome(stella_outcome_of_status(503), "server", "server", 1, "outcome: 503 server, retryable");
+  check_outcome(stella_outcome_of_status(302), "unexpected", "protocol", 0, "outcome: 302 is a protocol error, final");
+  check_outcome(stella_outcome_of_status(101), "unexpected", "protocol", 0, "outcome: 101 too");
+  check_outcome(stella_outcome_of_curl(0 /* CURLE_OK */, 503), "server", "server", 1,
+                "outcome: a finished transfer is classified by its status");
+  check_outcome(stella_outcome_of_curl(28 /* CURLE_OPERATION_TIMEDOUT */, 0), "timeout", "timeout", 1,
+                "outcome: a transfer that timed out, retryable");
+  check_outcome(stella_outcome_of_curl(7 /* CURLE_COULDNT_CONNECT */, 0), "network", "network", 1,
+                "outcome: a refused connection is network, retryable");
+  check_outcome(stella_outcome_of_curl(52 /* CURLE_GOT_NOTHING */, 0), "network", "network", 1,
+                "outcome: an empty reply is network, retryable");
+  check_outcome(stella_outcome_of_curl(8 /* CURLE_WEIRD_SERVER_REPLY */, 0), "protocol", "protocol", 0,
+                "outcome: an answer that is not HTTP is protocol, final");
+  check_outcome(stella_outcome_of_curl(60 /* CURLE_PEER_FAILED_VERIFICATION */, 0), "tls", "network", 0,
+                "outcome: a certificate that does not verify is network, final");
+  check_outcome(stella_outcome_of_curl(27 /* CURLE_OUT_OF_MEMORY */, 0), "internal", "network", 0,
+                "outcome: out of memory is network, final");
+  CHECK(stella_outcome_info_of(STELLA_OUTCOME_COUNT) == NULL &&
+        stella_outcome_info_of((stella_outcome)-1) == NULL, "outcome: no row out of range");
+  for (o = 0; o < STELLA_OUTCOME_COUNT; o++) {
+    const stella_outcome_info *i = stella_outcome_info_of((stella_outcome)o);
+    if (i->answered) answered++;
+    if (!CHECK(i->name != NULL && (o == STELLA_OUTCOME_OK) == (i->kind == NULL) &&
+               (o == STELLA_OUTCOME_OK) == (i->message == NULL), "outcome: every row is complete"))
+      diag("row", i->name);
+  }
+  check_long(answered, STELLA_OUTCOME_TIMEOUT, "outcome: the answered outcomes come first");
 }
 
 static void test_retry_delay(void) {
@@ -972,7 +996,7 @@ static void test_http_post(void) {
   stella_http_result res;
   stella_http *h;
   char err[256], url[64];
-  int fd, port = 0, retry = 0;
+  int fd, port = 0;
   double t0, elapsed;
 
   /* a closed loopback port: a network failure, without the key in the message */
@@ -983,20 +1007,20 @@ static void test_http_post(void) {
   o.connect_timeout_ms = 2000;
   h = stella_http_new(&o, err, sizeof err);
   if (CHECK(h != NULL, "http_post: client for http://127.0.0.1:1")) {
-    stella_http_failure f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
-    check_long((long)f, STELLA_HTTP_NETWORK, "http_post: a closed port is STELLA_HTTP_NETWORK");
-    check_long((long)res.failure, STELLA_HTTP_NETWORK, "http_post: res.failure matches the return");
+    stella_outcome f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
+    check_long((long)f, STELLA_OUTCOME_NETWORK, "http_post: a closed port is STELLA_OUTCOME_NETWORK");
+    check_long((long)res.outcome, STELLA_OUTCOME_NETWORK, "http_post: res.outcome matches the return");
+    check_long(res.status, 0, "http_post: no status without an answer");
     if (!CHECK(res.error != NULL && res.error[0] != '\0', "http_post: the failure has a message"))
       diag("error", res.error);
     check_no_secret(res.error, KEY, "http_post: the message does not contain the key");
     check_no_secret(res.error, "SECRET", "http_post: nor any part of it");
-    check_str(stella_error_kind(res.failure, res.status, &retry), "network",
-              "http_post: classified as network");
-    CHECK(retry == 1, "http_post: and retryable");
+    check_str(stella_outcome_info_of(res.outcome)->kind, "network", "http_post: classified as network");
+    CHECK(stella_outcome_info_of(res.outcome)->retryable == 1, "http_post: and retryable");
     check_long(res.retry_after_ms, -1, "http_post: no Retry-After without a response");
     /* the client stays usable after a failure */
     f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
-    check_long((long)f, STELLA_HTTP_NETWORK, "http_post: a second attempt fails the same way");
+    check_long((long)f, STELLA_OUTCOME_NETWORK, "http_post: a second attempt fails the same way");
   } else {
     diag("error", err);
   }
@@ -1013,19 +1037,18 @@ static void test_http_post(void) {
   o.connect_timeout_ms = 200;
   h = stella_http_new(&o, err, sizeof err);
   if (CHECK(h != NULL, "http_post: client for the silent listener")) {
-    stella_http_failure f;
+    stella_outcome f;
     t0 = now_ms();
     f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
     elapsed = now_ms() - t0;
-    if (!check_long((long)f, STELLA_HTTP_TIMEOUT,
-                    "http_post: no answer within timeout_ms is STELLA_HTTP_TIMEOUT"))
+    if (!check_long((long)f, STELLA_OUTCOME_TIMEOUT,
+                    "http_post: no answer within timeout_ms is STELLA_OUTCOME_TIMEOUT"))
       diag("error", res.error);
     if (!CHECK(elapsed >= 150 && elapsed < 3000, "http_post: the timeout fires after ~200 ms"))
       diag_long("elapsed ms", (long)elapsed);
     check_no_secret(res.error, KEY, "http_post: the timeout message does not contain the key");
-    check_str(stella_error_kind(res.failure, res.status, &retry), "timeout",
-              "http_post: classified as timeout");
-    CHECK(retry == 1, "http_post: and retryable");
+    check_str(stella_outcome_info_of(res.outcome)->kind, "timeout", "http_post: classified as timeout");
+    CHECK(stella_outcome_info_of(res.outcome)->retryable == 1, "http_post: and retryable");
     CHECK(stella_http_connects(h) >= 1, "http_post: a connection was opened to the listener");
   } else {
     diag("error", err);
@@ -1061,20 +1084,20 @@ static void test_http_start_step(void) {
   if (!CHECK(h != NULL, "http_start: a client")) return;
   CHECK(stella_http_running(h) == 0, "http_start: nothing runs at first");
   check_long(stella_http_step(h, 0, &res), 1, "http_step: with nothing started it ends at once");
-  check_long((long)res.failure, STELLA_HTTP_INTERNAL, "http_step: ... as an internal failure");
-  check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_OK,
+  check_long((long)res.outcome, STELLA_OUTCOME_INTERNAL, "http_step: ... as an internal failure");
+  check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_OUTCOME_OK,
              "http_start: starts a post to a closed port");
   CHECK(stella_http_running(h) == 1, "http_start: it runs");
   check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res),
-             STELLA_HTTP_INTERNAL, "http_start: a second start while one runs is refused");
+             STELLA_OUTCOME_INTERNAL, "http_start: a second start while one runs is refused");
   check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res),
-             STELLA_HTTP_INTERNAL, "http_post: refused too while a started post runs");
+             STELLA_OUTCOME_INTERNAL, "http_post: refused too while a started post runs");
   do { ended = stella_http_step(h, 50, &res); } while (!ended && ++spins < 200);
   CHECK(ended, "http_step: the post ends");
-  check_long((long)res.failure, STELLA_HTTP_NETWORK, "http_step: a closed port is STELLA_HTTP_NETWORK");
+  check_long((long)res.outcome, STELLA_OUTCOME_NETWORK, "http_step: a closed port is STELLA_OUTCOME_NETWORK");
   check_no_secret(res.error, KEY, "http_step: the message does not contain the key");
   CHECK(stella_http_running(h) == 0, "http_step: nothing runs after the end");
-  check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_NETWORK,
+  check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_OUTCOME_NETWORK,
              "http_post: the client posts again after a started post ended");
   stella_http_free(h);
 
@@ -1085,7 +1108,7 @@ static void test_http_start_step(void) {
   h = loopback_client(url, 5000);
   if (CHECK(h != NULL, "http_start: a client for the silent listener")) {
     double t0 = now_ms();
-    check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_OK,
+    check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_OUTCOME_OK,
                "http_start: starts a post nobody answers");
     check_long(stella_http_step(h, 0, &res), 0, "http_step(0): still running, returns at once");
     check_long(stella_http_step(h, 20, &res), 0, "http_step(20): still running after waiting a little");
@@ -1130,7 +1153,7 @@ static void test_sender(void) {
     CHECK(stella_sender_done(s) == 1, "sender: done after wait");
     r = stella_sender_result(s, 0);
     if (CHECK(r != NULL && r->attempted, "sender: item 1 was attempted")) {
-      check_long((long)r->failure, STELLA_HTTP_NETWORK, "sender: item 1 failed as network");
+      check_long((long)r->outcome, STELLA_OUTCOME_NETWORK, "sender: item 1 failed as network");
       CHECK(r->error != NULL && r->error[0] != '\0', "sender: with a message");
       check_no_secret(r->error, KEY, "sender: the message does not contain the key");
     }
@@ -1152,8 +1175,8 @@ static void test_sender(void) {
         if (!CHECK(attempted >= 1 && attempted <= 3, "sender: two lanes attempted 1 to 3 items"))
           diag_long("attempted", (long)attempted);
         CHECK(stella_sender_result(s, 0) != NULL, "sender: the first item was attempted");
-        if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->failure ==
-                  STELLA_HTTP_NETWORK, "sender: the second lane's item failed as network or was not tried"))
+        if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->outcome ==
+                  STELLA_OUTCOME_NETWORK, "sender: the second lane's item failed as network or was not tried"))
           CHECK(1, "sender: results of two lanes are readable");
         CHECK(stella_sender_done(s) == 1, "sender: done after wait, with two lanes");
       }
@@ -1711,7 +1734,7 @@ int main(void) {
   test_utf8();
   test_email();
   test_codes();
-  test_error_kind();
+  test_outcomes();
   test_retry_delay();
   test_parse_retry_after();
   test_http_new();

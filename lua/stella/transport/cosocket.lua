@@ -6,8 +6,8 @@
 --           "HOST:PORT", with ":tls" added for https), pool_size (default: nginx's
 --           lua_socket_pool_size), keepalive_timeout (seconds a pooled connection may
 --           stay idle, default 60)
---   transport:post(path, body) -> status, body, content_type, retry_after_ms
---                               | nil, failure ("timeout"|"network"|"protocol"|"tls"), message
+--   transport:post(path, body) -> { status, body, content_type, retry_after (ms) }
+--                               | { failure = "timeout"|"network"|"protocol"|"tls", message }
 --   transport:connects() -> connections this transport has opened (not taken from the pool)
 --   transport:close()
 --
@@ -429,10 +429,10 @@ function Transport:post(path, body)
   local status, a, b, c
   for _ = 0, MAX_STALE_RETRIES do
     status, a, b, c = exchange(self, path, body, deadline)
-    if status then return status, a, b, c end
+    if status then return { status = status, body = a, content_type = b, retry_after = c } end
     if not c then break end   -- c: it was a dead pooled connection; take another
   end
-  return nil, a, b
+  return { failure = a, message = b }
 end
 
 function Transport:connects()
