@@ -93,13 +93,16 @@ static void push_outcomes(lua_State *L) {
 
 /* ---------- HTTP client userdata ---------------------------------------------------- */
 
-static const char *opt_string(lua_State *L, int idx, const char *key) {
+/* opts[key]: a string (its length in *len), NULL when absent; anything else raises. */
+static const char *opt_string(lua_State *L, int idx, const char *key, size_t *len) {
   const char *v;
+  size_t n = 0;
   lua_getfield(L, idx, key);
-  if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); if (len) *len = 0; return NULL; }
   if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option %s must be a string", key);
-  v = lua_tostring(L, -1);
+  v = lua_tolstring(L, -1, &n);
   lua_pop(L, 1);   /* still anchored by the options table */
+  if (len) *len = n;
   return v;
 }
 
@@ -114,16 +117,73 @@ static long opt_ms(lua_State *L, int idx, const char *key) {
   return (long)(v * 1000 + 0.5) > 0 ? (long)(v * 1000 + 0.5) : 1;
 }
 
+/* Reads base_url (default STELLA_DEFAULT_BASE_URL), api_key, user_agent and ca_file of the
+ * options table at idx into o (a value that is not a string raises) and checks them as
+ * stella_http_new does, on their whole length (a
+ * NUL inside is refused, not cut off). Returns 1 with the URL's parts in u, or 0 with a
+ * message in err. Both transports go through here. */
+static int check_http_options(lua_State *L, int idx, stella_http_options *o, stella_base_url *u,
+                              char *err, size_t errlen) {
+  size_t ulen, klen, alen;
+  o->base_url = opt_string(L, idx, "base_url", &ulen);
+  o->api_key = opt_string(L, idx, "api_key", &klen);
+  o->user_agent = opt_string(L, idx, "user_agent", &alen);
+  o->ca_file = opt_string(L, idx, "ca_file", NULL);
+  if (o->base_url == NULL) {
+    o->base_url = STELLA_DEFAULT_BASE_URL;
+    ulen = sizeof STELLA_DEFAULT_BASE_URL - 1;
+  }
+  return stella_check_key(o->api_key, klen, err, errlen) &&
+         stella_check_base_url(o->base_url, ulen, u, err, errlen) &&
+         stella_check_user_agent(o->user_agent, alen, err, errlen);
+}
+
+/* check_http_options(opts) -> { base_url, tls, host, port, port_given, path } | nil, message:
+ * what http_new would refuse, and the URL's parts (host in lower case, path without a
+ * trailing '/', base_url the URL without one). */
+static int l_check_http_options(lua_State *L) {
+  stella_http_options o;
+  stella_base_url u;
+  char err[256];
+  size_t i;
+  luaL_Buffer b;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (!check_http_options(L, 1, &o, &u, err, sizeof err)) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_createtable(L, 0, 6);
+  lua_pushlstring(L, o.base_url, (size_t)(u.path + u.path_len - o.base_url));
+  lua_setfield(L, -2, "base_url");
+  lua_pushboolean(L, u.tls);
+  lua_setfield(L, -2, "tls");
+  luaL_buffinit(L, &b);
+  for (i = 0; i < u.host_len; i++)
+    luaL_addchar(&b, (char)(u.host[i] >= 'A' && u.host[i] <= 'Z' ? u.host[i] - 'A' + 'a' : u.host[i]));
+  luaL_pushresult(&b);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, (lua_Integer)u.port);
+  lua_setfield(L, -2, "port");
+  lua_pushboolean(L, u.port_given);
+  lua_setfield(L, -2, "port_given");
+  lua_pushlstring(L, u.path, u.path_len);
+  lua_setfield(L, -2, "path");
+  return 1;
+}
+
 static int l_http_new(lua_State *L) {
   stella_http_options o;
+  stella_base_url u;
   char err[256];
   http_ud *ud;
   luaL_checktype(L, 1, LUA_TTABLE);
   memset(&o, 0, sizeof o);
-  o.base_url = opt_string(L, 1, "base_url");
-  o.api_key = opt_string(L, 1, "api_key");
-  o.user_agent = opt_string(L, 1, "user_agent");
-  o.ca_file = opt_string(L, 1, "ca_file");
+  if (!check_http_options(L, 1, &o, &u, err, sizeof err)) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
   o.timeout_ms = opt_ms(L, 1, "timeout");
   o.connect_timeout_ms = opt_ms(L, 1, "connect_timeout");
   /* the userdata exists before the C object, so a Lua error cannot leak it */
@@ -140,10 +200,9 @@ static int l_http_new(lua_State *L) {
     return 2;
   }
   {
-    const char *b = o.base_url ? o.base_url : "https://api.stellaconnect.net";
-    size_t n = strlen(b);
+    size_t n = strlen(o.base_url);
     ud->base_url = (char *)malloc(n + 1);
-    if (ud->base_url) memcpy(ud->base_url, b, n + 1);
+    if (ud->base_url) memcpy(ud->base_url, o.base_url, n + 1);
   }
   return 1;
 }
@@ -397,6 +456,7 @@ static const luaL_Reg http_funcs[] = {
   { "classify_status", l_classify_status },
   { "sleep", l_sleep },
   { "http_new", l_http_new },
+  { "check_http_options", l_check_http_options },
   { "send_many", l_send_many },
   { NULL, NULL }
 };
@@ -428,4 +488,6 @@ void lstella_open_http(lua_State *L) {
   new_class(L, SENDER_MT, sender_methods, l_sender_close, NULL);
   stella_setfuncs(L, http_funcs, 0);
   push_outcomes(L);
+  lua_pushliteral(L, STELLA_DEFAULT_BASE_URL);
+  lua_setfield(L, -2, "default_base_url");
 }

@@ -220,8 +220,11 @@ stella_outcome stella_outcome_of_curl(int curlcode, long status);
 
 typedef struct stella_http stella_http;
 
+#define STELLA_DEFAULT_BASE_URL "https://api.stellaconnect.net"
+
 typedef struct stella_http_options {
-  const char *base_url;         /* e.g. "https://api.stellaconnect.net" (no trailing path) */
+  const char *base_url;         /* NULL: STELLA_DEFAULT_BASE_URL; a tenant's looks like
+                                 * "https://SUBDOMAIN.api.stellaconnect.net" */
   const char *api_key;          /* sent as x-api-key; never logged or echoed */
   const char *user_agent;       /* NULL: "lua-stella/VERSION" */
   const char *ca_file;          /* NULL: the system's CA bundle */
@@ -239,9 +242,30 @@ typedef struct stella_http_result {
   const char *error;            /* the failure's message when not answered (never holds the key) */
 } stella_http_result;
 
+/* The checks stella_http_new makes on its options, in this order, on counted strings (a
+ * NUL inside one is refused, never cut off). Each returns 1, or 0 with a message in `err`
+ * (the same words whichever transport calls them; never the key).
+ *   key: non-empty, at most 400 bytes, printable ASCII without spaces;
+ *   base_url: https://HOST[:PORT][/PATH], or http:// to a loopback host (localhost,
+ *     127.x.y.z, [::1]); no user credentials, query string or fragment; HOST a name of
+ *     letters, digits, '.', '-', '_' or a bracketed IPv6 address;
+ *   user_agent (NULL is fine): no control characters. */
+typedef struct stella_base_url {
+  int tls;                      /* https */
+  const char *host;             /* points into the URL, as written ("[::1]" keeps brackets) */
+  size_t host_len;
+  long port;                    /* as written, or the scheme's default */
+  int port_given;               /* 1 when the port is not the scheme's default */
+  const char *path;             /* points into the URL: "" or "/prefix", no trailing '/' */
+  size_t path_len;
+} stella_base_url;
+
+int stella_check_key(const char *key, size_t len, char *err, size_t errlen);
+int stella_check_base_url(const char *url, size_t len, stella_base_url *out, char *err, size_t errlen);
+int stella_check_user_agent(const char *user_agent, size_t len, char *err, size_t errlen);
+
 /* Creates a client. On failure returns NULL and writes a message to `err`
- * (which must hold at least 256 bytes). Refuses plain http:// unless the host
- * is loopback, and keys that are empty or contain whitespace/control chars. */
+ * (which must hold at least 256 bytes): the checks above. */
 stella_http *stella_http_new(const stella_http_options *opts, char *err, size_t errlen);
 /* One POST of `body` to base_url .. path. The connection is kept alive and
  * reused by the next call. Fills `res`; returns res->outcome. */

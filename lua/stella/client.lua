@@ -10,12 +10,14 @@ local cjson_ok, cjson = pcall(require, "cjson.safe")
 
 local M = {}
 
-local DEFAULT_BASE_URL = "https://api.stellaconnect.net"
+local DEFAULT_BASE_URL = core.default_base_url
 local KNOWN_OPTIONS = {
   api_key = true, keys = true, mode = true, base_url = true, timeout = true,
   connect_timeout = true, retry = true, channels = true, user_agent = true, ca_file = true,
   transport = true, sleep = true, random = true,
 }
+
+local STRING_OPTIONS = { "base_url", "user_agent", "ca_file" }   -- api_key: pick_key
 
 local Client = {}
 Client.__index = Client
@@ -98,6 +100,11 @@ function M.new(opts)
   if type(opts) ~= "table" then error("stella.new: options table expected", 2) end
   for k in pairs(opts) do
     if not KNOWN_OPTIONS[k] then error("stella.new: unknown option " .. tostring(k), 2) end
+  end
+  for _, k in ipairs(STRING_OPTIONS) do
+    if opts[k] ~= nil and type(opts[k]) ~= "string" then
+      error("stella.new: option " .. k .. " must be a string", 2)
+    end
   end
   local key, mode = pick_key(opts)
   local retry = opts.retry or {}

@@ -960,8 +960,46 @@ static void test_http_new(void) {
   try_new("https://example.com", KEY, KEY, 1, "http_new: accepts https://example.com");
   try_new("https://example.com/", KEY, KEY, 1, "http_new: accepts a trailing slash");
   try_new(NULL, KEY, KEY, 1, "http_new: a NULL base_url means the default https:// service");
+  try_new("https://user:pw@example.com", KEY, KEY, 0, "http_new: refuses user credentials in base_url");
+  try_new("https://@example.com", KEY, KEY, 0, "http_new: refuses an empty userinfo in base_url");
+  try_new("https://example.com/#top", KEY, KEY, 0, "http_new: refuses a fragment in base_url");
   stella_http_free(NULL);
   CHECK(1, "http_free: NULL is fine");
+}
+
+/* The option checks on counted strings, and the parts of a base URL. */
+static void test_option_checks(void) {
+  static const char nul_key[] = "abc\0def";
+  static const char nul_url[] = "http://127.0.0.1:9\0.example.com";
+  char err[256];
+  stella_base_url u;
+  err[0] = '\0';
+  CHECK(!stella_check_key(nul_key, sizeof nul_key - 1, err, sizeof err),
+        "check_key: a NUL inside the key is refused, not cut off");
+  check_str(err, "api_key must be a non-empty string without whitespace or control characters",
+            "check_key: with the usual words");
+  CHECK(stella_check_key(KEY, strlen(KEY), err, sizeof err), "check_key: a good key passes");
+  CHECK(!stella_check_base_url(nul_url, sizeof nul_url - 1, &u, err, sizeof err),
+        "check_base_url: a NUL inside the URL is refused");
+  CHECK(!stella_check_base_url("https://u@example.com", 21, &u, err, sizeof err),
+        "check_base_url: credentials are refused");
+  check_str(err, "base_url must not hold user credentials", "check_base_url: saying so");
+  CHECK(!stella_check_base_url("https://example.com#x", 21, &u, err, sizeof err),
+        "check_base_url: a fragment is refused");
+  check_str(err, "base_url must not have a fragment", "check_base_url: saying so");
+  if (CHECK(stella_check_base_url("https://Example.com:8443/v2//", 29, &u, err, sizeof err),
+            "check_base_url: https with a port and a path")) {
+    CHECK(u.tls && u.port == 8443 && u.port_given, "check_base_url: tls, the port, given");
+    check_bytes(u.host, u.host_len, "Example.com", "check_base_url: the host as written");
+    check_bytes(u.path, u.path_len, "/v2", "check_base_url: the path without trailing slashes");
+  }
+  if (CHECK(stella_check_base_url("http://[::1]", 12, &u, err, sizeof err), "check_base_url: http to [::1]")) {
+    CHECK(!u.tls && u.port == 80 && !u.port_given && u.path_len == 0,
+          "check_base_url: port 80 by default, no path");
+    check_bytes(u.host, u.host_len, "[::1]", "check_base_url: the IPv6 host keeps its brackets");
+  }
+  CHECK(!stella_check_user_agent("a\r\nb", 4, err, sizeof err), "check_user_agent: CR LF refused");
+  CHECK(stella_check_user_agent(NULL, 0, err, sizeof err), "check_user_agent: none is fine");
 }
 
 static double now_ms(void) {
@@ -1735,6 +1773,7 @@ int main(void) {
   test_email();
   test_codes();
   test_outcomes();
+  test_option_checks();
   test_retry_delay();
   test_parse_retry_after();
   test_http_new();
