@@ -257,14 +257,21 @@ static http_ud *open_http(lua_State *L) {
   return ud;
 }
 
+/* The client of a post or start, with no started post running: its path and body. */
+static http_ud *idle_http(lua_State *L, const char **path, const char **body, size_t *len) {
+  http_ud *ud = open_http(L);
+  *path = luaL_checkstring(L, 2);
+  *body = luaL_checklstring(L, 3, len);
+  if (stella_http_running(ud->h)) luaL_error(L, "stella client busy: a started post has not ended");
+  return ud;
+}
+
 /* http:post(path, body) -> an answer or a failure (see push_result) */
 static int l_http_post(lua_State *L) {
-  http_ud *ud = open_http(L);
-  const char *path = luaL_checkstring(L, 2);
+  const char *path, *body;
   size_t len;
-  const char *body = luaL_checklstring(L, 3, &len);
+  http_ud *ud = idle_http(L, &path, &body, &len);
   stella_http_result r;
-  if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
   stella_http_post(ud->h, path, body, len, &r);
   return push_result(L, &r);
 }
@@ -272,12 +279,10 @@ static int l_http_post(lua_State *L) {
 /* http:start(path, body) -> true | a failure (see push_result): the post without waiting
  * (the body is copied); then http:step() until it ends. */
 static int l_http_start(lua_State *L) {
-  http_ud *ud = open_http(L);
-  const char *path = luaL_checkstring(L, 2);
+  const char *path, *body;
   size_t len;
-  const char *body = luaL_checklstring(L, 3, &len);
+  http_ud *ud = idle_http(L, &path, &body, &len);
   stella_http_result r;
-  if (stella_http_running(ud->h)) return luaL_error(L, "stella client busy: a started post has not ended");
   if (stella_http_start(ud->h, path, body, len, &r) != STELLA_OUTCOME_OK) return push_result(L, &r);
   lua_pushboolean(L, 1);
   return 1;
