@@ -47,9 +47,11 @@ LIBDIR       ?= $(PREFIX)/lib
 BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
                 csrc/stella_parse.c \
-                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sender.c \
+                csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
+                csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella_decode.h
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h
+BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a
 
@@ -58,8 +60,6 @@ CLIB         := build/c/libstella.a
 all: module
 
 module: $(MODULE)
-
-BINDING_SRC  := csrc/lstella.c csrc/lstella_decode.c
 
 $(MODULE): $(CORE_SRC) $(BINDING_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
