@@ -191,7 +191,7 @@ describe("stella on OpenResty", function()
       assert.equal('{"customer":{"name":"' .. e.requester.name .. '","email":"' .. e.requester.email .. '"},'
         .. '"employee":{"email":"paulagent@blancapeak.com"},"channel":"chat","ext_interaction_id":"'
         .. e.id .. '","external_url":"https://support.example.com/tickets/1","tags":["billing","webhook"],'
-        .. '"language":"en-US"}', r.body)
+        .. '"brand":"blancapeak","language":"en-US"}', r.body)
       local o = wait_for(5, function() return outcome_of(e.id) end)
       assert.equal("sent", o.status)
       assert.truthy(o.request_id:match("^req%-%d+$"))

@@ -76,11 +76,12 @@ function M.main(argv, env)
   local words = {}
   for i = 1, #argv do words[i] = tostring(argv[i]) end
   local ctx = context.new(env, commands, USAGE)
-  local ok, status = xpcall(run, function(e)
+  -- a closure: Lua 5.1's xpcall passes no arguments to the function it calls
+  local ok, status = xpcall(function() return run(ctx, words) end, function(e)
     local getenv = ctx.getenv
     if getenv("STELLA_DEBUG") then return debug.traceback(tostring(e), 2) end
     return tostring(e)
-  end, ctx, words)
+  end)
   if not ok then
     ctx:warn("stella: internal error: %s", tostring(status))
     status = 1
