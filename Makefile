@@ -2,6 +2,8 @@
 #
 #   make                 build the C core for Lua 5.4   -> build/5.4/stella/core.so
 #   make LUA=luajit      build it for LuaJIT/OpenResty  -> build/luajit/stella/core.so
+#                        (both also build the Redis connection stella.redis.core ->
+#                        BUILD/stella/redis/core.so when hiredis' headers are installed)
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
 #   make asan            specs with the core built under AddressSanitizer
 #   make bench           benchmarks (ratios against baselines measured in the same run)
@@ -23,6 +25,12 @@ endif
 CURL_CFLAGS  ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
 CURL_LIBS    ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
 THREAD_LIBS  ?= -pthread   # stella_sender.c: the background sending thread
+# hiredis (libhiredis-dev) for the separate module stella.redis.core; without its headers
+# that module is skipped and the HTTP core builds as before.
+HIREDIS_CFLAGS ?= $(shell pkg-config --cflags hiredis 2>/dev/null)
+HIREDIS_LIBS ?= $(shell pkg-config --libs hiredis 2>/dev/null || echo -lhiredis)
+HAVE_HIREDIS ?= $(shell printf '\043include <hiredis/hiredis.h>\n' | $(CC) $(HIREDIS_CFLAGS) -E -x c - \
+                  >/dev/null 2>&1 && echo 1)
 
 CC           ?= cc
 OPT          ?= -O2
@@ -52,17 +60,23 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
                 csrc/stella_sha256.c
 CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
 MODULE       := $(BUILD)/stella/core.so
+REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
 
 .PHONY: all module luajit clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
 
 all: module
 
-module: $(MODULE)
+module: $(MODULE) $(if $(HAVE_HIREDIS),$(REDIS_MODULE))
 
 $(MODULE): $(CORE_SRC) csrc/lstella.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) csrc/lstella.c $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
+
+$(REDIS_MODULE): csrc/lstella_redis.c csrc/compat.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -fPIC -I$(LUA_INCDIR) $(HIREDIS_CFLAGS) $(LIBFLAG) -o $@ csrc/lstella_redis.c \
+	  $(LDFLAGS) $(HIREDIS_LIBS)
 
 luajit:
 	$(MAKE) LUA=luajit module
@@ -128,6 +142,8 @@ install: module
 	install -d $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR) \
 	           $(DESTDIR)$(SANDBOXDIR)
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/core.so
+	if [ -f $(REDIS_MODULE) ]; then \
+	  install -D -m 755 $(REDIS_MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/redis/core.so; fi
 	cd lua && find stella -name '*.lua' -exec install -D -m 644 {} $(DESTDIR)$(LUA_SHAREDIR)/{} \;
 	install -m 644 sandbox/nginx.conf sandbox/config.lua sandbox/status.html sandbox/status.css \
 	        sandbox/status.js $(DESTDIR)$(SANDBOXDIR)

@@ -58,6 +58,10 @@ build = {
     ["stella.sandbox.status"] = "lua/stella/sandbox/status.lua",
     ["stella.input"] = "lua/stella/input.lua",
     ["stella.cli"] = "lua/stella/cli.lua",
+    -- the Redis connection (pure Lua; its C module for plain Lua, which needs hiredis,
+    -- is in rockspec/stella-redis-scm-1.rockspec; inside OpenResty none is needed)
+    ["stella.redis"] = "lua/stella/redis/init.lua",
+    ["stella.redis.cosocket"] = "lua/stella/redis/cosocket.lua",
   },
   install = {
     bin = { stella = "bin/stella" },
