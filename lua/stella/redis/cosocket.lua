@@ -10,6 +10,7 @@
 --                     new_error =, pool =, pool_size = } -> link | nil, err
 --   link.reused              true when the connection came from the keep-alive pool
 --   link:keepalive(idle_ms, pool_size)   back to the pool (else closed)
+--   cosocket.driver()        "resty.redis" or "nginx.redis", whichever is loaded
 local ngx = rawget(_G, "ngx")
 local error, select, setmetatable, type, tostring, unpack = error, select, setmetatable, type,
                                                             tostring, unpack or table.unpack
@@ -20,18 +21,24 @@ local M = {}
 local Link = {}
 Link.__index = Link
 
-local driver   -- the client library, loaded on first use
+local driver, driver_name   -- the client library, loaded on first use
 
 local function load_driver()
   if driver then return driver end
-  local ok, d = pcall(require, "resty.redis")
-  if not ok then ok, d = pcall(require, "nginx.redis") end
+  local name, ok, d = "resty.redis", pcall(require, "resty.redis")
+  if not ok then name, ok, d = "nginx.redis", pcall(require, "nginx.redis") end
   if not ok then
     error("stella.redis: neither resty.redis (OpenResty) nor nginx.redis (Debian's lua-nginx-redis) "
       .. "can be loaded", 3)
   end
-  driver = d
+  driver, driver_name = d, name
   return d
+end
+
+-- The name of the client library in use: "resty.redis" or "nginx.redis".
+function M.driver()
+  load_driver()
+  return driver_name
 end
 
 -- The method of the driver that sends command `name`: it makes one for any name. Names
