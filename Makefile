@@ -5,7 +5,8 @@
 #                        (both also build the Redis connection stella.redis.core ->
 #                        BUILD/stella/redis/core.so when hiredis' headers are installed)
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
-#   make asan            specs with the core built under AddressSanitizer
+#   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
+#   make valgrind        the C tests and the Redis connection's specs under valgrind
 #   make bench           benchmarks (ratios against baselines measured in the same run)
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
 #   make deps            install the Debian packages (as root) or print the apt-get line
@@ -127,8 +128,13 @@ fuzz:
 	        $(CURL_LIBS) $(THREAD_LIBS)
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 build/asan/fuzz_json $(FUZZ_ITERATIONS) $${FUZZ_SEED:-1}
 
+# The C tests, then (with hiredis) the Redis connection's specs, under valgrind.
+VALGRIND     := valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 valgrind: build/c/test_core module
-	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core
+	$(VALGRIND) build/c/test_core
+	$(if $(HAVE_HIREDIS),LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" \
+	  LUA_CPATH="./$(BUILD)/?.so;;" STELLA_TEST_LUA=$(LUA_BIN) \
+	  $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/redis_spec.lua)
 
 bench:
 	$(MAKE) LUA=5.4 module

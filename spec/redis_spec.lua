@@ -72,6 +72,57 @@ describe("stella.redis URLs", function()
   end)
 end)
 
+describe("stella.redis.core", function()
+  local core = require "stella.redis.core"
+  local srv
+
+  lazy_setup(function() srv = redis_server.start{} end)
+  lazy_teardown(function() if srv then srv:remove() end end)
+
+  it("makes plain error tables without a constructor, and closes idempotently", function()
+    local c = assert(core.connect("127.0.0.1", srv.port, 1000, 1000))
+    local v, err = c:command("NOSUCHCOMMAND")
+    assert.is_nil(v)
+    assert.same({ kind = "redis", code = "ERR", retryable = false }, { kind = err.kind, code = err.code,
+                                                                      retryable = err.retryable })
+    assert.is_nil(getmetatable(err))
+    assert.is_true(c:connected())
+    c:close()
+    c:close()
+    assert.is_false(c:connected())
+    v, err = c:command("PING")
+    assert.is_nil(v)
+    assert.equal("stale", err.code)
+    assert.has_error(function() core.connect("127.0.0.1", 0, 1000, 1000) end)
+    assert.has_error(function() core.connect("127.0.0.1", srv.port, 0, 1000) end)
+  end)
+
+  -- An error raised while a reply is converted (here by the error constructor) leaves the
+  -- reply owned by the connection (no leak: make asan checks) and its connection out of
+  -- step: the next call refuses it as "stale", without sending anything.
+  it("refuses a connection whose replies were interrupted by a Lua error", function()
+    local armed
+    local function once(kind, code, message)   -- raises the first time after being armed
+      if armed then armed = false error("boom from the error constructor") end
+      return { kind = kind, code = code, message = message }
+    end
+    for _, call in ipairs{
+      function(c) return c:command("EVAL", "return {1, redis.error_reply('X y')}", 0) end,
+      function(c) return c:pipeline{ { "EVAL", "return {1, redis.error_reply('X y')}", 0 }, { "PING" }, { "PING" } } end,
+    } do
+      local c = assert(core.connect("127.0.0.1", srv.port, 1000, 1000, once))
+      armed = true
+      assert.has_error(function() call(c) end, "boom from the error constructor")
+      local v, err = c:command("PING")
+      assert.is_nil(v)
+      assert.equal("network", err.kind)
+      assert.equal("stale", err.code)
+      assert.is_false(c:connected())
+      c:close()
+    end
+  end)
+end)
+
 describe("stella.redis in plain Lua", function()
   local srv, plain
 
@@ -295,6 +346,7 @@ describe("stella.redis in plain Lua", function()
 
     it("returns nil, err while it is down and reconnects after it restarts", function()
       local srv2 = redis_server.start{ requirepass = PASSWORD, appendonly = true }
+      finally(function() srv2:remove() end)
       local c = assert(redis.connect(srv2:url{ password = ESCAPED, db = 2 }))
       assert.equal("OK", c:call("SET", "kept", "yes"))
       srv2:stop()   -- a clean shutdown: the AOF has everything
@@ -319,7 +371,6 @@ describe("stella.redis in plain Lua", function()
       assert.equal("yes", c:call("GET", "kept"))   -- db 2 selected again, after AUTH
       assert.same({ "yes" }, c:pipeline{ { "GET", "kept" } })
       c:close()
-      srv2:remove()
     end)
   end)
 

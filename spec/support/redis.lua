@@ -26,16 +26,29 @@ local STOP_TIMEOUT = 10
 local Server = {}
 Server.__index = Server
 
--- Answers anything (+PONG, or -NOAUTH when a password is required): it is up.
-local function answers(host, port)
+-- A RESP command.
+local function resp(...)
+  local parts = { "*" .. select("#", ...) .. "\r\n" }
+  for i = 1, select("#", ...) do
+    local a = tostring((select(i, ...)))
+    parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
+  end
+  return table.concat(parts)
+end
+
+-- Ready: PING answers +PONG (after AUTH when there is a password). While it loads its AOF
+-- the server answers -LOADING, and before AUTH -NOAUTH even while loading.
+local function ready(host, port, password)
   local c = socket.tcp()
   c:settimeout(0.5)
   local ok = c:connect(host, port)
   if not ok then c:close() return false end
-  c:send("PING\r\n")
-  local line = c:receive("*l")
+  c:send((password and resp("AUTH", password) or "") .. resp("PING"))
+  local line = password and c:receive("*l")
+  if password and line ~= "+OK" then c:close() return false end
+  line = c:receive("*l")
   c:close()
-  return line ~= nil and (line:sub(1, 1) == "+" or line:sub(1, 1) == "-")
+  return line == "+PONG"
 end
 
 local function ipv6_loopback()
@@ -44,6 +57,11 @@ local function ipv6_loopback()
   local ok = s:bind("::1", 0)
   s:close()
   return ok == 1 or ok == true
+end
+
+-- A redis.conf argument: double-quoted, with \ and " escaped.
+local function conf_quote(s)
+  return '"' .. s:gsub('[\\"]', "\\%0") .. '"'
 end
 
 function Server:config()
@@ -61,14 +79,25 @@ function Server:config()
     "databases 16",
     "enable-debug-command local",   -- DEBUG SLEEP: a slow command for the timeout specs
   }
-  if o.requirepass then lines[#lines + 1] = "requirepass " .. o.requirepass end
+  if o.requirepass then lines[#lines + 1] = "requirepass " .. conf_quote(o.requirepass) end
   for _, u in ipairs(o.users or {}) do
-    lines[#lines + 1] = ("user %s on >%s %s"):format(u.name, u.password, u.rules or "~* &* +@all")
+    lines[#lines + 1] = ("user %s on %s %s"):format(u.name, conf_quote(">" .. u.password), u.rules or "~* &* +@all")
   end
   for _, line in ipairs(o.extra or {}) do   -- more lines; @DIR@ is the directory
     lines[#lines + 1] = (line:gsub("@DIR@", function() return self.dir end))
   end
   return table.concat(lines, "\n") .. "\n"
+end
+
+-- Stops the server when it is garbage-collected (at the latest when the Lua state closes).
+local function gc_guard(srv)
+  local function finalise() pcall(srv.remove, srv) end
+  if newproxy then
+    local guard = newproxy(true)
+    getmetatable(guard).__gc = finalise
+    return guard
+  end
+  return setmetatable({}, { __gc = finalise })
 end
 
 function Server:running()
@@ -89,8 +118,12 @@ function Server:launch()
     .. nginx.shell_quote(self.dir .. "/redis.conf") .. " >>" .. nginx.shell_quote(self.dir .. "/redis.out")
     .. " 2>&1"))
   self.pid = tonumber(self.proc:read("*l"))
+  -- Finalisers run newest first: this guard, newer than the popen handle, stops the server
+  -- before the handle's own finaliser would wait for it (at the latest when Lua exits). All
+  -- guards live as long as the server object: an old one must not stop a newer process.
+  self.guards[#self.guards + 1] = gc_guard(self)
   local up = nginx.wait_until(START_TIMEOUT, function()
-    return not nginx.alive(self.pid) or answers("127.0.0.1", self.port)
+    return not nginx.alive(self.pid) or ready("127.0.0.1", self.port, self.opts.requirepass)
   end) and nginx.alive(self.pid)
   if up then return true end
   self:kill()
@@ -134,22 +167,12 @@ function Server:url(opts)
   return "redis://" .. auth .. host .. ":" .. (opts.port or self.port) .. (opts.db and "/" .. opts.db or "")
 end
 
--- Stops the server when it is garbage-collected (at the latest when the Lua state closes).
-local function gc_guard(srv)
-  local function finalise() pcall(Server.remove, srv) end
-  if newproxy then
-    local guard = newproxy(true)
-    getmetatable(guard).__gc = finalise
-    return guard
-  end
-  return setmetatable({}, { __gc = finalise })
-end
-
 function M.start(opts)
   opts = opts or {}
   assert(nginx.file_exists(M.SERVER), M.SERVER .. " not found (install redis-server: make deps)")
   local dir = assert(nginx.temp_dir("stella-redis"))
-  local srv = setmetatable({ opts = opts, dir = dir, host = "127.0.0.1", ipv6 = ipv6_loopback() }, Server)
+  local srv = setmetatable({ opts = opts, dir = dir, host = "127.0.0.1", ipv6 = ipv6_loopback(), guards = {} },
+                           Server)
   local ok, log
   for _ = 1, 5 do   -- another process may take the free port first
     srv.port = opts.port or nginx.free_port()
@@ -160,7 +183,6 @@ function M.start(opts)
     nginx.remove_dir(dir)
     error("support.redis: redis-server failed to start:\n" .. tostring(log), 2)
   end
-  srv.gc_guard = gc_guard(srv)
   return srv
 end
 
