@@ -2,8 +2,11 @@
 #
 #   make                 build the C core for Lua 5.4   -> build/5.4/stella/core.so
 #   make LUA=luajit      build it for LuaJIT/OpenResty  -> build/luajit/stella/core.so
+#                        (both also build the Redis connection stella.redis.core ->
+#                        BUILD/stella/redis/core.so when hiredis' headers are installed)
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
-#   make asan            specs with the core built under AddressSanitizer
+#   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
+#   make valgrind        the C tests and the Redis connection's specs under valgrind
 #   make bench           benchmarks (ratios against baselines measured in the same run)
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
 #   make rock rock-install   what `luarocks make`/`luarocks install` run (rockspec/, build.type "make")
@@ -24,6 +27,12 @@ endif
 CURL_CFLAGS  ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
 CURL_LIBS    ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
 THREAD_LIBS  ?= -pthread   # stella_sender.c: the background sending thread
+# hiredis (libhiredis-dev) for the separate module stella.redis.core; without its headers
+# that module is skipped and the HTTP core builds as before.
+HIREDIS_CFLAGS ?= $(shell pkg-config --cflags hiredis 2>/dev/null)
+HIREDIS_LIBS ?= $(shell pkg-config --libs hiredis 2>/dev/null || echo -lhiredis)
+HAVE_HIREDIS ?= $(shell printf '\043include <hiredis/hiredis.h>\n' | $(CC) $(HIREDIS_CFLAGS) -E -x c - \
+                  >/dev/null 2>&1 && echo 1)
 
 CC           ?= cc
 OPT          ?= -O2
@@ -54,17 +63,23 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
 CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h
 BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c
 MODULE       := $(BUILD)/stella/core.so
+REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
 
 .PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
 
 all: module
 
-module: $(MODULE)
+module: $(MODULE) $(if $(HAVE_HIREDIS),$(REDIS_MODULE))
 
 $(MODULE): $(CORE_SRC) $(BINDING_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) $(BINDING_SRC) $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
+
+$(REDIS_MODULE): csrc/lstella_redis.c csrc/compat.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -fPIC -I$(LUA_INCDIR) $(HIREDIS_CFLAGS) $(LIBFLAG) -o $@ csrc/lstella_redis.c \
+	  $(LDFLAGS) $(HIREDIS_LIBS)
 
 luajit:
 	$(MAKE) LUA=luajit module
@@ -115,8 +130,13 @@ fuzz:
 	        $(CURL_LIBS) $(THREAD_LIBS)
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 build/asan/fuzz_json $(FUZZ_ITERATIONS) $${FUZZ_SEED:-1}
 
+# The C tests, then (with hiredis) the Redis connection's specs, under valgrind.
+VALGRIND     := valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 valgrind: build/c/test_core module
-	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/c/test_core
+	$(VALGRIND) build/c/test_core
+	$(if $(HAVE_HIREDIS),LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" \
+	  LUA_CPATH="./$(BUILD)/?.so;;" STELLA_TEST_LUA=$(LUA_BIN) \
+	  $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/redis_spec.lua)
 
 bench:
 	$(MAKE) LUA=5.4 module
@@ -130,6 +150,8 @@ bench:
 install: module
 	install -d $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/core.so
+	if [ -f $(REDIS_MODULE) ]; then \
+	  install -D -m 755 $(REDIS_MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/redis/core.so; fi
 	cd lua && find stella -type f -exec install -D -m 644 {} $(DESTDIR)$(LUA_SHAREDIR)/{} \;
 	if [ -f build/luajit/stella/core.so ] && [ "$(LUA)" != luajit ]; then \
 	  install -D -m 755 build/luajit/stella/core.so $(DESTDIR)$(LUAJIT_LIBDIR)/stella/core.so; fi
