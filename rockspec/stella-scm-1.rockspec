@@ -34,7 +34,7 @@ build = {
         "csrc/stella_value.c", "csrc/stella_text.c", "csrc/stella_codes.c",
         "csrc/stella_schema.c", "csrc/stella_validate.c", "csrc/stella_json.c",
         "csrc/stella_outcome.c", "csrc/stella_http.c", "csrc/stella_sender.c", "csrc/stella_sha256.c",
-        "csrc/stella_parse.c", "csrc/lstella.c", "csrc/lstella_http.c", "csrc/lstella_decode.c",
+        "csrc/stella_parse.c", "csrc/lstella.c", "csrc/lstella_http.c", "csrc/lstella_decode.c", "csrc/lstella_signal.c",
       },
       incdirs = { "csrc", "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },
