@@ -441,6 +441,7 @@ int luaopen_stella_core(lua_State *L) {
   lua_newtable(L);
   stella_setfuncs(L, plain_funcs, 0);
   lstella_open_http(L);
+  lstella_open_signal(L);
   s = (scratch *)lua_newuserdata(L, sizeof *s);
   stella_arena_init(&s->arena);
   stella_buffer_init(&s->json);

@@ -9,4 +9,9 @@
  * the stella.http and stella.sender classes and their constructors, the retry helpers. */
 void lstella_open_http(lua_State *L);
 
+/* Registers catch_signals and caught_signal (lstella_signal.c). */
+void lstella_open_signal(lua_State *L);
+/* 1 once a signal has been caught since catch_signals (l_sleep ends early then). */
+int lstella_signal_pending(void);
+
 #endif

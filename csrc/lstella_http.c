@@ -43,16 +43,23 @@ static int l_parse_retry_after(lua_State *L) {
   return 1;
 }
 
-/* sleep(seconds): the default pause between retries outside OpenResty. */
+/* sleep(seconds) -> true, or false when it ended early because a signal was caught
+ * (catch_signals): the default pause between retries outside OpenResty. It sleeps in
+ * slices of at most 100 ms, so that a signal delivered to another thread ends it too. */
 static int l_sleep(lua_State *L) {
   lua_Number secs = luaL_checknumber(L, 1);
-  struct timespec ts, rem;
-  if (!(secs > 0)) return 0;
   if (secs > 86400) secs = 86400;
-  ts.tv_sec = (time_t)secs;
-  ts.tv_nsec = (long)((secs - (lua_Number)ts.tv_sec) * 1e9);
-  while (nanosleep(&ts, &rem) != 0 && errno == EINTR) ts = rem;
-  return 0;
+  while (secs > 0) {
+    struct timespec ts, rem;
+    lua_Number slice = secs > 0.1 ? 0.1 : secs;
+    if (lstella_signal_pending()) { lua_pushboolean(L, 0); return 1; }
+    ts.tv_sec = (time_t)slice;
+    ts.tv_nsec = (long)((slice - (lua_Number)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &rem) != 0 && errno == EINTR && !lstella_signal_pending()) ts = rem;
+    secs -= slice;
+  }
+  lua_pushboolean(L, !lstella_signal_pending());
+  return 1;
 }
 
 /* ---------- outcomes (stella_outcome.c) ----------------------------------------------- */
@@ -414,10 +421,20 @@ static sender_ud *open_sender(lua_State *L) {
   return su;
 }
 
-/* sender:done() -> true once the thread has finished (never waits) */
+/* sender:done([wait_seconds]) -> true once the threads have finished; waits up to
+ * wait_seconds (default 0: never waits) for that */
 static int l_sender_done(lua_State *L) {
-  lua_pushboolean(L, stella_sender_done(open_sender(L)->s));
+  sender_ud *su = open_sender(L);
+  lua_Number wait = luaL_optnumber(L, 2, 0);
+  long wait_ms = wait > 0 ? (wait > 60 ? 60000L : (long)(wait * 1000 + 0.5)) : 0;
+  lua_pushboolean(L, wait_ms > 0 ? stella_sender_done_within(su->s, wait_ms) : stella_sender_done(su->s));
   return 1;
+}
+
+/* sender:stop(): the threads end their posts in flight and start no other */
+static int l_sender_stop(lua_State *L) {
+  stella_sender_stop(open_sender(L)->s);
+  return 0;
 }
 
 /* sender:wait() -> the number of items attempted (with one client, a prefix of the list) */
@@ -449,6 +466,7 @@ static int l_sender_result(lua_State *L) {
 
 static const luaL_Reg sender_methods[] = {
   { "done", l_sender_done },
+  { "stop", l_sender_stop },
   { "wait", l_sender_wait },
   { "result", l_sender_result },
   { "close", l_sender_close },
@@ -493,6 +511,8 @@ void lstella_open_http(lua_State *L) {
   new_class(L, SENDER_MT, sender_methods, l_sender_close, NULL);
   stella_setfuncs(L, http_funcs, 0);
   push_outcomes(L);
+  lua_pushinteger(L, (lua_Integer)STELLA_MAX_ANSWER_BYTES);
+  lua_setfield(L, -2, "max_answer_bytes");
   lua_pushliteral(L, STELLA_DEFAULT_BASE_URL);
   lua_setfield(L, -2, "default_base_url");
 }

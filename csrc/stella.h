@@ -194,6 +194,7 @@ typedef enum stella_outcome {
   STELLA_OUTCOME_TIMEOUT,           /* from here on, no answer: none in time */
   STELLA_OUTCOME_NETWORK,           /* could not connect / connection dropped */
   STELLA_OUTCOME_PROTOCOL,          /* the peer answered something that is not HTTP */
+  STELLA_OUTCOME_TOO_LARGE,         /* an answer body over STELLA_MAX_ANSWER_BYTES: not read */
   STELLA_OUTCOME_TLS,               /* certificate or handshake failure */
   STELLA_OUTCOME_INTERNAL,          /* out of memory, bad option */
   STELLA_OUTCOME_COUNT
@@ -221,6 +222,11 @@ stella_outcome stella_outcome_of_curl(int curlcode, long status);
 typedef struct stella_http stella_http;
 
 #define STELLA_DEFAULT_BASE_URL "https://api.stellaconnect.net"
+
+/* The largest answer body either transport reads (libcurl here, the cosocket transport
+ * through stella.core.max_answer_bytes): the service answers a few hundred bytes, so a
+ * bigger answer is a fault, refused as STELLA_OUTCOME_TOO_LARGE before it fills memory. */
+#define STELLA_MAX_ANSWER_BYTES (8L * 1024 * 1024)
 
 typedef struct stella_http_options {
   const char *base_url;         /* NULL: STELLA_DEFAULT_BASE_URL; a tenant's looks like
@@ -321,6 +327,11 @@ stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long
                                    char *err, size_t errlen);
 /* 1 once every thread has finished (never waits). */
 int stella_sender_done(stella_sender *s);
+/* 1 once every thread has finished, waiting up to `wait_ms` for that (0: not at all). */
+int stella_sender_done_within(stella_sender *s, long wait_ms);
+/* Asks the threads to stop: each ends its post in flight (or times out) and starts no
+ * other; the items not attempted stay for the caller (stella_sender_result is NULL). */
+void stella_sender_stop(stella_sender *s);
 /* Waits for the threads; returns how many items they attempted (with one client, a prefix
  * of the list; with several, any subset: see stella_sender_result). */
 size_t stella_sender_wait(stella_sender *s);

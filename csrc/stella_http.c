@@ -25,6 +25,7 @@ struct stella_http {
   char content_type[128];
   char retry_after[128];
   long connects;
+  int too_large;                /* the answer's body passed STELLA_MAX_ANSWER_BYTES */
   char errbuf[CURL_ERROR_SIZE];
   char message[CURL_ERROR_SIZE + 64];
 };
@@ -72,6 +73,15 @@ static int host_is_loopback(const char *host) {
     return parts == 3;
   }
   return 0;
+}
+
+/* host_is_loopback on the host stella_check_base_url found (not NUL-terminated). */
+static int url_host_is_loopback(const stella_base_url *u) {
+  char host[64];
+  if (u->host_len == 0 || u->host_len >= sizeof host) return 0;
+  memcpy(host, u->host, u->host_len);
+  host[u->host_len] = '\0';
+  return host_is_loopback(host);
 }
 
 /* Finds host, port and path in `url` (already checked by libcurl, without user
@@ -162,6 +172,8 @@ int stella_check_base_url(const char *url, size_t len, stella_base_url *out, cha
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata) {
   stella_http *h = (stella_http *)userdata;
   size_t n = size * nmemb;
+  /* one cap for both transports: a longer answer ends the transfer (CURLE_WRITE_ERROR) */
+  if (n > (size_t)STELLA_MAX_ANSWER_BYTES - h->body.len) { h->too_large = 1; return 0; }
   stella_buffer_add(&h->body, ptr, n);
   return h->body.oom ? 0 : n;
 }
@@ -261,6 +273,13 @@ stella_http *stella_http_new(const stella_http_options *o, char *err, size_t err
   curl_easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(h->easy, CURLOPT_HEADERDATA, h);
   curl_easy_setopt(h->easy, CURLOPT_POST, 1L);
+  /* an announced Content-Length over the cap fails before the body (CURLE_FILESIZE_EXCEEDED) */
+  curl_easy_setopt(h->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)STELLA_MAX_ANSWER_BYTES);
+  /* A loopback host is never reached through a proxy (http_proxy, ALL_PROXY, ...): the
+   * sandbox and test servers are local, and plain http:// (loopback only) would hand the
+   * key to the proxy in clear. https:// elsewhere honours the proxy variables (a CONNECT
+   * tunnel keeps TLS end to end). */
+  if (url_host_is_loopback(&parts)) curl_easy_setopt(h->easy, CURLOPT_NOPROXY, "*");
   return h;
 
 oom:
@@ -308,6 +327,7 @@ stella_outcome stella_http_start(stella_http *h, const char *path, const char *b
   h->url.len = 0;
   h->body.len = 0;
   h->body.oom = 0;
+  h->too_large = 0;
   h->request.len = 0;
   h->request.oom = 0;
   h->content_type[0] = h->retry_after[0] = h->errbuf[0] = '\0';
@@ -336,6 +356,15 @@ static void finish(stella_http *h, CURLcode rc, stella_http_result *res) {
   if (rc == CURLE_OK) curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
   res->outcome = stella_outcome_of_curl(rc, res->status);
   if (rc == CURLE_WRITE_ERROR && h->body.oom) res->outcome = STELLA_OUTCOME_INTERNAL;
+  if (rc == CURLE_WRITE_ERROR && h->too_large) res->outcome = STELLA_OUTCOME_TOO_LARGE;
+  if (res->outcome == STELLA_OUTCOME_TOO_LARGE) {
+    res->status = 0;
+    h->body.len = 0;
+    snprintf(h->message, sizeof h->message, "the answer from %s is larger than %ld bytes",
+             h->base_url, STELLA_MAX_ANSWER_BYTES);
+    res->error = h->message;
+    return;
+  }
   if (rc != CURLE_OK) {
     res->status = 0;
     snprintf(h->message, sizeof h->message, "%s", h->errbuf[0] ? h->errbuf : curl_easy_strerror(rc));

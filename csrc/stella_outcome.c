@@ -24,6 +24,8 @@ static const stella_outcome_info outcomes[STELLA_OUTCOME_COUNT] = {
   { "timeout",          "timeout",      1, 0, "timed out after {timeout} s: {detail}" },
   { "network",          "network",      1, 0, "{detail}" },
   { "protocol",         "protocol",     0, 0, "{detail}" },
+  /* the same answer would come again: a retry could only create a duplicate */
+  { "too_large",        "protocol",     0, 0, "{detail}" },
   /* certificate problems and our own failures do not heal by retrying */
   { "tls",              "network",      0, 0, "{detail}" },
   { "internal",         "network",      0, 0, "{detail}" },
@@ -50,6 +52,7 @@ static const struct { CURLcode code; stella_outcome outcome; } curl_codes[] = {
   { CURLE_BAD_CONTENT_ENCODING, STELLA_OUTCOME_PROTOCOL },
   { CURLE_HTTP2, STELLA_OUTCOME_PROTOCOL },
   { CURLE_HTTP2_STREAM, STELLA_OUTCOME_PROTOCOL },
+  { CURLE_FILESIZE_EXCEEDED, STELLA_OUTCOME_TOO_LARGE },   /* a Content-Length over the cap */
   { CURLE_PEER_FAILED_VERIFICATION, STELLA_OUTCOME_TLS },
   { CURLE_SSL_CONNECT_ERROR, STELLA_OUTCOME_TLS },
   { CURLE_SSL_CERTPROBLEM, STELLA_OUTCOME_TLS },

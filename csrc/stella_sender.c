@@ -41,9 +41,10 @@ struct stella_sender {
   long budget_ms;
   long long start_ms;
   pthread_mutex_t lock;          /* guards finished and stop */
+  pthread_cond_t ended;          /* signalled as each lane's thread ends */
   size_t finished;               /* lanes whose thread has ended */
   int stop;
-  int mutex_ready, joined;
+  int mutex_ready, cond_ready, joined;
 };
 
 static long long now_ms(void) {
@@ -122,6 +123,7 @@ static void *run(void *arg) {
   }
   pthread_mutex_lock(&s->lock);
   s->finished++;
+  pthread_cond_broadcast(&s->ended);
   pthread_mutex_unlock(&s->lock);
   return NULL;
 }
@@ -153,6 +155,8 @@ stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long
   }
   if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
   s->mutex_ready = 1;
+  if (pthread_cond_init(&s->ended, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
+  s->cond_ready = 1;
   s->start_ms = now_ms();
   for (k = 0; k < s->nlanes; k++) {
     if (pthread_create(&s->lanes[k].thread, NULL, run, &s->lanes[k]) != 0) {
@@ -176,6 +180,26 @@ int stella_sender_done(stella_sender *s) {
   finished = s->finished;
   pthread_mutex_unlock(&s->lock);
   return finished == s->nlanes;
+}
+
+int stella_sender_done_within(stella_sender *s, long wait_ms) {
+  struct timespec until;
+  int done;
+  if (s->joined) return 1;
+  clock_gettime(CLOCK_REALTIME, &until);   /* pthread_cond_timedwait's clock */
+  until.tv_sec += wait_ms / 1000;
+  until.tv_nsec += (wait_ms % 1000) * 1000000L;
+  if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+  pthread_mutex_lock(&s->lock);
+  while (s->finished < s->nlanes && wait_ms > 0)
+    if (pthread_cond_timedwait(&s->ended, &s->lock, &until) != 0) break;   /* timed out */
+  done = s->finished == s->nlanes;
+  pthread_mutex_unlock(&s->lock);
+  return done;
+}
+
+void stella_sender_stop(stella_sender *s) {
+  if (s->mutex_ready && !s->joined) request_stop(s);
 }
 
 static void join_all(stella_sender *s) {
@@ -207,6 +231,7 @@ void stella_sender_free(stella_sender *s) {
       request_stop(s);   /* each lane ends its post in flight (or times out); none starts another */
       join_all(s);
     }
+    if (s->cond_ready) pthread_cond_destroy(&s->ended);
     pthread_mutex_destroy(&s->lock);
   }
   if (s->items) {

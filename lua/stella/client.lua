@@ -14,8 +14,12 @@ local DEFAULT_BASE_URL = core.default_base_url
 local KNOWN_OPTIONS = {
   api_key = true, keys = true, mode = true, base_url = true, timeout = true,
   connect_timeout = true, retry = true, channels = true, user_agent = true, ca_file = true,
-  transport = true, sleep = true, random = true,
+  transport = true, sleep = true, random = true, breaker = true,
 }
+
+-- The circuit breaker's defaults: after this many connection-level failures in a row
+-- (no answer: refused, reset, timed out), the client stops trying for `cooldown` seconds.
+local BREAKER_DEFAULTS = { failures = 5, cooldown = 30 }
 
 local STRING_OPTIONS = { "base_url", "user_agent", "ca_file" }   -- api_key: pick_key
 
@@ -96,7 +100,30 @@ local function positive(opts, name, default)
   return v
 end
 
-function M.new(opts)
+-- The breaker's state from opts.breaker (nil: the defaults; false: none). A client and
+-- its clones share one (a clone talks to the same host).
+local function new_breaker(b)
+  if b == false then return nil end
+  if b ~= nil and type(b) ~= "table" then error("stella.new: breaker must be a table or false", 3) end
+  b = b or {}
+  for k in pairs(b) do
+    if k ~= "failures" and k ~= "cooldown" and k ~= "clock" then
+      error("stella.new: unknown breaker option " .. tostring(k), 3)
+    end
+  end
+  local failures, cooldown = b.failures or BREAKER_DEFAULTS.failures, b.cooldown or BREAKER_DEFAULTS.cooldown
+  if type(failures) ~= "number" or failures < 1 or failures ~= floor(failures) then
+    error("stella.new: breaker.failures must be a whole number >= 1", 3)
+  end
+  if type(cooldown) ~= "number" or not (cooldown >= 0) then
+    error("stella.new: breaker.cooldown must be a number of seconds >= 0", 3)
+  end
+  if b.clock ~= nil and type(b.clock) ~= "function" then error("stella.new: breaker.clock must be a function", 3) end
+  return { threshold = failures, cooldown = cooldown, clock = b.clock or os.time, failures = 0,
+           open_until = nil, last = nil }
+end
+
+function M.new(opts, shared_breaker)
   if type(opts) ~= "table" then error("stella.new: options table expected", 2) end
   for k in pairs(opts) do
     if not KNOWN_OPTIONS[k] then error("stella.new: unknown option " .. tostring(k), 2) end
@@ -124,6 +151,7 @@ function M.new(opts)
     max_delay = retry.max_delay or 30,
     sleep = opts.sleep or default_sleep,
     random = opts.random or random,
+    breaker = shared_breaker or new_breaker(opts.breaker),
   }, Client)
   local transport_new = opts.transport or M.default_transport()
   if type(transport_new) == "table" then transport_new = transport_new.new end
@@ -141,7 +169,8 @@ function M.new(opts)
   -- a closure too, for the same reason
   local same = {}
   for k, v in pairs(opts) do same[k] = v end
-  self.spawn = function() return M.new(same) end
+  local breaker = self.breaker
+  self.spawn = function() return M.new(same, breaker) end
   self.key_hint = key_hint(key)
   return self
 end
@@ -223,17 +252,60 @@ local function answer(self, url, attempt, r)
   return nil, err, status and r.retry_after
 end
 
+-- The circuit breaker ------------------------------------------------------------------
+-- Counts connection-level failures in a row (no answer, and retryable: refused, reset,
+-- timed out); any answer resets the count. At `failures` it opens: for `cooldown`
+-- seconds post fails at once with kind "circuit_open", nothing sent; then one attempt
+-- goes through (half open): an answer closes it, another failure opens it again.
+local function note(self, err)
+  local b = self.breaker
+  if not b then return end
+  if err and err.retryable and err.failure then
+    b.failures = b.failures + 1
+    b.last = err.message
+    if b.failures >= b.threshold then b.open_until = b.clock() + b.cooldown end
+  else
+    b.failures, b.open_until = 0, nil
+  end
+end
+
+-- true while the breaker is open (no attempt may go out)
+local function is_open(self)
+  local b = self.breaker
+  return b ~= nil and b.open_until ~= nil and b.clock() < b.open_until
+end
+
+local function circuit_open(self)
+  local b = self.breaker
+  return errors.new{ kind = "circuit_open", retryable = true, handed_back = true, attempts = 0,
+    message = ("not sent: the circuit breaker is open after %d failed connections in a row to %s "
+      .. "(the last: %s); nothing is tried for %g s"):format(b.failures, self.base_url,
+      tostring(b.last), b.cooldown) }
+end
+
+-- client:circuit() -> "closed" | "open" | "half_open" (the next attempt is a trial),
+-- consecutive failures; "none" without a breaker.
+function Client:circuit()
+  local b = self.breaker
+  if not b then return "none", 0 end
+  if b.open_until == nil then return "closed", b.failures end
+  return is_open(self) and "open" or "half_open", b.failures
+end
+
 -- The retries after attempt number `attempt` failed with err: pause, post again, while
 -- the error is retryable and attempts remain. Returns res | nil, err.
+-- A sleep that returns false (core.sleep once a signal was caught) ends the retries, as
+-- does an open circuit breaker: the last error stands.
 local function retry(self, path, body, url, attempt, err, retry_after)
-  while err.retryable and attempt < self.attempts do
+  while err.retryable and attempt < self.attempts and not is_open(self) do
     local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
                                    floor(self.max_delay * 1000), retry_after, self.random())
-    self.sleep(delay / 1000)
+    if self.sleep(delay / 1000) == false then break end
     if not self.transport then error("attempt to use a closed stella client", 3) end
     attempt = attempt + 1
     local res
     res, err, retry_after = answer(self, url, attempt, self.transport:post(path, body))
+    note(self, err)
     if res then return res end
   end
   return nil, err
@@ -245,13 +317,16 @@ end
 function Client:complete(path, body, response)
   local url = self.base_url .. path
   local res, err, ra = answer(self, url, 1, response)
+  note(self, err)
   if res then return res end
   return retry(self, path, body, url, 1, err, ra)
 end
 
--- POST one encoded body with retries. Returns res | nil, err.
+-- POST one encoded body with retries. Returns res | nil, err; with the circuit breaker
+-- open, nil and a "circuit_open" error at once (nothing sent).
 function Client:post(path, body)
   if not self.transport then error("attempt to use a closed stella client", 3) end
+  if is_open(self) then return nil, circuit_open(self) end
   return self:complete(path, body, self.transport:post(path, body))
 end
 

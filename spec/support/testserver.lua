@@ -19,6 +19,9 @@
 --   delay    seconds to wait before answering (or dropping)
 --   drop     close the connection without sending any response
 --   close    answer with "Connection: close", then close the connection
+--   body_bytes  a body of this many "x" bytes (made by the server: larger than a script
+--            item may carry)
+--   chunked  send the body without Content-Length (chunked), so its size is not announced
 --
 -- Recorded request fields: method, path (URI with query string), headers (lowercased
 -- names; a repeated header gives an array of values), body (raw string), connection
@@ -35,7 +38,8 @@ local testserver = {}
 local START_TIMEOUT = 5    -- seconds to wait for nginx to accept requests
 local CONTROL_TIMEOUT = 5  -- seconds for one control request
 
-local ITEM_FIELDS = { status = true, body = true, headers = true, delay = true, drop = true, close = true }
+local ITEM_FIELDS = { status = true, body = true, headers = true, delay = true, drop = true, close = true,
+                      body_bytes = true, chunked = true }
 
 -- Absolute directory of this file, so the specs can run from any working directory.
 local function support_dir()

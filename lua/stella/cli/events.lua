@@ -7,10 +7,11 @@ local input = require "stella.input"
 local M = {}
 
 -- Reads the events of each input; calls on_event(reader, line_no, event), and
--- report(message) for each malformed record. Returns the number of malformed records
--- and of unreadable inputs.
+-- report(message, reader, line_no) for each malformed record. on_event returning false
+-- stops the reading (before that event: it is not taken). Returns the number of
+-- malformed records and of unreadable inputs, and when stopped, where: { name, line }.
 function M.each(ctx, inputs, format, on_event, report, progress)
-  local malformed, unreadable = 0, 0
+  local malformed, unreadable, stopped = 0, 0, nil
   for _, path in ipairs(inputs) do
     local reader, err = input.open(path, format, { stdin = ctx.stdin })
     if not reader then
@@ -19,20 +20,24 @@ function M.each(ctx, inputs, format, on_event, report, progress)
     else
       for line_no, event, lerr in reader:lines() do
         if event then
-          on_event(reader, line_no, event)
+          if on_event(reader, line_no, event) == false then
+            stopped = { reader.name, line_no }
+            break
+          end
         else
           malformed = malformed + 1
-          report(lerr)
+          report(lerr, reader, line_no)
         end
         if progress then progress.update(reader) end
       end
       reader:close()
+      if stopped then break end
       local note = reader:warning()   -- no records at all: say so (not an error)
       if note then ctx:warn("stella: %s: %s", reader.name, note) end
     end
   end
   if progress then progress.done() end
-  return malformed, unreadable
+  return malformed, unreadable, stopped
 end
 
 -- A request's validation errors, one line each: FILE:LINE: PATH: message (CODE).

@@ -2,7 +2,8 @@
 --
 --   os.exit(require("stella.cli").main(arg))
 --
--- cli.main(argv [, env]) -> exit status (0 fine, 1 something failed, 2 bad usage)
+-- cli.main(argv [, env]) -> exit status (0 fine, 1 something failed, 2 bad usage, 3 the
+-- API could not be reached, 128+N stopped by signal N: stella.cli.signals.EXIT)
 --   argv  the command line without the program name (argv[1] is the command)
 --   env   { getenv = os.getenv, stdout = io.stdout, stderr = io.stderr, stdin = io.stdin,
 --           isatty = function() -> is stderr a terminal, time = os.time }, for tests
@@ -30,13 +31,14 @@ commands:
   status       counts, error rate per hour, outbox and latest errors from the local store
   retry        send what the outbox holds
   unsubscribe  stop requests to e-mail addresses
+  doctor       check the store: SQLite's integrity check, then a read of it
   sandbox      run a local emulation of the Requests API with a status page
   help         this text, or `stella help COMMAND`
 
 Run `stella COMMAND --help` for a command's options.]]
 
 local commands = {}
-for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "unsubscribe", "sandbox", "help" } do
+for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "unsubscribe", "doctor", "sandbox", "help" } do
   commands[name] = require("stella.cli." .. name)
 end
 

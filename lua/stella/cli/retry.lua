@@ -2,6 +2,9 @@
 local pcall, tostring = pcall, tostring
 local args = require "stella.cli.args"
 local setup = require "stella.cli.setup"
+local signals = require "stella.cli.signals"
+
+local EXIT = signals.EXIT
 
 local M = {}
 
@@ -9,8 +12,10 @@ M.help = [[
 usage: stella retry [--rules FILE] [--db FILE] [--connections N] [--json] [-q | -v]
 
 Sends the requests waiting in the outbox (those that failed with a retryable error) and
-prints how many were sent, are still queued, or were given up (dead). Exit status 1 when
-any failed or was given up.
+prints how many were sent, are still queued, or were given up (dead), and when the next
+item waiting is due (an item that failed waits out a backoff). Exit status 1 when any
+failed or was given up, 3 when the API could not be reached (the circuit breaker opened),
+128+N when stopped by signal N.
 
   --rules FILE   the rules file (for keys, brands and alerts); optional
   --db FILE      the store (default stella.db)
@@ -22,6 +27,10 @@ any failed or was given up.
 -- its options: "flag" or "value"
 M.options = args.with_output{ rules = "value", db = "value", connections = "value" }
 
+local function fmt_time(t)
+  return os.date("%Y-%m-%d %H:%M:%S", math.floor(t))
+end
+
 function M.run(ctx, opts, positional)
   if #positional > 0 then return ctx:usage_error("retry", "unexpected argument %s", positional[1]) end
   local mode, merr = args.output_mode(opts, false)
@@ -30,23 +39,52 @@ function M.run(ctx, opts, positional)
   if not connections then
     return ctx:usage_error("retry", "--connections must be a whole number from 1 to 64")
   end
+  local sig = signals.catch()
   local run, rstatus = setup.start(ctx, "retry", { rules = opts.rules, send = true, connections = connections,
-                                                   db = opts.db or setup.DEFAULT_DB, must_exist = true })
-  if not run then return rstatus end
+                                                   db = opts.db or setup.DEFAULT_DB, must_exist = true,
+                                                   stop = sig.caught })
+  if not run then sig:release() return rstatus end
   local fok, res, flush_err = pcall(run.trigger.flush, run.trigger)
-  local left = fok and res and run.store:outbox_counts() or nil
+  local left, next_item
+  if fok and res then
+    left = run.store:outbox_counts()
+    -- what waits, and until when: the earliest item due
+    local first = (left and (left.queued or 0) > 0) and run.store:outbox("queued", 1) or nil
+    next_item = first and first[1]
+  end
+  local circuit = run.client and run.client:circuit()
   setup.stop(run)
-  if not fok or not res then ctx:warn("stella retry: %s", tostring(fok and flush_err or res)) return 1 end
-  local status = (res.failed or 0) > 0 and 1 or 0
+  local signal_status = sig:status()
+  local signal_name = sig.name()
+  sig:release()
+  if not fok or not res then ctx:warn("stella retry: %s", tostring(fok and flush_err or res)) return EXIT.FAILED end
+  local unreachable = circuit == "open" or circuit == "half_open"
+  local status = signal_status or (unreachable and EXIT.UNREACHABLE)
+    or ((res.failed or 0) > 0 and EXIT.FAILED or EXIT.OK)
   if mode == "json" then
     ctx:say("%s", require("stella.cli.output").encode{ command = "retry", sent = res.sent or 0,
       recorded = res.recorded or 0, queued = res.queued or 0, failed = res.failed or 0, dead = res.dead or 0,
-      outbox = { queued = left and left.queued or 0, dead = left and left.dead or 0 }, exit_status = status })
+      outbox = { queued = left and left.queued or 0, dead = left and left.dead or 0 },
+      next_due = next_item and next_item.next_at or nil, circuit = circuit or nil,
+      signal = signal_status and tostring(signal_name) or nil, exit_status = status })
     return status
   end
   ctx:say("sent %d, recorded %d, still queued %d, failed %d (of which %d given up: dead)",
     res.sent or 0, res.recorded or 0, res.queued or 0, res.failed or 0, res.dead or 0)
   if left then ctx:say("outbox: %d queued, %d dead", left.queued or 0, left.dead or 0) end
+  if next_item and next_item.next_at then
+    local now = ctx.time()
+    local wait = next_item.next_at - now
+    ctx:say("next item due %s%s", wait > 0 and ("at " .. fmt_time(next_item.next_at)) or "now",
+      wait > 0 and (" (in %d s: it waits out its backoff after %d tr%s)"):format(math.ceil(wait),
+        next_item.attempts or 0, (next_item.attempts or 0) == 1 and "y" or "ies") or "")
+  end
+  if signal_status then
+    ctx:warn("stella retry: stopped by %s; what was not sent stays in the outbox", tostring(signal_name))
+  elseif unreachable then
+    ctx:warn("stella retry: the API could not be reached: the circuit breaker opened after repeated "
+      .. "connection failures; the rest stays in the outbox")
+  end
   return status
 end
 

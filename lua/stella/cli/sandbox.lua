@@ -2,6 +2,7 @@
 -- the foreground until Ctrl-C, relaying its access log.
 local pcall, tonumber, tostring = pcall, tonumber, tostring
 local floor = math.floor
+local signals = require "stella.cli.signals"
 
 local M = {}
 
@@ -45,9 +46,12 @@ function M.run(ctx, opts, positional)
   end
   local lok, sandbox = pcall(require, "stella.sandbox")
   if not lok then ctx:warn("stella sandbox: %s", tostring(sandbox)) return 1 end
+  -- SIGINT, SIGTERM, SIGHUP: nginx stopped and its files removed before the exit (the
+  -- handler makes the blocking read of nginx's log return; stella.cli.signals)
+  local sig = signals.catch()
   local sb, err = sandbox.start{ port = port, config = opts.config, prefix = opts.prefix,
                                  access_log = not opts.quiet }
-  if not sb then ctx:warn("stella sandbox: %s", tostring(err)) return 1 end
+  if not sb then sig:release() ctx:warn("stella sandbox: %s", tostring(err)) return 1 end
   ctx:secret(sb.config.keys.test)
   ctx:secret(sb.config.keys.production)
   ctx:say("stella sandbox: %s on %s", sb.config.company, sb.url)
@@ -57,12 +61,23 @@ function M.run(ctx, opts, positional)
   ctx:say("  pid     %d in %s", sb.pid, sb.pid_file)
   ctx:say("Ctrl-C stops it.")
   ctx.stdout:flush()
-  local wok, werr = pcall(sb.wait, sb, function(line)
-    ctx:say("%s", line)
-    ctx.stdout:flush()
+  local STOP = {}
+  local wok, werr = pcall(function()
+    if sig.caught() then error(STOP, 0) end
+    sb:wait(function(line)
+      ctx:say("%s", line)
+      ctx.stdout:flush()
+      if sig.caught() then error(STOP, 0) end
+    end)
   end)
   sb:stop()
-  if not wok and not tostring(werr):find("interrupted", 1, true) then
+  local status, name = sig:status(), sig.name()
+  sig:release()
+  if status then
+    ctx:say("stella sandbox: stopped (%s)", tostring(name))
+    return status
+  end
+  if not wok and werr ~= STOP then
     ctx:warn("stella sandbox: %s", tostring(werr))
     return 1
   end

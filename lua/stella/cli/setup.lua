@@ -84,7 +84,8 @@ end
 
 -- Loads the rules, makes the client (when the command sends), opens the store and starts
 -- the trigger. o = { rules = FILE|nil, send = bool, db = FILE|":memory:", must_exist,
--- dry_run, connections }. Returns run = { rules (compiled), client, store, trigger }, or
+-- dry_run, connections, stop (the trigger's: a function saying the run must end) }.
+-- Returns run = { rules (compiled), client, store, trigger }, or
 -- nil and the exit status after saying what went wrong.
 function M.start(ctx, command, o)
   local run = {}
@@ -107,7 +108,7 @@ function M.start(ctx, command, o)
   if not store then return fail(1, "%s", serr) end
   run.store = store
   local trigger, terr = new_trigger{ rules = run.rules or {}, client = run.client, store = store,
-                                     dry_run = o.dry_run, connections = o.connections }
+                                     dry_run = o.dry_run, connections = o.connections, stop = o.stop }
   if not trigger then return fail(2, "%s", terr) end
   run.trigger = trigger
   return run

@@ -24,6 +24,13 @@ failed events with their messages.
 -- its options: "flag" or "value"
 M.options = args.with_output{ db = "value", since = "value" }
 
+-- A store call's answer, or raise its error: a damaged or unreadable store must fail the
+-- command loudly, never print as an empty one.
+local function need(value, err)
+  if value == nil then error(tostring(err or "the store gave no answer"), 0) end
+  return value
+end
+
 local function fmt_time(t)
   if type(t) ~= "number" then return tostring(t) end
   return os.date("%Y-%m-%d %H:%M:%S", floor(t))
@@ -84,7 +91,7 @@ function M.run(ctx, opts, positional)
     ctx:say("stella status: %s, since %s (%s)", db, fmt_time(since), opts.since or "24h")
     ctx:say("")
 
-    local rows, total = tables.outcome_rows(store:counts{ since = since } or {})
+    local rows, total = tables.outcome_rows(need(store:counts{ since = since }))
     if #rows == 0 then
       ctx:say("no events")
     else
@@ -94,7 +101,7 @@ function M.run(ctx, opts, positional)
     ctx:say("")
 
     ctx:say("error rate per hour")
-    local rate = store:rate{ since = since, bucket = 3600 } or {}
+    local rate = need(store:rate{ since = since, bucket = 3600 })
     if #rate == 0 then
       ctx:say("no requests")
     else
@@ -112,13 +119,13 @@ function M.run(ctx, opts, positional)
     end
     ctx:say("")
 
-    local oc = store:outbox_counts() or {}
+    local oc = need(store:outbox_counts())
     ctx:say("outbox: %d queued, %d dead", oc.queued or 0, oc.dead or 0)
     ctx:say("")
 
     local latest = {}
     for _, st in ipairs{ "invalid", "failed" } do
-      for _, e in ipairs(store:ledger{ since = since, status = st, limit = 10 } or {}) do
+      for _, e in ipairs(need(store:ledger{ since = since, status = st, limit = 10 })) do
         latest[#latest + 1] = e
       end
     end

@@ -1,13 +1,16 @@
 -- stella.cli.trigger: `stella trigger`, the events of export files through the rules, in
 -- batches through the trigger's pipeline; failed and invalid events on standard error as
 -- they settle, a summary by outcome and reason at the end.
-local pcall, tostring, type = pcall, tostring, type
+local ipairs, pcall, tostring, type = ipairs, pcall, tostring, type
 local args = require "stella.cli.args"
 local cli_events = require "stella.cli.events"
 local output = require "stella.cli.output"
 local progress = require "stella.cli.progress"
 local setup = require "stella.cli.setup"
+local signals = require "stella.cli.signals"
 local tables = require "stella.cli.table"
+
+local EXIT = signals.EXIT
 
 local M = {}
 
@@ -28,8 +31,11 @@ standard input) through the rules and sends the requests they decide on.
 ]] .. args.OUTPUT_HELP .. [[
 
 A malformed line is reported on standard error as FILE:LINE: message and skipped. At the
-end a summary by outcome and reason goes to standard output. Exit status: 0 when nothing
-failed, 1 when an event was failed, invalid or malformed, 2 on bad usage.
+end a summary by outcome and reason goes to standard output. Ctrl-C (SIGINT), SIGTERM
+or SIGHUP stops it after the sends in flight; what was not sent waits in the outbox.
+Exit status: 0 when nothing failed, 1 when an event was failed, invalid or malformed,
+2 on bad usage, 3 when the API could not be reached (the circuit breaker opened: the
+rest is queued), 128+N when stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 ]] .. setup.KEYS_HELP
 
 -- its options: "flag" or "value"
@@ -56,9 +62,13 @@ function M.run(ctx, opts, inputs)
   if not connections then
     return ctx:usage_error("trigger", "--connections must be a whole number from 1 to 64")
   end
+  -- SIGINT, SIGTERM, SIGHUP: no new batch; the sends in flight settle, the rest goes back
+  -- to the outbox (stella.cli.signals)
+  local sig = signals.catch()
   local run, rstatus = setup.start(ctx, "trigger", { rules = opts.rules, send = not dry_run, db = db,
-                                                     dry_run = dry_run, connections = connections })
-  if not run then return rstatus end
+                                                     dry_run = dry_run, connections = connections,
+                                                     stop = sig.caught })
+  if not run then sig:release() return rstatus end
   local trigger = run.trigger
   -- expired suppression and dedupe marks are dead weight: drop them once per run
   if not dry_run and run.store.purge_marks then pcall(run.store.purge_marks, run.store, os.time()) end
@@ -67,8 +77,7 @@ function M.run(ctx, opts, inputs)
   local bad = 0
   local bar = not opts.quiet and progress.new(ctx) or nil
 
-  local function tally_outcome(name, line_no, outcome)
-    local status, reason = tostring(outcome.status), outcome.reason
+  local function count(status, reason)
     local key = status .. "\0" .. tostring(reason)
     local t = tally[key]
     if not t then
@@ -77,6 +86,11 @@ function M.run(ctx, opts, inputs)
       order[#order + 1] = t
     end
     t.count = t.count + 1
+  end
+
+  local function tally_outcome(name, line_no, outcome)
+    local status = tostring(outcome.status)
+    count(status, outcome.reason)
     local failed = status == "failed" or status == "invalid"
     if failed then bad = bad + 1 end
     if mode == "json-lines" then ctx:say("%s", output.outcome_line(name, line_no, outcome)) end
@@ -85,6 +99,34 @@ function M.run(ctx, opts, inputs)
       ctx:warn("%s:%d: %s%s: %s", name, line_no, status,
         id ~= nil and (" (event " .. tostring(id) .. ")") or "", cli_events.outcome_message(outcome))
     end
+  end
+
+  -- A batch the store could not take (locked, read-only, damaged) fails as a whole: one
+  -- line per distinct message at the end, with the count and the first and last place,
+  -- not one line per event.
+  local failures, failure_order = {}, {}
+  local function fail_batch(events, places, err)
+    local message = tostring(err)
+    local f = failures[message]
+    if not f then
+      f = { message = message, count = 0, first = places[1] }
+      failures[message] = f
+      failure_order[#failure_order + 1] = f
+    end
+    for _ = 1, #events do count("failed", "error") end
+    bad = bad + #events
+    f.count, f.last = f.count + #events, places[#places]
+  end
+
+  -- Malformed lines go to the ledger too (status invalid, reason malformed_input), so
+  -- that stella status shows them; written with each batch.
+  local malformed_entries = {}
+  local function record_malformed()
+    if dry_run or #malformed_entries == 0 then return end
+    local entries = malformed_entries
+    malformed_entries = {}
+    local ok, res, err = pcall(run.store.record_many, run.store, entries)
+    if not ok or not res then fail_batch(entries, {}, ok and err or res) end
   end
 
   -- Events go to the trigger in batches through its pipeline: one transaction to decide
@@ -98,12 +140,8 @@ function M.run(ctx, opts, inputs)
     end
   end)
   local batch, where = {}, {}
-  local function fail_batch(events, places, err)
-    for i = 1, #events do
-      tally_outcome(places[i][1], places[i][2], { status = "failed", reason = "error", error = tostring(err) })
-    end
-  end
   local function run_batch()
+    record_malformed()
     if #batch == 0 then return end
     local events, places = batch, where
     batch, where = {}, {}
@@ -111,18 +149,46 @@ function M.run(ctx, opts, inputs)
     if not pok then fail_batch(events, places, perr) end
   end
 
-  local malformed, unreadable = cli_events.each(ctx, inputs, opts.format, function(reader, line_no, event)
+  local malformed, unreadable, stopped = cli_events.each(ctx, inputs, opts.format, function(reader, line_no, event)
+    if sig.caught() then return false end   -- checked between events: no new batch
     batch[#batch + 1] = event
     where[#where + 1] = { reader.name, line_no }
     if #batch >= BATCH_SIZE then run_batch() end
-  end, function(message) if not opts.quiet then ctx:warn("%s", message) end end, bar)
+  end, function(message)
+    if not opts.quiet then ctx:warn("%s", message) end
+    malformed_entries[#malformed_entries + 1] = { time = ctx.time(), status = "invalid",
+                                                  reason = "malformed_input", detail = message }
+  end, bar)
+  -- a batch read before the signal is still decided and queued (its sends are not made)
   run_batch()
   local fok, ferr = pcall(pipeline.finish, pipeline)
   if not fok then ctx:warn("error: %s", tostring(ferr)) bad = bad + 1 end
+  record_malformed()
 
   setup.stop(run)
+  for _, f in ipairs(failure_order) do
+    local first, last = f.first, f.last
+    ctx:warn("stella trigger: %d event%s not processed%s: %s", f.count, f.count == 1 and "" or "s",
+      first and last and (" (%s:%d to %s:%d)"):format(first[1], first[2], last[1], last[2]) or "", f.message)
+  end
 
-  local status = (bad > 0 or malformed > 0 or unreadable > 0) and 1 or 0
+  local interrupted = tally["queued\0interrupted"]
+  local open = tally["queued\0circuit_open"]
+  local signal_status = sig:status()
+  local signal_name = sig.name()
+  sig:release()
+  local status = signal_status or (open and EXIT.UNREACHABLE)
+    or ((bad > 0 or malformed > 0 or unreadable > 0) and EXIT.FAILED or EXIT.OK)
+  if signal_status then
+    local n = interrupted and interrupted.count or 0
+    ctx:warn("stella trigger: stopped by %s%s; %d request%s not sent wait%s in the outbox for `stella retry`",
+      signal_name, stopped and (" before %s:%d (that line and the rest were not read)"):format(stopped[1], stopped[2]) or "",
+      n, n == 1 and "" or "s", n == 1 and "s" or "")
+  elseif open then
+    ctx:warn("stella trigger: the API could not be reached: the circuit breaker opened after repeated "
+      .. "connection failures, and %d request%s wait in the outbox untried; run `stella retry` once it is back",
+      open.count, open.count == 1 and "" or "s")
+  end
   if mode == "json" then
     ctx:say("%s", output.encode{ command = "trigger", dry_run = dry_run, counts = output.counts(order),
       total = output.total(order), malformed = malformed, unreadable = unreadable, exit_status = status })

@@ -49,7 +49,7 @@ M.Transport = Transport
 local secrets = setmetatable({}, { __mode = "k" })
 
 local MAX_HEADERS = 100                  -- header lines in one answer
-local MAX_BODY = 8 * 1024 * 1024         -- an answer body larger than this is refused
+local MAX_BODY = core.max_answer_bytes   -- one cap for both transports (stella.h); a larger answer is refused
 local MAX_STALE_RETRIES = 8              -- dead pooled connections skipped in one post
 
 ---------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ local function read_chunked(self, sock, deadline)
     if size == 0 then break end
     total = total + size
     if total > MAX_BODY then
-      return fail(sock, "protocol", "the answer from " .. self.authority .. " is larger than "
+      return fail(sock, "too_large", "the answer from " .. self.authority .. " is larger than "
         .. MAX_BODY .. " bytes")
     end
     local data, derr = bytes_of(sock, size, deadline)
@@ -305,7 +305,7 @@ local function exchange(self, path, body, deadline)
     if not rbody then return nil, failure, message end
   elseif head.length and not head.other_encoding then
     if head.length > MAX_BODY then
-      return fail(sock, "protocol", "the answer from " .. self.authority .. " is larger than "
+      return fail(sock, "too_large", "the answer from " .. self.authority .. " is larger than "
         .. MAX_BODY .. " bytes")
     end
     if head.length == 0 then
@@ -319,10 +319,13 @@ local function exchange(self, path, body, deadline)
     t = left(deadline)
     if not t then return fail(sock, "timeout", "no answer from " .. self.authority .. " in time") end
     sock:settimeout(t)
-    rbody, rerr = sock:receive("*a")
+    -- at most one byte past the cap, never the whole stream: the body ends at "closed"
+    local partial
+    rbody, rerr, partial = sock:receive(MAX_BODY + 1)
+    if not rbody and rerr == "closed" then rbody = partial or "" end
     if not rbody then return io_failure(self, sock, rerr, "reading the answer's body") end
     if #rbody > MAX_BODY then
-      return fail(sock, "protocol", "the answer from " .. self.authority .. " is larger than "
+      return fail(sock, "too_large", "the answer from " .. self.authority .. " is larger than "
         .. MAX_BODY .. " bytes")
     end
     reusable = false

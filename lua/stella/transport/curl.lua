@@ -4,7 +4,7 @@
 --                          { status = 200, body = "...", content_type = "..." or nil,
 --                            retry_after = milliseconds or nil }
 --                        or a failure (no answer)
---                          { failure = "timeout"|"network"|"protocol"|"tls"|"internal",
+--                          { failure = "timeout"|"network"|"protocol"|"too_large"|"tls"|"internal",
 --                            message = "..." }
 -- and :close(). The client classifies either through the C core's outcome table
 -- (stella.core.outcomes). This one is the C core's own HTTP client.

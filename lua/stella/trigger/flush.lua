@@ -25,7 +25,7 @@ function M.run(self)
     -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
     local outcomes = settle.claimed(self, items, decide.new_batch(self), now, results, errs, summary)
     alert.conclude(self, outcomes, now)
-    if #items < o.batch then break end
+    if #items < o.batch or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
   end
   return summary
 end

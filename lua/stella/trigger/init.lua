@@ -55,7 +55,8 @@ end
 
 -- stella.trigger{ rules = FILE|TABLE|COMPILED, client = CLIENT|options, store = STORE,
 --                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...},
---                 connections = n (a pipeline's sends per brand at once; default 1) }
+--                 connections = n (a pipeline's sends per brand at once; default 1),
+--                 stop = fn (() -> true once nothing more may be sent: send.lua) }
 -- rules: a rules file's name, a rules table, or what stella.rules.load returned (used as
 -- it is: not compiled again). client: see stella.keys.clients.
 function M.new(opts)
@@ -68,7 +69,11 @@ function M.new(opts)
   if opts.client ~= nil and type(opts.client) ~= "table" then
     error("stella.trigger: client must be a client or a table of client options", 2)
   end
+  if opts.stop ~= nil and type(opts.stop) ~= "function" then
+    error("stella.trigger: stop must be a function", 2)
+  end
   return setmetatable({
+    stop = opts.stop,        -- () -> true once the run must end (see send.lua)
     rules = compiled,
     store = opts.store or store_mod.memory(),
     clock = opts.clock or os.time,

@@ -4,7 +4,12 @@
 -- with the client's retries) and on a background thread of the C core (start_sends:
 -- first attempts over the brand's connections while the caller goes on with its store
 -- work). Both stop once half of the outbox lease has passed: what is left is DEFERRED.
+-- A trigger made with `stop` (a function; `stella trigger` passes one that says whether
+-- SIGINT or SIGTERM came) checks it before each send and while the background threads
+-- run: once it says true, nothing more is sent, the threads end their posts in flight,
+-- and every request not sent goes back to the outbox as INTERRUPTED.
 local client_mod = require "stella.client"
+local errors = require "stella.error"
 
 local select = select
 
@@ -15,6 +20,27 @@ local M = {}
 -- ends (a duplicate). settle.lua puts it back in the outbox, due at once.
 M.DEFERRED = { kind = "deferred", retryable = true }
 local DEFERRED = M.DEFERRED
+
+-- The error of a request not sent because the run was asked to stop: handed back to the
+-- outbox as it was (settle.lua: due at once, attempts unchanged).
+M.INTERRUPTED = errors.new{ kind = "interrupted", retryable = true, handed_back = true, attempts = 0,
+  message = "not sent: the run was interrupted; it waits in the outbox for `stella retry`" }
+local INTERRUPTED = M.INTERRUPTED
+
+-- Reasons that end a run early: flush() claims no more after a batch with one of them.
+local HALTING = { interrupted = true, circuit_open = true }
+
+-- true when one of the outcomes says the run should go no further
+function M.halted(outcomes)
+  for i = 1, #outcomes do
+    if HALTING[outcomes[i].reason] then return true end
+  end
+  return false
+end
+
+local function stopping(self)
+  return self.stop ~= nil and self.stop() and true or false
+end
 
 -- The API path of an outbox item or of an outcome to send (outcomes are requests).
 local function path_of(item)
@@ -43,7 +69,9 @@ local function send_batch(self, list, now, from, tried, results, errs)
   for i = from or 1, #list do
     local item = list[i]
     if item then
-      if tried and self.clock() >= deadline then
+      if stopping(self) then
+        errs[i] = INTERRUPTED
+      elseif tried and self.clock() >= deadline then
         errs[i] = DEFERRED
       else
         results[i], errs[i] = send_item(self, item)
@@ -82,7 +110,14 @@ function M.start(self, list, now)
       flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, path_of(o), o.body
     end
   end
-  local bg = #index > 0 and client_mod.send_many(flat, deadline - self.clock()) or nil
+  -- a client whose circuit breaker is open sends nothing: its items go in line, where
+  -- post answers circuit_open at once
+  local open = false
+  for k = 1, #clients do
+    local c = clients[k]   -- a client of the caller's own making may have no breaker
+    if c.circuit and c:circuit() == "open" then open = true break end
+  end
+  local bg = #index > 0 and not open and not stopping(self) and client_mod.send_many(flat, deadline - self.clock()) or nil
 
   return function()   -- finish
     local results, errs = {}, {}
@@ -90,6 +125,11 @@ function M.start(self, list, now)
     if bg then
       rest = {}
       for i = 1, #list do rest[i] = list[i] end
+      if self.stop then   -- wait in short steps, to stop the threads when asked
+        while not bg:done(0.1) do
+          if stopping(self) then bg:stop() break end
+        end
+      end
       if bg:wait() > 0 then
         tried = true
         for k = 1, #index do

@@ -28,9 +28,9 @@ end
 -- once, attempts unchanged.
 local function settle(self, item, res, err, now, attempts_before, sent)
   local store = self.store
-  if err == DEFERRED then
+  if err == DEFERRED or (err and err.handed_back) then   -- not sent (deferred, interrupted, circuit_open)
     store:reschedule(item.id, now, attempts_before, item.last_error)
-    return { status = "queued", reason = "deferred", detail = DEFERRED_DETAIL }
+    return { status = "queued", reason = err.kind, detail = err == DEFERRED and DEFERRED_DETAIL or tostring(err) }
   end
   if res then
     sent[#sent + 1] = item.id

@@ -64,7 +64,7 @@ local function respond(res)
   -- Always send an explicit length: without it nginx would use chunked encoding
   -- (or, for an empty body, no framing at all). Scripted headers come afterwards so a
   -- spec can still override Content-Length or Content-Type on purpose.
-  ngx.header["Content-Length"] = #res.body
+  if not res.chunked then ngx.header["Content-Length"] = #res.body end
   if res.body ~= "" then ngx.header["Content-Type"] = "application/json" end
   for name, value in pairs(res.headers) do
     ngx.header[name] = value
@@ -150,6 +150,7 @@ function M.serve()
 
   local status = tonumber(item.status) or 200
   local res_body = item.body
+  if tonumber(item.body_bytes) then res_body = string.rep("x", tonumber(item.body_bytes)) end
   if type(res_body) ~= "string" then
     -- No body given: successes carry the default request id, anything else is empty.
     if status == 200 or status == 201 then
@@ -162,6 +163,7 @@ function M.serve()
     status = status,
     headers = type(item.headers) == "table" and item.headers or {},
     body = res_body,
+    chunked = item.chunked and true or nil,
   }
 
   if item.close then
