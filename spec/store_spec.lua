@@ -860,7 +860,7 @@ describe("stella.store", function()
       local p = new_path()
       local s = assert(store.sqlite(p))
       local function pragma(name)   -- on the store's own connection (LuaDBI)
-        local sth = assert(s.db:prepare("PRAGMA " .. name))
+        local sth = assert(s.backend.db:prepare("PRAGMA " .. name))
         assert(sth:execute())
         local row = sth:fetch(false)
         while sth:fetch(false) do end

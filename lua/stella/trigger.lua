@@ -10,6 +10,7 @@
 local stella = require "stella"
 local rules_mod = require "stella.rules"
 local store_mod = require "stella.store"
+local store_rows = require "stella.store.rows"
 local client_mod = require "stella.client"
 local errors_mod = require "stella.error"
 
@@ -176,14 +177,12 @@ local function env_for(self, now, batch)
   local env = batch.env
   if env and env.now == now then return env end
   local store, marks = self.store, batch.marks
-  local mark_until = store._mark_until   -- the stores' fast look-up, when they have one
   env = {
     now = now,
     lookup = function(mark)
       local key = mark_key(batch, mark)
       local until_ = marks[key]   -- put earlier in this batch: not in the store yet
       if until_ ~= nil then return until_ > now and until_ or nil end
-      if mark_until then return (mark_until(store, key, now)) end
       return (store:get_mark(key, now))
     end,
     unsubscribed = function(email)
@@ -210,12 +209,8 @@ local function count(self, outcome)
   self.reasons[key] = (self.reasons[key] or 0) + 1
 end
 
-local function is_text(v) return v == nil or type(v) == "string" end
-
--- Appends the 13 values of outcome's ledger entry (record_many's column order) to `values`
--- after its k-th value. Returns false when one of them needs the store's own checks and
--- conversions (a number or table where text goes), true otherwise.
-local function ledger_values(batch, outcome, now, values, k)
+-- The ledger entry of an outcome (stella.store.rows.entry).
+local function ledger_entry(batch, outcome, now)
   local req = outcome.request
   local channel, hash = nil, outcome.customer_hash
   if type(req) == "table" then
@@ -226,50 +221,13 @@ local function ledger_values(batch, outcome, now, values, k)
   local err = outcome.error
   local error_kind, error_message
   if err then error_kind, error_message = err.kind, tostring(err) end
-  local reason, detail, brand, request_id, attempts =
-    outcome.reason, outcome.detail, outcome.brand, outcome.request_id, outcome.attempts
-  values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6], values[k + 7],
-    values[k + 8], values[k + 9], values[k + 10], values[k + 11], values[k + 12], values[k + 13] =
-    now, outcome.status, reason, outcome.event_id, outcome.interaction_id, brand, channel, detail,
-    request_id, error_kind, error_message, hash, attempts
-  return is_text(reason) and is_text(detail) and is_text(brand) and is_text(request_id) and
-    is_text(error_kind) and is_text(hash) and is_text(outcome.event_id) and is_text(outcome.interaction_id) and
-    (attempts == nil or (type(attempts) == "number" and attempts >= 0 and attempts % 1 == 0))
+  return {
+    time = now, status = outcome.status, reason = outcome.reason, event_id = outcome.event_id,
+    interaction_id = outcome.interaction_id, brand = outcome.brand, channel = channel,
+    detail = outcome.detail, request_id = outcome.request_id, error_kind = error_kind,
+    error_message = error_message, customer_hash = hash, attempts = outcome.attempts,
+  }
 end
-
-local ENQUEUE_FIELDS = { "kind", "body", "brand", "event_id", "interaction_id", "customer_hash",
-                         "created_at", "next_at", "attempts" }
-local MARK_FIELDS = { "key", "until", "outbox_id" }
-local LEDGER_FIELDS = { "time", "status", "reason", "event_id", "interaction_id", "brand", "channel",
-                        "detail", "request_id", "error_kind", "error_message", "customer_hash", "attempts" }
-local PUBLIC = {
-  enqueue = { "enqueue_many", ENQUEUE_FIELDS }, put_mark = { "put_mark_many", MARK_FIELDS },
-  record = { "record_many", LEDGER_FIELDS }, confirm_marks = { "confirm_marks_many" },
-  finish = { "finish_many" },
-}
-
--- A batch write of `count` rows held flat in `values`: through the store's trusted
--- _write_values when it has one and the values need no checks (`trusted`), else through
--- the public *_many method (which checks and converts them).
-local function write_values(store, kind, values, count, trusted)
-  if trusted and store._write_values then return store:_write_values(kind, values, count) end
-  local p = PUBLIC[kind]
-  local fields = p[2]
-  if not fields then
-    local list = {}
-    for i = 1, count do list[i] = values[i] end
-    return store[p[1]](store, list)
-  end
-  local list, width = {}, #fields
-  for i = 1, count do
-    local row, base = {}, (i - 1) * width
-    for j = 1, width do row[fields[j]] = values[base + j] end
-    list[i] = row
-  end
-  return store[p[1]](store, list)
-end
-
-local function is_finite(v) return type(v) == "number" and v - v == 0 end
 
 local function interaction_of(request)
   local id = type(request) == "table" and request.ext_interaction_id
@@ -360,30 +318,23 @@ local function enqueue_pending(self, batch, now)
   if n == 0 then return true end
   local store, hashes = self.store, batch.phash
   local next_at = now + self.outbox_opts.lease
-  local trusted = is_finite(now) and is_finite(next_at)
-  local values, k = {}, 0
+  local items = {}
   for i = 1, n do
     local o = pending[i]
-    local brand, h = o.brand, hashes[i]
-    if brand ~= nil and type(brand) ~= "string" then trusted = false end
-    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6],
-      values[k + 7], values[k + 8], values[k + 9] =
-      "request", o.body, brand, o.event_id, o.interaction_id, h or nil, now, next_at, 0
-    k = k + 9
+    items[i] = { kind = "request", body = o.body, brand = o.brand, event_id = o.event_id,
+                 interaction_id = o.interaction_id, customer_hash = hashes[i] or nil,
+                 created_at = now, next_at = next_at, attempts = 0 }
   end
-  local ids, err = write_values(store, "enqueue", values, n, trusted)
+  local ids, err = store:enqueue_many(items)
   if not ids then return nil, err end
   for i = 1, n do pending[i].outbox_id = ids[i] end
   local pm, count = batch.pmarks, batch.npmarks
   if count == 0 then return true end
-  local mv = {}
-  trusted = true
+  local marks = {}
   for j = 1, count, 3 do
-    local until_, id = pm[j + 1], ids[pm[j + 2]]
-    if not (is_finite(until_) and type(id) == "number" and id % 1 == 0) then trusted = false end
-    mv[j], mv[j + 1], mv[j + 2] = pm[j], until_, id
+    marks[#marks + 1] = { key = pm[j], ["until"] = pm[j + 1], outbox_id = ids[pm[j + 2]] }
   end
-  return write_values(store, "put_mark", mv, floor(count / 3), trusted)
+  return store:put_mark_many(marks)
 end
 
 -- The API path of an outbox item or of an outcome to send (outcomes are requests).
@@ -455,14 +406,13 @@ end
 
 -- Confirms the marks of the sent items and removes them from the outbox, then writes the
 -- ledger entries (the caller holds the transaction).
-local function settle_sent(self, sent, entries, count, trusted)
+local function settle_sent(self, sent, entries)
   local store = self.store
-  local n = #sent
-  if n > 0 then
-    write_values(store, "confirm_marks", sent, n, true)   -- ids the store gave
-    write_values(store, "finish", sent, n, true)
+  if #sent > 0 then
+    store:confirm_marks_many(sent)
+    store:finish_many(sent)
   end
-  write_values(store, "record", entries, count, trusted)
+  store:record_many(entries)
 end
 
 -- Counts the outcomes, checks the alert once, returns them.
@@ -470,7 +420,7 @@ local function conclude(self, outcomes, now)
   local check = false
   for _, o in ipairs(outcomes) do
     count(self, o)
-    if store_mod._util.is_rate_error(o.status, o.reason) then check = true end
+    if store_rows.is_rate_error(o.status, o.reason) then check = true end
   end
   if check and not self.dry_run then self:check_alert(now) end
   return outcomes
@@ -526,7 +476,6 @@ local function start_sends(self, list, now)
 end
 
 local DECIDE_TRIES = 3
-local ROLLED_BACK = {}   -- key of the error a failed decide raises inside atomic
 
 -- Decides a batch of events at `now` in one transaction: rules, then the outbox items
 -- and marks of the requests to send. Returns the outcomes, the batch, and whether it was
@@ -548,24 +497,14 @@ local function decide_batch(self, events, now)
   -- other writer wrote (its customer is then suppressed here, not failed)
   for _ = 1, DECIDE_TRIES do
     outcomes, batch = {}, new_batch(self)
-    local pok, r1, r2 = pcall(store.atomic, store, function()
+    -- a failure inside (returned or not) rolls the whole batch back: nil, err
+    ok, serr = store:atomic(function()
       -- inside the transaction nothing else writes the store: with no unsubscribes at its
       -- start, none of this batch's events is unsubscribed (the rules cannot add one)
-      if store._any_unsubscribes and store:_any_unsubscribes() == false then batch.no_unsubscribes = true end
+      if store:unsubscribed_count() == 0 then batch.no_unsubscribes = true end
       for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
-      local done, err = enqueue_pending(self, batch, now)
-      -- raised, so that every store rolls the batch back (raising is what the interface
-      -- promises to undo; a store need not undo writes before a returned failure)
-      if not done then error({ [ROLLED_BACK] = err }, 0) end
-      return true
+      return enqueue_pending(self, batch, now)
     end)
-    if pok then
-      ok, serr = r1, r2
-    elseif type(r1) == "table" and r1[ROLLED_BACK] ~= nil then
-      ok, serr = nil, r1[ROLLED_BACK]
-    else
-      error(r1, 0)   -- not a store failure: a bug to see
-    end
     if ok or not (type(serr) == "table" and serr.retryable) then break end
   end
   if not ok then   -- rolled back: nothing was reserved or queued
@@ -593,7 +532,7 @@ local function settle_batch(self, outcomes, batch, now, results, errs)
   -- flush() sends them again: at least once, never lost
   self.store:atomic(function()
     local n = #outcomes
-    local sent, entries, k, trusted = {}, {}, 0, is_finite(now)
+    local sent, entries = {}, {}
     for i = 1, n do
       local o = outcomes[i]
       local id = o.outbox_id
@@ -608,10 +547,9 @@ local function settle_batch(self, outcomes, batch, now, results, errs)
         end
       end
       o.body = nil
-      if not ledger_values(batch, o, now, entries, k) then trusted = false end
-      k = k + 13
+      entries[i] = ledger_entry(batch, o, now)
     end
-    settle_sent(self, sent, entries, n, trusted)
+    settle_sent(self, sent, entries)
   end)
 end
 
@@ -726,7 +664,7 @@ function Trigger:flush()
     local outcomes = {}
     local batch = new_batch(self)
     self.store:atomic(function()
-      local sent, entries, trusted = {}, {}, is_finite(now)
+      local sent, entries = {}, {}
       for i, item in ipairs(items) do
         local r = settle(self, item, item.res, item.err, now, item.attempts or 0, sent)
         r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
@@ -734,10 +672,10 @@ function Trigger:flush()
         if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
         if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
         summary[r.status] = summary[r.status] + 1
-        if not ledger_values(batch, r, now, entries, (i - 1) * 13) then trusted = false end
+        entries[i] = ledger_entry(batch, r, now)
         outcomes[i] = r
       end
-      settle_sent(self, sent, entries, #items, trusted)
+      settle_sent(self, sent, entries)
     end)
     conclude(self, outcomes, now)
     if #items < o.batch then break end

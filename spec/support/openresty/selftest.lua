@@ -99,7 +99,7 @@ function special.store_race()
   out.old = { s:get_mark("old", now + 200) }
   ok = s:atomic(function()
     s:get_mark("old2", now)
-    s.dict:set(s.p .. "m:old2", tostring(now + 50) .. "|")   -- another worker, meanwhile
+    s.backend.dict:set(s.backend.p .. "m:old2", tostring(now + 50) .. "|")   -- another worker, meanwhile
     return s:put_mark("old2", now + 300, 78)
   end)
   out.old2_ok = ok or false
