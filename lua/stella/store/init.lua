@@ -120,8 +120,8 @@
 local core = require "stella.core"
 local rows = require "stella.store.rows"
 
-local error, format, floor, getmetatable, pairs, setmetatable, tostring, type, select, pcall =
-  error, string.format, math.floor, getmetatable, pairs, setmetatable, tostring, type, select, pcall
+local assert, error, format, floor, getmetatable, ipairs, load, pairs, setmetatable, tostring, type, select, pcall =
+  assert, error, string.format, math.floor, getmetatable, ipairs, load, pairs, setmetatable, tostring, type, select, pcall
 local concat, sort = table.concat, table.sort
 local running = coroutine.running
 local math_type = math.type   -- nil on LuaJIT
@@ -252,24 +252,56 @@ local function field_value(f, v, method, where, level)
   error("stella.store: unknown field kind " .. tostring(kind))
 end
 
+-- A field that failed its quick check below: its default, or field_value's answer.
+local function slow(l, j, v, out, k, method, where, level)
+  local f = l[j]
+  if v == nil and f.default ~= nil then
+    v = f.default
+    if type(v) == "string" then v = out[k + l.index[v]] end   -- another field's value
+    return v
+  end
+  local r = field_value(f, v, method, where, level + 1)
+  return r
+end
+
+-- What passes each kind of field as it is (v, the field's value; S, its set of values).
+local QUICK = {
+  text = "v == nil or type(v) == 'string'",
+  any_text = "v == nil or type(v) == 'string'",
+  time = "type(v) == 'number' and v - v == 0",
+  count = "type(v) == 'number' and v >= 0 and v % 1 == 0 and v - v == 0",
+  bytes = "type(v) == 'string'",
+  key = "type(v) == 'string' and v ~= ''",
+  owner = "v == nil or (type(v) == 'string' and v ~= '') or (type(v) == 'number' and v % 1 == 0 and v - v == 0)",
+  ["one of"] = "S[v]",
+}
+
+-- The checker of a layout, made once from it: fill(t, out, k, method, where, level)
+-- appends row t's fields to the flat `out` after its k-th value, each checked by its
+-- kind's quick test written out in line, the rest (defaults, conversions, messages) by
+-- slow. (Written out because it runs for every row the trigger writes.)
+local function checker(l)
+  local src = { "local type, slow, l, sets = ...\nreturn function(t, out, k, method, where, level)\nlocal v, S\n" }
+  for j, f in ipairs(l) do
+    local nil_ok = f.kind == "count" and f.default == nil
+    src[#src + 1] = format("v, S = t[%q], sets[%d]\nif not (%s%s) then v = slow(l, %d, v, out, k, method, where, level + 1) end\n" ..
+      "out[k + %d] = v\n", f.name, j, nil_ok and "v == nil or " or "", QUICK[f.kind], j, j)
+  end
+  src[#src + 1] = "end\n"
+  local sets = {}
+  for j, f in ipairs(l) do sets[j] = f.values or false end
+  return assert(load(concat(src), "=stella.store checker(" .. l.name .. ")"))(type, slow, l, sets)
+end
+
 -- Appends row t (a table by field names) to the flat `out` after its k-th value, checked.
 local function put_row(l, t, out, k, method, where, level)
   if type(t) ~= "table" then fail(method, where .. " must be a table, got " .. type(t), level) end
-  local l1 = level + 1
-  for j = 1, l.width do
-    local f = l[j]
-    local v = t[f.name]
-    -- (the common cases inline: a text field that is text or nil)
-    if not (f.kind == "text" and (v == nil or type(v) == "string")) then
-      if v == nil and f.default ~= nil then
-        v = f.default
-        if type(v) == "string" then v = out[k + l.index[v]] end   -- another field's value
-      else
-        v = field_value(f, v, method, where, l1)
-      end
-    end
-    out[k + j] = v
+  local fill = l.fill
+  if not fill then
+    fill = checker(l)
+    l.fill = fill
   end
+  fill(t, out, k, method, where, level + 1)
 end
 
 -- One row (a singular method's argument) as a flat list.
