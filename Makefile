@@ -41,7 +41,6 @@ LUA_LIBDIR   ?= $(PREFIX)/lib/lua/$(LUA_ABI)
 LUA_SHAREDIR ?= $(PREFIX)/share/lua/$(LUA_ABI)
 BINDIR       ?= $(PREFIX)/bin
 INCDIR       ?= $(PREFIX)/include
-SANDBOXDIR   ?= $(PREFIX)/share/lua-stella/sandbox
 LUAJIT_LIBDIR ?= $(PREFIX)/lib/lua/5.1
 LIBDIR       ?= $(PREFIX)/lib
 
@@ -50,7 +49,7 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
                 csrc/stella_parse.c \
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella_decode.h
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a
 
@@ -60,9 +59,11 @@ all: module
 
 module: $(MODULE)
 
-$(MODULE): $(CORE_SRC) csrc/lstella.c $(CORE_HDR)
+BINDING_SRC  := csrc/lstella.c csrc/lstella_decode.c
+
+$(MODULE): $(CORE_SRC) $(BINDING_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) csrc/lstella.c $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
+	$(CC) $(ALL_CFLAGS) $(LIBFLAG) -o $@ $(CORE_SRC) $(BINDING_SRC) $(LDFLAGS) $(CURL_LIBS) $(THREAD_LIBS)
 
 luajit:
 	$(MAKE) LUA=luajit module
@@ -121,24 +122,21 @@ bench:
 	$(MAKE) LUA=luajit module
 	@tools/run-bench
 
-# Also installs the sandbox's files (SANDBOXDIR, where stella.sandbox looks beside
-# LUA_SHAREDIR) and, when it has been built (make luajit), the LuaJIT core that the
-# sandbox's nginx loads (LUAJIT_LIBDIR, where stella.sandbox looks for it).
+# Everything under lua/ goes to LUA_SHAREDIR: the modules and the sandbox's files beside
+# them (lua/stella/sandbox/files/, where stella.sandbox looks). When it has been built
+# (make luajit), also the LuaJIT core that the sandbox's nginx loads (LUAJIT_LIBDIR, where
+# stella.sandbox looks for it).
 install: module
-	install -d $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR) \
-	           $(DESTDIR)$(SANDBOXDIR)
+	install -d $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/stella/core.so
-	cd lua && find stella -name '*.lua' -exec install -D -m 644 {} $(DESTDIR)$(LUA_SHAREDIR)/{} \;
-	install -m 644 sandbox/nginx.conf sandbox/config.lua sandbox/status.html sandbox/status.css \
-	        sandbox/status.js $(DESTDIR)$(SANDBOXDIR)
+	cd lua && find stella -type f -exec install -D -m 644 {} $(DESTDIR)$(LUA_SHAREDIR)/{} \;
 	if [ -f build/luajit/stella/core.so ] && [ "$(LUA)" != luajit ]; then \
 	  install -D -m 755 build/luajit/stella/core.so $(DESTDIR)$(LUAJIT_LIBDIR)/stella/core.so; fi
 	sed '1s|.*|#!/usr/bin/env $(LUA_BIN)|' bin/stella > $(DESTDIR)$(BINDIR)/stella
 	chmod 755 $(DESTDIR)$(BINDIR)/stella
 
 uninstall:
-	rm -rf $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)/stella \
-	       $(DESTDIR)$(SANDBOXDIR)
+	rm -rf $(DESTDIR)$(LUA_LIBDIR)/stella $(DESTDIR)$(LUA_SHAREDIR)/stella $(DESTDIR)$(BINDIR)/stella
 
 deps:
 	@tools/install-deps

@@ -28,7 +28,7 @@ local CONNECTIONS = 8
 local FIXED_PATH = "/_bench/fixed"
 local FIXED_BODY = '{"request_id":"00000000-0000-4000-8000-000000000000"}'
 
--- A realistic valid request for the default company (sandbox/config.lua).
+-- A realistic valid request for the default company (lua/stella/sandbox/files/config.lua).
 local REQ = {
   customer = { name = "Zoë Åkesson", email = "zoe.akesson@example.com", custom_id = "cust-8812" },
   employee = { email = "paulagent@blancapeak.com" },

@@ -12,6 +12,7 @@
 #include "compat.h"
 #include <curl/curl.h>
 #include "stella.h"
+#include "lstella_decode.h"
 
 #define SCRATCH_MT "stella.scratch"
 #define HTTP_MT "stella.http"
@@ -832,6 +833,7 @@ int luaopen_stella_core(lua_State *L) {
   luaL_getmetatable(L, SCRATCH_MT);
   lua_setmetatable(L, -2);
   stella_setfuncs(L, scratch_funcs, 1);
+  stella_open_decode(L);
   lua_pushliteral(L, STELLA_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

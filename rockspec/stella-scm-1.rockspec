@@ -34,7 +34,7 @@ build = {
         "csrc/stella_value.c", "csrc/stella_text.c", "csrc/stella_codes.c",
         "csrc/stella_schema.c", "csrc/stella_validate.c", "csrc/stella_json.c",
         "csrc/stella_http.c", "csrc/stella_sender.c", "csrc/stella_sha256.c",
-        "csrc/stella_parse.c", "csrc/lstella.c",
+        "csrc/stella_parse.c", "csrc/lstella.c", "csrc/lstella_decode.c",
       },
       incdirs = { "csrc", "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },
@@ -45,7 +45,15 @@ build = {
     ["stella.error"] = "lua/stella/error.lua",
     ["stella.transport.curl"] = "lua/stella/transport/curl.lua",
     ["stella.rules"] = "lua/stella/rules.lua",
-    ["stella.trigger"] = "lua/stella/trigger.lua",
+    ["stella.keys"] = "lua/stella/keys.lua",
+    ["stella.trigger"] = "lua/stella/trigger/init.lua",
+    ["stella.trigger.decide"] = "lua/stella/trigger/decide.lua",
+    ["stella.trigger.send"] = "lua/stella/trigger/send.lua",
+    ["stella.trigger.settle"] = "lua/stella/trigger/settle.lua",
+    ["stella.trigger.rows"] = "lua/stella/trigger/rows.lua",
+    ["stella.trigger.pipeline"] = "lua/stella/trigger/pipeline.lua",
+    ["stella.trigger.flush"] = "lua/stella/trigger/flush.lua",
+    ["stella.trigger.alert"] = "lua/stella/trigger/alert.lua",
     ["stella.store"] = "lua/stella/store/init.lua",
     ["stella.store.rows"] = "lua/stella/store/rows.lua",
     ["stella.store.lists"] = "lua/stella/store/lists.lua",
@@ -59,16 +67,37 @@ build = {
     ["stella.sandbox.server"] = "lua/stella/sandbox/server.lua",
     ["stella.sandbox.status"] = "lua/stella/sandbox/status.lua",
     ["stella.input"] = "lua/stella/input.lua",
-    ["stella.cli"] = "lua/stella/cli.lua",
+    ["stella.cli"] = "lua/stella/cli/init.lua",
+    ["stella.cli.args"] = "lua/stella/cli/args.lua",
+    ["stella.cli.context"] = "lua/stella/cli/context.lua",
+    ["stella.cli.events"] = "lua/stella/cli/events.lua",
+    ["stella.cli.progress"] = "lua/stella/cli/progress.lua",
+    ["stella.cli.setup"] = "lua/stella/cli/setup.lua",
+    ["stella.cli.table"] = "lua/stella/cli/table.lua",
+    ["stella.cli.trigger"] = "lua/stella/cli/trigger.lua",
+    ["stella.cli.send"] = "lua/stella/cli/send.lua",
+    ["stella.cli.validate"] = "lua/stella/cli/validate.lua",
+    ["stella.cli.status"] = "lua/stella/cli/status.lua",
+    ["stella.cli.retry"] = "lua/stella/cli/retry.lua",
+    ["stella.cli.unsubscribe"] = "lua/stella/cli/unsubscribe.lua",
+    ["stella.cli.sandbox"] = "lua/stella/cli/sandbox.lua",
+    ["stella.cli.help"] = "lua/stella/cli/help.lua",
   },
   install = {
     bin = { stella = "bin/stella" },
+    -- the sandbox's nginx template, default company and status page, installed beside
+    -- its modules (stella/sandbox/files/ in the tree's Lua directory), where
+    -- stella.sandbox finds them. A key's last part names nothing: the file keeps its
+    -- name. Its nginx also needs the C core built for LuaJIT: `make LUA=luajit` in a
+    -- checkout, then STELLA_SANDBOX_CORE=DIR (the directory holding stella/core.so).
+    lua = {
+      ["stella.sandbox.files.nginx_conf"] = "lua/stella/sandbox/files/nginx.conf",
+      ["stella.sandbox.files.config"] = "lua/stella/sandbox/files/config.lua",
+      ["stella.sandbox.files.status_html"] = "lua/stella/sandbox/files/status.html",
+      ["stella.sandbox.files.status_css"] = "lua/stella/sandbox/files/status.css",
+      ["stella.sandbox.files.status_js"] = "lua/stella/sandbox/files/status.js",
+    },
   },
-  -- the sandbox's nginx template, default company and status page: stella.sandbox finds
-  -- them in the rock's directory (TREE/lib/luarocks/rocks-VERSION/stella/VERSION/sandbox).
-  -- Its nginx also needs the C core built for LuaJIT: `make LUA=luajit` in a checkout, then
-  -- STELLA_SANDBOX_CORE=DIR (the directory holding stella/core.so).
-  copy_directories = { "sandbox" },
 }
 test = {
   type = "command",

@@ -719,6 +719,76 @@ describe("stella command", function()
     end)
   end)
 
+  describe("input accounting", function()
+    local REQ_BIG = '{"customer":{"name":"Jane","email":"janecustomer@example.com"},'
+      .. '"employee":{"email":"paulagent@blancapeak.com"},"channel":"phone","ext_interaction_id":%s}'
+
+    it("send: an id past 2^53 reaches the service exactly", function()
+      assert.equal(0, (stella{ "send", REQ_BIG:format("9007199254740993") }))
+      assert.equal(0, (stella{ "send", REQ_BIG:format("9007199254740992") }))
+      assert.same({ "9007199254740992", "9007199254740993" }, ids_received())
+    end)
+
+    it("send: refuses a repeated key, naming it, and sends nothing", function()
+      local status, out, err = stella{ "send", '{"channel":"phone","channel":"chat"}' }
+      assert.equal(1, status)
+      assert.equal("", out)
+      assert.equal('error: invalid: duplicate key "channel" at line 1, column 20\n', err)
+      status, _, err = stella({ "send", "-" }, { stdin = '{\n  "channel": phone\n}' })
+      assert.equal(1, status)
+      assert.equal("error: invalid: invalid JSON at line 2, column 14: unexpected character (expected a value)\n", err)
+      assert.equal(0, #server:requests())
+    end)
+
+    it_with(has_trigger and has_memory, "trigger: a stray quote in a 5,000-row CSV costs its own row only", function()
+      local rows = { "id,status,channel,requester.name,requester.email,assignee.email" }
+      for i = 1, 5000 do
+        rows[#rows + 1] = ("%d,solved,phone,%s,c%d@example.com,paulagent@blancapeak.com")
+          :format(60000 + i, i == 3 and '"Jane' or "Customer", i)
+      end
+      local path = write_file(dir .. "/big.csv", table.concat(rows, "\n") .. "\n")
+      local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,
+                                       "--dry-run", path }
+      assert.equal(1, status)
+      local s = summary(out)
+      assert.equal(4999, s.total)
+      assert.equal(1, s.malformed)
+      assert.equal(path .. ":4: quoted field 4 still open after 100 lines (a stray quote?); "
+                   .. "read again from line 5\n", err)
+    end)
+
+    it_with(has_trigger and has_sqlite, "trigger: ids 2^53 and 2^53+1 are two interactions, sent exactly", function()
+      local line = '{"id": %s, "status": "solved", "channel": "phone", "requester": '
+        .. '{"name": "Ines Duarte", "email": "ines%d@example.com"}, "assignee": '
+        .. '{"email": "paulagent@blancapeak.com"}}\n'
+      local path = write_file(dir .. "/big.jsonl", line:format("9007199254740993", 1)
+        .. line:format("9007199254740992", 2))
+      local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db, path }
+      assert.equal(0, status, err)
+      assert.same({ sent = 2 }, summary(out).by_status)
+      assert.same({ "9007199254740992", "9007199254740993" }, ids_received())
+    end)
+
+    it_with(has_trigger and has_memory, "trigger: JSON-looking input is never a CSV header", function()
+      local path = write_file(dir .. "/arrays.txt", "[[[]]]\n")
+      local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,
+                                       "--dry-run", path }
+      assert.equal(1, status)
+      assert.equal(1, summary(out).malformed)
+      assert.equal(path .. ":1: expected a JSON object, got an array\n", err)
+    end)
+
+    it_with(has_trigger and has_memory, "trigger: an input with no records is a warning, not an error", function()
+      local path = write_file(dir .. "/header.csv", "id,status,channel\n")
+      local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,
+                                       "--dry-run", path }
+      assert.equal(0, status, err)
+      local s = summary(out)
+      assert.same({ 0, 0 }, { s.total, s.malformed })
+      assert.equal("stella: " .. path .. ": no records (a CSV header and no rows)\n", err)
+    end)
+  end)
+
   describe("in process (cli.main with an injected environment)", function()
     local cli = require "stella.cli"
 

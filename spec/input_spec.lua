@@ -156,6 +156,60 @@ describe("stella.input", function()
       assert.same({ 6, { id = 3 } }, recs[6])
     end)
 
+    it("reads integers past 2^53 exactly, as decimal strings", function()
+      local recs = records('{"id": 9007199254740993}\n{"id": 9007199254740992}\n'
+        .. '{"id": 9223372036854775807, "n": -9007199254740993}\n', ".jsonl")
+      assert.equal("9007199254740993", recs[1][2].id)
+      assert.equal(9007199254740992, recs[2][2].id)
+      assert.equal("9007199254740992", ("%d"):format(recs[2][2].id))
+      assert.same({ id = "9223372036854775807", n = "-9007199254740993" }, recs[3][2])
+    end)
+
+    it("refuses a repeated key, naming it and its column", function()
+      local path = write_tmp('{"channel": "phone", "id": 1, "channel": "chat"}\n'
+        .. '{"customer": {"email": "a@example.com", "email": "b@example.com"}}\n{"id": 2}\n', ".jsonl")
+      local recs = read_all(assert(input.open(path)))
+      assert.same({
+        { 1, nil, path .. ':1: duplicate key "channel" at column 31' },
+        { 2, nil, path .. ':2: duplicate key "customer.email" at column 41' },
+        { 3, { id = 2 } },
+      }, recs)
+    end)
+
+    it("names the column of a syntax error", function()
+      local path = write_tmp('{"id": 1,}\n{"id": tru}\n{"a": "b"} x\n', ".jsonl")
+      local recs = read_all(assert(input.open(path)))
+      assert.same({
+        { 1, nil, path .. ":1: invalid JSON at column 10: unexpected character (expected a string key)" },
+        { 2, nil, path .. ":2: invalid JSON at column 8: invalid literal (expected true, false or null)" },
+        { 3, nil, path .. ":3: invalid JSON at column 12: trailing characters after the document" },
+      }, recs)
+    end)
+
+    it("reads JSON-looking input as JSON Lines, never as a CSV header", function()
+      for _, ext in ipairs{ ".txt", "" } do
+        local path = write_tmp("[[[]]]\n", ext)
+        local reader = assert(input.open(path))
+        assert.equal("jsonl", reader.format)
+        assert.same({ { 1, nil, path .. ":1: expected a JSON object, got an array" } }, read_all(reader))
+        assert.is_nil(reader:warning())
+      end
+      local reader = assert(input.open("-", nil, { stdin = stdin_of('\n  [{"id": 1}]\n{"id": 2}\n') }))
+      assert.equal("jsonl", reader.format)
+      assert.same({ { 2, nil, "stdin:2: expected a JSON object, got an array" }, { 3, { id = 2 } } },
+                  read_all(reader))
+      assert.same({ 1, 1 }, { reader.events, reader.malformed })
+    end)
+
+    it("says when an input held no records", function()
+      local _, reader = records("", ".jsonl")
+      assert.equal("no records (the input is empty)", reader:warning())
+      _, reader = records("\n  \n", ".jsonl")
+      assert.equal("no records (blank lines only)", reader:warning())
+      _, reader = records('{"id": 1}\n', ".jsonl")
+      assert.is_nil(reader:warning())
+    end)
+
     it("strips a BOM and keeps UTF-8", function()
       local recs = records('\239\187\191{"name": "Zoë Åkesson"}\n', ".jsonl")
       assert.same({ { 1, { name = "Zoë Åkesson" } } }, recs)
@@ -174,10 +228,20 @@ describe("stella.input", function()
       local v, err = input.decode_json("[]")
       assert.is_nil(v)
       assert.equal("expected a JSON object, got an array", err)
-      v, err = input.decode_json("{")
-      assert.is_nil(v)
-      assert.truthy(err:find("^invalid JSON"))
       assert.has_error(function() input.decode_json(5) end)
+    end)
+
+    it("places errors by line and column, and refuses repeated keys", function()
+      local v, err, detail = input.decode_json("{")
+      assert.is_nil(v)
+      assert.equal("invalid JSON at line 1, column 2: unexpected end of input", err)
+      assert.equal("syntax", detail.code)
+      v, err, detail = input.decode_json('{\n  "channel": "phone",\n  "channel": "chat"\n}')
+      assert.is_nil(v)
+      assert.equal('duplicate key "channel" at line 3, column 3', err)
+      assert.same({ "duplicate_key", "channel" }, { detail.code, detail.path })
+      v = assert(input.decode_json('{"ext_interaction_id": 9007199254740993}'))
+      assert.equal("9007199254740993", v.ext_interaction_id)
     end)
   end)
 
@@ -243,8 +307,85 @@ describe("stella.input", function()
       local recs = read_all(assert(input.open(path)))
       assert.equal(path .. ":2: unexpected character \"D\" after a closing quote (field 2)", recs[1][3])
       assert.same({ 3, { id = "2", name = "ok" } }, recs[2])
-      assert.equal(path .. ":4: unterminated quoted field", recs[3][3])
-      assert.equal(3, #recs)
+      -- the quote of line 4 never closes: line 4 alone is lost, line 5 is read again
+      assert.equal(path .. ":4: unterminated quoted field (field 2); read again from line 5", recs[3][3])
+      assert.same({ 5, { id = "4", name = "x" } }, recs[4])
+      assert.equal(4, #recs)
+    end)
+
+    -- The issue's case: a 5,000-row export whose row 3 opens a quote that never closes.
+    it("loses only the line of a stray quote in a 5,000-row file, and names it", function()
+      local rows = { "id,customer.name,customer.email,channel" }
+      for i = 1, 5000 do
+        local name = i == 3 and '"Jane' or ("Customer " .. i)
+        rows[#rows + 1] = ("%d,%s,c%d@example.com,phone"):format(i, name, i)
+      end
+      local path = write_tmp(table.concat(rows, "\n") .. "\n", ".csv")
+      local reader = assert(input.open(path))
+      local seen, events, errs = {}, 0, {}
+      for line_no, event, err in reader:lines() do
+        assert.is_nil(seen[line_no], "line " .. line_no .. " given twice")
+        seen[line_no] = true
+        if event then
+          events = events + 1
+          assert.equal(tostring(line_no - 1), event.id)
+        else
+          errs[#errs + 1] = err
+        end
+      end
+      -- every row is an event or reported: rows 1..5000 are lines 2..5001
+      assert.equal(5000, events + #errs)
+      for line_no = 2, 5001 do assert.is_true(seen[line_no], "line " .. line_no) end
+      assert.same({ path .. ":4: quoted field 2 still open after 100 lines (a stray quote?); "
+                    .. "read again from line 5" }, errs)
+      assert.same({ 4999, 1 }, { reader.events, reader.malformed })
+    end)
+
+    it("reports a stray quote closed lines later by another field's quote, and reads on", function()
+      local path = write_tmp('id,name,channel\n1,"Jane,phone\n2,Omar,chat\n3,"Li" Wei,email\n4,Ana,phone\n', ".csv")
+      local recs = read_all(assert(input.open(path)))
+      assert.same({
+        { 2, nil, path .. ':2: unexpected character "L" after a closing quote (field 2); read again from line 3' },
+        { 3, { id = "2", name = "Omar", channel = "chat" } },
+        { 4, nil, path .. ':4: unexpected character " " after a closing quote (field 2)' },
+        { 5, { id = "4", name = "Ana", channel = "phone" } },
+      }, recs)
+    end)
+
+    it("reads the lines of a failed record again under strict rules until one passes", function()
+      -- record 2 spans lines 2-4 and fails at its end; lines 3 and 4 are its fragments
+      local path = write_tmp('id,body,channel\n1,"a\nb,c\nd"x,chat\n2,ok,phone\n3,short\n', ".csv")
+      local recs = read_all(assert(input.open(path)))
+      local after = " (looking for the next whole record after line 2)"
+      assert.same({
+        { 2, nil, path .. ':2: unexpected character "x" after a closing quote (field 2); read again from line 3' },
+        { 3, nil, path .. ":3: 2 fields, but the header has 3 columns" .. after },
+        { 4, nil, path .. ":4: a quote inside unquoted field 1" .. after },
+        { 5, { id = "2", body = "ok", channel = "phone" } },
+        -- once a record has passed, a short row is fine again
+        { 6, { id = "3", body = "short" } },
+      }, recs)
+    end)
+
+    it("bounds the lines a quoted field may span (opts.max_record_lines)", function()
+      local body = {}
+      for i = 1, 50 do body[i] = "line " .. i end
+      local text = 'id,body\n1,"' .. table.concat(body, "\n") .. '"\n2,x\n'
+      local recs = read_all(assert(input.open(write_tmp(text, ".csv"))))
+      assert.same({ 2, { id = "1", body = table.concat(body, "\n") } }, recs[1])
+      assert.same({ 52, { id = "2", body = "x" } }, recs[2])
+      local path = write_tmp(text, ".csv")
+      recs = read_all(assert(input.open(path, nil, { max_record_lines = 10 })))
+      assert.equal(path .. ":2: quoted field 2 still open after 10 lines (a stray quote?); read again from line 3",
+                   recs[1][3])
+      -- lines 3..51, the rest of the field's text, are read again and fail the strict
+      -- check (one field where the header has two; the last holds the closing quote)
+      for i = 2, 49 do assert.is_nil(recs[i][2]) end
+      assert.equal(path .. ":51: a quote inside unquoted field 1 (looking for the next whole record after line 2)",
+                   recs[50][3])
+      assert.same({ 52, { id = "2", body = "x" } }, recs[51])
+      assert.equal(51, #recs)
+      assert.has_error(function() input.open(path, nil, { max_record_lines = 0 }) end)
     end)
 
     it("refuses a bad header", function()
@@ -262,9 +403,14 @@ describe("stella.input", function()
       end
     end)
 
-    it("gives no events for an empty file or a header alone", function()
+    it("gives no events for an empty file or a header alone, and says so", function()
       assert.same({}, (records("", ".csv")))
-      assert.same({}, (records("id,channel\r\n", ".csv")))
+      local recs, reader = records("id,channel\r\n", ".csv")
+      assert.same({}, recs)
+      assert.equal("no records (a CSV header and no rows)", reader:warning())
+      recs, reader = records("id,channel\n\n\n", ".csv")
+      assert.same({}, recs)
+      assert.equal("no records (a CSV header and no rows)", reader:warning())
     end)
 
     it("reads the example export", function()

@@ -1,5 +1,5 @@
 -- Specs for stella.rules: pure evaluation against a fake environment (a fixed clock,
--- marks in a Lua table, an unsubscribe function), loading rules files in the sandbox,
+-- marks in a Lua table, an unsubscribe function), loading rules files with their restricted globals,
 -- and the same code under plain Lua 5.1 with no C modules.
 local rules = require "stella.rules"
 
@@ -635,7 +635,7 @@ describe("stella.rules", function()
       end } }
     ]]
 
-    it("runs sandboxed: no io, no os.execute, no require", function()
+    it("runs with restricted globals: no io, no os.execute, no require", function()
       local r = assert(rules.load(file(PROBE)))
       local d = rules.evaluate(r, event(), env())
       assert.same({ io = "false", execute = "false", require = "false", time = "true", string = "true" },
@@ -711,7 +711,7 @@ describe("stella.rules", function()
     f:close()
     local rules_file = os.tmpname()
     write_file(rules_file, "return { channels = { phone = 'integrated' }, sample = 1, " ..
-      "rules = { function(req) if io or require then return 'skip', 'not sandboxed' end end } }")
+      "rules = { function(req) if io or require then return 'skip', 'globals not restricted' end end } }")
     local script = os.tmpname()
     write_file(script, ([[
       package.path = %q

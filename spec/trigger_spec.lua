@@ -905,3 +905,20 @@ describe("stella.trigger clients", function()
     t:close()
   end)
 end)
+
+describe("stella.trigger rules", function()
+  local stella = require "stella"
+  local rules_mod = require "stella.rules"
+  it("takes compiled rules (what stella.rules.load returns) as they are, not compiling them again", function()
+    local compiled = assert(rules_mod.load{ channels = { phone = "integrated" } })
+    assert.equal(compiled, rules_mod.load(compiled))
+    local t = stella.trigger{ rules = compiled, store = stella.store.memory(), dry_run = true,
+                              client = { post = function() error("nothing is sent") end } }
+    assert.equal(compiled, t.rules)
+    local out = t:process{ customer = { name = "Jane", email = "jane@example.com" },
+                           employee = { email = "agent@example.com" }, channel = "chat",
+                           ext_interaction_id = "c-1" }
+    assert.equal("skipped", out.status)
+    assert.equal("channel_disabled", out.reason)
+  end)
+end)

@@ -3,6 +3,7 @@
 --   stella.encode(req [, kind [, opts]])   -> json | nil, errors
 --   stella.validate_json(text [, kind [, opts]]) -> true [, field values] | nil, errors
 --   stella.encode_json(text [, kind [, opts]])   -> json | nil, errors
+--   stella.decode_json(text [, opts])       -> value | nil, err (strict JSON -> Lua values)
 --   stella.new(opts)                        -> client (client:send, client:recover, client:close)
 local core = require "stella.core"
 local client = require "stella.client"
@@ -26,6 +27,11 @@ M.encode = core.encode
 -- ... } makes validate_json also return the values at those dotted paths.
 M.validate_json = core.validate_json
 M.encode_json = core.encode_json
+-- Strict JSON (RFC 8259) to Lua values through the same parser: a repeated key is an
+-- error (err.code "duplicate_key", err.path), integers past +-2^53 are their exact
+-- decimal strings, null is dropped unless opts.null stands for it; err = { code =
+-- "syntax" | "depth" | "duplicate_key", message, line, column, offset }.
+M.decode_json = core.decode_json
 
 M.new = client.new
 

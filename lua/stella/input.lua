@@ -9,24 +9,41 @@
 --   path    a file name, or "-" for standard input (opts.stdin, default io.stdin)
 --   format  "jsonl" or "csv"; without it, taken from the extension (.jsonl, .ndjson, .json
 --           -> jsonl; .csv -> csv), else from the content (first non-blank character "{"
---           -> jsonl, anything else -> csv)
+--           or "[" -> jsonl, anything else -> csv)
+--   opts.max_record_lines  the most physical lines one CSV record may span (default 100)
 -- reader.name is the path (or "stdin"), reader.format the format in use.
 -- reader:lines() -> iterator of line_no, event, err. A malformed record gives event nil
---   and err naming the file and line; iteration goes on with the next record.
+--   and err naming the file and line; iteration goes on with the next record. Every
+--   non-blank line is either part of an event or reported: nothing is skipped silently.
+-- reader.events, reader.malformed: how many events and errors lines() has given so far.
+-- reader:warning() -> after lines(): a message when the input held no records at all
+--   (empty, blank lines only, a CSV header alone), else nil.
 -- reader:progress() -> bytes read, total bytes (nil when the input is not seekable).
 -- reader:close() closes the file (never stdin); reaching the end closes it too.
 --
--- JSON Lines: one JSON object per line; blank lines are skipped; JSON null is dropped (an
--- absent key, or an array element left out) and integral numbers become Lua integers.
+-- JSON Lines: one JSON object per line, read by the C core's strict parser
+-- (stella.decode_json): a repeated key is an error naming it, errors give the column;
+-- integers within +-2^53 are numbers (Lua integers under 5.4), larger ones their exact
+-- decimal string (so an id reaches the service as written); JSON null is dropped (an
+-- absent key, or an array element left out); blank lines are skipped; a line holding
+-- anything but an object (an array, a string...) is an error.
 -- CSV (RFC 4180): a header row, "quoted" fields with "" escapes and embedded newlines,
 -- CRLF or LF, an optional UTF-8 BOM. A dotted header (customer.email) fills a nested
 -- table; a "tags" column is split on "|" into a list; empty cells are left out; every
--- value stays a string. A record's line number is the line where it starts.
-local error, ipairs, pairs, setmetatable, tostring, type = error, ipairs, pairs, setmetatable, tostring, type
+-- value stays a string. A record's line number is the line where it starts. Rows may
+-- have fewer cells than the header, not more.
+-- CSV recovery: when a record fails (text after a closing quote, too many fields, a
+-- quote never closed, or a quoted field still open after max_record_lines lines), its
+-- first line is reported and the lines it had taken after that one are read again as
+-- records. Until a record passes, those that follow are held to a stricter rule (exactly
+-- the header's number of fields, no quote inside an unquoted field); each one failing it
+-- is reported by its first line, and reading goes on from the next line. So one stray
+-- quote costs its own line, not the rest of the file.
+local error, ipairs, setmetatable, tostring, type = error, ipairs, setmetatable, tostring, type
+local byte, find, sub = string.byte, string.find, string.sub
 local concat = table.concat
-local tointeger = math.tointeger
 
-local cjson = require "cjson.safe"
+local decode = require("stella.core").decode_json
 
 local M = {}
 
@@ -39,40 +56,6 @@ local EXTENSIONS = { jsonl = "jsonl", ndjson = "jsonl", json = "jsonl", csv = "c
 -- JSON
 ---------------------------------------------------------------------------
 
-local null = cjson.null
-
--- Drops nulls (keys and array elements) and turns integral floats into integers
--- (lua-cjson decodes every number as a float under Lua 5.4), in place.
-local function clean(t)
-  local n = #t
-  if n > 0 then
-    -- an array: lua-cjson gives keys 1..n with nulls as cjson.null, never holes
-    local j = 0
-    for i = 1, n do
-      local v = t[i]
-      if v ~= null then
-        j = j + 1
-        if type(v) == "table" then clean(v)
-        elseif tointeger and type(v) == "number" then v = tointeger(v) or v end
-        t[j] = v
-      end
-    end
-    for i = j + 1, n do t[i] = nil end
-  else
-    for k, v in pairs(t) do
-      if v == null then
-        t[k] = nil
-      elseif type(v) == "table" then
-        clean(v)
-      elseif tointeger and type(v) == "number" then
-        local i = tointeger(v)
-        if i then t[k] = i end
-      end
-    end
-  end
-  return t
-end
-
 local function json_kind(text)
   local c = text:match("^%s*(.)")
   if c == "[" then return "an array" end
@@ -82,59 +65,85 @@ local function json_kind(text)
   return "a number"
 end
 
--- Decodes one JSON object. Returns a table (nulls dropped, integers as integers)
--- or nil and a message.
-function M.decode_json(text)
-  if type(text) ~= "string" then error("input.decode_json: string expected", 2) end
-  local v, err = cjson.decode(text)
-  if v == nil then
-    return nil, "invalid JSON: " .. tostring(err):gsub("^Expected", "expected")
+-- One object from `text`: a table, or nil, a message without the place, the place
+-- ("line L, column C", or nil) and the core's error table.
+local function decode_object(text)
+  local v, err = decode(text)
+  if err then
+    local where = err.line and ("line %d, column %d"):format(err.line, err.column) or nil
+    if err.code == "duplicate_key" then return nil, err.message, where, err end
+    return nil, "invalid JSON: " .. err.message, where, err
   end
-  if type(v) ~= "table" or not text:match("^%s*{") then
+  if type(v) ~= "table" or not find(text, "^%s*{") then
     return nil, "expected a JSON object, got " .. json_kind(text)
   end
-  return clean(v)
+  return v
+end
+
+-- Decodes one JSON object (strict: see the module's header). Returns a table, or nil,
+-- a message ("invalid JSON at line 1, column 2: unexpected end of input",
+-- 'duplicate key "channel" at line 1, column 30', "expected a JSON object, got an
+-- array") and the core's error table { code, message, line, column, offset, path }
+-- when there is one.
+function M.decode_json(text)
+  if type(text) ~= "string" then error("input.decode_json: string expected", 2) end
+  local v, message, where, err = decode_object(text)
+  if v then return v end
+  if where then
+    if err.code == "duplicate_key" then message = message .. " at " .. where
+    else message = ("invalid JSON at %s: %s"):format(where, err.message) end
+  end
+  return nil, message, err
 end
 
 ---------------------------------------------------------------------------
--- Line source: physical lines with their numbers, and a look-ahead buffer for
--- detecting the format of a stream that cannot be rewound (stdin).
+-- Line source: physical lines with their numbers, and lines held ahead: read ahead
+-- to detect the format of a stream that cannot be rewound (stdin), or put back by a
+-- CSV record that failed, to be read again.
 ---------------------------------------------------------------------------
 
 local function next_line(self)
-  local line
-  local buffered = self.buffered
-  if buffered[1] then
-    line = table.remove(buffered, 1)
+  local ahead, i = self.ahead, self.ahead_at
+  local line = ahead[i]
+  if line ~= nil then
+    ahead[i] = nil
+    self.ahead_at = i + 1
   else
-    if not self.file then return nil end
-    line = self.file:read("*l")
+    local f = self.file
+    if not f then return nil end
+    line = f:read("*l")
     if line == nil then
       self:close()
       return nil
     end
   end
-  self.line_no = self.line_no + 1
-  if self.line_no == 1 and line:sub(1, 3) == BOM then line = line:sub(4) end
+  local n = self.line_no + 1
+  self.line_no = n
+  if n == 1 and sub(line, 1, 3) == BOM then line = sub(line, 4) end
   return line
+end
+
+-- `lines` (read after line `line_no`) are read again, as lines line_no + 1, ...
+local function put_back(self, lines, line_no)
+  local ahead = {}
+  for i = 1, #lines do ahead[i] = lines[i] end
+  local old = self.ahead
+  for i = self.ahead_at, #old do ahead[#ahead + 1] = old[i] end
+  self.ahead, self.ahead_at, self.line_no = ahead, 1, line_no
 end
 
 -- The first non-blank line, read ahead and kept for next_line.
 local function peek_nonblank(self)
-  for _, line in ipairs(self.buffered) do
-    if line:find("%S") then return line end
+  local ahead = self.ahead
+  for i = self.ahead_at, #ahead do
+    if find(ahead[i], "%S") then return ahead[i] end
   end
   while self.file do
     local line = self.file:read("*l")
     if line == nil then return nil end
-    if #self.buffered == 0 and self.line_no == 0 and line:sub(1, 3) == BOM then
-      -- keep the BOM (next_line strips it) but look past it
-      self.buffered[1] = line
-      line = line:sub(4)
-    else
-      self.buffered[#self.buffered + 1] = line
-    end
-    if line:find("%S") then return line end
+    ahead[#ahead + 1] = line   -- next_line strips a BOM from line 1
+    if #ahead == 1 and self.line_no == 0 and sub(line, 1, 3) == BOM then line = sub(line, 4) end
+    if find(line, "%S") then return line end
   end
   return nil
 end
@@ -158,8 +167,21 @@ function Reader:progress()
   return pos, self.size
 end
 
+function Reader:warning()
+  if self.events > 0 or self.malformed > 0 then return nil end
+  if self.format == "csv" and self.columns[1] then return "no records (a CSV header and no rows)" end
+  if self.line_no > 0 then return "no records (blank lines only)" end
+  return "no records (the input is empty)"
+end
+
 local function line_error(self, line_no, message)
   return ("%s:%d: %s"):format(self.name, line_no, message)
+end
+
+-- What an iterator gives for a record it cannot read: counted, and named by its line.
+local function malformed(self, line_no, message)
+  self.malformed = self.malformed + 1
+  return line_no, nil, line_error(self, line_no, message)
 end
 
 -- JSON Lines ---------------------------------------------------------------
@@ -169,11 +191,21 @@ local function jsonl_iter(self)
     while true do
       local line = next_line(self)
       if line == nil then return nil end
-      if line:find("%S") then
+      if find(line, "%S") then
         local line_no = self.line_no
-        local event, err = M.decode_json(line)
-        if event then return line_no, event end
-        return line_no, nil, line_error(self, line_no, err)
+        local event, message, _, err = decode_object(line)
+        if event then
+          self.events = self.events + 1
+          return line_no, event
+        end
+        if err and err.column then   -- one line: its column says where
+          if err.code == "duplicate_key" then
+            message = ("%s at column %d"):format(message, err.column)
+          else
+            message = ("invalid JSON at column %d: %s"):format(err.column, err.message)
+          end
+        end
+        return malformed(self, line_no, message)
       end
     end
   end
@@ -181,52 +213,65 @@ end
 
 -- CSV ----------------------------------------------------------------------
 
+local QUOTE, COMMA, CR = byte('"'), byte(","), byte("\r")
+
 -- Reads one record starting with `line` (already read). Returns the list of cells, or
--- nil and a message. Continues onto following lines inside quoted fields.
-local function csv_record(self, line)
-  local cells = {}
-  local pos = 1
+-- nil and a message; and, when it went on past `line` (a quoted field with newlines),
+-- the lines it read after it. `strict`: a quote inside an unquoted field fails.
+local function csv_record(self, line, strict)
+  local cells, n, pos = {}, 0, 1
+  local spanned   -- the lines read after the first, or nil
   while true do
-    if line:sub(pos, pos) == '"' then
+    if byte(line, pos) == QUOTE then
       local buf = {}
       pos = pos + 1
       while true do
-        local q = line:find('"', pos, true)
+        local q = find(line, '"', pos, true)
         if not q then
-          buf[#buf + 1] = line:sub(pos)
+          buf[#buf + 1] = sub(line, pos)
           buf[#buf + 1] = "\n"
+          if spanned and #spanned + 1 >= self.max_record_lines then
+            return nil, ("quoted field %d still open after %d lines (a stray quote?)")
+              :format(n + 1, #spanned + 1), spanned
+          end
           line = next_line(self)
-          if line == nil then return nil, "unterminated quoted field" end
+          if line == nil then
+            return nil, ("unterminated quoted field (field %d)"):format(n + 1), spanned
+          end
+          spanned = spanned or {}
+          spanned[#spanned + 1] = line
           pos = 1
-        elseif line:sub(q + 1, q + 1) == '"' then
-          buf[#buf + 1] = line:sub(pos, q)
+        elseif byte(line, q + 1) == QUOTE then
+          buf[#buf + 1] = sub(line, pos, q)
           pos = q + 2
         else
-          buf[#buf + 1] = line:sub(pos, q - 1)
+          buf[#buf + 1] = sub(line, pos, q - 1)
           pos = q + 1
           break
         end
       end
-      cells[#cells + 1] = concat(buf)
-      local c = line:sub(pos, pos)
-      if c == "," then
+      n = n + 1
+      cells[n] = concat(buf)
+      local c = byte(line, pos)
+      if c == COMMA then
         pos = pos + 1
-      elseif c == "" or (c == "\r" and pos == #line) then
-        return cells
+      elseif c == nil or (c == CR and pos == #line) then
+        return cells, nil, spanned
       else
-        return nil, ("unexpected character %q after a closing quote (field %d)"):format(c, #cells)
+        return nil, ("unexpected character %q after a closing quote (field %d)")
+          :format(sub(line, pos, pos), n), spanned
       end
     else
-      local comma = line:find(",", pos, true)
-      if comma then
-        cells[#cells + 1] = line:sub(pos, comma - 1)
-        pos = comma + 1
-      else
-        local last = line:sub(pos)
-        if last:sub(-1) == "\r" then last = last:sub(1, -2) end
-        cells[#cells + 1] = last
-        return cells
+      local comma = find(line, ",", pos, true)
+      local cell = sub(line, pos, comma and comma - 1 or -1)
+      if not comma and byte(cell, -1) == CR then cell = sub(cell, 1, -2) end
+      if strict and find(cell, '"', 1, true) then
+        return nil, ("a quote inside unquoted field %d"):format(n + 1), spanned
       end
+      n = n + 1
+      cells[n] = cell
+      if not comma then return cells, nil, spanned end
+      pos = comma + 1
     end
   end
 end
@@ -307,21 +352,37 @@ local function csv_event(columns, cells)
   return event
 end
 
+-- Records, with the recovery rule of the module's header: self.resync is the line of
+-- the failed record being recovered from (strict checks), or nil.
 local function csv_iter(self)
   local columns = self.columns
+  local ncol = #columns
   return function()
     while true do
       local line = next_line(self)
       if line == nil then return nil end
       if not is_blank_record(line) then
-        local line_no = self.line_no
-        local cells, err = csv_record(self, line)
-        if not cells then return line_no, nil, line_error(self, line_no, err) end
-        if #cells > #columns then
-          return line_no, nil, line_error(self, line_no,
-            ("%d fields, but the header has %d columns"):format(#cells, #columns))
+        local line_no, strict = self.line_no, self.resync
+        local cells, err, spanned = csv_record(self, line, strict)
+        if cells then
+          if #cells > ncol or (strict and #cells < ncol) then
+            err = ("%d fields, but the header has %d columns"):format(#cells, ncol)
+          else
+            self.resync = nil
+            self.events = self.events + 1
+            return line_no, csv_event(columns, cells)
+          end
         end
-        return line_no, csv_event(columns, cells)
+        if spanned then
+          -- only the first line is known to be bad: the others are read again
+          put_back(self, spanned, line_no)
+          self.resync = self.resync or line_no
+          err = ("%s; read again from line %d"):format(err, line_no + 1)
+        end
+        if strict then
+          err = ("%s (looking for the next whole record after line %d)"):format(err, strict)
+        end
+        return malformed(self, line_no, err)
       end
     end
   end
@@ -347,7 +408,13 @@ function M.open(path, format, opts)
   if opts ~= nil and type(opts) ~= "table" then error("input.open: options table expected", 2) end
   opts = opts or {}
 
-  local self = setmetatable({ buffered = {}, line_no = 0 }, Reader)
+  local max_lines = opts.max_record_lines or 100
+  if type(max_lines) ~= "number" or max_lines < 1 or max_lines % 1 ~= 0 then
+    error("input.open: max_record_lines must be a whole number from 1", 2)
+  end
+
+  local self = setmetatable({ ahead = {}, ahead_at = 1, line_no = 0, events = 0, malformed = 0,
+                              columns = {}, max_record_lines = max_lines }, Reader)
   if path == "-" then
     self.name = "stdin"
     self.file = opts.stdin or io.stdin
@@ -369,7 +436,8 @@ function M.open(path, format, opts)
   end
   if not format then
     local first = peek_nonblank(self)
-    format = (first == nil or first:match("^%s*{")) and "jsonl" or "csv"
+    -- "{" or "[": JSON, never a CSV header (a line that is not an object is an error)
+    format = (first == nil or find(first, "^%s*[{[]")) and "jsonl" or "csv"
   end
   self.format = format
   if format == "csv" then

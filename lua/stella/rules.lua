@@ -42,9 +42,10 @@ local function copy_table(t)
   return c
 end
 
--- The environment a rules file runs in: no io, no os.execute, no require,
+-- The globals a rules file runs with (its _ENV): no io, no os.execute, no require,
 -- unless the caller opts in with allow = { io = true, os = true, require = true }.
-local function sandbox(allow)
+-- (Not `env` below: that is what an evaluation is given, the clock and the marks.)
+local function rule_globals(allow)
   local G = _G
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = G[name] end
@@ -113,6 +114,14 @@ local function check_brand(b, where)
   end
 end
 
+-- The tables compile() made (weak keys: a compiled rules table is not kept alive here).
+local compiled_set = setmetatable({}, { __mode = "k" })
+
+-- true when v is what compile() (or load()) returned.
+function M.is_compiled(v)
+  return compiled_set[v] == true
+end
+
 function M.compile(spec, name)
   name = name or "rules"
   if type(spec) ~= "table" then error(name .. ": rules must be a table", 0) end
@@ -175,14 +184,17 @@ function M.compile(spec, name)
     if type(rule) ~= "function" then error(name .. ": rules[" .. i .. "] must be a function", 0) end
     r.rules[i] = rule
   end
+  compiled_set[r] = true
   return r
 end
 
--- load(path_or_table [, opts]) -> compiled rules | nil, err (file problems)
+-- load(path_or_table [, opts]) -> compiled rules | nil, err (file problems).
+-- Compiled rules (what load returned before) come back as they are: compiled once.
 function M.load(source, opts)
+  if compiled_set[source] then return source end
   if type(source) == "table" then return M.compile(source, "rules") end
-  if type(source) ~= "string" then error("rules must be a file name or a table", 2) end
-  local spec, err = load_chunk(source, sandbox(opts and opts.allow))
+  if type(source) ~= "string" then error("rules must be a file name, a table or compiled rules", 2) end
+  local spec, err = load_chunk(source, rule_globals(opts and opts.allow))
   if not spec then return nil, err end
   local ok, compiled = pcall(M.compile, spec, source)
   if not ok then return nil, compiled end

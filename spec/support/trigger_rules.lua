@@ -1,6 +1,6 @@
 -- The rules file of spec/trigger_spec.lua and its child processes
 -- (spec/support/trigger_once.lua, spec/support/trigger_crash.lua). Loaded from the file
--- by the trigger (sandboxed), or with dofile() by a spec that changes a setting.
+-- by the trigger (restricted globals), or with dofile() by a spec that changes a setting.
 --
 -- An event: { ticket = 1001, email = "jane@example.com", name = "Jane", channel = "phone",
 --             tags = { ... }, brand = "acme", boom = true (map raises) }

@@ -1,5 +1,5 @@
 -- stella.sandbox.config: the sandbox's company settings, loaded from a Lua file that
--- returns a table (see sandbox/config.lua, the documented default), checked and
+-- returns a table (see files/config.lua beside it, the documented default), checked and
 -- normalised for fast look-ups. Plain Lua 5.1 (no C module needed, stella.core is used
 -- for the e-mail check when present): it runs in the `stella` command (to report a
 -- mistake before nginx starts) and inside nginx (LuaJIT).

@@ -1,6 +1,6 @@
 -- stella.sandbox: starts and stops the local Requests API sandbox, a real nginx with its
 -- Lua module answering like the service (see stella.sandbox.server for what it answers,
--- sandbox/config.lua for the company it pretends to be). Runs under Lua 5.4 and LuaJIT;
+-- files/config.lua beside this module for the company it pretends to be). Runs under Lua 5.4 and LuaJIT;
 -- needs luasocket. nginx itself runs LuaJIT with the C core built for it
 -- (make LUA=luajit -> build/luajit/stella/core.so).
 --
@@ -12,8 +12,8 @@
 --
 -- start(opts), every field optional:
 --   port             default 8787; 0 picks a free 127.0.0.1 port
---   config           a config file (default sandbox/config.lua) or a table (written to
---                    the prefix as a file)
+--   config           a config file (default files/config.lua beside this module) or a
+--                    table (written to the prefix as a file)
 --   prefix           nginx's directory (config, logs, pid file); created when missing and
 --                    kept. Default: a new temporary directory, removed by stop()
 --   access_log       true: nginx writes one line per request to its standard output,
@@ -21,6 +21,7 @@
 --   extra_locations  nginx text added to the server block (the benchmark's baseline)
 --   nginx, module_dirs, core_dir   where nginx, its modules and stella/core.so (LuaJIT
 --                    build) are; also $STELLA_NGINX, $STELLA_SANDBOX_CORE
+--   sandbox_dir      where the sandbox's files are; also $STELLA_SANDBOX_DIR
 -- Returns the sandbox or nil, message. A sandbox has url, port, pid, pid_file, prefix,
 -- config (normalised), config_file and the methods stop(), wait(on_line), running(),
 -- error_log().
@@ -46,40 +47,17 @@ M.alive = alive
 -- Where things are
 ---------------------------------------------------------------------------
 
--- The directory of the sandbox's files (nginx.conf, config.lua, status.*): the
--- repository's sandbox/, or where `make install` puts it (PREFIX/share/lua-stella/sandbox,
--- beside PREFIX/share/lua/VERSION), or the rock's copy after `luarocks install`
--- (TREE/lib/luarocks/rocks-VERSION/stella/VERSION/sandbox). The first that has nginx.conf;
--- the repository's when none has.
-local function find_sandbox_dir(lua_dir, root)
-  local share = lua_dir:match("^(.*)/lua/[^/]+$")            -- PREFIX/share (make install)
-  local tree = share and share:match("^(.*)/share$")          -- TREE (luarocks)
-  local candidates = { root .. "/sandbox" }
-  if share then candidates[#candidates + 1] = share .. "/lua-stella/sandbox" end
-  if tree then
-    local p = io.popen("ls -d " .. shell_quote(tree) .. "/lib/luarocks/rocks-*/stella/*/sandbox 2>/dev/null")
-    if p then
-      for dir in p:lines() do candidates[#candidates + 1] = dir end
-      p:close()
-    end
-  end
-  for _, dir in ipairs{ "/usr/local/share/lua-stella/sandbox", "/usr/share/lua-stella/sandbox" } do
-    candidates[#candidates + 1] = dir
-  end
-  for _, dir in ipairs(candidates) do
-    if exists(dir .. "/nginx.conf") then return dir end
-  end
-  return candidates[1]
-end
-
--- lua/ (this module's tree), the repository root, sandbox/ and the LuaJIT core.
+-- lua/ (this module's tree), the repository root, the sandbox's files and the LuaJIT
+-- core. The files (nginx.conf, config.lua, status.*) are in files/ beside this module,
+-- wherever it is: the repository's lua/, or the tree `make install` or `luarocks make`
+-- installed the modules into.
 function M.paths(opts)
   opts = opts or {}
   local source = debug.getinfo(1, "S").source
   local file = absolute(source:match("^@(.*)$") or "lua/stella/sandbox/init.lua")
   local lua_dir = file:match("^(.*)/stella/sandbox/[^/]*$") or absolute("lua")
   local root = lua_dir:match("^(.*)/[^/]*$") or "."
-  local sandbox_dir = opts.sandbox_dir or os.getenv("STELLA_SANDBOX_DIR") or find_sandbox_dir(lua_dir, root)
+  local sandbox_dir = opts.sandbox_dir or os.getenv("STELLA_SANDBOX_DIR") or (lua_dir .. "/stella/sandbox/files")
   local core_dir = opts.core_dir or os.getenv("STELLA_SANDBOX_CORE")
   if not core_dir then
     local prefix = lua_dir:match("^(.*)/share/lua/[^/]+$")   -- make install's PREFIX
@@ -173,7 +151,7 @@ function M.start(opts)
   end
   local template = read_file(paths.sandbox_dir .. "/nginx.conf")
   if not template then
-    return nil, "cannot read " .. paths.sandbox_dir .. "/nginx.conf (set STELLA_SANDBOX_DIR to the sandbox/ directory)"
+    return nil, "cannot read " .. paths.sandbox_dir .. "/nginx.conf (set STELLA_SANDBOX_DIR to the directory of the sandbox's files)"
   end
   local binary, nerr = nginx.find_nginx(opts)
   if not binary then return nil, nerr end

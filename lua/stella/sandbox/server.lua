@@ -1,5 +1,5 @@
 -- stella.sandbox.server: the Requests API sandbox inside nginx (its Lua module, LuaJIT).
--- Loaded by sandbox/nginx.conf; lua/stella/sandbox/init.lua starts nginx with it.
+-- Loaded by files/nginx.conf; lua/stella/sandbox/init.lua starts nginx with it.
 --
 --   POST /v1/requests     x-api-key, then the schema (stella.validate_json: the C core
 --                         parses the body and makes exactly the client's checks, plus
@@ -22,8 +22,9 @@
 --
 -- One nginx worker: nothing between reading and writing a mark yields, so the checks
 -- need no locks, and an accepted request's writes can wait in the worker for one batched
--- flush (see "batched" below) that every reader runs first. State lives in four lua_shared_dicts (ids, marks, log, counts: see
--- sandbox/nginx.conf and stella.sandbox.status).
+-- flush (see "batched" below) that every reader runs first. State lives in four
+-- lua_shared_dicts (ids, marks, log, counts: see files/nginx.conf and
+-- stella.sandbox.status).
 local cjson = require "cjson.safe"
 local stella = require "stella"
 local config = require "stella.sandbox.config"
@@ -72,7 +73,7 @@ local flush
 
 local conf          -- the normalised config, loaded in init_by_lua (shared by the workers)
 local assets        -- the status page's template, style and script
-local logs, ids, marks, counts   -- the shared dicts (see sandbox/nginx.conf)
+local logs, ids, marks, counts   -- the shared dicts (see files/nginx.conf)
 local log_limit
 
 ---------------------------------------------------------------------------

@@ -323,7 +323,7 @@ local function fill(template, vars)
   return (template:gsub("{{([%w_]+)}}", function(name) return vars[name] or "" end))
 end
 
--- The HTML page. assets = { html = template, css = ..., js = ... } (sandbox/status.*).
+-- The HTML page. assets = { html = template, css = ..., js = ... } (files/status.*).
 function M.html(conf, logs, counts, now, assets, base_url)
   local s = M.summary(conf, logs, counts, now)
   local c = s.counts

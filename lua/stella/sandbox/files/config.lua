@@ -1,4 +1,4 @@
--- sandbox/config.lua: the company the local Requests API sandbox pretends to be.
+-- The company the local Requests API sandbox pretends to be (`stella sandbox`'s default).
 --
 --   stella sandbox                          # this file, on http://127.0.0.1:8787
 --   stella sandbox --config my-company.lua  # a copy you edited

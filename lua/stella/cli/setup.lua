@@ -1,0 +1,116 @@
+-- stella.cli.setup: what a command needs before it runs: the rules file, the API key
+-- and client, the store, the trigger; and closing them again.
+--
+--   local run, status = setup.start(ctx, "trigger", { rules = FILE, send = true, db = FILE })
+--   ...
+--   setup.stop(run)
+--
+-- Every key it meets (rules file, brands) is handed to ctx:secret before anything is
+-- printed.
+local ipairs, pcall, tostring = ipairs, pcall, tostring
+
+local keys = require "stella.keys"
+
+local M = {}
+
+M.DEFAULT_DB = "stella.db"
+
+-- the part of a sending command's help about keys
+M.KEYS_HELP = [[
+API keys and host (never printed):
+  STELLA_TEST_KEY, STELLA_PRODUCTION_KEY   the company's two keys
+  STELLA_API_KEY                           one key, whatever the mode
+  STELLA_MODE                              test (default) or production
+  STELLA_BASE_URL                          the API host (default https://api.stellaconnect.net)
+  A rules file may set api_key, keys = { test = ..., production = ... }, mode and base_url;
+  the environment wins over the file.]]
+
+-- Loads and compiles a rules file with stella.rules (the same rule environment the
+-- library uses, plus io, so that on_alert can write to stderr). Returns the compiled
+-- rules, or nil and a message. They, not the file name, go to the trigger: the file is
+-- read and compiled once.
+local function load_rules(ctx, path)
+  local compiled, err = require("stella.rules").load(path, { allow = { io = true } })
+  if not compiled then
+    -- a syntax error quotes the token it stopped at: never a string, which may be a key
+    return nil, (tostring(err):gsub("near '[\"'%[].*'$", "near a string (not shown)"))
+  end
+  for _, key in ipairs(keys.of_rules(compiled)) do ctx:secret(key) end
+  return compiled
+end
+
+-- A client with the key, mode and host of the environment and the rules (stella.keys).
+-- Returns the client | nil, message, exit status.
+function M.new_client(ctx, rules, mode, channels)
+  local client, err = keys.from_environment(rules, { mode = mode, channels = channels, getenv = ctx.getenv })
+  if not client then return nil, ctx:redact(err), 2 end
+  return client
+end
+
+function M.file_exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+-- stella.trigger(opts), with a failure to start (a rules mistake) as nil, message.
+local function new_trigger(opts)
+  local ok, trigger = pcall(require("stella").trigger, opts)
+  if not ok then return nil, tostring(trigger) end
+  return trigger
+end
+
+-- Opens the store named by --db (":memory:" for the memory store). opts.must_exist:
+-- fail when the file is not there rather than create it.
+function M.open_store(path, opts)
+  local store_mod = require "stella.store"
+  if path == ":memory:" then return store_mod.memory() end
+  if opts and opts.must_exist and not M.file_exists(path) then
+    return nil, ("no store at %s (run `stella trigger` first, or give --db)"):format(path)
+  end
+  local ok, store, err = pcall(store_mod.sqlite, path)
+  if not ok or not store then
+    return nil, ("cannot open the store %s: %s"):format(path, tostring(ok and err or store))
+  end
+  return store
+end
+
+-- Closes what start() opened; safe on a partly started run.
+function M.stop(run)
+  if run.trigger then pcall(run.trigger.close, run.trigger) end
+  if run.store then pcall(run.store.close, run.store) end
+  if run.client then pcall(run.client.close, run.client) end
+end
+
+-- Loads the rules, makes the client (when the command sends), opens the store and starts
+-- the trigger. o = { rules = FILE|nil, send = bool, db = FILE|":memory:", must_exist,
+-- dry_run, connections }. Returns run = { rules (compiled), client, store, trigger }, or
+-- nil and the exit status after saying what went wrong.
+function M.start(ctx, command, o)
+  local run = {}
+  local function fail(status, fmt, ...)
+    M.stop(run)
+    ctx:warn("stella " .. command .. ": " .. fmt, ...)
+    return nil, status
+  end
+  if o.rules then
+    local rules, err = load_rules(ctx, o.rules)
+    if not rules then return fail(2, "rules: %s", err) end
+    run.rules = rules
+  end
+  if o.send then
+    local client, err, status = M.new_client(ctx, run.rules)
+    if not client then return fail(status, "%s", err) end
+    run.client = client
+  end
+  local store, serr = M.open_store(o.db, { must_exist = o.must_exist })
+  if not store then return fail(1, "%s", serr) end
+  run.store = store
+  local trigger, terr = new_trigger{ rules = run.rules or {}, client = run.client, store = store,
+                                     dry_run = o.dry_run, connections = o.connections }
+  if not trigger then return fail(2, "%s", terr) end
+  run.trigger = trigger
+  return run
+end
+
+return M

@@ -1,0 +1,107 @@
+-- stella.cli.status: `stella status`, a status page from the local store: outcomes by
+-- reason, the error rate per hour, the outbox, the latest invalid and failed events.
+local ipairs, pcall, tostring, type = ipairs, pcall, tostring, type
+local sort = table.sort
+local floor = math.floor
+local args = require "stella.cli.args"
+local setup = require "stella.cli.setup"
+local tables = require "stella.cli.table"
+
+local M = {}
+
+M.help = [[
+usage: stella status [--db FILE] [--since DURATION]
+
+A local status page from the store: outcomes by reason, the error rate per hour (the
+service alerts above 5% in an hour), what the outbox holds, and the latest invalid and
+failed events with their messages.
+
+  --db FILE         the store (default stella.db)
+  --since DURATION  how far back: 90m, 24h, 7d, 2w (default 24h)
+]]
+
+-- its options: "flag" or "value"
+M.options = { db = "value", since = "value" }
+
+local function fmt_time(t)
+  if type(t) ~= "number" then return tostring(t) end
+  return os.date("%Y-%m-%d %H:%M:%S", floor(t))
+end
+
+function M.run(ctx, opts, positional)
+  if #positional > 0 then return ctx:usage_error("status", "unexpected argument %s", positional[1]) end
+  local window = args.parse_duration(opts.since or "24h")
+  if not window then
+    return ctx:usage_error("status", "--since takes a duration like 90m, 24h or 7d, not %s", opts.since)
+  end
+  local db = opts.db or setup.DEFAULT_DB
+  local store, serr = setup.open_store(db, { must_exist = true })
+  if not store then ctx:warn("stella status: %s", serr) return 1 end
+  local now = ctx.time()
+  local since = now - window
+
+  local ok, err = pcall(function()
+    ctx:say("stella status: %s, since %s (%s)", db, fmt_time(since), opts.since or "24h")
+    ctx:say("")
+
+    local rows, total = tables.outcome_rows(store:counts{ since = since } or {})
+    if #rows == 0 then
+      ctx:say("no events")
+    else
+      rows[#rows + 1] = { "total", "", tostring(total) }
+      tables.print(ctx, { "outcome", "reason", "count" }, rows, { [3] = true })
+    end
+    ctx:say("")
+
+    ctx:say("error rate per hour")
+    local rate = store:rate{ since = since, bucket = 3600 } or {}
+    if #rate == 0 then
+      ctx:say("no requests")
+    else
+      local rrows, alert = {}, false
+      for _, r in ipairs(rate) do
+        local pct = (r.total or 0) > 0 and (r.errors or 0) * 100 / r.total or 0
+        local mark = pct > 5 and "!" or ""
+        if pct > 5 then alert = true end
+        rrows[#rrows + 1] = { os.date("%Y-%m-%d %H:%M", floor(r.start)), tostring(r.total or 0),
+                              tostring(r.errors or 0), ("%.1f%%"):format(pct), mark }
+      end
+      tables.print(ctx, { "hour", "total", "errors", "rate", "" }, rrows,
+                  { [2] = true, [3] = true, [4] = true })
+      if alert then ctx:say("! more than 5% errors in the hour: the service e-mails an alert") end
+    end
+    ctx:say("")
+
+    local oc = store:outbox_counts() or {}
+    ctx:say("outbox: %d queued, %d dead", oc.queued or 0, oc.dead or 0)
+    ctx:say("")
+
+    local latest = {}
+    for _, st in ipairs{ "invalid", "failed" } do
+      for _, e in ipairs(store:ledger{ since = since, status = st, limit = 10 } or {}) do
+        latest[#latest + 1] = e
+      end
+    end
+    sort(latest, function(a, b) return (a.time or 0) > (b.time or 0) end)
+    ctx:say("latest invalid and failed events")
+    if #latest == 0 then
+      ctx:say("none")
+    else
+      local lrows = {}
+      for i = 1, math.min(10, #latest) do
+        local e = latest[i]
+        local msg = e.error_message or e.detail or e.reason or ""
+        if e.error_kind then msg = e.error_kind .. ": " .. msg end
+        msg = tostring(msg):gsub("%s+", " ")
+        if #msg > 160 then msg = msg:sub(1, 157) .. "..." end
+        lrows[i] = { fmt_time(e.time), tostring(e.status), tostring(e.event_id or e.interaction_id or "-"), msg }
+      end
+      tables.print(ctx, { "time", "outcome", "event", "message" }, lrows)
+    end
+  end)
+  store:close()
+  if not ok then ctx:warn("stella status: %s", tostring(err)) return 1 end
+  return 0
+end
+
+return M

@@ -1,0 +1,235 @@
+-- stella.trigger.decide: the first stage of a batch. Runs the rules on each event (with
+-- the store's marks and unsubscribes as their view of the world), encodes the requests
+-- to send, and writes them to the outbox with the suppression and dedupe marks they
+-- reserve, all in one transaction. Nothing is sent here (send.lua does that).
+local stella = require "stella"
+local rules_mod = require "stella.rules"
+local errors_mod = require "stella.error"
+local rows = require "stella.trigger.rows"
+
+local type, tostring = type, tostring
+local floor = math.floor
+local sent_status = rows.sent_status
+
+local M = {}
+
+-- A batch: what one process_many (or flush) call shares across its events.
+--   hash(email)  the store's salted hash, computed once per address in the batch
+--   marks        key -> until of the marks this batch puts, seen by its later events
+--                before they reach the store (a dry-run trigger keeps one such table for
+--                its whole life instead, so that it suppresses as a real run would)
+--   pending ...  the requests to enqueue (enqueue_pending writes them)
+function M.new_batch(self)
+  local store, memo = self.store, {}
+  return {
+    hash = function(email)
+      local h = memo[email]
+      if not h then
+        h = store:hash_email(email)
+        memo[email] = h
+      end
+      return h
+    end,
+    marks = self.dry_run and self.dry_marks or {},
+    pending = {},    -- outcomes of the requests to enqueue, in event order
+    phash = {},      -- their customers' hashes (false for none), by index in pending
+    pmarks = {},     -- their marks, flat: key, until, index in pending
+    npmarks = 0,     -- values in pmarks
+    env = nil,   -- the rules' environment, made by env_for on first use
+  }
+end
+local new_batch = M.new_batch
+
+-- Store keys for rule marks. E-mails become salted hashes here, never stored in clear.
+local function mark_key(batch, mark)
+  local key = mark._key   -- a mark looked up and then put is keyed once
+  if key then return key end
+  if mark.type == "suppress" then
+    key = "suppress|" .. mark.scope .. "|" .. batch.hash(mark.email)
+  else
+    key = "once|" .. mark.scope .. "|" .. mark.id
+  end
+  mark._key = key
+  return key
+end
+
+-- The rules' view of the store for the events of a batch (all decided at `now`).
+local function env_for(self, now, batch)
+  local env = batch.env
+  if env and env.now == now then return env end
+  local store, marks = self.store, batch.marks
+  env = {
+    now = now,
+    lookup = function(mark)
+      local key = mark_key(batch, mark)
+      local until_ = marks[key]   -- put earlier in this batch: not in the store yet
+      if until_ ~= nil then return until_ > now and until_ or nil end
+      return (store:get_mark(key, now))
+    end,
+    unsubscribed = function(email)
+      if batch.no_unsubscribes then return false end
+      return store:is_unsubscribed(batch.hash(email))
+    end,
+  }
+  batch.env = env
+  return env
+end
+
+local function event_id_of(event, request)
+  local id = type(event) == "table" and (event.event_id or event.id)
+  if id == nil and type(request) == "table" then id = request.ext_interaction_id end
+  -- no request (map raised): a request-shaped event still names its interaction
+  if id == nil and type(event) == "table" then id = event.ext_interaction_id end
+  if id == nil then return nil end
+  return tostring(id)
+end
+
+local function interaction_of(request)
+  local id = type(request) == "table" and request.ext_interaction_id
+  if type(id) == "number" then   -- "%d" raises in 5.4 on 1.5, NaN, 2^63 (invalid anyway)
+    if id == floor(id) and id > -2^53 and id < 2^53 then return ("%d"):format(id) end
+    return tostring(id)
+  end
+  return type(id) == "string" and id or nil
+end
+
+-- Decides one event. A request to send joins batch.pending (enqueue_pending writes them)
+-- and its marks join batch.marks, where the batch's later events see them.
+local function decide(self, event, now, explain, batch)
+  local d = rules_mod.evaluate(self.rules, event, env_for(self, now, batch), explain)
+  local outcome = {
+    event_id = event_id_of(event, d.request), brand = d.brand, request = d.request,
+    interaction_id = interaction_of(d.request), verdicts = d.verdicts,
+    dry_run = self.dry_run or nil,
+  }
+  if d.action == "skip" then
+    outcome.status, outcome.reason, outcome.detail = "skipped", d.reason, d.detail
+    return outcome
+  elseif d.action == "suppressed" then
+    outcome.status, outcome.reason, outcome.detail = "suppressed", d.reason, d.detail
+    outcome["until"] = d["until"]
+    return outcome
+  elseif d.action == "invalid" then
+    outcome.status, outcome.reason, outcome.detail = "invalid", d.reason, d.detail
+    return outcome
+  end
+  local body, errs = stella.encode(d.request, "request")
+  if explain and d.verdicts then
+    d.verdicts[#d.verdicts + 1] = { rule = "validate", verdict = body and "pass" or "invalid",
+                                    reason = not body and "invalid_request" or nil,
+                                    detail = errs and errors_mod.summarize(errs) or nil }
+  end
+  if not body then
+    outcome.status, outcome.reason = "invalid", "invalid_request"
+    outcome.detail = errors_mod.summarize(errs)
+    outcome.errors = errs
+    return outcome
+  end
+  outcome.body = body
+  outcome.status = sent_status(body)
+  outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
+  if explain then return outcome end
+  local bmarks, dmarks = batch.marks, d.marks
+  if self.dry_run then
+    for i = 1, #dmarks do
+      local mark = dmarks[i]
+      bmarks[mark_key(batch, mark)] = mark["until"]
+    end
+    return outcome
+  end
+  local pending = batch.pending
+  local np = #pending + 1
+  local pm, k = batch.pmarks, batch.npmarks
+  for i = 1, #dmarks do
+    local mark = dmarks[i]
+    local key, until_ = mark_key(batch, mark), mark["until"]
+    bmarks[key] = until_
+    pm[k + 1], pm[k + 2], pm[k + 3] = key, until_, np
+    k = k + 3
+  end
+  batch.npmarks = k
+  pending[np] = outcome
+  local c = d.request.customer
+  batch.phash[np] = type(c) == "table" and type(c.email) == "string" and batch.hash(c.email) or false
+  return outcome
+end
+
+-- Writes the batch's pending requests to the outbox and their marks, reserved by them
+-- (inside the decide transaction). true, or nil, err.
+local function enqueue_pending(self, batch, now)
+  local pending = batch.pending
+  local n = #pending
+  if n == 0 then return true end
+  local store, hashes = self.store, batch.phash
+  local next_at = now + self.outbox_opts.lease
+  local items = {}
+  for i = 1, n do
+    local o = pending[i]
+    items[i] = { kind = "request", body = o.body, brand = o.brand, event_id = o.event_id,
+                 interaction_id = o.interaction_id, customer_hash = hashes[i] or nil,
+                 created_at = now, next_at = next_at, attempts = 0 }
+  end
+  local ids, err = store:enqueue_many(items)
+  if not ids then return nil, err end
+  for i = 1, n do pending[i].outbox_id = ids[i] end
+  local pm, count = batch.pmarks, batch.npmarks
+  if count == 0 then return true end
+  local marks = {}
+  for j = 1, count, 3 do
+    marks[#marks + 1] = { key = pm[j], ["until"] = pm[j + 1], outbox_id = ids[pm[j + 2]] }
+  end
+  return store:put_mark_many(marks)
+end
+
+-- explain(event): the decision with every rule's verdict; writes nothing.
+function M.explain(self, event, now)
+  local outcome = decide(self, event, now, true, new_batch(self))
+  outcome.body = nil
+  return outcome
+end
+
+local DECIDE_TRIES = 3
+
+-- Decides a batch of events at `now` in one transaction: rules, then the outbox items
+-- and marks of the requests to send. Returns the outcomes, the batch, and whether it was
+-- written (false: a dry run, or a store error and every outcome failed). An outcome to
+-- send carries its outbox_id and its encoded body.
+function M.batch(self, events, now)
+  if self.dry_run then
+    local outcomes, batch = {}, new_batch(self)
+    for i = 1, #events do
+      local o = decide(self, events[i], now, false, batch)
+      o.body = nil
+      outcomes[i] = o
+    end
+    return outcomes, batch, false
+  end
+  local store = self.store
+  local outcomes, batch, ok, serr
+  -- a retryable failure (another writer took a mark this batch looked at: the shared-dict
+  -- store's cross-worker race) rolled everything back: decide again, now seeing what the
+  -- other writer wrote (its customer is then suppressed here, not failed)
+  for _ = 1, DECIDE_TRIES do
+    outcomes, batch = {}, new_batch(self)
+    -- a failure inside (returned or not) rolls the whole batch back: nil, err
+    ok, serr = store:atomic(function()
+      -- inside the transaction nothing else writes the store: with no unsubscribes at its
+      -- start, none of this batch's events is unsubscribed (the rules cannot add one)
+      if store:unsubscribed_count() == 0 then batch.no_unsubscribes = true end
+      for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
+      return enqueue_pending(self, batch, now)
+    end)
+    if ok or not (type(serr) == "table" and serr.retryable) then break end
+  end
+  if not ok then   -- rolled back: nothing was reserved or queued
+    outcomes = {}
+    for i = 1, #events do
+      outcomes[i] = { status = "failed", reason = "store_error", detail = tostring(serr),
+                      error = serr, event_id = event_id_of(events[i]) }
+    end
+    return outcomes, batch, false
+  end
+  return outcomes, batch, true
+end
+
+return M

@@ -1,0 +1,33 @@
+-- stella.trigger.flush: replays the outbox (trigger:flush, `stella retry`). Claims what is
+-- due, a leased batch at a time, sends it (send.start: first attempts over the brand's
+-- connections, then in line) and settles it (settle.claimed), until nothing is due.
+-- Items come back here after a retryable failure, a crash, or a batch that ran past half
+-- of its lease.
+local decide = require "stella.trigger.decide"
+local send = require "stella.trigger.send"
+local settle = require "stella.trigger.settle"
+local alert = require "stella.trigger.alert"
+
+local M = {}
+
+-- Returns counts by status { sent, recorded, queued, failed, dead }, or nil, err when
+-- the store cannot claim.
+function M.run(self)
+  local summary = { sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }
+  if self.dry_run then return summary end
+  local o = self.outbox_opts
+  while true do
+    local now = self.clock()
+    local items, err = self.store:claim(now, o.lease, o.batch)
+    if not items then return nil, err end
+    if #items == 0 then break end
+    local results, errs = send.start(self, items, now)()
+    -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
+    local outcomes = settle.claimed(self, items, decide.new_batch(self), now, results, errs, summary)
+    alert.conclude(self, outcomes, now)
+    if #items < o.batch then break end
+  end
+  return summary
+end
+
+return M

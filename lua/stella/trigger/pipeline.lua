@@ -1,0 +1,70 @@
+-- stella.trigger.pipeline: batches of events in, their outcomes out, with the stages of
+-- neighbouring batches overlapped: each batch's sends are on the wire (send.start) while
+-- the next batch is decided (decide.lua) and the previous one settled (settle.lua).
+-- Made by trigger:pipeline; what `stella trigger` feeds its files through.
+local decide = require "stella.trigger.decide"
+local send = require "stella.trigger.send"
+local settle = require "stella.trigger.settle"
+local alert = require "stella.trigger.alert"
+
+local type, error, setmetatable = type, error, setmetatable
+
+local M = {}
+
+local Pipeline = {}
+Pipeline.__index = Pipeline
+
+-- trigger:pipeline(on_outcomes) -> pipeline
+--   pipeline:process(events [, tag])  decides the batch and starts its sends, then
+--                                      completes the batch before it; on_outcomes(outcomes,
+--                                      events, tag) is called for each batch, in order,
+--                                      once it is complete
+--   pipeline:finish()                  completes the last batch (always call it; a batch
+--                                      left unfinished stays in the outbox for flush())
+-- The same decisions, writes and sends as process_many on each batch: a batch's
+-- requests, marks and outbox items are written before any of them is sent; the next
+-- batch is decided while they are on the wire and sees their marks as a later event of
+-- the same batch would.
+function M.new(trigger, on_outcomes)
+  return setmetatable({ trigger = trigger, sink = on_outcomes, prev = nil }, Pipeline)
+end
+
+-- Completes batch b: waits for the rest of its sends, then (after `between`, if given)
+-- settles it and hands its outcomes on.
+local function complete(p, b, between)
+  local t = p.trigger
+  local results, errs
+  if b.finish then results, errs = b.finish() end
+  if between then between() end
+  if b.finish then settle.batch(t, b.outcomes, b.batch, b.now, results, errs) end
+  p.sink(alert.conclude(t, b.outcomes, b.now), b.events, b.tag)
+end
+
+function Pipeline:process(events, tag)
+  if type(events) ~= "table" then error("pipeline:process: list of events expected", 2) end
+  for i = 1, #events do
+    if type(events[i]) ~= "table" then error("pipeline:process: event " .. i .. " is not a table", 2) end
+  end
+  local t = self.trigger
+  local prev = self.prev
+  self.prev = nil
+  local now = t.clock()
+  -- decided while the previous batch's requests are still on the wire
+  local outcomes, batch, written = decide.batch(t, events, now)
+  local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
+  self.prev = b
+  local function start()
+    if written then b.finish = send.start(t, send.sends_of(outcomes), now) end
+  end
+  -- a client sends one request at a time: the previous batch's sends end before this
+  -- batch's start; the previous batch's settling then overlaps them
+  if prev then complete(self, prev, start) else start() end
+end
+
+function Pipeline:finish()
+  local b = self.prev
+  self.prev = nil
+  if b then complete(self, b) end
+end
+
+return M

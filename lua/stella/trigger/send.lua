@@ -1,0 +1,109 @@
+-- stella.trigger.send: the second stage of a batch. Sends the requests decide.lua wrote
+-- to the outbox (or the items flush claimed), in order, with each brand's client; the
+-- store is not touched here. Two ways: in line (send_batch: one request after the other,
+-- with the client's retries) and on a background thread of the C core (start_sends:
+-- first attempts over the brand's connections while the caller goes on with its store
+-- work). Both stop once half of the outbox lease has passed: what is left is DEFERRED.
+local client_mod = require "stella.client"
+
+local select = select
+
+local M = {}
+
+-- The error of a request not sent because its batch ran past half of its outbox lease:
+-- sending on could overlap a flush() in another process that may claim it once the lease
+-- ends (a duplicate). settle.lua puts it back in the outbox, due at once.
+M.DEFERRED = { kind = "deferred", retryable = true }
+local DEFERRED = M.DEFERRED
+
+-- The API path of an outbox item or of an outcome to send (outcomes are requests).
+local function path_of(item)
+  return item.kind == "recovery" and "/v1/recoveries" or "/v1/requests"
+end
+
+-- Sends one outbox item or outcome, with the client's retries.
+local function send_item(self, item)
+  return self.clients:for_brand(item.brand):post(path_of(item), item.body)
+end
+
+-- The outcomes' sends, in event order (false where an outcome sends nothing).
+function M.sends_of(outcomes)
+  local list = {}
+  for i = 1, #outcomes do list[i] = outcomes[i].outbox_id ~= nil and outcomes[i] or false end
+  return list
+end
+
+-- Sends the items of a batch in order (list[i]: an outcome or outbox item, or false),
+-- stopping (DEFERRED) once half the lease has passed; at least the first item is always
+-- tried. results[i], errs[i] per item.
+-- (from, tried, results, errs): go on from item `from` of a batch partly sent already.
+local function send_batch(self, list, now, from, tried, results, errs)
+  results, errs = results or {}, errs or {}
+  local deadline = now + self.outbox_opts.lease / 2
+  for i = from or 1, #list do
+    local item = list[i]
+    if item then
+      if tried and self.clock() >= deadline then
+        errs[i] = DEFERRED
+      else
+        results[i], errs[i] = send_item(self, item)
+        tried = true
+      end
+    end
+  end
+  return results, errs
+end
+
+function M.in_line(self, list, now)
+  return send_batch(self, list, now)
+end
+
+-- Starts sending a batch's requests (list as for send_batch) in order, on a background
+-- thread of the C core when every client uses the libcurl transport: the caller goes on
+-- with its store work (the next batch's decisions, the previous batch's settling) while
+-- they are on the wire. finish() waits and returns results, errs like send_batch. The
+-- thread makes first attempts on the happy path only and stops at the first failure or
+-- once half the lease has passed; what it did not send, finish() sends as send_batch
+-- does (with the client's retries, or DEFERRED).
+function M.start(self, list, now)
+  local n = #list
+  local deadline = now + self.outbox_opts.lease / 2
+  local flat, index, clients, turn = {}, {}, {}, {}
+  local set = self.clients
+  for i = 1, n do
+    local o = list[i]
+    if o then
+      local k = #index + 1
+      local lanes = set:lanes(o.brand)
+      local t = (turn[lanes] or 0) % #lanes + 1   -- round robin over the brand's connections
+      turn[lanes] = t
+      local c = lanes[t]
+      index[k], clients[k] = i, c
+      flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, path_of(o), o.body
+    end
+  end
+  local bg = #index > 0 and client_mod.send_many(flat, deadline - self.clock()) or nil
+
+  return function()   -- finish
+    local results, errs = {}, {}
+    local rest, tried = list, false   -- what goes in line: the items the threads did not try
+    if bg then
+      rest = {}
+      for i = 1, #list do rest[i] = list[i] end
+      if bg:wait() > 0 then
+        tried = true
+        for k = 1, #index do
+          local i = index[k]
+          if select("#", bg:result(k)) > 0 then
+            results[i], errs[i] = clients[k]:complete(path_of(list[i]), list[i].body, bg:result(k))
+            rest[i] = false
+          end
+        end
+      end
+      bg:close()
+    end
+    return send_batch(self, rest, now, 1, tried, results, errs)
+  end
+end
+
+return M
