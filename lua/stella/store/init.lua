@@ -9,15 +9,17 @@
 --
 -- Backends are loaded on first use, so `require "stella.store"` works without LuaDBI.
 --
--- This module is the store every caller sees. It checks every argument, turns rows into
--- the flat layouts of stella.store.rows, hashes e-mails, runs transactions, and offers
--- singular methods (put_mark, enqueue, record, ...) over the batch ones; a backend only
--- does the primitives of the contract below, on input already checked.
+-- This module is the store every caller sees. It checks every argument and row (against
+-- the layouts of stella.store.rows, converting what needs it), hashes e-mails, runs
+-- transactions, and offers singular methods (put_mark, enqueue, record, ...) over the
+-- batch ones; a backend only does the primitives of the contract below, on input already
+-- checked.
 --
 -- Interface (the store s; times are seconds since the epoch, always passed in):
 --   s:hash_email(email) -> hex       salted SHA-256 of the trimmed, lower-cased address
 --   s:atomic(fn, ...) -> fn's results | nil, err      (see "Transactions" below)
 --   s:get_mark(key, now) -> until, outbox_id | nil
+--   s:get_marks({ key, ... }, now) -> { until|nil, ... }, { outbox_id|nil, ... }
 --   s:put_mark(key, until [, outbox_id]) -> true;  s:put_mark_many{ mark, ... } -> true
 --   s:confirm_marks(id) -> n;  s:confirm_marks_many{ id, ... } -> n;  s:release_marks(id) -> n
 --   s:purge_marks(now) -> n
@@ -54,9 +56,10 @@
 -- the store of it. Every argument has been checked: a backend trusts its input and does
 -- no checks of its own. Every method that can fail at run time returns nil, err on
 -- failure (err from store.error(message, retryable)), never raises for it; "-> x" below
--- is the answer on success. Rows come flat: `rows` holds n rows of layout L
--- (stella.store.rows), field j of row i at rows[(i - 1) * L.width + j]; nil fields are
--- holes. Ids are the integers enqueue gave; `owners` (mark reservations) are integers or
+-- is the answer on success. Rows come as a list: `rows` holds n row tables of layout L
+-- (stella.store.rows), each with its fields by name (nil ones absent); they are the
+-- caller's, so a backend neither changes them nor keeps them (it copies what it keeps).
+-- Ids are the integers enqueue gave; `owners` (mark reservations) are integers or
 -- non-empty strings and must come back as given (an integer as an integer).
 --
 --   name                       text for tostring, e.g. "stella.store.memory"
@@ -70,6 +73,8 @@
 -- Marks (rows.mark: key, until, outbox_id):
 --   read_marks(keys, n, now) -> untils, owners   for keys[1..n]: untils[i] and owners[i]
 --                              of the mark under keys[i] if its until > now, else nil
+--                              (one call for a batch: a networked backend makes it one
+--                              round trip)
 --   put_marks(rows, n) -> true        insert or replace each, in order (a later row with
 --                              the same key wins)
 --   settle_marks(ids, n, keep) -> count   for every mark reserved by one of ids[1..n]:
@@ -94,7 +99,7 @@
 --                              last_error (as given, nil too), died_at = nil
 --     "kill"    rows.kill      state "dead", died_at, last_error and attempts (nil:
 --                              unchanged for both); never leased again
---     "delete"  rows = ids     remove them
+--     "delete"  rows = ids     remove them (a list of ids, not of tables)
 --   list_items(state, limit) -> items   queued: by next_at, id; dead: died_at descending,
 --                              then id descending
 --   count_items() -> { queued = n, dead = n }
@@ -119,6 +124,7 @@
 -- backend's constructor (spec/store_spec.lua runs it for memory and SQLite).
 local core = require "stella.core"
 local rows = require "stella.store.rows"
+local lists = require "stella.store.lists"
 
 local assert, error, format, floor, getmetatable, ipairs, load, pairs, setmetatable, tostring, type, select, pcall =
   assert, error, string.format, math.floor, getmetatable, ipairs, load, pairs, setmetatable, tostring, type, select, pcall
@@ -252,18 +258,6 @@ local function field_value(f, v, method, where, level)
   error("stella.store: unknown field kind " .. tostring(kind))
 end
 
--- A field that failed its quick check below: its default, or field_value's answer.
-local function slow(l, j, v, out, k, method, where, level)
-  local f = l[j]
-  if v == nil and f.default ~= nil then
-    v = f.default
-    if type(v) == "string" then v = out[k + l.index[v]] end   -- another field's value
-    return v
-  end
-  local r = field_value(f, v, method, where, level + 1)
-  return r
-end
-
 -- What passes each kind of field as it is (v, the field's value; S, its set of values).
 local QUICK = {
   text = "v == nil or type(v) == 'string'",
@@ -276,46 +270,66 @@ local QUICK = {
   ["one of"] = "S[v]",
 }
 
--- The checker of a layout, made once from it: fill(t, out, k, method, where, level)
--- appends row t's fields to the flat `out` after its k-th value, each checked by its
--- kind's quick test written out in line, the rest (defaults, conversions, messages) by
--- slow. (Written out because it runs for every row the trigger writes.)
+-- A field of row c (a copy) that failed its quick check: its default (a value, or the
+-- name of an earlier field whose value it takes), or field_value's answer.
+local function slow(l, j, c, method, name, i, level)
+  local f = l[j]
+  local v = c[f.name]
+  if v == nil and f.default ~= nil then
+    v = f.default
+    if type(v) == "string" then v = c[v] end
+  else
+    v = field_value(f, v, method, i and (name .. "[" .. i .. "]") or name, level + 1)
+  end
+  c[f.name] = v
+end
+
+-- The checker of a layout, made once from it: check(t, method, name, i, level) -> t when
+-- every field of row t passes its kind's quick test (written out in line), else a copy
+-- of t's fields with the rest done by slow (defaults, conversions; raising with the row
+-- named name or name[i]). The caller's table is never changed. (Written out because it
+-- runs for every row the trigger writes.)
 local function checker(l)
-  local src = { "local type, slow, l, sets = ...\nreturn function(t, out, k, method, where, level)\nlocal v, S\n" }
+  local src = { "local type, slow, copy, l, sets = ...\nreturn function(t, method, name, i, level)\n" ..
+    "local type, v, S = type\nlocal c = t\n" }
   for j, f in ipairs(l) do
     local nil_ok = f.kind == "count" and f.default == nil
-    src[#src + 1] = format("v, S = t[%q], sets[%d]\nif not (%s%s) then v = slow(l, %d, v, out, k, method, where, level + 1) end\n" ..
-      "out[k + %d] = v\n", f.name, j, nil_ok and "v == nil or " or "", QUICK[f.kind], j, j)
+    src[#src + 1] = format("v%s = c[%q]%s\nif not (%s%s) then\n" ..
+      "if c == t then c = copy(l, t) end\nslow(l, %d, c, method, name, i, level + 1)\nend\n",
+      f.values and ", S" or "", f.name, f.values and (", sets[" .. j .. "]") or "",
+      nil_ok and "v == nil or " or "", QUICK[f.kind], j)
   end
-  src[#src + 1] = "end\n"
+  src[#src + 1] = "return c\nend\n"
   local sets = {}
   for j, f in ipairs(l) do sets[j] = f.values or false end
-  return assert(load(concat(src), "=stella.store checker(" .. l.name .. ")"))(type, slow, l, sets)
+  return assert(load(concat(src), "=stella.store checker(" .. l.name .. ")"))(type, slow, lists.layout_copy, l, sets)
 end
+for _, l in ipairs{ rows.item, rows.entry, rows.mark } do l.check = checker(l) end
 
--- Appends row t (a table by field names) to the flat `out` after its k-th value, checked.
-local function put_row(l, t, out, k, method, where, level)
-  if type(t) ~= "table" then fail(method, where .. " must be a table, got " .. type(t), level) end
-  local fill = l.fill
-  if not fill then
-    fill = checker(l)
-    l.fill = fill
-  end
-  fill(t, out, k, method, where, level + 1)
-end
-
--- One row (a singular method's argument) as a flat list.
+-- One row (a singular method's argument), checked: the row for the backend.
 local function one_row(l, t, method, level)
-  local out = {}
-  put_row(l, t, out, 0, method, l.name, level + 1)
-  return out
+  if type(t) ~= "table" then fail(method, l.name .. " must be a table, got " .. type(t), level) end
+  local r = l.check(t, method, l.name, nil, level + 1)
+  return r
 end
 
--- A list of rows (a *_many method's argument) as one flat list, and its number of rows.
+-- A list of rows (a *_many method's argument), checked: the list for the backend (the
+-- caller's, or a copy holding the rows that needed converting) and its length.
 local function row_list(l, list, method, name, level)
   if type(list) ~= "table" then fail(method, name .. " must be a list (a table), got " .. type(list), level) end
-  local out, n, w, l1 = {}, #list, l.width, level + 1
-  for i = 1, n do put_row(l, list[i], out, (i - 1) * w, method, name .. "[" .. i .. "]", l1) end
+  local out, n, check, l1 = list, #list, l.check, level + 1
+  for i = 1, n do
+    local t = list[i]
+    if type(t) ~= "table" then fail(method, name .. "[" .. i .. "] must be a table, got " .. type(t), level) end
+    local r = check(t, method, name, i, l1)
+    if r ~= t then
+      if out == list then
+        out = {}
+        for k = 1, n do out[k] = list[k] end
+      end
+      out[i] = r
+    end
+  end
   return out, n
 end
 
@@ -392,6 +406,11 @@ function KINDS.owner(v, method, s, level)
   return v
 end
 
+function KINDS.list(v, method, s, level)
+  if type(v) ~= "table" then fail(method, s[2] .. " must be a list (a table), got " .. type(v), level) end
+  return v
+end
+
 KINDS["function"] = function(v, method, s, level)
   if type(v) ~= "function" then fail(method, s[2] .. " must be a function, got " .. type(v), level) end
   return v
@@ -424,6 +443,7 @@ local SIGNATURES = {
   hash_email = { { "string", "email" } },
   atomic = { { "function", "fn" } },
   get_mark = { { "key", "key" }, { "number", "now" } },
+  get_marks = { { "list", "keys" }, { "number", "now" } },
   put_mark = { { "key", "key" }, { "number", "until" }, opt("owner", "outbox_id") },
   confirm_marks = { { "owner", "outbox_id" } },
   release_marks = { { "owner", "outbox_id" } },
@@ -571,15 +591,36 @@ end
 -- Marks --------------------------------------------------------------------------------
 
 function Store:get_mark(key, now)
-  check(self, "get_mark", key, now)
+  -- the trigger's look-up, once or twice per event: the common case checked in line
+  if not (getmetatable(self) == Store and not self.closed and type(key) == "string" and key ~= "" and
+          type(now) == "number" and now - now == 0) then
+    check(self, "get_mark", key, now)
+  end
   local untils, owners = self.backend:read_marks({ key }, 1, now)
   if not untils then return failed(self, owners) end
   return untils[1], owners[1]
 end
 
+-- get_marks({ key, ... }, now) -> untils, owners: untils[i], owners[i] of the mark under
+-- keys[i] while it is active (nil otherwise), in one call to the backend.
+function Store:get_marks(keys, now)
+  check(self, "get_marks", keys, now)
+  local n = #keys
+  for i = 1, n do
+    local k = keys[i]
+    if type(k) ~= "string" or k == "" then
+      fail("get_marks", "keys[" .. i .. "] must be a non-empty string, got " .. (k == "" and "\"\"" or type(k)), 3)
+    end
+  end
+  if n == 0 then return {}, {} end
+  local untils, owners = self.backend:read_marks(keys, n, now)
+  if not untils then return failed(self, owners) end
+  return untils, owners
+end
+
 function Store:put_mark(key, until_, outbox_id)
   check(self, "put_mark", key, until_, outbox_id)
-  return answer(self, self.backend:put_marks({ key, until_, outbox_id }, 1))
+  return answer(self, self.backend:put_marks({ { key = key, ["until"] = until_, outbox_id = outbox_id } }, 1))
 end
 
 -- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true
@@ -641,7 +682,7 @@ end
 
 function Store:enqueue(item)
   check_open(self, "enqueue")
-  local ids, err = self.backend:enqueue(one_row(rows.item, item, "enqueue", 3), 1)
+  local ids, err = self.backend:enqueue({ one_row(rows.item, item, "enqueue", 3) }, 1)
   if not ids then return failed(self, err) end
   return ids[1]
 end
@@ -668,7 +709,8 @@ end
 
 function Store:reschedule(id, next_at, attempts, last_error)
   id, next_at, attempts, last_error = check(self, "reschedule", id, next_at, attempts, last_error)
-  return changed(self, self.backend:update_items("requeue", { id, next_at, attempts, last_error }, 1))
+  return changed(self, self.backend:update_items("requeue",
+    { { id = id, next_at = next_at, attempts = attempts, last_error = last_error } }, 1))
 end
 
 function Store:finish(id)
@@ -686,7 +728,8 @@ end
 
 function Store:kill(id, last_error, now, attempts)
   id, last_error, now, attempts = check(self, "kill", id, last_error, now, attempts)
-  return changed(self, self.backend:update_items("kill", { id, last_error, now, attempts }, 1))
+  return changed(self, self.backend:update_items("kill",
+    { { id = id, last_error = last_error, died_at = now, attempts = attempts } }, 1))
 end
 
 function Store:outbox(state, limit)
@@ -703,7 +746,7 @@ end
 
 function Store:record(entry)
   check_open(self, "record")
-  return answer(self, self.backend:record(one_row(rows.entry, entry, "record", 3), 1))
+  return answer(self, self.backend:record({ one_row(rows.entry, entry, "record", 3) }, 1))
 end
 
 -- record_many{ entry, ... } -> true

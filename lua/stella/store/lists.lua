@@ -12,6 +12,30 @@ local function copy(t)
 end
 M.copy = copy
 
+-- A copy of row t with the fields of layout l (stella.store.rows) only.
+function M.layout_copy(l, t)
+  local c = {}
+  for j = 1, l.width do
+    local name = l[j].name
+    c[name] = t[name]
+  end
+  return c
+end
+
+-- The changes of update_items to an item (a copy the backend keeps), by op: r is the
+-- row (stella.store.rows.requeue or .kill).
+M.update_item = {
+  requeue = function(it, r)
+    it.state, it.next_at, it.died_at, it.last_error = "queued", r.next_at, nil, r.last_error
+    if r.attempts ~= nil then it.attempts = r.attempts end
+  end,
+  kill = function(it, r)
+    it.state, it.died_at = "dead", r.died_at
+    if r.last_error ~= nil then it.last_error = r.last_error end   -- (nil keeps the last one)
+    if r.attempts ~= nil then it.attempts = r.attempts end
+  end,
+}
+
 -- Journals ----------------------------------------------------------------------------
 -- A journal is a list of undo steps: journal:note(undo, a, b, c, d) remembers that
 -- undo(a, b, c, d) puts back what the next change alters; journal:undo() runs the steps,

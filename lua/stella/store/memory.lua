@@ -7,9 +7,9 @@ local rows = require "stella.store.rows"
 local lists = require "stella.store.lists"
 
 local pairs, setmetatable = pairs, setmetatable
-local copy = lists.copy
+local copy, layout_copy = lists.copy, lists.layout_copy
 
-local ITEM, ENTRY, MARK = rows.item, rows.entry, rows.mark
+local ITEM, ENTRY = rows.item, rows.entry
 
 local M = {}
 
@@ -70,10 +70,11 @@ function Backend:read_marks(keys, n, now)
   return untils, owners
 end
 
-function Backend:put_marks(values, n)
+function Backend:put_marks(list, n)
   local marks, reserved = self.marks, self.reserved
-  for k = 0, (n - 1) * MARK.width, MARK.width do
-    local key, until_, outbox_id = values[k + 1], values[k + 2], values[k + 3]
+  for i = 1, n do
+    local r = list[i]
+    local key, until_, outbox_id = r.key, r["until"], r.outbox_id
     local old = marks[key]
     local held = old and old.outbox_id ~= nil and reserved[old.outbox_id]
     if held then set(self, held, key, nil) end
@@ -151,10 +152,10 @@ end
 
 -- Outbox -------------------------------------------------------------------------------
 
-function Backend:enqueue(values, n)
+function Backend:enqueue(list, n)
   local ids = {}
   for i = 1, n do
-    local it = rows.row(ITEM, values, i)
+    local it = layout_copy(ITEM, list[i])
     it.state = "queued"
     local id = self.next_id
     set(self, self, "next_id", id + 1)
@@ -185,29 +186,19 @@ function Backend:lease(now, lease, limit)
 end
 
 -- The changes of update_items, on a copy of the item (the journal keeps the old one).
-local UPDATE = {
-  requeue = function(it, v, k)
-    it.state, it.next_at, it.died_at, it.last_error = "queued", v[k + 2], nil, v[k + 4]
-    if v[k + 3] ~= nil then it.attempts = v[k + 3] end
-  end,
-  kill = function(it, v, k)
-    it.state, it.died_at = "dead", v[k + 3]
-    if v[k + 2] ~= nil then it.last_error = v[k + 2] end   -- (nil keeps the last one)
-    if v[k + 4] ~= nil then it.attempts = v[k + 4] end
-  end,
-}
-local WIDTH = { requeue = rows.requeue.width, kill = rows.kill.width, delete = 1 }
+local UPDATE = lists.update_item
 
-function Backend:update_items(op, values, n)
-  local items, change, w, count = self.items, UPDATE[op], WIDTH[op], 0
-  for k = 0, (n - 1) * w, w do
-    local id = values[k + 1]
+function Backend:update_items(op, list, n)
+  local items, change, count = self.items, UPDATE[op], 0
+  for i = 1, n do
+    local r = list[i]
+    local id = change and r.id or r
     local it = items[id]
     if it then
       count = count + 1
       if change then
         it = copy(it)
-        change(it, values, k)
+        change(it, r)
         set(self, items, id, it)
       else
         set(self, items, id, nil)
@@ -227,9 +218,9 @@ end
 
 -- Ledger -------------------------------------------------------------------------------
 
-function Backend:record(values, n)
+function Backend:record(list, n)
   local all = self.entries
-  for i = 1, n do set(self, all, #all + 1, rows.row(ENTRY, values, i)) end
+  for i = 1, n do set(self, all, #all + 1, layout_copy(ENTRY, list[i])) end
   return true
 end
 

@@ -1,7 +1,7 @@
 -- stella.store.rows: the layout of every row the store keeps, defined once. The base
--- (stella.store) checks rows against these layouts and hands them to the backends flat,
--- field after field in this order; SQLite builds its tables, column lists and INSERTs from
--- them; the trigger and the specs name fields as they are named here.
+-- (stella.store) checks rows against these layouts and hands them to the backends as
+-- tables (fields by name); SQLite builds its tables, column lists, INSERTs and the binding
+-- of rows to them from these layouts; the trigger and the specs name fields as here.
 --
 -- A layout is a list of fields { name, kind, column = SQL name (default name),
 -- sql = SQL type and constraints }, with layout.width (its number of fields),
@@ -102,17 +102,6 @@ M.requeue = layout("requeue", {
 M.kill = layout("kill", {
   { "id", "count" }, { "last_error", "any_text" }, { "died_at", "time" }, { "attempts", "count" },
 })
-
--- Row i of flat `values` (laid out as `l`) as a table with its fields by name (nil ones
--- absent).
-function M.row(l, values, i)
-  local t, base = {}, (i - 1) * l.width
-  for j = 1, l.width do
-    local v = values[base + j]
-    if v ~= nil then t[l[j].name] = v end
-  end
-  return t
-end
 
 -- The field names of a layout joined by ", " (SQL column lists).
 function M.columns(l, first, last)

@@ -57,11 +57,11 @@ local ngx = rawget(_G, "ngx")
 local error, ipairs, pairs, setmetatable, tonumber, tostring, type =
       error, ipairs, pairs, setmetatable, tonumber, tostring, type
 local running = coroutine.running
-local copy, number_text = lists.copy, store.number_text
+local copy, layout_copy, number_text = lists.copy, lists.layout_copy, store.number_text
 
 local clock = ngx and ngx.now or os.time
 
-local ITEM, ENTRY, MARK = rows.item, rows.entry, rows.mark
+local ITEM, ENTRY = rows.item, rows.entry
 
 local M = {}
 
@@ -300,10 +300,10 @@ local function put_mark(self, key, until_, outbox_id)
   return true
 end
 
-function Backend:put_marks(values, n)
-  local w = MARK.width
-  for k = 0, (n - 1) * w, w do
-    local ok, err = put_mark(self, values[k + 1], values[k + 2], values[k + 3])
+function Backend:put_marks(list, n)
+  for i = 1, n do
+    local r = list[i]
+    local ok, err = put_mark(self, r.key, r["until"], r.outbox_id)
     if not ok then return nil, err end
   end
   return true
@@ -461,10 +461,10 @@ local function enqueue(self, it)
   return id
 end
 
-function Backend:enqueue(values, n)
+function Backend:enqueue(list, n)
   local ids = {}
   for i = 1, n do
-    local id, err = enqueue(self, rows.row(ITEM, values, i))
+    local id, err = enqueue(self, layout_copy(ITEM, list[i]))
     if not id then return nil, err end
     ids[i] = id
   end
@@ -491,29 +491,18 @@ function Backend:lease(now, lease, limit)
   return out
 end
 
--- update_items' changes to one decoded item: the item's new life (nil: keep forever).
-local UPDATE = {
-  requeue = function(self, it, v, k)
-    it.state, it.next_at, it.died_at, it.last_error = "queued", v[k + 2], nil, v[k + 4]
-    if v[k + 3] ~= nil then it.attempts = v[k + 3] end
-  end,
-  kill = function(self, it, v, k)
-    it.state, it.died_at = "dead", v[k + 3]
-    if v[k + 2] ~= nil then it.last_error = v[k + 2] end   -- (nil keeps the last one)
-    if v[k + 4] ~= nil then it.attempts = v[k + 4] end
-    return self.dead_ttl
-  end,
-}
-local WIDTH = { requeue = rows.requeue.width, kill = rows.kill.width, delete = 1 }
+local UPDATE = lists.update_item
 
-function Backend:update_items(op, values, n)
-  local change, w, count = UPDATE[op], WIDTH[op], 0
-  for k = 0, (n - 1) * w, w do
-    local key = item_key(self, values[k + 1])
+function Backend:update_items(op, list, n)
+  local change, count = UPDATE[op], 0
+  for i = 1, n do
+    local r = list[i]
+    local key = item_key(self, change and r.id or r)
     local raw = self.dict:get(key)
     local it = change and decode_item(raw)
     if it then
-      local exptime = change(self, it, values, k)
+      change(it, r)
+      local exptime = op == "kill" and self.dead_ttl or nil   -- a dead item is kept dead_ttl
       local ok, err = put(self, key, encode_item(it), exptime)
       if not ok then return nil, err end
       count = count + 1
@@ -553,8 +542,8 @@ local function record(self, e)
   self.dict:safe_set(k, cjson.encode(e))
 end
 
-function Backend:record(values, n)
-  for i = 1, n do record(self, rows.row(ENTRY, values, i)) end
+function Backend:record(list, n)
+  for i = 1, n do record(self, layout_copy(ENTRY, list[i])) end
   return true
 end
 

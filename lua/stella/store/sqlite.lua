@@ -17,16 +17,18 @@
 --
 -- The primitives are those of the contract in stella.store (lua/stella/store/init.lua);
 -- the tables, column lists and INSERTs come from the row layouts of stella.store.rows.
--- n rows are written with multi-row statements (32, 16, ... rows each; see MULTI). The connection runs with secure_delete ON (deleted outbox bodies are
--- overwritten), synchronous NORMAL, statement journals in memory (temp_store) and a WAL
--- checkpointed every WAL_CHECKPOINT pages.
+-- n rows are written with multi-row statements (up to 32 rows each; see MULTI), their
+-- parameters bound straight from the row tables by code made from those layouts. The
+-- connection runs with secure_delete ON (deleted outbox bodies are overwritten),
+-- synchronous NORMAL, statement journals in memory (temp_store) and a WAL checkpointed
+-- every WAL_CHECKPOINT pages.
 local store = require "stella.store"
 local layouts = require "stella.store.rows"
 local DBI = require "DBI"
 require "dbd.sqlite3"   -- LuaDBI's SQLite driver: fail on load, not on first use, without it
 
-local error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
-  error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
+local assert, error, ipairs, load, pairs, setmetatable, tonumber, tostring, type, pcall =
+  assert, error, ipairs, load, pairs, setmetatable, tonumber, tostring, type, pcall
 local concat, floor, format, char, rep = table.concat, math.floor, string.format, string.char, string.rep
 local unpack = table.unpack or unpack   -- luacheck: ignore (unpack is the 5.1 name)
 local math_type, tointeger = math.type, math.tointeger   -- nil on LuaJIT
@@ -132,8 +134,8 @@ local VALUE_HEX = hex_names{ "value" }
 local REASON_HEX = hex_names{ "reason" }
 
 local SQL = {
-  read_mark = "SELECT until_at, outbox_id, CASE WHEN instr(CAST(outbox_id AS BLOB), X'00') THEN hex(outbox_id) END " ..
-    "FROM marks WHERE key = ? AND until_at > ?",
+  read_mark = "SELECT until_at, outbox_id FROM marks WHERE key = ? AND until_at > ?",
+  read_owner_hex = "SELECT hex(outbox_id) FROM marks WHERE key = ?",
   purge_marks = "DELETE FROM marks WHERE until_at <= ?",
   unsubscribed = "SELECT 1 AS x FROM unsubscribes WHERE hash = ?",
   count_unsubscribed = "SELECT COUNT(*) AS n FROM unsubscribes",
@@ -157,31 +159,60 @@ local SQL = {
   set_schema_version = "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
 }
 
--- Multi-row statements: a list of n rows goes through statements of 32, 16, 8, 4, 2 and 1
--- rows (at most six executes, and six cached statements per kind, for any n below 64).
+-- Multi-row statements: a list of n rows goes through statements of 32 (or fewer, see
+-- MAX_SLOTS), 16, 8, 4, 2 and 1 rows (a handful of executes, and at most six cached
+-- statements per kind, for any n below 64).
 local CHUNKS = { 32, 16, 8, 4, 2, 1 }
+local MAX_SLOTS = 240   -- a Lua function's registers (LuaJIT: 250): rows bound at once
 
-local MULTI = {   -- { SQL up to the rows, values a row, after each row's values, "IN" list }
-  put_marks = { "INSERT OR REPLACE INTO marks (" .. layouts.columns(MARK) .. ") VALUES ", MARK.width },
-  enqueue = { "INSERT INTO outbox (" .. layouts.columns(ITEM) .. ", state) VALUES ", ITEM.width, ", 'queued'" },
-  record = { "INSERT INTO ledger (" .. layouts.columns(ENTRY) .. ") VALUES ", ENTRY.width },
+local MULTI = {   -- { SQL up to the rows, layout or values a row, after each row's values, "IN" list }
+  put_marks = { "INSERT OR REPLACE INTO marks (" .. layouts.columns(MARK) .. ") VALUES ", MARK },
+  enqueue = { "INSERT INTO outbox (" .. layouts.columns(ITEM) .. ", state) VALUES ", ITEM, ", 'queued'" },
+  record = { "INSERT INTO ledger (" .. layouts.columns(ENTRY) .. ") VALUES ", ENTRY },
   unsubscribe = { "INSERT OR REPLACE INTO unsubscribes (hash, time) VALUES ", 2 },
   resubscribe = { "DELETE FROM unsubscribes WHERE hash IN ", 1, nil, true },
   confirm_marks = { "UPDATE marks SET outbox_id = NULL WHERE outbox_id IN ", 1, nil, true },
   release_marks = { "DELETE FROM marks WHERE outbox_id IN ", 1, nil, true },
   delete_items = { "DELETE FROM outbox WHERE id IN ", 1, nil, true },
 }
+
+-- bind(list, i) -> the parameters of rows list[i .. i + n - 1] of a layout, field after
+-- field in the layout's order, made once per layout and n. (Written out: it runs for
+-- every row the trigger writes.)
+local function binder(layout, n)
+  local locals, reads, values = {}, {}, {}
+  for r = 1, n do
+    locals[r], reads[r] = "r" .. r, "list[i + " .. (r - 1) .. "]"
+    for j = 1, layout.width do values[#values + 1] = format("r%d[%q]", r, layout[j].name) end
+  end
+  local src = "return function(list, i)\nlocal " .. concat(locals, ", ") .. " = " .. concat(reads, ", ") ..
+    "\nreturn " .. concat(values, ", ") .. "\nend"
+  return assert(load(src, "=stella.store.sqlite bind(" .. layout.name .. ", " .. n .. ")"))()
+end
+
+-- The same for plain values, `width` a row (ids, hashes; unsubscribes' hash and time).
+local function flat_binder(width, n)
+  return function(list, i)
+    return unpack(list, (i - 1) * width + 1, (i - 1 + n) * width)
+  end
+end
+
 for _, m in pairs(MULTI) do
-  local prefix, width, extra, list = m[1], m[2], m[3] or "", m[4]
-  local sql = {}
+  local prefix, layout, extra, list = m[1], m[2], m[3] or "", m[4]
+  local width = type(layout) == "table" and layout.width or layout
+  local sql, bind, chunks = {}, {}, {}
   for _, n in ipairs(CHUNKS) do
-    if list then   -- "... IN (?, ?, ?)"
-      sql[n] = prefix .. "(" .. rep("?", n, ", ") .. ")"
-    else           -- "... VALUES (?, ?, 'queued'), (?, ?, 'queued')"
-      sql[n] = prefix .. rep("(" .. rep("?", width, ", ") .. extra .. ")", n, ", ")
+    if n * (width + 1) <= MAX_SLOTS then
+      chunks[#chunks + 1] = n
+      if list then   -- "... IN (?, ?, ?)"
+        sql[n] = prefix .. "(" .. rep("?", n, ", ") .. ")"
+      else           -- "... VALUES (?, ?, 'queued'), (?, ?, 'queued')"
+        sql[n] = prefix .. rep("(" .. rep("?", width, ", ") .. extra .. ")", n, ", ")
+      end
+      bind[n] = type(layout) == "table" and binder(layout, n) or flat_binder(width, n)
     end
   end
-  m.sql, m.width = sql, width
+  m.sql, m.bind, m.chunks = sql, bind, chunks
 end
 
 local M = {}
@@ -249,21 +280,20 @@ local function exec(self, sql, ...)
   return sth:affected()
 end
 
--- Runs the statements of MULTI[kind] over the rows held in `values` (row after row, `width`
--- values each, `count` rows). Calls after(self, first_row, rows) after each statement when
--- given. The number of changed rows, or nil, err.
-local function exec_multi(self, kind, values, count, after)
+-- Runs the statements of MULTI[kind] over the `count` rows of `list` (tables of the
+-- kind's layout, or plain values, as the kind binds them). Calls after(self, first_row,
+-- rows) after each statement when given. The number of changed rows, or nil, err.
+local function exec_multi(self, kind, list, count, after)
   local m = MULTI[kind]
-  local sql, width = m.sql, m.width
+  local sql, bind, chunks = m.sql, m.bind, m.chunks
   local row, total = 1, 0
   while row <= count do
     local left = count - row + 1
     local n = 1
-    for _, c in ipairs(CHUNKS) do
-      if c <= left then n = c; break end
+    for c = 1, #chunks do
+      if chunks[c] <= left then n = chunks[c]; break end
     end
-    local first = (row - 1) * width + 1
-    local changed, err = exec(self, sql[n], unpack(values, first, first + n * width - 1))
+    local changed, err = exec(self, sql[n], bind[n](list, row))
     if not changed then return nil, err end
     total = total + changed
     if after then after(self, row, n) end
@@ -463,29 +493,46 @@ function M.new(path, opts)
 end
 -- Marks ------------------------------------------------------------------------------------
 
--- until, owner, owner's hex (when it holds a NUL) of one mark; run to completion. Raises
--- when a step fails (call it under pcall).
+-- until, owner of one mark; run to completion. Raises when a step fails (call it under
+-- pcall).
 local function fetch_mark(sth)
   local r = sth:fetch(false)
   if r and sth:fetch(false) then
     while sth:fetch(false) do end
   end
   if not r then return nil end
-  return r[1], r[2], r[3]
+  return r[1], r[2]
+end
+
+-- One column of the one row of an executed statement (see fetch_mark).
+local function read_one(self, sql, ...)
+  local sth, err = run_raw(self, sql, ...)
+  if not sth then return failure(self, err) end
+  local ok, u, owner = pcall(fetch_mark, sth)
+  if not ok then
+    drop(self, sql, sth)
+    return failure(self, u)
+  end
+  return true, u, owner
 end
 
 function Backend:read_marks(keys, n, now)
   local untils, owners, sql = {}, {}, SQL.read_mark
   for i = 1, n do
-    local sth, err = run_raw(self, sql, keys[i], now)
-    if not sth then return failure(self, err) end
-    local ok, u, owner, hex = pcall(fetch_mark, sth)
-    if not ok then
-      drop(self, sql, sth)
-      return failure(self, u)
+    local ok, u, owner = read_one(self, sql, keys[i], now)
+    if not ok then return nil, u end
+    if owner ~= nil then
+      if type(owner) == "string" then   -- (ids are integers) read whole: it may hold a NUL
+        local hex
+        ok, hex = read_one(self, SQL.read_owner_hex, keys[i])
+        if not ok then return nil, hex end
+        owner = unhex(hex)
+      else
+        owner = reservation(owner)
+      end
+      owners[i] = owner
     end
-    if hex ~= nil then owner = unhex(hex) end
-    untils[i], owners[i] = u, reservation(owner)
+    untils[i] = u
   end
   return untils, owners
 end
@@ -496,8 +543,8 @@ local function exec_true(self, ...)
   return true
 end
 
-function Backend:put_marks(values, n)
-  return write(self, exec_true, "put_marks", values, n)
+function Backend:put_marks(list, n)
+  return write(self, exec_true, "put_marks", list, n)
 end
 
 function Backend:settle_marks(ids, n, keep)
@@ -535,11 +582,11 @@ end
 
 -- Outbox -----------------------------------------------------------------------------------
 
-local function enqueue(self, values, count)
+local function enqueue(self, list, count)
   local ids = {}
   -- one INSERT of n rows gives them consecutive ids (the write lock is held): the last
   -- one's and the n - 1 before it
-  local n, err = exec_multi(self, "enqueue", values, count, function(s, first, rows)
+  local n, err = exec_multi(self, "enqueue", list, count, function(s, first, rows)
     local last = s.db:last_id()
     for i = 0, rows - 1 do ids[first + i] = last - rows + 1 + i end
   end)
@@ -547,8 +594,8 @@ local function enqueue(self, values, count)
   return ids
 end
 
-function Backend:enqueue(values, n)
-  return write(self, enqueue, values, n)
+function Backend:enqueue(list, n)
+  return write(self, enqueue, list, n)
 end
 
 local function lease(self, now, lease_, limit)
@@ -576,24 +623,24 @@ end
 
 -- update_items' rows as the statement's parameters (the id last).
 local UPDATE = {
-  requeue = { SQL.requeue, layouts.requeue.width, function(v, k) return v[k + 2], v[k + 3], v[k + 4], v[k + 1] end },
-  kill = { SQL.kill, layouts.kill.width, function(v, k) return v[k + 2], v[k + 3], v[k + 4], v[k + 1] end },
+  requeue = { SQL.requeue, function(r) return r.next_at, r.attempts, r.last_error, r.id end },
+  kill = { SQL.kill, function(r) return r.last_error, r.died_at, r.attempts, r.id end },
 }
 
-local function update_items(self, op, values, n)
-  if op == "delete" then return exec_multi(self, "delete_items", values, n) end
+local function update_items(self, op, list, n)
+  if op == "delete" then return exec_multi(self, "delete_items", list, n) end
   local u, total = UPDATE[op], 0
-  local sql, w, params = u[1], u[2], u[3]
-  for k = 0, (n - 1) * w, w do
-    local c, err = exec(self, sql, params(values, k))
+  local sql, params = u[1], u[2]
+  for i = 1, n do
+    local c, err = exec(self, sql, params(list[i]))
     if not c then return nil, err end
     total = total + c
   end
   return total
 end
 
-function Backend:update_items(op, values, n)
-  return write(self, update_items, op, values, n)
+function Backend:update_items(op, list, n)
+  return write(self, update_items, op, list, n)
 end
 
 function Backend:list_items(state, limit)
@@ -610,8 +657,8 @@ end
 
 -- Ledger -----------------------------------------------------------------------------------
 
-function Backend:record(values, n)
-  return write(self, exec_true, "record", values, n)
+function Backend:record(list, n)
+  return write(self, exec_true, "record", list, n)
 end
 
 -- " WHERE ..." for since and status, and its values.
