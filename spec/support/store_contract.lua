@@ -149,11 +149,29 @@ return function(b, name, open_store, cleanup)
       assert.equal(0, s:release_marks(7))
     end)
 
-    it("takes string reservation ids too", function()
+    it("takes string reservation ids too, any bytes", function()
       s:put_mark("k", T0 + 100, "job-1")
       assert.equal("job-1", select(2, s:get_mark("k", T0)))
       assert.equal(1, s:confirm_marks("job-1"))
       assert.is_nil(select(2, s:get_mark("k", T0)))
+      s:put_mark("k2", T0 + 100, "job\0-2")
+      assert.equal("job\0-2", select(2, s:get_mark("k2", T0)))
+      assert.equal(1, s:release_marks("job\0-2"))
+    end)
+
+    it("looks up many keys in one call", function()
+      s:put_mark("a", T0 + 100, 7)
+      s:put_mark("c", T0 + 10)
+      s:put_mark("d", T0 + 300, "job-1")
+      local untils, owners = s:get_marks({ "a", "b", "c", "d" }, T0 + 20)
+      assert.same({ [1] = T0 + 100, [4] = T0 + 300 }, untils)
+      assert.same({ [1] = 7, [4] = "job-1" }, owners)
+      untils, owners = s:get_marks({}, T0)
+      assert.same({}, untils)
+      assert.same({}, owners)
+      raises("keys must be a list", function() s:get_marks("a", T0) end)
+      raises("keys%[2%] must be a non%-empty string", function() s:get_marks({ "a", "" }, T0) end)
+      raises("now must be a finite number", function() s:get_marks({ "a" }) end)
     end)
 
     it("purges expired marks and counts them", function()
@@ -560,6 +578,7 @@ return function(b, name, open_store, cleanup)
                        reason = i % 2 == 1 and "sampled" or nil, detail = i == 5 and "a\0b" or nil }
       end
       assert.is_true(s:record_many(entries))
+      assert.equal(1, entries[1].event_id)   -- converted for the store, the caller's row unchanged
       assert.is_true(s:record_many{})
       local list = s:ledger{ limit = 100 }
       assert.equal(40, #list)

@@ -609,7 +609,7 @@ function Store:get_marks(keys, now)
   for i = 1, n do
     local k = keys[i]
     if type(k) ~= "string" or k == "" then
-      fail("get_marks", "keys[" .. i .. "] must be a non-empty string, got " .. (k == "" and "\"\"" or type(k)), 3)
+      fail("get_marks", "keys[" .. i .. "] must be a non-empty string, got " .. (k == "" and "\"\"" or type(k)), 2)
     end
   end
   if n == 0 then return {}, {} end
