@@ -1,17 +1,30 @@
 -- The store contract's test: the behaviour every store backend must have, as a busted
--- suite over a backend's constructor. A new backend passes it before it is used:
+-- suite over a backend's constructor. Every backend passes this same suite; a new one
+-- (Redis, say) passes it before it is used:
 --
---   local contract = require "support.store_contract"
---   describe("memory", function()
---     contract(B, "memory", function() return stella.store.memory() end)   -- B: below
---   end)
+--   1. Write the backend (the primitives documented at the top of lua/stella/store/init.lua)
+--      and a constructor returning stella.store.open(backend).
+--   2. Run this suite on it from a spec file, as spec/store_spec.lua does for memory and
+--      SQLite:
+--        local contract = require "support.store_contract"
+--        local B = { describe = describe, it = it, before_each = before_each,
+--                    after_each = after_each, assert = assert }
+--        describe("redis", function()
+--          contract(B, "redis", function() return my_backend.new(...) end, cleanup)
+--        end)
+--      Where busted cannot run (shdict lives inside nginx), spec/support/mini_suite.lua
+--      runs it and the spec checks its results: spec/support/openresty/selftest.lua
+--      (case store_contract) and spec/openresty_spec.lua.
 --
--- contract(b, name, open [, cleanup]): b = { describe, it, before_each, after_each, assert }
--- from the calling spec file (busted gives them to spec files only); name as
--- tostring(store) shows it ("stella.store." .. name); open() -> a new, empty store (or
--- nil, err); cleanup() runs after each test, once its store is closed (temporary files).
--- The backend contract itself: lua/stella/store/init.lua.
-local T0 = 1700000000   -- "now" in these specs
+-- contract(b, name, open [, cleanup]): b = { describe, it, before_each, after_each, assert
+-- [, now] } from the calling spec file (busted gives them to spec files only; b.now: the
+-- "now" of the suite's times, default 1700000000; a backend whose marks expire on the real
+-- clock, as shdict's do, needs the real time here); name as tostring(store) shows it
+-- ("stella.store." .. name); open() -> a new, empty store (or nil, err) that shares no
+-- data with any store opened before; cleanup() runs after each test, once its store is
+-- closed (temporary files). The backend contract itself: lua/stella/store/init.lua.
+local DEFAULT_T0 = 1700000000
+local T0   -- "now" in these specs (b.now or DEFAULT_T0)
 
 local describe, it, before_each, after_each, assert   -- busted's, from the caller
 
@@ -39,6 +52,7 @@ end
 
 return function(b, name, open_store, cleanup)
   describe, it, before_each, after_each, assert = b.describe, b.it, b.before_each, b.after_each, b.assert
+  T0 = b.now or DEFAULT_T0
   local s
 
   -- a new store

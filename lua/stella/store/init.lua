@@ -80,7 +80,9 @@
 --   settle_marks(ids, n, keep) -> count   for every mark reserved by one of ids[1..n]:
 --                              keep = true: drop the reservation (outbox_id = nil), keep
 --                              the mark; keep = false: delete it. The number of marks.
---   purge_marks(now) -> count  delete the marks with until <= now (their reservations too)
+--   purge_marks(now) -> count  delete the marks with until <= now (their reservations
+--                              too); count: how many this call deleted (a backend whose
+--                              marks expire by themselves counts those still there)
 -- Unsubscribes (by e-mail hash):
 --   set_unsubscribed(hashes, n, now) -> true    now: unsubscribe each (at that time; once
 --                              only, however often); now = nil: resubscribe each

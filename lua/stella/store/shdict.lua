@@ -45,9 +45,10 @@
 -- The ledger is approximate under concurrent writers. fn must not rely on another
 -- coroutine's uncommitted writes.
 --
--- The primitives are those of the contract in stella.store (lua/stella/store/init.lua).
--- purge_marks has nothing to do (marks expire by themselves): it frees expired items and
--- counts them.
+-- The primitives are those of the contract in stella.store (lua/stella/store/init.lua),
+-- checked by its suite (spec/support/store_contract.lua, run inside nginx by
+-- spec/openresty_spec.lua). purge_marks has nothing to do in normal use (marks expire by
+-- themselves); see below.
 local store = require "stella.store"
 local rows = require "stella.store.rows"
 local lists = require "stella.store.lists"
@@ -332,10 +333,26 @@ function Backend:settle_marks(ids, n, keep)
   return count
 end
 
--- Marks expire by themselves; this frees the memory of everything expired in the dict
--- now and returns how many items that was.
-function Backend:purge_marks()
-  return self.dict:flush_expired()
+-- Marks expire by themselves (at their until, on the real clock), so nothing needs this.
+-- As the contract says, it deletes the marks with until <= now that are still in the
+-- dict (a `now` ahead of the real clock finds some) and returns how many; a mark the dict
+-- has expired already is not counted. It walks every key of the dict (get_keys, which
+-- locks the dict while it lists them): a maintenance call. It also frees the memory of
+-- what has expired (flush_expired).
+function Backend:purge_marks(now)
+  local dict, prefix = self.dict, self.p .. "m:"
+  local n, len = 0, #prefix
+  for _, k in ipairs(dict:get_keys(0)) do
+    if k:sub(1, len) == prefix then
+      local until_ = decode_mark(dict:get(k))   -- (nil for a mark's lock: not a string)
+      if until_ and until_ <= now then
+        del(self, k)
+        n = n + 1
+      end
+    end
+  end
+  dict:flush_expired()
+  return n
 end
 
 ---------------------------------------------------------------------------------------
