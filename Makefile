@@ -6,6 +6,7 @@
 #   make asan            specs with the core built under AddressSanitizer
 #   make bench           benchmarks (ratios against baselines measured in the same run)
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
+#   make rock rock-install   what `luarocks make`/`luarocks install` run (rockspec/, build.type "make")
 #   make deps            install the Debian packages (as root) or print the apt-get line
 #   make DEV=1           extra warnings as errors
 
@@ -47,19 +48,19 @@ LIBDIR       ?= $(PREFIX)/lib
 BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
                 csrc/stella_parse.c \
-                csrc/stella_validate.c csrc/stella_json.c csrc/stella_http.c csrc/stella_sender.c \
+                csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
+                csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella_decode.h
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h
+BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c
 MODULE       := $(BUILD)/stella/core.so
 CLIB         := build/c/libstella.a
 
-.PHONY: all module luajit clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
+.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
 
 all: module
 
 module: $(MODULE)
-
-BINDING_SRC  := csrc/lstella.c csrc/lstella_decode.c
 
 $(MODULE): $(CORE_SRC) $(BINDING_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
@@ -140,6 +141,50 @@ uninstall:
 
 deps:
 	@tools/install-deps
+
+# ---- LuaRocks -------------------------------------------------------------------------
+# rockspec/stella-scm-1.rockspec has build.type = "make": LuaRocks runs `make rock` and then
+# `make rock-install` with its own variables (ROCK_LUA, the tree's interpreter; LUA_INCDIR;
+# CFLAGS; LIBFLAG; ROCK_LIBDIR and ROCK_LUADIR, the rock's directories). The C sources are
+# listed once, here (CORE_SRC): the rockspec names none. What is built follows the
+# interpreter, not LUA_INCDIR (LuaRocks 3.8 on Debian answers /usr/include/lua5.1 even for
+# LuaJIT):
+#   Lua 5.4  the core against LUA_INCDIR, and, when LuaJIT's headers are there (Debian
+#            libluajit2-5.1-dev or libluajit-5.1-dev), the LuaJIT core the sandbox's nginx
+#            loads: installed as stella/sandbox/luajit/stella/core.so in the rock's lib dir
+#   LuaJIT   the core against LuaJIT's headers (pkg-config luajit; LUA_INCDIR when it is
+#            LuaJIT's): the stella command and the sandbox's nginx share it
+#   others   refused with a message: PUC Lua 5.1, 5.2 and 5.3 are neither built nor tested
+# curl.h comes from pkg-config libcurl (Debian keeps it under the multiarch directory).
+ROCK_LUA     ?= lua5.4
+ROCK_KIND    := $(shell $(ROCK_LUA) -e 'io.write(jit and "luajit" or (_VERSION:match("5%.%d") or "?"))' 2>/dev/null)
+LUAJIT_INCDIR ?= $(or $(patsubst -I%,%,$(firstword $(shell pkg-config --cflags-only-I luajit 2>/dev/null))),$(wildcard /usr/include/luajit-2.1))
+ROCK_LIBDIR  ?= build/rock/install/lib
+ROCK_LUADIR  ?= build/rock/install/lua
+ROCK_SUB     := $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST))
+
+rock:
+	@case "$(ROCK_KIND)" in \
+	  5.4) $(ROCK_SUB) module LUA=5.4 LUA_INCDIR="$(LUA_INCDIR)" BUILD=build/rock/5.4 MODULE=build/rock/5.4/stella/core.so || exit 1; \
+	       if [ -n "$(LUAJIT_INCDIR)" ] && [ -f "$(LUAJIT_INCDIR)/luajit.h" ]; then \
+	         $(ROCK_SUB) module LUA=luajit LUA_INCDIR="$(LUAJIT_INCDIR)" BUILD=build/rock/luajit MODULE=build/rock/luajit/stella/core.so || exit 1; \
+	       else echo "stella: LuaJIT's headers not found: the rock has no LuaJIT core for \`stella sandbox\`'s nginx (install libluajit2-5.1-dev and build again)" >&2; fi ;; \
+	  luajit) inc="$(LUA_INCDIR)"; [ -f "$$inc/luajit.h" ] || inc="$(LUAJIT_INCDIR)"; \
+	       if [ -z "$$inc" ] || [ ! -f "$$inc/luajit.h" ]; then \
+	         echo "stella: LuaJIT's headers not found (Debian: libluajit2-5.1-dev; or set LUA_INCDIR)" >&2; exit 1; fi; \
+	       $(ROCK_SUB) module LUA=luajit LUA_INCDIR="$$inc" BUILD=build/rock/luajit MODULE=build/rock/luajit/stella/core.so ;; \
+	  *) echo "stella: supports Lua 5.4 and LuaJIT 2.1, and $(ROCK_LUA) is Lua $(ROCK_KIND)." >&2; \
+	     echo "  Use luarocks --lua-version 5.4, or for LuaJIT tell LuaRocks its interpreter:" >&2; \
+	     echo "  luarocks --lua-version 5.1 config lua_interpreter luajit" >&2; exit 1 ;; \
+	esac
+
+rock-install:
+	@case "$(ROCK_KIND)" in 5.4|luajit) ;; *) echo "stella: run make rock first" >&2; exit 1 ;; esac
+	install -d $(ROCK_LIBDIR)/stella $(ROCK_LUADIR)/stella
+	install -m 755 build/rock/$(ROCK_KIND)/stella/core.so $(ROCK_LIBDIR)/stella/core.so
+	if [ "$(ROCK_KIND)" = 5.4 ] && [ -f build/rock/luajit/stella/core.so ]; then \
+	  install -D -m 755 build/rock/luajit/stella/core.so $(ROCK_LIBDIR)/stella/sandbox/luajit/stella/core.so; fi
+	cd lua && find stella -type f -exec install -D -m 644 {} $(ROCK_LUADIR)/{} \;
 
 clean:
 	rm -rf build

@@ -126,8 +126,8 @@ local function post_for(transport, body, seconds)
   local n, t0 = 0, now()
   local deadline = t0 + seconds
   repeat
-    local status = transport:post("/v1/requests", body)
-    if status ~= 200 then error("transport:post answered " .. tostring(status), 0) end
+    local r = transport:post("/v1/requests", body)
+    if r.status ~= 200 then error("transport:post answered " .. tostring(r.status or r.failure), 0) end
     n = n + 1
   until now() >= deadline
   return n, now() - t0

@@ -118,29 +118,33 @@ int stella_parse_json(stella_arena *a, const char *text, size_t len, stella_valu
 
 /* ---------- validation ---------------------------------------------------- */
 
-typedef enum stella_kind { STELLA_REQUEST = 0, STELLA_RECOVERY = 1 } stella_kind;
+/* Which endpoint a document is for: POST /v1/requests or POST /v1/recoveries (each has
+ * its own schema). */
+typedef enum stella_endpoint { STELLA_REQUEST = 0, STELLA_RECOVERY = 1 } stella_endpoint;
 
-typedef struct stella_error {
+/* One way a document breaks the schema. */
+typedef struct stella_violation {
   const char *path;     /* "customer.email", "tags[3]", "custom_properties.KEY" */
   const char *code;     /* machine-readable: "required", "invalid_email", ... */
   const char *message;  /* a sentence a person can act on */
-} stella_error;
+} stella_violation;
 
-typedef struct stella_errors {
-  stella_error *items;
+typedef struct stella_violations {
+  stella_violation *items;
   size_t count, cap;
   int oom;              /* set when an allocation failed: the list is incomplete */
-} stella_errors;
+} stella_violations;
 
 typedef struct stella_options {
   const char *const *channels;   /* allowed channel names, or NULL for any */
   size_t channel_count;
 } stella_options;
 
-/* Validate `req` as `kind`. Returns the number of errors found (0 = valid);
- * errors and their strings are allocated from `a`. Returns -1 when out of memory. */
-int stella_validate(stella_arena *a, stella_kind kind, const stella_value *req,
-                    const stella_options *opts, stella_errors *errors);
+/* Validate `req` against `endpoint`'s schema. Returns the number of violations found
+ * (0 = valid); they and their strings are allocated from `a`. Returns -1 when out of
+ * memory. */
+int stella_validate(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
+                    const stella_options *opts, stella_violations *errors);
 
 /* ---------- encoding ------------------------------------------------------ */
 
@@ -156,7 +160,7 @@ void stella_buffer_add(stella_buffer *b, const char *s, size_t len);
 
 /* Append the canonical JSON of an already *valid* request to `out`.
  * Returns 0, or -1 when out of memory. Call stella_validate first. */
-int stella_encode_json(stella_kind kind, const stella_value *req, stella_buffer *out);
+int stella_encode_json(stella_endpoint endpoint, const stella_value *req, stella_buffer *out);
 
 /* ---------- text checks (exposed for tests and for other front ends) ------ */
 
@@ -171,12 +175,56 @@ int    stella_is_m49_area_code(const char *s, size_t len);   /* UN M.49 area (BC
 /* SHA-256 of `len` bytes (FIPS 180-4). */
 void   stella_sha256(const void *data, size_t len, unsigned char out[32]);
 
+/* ---------- the outcome of one HTTP attempt -------------------------------------- */
+
+/* What one POST came to, defined once (stella_outcome.c, as data): its name, the error
+ * kind callers see, whether retrying may help, its message, and which HTTP statuses and
+ * libcurl codes lead to it. The Lua binding exports the same table (stella.core.outcomes,
+ * stella.core.classify_status), through which the Lua client reads every transport's
+ * answers. */
+typedef enum stella_outcome {
+  STELLA_OUTCOME_OK = 0,            /* 2xx */
+  STELLA_OUTCOME_REJECTED,          /* 400 and the other 4xx not named below */
+  STELLA_OUTCOME_AUTH,              /* 401, 403 */
+  STELLA_OUTCOME_NOT_FOUND,         /* 404 */
+  STELLA_OUTCOME_REQUEST_TIMEOUT,   /* 408 */
+  STELLA_OUTCOME_RATE_LIMITED,      /* 429 */
+  STELLA_OUTCOME_SERVER,            /* 5xx */
+  STELLA_OUTCOME_UNEXPECTED,        /* any other status (1xx, 3xx): not an answer this API gives */
+  STELLA_OUTCOME_TIMEOUT,           /* from here on, no answer: none in time */
+  STELLA_OUTCOME_NETWORK,           /* could not connect / connection dropped */
+  STELLA_OUTCOME_PROTOCOL,          /* the peer answered something that is not HTTP */
+  STELLA_OUTCOME_TLS,               /* certificate or handshake failure */
+  STELLA_OUTCOME_INTERNAL,          /* out of memory, bad option */
+  STELLA_OUTCOME_COUNT
+} stella_outcome;
+
+typedef struct stella_outcome_info {
+  const char *name;       /* "ok", "rejected", ..., "request_timeout", ..., "tls", "internal" */
+  const char *kind;       /* the error kind callers see ("timeout", "network", ...); NULL for ok */
+  int retryable;          /* 1 when another attempt may succeed */
+  int answered;           /* 1: an HTTP answer with a status; 0: a transport failure */
+  const char *message;    /* a template: {status} {key} {mode} {url} {timeout} {detail}
+                           * (see stella_outcome.c); NULL for ok */
+} stella_outcome_info;
+
+/* The row of `o`; NULL for a value out of range. */
+const stella_outcome_info *stella_outcome_info_of(stella_outcome o);
+/* The outcome of an HTTP answer with this status. */
+stella_outcome stella_outcome_of_status(long status);
+/* The outcome of a libcurl transfer that ended with `curlcode` (a CURLcode) and, when
+ * that is CURLE_OK, with `status`. */
+stella_outcome stella_outcome_of_curl(int curlcode, long status);
+
 /* ---------- HTTP client (libcurl) ----------------------------------------- */
 
 typedef struct stella_http stella_http;
 
+#define STELLA_DEFAULT_BASE_URL "https://api.stellaconnect.net"
+
 typedef struct stella_http_options {
-  const char *base_url;         /* e.g. "https://api.stellaconnect.net" (no trailing path) */
+  const char *base_url;         /* NULL: STELLA_DEFAULT_BASE_URL; a tenant's looks like
+                                 * "https://SUBDOMAIN.api.stellaconnect.net" */
   const char *api_key;          /* sent as x-api-key; never logged or echoed */
   const char *user_agent;       /* NULL: "lua-stella/VERSION" */
   const char *ca_file;          /* NULL: the system's CA bundle */
@@ -184,37 +232,49 @@ typedef struct stella_http_options {
   long connect_timeout_ms;      /* 0 = 10000 */
 } stella_http_options;
 
-typedef enum stella_http_failure {
-  STELLA_HTTP_OK = 0,           /* a response with a status arrived */
-  STELLA_HTTP_TIMEOUT,
-  STELLA_HTTP_NETWORK,          /* could not connect / connection dropped */
-  STELLA_HTTP_PROTOCOL,         /* the peer answered something that is not HTTP */
-  STELLA_HTTP_TLS,              /* certificate or handshake failure */
-  STELLA_HTTP_INTERNAL          /* out of memory, bad option */
-} stella_http_failure;
-
 typedef struct stella_http_result {
-  stella_http_failure failure;
-  long status;                  /* HTTP status when failure == STELLA_HTTP_OK */
+  stella_outcome outcome;       /* what the attempt came to */
+  long status;                  /* the HTTP status when the outcome is answered, else 0 */
   const char *body;             /* owned by the client, valid until the next call */
   size_t body_len;
   const char *content_type;     /* NULL if none; owned by the client */
   long retry_after_ms;          /* parsed Retry-After (seconds or HTTP-date), -1 if absent */
-  const char *error;            /* failure message (never contains the key) */
+  const char *error;            /* the failure's message when not answered (never holds the key) */
 } stella_http_result;
 
+/* The checks stella_http_new makes on its options, in this order, on counted strings (a
+ * NUL inside one is refused, never cut off). Each returns 1, or 0 with a message in `err`
+ * (the same words whichever transport calls them; never the key).
+ *   key: non-empty, at most 400 bytes, printable ASCII without spaces;
+ *   base_url: https://HOST[:PORT][/PATH], or http:// to a loopback host (localhost,
+ *     127.x.y.z, [::1]); no user credentials, query string or fragment; HOST a name of
+ *     letters, digits, '.', '-', '_' or a bracketed IPv6 address;
+ *   user_agent (NULL is fine): no control characters. */
+typedef struct stella_base_url {
+  int tls;                      /* https */
+  const char *host;             /* points into the URL, as written ("[::1]" keeps brackets) */
+  size_t host_len;
+  long port;                    /* as written, or the scheme's default */
+  int port_given;               /* 1 when the port is not the scheme's default */
+  const char *path;             /* points into the URL: "" or "/prefix", no trailing '/' */
+  size_t path_len;
+} stella_base_url;
+
+int stella_check_key(const char *key, size_t len, char *err, size_t errlen);
+int stella_check_base_url(const char *url, size_t len, stella_base_url *out, char *err, size_t errlen);
+int stella_check_user_agent(const char *user_agent, size_t len, char *err, size_t errlen);
+
 /* Creates a client. On failure returns NULL and writes a message to `err`
- * (which must hold at least 256 bytes). Refuses plain http:// unless the host
- * is loopback, and keys that are empty or contain whitespace/control chars. */
+ * (which must hold at least 256 bytes): the checks above. */
 stella_http *stella_http_new(const stella_http_options *opts, char *err, size_t errlen);
 /* One POST of `body` to base_url .. path. The connection is kept alive and
- * reused by the next call. Fills `res`; returns res->failure. */
-stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
+ * reused by the next call. Fills `res`; returns res->outcome. */
+stella_outcome stella_http_post(stella_http *h, const char *path, const char *body,
                                      size_t body_len, stella_http_result *res);
-/* The same POST without waiting for the answer: starts it and returns STELLA_HTTP_OK
- * (the body is copied), or a failure in `res` when it could not start (one transfer at
- * a time per client). Then call stella_http_step until it returns 1. */
-stella_http_failure stella_http_start(stella_http *h, const char *path, const char *body,
+/* The same POST without waiting for the answer: starts it and returns STELLA_OUTCOME_OK
+ * (the body is copied), or STELLA_OUTCOME_INTERNAL in `res` when it could not start (one
+ * transfer at a time per client). Then call stella_http_step until it returns 1. */
+stella_outcome stella_http_start(stella_http *h, const char *path, const char *body,
                                       size_t body_len, stella_http_result *res);
 /* Drives the started transfer, waiting up to `wait_ms` for the network (0: not at all).
  * Returns 0 while it runs; 1 when it has ended, with `res` filled as stella_http_post
@@ -245,13 +305,13 @@ typedef struct stella_send_item {
 
 typedef struct stella_send_result {
   int attempted;
-  stella_http_failure failure;  /* as in stella_http_result */
+  stella_outcome outcome;       /* as in stella_http_result */
   long status;
   char *body;                   /* owned by the sender (NUL-terminated) */
   size_t body_len;
   char *content_type;           /* NULL if none */
   long retry_after_ms;          /* -1 if absent */
-  char *error;                  /* failure message, NULL when failure == STELLA_HTTP_OK */
+  char *error;                  /* the failure's message, NULL when answered */
 } stella_send_result;
 
 typedef struct stella_sender stella_sender;
@@ -269,12 +329,7 @@ const stella_send_result *stella_sender_result(const stella_sender *s, size_t i)
 /* Stops the threads after their posts in flight, waits for them, frees everything. NULL is fine. */
 void stella_sender_free(stella_sender *s);
 
-/* ---------- outcome classification and retry policy ----------------------- */
-
-/* Maps an HTTP status or a transport failure to an error kind:
- * "rejected" 400, "auth" 401/403, "not_found" 404, "rate_limited" 429,
- * "server" 5xx, "timeout", "network", "protocol"; NULL for 2xx. */
-const char *stella_error_kind(stella_http_failure failure, long status, int *retryable);
+/* ---------- retry policy -------------------------------------------------- */
 
 /* Delay before retry number `attempt` (1 = first retry): exponential backoff
  * with full jitter, base * 2^(attempt-1) capped at max, times `unit_random`

@@ -1,6 +1,6 @@
 /* stella_http.c - one libcurl easy handle per client, driven through the client's own
  * multi handle: POST a body (blocking, or started and then stepped without blocking),
- * collect the answer in a buffer owned by the client, classify failures. Every transfer
+ * collect the answer in a buffer owned by the client; stella_outcome.c classifies it. Every transfer
  * goes through the same multi handle, so blocking and non-blocking posts share one
  * keep-alive connection. */
 #define _POSIX_C_SOURCE 200112L   /* nanosleep (for libcurl < 7.66) */
@@ -29,13 +29,33 @@ struct stella_http {
   char message[CURL_ERROR_SIZE + 64];
 };
 
-/* ---------- option checks ------------------------------------------------------ */
+/* ---------- option checks (also exported: the cosocket transport uses them) ---------- */
 
-static int key_ok(const char *key) {
+#define BAD_URL "base_url is not a valid URL (expected https://HOST)"
+#define MAX_KEY 400
+
+static int say(char *err, size_t errlen, const char *msg) {
+  snprintf(err, errlen, "%s", msg);
+  return 0;
+}
+
+int stella_check_key(const char *key, size_t len, char *err, size_t errlen) {
   const unsigned char *s = (const unsigned char *)key;
-  if (s == NULL || *s == '\0') return 0;
-  for (; *s; s++)
-    if (*s <= 0x20 || *s >= 0x7F) return 0;   /* no whitespace, controls or non-ASCII */
+  size_t i;
+  if (s == NULL || len == 0)
+    return say(err, errlen, "api_key must be a non-empty string without whitespace or control characters");
+  for (i = 0; i < len; i++)
+    if (s[i] <= 0x20 || s[i] >= 0x7F)   /* no NUL, whitespace, controls or non-ASCII */
+      return say(err, errlen, "api_key must be a non-empty string without whitespace or control characters");
+  if (len > MAX_KEY) return say(err, errlen, "api_key is too long");
+  return 1;
+}
+
+int stella_check_user_agent(const char *ua, size_t len, char *err, size_t errlen) {
+  size_t i;
+  for (i = 0; ua != NULL && i < len; i++)
+    if ((unsigned char)ua[i] < 0x20 || ua[i] == 0x7F)   /* a header line must not break */
+      return say(err, errlen, "user_agent must not contain control characters");
   return 1;
 }
 
@@ -54,32 +74,85 @@ static int host_is_loopback(const char *host) {
   return 0;
 }
 
-/* https:// anywhere; http:// only to a loopback host, so keys never cross a
- * network in clear. */
-static int check_base_url(const char *url, char *err, size_t errlen) {
-  CURLU *u = curl_url();
-  char *scheme = NULL, *host = NULL, *query = NULL;
+/* Finds host, port and path in `url` (already checked by libcurl, without user
+ * credentials, query or fragment): SCHEME://HOST[:PORT][/PATH]. A host is a name of
+ * letters, digits, '.', '-' and '_', or a bracketed IPv6 address. */
+static int locate_parts(const char *url, size_t len, stella_base_url *out) {
+  const char *p = strstr(url, "://"), *end = url + len, *h, *q;
+  if (p == NULL) return 0;
+  h = p + 3;
+  if (*h == '[') {
+    for (q = h + 1; q < end && (isxdigit((unsigned char)*q) || *q == ':' || *q == '.'); q++) {}
+    if (q == end || *q != ']' || q == h + 1) return 0;
+    q++;
+  } else {
+    for (q = h; q < end && (isalnum((unsigned char)*q) || *q == '.' || *q == '-' || *q == '_'); q++) {}
+    if (q == h) return 0;
+  }
+  out->host = h;
+  out->host_len = (size_t)(q - h);
+  if (q < end && *q == ':') {
+    long port = 0;
+    const char *d = q + 1;
+    for (q = d; q < end && isdigit((unsigned char)*q) && q - d < 5; q++) port = port * 10 + (*q - '0');
+    if (q == d || port < 1 || port > 65535) return 0;
+    out->port = port;
+  }
+  if (q < end && *q != '/') return 0;
+  out->path = q;
+  out->path_len = (size_t)(end - q);
+  while (out->path_len && out->path[out->path_len - 1] == '/') out->path_len--;
+  return 1;
+}
+
+/* 1 when the authority (between "://" and the path) holds an '@'. */
+static int has_userinfo(const char *url) {
+  const char *a = strstr(url, "://"), *slash;
+  if (a == NULL) return 0;
+  a += 3;
+  slash = strchr(a, '/');
+  return memchr(a, '@', slash ? (size_t)(slash - a) : strlen(a)) != NULL;
+}
+
+/* https:// anywhere; http:// only to a loopback host, so keys never cross a network in
+ * clear; no credentials, query or fragment. */
+int stella_check_base_url(const char *url, size_t len, stella_base_url *out, char *err, size_t errlen) {
+  CURLU *u;
+  char *scheme = NULL, *host = NULL, *part = NULL;
   int ok = 0;
-  if (u == NULL) { snprintf(err, errlen, "out of memory"); return 0; }
+  size_t i;
+  memset(out, 0, sizeof *out);
+  if (url == NULL || len == 0) return say(err, errlen, BAD_URL);
+  for (i = 0; i < len; i++)   /* no NUL, spaces, controls or non-ASCII */
+    if ((unsigned char)url[i] <= 0x20 || (unsigned char)url[i] >= 0x7F) return say(err, errlen, BAD_URL);
+  if (url[len] != '\0') return say(err, errlen, BAD_URL);   /* a counted string must end there */
+  u = curl_url();
+  if (u == NULL) return say(err, errlen, "out of memory");
   if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
       curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
       curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
-    snprintf(err, errlen, "base_url is not a valid URL (expected https://HOST)");
-  } else if (curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK) {
-    snprintf(err, errlen, "base_url must not have a query string");
-  } else if (strcmp(scheme, "https") == 0) {
-    ok = 1;
-  } else if (strcmp(scheme, "http") == 0) {
-    if (host_is_loopback(host)) ok = 1;
-    else snprintf(err, errlen,
-                  "base_url uses plain http:// to a non-loopback host; use https:// "
-                  "(the API key must not cross a network in clear)");
+    say(err, errlen, BAD_URL);
+  } else if (curl_url_get(u, CURLUPART_QUERY, &part, 0) == CURLUE_OK || strchr(url, '?')) {
+    say(err, errlen, "base_url must not have a query string");
+  } else if (curl_url_get(u, CURLUPART_FRAGMENT, &part, 0) == CURLUE_OK || strchr(url, '#')) {
+    say(err, errlen, "base_url must not have a fragment");
+  } else if (curl_url_get(u, CURLUPART_USER, &part, 0) == CURLUE_OK || has_userinfo(url)) {
+    say(err, errlen, "base_url must not hold user credentials");
+  } else if (strcmp(scheme, "https") != 0 && strcmp(scheme, "http") != 0) {
+    say(err, errlen, "base_url must use https:// (or http:// to a loopback host)");
+  } else if (strcmp(scheme, "http") == 0 && !host_is_loopback(host)) {
+    say(err, errlen, "base_url uses plain http:// to a non-loopback host; use https:// "
+                     "(the API key must not cross a network in clear)");
   } else {
-    snprintf(err, errlen, "base_url must use https:// (or http:// to a loopback host)");
+    out->tls = strcmp(scheme, "https") == 0;
+    out->port = out->tls ? 443 : 80;
+    ok = locate_parts(url, len, out);
+    if (!ok) say(err, errlen, BAD_URL);
+    out->port_given = ok && out->port != (out->tls ? 443 : 80);
   }
   curl_free(scheme);
   curl_free(host);
-  curl_free(query);
+  curl_free(part);
   curl_url_cleanup(u);
   return ok;
 }
@@ -126,18 +199,15 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *userdata) {
 
 stella_http *stella_http_new(const stella_http_options *o, char *err, size_t errlen) {
   stella_http *h;
-  const char *base = o->base_url ? o->base_url : "https://api.stellaconnect.net";
+  const char *base = o->base_url ? o->base_url : STELLA_DEFAULT_BASE_URL;
   char line[512];
-  size_t klen;
+  stella_base_url parts;
   struct curl_slist *tmp;
 
-  if (!key_ok(o->api_key)) {
-    snprintf(err, errlen, "api_key must be a non-empty string without whitespace or control characters");
+  if (!stella_check_key(o->api_key, o->api_key ? strlen(o->api_key) : 0, err, errlen) ||
+      !stella_check_base_url(base, strlen(base), &parts, err, errlen) ||
+      !stella_check_user_agent(o->user_agent, o->user_agent ? strlen(o->user_agent) : 0, err, errlen))
     return NULL;
-  }
-  klen = strlen(o->api_key);
-  if (klen > 400) { snprintf(err, errlen, "api_key is too long"); return NULL; }
-  if (!check_base_url(base, err, errlen)) return NULL;
   if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
     snprintf(err, errlen, "libcurl could not be initialised");
     return NULL;
@@ -224,43 +294,17 @@ long stella_http_connects(const stella_http *h) {
 
 /* ---------- one POST ------------------------------------------------------------------ */
 
-static stella_http_failure failure_of(CURLcode rc) {
-  switch (rc) {
-    case CURLE_OK: return STELLA_HTTP_OK;
-    case CURLE_OPERATION_TIMEDOUT: return STELLA_HTTP_TIMEOUT;
-    case CURLE_WEIRD_SERVER_REPLY:
-    case CURLE_UNSUPPORTED_PROTOCOL:
-    case CURLE_BAD_CONTENT_ENCODING:
-    case CURLE_HTTP2:
-    case CURLE_HTTP2_STREAM:
-      return STELLA_HTTP_PROTOCOL;
-    case CURLE_PEER_FAILED_VERIFICATION:
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_SSL_CERTPROBLEM:
-    case CURLE_SSL_CIPHER:
-    case CURLE_SSL_CACERT_BADFILE:
-    case CURLE_SSL_ISSUER_ERROR:
-      return STELLA_HTTP_TLS;
-    case CURLE_OUT_OF_MEMORY:
-    case CURLE_BAD_FUNCTION_ARGUMENT:
-    case CURLE_URL_MALFORMAT:
-      return STELLA_HTTP_INTERNAL;
-    default:
-      return STELLA_HTTP_NETWORK;   /* refused, reset, empty reply, resolve failure, ... */
-  }
-}
-
-static stella_http_failure fail(stella_http_result *res, stella_http_failure f, const char *msg) {
-  res->failure = f;
+static stella_outcome fail(stella_http_result *res, stella_outcome o, const char *msg) {
+  res->outcome = o;
   res->error = msg;
-  return f;
+  return o;
 }
 
-stella_http_failure stella_http_start(stella_http *h, const char *path, const char *body,
+stella_outcome stella_http_start(stella_http *h, const char *path, const char *body,
                                       size_t body_len, stella_http_result *res) {
   memset(res, 0, sizeof *res);
   res->retry_after_ms = -1;
-  if (h->running) return fail(res, STELLA_HTTP_INTERNAL, "a transfer is already running on this client");
+  if (h->running) return fail(res, STELLA_OUTCOME_INTERNAL, "a transfer is already running on this client");
   h->url.len = 0;
   h->body.len = 0;
   h->body.oom = 0;
@@ -272,14 +316,14 @@ stella_http_failure stella_http_start(stella_http *h, const char *path, const ch
   stella_buffer_add(&h->url, "", 0);
   stella_buffer_add(&h->body, "", 0);   /* make sure body.data is a valid string */
   stella_buffer_add(&h->request, body, body_len);
-  if (h->url.oom || h->body.oom || h->request.oom) return fail(res, STELLA_HTTP_INTERNAL, "out of memory");
+  if (h->url.oom || h->body.oom || h->request.oom) return fail(res, STELLA_OUTCOME_INTERNAL, "out of memory");
   curl_easy_setopt(h->easy, CURLOPT_URL, h->url.data);
   curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, h->request.data ? h->request.data : "");
   curl_easy_setopt(h->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
   if (curl_multi_add_handle(h->multi, h->easy) != CURLM_OK)
-    return fail(res, STELLA_HTTP_INTERNAL, "libcurl refused the transfer");
+    return fail(res, STELLA_OUTCOME_INTERNAL, "libcurl refused the transfer");
   h->running = 1;
-  return STELLA_HTTP_OK;
+  return STELLA_OUTCOME_OK;
 }
 
 /* The finished transfer's result (rc: its CURLcode). */
@@ -289,14 +333,15 @@ static void finish(stella_http *h, CURLcode rc, stella_http_result *res) {
   h->running = 0;
   if (curl_easy_getinfo(h->easy, CURLINFO_NUM_CONNECTS, &connects) == CURLE_OK)
     h->connects += connects;
-  res->failure = failure_of(rc);
-  if (rc == CURLE_WRITE_ERROR && h->body.oom) res->failure = STELLA_HTTP_INTERNAL;
-  if (res->failure != STELLA_HTTP_OK) {
+  if (rc == CURLE_OK) curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
+  res->outcome = stella_outcome_of_curl(rc, res->status);
+  if (rc == CURLE_WRITE_ERROR && h->body.oom) res->outcome = STELLA_OUTCOME_INTERNAL;
+  if (rc != CURLE_OK) {
+    res->status = 0;
     snprintf(h->message, sizeof h->message, "%s", h->errbuf[0] ? h->errbuf : curl_easy_strerror(rc));
     res->error = h->message;
     return;
   }
-  curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &res->status);
   res->body = h->body.data ? h->body.data : "";
   res->body_len = h->body.len;
   res->content_type = h->content_type[0] ? h->content_type : NULL;
@@ -331,14 +376,14 @@ int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
   memset(res, 0, sizeof *res);
   res->retry_after_ms = -1;
   if (!h->running) {
-    fail(res, STELLA_HTTP_INTERNAL, "no transfer is running on this client");
+    fail(res, STELLA_OUTCOME_INTERNAL, "no transfer is running on this client");
     return 1;
   }
   for (;;) {
     if (curl_multi_perform(h->multi, &still) != CURLM_OK) {
       curl_multi_remove_handle(h->multi, h->easy);
       h->running = 0;
-      fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to drive the transfer");
+      fail(res, STELLA_OUTCOME_INTERNAL, "libcurl failed to drive the transfer");
       return 1;
     }
     while ((msg = curl_multi_info_read(h->multi, &queued)) != NULL) {
@@ -353,48 +398,24 @@ int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
     if (wait_for_activity(h->multi, wait_ms) != CURLM_OK) {
       curl_multi_remove_handle(h->multi, h->easy);
       h->running = 0;
-      fail(res, STELLA_HTTP_INTERNAL, "libcurl failed to wait for the transfer");
+      fail(res, STELLA_OUTCOME_INTERNAL, "libcurl failed to wait for the transfer");
       return 1;
     }
   }
 }
 
-stella_http_failure stella_http_post(stella_http *h, const char *path, const char *body,
+stella_outcome stella_http_post(stella_http *h, const char *path, const char *body,
                                      size_t body_len, stella_http_result *res) {
-  if (stella_http_start(h, path, body, body_len, res) != STELLA_HTTP_OK) return res->failure;
+  if (stella_http_start(h, path, body, body_len, res) != STELLA_OUTCOME_OK) return res->outcome;
   while (!stella_http_step(h, 1000, res)) { /* each step waits for activity, up to 1 s */ }
-  return res->failure;
+  return res->outcome;
 }
 
 int stella_http_running(const stella_http *h) {
   return h->running;
 }
 
-/* ---------- classification and retry policy ----------------------------------------- */
-
-const char *stella_error_kind(stella_http_failure failure, long status, int *retryable) {
-  int r = 0;
-  const char *kind = NULL;
-  switch (failure) {
-    case STELLA_HTTP_OK:
-      if (status >= 200 && status < 300) kind = NULL;
-      else if (status == 401 || status == 403) kind = "auth";
-      else if (status == 404) kind = "not_found";
-      else if (status == 408) { kind = "timeout"; r = 1; }
-      else if (status == 429) { kind = "rate_limited"; r = 1; }
-      else if (status >= 500 && status < 600) { kind = "server"; r = 1; }
-      else if (status >= 400 && status < 500) kind = "rejected";
-      else kind = "protocol";   /* 1xx/3xx: not an answer this API gives */
-      break;
-    case STELLA_HTTP_TIMEOUT: kind = "timeout"; r = 1; break;
-    case STELLA_HTTP_NETWORK: kind = "network"; r = 1; break;
-    case STELLA_HTTP_PROTOCOL: kind = "protocol"; break;
-    case STELLA_HTTP_TLS: kind = "network"; break;   /* certificate problems do not heal by retrying */
-    case STELLA_HTTP_INTERNAL: kind = "network"; break;
-  }
-  if (retryable) *retryable = r;
-  return kind;
-}
+/* ---------- retry policy ------------------------------------------------------------ */
 
 long stella_retry_delay_ms(int attempt, long base_ms, long max_ms, long retry_after_ms,
                            double unit_random) {

@@ -169,8 +169,8 @@ static int add_object(stella_buffer *b, const schema *s, const stella_value *obj
   return b->oom ? -1 : 0;
 }
 
-int stella_encode_json(stella_kind kind, const stella_value *req, stella_buffer *out) {
-  int rc = add_object(out, stella_schema_for(kind), req);
+int stella_encode_json(stella_endpoint endpoint, const stella_value *req, stella_buffer *out) {
+  int rc = add_object(out, stella_schema_for(endpoint), req);
   stella_buffer_add(out, "", 0);   /* keep out->data NUL-terminated for C callers */
   return out->oom ? -1 : rc;
 }

@@ -52,6 +52,6 @@ static const schema recovery_schema = {
   "a recovery needs initial_feedback_request_id or ext_interaction_id (at least one)"
 };
 
-const schema *stella_schema_for(stella_kind kind) {
-  return kind == STELLA_RECOVERY ? &recovery_schema : &request_schema;
+const schema *stella_schema_for(stella_endpoint endpoint) {
+  return endpoint == STELLA_RECOVERY ? &recovery_schema : &request_schema;
 }

@@ -38,7 +38,7 @@ struct schema {
   const char *one_of_message;
 };
 
-const schema *stella_schema_for(stella_kind kind);
+const schema *stella_schema_for(stella_endpoint endpoint);
 
 /* qsort comparator over `const stella_pair *`: string keys by bytes, then numbers. */
 int stella_key_compare(const void *a, const void *b);

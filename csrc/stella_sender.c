@@ -70,10 +70,10 @@ static int should_stop(stella_sender *s) {
 
 /* Keeps what a post's result points to (the client's buffers are reused by its next call). */
 static int keep_result(stella_send_result *out, const stella_http_result *r) {
-  out->failure = r->failure;
+  out->outcome = r->outcome;
   out->status = r->status;
   out->retry_after_ms = r->retry_after_ms;
-  if (r->failure != STELLA_HTTP_OK) {
+  if (!stella_outcome_info_of(r->outcome)->answered) {
     out->error = copy_text(r->error ? r->error : "transfer failed",
                            strlen(r->error ? r->error : "transfer failed"));
     return out->error != NULL;
@@ -110,12 +110,12 @@ static void *run(void *arg) {
       free(out->content_type);
       free(out->error);
       out->body = out->content_type = out->error = NULL;
-      out->failure = STELLA_HTTP_INTERNAL;
+      out->outcome = STELLA_OUTCOME_INTERNAL;
       out->status = 0;
       request_stop(s);
       break;
     }
-    if (r.failure != STELLA_HTTP_OK || r.status < 200 || r.status >= 300) {
+    if (r.outcome != STELLA_OUTCOME_OK) {
       request_stop(s);
       break;
     }

@@ -9,7 +9,7 @@
 
 typedef struct ctx {
   stella_arena *arena;
-  stella_errors *errors;
+  stella_violations *errors;
   const stella_options *opts;
 } ctx;
 
@@ -66,11 +66,11 @@ static const char *render(ctx *c, const path *p) {
 }
 
 static void add_error_text(ctx *c, const char *path_text, const char *code, const char *message) {
-  stella_errors *e = c->errors;
+  stella_violations *e = c->errors;
   if (path_text == NULL || message == NULL) { e->oom = 1; return; }
   if (e->count == e->cap) {
     size_t ncap = e->cap ? e->cap * 2 : 8;
-    stella_error *items = (stella_error *)stella_arena_alloc(c->arena, ncap * sizeof *items);
+    stella_violation *items = (stella_violation *)stella_arena_alloc(c->arena, ncap * sizeof *items);
     if (items == NULL) { e->oom = 1; return; }
     if (e->count) memcpy(items, e->items, e->count * sizeof *items);
     e->items = items;
@@ -595,8 +595,8 @@ static void check_value(ctx *c, const field *f, const path *p, const stella_valu
   }
 }
 
-int stella_validate(stella_arena *a, stella_kind kind, const stella_value *req,
-                    const stella_options *opts, stella_errors *errors) {
+int stella_validate(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
+                    const stella_options *opts, stella_violations *errors) {
   ctx c;
   c.arena = a;
   c.errors = errors;
@@ -606,7 +606,7 @@ int stella_validate(stella_arena *a, stella_kind kind, const stella_value *req,
   errors->oom = 0;
   {
     path root = field_path(NULL, NULL, 0);
-    check_object(&c, stella_schema_for(kind), &root, req);
+    check_object(&c, stella_schema_for(endpoint), &root, req);
   }
   return errors->oom ? -1 : (int)errors->count;
 }

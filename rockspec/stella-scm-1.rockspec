@@ -1,6 +1,12 @@
--- LuaRocks rockspec for lua-stella (builtin build type; libcurl as an external dependency).
---   luarocks make rockspec/stella-scm-1.rockspec
+-- LuaRocks rockspec for lua-stella. Lua 5.4 or LuaJIT 2.1; no variables needed on Debian
+-- and Ubuntu:
 --   luarocks --lua-version 5.4 --tree ./tree make rockspec/stella-scm-1.rockspec
+--   luarocks --lua-version 5.1 config lua_interpreter luajit     # once, for LuaJIT trees
+--   luarocks --lua-version 5.1 --tree ./tree make rockspec/stella-scm-1.rockspec
+-- build.type "make": the project's Makefile (`make rock`, `make rock-install`) builds the C
+-- core (its sources are listed there, once), finds libcurl's headers with pkg-config and,
+-- for a Lua 5.4 tree, also builds the LuaJIT core that `stella sandbox`'s nginx loads.
+-- See README, "Installing with LuaRocks".
 rockspec_format = "3.0"
 package = "stella"
 version = "scm-1"
@@ -14,89 +20,41 @@ description = {
 Validates feedback requests exactly as the service's schema defines them, encodes
 them as canonical JSON and sends them over libcurl, with retries and typed errors.
 Trigger rules in editable Lua, state stores and a `stella` command build on it.
+Optional, loaded only by what uses them (a clear message names the package when one is
+missing): luadbi-sqlite3 for the SQLite store (stella.store.sqlite, the stella command's
+--db FILE), luasocket for the sandbox (stella sandbox).
 ]],
   homepage = "https://github.com/lua-stella/lua-stella",
   license = "MIT",
 }
+-- LuaRocks cannot say "LuaJIT or 5.4": the range below admits 5.1 to 5.4 and `make rock`
+-- refuses PUC Lua 5.1, 5.2 and 5.3 with a message (neither built nor tested).
 dependencies = {
   "lua >= 5.1, < 5.5",
   "lua-cjson >= 2.1",
-  "luadbi-sqlite3 >= 0.7.2",
 }
 external_dependencies = {
-  CURL = { header = "curl/curl.h", library = "curl" },
+  -- the library only: curl.h is found by pkg-config (Debian's multiarch include directory
+  -- is not among the places LuaRocks 3.8 searches for headers)
+  CURL = { library = "curl" },
 }
 build = {
-  type = "builtin",
-  modules = {
-    ["stella.core"] = {
-      sources = {
-        "csrc/stella_value.c", "csrc/stella_text.c", "csrc/stella_codes.c",
-        "csrc/stella_schema.c", "csrc/stella_validate.c", "csrc/stella_json.c",
-        "csrc/stella_http.c", "csrc/stella_sender.c", "csrc/stella_sha256.c",
-        "csrc/stella_parse.c", "csrc/lstella.c", "csrc/lstella_decode.c",
-      },
-      incdirs = { "csrc", "$(CURL_INCDIR)" },
-      libdirs = { "$(CURL_LIBDIR)" },
-      libraries = { "curl", "pthread" },
-    },
-    ["stella"] = "lua/stella/init.lua",
-    ["stella.client"] = "lua/stella/client.lua",
-    ["stella.error"] = "lua/stella/error.lua",
-    ["stella.transport.curl"] = "lua/stella/transport/curl.lua",
-    ["stella.rules"] = "lua/stella/rules.lua",
-    ["stella.keys"] = "lua/stella/keys.lua",
-    ["stella.trigger"] = "lua/stella/trigger/init.lua",
-    ["stella.trigger.decide"] = "lua/stella/trigger/decide.lua",
-    ["stella.trigger.send"] = "lua/stella/trigger/send.lua",
-    ["stella.trigger.settle"] = "lua/stella/trigger/settle.lua",
-    ["stella.trigger.rows"] = "lua/stella/trigger/rows.lua",
-    ["stella.trigger.pipeline"] = "lua/stella/trigger/pipeline.lua",
-    ["stella.trigger.flush"] = "lua/stella/trigger/flush.lua",
-    ["stella.trigger.alert"] = "lua/stella/trigger/alert.lua",
-    ["stella.store"] = "lua/stella/store/init.lua",
-    ["stella.store.rows"] = "lua/stella/store/rows.lua",
-    ["stella.store.lists"] = "lua/stella/store/lists.lua",
-    ["stella.store.memory"] = "lua/stella/store/memory.lua",
-    ["stella.store.sqlite"] = "lua/stella/store/sqlite.lua",
-    ["stella.store.shdict"] = "lua/stella/store/shdict.lua",
-    ["stella.transport.cosocket"] = "lua/stella/transport/cosocket.lua",
-    ["stella.nginx"] = "lua/stella/nginx.lua",
-    ["stella.sandbox"] = "lua/stella/sandbox/init.lua",
-    ["stella.sandbox.config"] = "lua/stella/sandbox/config.lua",
-    ["stella.sandbox.server"] = "lua/stella/sandbox/server.lua",
-    ["stella.sandbox.status"] = "lua/stella/sandbox/status.lua",
-    ["stella.input"] = "lua/stella/input.lua",
-    ["stella.cli"] = "lua/stella/cli/init.lua",
-    ["stella.cli.args"] = "lua/stella/cli/args.lua",
-    ["stella.cli.context"] = "lua/stella/cli/context.lua",
-    ["stella.cli.events"] = "lua/stella/cli/events.lua",
-    ["stella.cli.progress"] = "lua/stella/cli/progress.lua",
-    ["stella.cli.setup"] = "lua/stella/cli/setup.lua",
-    ["stella.cli.table"] = "lua/stella/cli/table.lua",
-    ["stella.cli.trigger"] = "lua/stella/cli/trigger.lua",
-    ["stella.cli.send"] = "lua/stella/cli/send.lua",
-    ["stella.cli.validate"] = "lua/stella/cli/validate.lua",
-    ["stella.cli.status"] = "lua/stella/cli/status.lua",
-    ["stella.cli.retry"] = "lua/stella/cli/retry.lua",
-    ["stella.cli.unsubscribe"] = "lua/stella/cli/unsubscribe.lua",
-    ["stella.cli.sandbox"] = "lua/stella/cli/sandbox.lua",
-    ["stella.cli.help"] = "lua/stella/cli/help.lua",
+  type = "make",
+  build_target = "rock",
+  build_variables = {
+    ROCK_LUA = "$(LUA)",
+    LUA_INCDIR = "$(LUA_INCDIR)",
+    CFLAGS = "$(CFLAGS)",
+    LIBFLAG = "$(LIBFLAG)",
+  },
+  install_target = "rock-install",
+  install_variables = {
+    ROCK_LUA = "$(LUA)",
+    ROCK_LIBDIR = "$(LIBDIR)",
+    ROCK_LUADIR = "$(LUADIR)",
   },
   install = {
     bin = { stella = "bin/stella" },
-    -- the sandbox's nginx template, default company and status page, installed beside
-    -- its modules (stella/sandbox/files/ in the tree's Lua directory), where
-    -- stella.sandbox finds them. A key's last part names nothing: the file keeps its
-    -- name. Its nginx also needs the C core built for LuaJIT: `make LUA=luajit` in a
-    -- checkout, then STELLA_SANDBOX_CORE=DIR (the directory holding stella/core.so).
-    lua = {
-      ["stella.sandbox.files.nginx_conf"] = "lua/stella/sandbox/files/nginx.conf",
-      ["stella.sandbox.files.config"] = "lua/stella/sandbox/files/config.lua",
-      ["stella.sandbox.files.status_html"] = "lua/stella/sandbox/files/status.html",
-      ["stella.sandbox.files.status_css"] = "lua/stella/sandbox/files/status.css",
-      ["stella.sandbox.files.status_js"] = "lua/stella/sandbox/files/status.js",
-    },
   },
 }
 test = {

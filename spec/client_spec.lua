@@ -385,6 +385,27 @@ describe("stella client", function()
       assert.has_error(function() stella.new{ api_key = "a\r\nX-Evil: 1" } end)
     end)
 
+    it("refuses a key with a NUL in it rather than cutting it off there", function()
+      assert.has_error(function() stella.new{ api_key = "abc\0def", base_url = server.url } end,
+        "stella.new: api_key must be a non-empty string without whitespace or control characters")
+    end)
+
+    it("refuses user credentials, a query or a fragment in base_url", function()
+      assert.has_error(function() stella.new{ api_key = "k", base_url = "https://user:pw@acme.api.stellaconnect.net" } end,
+        "stella.new: base_url must not hold user credentials")
+      assert.has_error(function() stella.new{ api_key = "k", base_url = "https://acme.api.stellaconnect.net/#x" } end,
+        "stella.new: base_url must not have a fragment")
+      assert.has_error(function() stella.new{ api_key = "k", base_url = "https://acme.api.stellaconnect.net/?a=1" } end,
+        "stella.new: base_url must not have a query string")
+      assert.has_error(function() stella.new{ api_key = "k", base_url = server.url .. "\0.example.com" } end,
+        "stella.new: base_url is not a valid URL (expected https://HOST)")
+    end)
+
+    it("refuses a user agent that would break the header", function()
+      assert.has_error(function() stella.new{ api_key = "k", base_url = server.url, user_agent = "a\r\nX-Evil: 1" } end,
+        "stella.new: user_agent must not contain control characters")
+    end)
+
     it("refuses unknown options, a missing key and a bad mode", function()
       assert.has_error(function() stella.new{ api_key = "k", retries = 3 } end)
       assert.has_error(function() stella.new{} end)

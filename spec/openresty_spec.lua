@@ -191,7 +191,7 @@ describe("stella on OpenResty", function()
       assert.equal('{"customer":{"name":"' .. e.requester.name .. '","email":"' .. e.requester.email .. '"},'
         .. '"employee":{"email":"paulagent@blancapeak.com"},"channel":"chat","ext_interaction_id":"'
         .. e.id .. '","external_url":"https://support.example.com/tickets/1","tags":["billing","webhook"],'
-        .. '"language":"en-US"}', r.body)
+        .. '"brand":"blancapeak","language":"en-US"}', r.body)
       local o = wait_for(5, function() return outcome_of(e.id) end)
       assert.equal("sent", o.status)
       assert.truthy(o.request_id:match("^req%-%d+$"))
@@ -461,13 +461,24 @@ describe("stella on OpenResty", function()
       assert.same({ true }, a.sleeps)
     end)
 
-    it("refuses the same options, never showing the key", function()
+    it("accepts and refuses the same options with the same words, never showing the key", function()
       local a, b = both("refusals")
+      for name in pairs(C.OPTIONS) do
+        assert.same(b[name], a[name], name .. ": libcurl " .. cjson.encode(b[name]) .. ", cosocket "
+          .. cjson.encode(a[name]))
+      end
       assert.same(b, a)
-      assert.is_true(a.crlf_in_key.refused)
+      for name, r in pairs(a) do
+        assert.equal(name:find("_ok$") == nil, r.refused, name)
+        assert.is_false(r.leaked, name)
+      end
       assert.is_true(a.http_remote.says_https)
-      assert.is_false(a.v6_ok.refused)
-      for _, r in pairs(a) do assert.is_false(r.leaked) end
+      assert.equal("stella.new: base_url must not hold user credentials", a.userinfo.message)
+      assert.equal("stella.new: base_url must not have a fragment", a.fragment.message)
+      assert.equal("stella.new: api_key must be a non-empty string without whitespace or control characters",
+        a.nul_in_key.message)
+      assert.equal("stella.new: user_agent must not contain control characters", a.crlf_user_agent.message)
+      assert.equal("stella.new: option base_url must be a string", a.number_base_url.message)
     end)
 
     -- Raw answers from a socket server, each read by both transports.

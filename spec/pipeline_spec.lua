@@ -60,11 +60,12 @@ describe("background sends", function()
       assert.equal(5, s:wait())
       assert.is_true(s:done())
       for i = 1, 5 do
-        local status, body, ctype, retry_after = s:result(i)
-        assert.equal(200, status)
-        assert.equal('{"request_id":"req-' .. i .. '"}', body)
-        assert.matches("json", ctype)
-        assert.is_nil(retry_after)
+        local r = s:result(i)
+        assert.equal(200, r.status)
+        assert.equal('{"request_id":"req-' .. i .. '"}', r.body)
+        assert.matches("json", r.content_type)
+        assert.is_nil(r.retry_after)
+        assert.is_nil(r.failure)
       end
       assert.equal(0, select("#", s:result(6)))
       s:close()
@@ -82,10 +83,10 @@ describe("background sends", function()
       server:script{ {}, { status = 503, headers = { ["Retry-After"] = "7" } } }
       local s = assert(core.send_many(triples(http(), 4), 30))
       assert.equal(2, s:wait())
-      assert.equal(200, (s:result(1)))
-      local status, _, _, retry_after = s:result(2)
-      assert.equal(503, status)
-      assert.equal(7000, retry_after)
+      assert.equal(200, s:result(1).status)
+      local r = s:result(2)
+      assert.equal(503, r.status)
+      assert.equal(7000, r.retry_after)
       assert.equal(0, select("#", s:result(3)))
       s:close()
       assert.equal(2, #server:requests())
@@ -95,11 +96,11 @@ describe("background sends", function()
       server:script{ { drop = true } }
       local s = assert(core.send_many(triples(http(), 3), 30))
       assert.equal(1, s:wait())
-      local status, failure, message = s:result(1)
-      assert.is_nil(status)
-      assert.equal("network", failure)
-      assert.is_string(message)
-      assert.is_nil(message:find(API_KEY, 1, true))
+      local r = s:result(1)
+      assert.is_nil(r.status)
+      assert.equal("network", r.failure)
+      assert.is_string(r.message)
+      assert.is_nil(r.message:find(API_KEY, 1, true))
       s:close()
     end)
 
@@ -107,7 +108,7 @@ describe("background sends", function()
       server:script{ { delay = 0.2 } }
       local s = assert(core.send_many(triples(http(), 3), 0.1))
       assert.equal(1, s:wait())
-      assert.equal(200, (s:result(1)))
+      assert.equal(200, s:result(1).status)
       s:close()
       assert.equal(1, #server:requests())
       -- a budget of 0 still makes the first attempt
@@ -132,8 +133,7 @@ describe("background sends", function()
       local h = http()
       server:script{ { delay = 0.2 } }
       local s = assert(core.send_many(triples(h, 2), 30))
-      local status = h:post("/v1/requests", body_of(99))
-      assert.equal(200, status)
+      assert.equal(200, h:post("/v1/requests", body_of(99)).status)
       local seen = server:requests()
       assert.equal(3, #seen)
       assert.equal(body_of(1), seen[1].body)
@@ -164,13 +164,13 @@ describe("background sends", function()
       s:close()
       assert.equal(1, #server:requests())
       assert.has_error(function() s:wait() end, "attempt to use a closed stella sender")
-      assert.equal(200, (h:post("/v1/requests", body_of(7))))
+      assert.equal(200, h:post("/v1/requests", body_of(7)).status)
       -- closing a lent client waits for the thread first
       server:script{ { delay = 0.1 } }
       local s2 = assert(core.send_many(triples(h, 1), 30))
       h:close()
       assert.equal(1, s2:wait())
-      assert.equal(200, (s2:result(1)))
+      assert.equal(200, s2:result(1).status)
       s2:close()
     end)
 
@@ -201,13 +201,13 @@ describe("background sends", function()
       assert.is_false(h:step())
       assert.has_error(function() h:start("/v1/requests", body_of(2)) end,
         "stella client busy: a started post has not ended")
-      local status, body
-      repeat status, body = h:step(0.05) until status ~= false
-      assert.equal(200, status)
-      assert.equal('{"request_id":"req-1"}', body)
+      local r
+      repeat r = h:step(0.05) until r ~= false
+      assert.equal(200, r.status)
+      assert.equal('{"request_id":"req-1"}', r.body)
       assert.has_error(function() h:step() end, "stella client: no started post to step")
       -- the blocking post reuses the same connection
-      assert.equal(200, (h:post("/v1/requests", body_of(2))))
+      assert.equal(200, h:post("/v1/requests", body_of(2)).status)
       assert.equal(1, h:connects())
     end)
 
@@ -215,10 +215,10 @@ describe("background sends", function()
       local h = http()
       server:script{ { drop = true } }
       assert.is_true(h:start("/v1/requests", body_of(1)))
-      local status, failure
-      repeat status, failure = h:step(0.05) until status ~= false
-      assert.is_nil(status)
-      assert.equal("network", failure)
+      local r
+      repeat r = h:step(0.05) until r ~= false
+      assert.is_nil(r.status)
+      assert.equal("network", r.failure)
     end)
   end)
 
@@ -226,11 +226,12 @@ describe("background sends", function()
     it("retries after a failed first attempt made elsewhere, as post would", function()
       local c = stella.new{ api_key = API_KEY, base_url = server.url, retry = { attempts = 3, base_delay = 0.001 },
                             sleep = function() end }
-      local res = c:complete("/v1/requests", body_of(1), 503, "", nil, nil)
+      local res = c:complete("/v1/requests", body_of(1), { status = 503, body = "" })
       assert.equal(200, res.status)
       assert.equal(2, res.attempts)
       assert.equal("req-1", res.request_id)
-      local _, err = c:complete("/v1/requests", body_of(2), 400, '{"error":"Invalid customer"}', "application/json")
+      local _, err = c:complete("/v1/requests", body_of(2), { status = 400, body = '{"error":"Invalid customer"}',
+                                                              content_type = "application/json" })
       assert.equal("rejected", err.kind)
       assert.equal(1, err.attempts)
       c:close()
@@ -238,7 +239,7 @@ describe("background sends", function()
 
     it("gives nil for a client whose transport is not the C core's", function()
       local custom = stella.new{ api_key = API_KEY, base_url = server.url,
-                                 transport = function() return { post = function() return 200, "{}" end,
+                                 transport = function() return { post = function() return { status = 200, body = "{}" } end,
                                                                  close = function() end } end }
       assert.is_nil(client_mod.send_many({ custom, "/v1/requests", "{}" }, 1))
       custom:close()
@@ -479,7 +480,10 @@ describe("trigger:pipeline", function()
         local sent = {}
         local c = stella.new{ api_key = API_KEY, base_url = server.url,
           transport = function() return {
-            post = function(_, _, body) sent[#sent + 1] = body return 200, '{"request_id":"x' .. #sent .. '"}', "application/json" end,
+            post = function(_, _, body)
+              sent[#sent + 1] = body
+              return { status = 200, body = '{"request_id":"x' .. #sent .. '"}', content_type = "application/json" }
+            end,
             close = function() end } end }
         local t = trigger{ client = c }
         local all = {}

@@ -44,6 +44,11 @@ return {
   exclude_tags = { "spam", "internal" },
   do_not_send_tags = { "vip-no-survey" },
 
+  -- A multi-brand company: the service wants each request's brand signifier. Events that
+  -- name no brand go to the default one.
+  brands = { ["blancapeak"] = { language = "en" }, ["blancapeak-es"] = { language = "es" } },
+  default_brand = "blancapeak",
+
   -- At most one request per customer e-mail in 7 days, and one per ticket.
   suppression = { days = 7, per = "global" },
   once_per_interaction = true,

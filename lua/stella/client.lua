@@ -10,12 +10,14 @@ local cjson_ok, cjson = pcall(require, "cjson.safe")
 
 local M = {}
 
-local DEFAULT_BASE_URL = "https://api.stellaconnect.net"
+local DEFAULT_BASE_URL = core.default_base_url
 local KNOWN_OPTIONS = {
   api_key = true, keys = true, mode = true, base_url = true, timeout = true,
   connect_timeout = true, retry = true, channels = true, user_agent = true, ca_file = true,
   transport = true, sleep = true, random = true,
 }
+
+local STRING_OPTIONS = { "base_url", "user_agent", "ca_file" }   -- api_key: pick_key
 
 local Client = {}
 Client.__index = Client
@@ -99,6 +101,11 @@ function M.new(opts)
   for k in pairs(opts) do
     if not KNOWN_OPTIONS[k] then error("stella.new: unknown option " .. tostring(k), 2) end
   end
+  for _, k in ipairs(STRING_OPTIONS) do
+    if opts[k] ~= nil and type(opts[k]) ~= "string" then
+      error("stella.new: option " .. k .. " must be a string", 2)
+    end
+  end
   local key, mode = pick_key(opts)
   local retry = opts.retry or {}
   if type(retry) ~= "table" then error("stella.new: retry must be a table", 2) end
@@ -170,57 +177,50 @@ local function request_id_of(body)
   return nil
 end
 
-local MESSAGES = {
-  rejected = "the service rejected the request (HTTP %d)",
-  auth = "authentication failed (HTTP %d): check the API key (%s) and that it is the %s key the mode expects",
-  not_found = "HTTP %d from %s: check base_url",
-  rate_limited = "rate limited by the service (HTTP %d)",
-  server = "server error (HTTP %d)",
-  timeout = "the service did not answer in time (HTTP %d)",
-  protocol = "unexpected answer (HTTP %d)",
-}
+local OUTCOMES, classify_status = core.outcomes, core.classify_status
 
-local function http_error(self, kind, retryable, status, body, url)
-  local text = self.redact(body)
-  local msg
-  if kind == "auth" then
-    msg = MESSAGES.auth:format(status, self.key_hint, self.mode == "production" and "production" or "test")
-  elseif kind == "not_found" then
-    msg = MESSAGES.not_found:format(status, url)
-  else
-    msg = MESSAGES[kind]:format(status)
-  end
+-- An outcome's message template (stella_outcome.c) with its {placeholders} filled.
+local function message_of(o, vars)
+  return (o.message:gsub("{(%w+)}", vars))
+end
+
+-- An answered attempt that is not a success -> err.
+local function http_error(self, o, r, url)
+  local text = self.redact(r.body)
+  local msg = message_of(o, { status = r.status, key = self.key_hint, url = url,
+                              mode = self.mode == "production" and "production" or "test" })
   if type(text) == "string" and text ~= "" then
     msg = msg .. ": " .. (#text > 300 and text:sub(1, 300) .. "..." or text)
   end
-  return errors.new{ kind = kind, status = status, message = msg, retryable = retryable,
+  return errors.new{ kind = o.kind, status = r.status, message = msg, retryable = o.retryable,
                      body = decode_body(text, nil) }
 end
 
-local function transport_error(self, failure, message)
-  local kind, retryable = core.classify(nil, failure)
-  local text = self.redact(message or failure)
-  if failure == "timeout" then text = "timed out after " .. self.timeout .. " s: " .. text end
-  return errors.new{ kind = kind, message = text, retryable = retryable, failure = failure }
+-- A transport failure (no answer) -> err.
+local function transport_error(self, o, r)
+  local detail = self.redact(r.message or r.failure)
+  return errors.new{ kind = o.kind, retryable = o.retryable, failure = r.failure,
+                     message = message_of(o, { timeout = self.timeout, detail = detail }) }
 end
 
--- One attempt's answer (what transport:post returned) -> res | nil, err, retry_after_ms.
-local function answer(self, url, attempt, status, rbody, ctype, retry_after)
-  if status and status >= 200 and status < 300 then
-    local decoded = decode_body(rbody, ctype)
+-- One attempt's response (what transport:post returned: an answer { status, body,
+-- content_type, retry_after } or a failure { failure, message }), classified by the C
+-- core's outcome table -> res | nil, err, retry_after_ms.
+local function answer(self, url, attempt, r)
+  local status = type(r) == "table" and r.status
+  local o = OUTCOMES[status and classify_status(status) or type(r) == "table" and r.failure]
+  if o == nil or o.answered ~= (status ~= nil) then
+    error("transport:post must return { status = ... } or { failure = NAME } with NAME one of "
+      .. "timeout, network, protocol, tls, internal", 2)
+  end
+  if o.kind == nil then
+    local decoded = decode_body(r.body, r.content_type)
     return { status = status, request_id = request_id_of(decoded), body = decoded,
              attempts = attempt }
   end
-  local err
-  if status then
-    local kind, retryable = core.classify(status)
-    err = http_error(self, kind, retryable, status, rbody, url)
-  else
-    err = transport_error(self, rbody, ctype)
-    retry_after = nil
-  end
+  local err = status and http_error(self, o, r, url) or transport_error(self, o, r)
   err.attempts = attempt
-  return nil, err, retry_after
+  return nil, err, status and r.retry_after
 end
 
 -- The retries after attempt number `attempt` failed with err: pause, post again, while
@@ -239,12 +239,12 @@ local function retry(self, path, body, url, attempt, err, retry_after)
   return nil, err
 end
 
--- client:complete(path, body, ...) -> res | nil, err: what post returns, given what the
--- transport's post returned for the first attempt (made here by post, or elsewhere: a
+-- client:complete(path, body, response) -> res | nil, err: what post returns, given the
+-- transport's response to the first attempt (made here by post, or elsewhere: a
 -- background send, stella.client.send_many); makes the retries post makes.
-function Client:complete(path, body, status, rbody, ctype, retry_after)
+function Client:complete(path, body, response)
   local url = self.base_url .. path
-  local res, err, ra = answer(self, url, 1, status, rbody, ctype, retry_after)
+  local res, err, ra = answer(self, url, 1, response)
   if res then return res end
   return retry(self, path, body, url, 1, err, ra)
 end
@@ -260,7 +260,7 @@ end
 -- client's transport is the libcurl one (nil otherwise, or when no thread can start).
 -- First attempts only: the thread stops at the first failure or non-2xx answer, and
 -- before any but the first item once `budget` seconds have passed. sender:wait() -> the
--- number attempted; sender:result(k) -> the transport's answer to item k, for
+-- number attempted; sender:result(k) -> the transport's response to item k, for
 -- client:complete; sender:close() gives the clients back (their transports are lent to
 -- the thread until then; using one meanwhile waits for the thread).
 function M.send_many(list, budget)
@@ -278,7 +278,7 @@ end
 
 local function invalid(errs)
   return errors.new{ kind = "invalid", message = "invalid request: " .. errors.summarize(errs),
-                     errors = errs, attempts = 0 }
+                     retryable = false, errors = errs, attempts = 0 }
 end
 
 function Client:send(req)

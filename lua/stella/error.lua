@@ -1,6 +1,7 @@
 -- stella.error: the error values returned by the client (kind, status, message,
 -- retryable, attempts, ...). They print as their message and never hold an API key.
-local setmetatable, tostring, type = setmetatable, tostring, type
+local assert, getmetatable, setmetatable, tostring, type =
+      assert, getmetatable, setmetatable, tostring, type
 
 local M = {}
 
@@ -8,15 +9,11 @@ local Error = {}
 Error.__index = Error
 Error.__tostring = function(e) return e.message end
 
--- kind -> retryable by default (the HTTP classification lives in the C core)
-M.kinds = {
-  invalid = false, rejected = false, auth = false, not_found = false,
-  rate_limited = true, server = true, timeout = true, network = true, protocol = false,
-}
-
+-- fields: kind and retryable (both required: what a send's outcome means is defined once,
+-- in the C core's outcome table, stella.core.outcomes), message, and anything else.
 function M.new(fields)
-  assert(M.kinds[fields.kind] ~= nil, "unknown error kind")
-  if fields.retryable == nil then fields.retryable = M.kinds[fields.kind] end
+  assert(type(fields.kind) == "string" and type(fields.retryable) == "boolean",
+         "an error needs a kind and retryable")
   fields.code = fields.kind
   return setmetatable(fields, Error)
 end

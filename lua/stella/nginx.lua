@@ -183,6 +183,41 @@ function M.find_module(name, opts)
   return nil, name .. " not found in " .. table.concat(dirs, ", ") .. " (install libnginx-mod-http-lua)"
 end
 
+-- LuaJIT's own module directories (as its luaconf.h and Debian's packages lay them out),
+-- those that exist: where nginx's Lua finds resty.core, cjson and the like.
+local LUAJIT_SHARE = { "/usr/local/share/lua/5.1", "/usr/share/lua/5.1" }
+local LUAJIT_LIB = { "/usr/local/lib/lua/5.1", "/usr/lib/lua/5.1" }
+
+-- The values of lua_package_path and lua_package_cpath for an nginx whose Lua is LuaJIT:
+-- the given directories first (opts.lua_dirs: ?.lua and ?/init.lua; opts.lib_dirs: ?.so),
+-- then LuaJIT's own. Complete paths, without ";;": nginx's ";;" stands for LuaJIT's
+-- default, which is $LUA_PATH/$LUA_CPATH when the caller has them set, and a LUA_CPATH
+-- meant for Lua 5.4 (eval "$(luarocks path)") would load 5.4 modules into LuaJIT.
+function M.lua_paths(opts)
+  local share, lib = {}, {}
+  for _, d in ipairs(opts.lua_dirs or {}) do share[#share + 1] = d end
+  for _, d in ipairs(opts.lib_dirs or {}) do lib[#lib + 1] = d end
+  for _, d in ipairs(LUAJIT_SHARE) do share[#share + 1] = d end
+  lib[#lib + 1] = LUAJIT_LIB[1]
+  local _, multiarch = run("ls -d /usr/lib/*/lua/5.1 2>/dev/null")   -- Debian's multiarch directory
+  for d in multiarch:gmatch("[^\n]+") do lib[#lib + 1] = d end
+  lib[#lib + 1] = LUAJIT_LIB[2]
+  local path, cpath, seen = {}, {}, {}
+  for _, d in ipairs(share) do
+    if not seen[d] then
+      seen[d] = true
+      path[#path + 1] = d .. "/?.lua;" .. d .. "/?/init.lua"
+    end
+  end
+  for _, d in ipairs(lib) do
+    if not seen[d] then
+      seen[d] = true
+      cpath[#cpath + 1] = d .. "/?.so"
+    end
+  end
+  return table.concat(path, ";"), table.concat(cpath, ";")
+end
+
 -- Replaces each @NAME@ with tostring(vars.NAME); an unknown name raises "WHO: ...".
 function M.render(template, vars, who)
   return (template:gsub("@([%u_]+)@", function(name)

@@ -41,8 +41,8 @@ int main(int argc, char **argv) {
     int muts = 1 + rand_r(&seed) % 6, m, rc;
     stella_value v;
     stella_parse_error pe;
-    stella_errors errs;
-    stella_kind kind = (stella_kind)(rand_r(&seed) % 2);
+    stella_violations errs;
+    stella_endpoint endpoint = (stella_endpoint)(rand_r(&seed) % 2);
     memcpy(buf, s, len);
     for (m = 0; m < muts; m++) {
       size_t pos = len ? (size_t)rand_r(&seed) % len : 0;
@@ -67,11 +67,11 @@ int main(int argc, char **argv) {
       failed = 1;
     } else if (rc == 0) {
       parsed++;
-      if (stella_validate(&a, kind, &v, NULL, &errs) == 0) {
+      if (stella_validate(&a, endpoint, &v, NULL, &errs) == 0) {
         stella_value again;
         valid++;
         out.len = 0;
-        if (stella_encode_json(kind, &v, &out) != 0 ||
+        if (stella_encode_json(endpoint, &v, &out) != 0 ||
             stella_parse_json(&a, out.data, out.len, &again, &pe) != 0) {
           printf("not ok 1 - the encoding of a valid document does not parse (iteration %ld)\n", it);
           failed = 1;

@@ -145,7 +145,7 @@ static const char EXAMPLE_JSON[] =
     "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\"}";
 
 /* Prints every error of a list as TAP details. */
-static void diag_errors(const stella_errors *errs) {
+static void diag_errors(const stella_violations *errs) {
   size_t i;
   diag_long("error count", (long)errs->count);
   for (i = 0; i < errs->count; i++) {
@@ -160,7 +160,7 @@ typedef struct expected_error {
 } expected_error;
 
 /* Validation returned exactly `n` errors, these (path, code) pairs in this order. */
-static int check_errors(int rc, const stella_errors *errs, const expected_error *want, size_t n,
+static int check_errors(int rc, const stella_violations *errs, const expected_error *want, size_t n,
                         const char *desc) {
   size_t i;
   int same = rc == (int)n && errs->count == n && !errs->oom;
@@ -179,16 +179,16 @@ static int check_errors(int rc, const stella_errors *errs, const expected_error 
 }
 
 /* Validates `req` (expecting no errors) and encodes it; compares to `want`. */
-static void check_encodes(stella_arena *a, stella_kind kind, const stella_value *req,
+static void check_encodes(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
                           const char *want, const char *desc) {
-  stella_errors errs;
+  stella_violations errs;
   stella_buffer out;
-  int rc = stella_validate(a, kind, req, NULL, &errs), enc;
+  int rc = stella_validate(a, endpoint, req, NULL, &errs), enc;
   char what[200];
   snprintf(what, sizeof what, "%s: validates with 0 errors", desc);
   if (!check(rc == 0 && errs.count == 0, what)) diag_errors(&errs);
   stella_buffer_init(&out);
-  enc = stella_encode_json(kind, req, &out);
+  enc = stella_encode_json(endpoint, req, &out);
   snprintf(what, sizeof what, "%s: encodes to the expected JSON", desc);
   if (!check_bytes(enc == 0 ? out.data : NULL, out.len, want, what)) diag_long("encode returned", enc);
   stella_buffer_free(&out);
@@ -456,7 +456,7 @@ static void test_json_escaping(void) {
 
 /* ---------- validation errors ---------------------------------------------------------- */
 
-static const char *message_of(const stella_errors *errs, const char *path) {
+static const char *message_of(const stella_violations *errs, const char *path) {
   size_t i;
   for (i = 0; i < errs->count; i++)
     if (strcmp(errs->items[i].path, path) == 0) return errs->items[i].message;
@@ -465,7 +465,7 @@ static const char *message_of(const stella_errors *errs, const char *path) {
 
 static void test_validation_errors(void) {
   stella_arena a;
-  stella_errors errs;
+  stella_violations errs;
   stella_value req, v;
   stella_pair *p, *extra;
   const char *msg;
@@ -792,43 +792,67 @@ static void test_codes(void) {
         "code lookups: NULL is not a code");
 }
 
-/* ---------- outcome classification and retry policy ------------------------------- */
+/* ---------- outcomes and retry policy ---------------------------------------------- */
 
-static void check_kind(stella_http_failure failure, long status, const char *want_kind,
-                       int want_retry, const char *desc) {
-  int retry = -1;
-  const char *kind = stella_error_kind(failure, status, &retry);
-  int same = ((kind == NULL || want_kind == NULL) ? kind == want_kind
-                                                  : strcmp(kind, want_kind) == 0) &&
-             retry == want_retry;
+/* The outcome `o` has this name, kind and retryability. */
+static void check_outcome(stella_outcome o, const char *want_name, const char *want_kind,
+                          int want_retry, const char *desc) {
+  const stella_outcome_info *i = stella_outcome_info_of(o);
+  int same = i != NULL && strcmp(i->name, want_name) == 0 &&
+             ((i->kind == NULL || want_kind == NULL) ? i->kind == want_kind
+                                                     : strcmp(i->kind, want_kind) == 0) &&
+             i->retryable == want_retry;
   if (!check(same, desc)) {
-    diag("kind", kind);
-    diag_long("retryable", retry);
+    diag("name", i ? i->name : NULL);
+    diag("kind", i ? i->kind : NULL);
+    diag_long("retryable", i ? i->retryable : -1);
+    diag("expected name", want_name);
     diag("expected kind", want_kind);
     diag_long("expected retryable", want_retry);
   }
 }
 
-static void test_error_kind(void) {
-  check_kind(STELLA_HTTP_OK, 200, NULL, 0, "error_kind: 200 is not an error");
-  check_kind(STELLA_HTTP_OK, 201, NULL, 0, "error_kind: 201 is not an error");
-  check_kind(STELLA_HTTP_OK, 400, "rejected", 0, "error_kind: 400 rejected, final");
-  check_kind(STELLA_HTTP_OK, 401, "auth", 0, "error_kind: 401 auth, final");
-  check_kind(STELLA_HTTP_OK, 403, "auth", 0, "error_kind: 403 auth, final");
-  check_kind(STELLA_HTTP_OK, 404, "not_found", 0, "error_kind: 404 not_found, final");
-  check_kind(STELLA_HTTP_OK, 408, "timeout", 1, "error_kind: 408 timeout, retryable");
-  check_kind(STELLA_HTTP_OK, 422, "rejected", 0, "error_kind: 422 rejected, final");
-  check_kind(STELLA_HTTP_OK, 429, "rate_limited", 1, "error_kind: 429 rate_limited, retryable");
-  check_kind(STELLA_HTTP_OK, 500, "server", 1, "error_kind: 500 server, retryable");
-  check_kind(STELLA_HTTP_OK, 503, "server", 1, "error_kind: 503 server, retryable");
-  check_kind(STELLA_HTTP_OK, 302, "protocol", 0, "error_kind: 302 protocol, final");
-  check_kind(STELLA_HTTP_TIMEOUT, 0, "timeout", 1, "error_kind: transport timeout, retryable");
-  check_kind(STELLA_HTTP_NETWORK, 0, "network", 1, "error_kind: network failure, retryable");
-  check_kind(STELLA_HTTP_PROTOCOL, 0, "protocol", 0, "error_kind: protocol failure, final");
-  check_kind(STELLA_HTTP_TLS, 0, "network", 0, "error_kind: TLS failure is network, final");
-  check_kind(STELLA_HTTP_INTERNAL, 0, "network", 0, "error_kind: internal failure, final");
-  CHECK(stella_error_kind(STELLA_HTTP_OK, 500, NULL) != NULL,
-        "error_kind: the retryable pointer may be NULL");
+static void test_outcomes(void) {
+  int o, answered = 0;
+  check_outcome(stella_outcome_of_status(200), "ok", NULL, 0, "outcome: 200 is not an error");
+  check_outcome(stella_outcome_of_status(201), "ok", NULL, 0, "outcome: 201 is not an error");
+  check_outcome(stella_outcome_of_status(400), "rejected", "rejected", 0, "outcome: 400 rejected, final");
+  check_outcome(stella_outcome_of_status(401), "auth", "auth", 0, "outcome: 401 auth, final");
+  check_outcome(stella_outcome_of_status(403), "auth", "auth", 0, "outcome: 403 auth, final");
+  check_outcome(stella_outcome_of_status(404), "not_found", "not_found", 0, "outcome: 404 not_found, final");
+  check_outcome(stella_outcome_of_status(408), "request_timeout", "timeout", 1,
+                "outcome: 408 is a timeout, retryable");
+  check_outcome(stella_outcome_of_status(422), "rejected", "rejected", 0, "outcome: 422 rejected, final");
+  check_outcome(stella_outcome_of_status(429), "rate_limited", "rate_limited", 1,
+                "outcome: 429 rate_limited, retryable");
+  check_outcome(stella_outcome_of_status(500), "server", "server", 1, "outcome: 500 server, retryable");
+  check_outcome(stella_outcome_of_status(503), "server", "server", 1, "outcome: 503 server, retryable");
+  check_outcome(stella_outcome_of_status(302), "unexpected", "protocol", 0, "outcome: 302 is a protocol error, final");
+  check_outcome(stella_outcome_of_status(101), "unexpected", "protocol", 0, "outcome: 101 too");
+  check_outcome(stella_outcome_of_curl(0 /* CURLE_OK */, 503), "server", "server", 1,
+                "outcome: a finished transfer is classified by its status");
+  check_outcome(stella_outcome_of_curl(28 /* CURLE_OPERATION_TIMEDOUT */, 0), "timeout", "timeout", 1,
+                "outcome: a transfer that timed out, retryable");
+  check_outcome(stella_outcome_of_curl(7 /* CURLE_COULDNT_CONNECT */, 0), "network", "network", 1,
+                "outcome: a refused connection is network, retryable");
+  check_outcome(stella_outcome_of_curl(52 /* CURLE_GOT_NOTHING */, 0), "network", "network", 1,
+                "outcome: an empty reply is network, retryable");
+  check_outcome(stella_outcome_of_curl(8 /* CURLE_WEIRD_SERVER_REPLY */, 0), "protocol", "protocol", 0,
+                "outcome: an answer that is not HTTP is protocol, final");
+  check_outcome(stella_outcome_of_curl(60 /* CURLE_PEER_FAILED_VERIFICATION */, 0), "tls", "network", 0,
+                "outcome: a certificate that does not verify is network, final");
+  check_outcome(stella_outcome_of_curl(27 /* CURLE_OUT_OF_MEMORY */, 0), "internal", "network", 0,
+                "outcome: out of memory is network, final");
+  CHECK(stella_outcome_info_of(STELLA_OUTCOME_COUNT) == NULL &&
+        stella_outcome_info_of((stella_outcome)-1) == NULL, "outcome: no row out of range");
+  for (o = 0; o < STELLA_OUTCOME_COUNT; o++) {
+    const stella_outcome_info *i = stella_outcome_info_of((stella_outcome)o);
+    if (i->answered) answered++;
+    if (!CHECK(i->name != NULL && (o == STELLA_OUTCOME_OK) == (i->kind == NULL) &&
+               (o == STELLA_OUTCOME_OK) == (i->message == NULL), "outcome: every row is complete"))
+      diag("row", i->name);
+  }
+  check_long(answered, STELLA_OUTCOME_TIMEOUT, "outcome: the answered outcomes come first");
 }
 
 static void test_retry_delay(void) {
@@ -936,8 +960,46 @@ static void test_http_new(void) {
   try_new("https://example.com", KEY, KEY, 1, "http_new: accepts https://example.com");
   try_new("https://example.com/", KEY, KEY, 1, "http_new: accepts a trailing slash");
   try_new(NULL, KEY, KEY, 1, "http_new: a NULL base_url means the default https:// service");
+  try_new("https://user:pw@example.com", KEY, KEY, 0, "http_new: refuses user credentials in base_url");
+  try_new("https://@example.com", KEY, KEY, 0, "http_new: refuses an empty userinfo in base_url");
+  try_new("https://example.com/#top", KEY, KEY, 0, "http_new: refuses a fragment in base_url");
   stella_http_free(NULL);
   CHECK(1, "http_free: NULL is fine");
+}
+
+/* The option checks on counted strings, and the parts of a base URL. */
+static void test_option_checks(void) {
+  static const char nul_key[] = "abc\0def";
+  static const char nul_url[] = "http://127.0.0.1:9\0.example.com";
+  char err[256];
+  stella_base_url u;
+  err[0] = '\0';
+  CHECK(!stella_check_key(nul_key, sizeof nul_key - 1, err, sizeof err),
+        "check_key: a NUL inside the key is refused, not cut off");
+  check_str(err, "api_key must be a non-empty string without whitespace or control characters",
+            "check_key: with the usual words");
+  CHECK(stella_check_key(KEY, strlen(KEY), err, sizeof err), "check_key: a good key passes");
+  CHECK(!stella_check_base_url(nul_url, sizeof nul_url - 1, &u, err, sizeof err),
+        "check_base_url: a NUL inside the URL is refused");
+  CHECK(!stella_check_base_url("https://u@example.com", 21, &u, err, sizeof err),
+        "check_base_url: credentials are refused");
+  check_str(err, "base_url must not hold user credentials", "check_base_url: saying so");
+  CHECK(!stella_check_base_url("https://example.com#x", 21, &u, err, sizeof err),
+        "check_base_url: a fragment is refused");
+  check_str(err, "base_url must not have a fragment", "check_base_url: saying so");
+  if (CHECK(stella_check_base_url("https://Example.com:8443/v2//", 29, &u, err, sizeof err),
+            "check_base_url: https with a port and a path")) {
+    CHECK(u.tls && u.port == 8443 && u.port_given, "check_base_url: tls, the port, given");
+    check_bytes(u.host, u.host_len, "Example.com", "check_base_url: the host as written");
+    check_bytes(u.path, u.path_len, "/v2", "check_base_url: the path without trailing slashes");
+  }
+  if (CHECK(stella_check_base_url("http://[::1]", 12, &u, err, sizeof err), "check_base_url: http to [::1]")) {
+    CHECK(!u.tls && u.port == 80 && !u.port_given && u.path_len == 0,
+          "check_base_url: port 80 by default, no path");
+    check_bytes(u.host, u.host_len, "[::1]", "check_base_url: the IPv6 host keeps its brackets");
+  }
+  CHECK(!stella_check_user_agent("a\r\nb", 4, err, sizeof err), "check_user_agent: CR LF refused");
+  CHECK(stella_check_user_agent(NULL, 0, err, sizeof err), "check_user_agent: none is fine");
 }
 
 static double now_ms(void) {
@@ -972,7 +1034,7 @@ static void test_http_post(void) {
   stella_http_result res;
   stella_http *h;
   char err[256], url[64];
-  int fd, port = 0, retry = 0;
+  int fd, port = 0;
   double t0, elapsed;
 
   /* a closed loopback port: a network failure, without the key in the message */
@@ -983,20 +1045,20 @@ static void test_http_post(void) {
   o.connect_timeout_ms = 2000;
   h = stella_http_new(&o, err, sizeof err);
   if (CHECK(h != NULL, "http_post: client for http://127.0.0.1:1")) {
-    stella_http_failure f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
-    check_long((long)f, STELLA_HTTP_NETWORK, "http_post: a closed port is STELLA_HTTP_NETWORK");
-    check_long((long)res.failure, STELLA_HTTP_NETWORK, "http_post: res.failure matches the return");
+    stella_outcome f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
+    check_long((long)f, STELLA_OUTCOME_NETWORK, "http_post: a closed port is STELLA_OUTCOME_NETWORK");
+    check_long((long)res.outcome, STELLA_OUTCOME_NETWORK, "http_post: res.outcome matches the return");
+    check_long(res.status, 0, "http_post: no status without an answer");
     if (!CHECK(res.error != NULL && res.error[0] != '\0', "http_post: the failure has a message"))
       diag("error", res.error);
     check_no_secret(res.error, KEY, "http_post: the message does not contain the key");
     check_no_secret(res.error, "SECRET", "http_post: nor any part of it");
-    check_str(stella_error_kind(res.failure, res.status, &retry), "network",
-              "http_post: classified as network");
-    CHECK(retry == 1, "http_post: and retryable");
+    check_str(stella_outcome_info_of(res.outcome)->kind, "network", "http_post: classified as network");
+    CHECK(stella_outcome_info_of(res.outcome)->retryable == 1, "http_post: and retryable");
     check_long(res.retry_after_ms, -1, "http_post: no Retry-After without a response");
     /* the client stays usable after a failure */
     f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
-    check_long((long)f, STELLA_HTTP_NETWORK, "http_post: a second attempt fails the same way");
+    check_long((long)f, STELLA_OUTCOME_NETWORK, "http_post: a second attempt fails the same way");
   } else {
     diag("error", err);
   }
@@ -1013,19 +1075,18 @@ static void test_http_post(void) {
   o.connect_timeout_ms = 200;
   h = stella_http_new(&o, err, sizeof err);
   if (CHECK(h != NULL, "http_post: client for the silent listener")) {
-    stella_http_failure f;
+    stella_outcome f;
     t0 = now_ms();
     f = stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res);
     elapsed = now_ms() - t0;
-    if (!check_long((long)f, STELLA_HTTP_TIMEOUT,
-                    "http_post: no answer within timeout_ms is STELLA_HTTP_TIMEOUT"))
+    if (!check_long((long)f, STELLA_OUTCOME_TIMEOUT,
+                    "http_post: no answer within timeout_ms is STELLA_OUTCOME_TIMEOUT"))
       diag("error", res.error);
     if (!CHECK(elapsed >= 150 && elapsed < 3000, "http_post: the timeout fires after ~200 ms"))
       diag_long("elapsed ms", (long)elapsed);
     check_no_secret(res.error, KEY, "http_post: the timeout message does not contain the key");
-    check_str(stella_error_kind(res.failure, res.status, &retry), "timeout",
-              "http_post: classified as timeout");
-    CHECK(retry == 1, "http_post: and retryable");
+    check_str(stella_outcome_info_of(res.outcome)->kind, "timeout", "http_post: classified as timeout");
+    CHECK(stella_outcome_info_of(res.outcome)->retryable == 1, "http_post: and retryable");
     CHECK(stella_http_connects(h) >= 1, "http_post: a connection was opened to the listener");
   } else {
     diag("error", err);
@@ -1061,20 +1122,20 @@ static void test_http_start_step(void) {
   if (!CHECK(h != NULL, "http_start: a client")) return;
   CHECK(stella_http_running(h) == 0, "http_start: nothing runs at first");
   check_long(stella_http_step(h, 0, &res), 1, "http_step: with nothing started it ends at once");
-  check_long((long)res.failure, STELLA_HTTP_INTERNAL, "http_step: ... as an internal failure");
-  check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_OK,
+  check_long((long)res.outcome, STELLA_OUTCOME_INTERNAL, "http_step: ... as an internal failure");
+  check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_OUTCOME_OK,
              "http_start: starts a post to a closed port");
   CHECK(stella_http_running(h) == 1, "http_start: it runs");
   check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res),
-             STELLA_HTTP_INTERNAL, "http_start: a second start while one runs is refused");
+             STELLA_OUTCOME_INTERNAL, "http_start: a second start while one runs is refused");
   check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res),
-             STELLA_HTTP_INTERNAL, "http_post: refused too while a started post runs");
+             STELLA_OUTCOME_INTERNAL, "http_post: refused too while a started post runs");
   do { ended = stella_http_step(h, 50, &res); } while (!ended && ++spins < 200);
   CHECK(ended, "http_step: the post ends");
-  check_long((long)res.failure, STELLA_HTTP_NETWORK, "http_step: a closed port is STELLA_HTTP_NETWORK");
+  check_long((long)res.outcome, STELLA_OUTCOME_NETWORK, "http_step: a closed port is STELLA_OUTCOME_NETWORK");
   check_no_secret(res.error, KEY, "http_step: the message does not contain the key");
   CHECK(stella_http_running(h) == 0, "http_step: nothing runs after the end");
-  check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_NETWORK,
+  check_long((long)stella_http_post(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_OUTCOME_NETWORK,
              "http_post: the client posts again after a started post ended");
   stella_http_free(h);
 
@@ -1085,7 +1146,7 @@ static void test_http_start_step(void) {
   h = loopback_client(url, 5000);
   if (CHECK(h != NULL, "http_start: a client for the silent listener")) {
     double t0 = now_ms();
-    check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_HTTP_OK,
+    check_long((long)stella_http_start(h, "/v1/requests", body, sizeof body - 1, &res), STELLA_OUTCOME_OK,
                "http_start: starts a post nobody answers");
     check_long(stella_http_step(h, 0, &res), 0, "http_step(0): still running, returns at once");
     check_long(stella_http_step(h, 20, &res), 0, "http_step(20): still running after waiting a little");
@@ -1130,7 +1191,7 @@ static void test_sender(void) {
     CHECK(stella_sender_done(s) == 1, "sender: done after wait");
     r = stella_sender_result(s, 0);
     if (CHECK(r != NULL && r->attempted, "sender: item 1 was attempted")) {
-      check_long((long)r->failure, STELLA_HTTP_NETWORK, "sender: item 1 failed as network");
+      check_long((long)r->outcome, STELLA_OUTCOME_NETWORK, "sender: item 1 failed as network");
       CHECK(r->error != NULL && r->error[0] != '\0', "sender: with a message");
       check_no_secret(r->error, KEY, "sender: the message does not contain the key");
     }
@@ -1160,8 +1221,8 @@ static void test_sender(void) {
           if (!CHECK(seen == attempted, "sender: one result for each attempted item"))
             diag_long("results", (long)seen);
         }
-        if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->failure ==
-                  STELLA_HTTP_NETWORK, "sender: the second lane's item failed as network or was not tried"))
+        if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->outcome ==
+                  STELLA_OUTCOME_NETWORK, "sender: the second lane's item failed as network or was not tried"))
           CHECK(1, "sender: results of two lanes are readable");
         CHECK(stella_sender_done(s) == 1, "sender: done after wait, with two lanes");
       }
@@ -1545,13 +1606,13 @@ static void test_parse_locale(void) {
   }
 }
 
-/* Parses `json` and validates it as `kind`; compares the (path, code) list. */
-static void json_errors(stella_kind kind, const char *json, const expected_error *want, size_t n,
+/* Parses `json` and validates it for `endpoint`; compares the (path, code) list. */
+static void json_errors(stella_endpoint endpoint, const char *json, const expected_error *want, size_t n,
                         const char *desc) {
   stella_arena a;
   stella_value v;
   stella_parse_error perr;
-  stella_errors errs;
+  stella_violations errs;
   int rc;
   stella_arena_init(&a);
   rc = stella_parse_json(&a, json, strlen(json), &v, &perr);
@@ -1559,7 +1620,7 @@ static void json_errors(stella_kind kind, const char *json, const expected_error
     check(0, desc);
     diag("parse error", perr.message);
   } else {
-    rc = stella_validate(&a, kind, &v, NULL, &errs);
+    rc = stella_validate(&a, endpoint, &v, NULL, &errs);
     check_errors(rc, &errs, want, n, desc);
   }
   stella_arena_free(&a);
@@ -1573,7 +1634,7 @@ static void test_parse_then_validate(void) {
   stella_arena a;
   stella_value v, t;
   stella_parse_error perr;
-  stella_errors errs;
+  stella_violations errs;
   stella_pair *extra;
   int rc;
   stella_arena_init(&a);
@@ -1684,7 +1745,7 @@ static void test_hostile_inputs(void) {
   stella_arena a;
   stella_value req, tags;
   stella_pair *extra, *p;
-  stella_errors errs;
+  stella_violations errs;
   int rc;
   stella_arena_init(&a);
   CHECK(stella_arena_alloc(&a, (size_t)-1) == NULL, "arena: SIZE_MAX is refused, not wrapped");
@@ -1748,7 +1809,8 @@ int main(void) {
   test_utf8();
   test_email();
   test_codes();
-  test_error_kind();
+  test_outcomes();
+  test_option_checks();
   test_retry_delay();
   test_parse_retry_after();
   test_http_new();

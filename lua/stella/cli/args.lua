@@ -5,10 +5,13 @@
 -- them and "-" is a positional argument (standard input). A command declares what it
 -- takes as { name = "flag" | "value" }. (lua-argparse does this too, but its messages
 -- differ from the ones the command has always printed: see README, Layout.)
-local tonumber, tostring = tonumber, tostring
+local pairs, tonumber, tostring = pairs, tonumber, tostring
 local floor = math.floor
 
 local M = {}
+
+-- the short options: -q and -v, for the commands that take --quiet and --verbose
+local SHORT = { ["-q"] = "quiet", ["-v"] = "verbose" }
 
 -- argv[first..]: returns opts, positional | nil, message.
 function M.parse(argv, first, spec)
@@ -36,6 +39,8 @@ function M.parse(argv, first, spec)
         if value == "" then return nil, "--" .. name .. " needs a value" end
         opts[name] = value
       end
+    elseif (a == "-q" or a == "-v") and spec[SHORT[a]] == "flag" then
+      opts[SHORT[a]] = true
     elseif a:sub(1, 1) == "-" and a ~= "-" then
       return nil, "unknown option " .. a
     else
@@ -54,6 +59,30 @@ function M.wants_help(argv, first)
     if a == "--help" or a == "-h" then return true end
   end
   return false
+end
+
+-- The output options of trigger, status, retry and validate: --json (one JSON object, the
+-- summary, on standard output), --json-lines (JSON Lines: one object per event),
+-- --quiet/-q (no per-event lines on standard error, no progress bar), --verbose/-v (a line
+-- on standard error for every event, not only the failed ones). Returns the mode
+-- ("json", "json-lines" or nil) | nil, message.
+M.OUTPUT_OPTIONS = { json = "flag", ["json-lines"] = "flag", quiet = "flag", verbose = "flag" }
+M.OUTPUT_HELP = [[
+  --json         print the summary as one JSON object (fields: see README, "Machine-readable output")
+  --json-lines   print one JSON object per event (JSON Lines) instead of the summary
+  -q, --quiet    no line per failed event on standard error (the summary still prints)
+  -v, --verbose  a line on standard error for every event, not only the failed ones
+]]
+function M.output_mode(opts, lines_too)
+  if opts.json and opts["json-lines"] then return nil, "give --json or --json-lines, not both" end
+  if opts.quiet and opts.verbose then return nil, "give --quiet or --verbose, not both" end
+  if opts["json-lines"] and not lines_too then return nil, "--json-lines is not for this command (--json is)" end
+  return opts.json and "json" or opts["json-lines"] and "json-lines" or nil
+end
+
+function M.with_output(options)
+  for k, v in pairs(M.OUTPUT_OPTIONS) do options[k] = v end
+  return options
 end
 
 -- "a,b c" -> { "a", "b", "c" } (--channels)

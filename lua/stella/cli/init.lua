@@ -26,6 +26,7 @@ commands:
   trigger      send feedback requests for the events of export files, through rules
   send         send one request given as JSON
   validate     check export files offline; one line per problem
+  test         check a rules file against cases: events and the outcome each should get
   status       counts, error rate per hour, outbox and latest errors from the local store
   retry        send what the outbox holds
   unsubscribe  stop requests to e-mail addresses
@@ -35,7 +36,7 @@ commands:
 Run `stella COMMAND --help` for a command's options.]]
 
 local commands = {}
-for _, name in ipairs{ "trigger", "send", "validate", "status", "retry", "unsubscribe", "sandbox", "help" } do
+for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "unsubscribe", "sandbox", "help" } do
   commands[name] = require("stella.cli." .. name)
 end
 
@@ -76,11 +77,12 @@ function M.main(argv, env)
   local words = {}
   for i = 1, #argv do words[i] = tostring(argv[i]) end
   local ctx = context.new(env, commands, USAGE)
-  local ok, status = xpcall(run, function(e)
+  -- a closure: Lua 5.1's xpcall passes no arguments to the function it calls
+  local ok, status = xpcall(function() return run(ctx, words) end, function(e)
     local getenv = ctx.getenv
     if getenv("STELLA_DEBUG") then return debug.traceback(tostring(e), 2) end
     return tostring(e)
-  end, ctx, words)
+  end)
   if not ok then
     ctx:warn("stella: internal error: %s", tostring(status))
     status = 1

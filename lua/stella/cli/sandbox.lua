@@ -28,7 +28,7 @@ Point the client or the other commands at it with the config's keys (never print
   STELLA_BASE_URL=http://127.0.0.1:8787 STELLA_TEST_KEY=<keys.test> stella trigger ...
 Stop it with Ctrl-C, or from elsewhere with kill -TERM $(cat DIR/sandbox.pid).
 Needs nginx, libnginx-mod-http-lua, luasocket and the C core built for LuaJIT
-(make LUA=luajit).
+(in a checkout: make LUA=luajit; LuaRocks builds it with the rock).
 ]]
 
 -- its options: "flag" or "value"

@@ -1,6 +1,6 @@
 -- stella.cli.status: `stella status`, a status page from the local store: outcomes by
 -- reason, the error rate per hour, the outbox, the latest invalid and failed events.
-local ipairs, pcall, tostring, type = ipairs, pcall, tostring, type
+local ipairs, pcall, setmetatable, tostring, type = ipairs, pcall, setmetatable, tostring, type
 local sort = table.sort
 local floor = math.floor
 local args = require "stella.cli.args"
@@ -10,7 +10,7 @@ local tables = require "stella.cli.table"
 local M = {}
 
 M.help = [[
-usage: stella status [--db FILE] [--since DURATION]
+usage: stella status [--db FILE] [--since DURATION] [--json]
 
 A local status page from the store: outcomes by reason, the error rate per hour (the
 service alerts above 5% in an hour), what the outbox holds, and the latest invalid and
@@ -18,18 +18,57 @@ failed events with their messages.
 
   --db FILE         the store (default stella.db)
   --since DURATION  how far back: 90m, 24h, 7d, 2w (default 24h)
+  --json            the same as one JSON object (fields: see README, "Machine-readable output")
 ]]
 
 -- its options: "flag" or "value"
-M.options = { db = "value", since = "value" }
+M.options = args.with_output{ db = "value", since = "value" }
 
 local function fmt_time(t)
   if type(t) ~= "number" then return tostring(t) end
   return os.date("%Y-%m-%d %H:%M:%S", floor(t))
 end
 
+-- --json: the same data as one object
+function M.json(ctx, store, db, since, window)
+  local cjson = require "cjson.safe"
+  local output = require "stella.cli.output"
+  local function array(t) return setmetatable(t, cjson.array_mt) end
+  local counts, total = array{}, 0
+  for _, c in ipairs(store:counts{ since = since } or {}) do
+    counts[#counts + 1] = { status = tostring(c.status), reason = c.reason or cjson.null, count = c.count }
+    total = total + c.count
+  end
+  local rate, alert = array{}, false
+  for _, r in ipairs(store:rate{ since = since, bucket = 3600 } or {}) do
+    local t, e = r.total or 0, r.errors or 0
+    local share = t > 0 and e / t or 0
+    if share > 0.05 then alert = true end
+    rate[#rate + 1] = { start = r.start, total = t, errors = e, rate = share }
+  end
+  local oc = store:outbox_counts() or {}
+  local latest = {}
+  for _, st in ipairs{ "invalid", "failed" } do
+    for _, e in ipairs(store:ledger{ since = since, status = st, limit = 10 } or {}) do latest[#latest + 1] = e end
+  end
+  sort(latest, function(a, b) return (a.time or 0) > (b.time or 0) end)
+  local events = array{}
+  for i = 1, math.min(10, #latest) do
+    local e = latest[i]
+    local id = e.event_id or e.interaction_id
+    events[i] = { time = e.time or cjson.null, status = tostring(e.status), event_id = id ~= nil and tostring(id) or cjson.null,
+                  reason = e.reason or cjson.null, error_kind = e.error_kind or cjson.null,
+                  message = tostring(e.error_message or e.detail or e.reason or "") }
+  end
+  ctx:say("%s", output.encode{ command = "status", db = db, since = since, window = window, now = since + window,
+    counts = counts, total = total, rate = rate, alert = alert,
+    outbox = { queued = oc.queued or 0, dead = oc.dead or 0 }, latest = events })
+end
+
 function M.run(ctx, opts, positional)
   if #positional > 0 then return ctx:usage_error("status", "unexpected argument %s", positional[1]) end
+  local mode, merr = args.output_mode(opts, false)
+  if merr then return ctx:usage_error("status", "%s", merr) end
   local window = args.parse_duration(opts.since or "24h")
   if not window then
     return ctx:usage_error("status", "--since takes a duration like 90m, 24h or 7d, not %s", opts.since)
@@ -41,6 +80,7 @@ function M.run(ctx, opts, positional)
   local since = now - window
 
   local ok, err = pcall(function()
+    if mode == "json" then return M.json(ctx, store, db, since, window) end
     ctx:say("stella status: %s, since %s (%s)", db, fmt_time(since), opts.since or "24h")
     ctx:say("")
 

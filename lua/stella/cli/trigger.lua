@@ -4,6 +4,7 @@
 local pcall, tostring, type = pcall, tostring, type
 local args = require "stella.cli.args"
 local cli_events = require "stella.cli.events"
+local output = require "stella.cli.output"
 local progress = require "stella.cli.progress"
 local setup = require "stella.cli.setup"
 local tables = require "stella.cli.table"
@@ -11,7 +12,8 @@ local tables = require "stella.cli.table"
 local M = {}
 
 M.help = [[
-usage: stella trigger --rules FILE [--db FILE] [--dry-run] [--format FMT] [--connections N] [INPUT...]
+usage: stella trigger --rules FILE [--db FILE] [--dry-run] [--format FMT] [--connections N]
+                      [--json | --json-lines] [-q | -v] [INPUT...]
 
 Runs every event of each INPUT (a JSON Lines or CSV export file; "-" or nothing is
 standard input) through the rules and sends the requests they decide on.
@@ -23,6 +25,7 @@ standard input) through the rules and sends the requests they decide on.
   --format FMT   jsonl or csv, when the file name and content do not tell
   --connections N  send up to N requests at once, each on its own connection (1 to 64;
                  default 1): for a distant API, where each request mostly waits
+]] .. args.OUTPUT_HELP .. [[
 
 A malformed line is reported on standard error as FILE:LINE: message and skipped. At the
 end a summary by outcome and reason goes to standard output. Exit status: 0 when nothing
@@ -30,7 +33,8 @@ failed, 1 when an event was failed, invalid or malformed, 2 on bad usage.
 ]] .. setup.KEYS_HELP
 
 -- its options: "flag" or "value"
-M.options = { rules = "value", db = "value", ["dry-run"] = "flag", format = "value", connections = "value" }
+M.options = args.with_output{ rules = "value", db = "value", ["dry-run"] = "flag", format = "value",
+                               connections = "value" }
 
 -- Events per batch of the trigger's pipeline: a batch costs two store transactions
 -- whatever its size, and a bigger one spreads them over more events (200 ran ~15% faster
@@ -40,6 +44,8 @@ M.BATCH_SIZE = BATCH_SIZE
 
 function M.run(ctx, opts, inputs)
   if not opts.rules then return ctx:usage_error("trigger", "--rules FILE is required") end
+  local mode, merr = args.output_mode(opts, true)
+  if merr then return ctx:usage_error("trigger", "%s", merr) end
   if #inputs == 0 then inputs = { "-" } end
   local dry_run = opts["dry-run"] == true
   local db = opts.db or setup.DEFAULT_DB
@@ -59,7 +65,7 @@ function M.run(ctx, opts, inputs)
 
   local tally, order = {}, {}
   local bad = 0
-  local bar = progress.new(ctx)
+  local bar = not opts.quiet and progress.new(ctx) or nil
 
   local function tally_outcome(name, line_no, outcome)
     local status, reason = tostring(outcome.status), outcome.reason
@@ -71,8 +77,10 @@ function M.run(ctx, opts, inputs)
       order[#order + 1] = t
     end
     t.count = t.count + 1
-    if status == "failed" or status == "invalid" then
-      bad = bad + 1
+    local failed = status == "failed" or status == "invalid"
+    if failed then bad = bad + 1 end
+    if mode == "json-lines" then ctx:say("%s", output.outcome_line(name, line_no, outcome)) end
+    if (failed and not opts.quiet) or opts.verbose then
       local id = outcome.event_id
       ctx:warn("%s:%d: %s%s: %s", name, line_no, status,
         id ~= nil and (" (event " .. tostring(id) .. ")") or "", cli_events.outcome_message(outcome))
@@ -107,20 +115,28 @@ function M.run(ctx, opts, inputs)
     batch[#batch + 1] = event
     where[#where + 1] = { reader.name, line_no }
     if #batch >= BATCH_SIZE then run_batch() end
-  end, function(message) ctx:warn("%s", message) end, bar)
+  end, function(message) if not opts.quiet then ctx:warn("%s", message) end end, bar)
   run_batch()
   local fok, ferr = pcall(pipeline.finish, pipeline)
   if not fok then ctx:warn("error: %s", tostring(ferr)) bad = bad + 1 end
 
   setup.stop(run)
 
+  local status = (bad > 0 or malformed > 0 or unreadable > 0) and 1 or 0
+  if mode == "json" then
+    ctx:say("%s", output.encode{ command = "trigger", dry_run = dry_run, counts = output.counts(order),
+      total = output.total(order), malformed = malformed, unreadable = unreadable, exit_status = status })
+    return status
+  elseif mode == "json-lines" then
+    return status
+  end
   if dry_run then ctx:say("dry run: nothing was sent and nothing was written") end
   local rows, total = tables.outcome_rows(order)
   rows[#rows + 1] = { "total", "", tostring(total) }
   tables.print(ctx, { "outcome", "reason", "count" }, rows, { [3] = true })
   ctx:say("malformed lines: %d", malformed)
   if unreadable > 0 then ctx:say("unreadable inputs: %d", unreadable) end
-  return (bad > 0 or malformed > 0 or unreadable > 0) and 1 or 0
+  return status
 end
 
 return M

@@ -60,9 +60,17 @@ function M.paths(opts)
   local sandbox_dir = opts.sandbox_dir or os.getenv("STELLA_SANDBOX_DIR") or (lua_dir .. "/stella/sandbox/files")
   local core_dir = opts.core_dir or os.getenv("STELLA_SANDBOX_CORE")
   if not core_dir then
-    local prefix = lua_dir:match("^(.*)/share/lua/[^/]+$")   -- make install's PREFIX
-    for _, dir in ipairs{ root .. "/build/luajit", prefix and (prefix .. "/lib/lua/5.1") or root .. "/build/luajit",
-                          CORE_CANDIDATES[1], CORE_CANDIDATES[2], CORE_CANDIDATES[3] } do
+    -- a checkout's build; a LuaRocks tree for Lua 5.4 (its rock builds the LuaJIT core
+    -- into the lib dir beside stella/core.so); make install's PREFIX or a LuaJIT tree
+    -- (lib/lua/5.1 holds the LuaJIT core itself); the usual system directories
+    local prefix, abi = lua_dir:match("^(.*)/share/lua/([^/]+)$")
+    local candidates = { root .. "/build/luajit" }
+    if prefix then
+      candidates[#candidates + 1] = prefix .. "/lib/lua/" .. abi .. "/stella/sandbox/luajit"
+      candidates[#candidates + 1] = prefix .. "/lib/lua/5.1"
+    end
+    for _, dir in ipairs(CORE_CANDIDATES) do candidates[#candidates + 1] = dir end
+    for _, dir in ipairs(candidates) do
       if exists(dir .. "/stella/core.so") then core_dir = dir break end
     end
   end
@@ -144,10 +152,15 @@ local ACCESS_LOG = [[log_format stella_sandbox '$time_iso8601 $request_method $r
 
 function M.start(opts)
   opts = opts or {}
+  if not pcall(require, "socket") then   -- an optional dependency: only the sandbox needs it
+    return nil, "the sandbox needs luasocket: install the Debian package lua-socket or the rock luasocket"
+  end
   local paths = M.paths(opts)
   if not paths.core_dir then
     return nil, "the C core for LuaJIT is missing (nginx loads stella/core.so built against LuaJIT): "
-      .. "run `make LUA=luajit`, or set STELLA_SANDBOX_CORE to the directory holding stella/core.so"
+      .. "in a checkout run `make LUA=luajit`; with LuaRocks install LuaJIT's headers (Debian "
+      .. "libluajit2-5.1-dev) and install the rock again; or set STELLA_SANDBOX_CORE to the "
+      .. "directory holding stella/core.so"
   end
   local template = read_file(paths.sandbox_dir .. "/nginx.conf")
   if not template then
@@ -203,14 +216,15 @@ function M.start(opts)
   end
   self.config, self.config_file = conf, config_file
 
+  local lua_path, lua_cpath = nginx.lua_paths{ lua_dirs = { paths.lua_dir }, lib_dirs = { paths.core_dir } }
   local vars = {
     PID_FILE = self.pid_file,
     NDK_MODULE = ndk,
     LUA_MODULE = lua_mod,
     USER_DIRECTIVE = nginx.is_root() and "user root;" or "",
     ACCESS_LOG = self.access_log and ACCESS_LOG or "access_log off;",
-    LUA_DIR = paths.lua_dir,
-    CORE_DIR = paths.core_dir,
+    LUA_PATH = lua_path,
+    LUA_CPATH = lua_cpath,
     CONFIG_FILE = lua_string(config_file),
     SANDBOX_DIR = lua_string(paths.sandbox_dir),
     EXTRA_LOCATIONS = opts.extra_locations or "",

@@ -141,7 +141,14 @@ function M.memory(...)
   return require("stella.store.memory").new(...)
 end
 
+-- LuaDBI's SQLite3 driver is an optional dependency: without it, an error naming the
+-- package rather than "module 'DBI' not found"
 function M.sqlite(...)
+  local ok, dbi = pcall(require, "DBI")
+  if not ok or not pcall(require, "dbd.sqlite3") then
+    error("the SQLite store needs LuaDBI's SQLite3 driver: install the Debian package "
+      .. "lua-dbi-sqlite3 or the rock luadbi-sqlite3" .. (ok and "" or (" (" .. tostring(dbi):match("^[^\n]*") .. ")")), 2)
+  end
   return require("stella.store.sqlite").new(...)
 end
 

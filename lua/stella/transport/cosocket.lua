@@ -6,8 +6,8 @@
 --           "HOST:PORT", with ":tls" added for https), pool_size (default: nginx's
 --           lua_socket_pool_size), keepalive_timeout (seconds a pooled connection may
 --           stay idle, default 60)
---   transport:post(path, body) -> status, body, content_type, retry_after_ms
---                               | nil, failure ("timeout"|"network"|"protocol"|"tls"), message
+--   transport:post(path, body) -> { status, body, content_type, retry_after (ms) }
+--                               | { failure = "timeout"|"network"|"protocol"|"tls", message }
 --   transport:connects() -> connections this transport has opened (not taken from the pool)
 --   transport:close()
 --
@@ -34,10 +34,9 @@
 local core = require "stella.core"
 
 local ngx = rawget(_G, "ngx")   -- nil outside nginx: new() then refuses
-local error, ipairs, setmetatable, tonumber, tostring, type, concat, min, floor =
-      error, ipairs, setmetatable, tonumber, tostring, type, table.concat, math.min, math.floor
-local byte, find, lower, match, sub = string.byte, string.find, string.lower, string.match,
-                                      string.sub
+local error, setmetatable, tonumber, tostring, type, concat, min, floor =
+      error, setmetatable, tonumber, tostring, type, table.concat, math.min, math.floor
+local find, lower, match, sub = string.find, string.lower, string.match, string.sub
 
 local M = {}
 
@@ -49,80 +48,14 @@ M.Transport = Transport
 -- log of the transport never shows the key) and dropped with it.
 local secrets = setmetatable({}, { __mode = "k" })
 
-local DEFAULT_BASE_URL = "https://api.stellaconnect.net"
-local MAX_KEY = 400
 local MAX_HEADERS = 100                  -- header lines in one answer
 local MAX_BODY = 8 * 1024 * 1024         -- an answer body larger than this is refused
 local MAX_STALE_RETRIES = 8              -- dead pooled connections skipped in one post
 
 ---------------------------------------------------------------------------------------
--- Option checks (the same refusals, and the same words, as the C client)
+-- Option checks: the C client's own (core.check_http_options), so both transports refuse
+-- the same things with the same words
 ---------------------------------------------------------------------------------------
-
-local function key_ok(key)
-  if type(key) ~= "string" or key == "" then return false end
-  for i = 1, #key do
-    local b = byte(key, i)
-    if b <= 0x20 or b >= 0x7F then return false end   -- whitespace, controls, non-ASCII
-  end
-  return true
-end
-
-local function is_loopback(host)
-  if host == "localhost" or host == "[::1]" then return true end
-  if sub(host, 1, 4) ~= "127." then return false end
-  if find(host, "[^%d.]") then return false end
-  local _, dots = host:gsub("%.", "")
-  return dots == 3
-end
-
-local BAD_URL = "base_url is not a valid URL (expected https://HOST)"
-
--- -> { tls, host, port, path, authority } | nil, message
-local function parse_base_url(url)
-  if find(url, "[%z\1-\32\127]") then return nil, BAD_URL end
-  local scheme, rest = match(url, "^(%a[%w+.-]*)://(.*)$")
-  if not scheme then return nil, BAD_URL end
-  scheme = lower(scheme)
-  local authority, path = match(rest, "^([^/?#]*)(.*)$")
-  if find(path, "?", 1, true) then return nil, "base_url must not have a query string" end
-  if find(path, "#", 1, true) then return nil, "base_url must not have a fragment" end
-  if find(authority, "@", 1, true) then return nil, "base_url must not hold user credentials" end
-  local host, port_part
-  if sub(authority, 1, 1) == "[" then
-    host, port_part = match(authority, "^(%[[%x:.]+%])(.*)$")
-  else
-    host, port_part = match(authority, "^([%w._-]+)(.*)$")
-  end
-  if not host then return nil, BAD_URL end
-  host = lower(host)
-  local port
-  if port_part ~= "" then
-    port = tonumber(match(port_part, "^:(%d%d?%d?%d?%d?)$"))
-    if not port or port < 1 or port > 65535 then return nil, BAD_URL end
-  end
-  if scheme == "http" then
-    if not is_loopback(host) then
-      return nil, "base_url uses plain http:// to a non-loopback host; use https:// "
-        .. "(the API key must not cross a network in clear)"
-    end
-  elseif scheme ~= "https" then
-    return nil, "base_url must use https:// (or http:// to a loopback host)"
-  end
-  local tls = scheme == "https"
-  local default_port = tls and 443 or 80
-  local explicit = port ~= nil and port ~= default_port
-  port = port or default_port
-  path = path:gsub("/+$", "")
-  return {
-    tls = tls,
-    host = host,                                    -- as written ("[::1]" keeps its brackets)
-    port = port,
-    path = path,                                    -- prefix of every request path
-    host_header = explicit and (host .. ":" .. port) or host,
-    authority = host .. ":" .. port,
-  }
-end
 
 local function seconds(opts, name, default)
   local v = opts[name]
@@ -143,50 +76,41 @@ end
 
 function M.new(opts)
   if type(opts) ~= "table" then error("stella.transport.cosocket: options table expected", 2) end
-  for _, k in ipairs{ "base_url", "api_key", "user_agent", "ca_file", "pool" } do
-    if opts[k] ~= nil and type(opts[k]) ~= "string" then
-      error("option " .. k .. " must be a string", 2)
-    end
-  end
   if type(ngx) ~= "table" or type(ngx.socket) ~= "table" then
     return nil, "the cosocket transport runs only inside nginx with its Lua module (OpenResty)"
   end
-  local key = opts.api_key
-  if not key_ok(key) then
-    return nil, "api_key must be a non-empty string without whitespace or control characters"
-  end
-  if #key > MAX_KEY then return nil, "api_key is too long" end
-  local u, uerr = parse_base_url(opts.base_url or DEFAULT_BASE_URL)
+  -- base_url, api_key, user_agent, ca_file: raises or refuses exactly as the C client does
+  local u, uerr = core.check_http_options(opts)
   if not u then return nil, uerr end
+  if opts.pool ~= nil and type(opts.pool) ~= "string" then error("option pool must be a string", 2) end
+  local key = opts.api_key
   local agent = opts.user_agent or ("lua-stella/" .. core.version)
-  if find(agent, "[%z\1-\31\127]") then
-    return nil, "user_agent must not contain control characters"
-  end
   local pool_size = opts.pool_size
   if pool_size ~= nil and (type(pool_size) ~= "number" or pool_size < 1 or pool_size ~= floor(pool_size)) then
     error("option pool_size must be a whole number >= 1", 2)
   end
 
+  local authority = u.host .. ":" .. u.port
   local self = setmetatable({
-    base_url = (opts.base_url or DEFAULT_BASE_URL):gsub("/+$", ""),
+    base_url = u.base_url,
     tls = u.tls,
     host = u.host,
     port = u.port,
     -- "localhost" needs no resolver; IPv6 literals keep their brackets for ngx_parse_url
     connect_host = u.host == "localhost" and "127.0.0.1" or u.host,
     sni = u.host:gsub("^%[(.*)%]$", "%1"),
-    authority = u.authority,
+    authority = authority,
     path_prefix = u.path,
     timeout = seconds(opts, "timeout", 30),
     connect_timeout = seconds(opts, "connect_timeout", 10),
     keepalive_ms = ms(seconds(opts, "keepalive_timeout", 60)),
     pool_size = pool_size,
-    pool_options = { pool = opts.pool or (u.authority .. (u.tls and ":tls" or "")) },
+    pool_options = { pool = opts.pool or (authority .. (u.tls and ":tls" or "")) },
     nconnects = 0,
     closed = false,
   }, Transport)
   -- everything after the request line, up to the Content-Length value
-  secrets[self] = "\r\nHost: " .. u.host_header
+  secrets[self] = "\r\nHost: " .. (u.port_given and authority or u.host)
     .. "\r\nAccept: application/json\r\nContent-Type: application/json\r\nx-api-key: " .. key
     .. "\r\nUser-Agent: " .. agent .. "\r\nContent-Length: "
   return self
@@ -429,10 +353,10 @@ function Transport:post(path, body)
   local status, a, b, c
   for _ = 0, MAX_STALE_RETRIES do
     status, a, b, c = exchange(self, path, body, deadline)
-    if status then return status, a, b, c end
+    if status then return { status = status, body = a, content_type = b, retry_after = c } end
     if not c then break end   -- c: it was a dead pooled connection; take another
   end
-  return nil, a, b
+  return { failure = a, message = b }
 end
 
 function Transport:connects()

@@ -246,30 +246,55 @@ C.cases = {
   },
 }
 
--- What stella.new refuses, and how (no key in any message).
+-- Options for stella.new, good and bad: each transport must accept the same ones and
+-- refuse (or raise on) the others with the same words. name -> options.
+C.OPTIONS = {
+  space_in_key = { api_key = "abc def" .. C.TEST_KEY },
+  crlf_in_key = { api_key = "a\r\nX-Evil: 1" },
+  nul_in_key = { api_key = "abc\0" .. C.TEST_KEY },          -- refused, never cut off at the NUL
+  non_ascii_key = { api_key = "clé" },
+  empty_key = { api_key = "" },
+  long_key = { api_key = string.rep("k", 401) },
+  key_400_ok = { api_key = string.rep("k", 400) },
+  http_remote = { api_key = C.TEST_KEY, base_url = "http://api.example.com" },
+  http_10 = { api_key = "k", base_url = "http://10.0.0.1" },
+  http_like_loopback = { api_key = "k", base_url = "http://127.0.0.1.example.com" },
+  query = { api_key = "k", base_url = "https://acme.api.stellaconnect.net/?x=1" },
+  fragment = { api_key = "k", base_url = "https://acme.api.stellaconnect.net/#top" },
+  userinfo = { api_key = "k", base_url = "https://user:pw@acme.api.stellaconnect.net" },
+  empty_userinfo = { api_key = "k", base_url = "https://@acme.api.stellaconnect.net" },
+  nul_in_url = { api_key = "k", base_url = "http://127.0.0.1:9\0.example.com" },
+  space_in_host = { api_key = "k", base_url = "https://acme .api.stellaconnect.net" },
+  no_scheme = { api_key = "k", base_url = "acme.api.stellaconnect.net" },
+  port_0 = { api_key = "k", base_url = "http://127.0.0.1:0" },
+  port_too_big = { api_key = "k", base_url = "http://127.0.0.1:65536" },
+  ftp = { api_key = "k", base_url = "ftp://127.0.0.1" },
+  crlf_user_agent = { api_key = "k", user_agent = "bridge/1\r\nX-Evil: 1" },
+  number_base_url = { api_key = "k", base_url = 443 },
+  number_ca_file = { api_key = "k", ca_file = 1 },
+  https_ok = { api_key = "k", base_url = "https://acme.api.stellaconnect.net" },
+  path_ok = { api_key = "k", base_url = "https://acme.api.stellaconnect.net/base/" },
+  upper_case_ok = { api_key = "k", base_url = "HTTPS://Acme.API.StellaConnect.net:8443" },
+  localhost_ok = { api_key = "k", base_url = "http://localhost:9" },
+  v6_ok = { api_key = "k", base_url = "http://[::1]:9" },
+  loopback_ok = { api_key = "k", base_url = "http://127.0.0.2:9" },
+  user_agent_ok = { api_key = "k", user_agent = "helpdesk bridge/2 (+https://example.com)" },
+}
+
+-- What stella.new refuses, and how (no key in any message): name -> { refused, message,
+-- leaked, says_https }.
 C.cases.refusals = {
   run = function(ctx)
     local out = {}
-    local function try(name, opts)
+    for name, opts in pairs(C.OPTIONS) do
       local o = { transport = ctx.transport }
       for k, v in pairs(opts) do o[k] = v end
       local ok, c = pcall(ctx.stella.new, o)
       local msg = ok and "" or tostring(c)
-      out[name] = { refused = not ok, leaked = key_leaked(msg),
+      out[name] = { refused = not ok, message = msg, leaked = key_leaked(msg),
                     says_https = msg:find("https", 1, true) ~= nil }
       if ok then c:close() end
     end
-    try("space_in_key", { api_key = "abc def" .. C.TEST_KEY })
-    try("crlf_in_key", { api_key = "a\r\nX-Evil: 1" })
-    try("empty_key", { api_key = "" })
-    try("http_remote", { api_key = C.TEST_KEY, base_url = "http://api.example.com" })
-    try("http_10", { api_key = "k", base_url = "http://10.0.0.1" })
-    try("query", { api_key = "k", base_url = "https://acme.api.stellaconnect.net/?x=1" })
-    try("ftp", { api_key = "k", base_url = "ftp://127.0.0.1" })
-    try("https_ok", { api_key = "k", base_url = "https://acme.api.stellaconnect.net" })
-    try("localhost_ok", { api_key = "k", base_url = "http://localhost:9" })
-    try("v6_ok", { api_key = "k", base_url = "http://[::1]:9" })
-    try("loopback_ok", { api_key = "k", base_url = "http://127.0.0.2:9" })
     return out
   end,
 }

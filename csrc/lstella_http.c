@@ -1,0 +1,498 @@
+/* lstella_http.c - the sending half of the Lua binding `stella.core`: the libcurl client
+ * (stella.http userdata), background sends (stella.sender userdata), and the retry
+ * policy's helpers. lstella.c opens the module and calls lstella_open_http. */
+#define _POSIX_C_SOURCE 200112L   /* nanosleep */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "lstella.h"
+
+#define HTTP_MT "stella.http"
+#define SENDER_MT "stella.sender"
+
+typedef struct sender_ud sender_ud;
+
+typedef struct http_ud {
+  stella_http *h;
+  char *base_url;   /* for tostring; never the key */
+  sender_ud *lent;  /* the sender this client is lent to, or NULL */
+} http_ud;
+
+/* A background send (stella_sender) and the clients lent to it: a registry reference
+ * to a table holding their userdata, so they outlive it. */
+struct sender_ud {
+  stella_sender *s;
+  int ref;
+};
+
+/* ---------- retry policy ------------------------------------------------------------- */
+
+static int l_retry_delay(lua_State *L) {
+  long d = stella_retry_delay_ms((int)luaL_checkinteger(L, 1), (long)luaL_checknumber(L, 2),
+                                 (long)luaL_checknumber(L, 3), (long)luaL_optnumber(L, 4, -1),
+                                 (double)luaL_checknumber(L, 5));
+  lua_pushinteger(L, (lua_Integer)d);
+  return 1;
+}
+
+static int l_parse_retry_after(lua_State *L) {
+  long ms = stella_parse_retry_after(luaL_checkstring(L, 1), (long long)luaL_checknumber(L, 2));
+  if (ms < 0) lua_pushnil(L);
+  else lua_pushinteger(L, (lua_Integer)ms);
+  return 1;
+}
+
+/* sleep(seconds): the default pause between retries outside OpenResty. */
+static int l_sleep(lua_State *L) {
+  lua_Number secs = luaL_checknumber(L, 1);
+  struct timespec ts, rem;
+  if (!(secs > 0)) return 0;
+  if (secs > 86400) secs = 86400;
+  ts.tv_sec = (time_t)secs;
+  ts.tv_nsec = (long)((secs - (lua_Number)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &rem) != 0 && errno == EINTR) ts = rem;
+  return 0;
+}
+
+/* ---------- outcomes (stella_outcome.c) ----------------------------------------------- */
+
+/* classify_status(status) -> the name of the outcome of an HTTP answer with that status */
+static int l_classify_status(lua_State *L) {
+  lua_Integer status = luaL_checkinteger(L, 1);
+  lua_pushstring(L, stella_outcome_info_of(stella_outcome_of_status((long)status))->name);
+  return 1;
+}
+
+/* Sets field `outcomes` of the table on top of the stack: name -> { name, kind,
+ * retryable, answered, message } for every outcome (kind and message absent for ok). */
+static void push_outcomes(lua_State *L) {
+  int o;
+  lua_createtable(L, 0, STELLA_OUTCOME_COUNT);
+  for (o = 0; o < STELLA_OUTCOME_COUNT; o++) {
+    const stella_outcome_info *i = stella_outcome_info_of((stella_outcome)o);
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, i->name);
+    lua_setfield(L, -2, "name");
+    if (i->kind) {
+      lua_pushstring(L, i->kind);
+      lua_setfield(L, -2, "kind");
+    }
+    lua_pushboolean(L, i->retryable);
+    lua_setfield(L, -2, "retryable");
+    lua_pushboolean(L, i->answered);
+    lua_setfield(L, -2, "answered");
+    if (i->message) {
+      lua_pushstring(L, i->message);
+      lua_setfield(L, -2, "message");
+    }
+    lua_setfield(L, -2, i->name);
+  }
+  lua_setfield(L, -2, "outcomes");
+}
+
+/* ---------- HTTP client userdata ---------------------------------------------------- */
+
+/* opts[key]: a string (its length in *len), NULL when absent; anything else raises. */
+static const char *opt_string(lua_State *L, int idx, const char *key, size_t *len) {
+  const char *v;
+  size_t n = 0;
+  lua_getfield(L, idx, key);
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); if (len) *len = 0; return NULL; }
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option %s must be a string", key);
+  v = lua_tolstring(L, -1, &n);
+  lua_pop(L, 1);   /* still anchored by the options table */
+  if (len) *len = n;
+  return v;
+}
+
+static long opt_ms(lua_State *L, int idx, const char *key) {
+  lua_Number v;
+  lua_getfield(L, idx, key);
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); return 0; }
+  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option %s must be a number of seconds", key);
+  v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (!(v > 0)) luaL_error(L, "option %s must be positive", key);
+  return (long)(v * 1000 + 0.5) > 0 ? (long)(v * 1000 + 0.5) : 1;
+}
+
+/* Reads base_url (default STELLA_DEFAULT_BASE_URL), api_key, user_agent and ca_file of the
+ * options table at idx into o (a value that is not a string raises) and checks them as
+ * stella_http_new does, on their whole length (a
+ * NUL inside is refused, not cut off). Returns 1 with the URL's parts in u, or 0 with a
+ * message in err. Both transports go through here. */
+static int check_http_options(lua_State *L, int idx, stella_http_options *o, stella_base_url *u,
+                              char *err, size_t errlen) {
+  size_t ulen, klen, alen;
+  o->base_url = opt_string(L, idx, "base_url", &ulen);
+  o->api_key = opt_string(L, idx, "api_key", &klen);
+  o->user_agent = opt_string(L, idx, "user_agent", &alen);
+  o->ca_file = opt_string(L, idx, "ca_file", NULL);
+  if (o->base_url == NULL) {
+    o->base_url = STELLA_DEFAULT_BASE_URL;
+    ulen = sizeof STELLA_DEFAULT_BASE_URL - 1;
+  }
+  return stella_check_key(o->api_key, klen, err, errlen) &&
+         stella_check_base_url(o->base_url, ulen, u, err, errlen) &&
+         stella_check_user_agent(o->user_agent, alen, err, errlen);
+}
+
+/* check_http_options(opts) -> { base_url, tls, host, port, port_given, path } | nil, message:
+ * what http_new would refuse, and the URL's parts (host in lower case, path without a
+ * trailing '/', base_url the URL without one). */
+static int l_check_http_options(lua_State *L) {
+  stella_http_options o;
+  stella_base_url u;
+  char err[256];
+  size_t i;
+  luaL_Buffer b;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (!check_http_options(L, 1, &o, &u, err, sizeof err)) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_createtable(L, 0, 6);
+  lua_pushlstring(L, o.base_url, (size_t)(u.path + u.path_len - o.base_url));
+  lua_setfield(L, -2, "base_url");
+  lua_pushboolean(L, u.tls);
+  lua_setfield(L, -2, "tls");
+  luaL_buffinit(L, &b);
+  for (i = 0; i < u.host_len; i++)
+    luaL_addchar(&b, (char)(u.host[i] >= 'A' && u.host[i] <= 'Z' ? u.host[i] - 'A' + 'a' : u.host[i]));
+  luaL_pushresult(&b);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, (lua_Integer)u.port);
+  lua_setfield(L, -2, "port");
+  lua_pushboolean(L, u.port_given);
+  lua_setfield(L, -2, "port_given");
+  lua_pushlstring(L, u.path, u.path_len);
+  lua_setfield(L, -2, "path");
+  return 1;
+}
+
+static int l_http_new(lua_State *L) {
+  stella_http_options o;
+  stella_base_url u;
+  char err[256];
+  http_ud *ud;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  memset(&o, 0, sizeof o);
+  if (!check_http_options(L, 1, &o, &u, err, sizeof err)) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  o.timeout_ms = opt_ms(L, 1, "timeout");
+  o.connect_timeout_ms = opt_ms(L, 1, "connect_timeout");
+  /* the userdata exists before the C object, so a Lua error cannot leak it */
+  ud = (http_ud *)lua_newuserdata(L, sizeof *ud);
+  ud->h = NULL;
+  ud->base_url = NULL;
+  ud->lent = NULL;
+  luaL_getmetatable(L, HTTP_MT);
+  lua_setmetatable(L, -2);
+  ud->h = stella_http_new(&o, err, sizeof err);
+  if (ud->h == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  {
+    size_t n = strlen(o.base_url);
+    ud->base_url = (char *)malloc(n + 1);
+    if (ud->base_url) memcpy(ud->base_url, o.base_url, n + 1);
+  }
+  return 1;
+}
+
+static http_ud *check_http(lua_State *L) {
+  return (http_ud *)luaL_checkudata(L, 1, HTTP_MT);
+}
+
+/* One close for close/__gc/__close: frees once, then the pointers are NULL. */
+static int l_http_close(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->lent) stella_sender_wait(ud->lent->s);   /* the thread may be using it */
+  stella_http_free(ud->h);
+  ud->h = NULL;
+  free(ud->base_url);
+  ud->base_url = NULL;
+  return 0;
+}
+
+/* Pushes an ended transfer as one value: an answer { status, body, content_type,
+ * retry_after } (retry_after in ms; the last two absent when the answer had none) or a
+ * failure { failure = "timeout"|"network"|"protocol"|"tls"|"internal", message }. */
+static int push_result(lua_State *L, const stella_http_result *r) {
+  const stella_outcome_info *info = stella_outcome_info_of(r->outcome);
+  lua_createtable(L, 0, 4);
+  if (!info->answered) {
+    lua_pushstring(L, info->name);
+    lua_setfield(L, -2, "failure");
+    lua_pushstring(L, r->error ? r->error : "transfer failed");
+    lua_setfield(L, -2, "message");
+    return 1;
+  }
+  lua_pushinteger(L, (lua_Integer)r->status);
+  lua_setfield(L, -2, "status");
+  lua_pushlstring(L, r->body, r->body_len);
+  lua_setfield(L, -2, "body");
+  if (r->content_type) {
+    lua_pushstring(L, r->content_type);
+    lua_setfield(L, -2, "content_type");
+  }
+  if (r->retry_after_ms >= 0) {
+    lua_pushnumber(L, (lua_Number)r->retry_after_ms);
+    lua_setfield(L, -2, "retry_after");
+  }
+  return 1;
+}
+
+static http_ud *open_http(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->h == NULL) luaL_error(L, "attempt to use a closed stella client");
+  if (ud->lent) stella_sender_wait(ud->lent->s);   /* lent: wait until the thread is done */
+  return ud;
+}
+
+/* The client of a post or start, with no started post running: its path and body. */
+static http_ud *idle_http(lua_State *L, const char **path, const char **body, size_t *len) {
+  http_ud *ud = open_http(L);
+  *path = luaL_checkstring(L, 2);
+  *body = luaL_checklstring(L, 3, len);
+  if (stella_http_running(ud->h)) luaL_error(L, "stella client busy: a started post has not ended");
+  return ud;
+}
+
+/* http:post(path, body) -> an answer or a failure (see push_result) */
+static int l_http_post(lua_State *L) {
+  const char *path, *body;
+  size_t len;
+  http_ud *ud = idle_http(L, &path, &body, &len);
+  stella_http_result r;
+  stella_http_post(ud->h, path, body, len, &r);
+  return push_result(L, &r);
+}
+
+/* http:start(path, body) -> true | a failure (see push_result): the post without waiting
+ * (the body is copied); then http:step() until it ends. */
+static int l_http_start(lua_State *L) {
+  const char *path, *body;
+  size_t len;
+  http_ud *ud = idle_http(L, &path, &body, &len);
+  stella_http_result r;
+  if (stella_http_start(ud->h, path, body, len, &r) != STELLA_OUTCOME_OK) return push_result(L, &r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* http:step([wait_seconds]) -> false while the started post runs, else what post returns.
+ * wait_seconds (default 0) bounds how long it waits for the network. */
+static int l_http_step(lua_State *L) {
+  http_ud *ud = open_http(L);
+  lua_Number wait = luaL_optnumber(L, 2, 0);
+  stella_http_result r;
+  int wait_ms = wait > 0 ? (wait > 60 ? 60000 : (int)(wait * 1000 + 0.5)) : 0;
+  if (!stella_http_running(ud->h)) return luaL_error(L, "stella client: no started post to step");
+  if (!stella_http_step(ud->h, wait_ms, &r)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  return push_result(L, &r);
+}
+
+static int l_http_connects(lua_State *L) {
+  http_ud *ud = check_http(L);
+  lua_pushinteger(L, ud->h ? (lua_Integer)stella_http_connects(ud->h) : 0);
+  return 1;
+}
+
+static int l_http_tostring(lua_State *L) {
+  http_ud *ud = check_http(L);
+  if (ud->h == NULL) lua_pushliteral(L, "stella.http (closed)");
+  else lua_pushfstring(L, "stella.http (%s)", ud->base_url ? ud->base_url : "?");
+  return 1;
+}
+
+static const luaL_Reg http_methods[] = {
+  { "post", l_http_post },
+  { "start", l_http_start },
+  { "step", l_http_step },
+  { "connects", l_http_connects },
+  { "close", l_http_close },
+  { NULL, NULL }
+};
+
+/* ---------- background sends (stella_sender) ------------------------------------------ */
+
+static sender_ud *check_sender(lua_State *L) {
+  return (sender_ud *)luaL_checkudata(L, 1, SENDER_MT);
+}
+
+/* One close for close/__gc: stops and joins the thread, frees it, gives the clients back. */
+static int l_sender_close(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  stella_sender_free(su->s);
+  su->s = NULL;
+  if (su->ref != LUA_NOREF) {
+    size_t i, n;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+    n = (size_t)stella_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      http_ud *h;
+      lua_rawgeti(L, -1, (int)i);
+      h = (http_ud *)lua_touserdata(L, -1);
+      if (h && h->lent == su) h->lent = NULL;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    luaL_unref(L, LUA_REGISTRYINDEX, su->ref);
+    su->ref = LUA_NOREF;
+  }
+  return 0;
+}
+
+/* send_many({ http, path, body, http, path, body, ... }, budget_seconds) -> sender
+ * | nil, message: posts the bodies on background threads, one per distinct client, each
+ * client's in list order (see stella.h, stella_sender_start). The clients are lent to
+ * the threads until sender:close(); using one meanwhile waits for them first. */
+static int l_send_many(lua_State *L) {
+  size_t n, i, count;
+  lua_Number budget = luaL_checknumber(L, 2);
+  stella_send_item *items;
+  sender_ud *su;
+  char err[128];
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = (size_t)stella_rawlen(L, 1);
+  if (n % 3 != 0) return luaL_argerror(L, 1, "a list of (client, path, body) triples expected");
+  count = n / 3;
+  /* the userdata first, so that nothing allocated below can leak on a Lua error */
+  su = (sender_ud *)lua_newuserdata(L, sizeof *su);
+  su->s = NULL;
+  su->ref = LUA_NOREF;
+  luaL_getmetatable(L, SENDER_MT);
+  lua_setmetatable(L, -2);
+  lua_createtable(L, (int)count, 0);          /* the lent clients, anchored */
+  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * sizeof *items);   /* scratch */
+  for (i = 0; i < count; i++) {
+    http_ud *h;
+    lua_rawgeti(L, 1, (int)(3 * i + 1));
+    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
+    if (h == NULL || h->h == NULL) return luaL_error(L, "send_many: item %d: an open stella.http expected", (int)i + 1);
+    if (h->lent) stella_sender_wait(h->lent->s);
+    lua_rawseti(L, -3, (int)i + 1);
+    lua_rawgeti(L, 1, (int)(3 * i + 2));
+    lua_rawgeti(L, 1, (int)(3 * i + 3));
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      return luaL_error(L, "send_many: item %d: path and body must be strings", (int)i + 1);
+    items[i].h = h->h;
+    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
+    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
+    lua_pop(L, 2);
+  }
+  su->s = stella_sender_start(items, count, budget > 0 ? (long)(budget * 1000) : 0, err, sizeof err);
+  lua_pop(L, 1);                              /* the scratch */
+  if (su->s == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  for (i = 0; i < count; i++) {               /* lend them */
+    lua_rawgeti(L, -1, (int)i + 1);
+    ((http_ud *)lua_touserdata(L, -1))->lent = su;
+    lua_pop(L, 1);
+  }
+  su->ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* pops the table */
+  return 1;
+}
+
+static sender_ud *open_sender(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  if (su->s == NULL) luaL_error(L, "attempt to use a closed stella sender");
+  return su;
+}
+
+/* sender:done() -> true once the thread has finished (never waits) */
+static int l_sender_done(lua_State *L) {
+  lua_pushboolean(L, stella_sender_done(open_sender(L)->s));
+  return 1;
+}
+
+/* sender:wait() -> the number of items attempted (with one client, a prefix of the list) */
+static int l_sender_wait(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)stella_sender_wait(open_sender(L)->s));
+  return 1;
+}
+
+/* sender:result(i) -> what http:post returns, for item i (after wait); nothing when the
+ * item was not attempted */
+static int l_sender_result(lua_State *L) {
+  sender_ud *su = open_sender(L);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  const stella_send_result *r;
+  stella_http_result hr;
+  stella_sender_wait(su->s);
+  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+  if (r == NULL) return 0;
+  memset(&hr, 0, sizeof hr);
+  hr.outcome = r->outcome;
+  hr.status = r->status;
+  hr.body = r->body;
+  hr.body_len = r->body_len;
+  hr.content_type = r->content_type;
+  hr.retry_after_ms = r->retry_after_ms;
+  hr.error = r->error;
+  return push_result(L, &hr);
+}
+
+static const luaL_Reg sender_methods[] = {
+  { "done", l_sender_done },
+  { "wait", l_sender_wait },
+  { "result", l_sender_result },
+  { "close", l_sender_close },
+  { NULL, NULL }
+};
+
+static const luaL_Reg http_funcs[] = {
+  { "retry_delay", l_retry_delay },
+  { "parse_retry_after", l_parse_retry_after },
+  { "classify_status", l_classify_status },
+  { "sleep", l_sleep },
+  { "http_new", l_http_new },
+  { "check_http_options", l_check_http_options },
+  { "send_many", l_send_many },
+  { NULL, NULL }
+};
+
+/* The metatable `name` of a userdata class: methods, one idempotent close for close,
+ * __gc and __close, and an optional __tostring. */
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction close,
+                      lua_CFunction tostring) {
+  if (luaL_newmetatable(L, name)) {
+    lua_newtable(L);
+    stella_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__close");
+    if (tostring) {
+      lua_pushcfunction(L, tostring);
+      lua_setfield(L, -2, "__tostring");
+    }
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+}
+
+void lstella_open_http(lua_State *L) {
+  new_class(L, HTTP_MT, http_methods, l_http_close, l_http_tostring);
+  new_class(L, SENDER_MT, sender_methods, l_sender_close, NULL);
+  stella_setfuncs(L, http_funcs, 0);
+  push_outcomes(L);
+  lua_pushliteral(L, STELLA_DEFAULT_BASE_URL);
+  lua_setfield(L, -2, "default_base_url");
+}
