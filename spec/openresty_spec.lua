@@ -607,6 +607,23 @@ describe("stella on OpenResty", function()
       end
     end)
 
+    it("passes the store contract's suite (spec/support/store_contract.lua), every test of it", function()
+      local code, body = http(web.ports.SELFTEST_PORT, "GET",
+        "/selftest?case=store_contract&prefix=" .. urlencode("spec-contract-" .. os.time() .. ":"))
+      assert.equal(200, code)
+      local v = cjson.decode(body)
+      assert.is_true(v.ok, v.error)
+      local contract = require "support.store_contract"
+      local names = require("support.mini_suite").names(function(b) contract(b, "shdict", store.memory) end)
+      assert.equal(#names, #v.result)
+      local failed = {}
+      for i, r in ipairs(v.result) do
+        assert.equal(names[i], r.name)
+        if not r.ok then failed[#failed + 1] = "not ok " .. i .. " - " .. r.name .. "\n# " .. tostring(r.err) end
+      end
+      assert.equal("", table.concat(failed, "\n"))
+    end)
+
     it("lets only one of two interleaved transactions reserve a mark, rolling the other back", function()
       local code, body = http(web.ports.SELFTEST_PORT, "GET",
         "/selftest?case=store_race&prefix=" .. urlencode("spec-race-" .. os.time() .. ":"))

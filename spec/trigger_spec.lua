@@ -31,15 +31,16 @@ end
 -- Active marks in a store (reading the backend's own tables: the interface has no
 -- listing on purpose).
 local function mark_count(s, now)
-  if s.db then   -- SQLite, through LuaDBI
-    local sth = assert(s.db:prepare("SELECT COUNT(*) FROM marks WHERE until_at > ?"))
+  local b = s.backend
+  if b.db then   -- SQLite, through LuaDBI
+    local sth = assert(b.db:prepare("SELECT COUNT(*) FROM marks WHERE until_at > ?"))
     assert(sth:execute(now))
     local n = sth:fetch(false)[1]
     sth:close()
     return tonumber(n)
   end
   local n = 0
-  for _, m in pairs(s.marks) do if m["until"] > now then n = n + 1 end end
+  for _, m in pairs(b.marks) do if m["until"] > now then n = n + 1 end end
   return n
 end
 

@@ -1,4 +1,4 @@
--- stella.store.shdict: the store interface on an nginx shared dictionary (lua_shared_dict),
+-- stella.store.shdict: the store backend on an nginx shared dictionary (lua_shared_dict),
 -- shared by every worker of one nginx node and lost when nginx stops. For OpenResty:
 --
 --   http { lua_shared_dict stella 10m; ... }
@@ -10,11 +10,13 @@
 --   dead_ttl     seconds a dead outbox item is kept (default 7 days)
 --
 -- What lives where (keys after the prefix):
---   salt                 the e-mail hashing salt, the same for every worker (added once)
+--   salt                 the e-mail hashing salt (meta "salt"), the same for every
+--                        worker (added once)
 --   m:KEY                a suppression / dedupe mark "UNTIL|[n|s]OUTBOX_ID", expiring with
 --                        the dict's exptime at UNTIL (+1 s), so nothing needs purging
 --   r:[n|s]OUTBOX_ID     the keys of the marks an outbox item reserves
---   u:HASH, u#           unsubscribes (never expire) and their count
+--   u:HASH, u#           unsubscribes (never expire) and their count (a rollback undoes
+--                        its own change of the count, not another worker's)
 --   o:ID, o#, o@         outbox items (JSON), the id counter, and the list of live ids
 --   c:ID:NEXT_AT         a claim token: one worker only claims an item that is due
 --   l:SLOT, l#           the ledger ring and its sequence counter
@@ -27,46 +29,47 @@
 -- Writes never evict anything (safe_set/safe_add): a full dict is a run-time failure
 -- (nil, err), except for the ledger, which then drops the entry.
 --
--- Across workers: atomic(fn) runs fn with an undo journal (per coroutine), so an error
--- or a failed write inside it rolls back this worker's changes, but it locks nothing:
+-- Across workers: a transaction (store:atomic) keeps an undo journal per coroutine, so an
+-- error or a failed write inside it rolls back this worker's changes, but it locks nothing:
 -- nginx workers run truly in parallel. Where a race matters the store uses the dict's
 -- own atomic operations:
---   * a mark reserved for an outbox item (put_mark with an outbox_id) is written with
---     safe_add when the key was free at get_mark, and with a short add-based lock and a
+--   * a mark reserved for an outbox item (put_marks with an outbox_id) is written with
+--     safe_add when the key was free when read (read_marks), and with a short add-based lock and a
 --     compare when it held an old mark. If another worker wrote the mark after this one
---     looked at it, put_mark fails and atomic returns nil, err (retryable), with
+--     looked at it, put_marks fails and atomic returns nil, err (retryable), with
 --     everything rolled back: the other worker sends, this event is not sent twice.
 --   * ids come from incr; unsubscribe uses safe_add; claim takes a token with safe_add,
 --     so two workers never claim the same item at once.
 -- stella.trigger then decides the losing batch again (it sees the winner's mark: the
 -- event comes out suppressed or duplicate): the winner's request is the customer's one.
--- The counters (unsubscribed_count) and the ledger are approximate under concurrent
--- writers. fn must not rely on another coroutine's uncommitted writes.
+-- The ledger is approximate under concurrent writers. fn must not rely on another
+-- coroutine's uncommitted writes.
 --
--- Every method of the store interface is here, the batch ones (put_mark_many,
--- confirm_marks_many, enqueue_many, finish_many, record_many) included. purge_marks has
--- nothing to do (marks expire by themselves): it frees expired items and counts them.
+-- The primitives are those of the contract in stella.store (lua/stella/store/init.lua),
+-- checked by its suite (spec/support/store_contract.lua, run inside nginx by
+-- spec/openresty_spec.lua). purge_marks has nothing to do in normal use (marks expire by
+-- themselves); see below.
 local store = require "stella.store"
-local core = require "stella.core"
+local rows = require "stella.store.rows"
+local lists = require "stella.store.lists"
 local cjson = require "cjson.safe"
 
-local U = store._util
 local ngx = rawget(_G, "ngx")
-local error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
-      error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
+local error, ipairs, pairs, setmetatable, tonumber, tostring, type =
+      error, ipairs, pairs, setmetatable, tonumber, tostring, type
 local running = coroutine.running
-local pack, unpack, copy = U.pack, U.unpack, U.copy
-local number_text = U.number_text
+local copy, layout_copy, number_text = lists.copy, lists.layout_copy, store.number_text
 
 local clock = ngx and ngx.now or os.time
 
+local ITEM, ENTRY = rows.item, rows.entry
+
 local M = {}
 
-local Store = {}
-Store.__index = Store
-M.Store = Store
-
-local check_open, check = U.guards(Store)
+local Backend = {}
+Backend.__index = Backend
+Backend.per_coroutine = true
+M.Backend = Backend
 
 local MAIN = {}   -- journal key outside any coroutine (LuaJIT's running() gives nil there)
 
@@ -78,22 +81,26 @@ local function journal(self)
   return self.journals[running() or MAIN]
 end
 
+local function restore(dict, k, v, ttl)
+  if v == nil then
+    dict:delete(k)
+  else
+    if ttl and ttl < 0 then ttl = 0.001 end
+    dict:set(k, v, ttl or 0)
+  end
+end
+
 -- Remembers key k's value and remaining life before its first change in a transaction.
 local function remember(self, k)
   local j = journal(self)
   if not j or j.seen[k] then return end
   j.seen[k] = true
   local v = self.dict:get(k)
-  local ttl = v ~= nil and self.dict:ttl(k) or nil
-  j[#j + 1] = { k, v, ttl }
+  j:note(restore, self.dict, k, v, v ~= nil and self.dict:ttl(k) or nil)
 end
 
--- A run-time failure; inside atomic it also makes the transaction roll back.
 local function failure(self, message, retryable)
-  local err = store.error(self.name .. ": " .. message, retryable)
-  local j = journal(self)
-  if j and not j.failed then j.failed = err end
-  return err
+  return store.error(self.name .. ": " .. message, retryable)
 end
 
 -- After a successful add: the key held nothing before (rollback deletes it). Not
@@ -102,7 +109,7 @@ local function added(self, k)
   local j = journal(self)
   if not j or j.seen[k] then return end
   j.seen[k] = true
-  j[#j + 1] = { k }
+  j:note(restore, self.dict, k, nil)
 end
 
 local function put(self, k, v, exptime)
@@ -117,18 +124,36 @@ local function del(self, k)
   self.dict:delete(k)
 end
 
-local function rollback(self, j)
-  local dict = self.dict
-  for i = #j, 1, -1 do
-    local e = j[i]
-    if e[2] == nil then
-      dict:delete(e[1])
-    else
-      local ttl = e[3]
-      if ttl and ttl < 0 then ttl = 0.001 end
-      dict:set(e[1], e[2], ttl or 0)
-    end
-  end
+local function incr(dict, k, delta)
+  dict:incr(k, delta, 0)
+end
+
+-- Adds delta to the counter under k; a rollback takes away this change only.
+local function count_by(self, k, delta)
+  local v, err = self.dict:incr(k, delta, 0)
+  if not v then return nil, failure(self, "cannot count: " .. tostring(err), false) end
+  local j = journal(self)
+  if j then j:note(incr, self.dict, k, -delta) end
+  return v
+end
+
+function Backend:begin()
+  local j = lists.journal()
+  j.seen, j.looked = {}, {}
+  self.journals[running() or MAIN] = j
+  return true
+end
+
+function Backend:commit()
+  self.journals[running() or MAIN] = nil
+  return true
+end
+
+function Backend:rollback()
+  local key = running() or MAIN
+  local j = self.journals[key]
+  self.journals[key] = nil
+  if j then j:undo() end
 end
 
 ---------------------------------------------------------------------------------------
@@ -156,60 +181,18 @@ function M.new(dict, opts)
   local prefix = opts.prefix or ""
   if type(prefix) ~= "string" then error("stella.store.shdict: opts.prefix must be a string", 2) end
   local ledger_size = opts.ledger_size or 1000
-  if not U.is_integer(ledger_size) or ledger_size < 1 then
+  if not store.is_integer(ledger_size) or ledger_size < 1 then
     error("stella.store.shdict: opts.ledger_size must be a whole number >= 1", 2)
   end
   local dead_ttl = opts.dead_ttl or 7 * 86400
-  if not U.is_finite(dead_ttl) or dead_ttl <= 0 then
+  if not store.is_finite(dead_ttl) or dead_ttl <= 0 then
     error("stella.store.shdict: opts.dead_ttl must be a positive number of seconds", 2)
   end
-
-  local salt_key = prefix .. "salt"
-  local salt = dict:get(salt_key)
-  if salt == nil then
-    local fresh, serr = U.new_salt()
-    if not fresh then return nil, serr end
-    local ok, err = dict:safe_add(salt_key, fresh)   -- the first worker's salt wins
-    if not ok and err ~= "exists" then
-      return nil, store.error(name .. ": cannot store the salt: " .. tostring(err), false)
-    end
-    salt = dict:get(salt_key)
-  end
-  if type(salt) ~= "string" or #salt < 32 then
-    return nil, store.error(name .. ": cannot read the salt", false)
-  end
-  return setmetatable({
-    dict = dict, name = name, p = prefix, salt = salt,
+  return store.open(setmetatable({
+    dict = dict, name = "stella.store.shdict (" .. name .. ")", p = prefix,
     ledger_size = ledger_size, dead_ttl = dead_ttl,
     journals = setmetatable({}, { __mode = "k" }),
-    closed = false,
-  }, Store)
-end
-
-function Store:hash_email(email)
-  check(self, "hash_email", email)
-  return core.sha256(self.salt .. U.normalize_email(email))
-end
-
--- atomic(fn, ...): fn's results, or nil, err when a write inside failed (rolled back);
--- an error raised by fn rolls back and is raised again.
-function Store:atomic(fn, ...)
-  check(self, "atomic", fn)
-  local key = running() or MAIN
-  if self.journals[key] then return fn(...) end   -- nested: part of the outer transaction
-  local j = { seen = {}, looked = {} }
-  self.journals[key] = j
-  local res = pack(pcall(fn, ...))
-  self.journals[key] = nil
-  if not res[1] then
-    rollback(self, j)
-    error(res[2], 0)
-  end
-  if j.failed then
-    rollback(self, j)
-    return nil, j.failed
-  end
-  return unpack(res, 2, res.n)
+  }, Backend))
 end
 
 ---------------------------------------------------------------------------------------
@@ -237,15 +220,16 @@ local function decode_mark(v)
   return until_, nil
 end
 
-function Store:get_mark(key, now)
-  check(self, "get_mark", key, now)
-  local k = self.p .. "m:" .. key
-  local v = self.dict:get(k)
-  local j = journal(self)
-  if j and j.looked[k] == nil then j.looked[k] = v or false end
-  local until_, outbox_id = decode_mark(v)
-  if until_ and until_ > now then return until_, outbox_id end
-  return nil
+function Backend:read_marks(keys, n, now)
+  local dict, j, untils, owners = self.dict, journal(self), {}, {}
+  for i = 1, n do
+    local k = self.p .. "m:" .. keys[i]
+    local v = dict:get(k)
+    if j and j.looked[k] == nil then j.looked[k] = v or false end
+    local until_, outbox_id = decode_mark(v)
+    if until_ and until_ > now then untils[i], owners[i] = until_, outbox_id end
+  end
+  return untils, owners
 end
 
 -- Appends a mark key to the list an outbox item reserves.
@@ -271,7 +255,7 @@ local function reserved_keys(self, outbox_id)
   return list, rk
 end
 
--- One mark, checked by the caller. true | nil, err
+-- One mark. true | nil, err
 local function put_mark(self, key, until_, outbox_id)
   local dict, k = self.dict, self.p .. "m:" .. key
   local exptime = until_ - clock() + 1   -- +1: the caller's whole-second clock lags
@@ -317,84 +301,65 @@ local function put_mark(self, key, until_, outbox_id)
   return true
 end
 
-function Store:put_mark(key, until_, outbox_id)
-  check(self, "put_mark", key, until_, outbox_id)
-  return put_mark(self, key, until_, outbox_id)
-end
-
--- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true | nil, err
-function Store:put_mark_many(marks)
-  check_open(self, "put_mark_many")
-  local v, n = U.mark_values(marks)
-  for k = 0, 3 * n - 1, 3 do
-    local ok, err = put_mark(self, v[k + 1], v[k + 2], v[k + 3])
+function Backend:put_marks(list, n)
+  for i = 1, n do
+    local r = list[i]
+    local ok, err = put_mark(self, r.key, r["until"], r.outbox_id)
     if not ok then return nil, err end
   end
   return true
 end
 
-local function settle_marks(self, outbox_id, confirm)
-  local keys, rk = reserved_keys(self, outbox_id)
-  local n = 0
-  for _, k in ipairs(keys) do
-    local until_, id = decode_mark(self.dict:get(k))
-    if until_ and id == outbox_id then
-      n = n + 1
-      local exptime = until_ - clock() + 1
-      if confirm and exptime > 0 then
-        local ok, err = put(self, k, encode_mark(until_, nil), exptime)
-        if not ok then return nil, err end
-      else
+function Backend:settle_marks(ids, n, keep)
+  local count = 0
+  for i = 1, n do
+    local outbox_id = ids[i]
+    local keys, rk = reserved_keys(self, outbox_id)
+    for _, k in ipairs(keys) do
+      local until_, id = decode_mark(self.dict:get(k))
+      if until_ and id == outbox_id then
+        count = count + 1
+        local exptime = until_ - clock() + 1
+        if keep and exptime > 0 then
+          local ok, err = put(self, k, encode_mark(until_, nil), exptime)
+          if not ok then return nil, err end
+        else
+          del(self, k)
+        end
+      end
+    end
+    del(self, rk)
+  end
+  return count
+end
+
+-- Marks expire by themselves (at their until, on the real clock), so nothing needs this.
+-- As the contract says, it deletes the marks with until <= now that are still in the
+-- dict (a `now` ahead of the real clock finds some) and returns how many; a mark the dict
+-- has expired already is not counted. It walks every key of the dict (get_keys, which
+-- locks the dict while it lists them): a maintenance call. It also frees the memory of
+-- what has expired (flush_expired).
+function Backend:purge_marks(now)
+  local dict, prefix = self.dict, self.p .. "m:"
+  local n, len = 0, #prefix
+  for _, k in ipairs(dict:get_keys(0)) do
+    if k:sub(1, len) == prefix then
+      local until_ = decode_mark(dict:get(k))   -- (nil for a mark's lock: not a string)
+      if until_ and until_ <= now then
         del(self, k)
+        n = n + 1
       end
     end
   end
-  del(self, rk)
+  dict:flush_expired()
   return n
-end
-
-function Store:confirm_marks(outbox_id)
-  check(self, "confirm_marks", outbox_id)
-  return settle_marks(self, outbox_id, true)
-end
-
--- confirm_marks_many{ id, ... } -> the number of marks confirmed
-function Store:confirm_marks_many(ids)
-  check_open(self, "confirm_marks_many")
-  local n = 0
-  for i = 1, U.check_ids(ids, "confirm_marks_many", true) do
-    local c, err = settle_marks(self, ids[i], true)
-    if not c then return nil, err end
-    n = n + c
-  end
-  return n
-end
-
-function Store:release_marks(outbox_id)
-  check(self, "release_marks", outbox_id)
-  return settle_marks(self, outbox_id, false)
-end
-
--- Marks expire by themselves; this frees the memory of everything expired in the dict
--- now and returns how many items that was.
-function Store:purge_marks(now)
-  check(self, "purge_marks", now)
-  return self.dict:flush_expired()
 end
 
 ---------------------------------------------------------------------------------------
 -- Unsubscribes
 ---------------------------------------------------------------------------------------
 
-local function count_by(self, k, delta)
-  remember(self, k)
-  local v, err = self.dict:incr(k, delta, 0)
-  if not v then return nil, failure(self, "cannot count: " .. tostring(err), false) end
-  return v
-end
-
-function Store:unsubscribe(hash, now)
-  check(self, "unsubscribe", hash, now)
+local function unsubscribe(self, hash, now)
   local k = self.p .. "u:" .. hash
   local ok, err = self.dict:safe_add(k, number_text(now))
   if ok then
@@ -409,24 +374,38 @@ function Store:unsubscribe(hash, now)
   return put(self, k, number_text(now))
 end
 
-function Store:resubscribe(hash)
-  check(self, "resubscribe", hash)
-  local k = self.p .. "u:" .. hash
-  if self.dict:get(k) ~= nil then
+local function resubscribe(self, hash)
+  local dict, k = self.dict, self.p .. "u:" .. hash
+  if dict:get(k) == nil then return true end
+  -- one worker deletes and counts it (another one at it has the same result)
+  local lock = k .. "\0lock"
+  if not dict:safe_add(lock, true, 1) then return true end
+  local ok, err = true, nil
+  if dict:get(k) ~= nil then
     del(self, k)
-    local c, err = count_by(self, self.p .. "u#", -1)
-    if not c then return nil, err end
+    ok, err = count_by(self, self.p .. "u#", -1)
+  end
+  dict:delete(lock)
+  if not ok then return nil, err end
+  return true
+end
+
+function Backend:set_unsubscribed(hashes, n, now)
+  for i = 1, n do
+    local ok, err
+    if now ~= nil then ok, err = unsubscribe(self, hashes[i], now) else ok, err = resubscribe(self, hashes[i]) end
+    if not ok then return nil, err end
   end
   return true
 end
 
-function Store:is_unsubscribed(hash)
-  check(self, "is_unsubscribed", hash)
-  return self.dict:get(self.p .. "u:" .. hash) ~= nil
+function Backend:unsubscribed(hashes, n)
+  local flags = {}
+  for i = 1, n do flags[i] = self.dict:get(self.p .. "u:" .. hashes[i]) ~= nil end
+  return flags
 end
 
-function Store:unsubscribed_count()
-  check_open(self, "unsubscribed_count")
+function Backend:count_unsubscribed()
   local n = self.dict:get(self.p .. "u#") or 0
   return n > 0 and n or 0
 end
@@ -484,11 +463,11 @@ local function live_items(self)
   return items, raws
 end
 
--- One checked item into the outbox. id | nil, err
+-- One item into the outbox. id | nil, err
 local function enqueue(self, it)
   local id, err = self.dict:incr(self.p .. "o#", 1, 0)
   if not id then return nil, failure(self, "cannot allocate an outbox id: " .. tostring(err), false) end
-  it.id = id
+  it.id, it.state = id, "queued"
   local ok, perr = put(self, item_key(self, id), encode_item(it))
   if not ok then return nil, perr end
   local len, lerr = self.dict:rpush(self.p .. "o@", number_text(id))
@@ -499,27 +478,19 @@ local function enqueue(self, it)
   return id
 end
 
-function Store:enqueue(item)
-  local it = check(self, "enqueue", item)
-  return enqueue(self, it)
-end
-
--- enqueue_many{ item, ... } -> { id, ... } | nil, err
-function Store:enqueue_many(items)
-  check_open(self, "enqueue_many")
-  local list, ids = U.outbox_items(items), {}
-  for i = 1, #list do
-    local id, err = enqueue(self, list[i])
+function Backend:enqueue(list, n)
+  local ids = {}
+  for i = 1, n do
+    local id, err = enqueue(self, layout_copy(ITEM, list[i]))
     if not id then return nil, err end
     ids[i] = id
   end
   return ids
 end
 
-function Store:claim(now, lease, limit)
-  now, lease, limit = check(self, "claim", now, lease, limit)
+function Backend:lease(now, lease, limit)
   local items, raws = live_items(self)
-  local due = U.select_items(items, "queued", now)
+  local due = lists.select_items(items, "queued", now)
   local out, dict = {}, self.dict
   for _, it in ipairs(due) do
     if #out >= limit then break end
@@ -537,61 +508,35 @@ function Store:claim(now, lease, limit)
   return out
 end
 
-local function update(self, id, changes, exptime)
-  local k = item_key(self, id)
-  local it = decode_item(self.dict:get(k))
-  if not it then return false end
-  for f, v in pairs(changes) do it[f] = v end
-  if changes.died_at == nil then it.died_at = nil end
-  local ok, err = put(self, k, encode_item(it), exptime)
-  if not ok then return nil, err end
-  return true
-end
+local UPDATE = lists.update_item
 
-function Store:reschedule(id, next_at, attempts, last_error)
-  id, next_at, attempts, last_error = check(self, "reschedule", id, next_at, attempts, last_error)
-  local it = decode_item(self.dict:get(item_key(self, id)))
-  if not it then return false end
-  return update(self, id, { state = "queued", next_at = next_at, attempts = attempts or it.attempts,
-                            last_error = last_error })
-end
-
-function Store:finish(id)
-  check(self, "finish", id)
-  local k = item_key(self, id)
-  if self.dict:get(k) == nil then return false end
-  del(self, k)
-  return true
-end
-
--- finish_many{ id, ... } -> the number of items deleted
-function Store:finish_many(ids)
-  check_open(self, "finish_many")
-  local n = 0
-  for i = 1, U.check_ids(ids, "finish_many") do
-    local k = item_key(self, ids[i])
-    if self.dict:get(k) ~= nil then
-      del(self, k)
-      n = n + 1
+function Backend:update_items(op, list, n)
+  local change, count = UPDATE[op], 0
+  for i = 1, n do
+    local r = list[i]
+    local key = item_key(self, change and r.id or r)
+    local raw = self.dict:get(key)
+    local it = change and decode_item(raw)
+    if it then
+      change(it, r)
+      local exptime = op == "kill" and self.dead_ttl or nil   -- a dead item is kept dead_ttl
+      local ok, err = put(self, key, encode_item(it), exptime)
+      if not ok then return nil, err end
+      count = count + 1
+    elseif raw ~= nil and not change then
+      del(self, key)
+      count = count + 1
     end
   end
-  return n
+  return count
 end
 
-function Store:kill(id, last_error, now, attempts)
-  id, last_error, now, attempts = check(self, "kill", id, last_error, now, attempts)
-  return update(self, id, { state = "dead", last_error = last_error, died_at = now,
-                            attempts = attempts }, self.dead_ttl)
+function Backend:list_items(state, limit)
+  return lists.first(lists.select_items((live_items(self)), state), limit)
 end
 
-function Store:outbox(state, limit)
-  state, limit = check(self, "outbox", state, limit)
-  return U.first(U.select_items((live_items(self)), state), limit)
-end
-
-function Store:outbox_counts()
-  check_open(self, "outbox_counts")
-  return U.outbox_counts((live_items(self)))
+function Backend:count_items()
+  return lists.count_items((live_items(self)))
 end
 
 ---------------------------------------------------------------------------------------
@@ -602,7 +547,7 @@ local function slot_key(self, seq)
   return self.p .. "l:" .. ((seq - 1) % self.ledger_size + 1)
 end
 
--- One checked entry into the ring; a full dict drops it.
+-- One entry into the ring; a full dict drops it.
 local function record(self, e)
   local seq = self.dict:incr(self.p .. "l#", 1, 0)
   if not seq then return end
@@ -614,17 +559,8 @@ local function record(self, e)
   self.dict:safe_set(k, cjson.encode(e))
 end
 
-function Store:record(entry)
-  local e = check(self, "record", entry)
-  record(self, e)
-  return true
-end
-
--- record_many{ entry, ... } -> true
-function Store:record_many(entries)
-  check_open(self, "record_many")
-  local list = U.ledger_entries(entries)
-  for i = 1, #list do record(self, list[i]) end
+function Backend:record(list, n)
+  for i = 1, n do record(self, layout_copy(ENTRY, list[i])) end
   return true
 end
 
@@ -642,47 +578,47 @@ local function entries(self)
   return list
 end
 
-function Store:ledger(opts)
-  local o = check(self, "ledger", opts)
-  return U.ledger_list(entries(self), o)
+function Backend:ledger(since, status, limit)
+  return lists.ledger(entries(self), since, status, limit)
 end
 
-function Store:counts(opts)
-  local o = check(self, "counts", opts)
-  return U.count_entries(entries(self), o.since)
-end
-
-function Store:rate(opts)
-  local o = check(self, "rate", opts)
-  return U.rate_entries(entries(self), o.since, o.bucket)
+function Backend:tally(since, bucket)
+  return lists.tally(entries(self), since, bucket)
 end
 
 ---------------------------------------------------------------------------------------
 -- Meta and life
 ---------------------------------------------------------------------------------------
 
-function Store:get_meta(name)
-  check(self, "get_meta", name)
-  return self.dict:get(self.p .. "meta:" .. name)
+-- (the salt keeps the key it had before it was a meta value: a reload keeps the hashes)
+local function meta_key(self, name)
+  if name == "salt" then return self.p .. "salt" end
+  return self.p .. "meta:" .. name
 end
 
-function Store:set_meta(name, value)
-  name, value = check(self, "set_meta", name, value)
-  local k = self.p .. "meta:" .. name
+function Backend:get_meta(name)
+  return self.dict:get(meta_key(self, name))
+end
+
+function Backend:set_meta(name, value, only_if_absent)
+  local k = meta_key(self, name)
   if value == nil then
     del(self, k)
+    return true
+  end
+  if only_if_absent then
+    local ok, err = self.dict:safe_add(k, value)   -- the first worker's value wins
+    if ok then
+      added(self, k)
+    elseif err ~= "exists" then
+      return nil, failure(self, "cannot write to the shared dict: " .. tostring(err), false)
+    end
     return true
   end
   return put(self, k, value)
 end
 
-function Store:close()
-  self.closed = true
-  return true
-end
-
-Store.__tostring = function(self)
-  return "stella.store.shdict (" .. self.name .. ")" .. (self.closed and " (closed)" or "")
+function Backend:close()
 end
 
 return setmetatable(M, { __call = function(_, ...) return M.new(...) end })

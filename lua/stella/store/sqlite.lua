@@ -1,4 +1,4 @@
--- stella.store.sqlite: the store interface on an SQLite file (through LuaDBI), safe for
+-- stella.store.sqlite: the store backend on an SQLite file (through LuaDBI), safe for
 -- several processes on one machine: WAL journal, a busy timeout, every write in a
 -- `BEGIN IMMEDIATE` transaction retried while the database is busy.
 --
@@ -15,21 +15,25 @@
 --     again: a statement that failed is closed and prepared afresh on its next use;
 --   * fetch raises on a failed step: rows are read under pcall.
 --
--- The *_many methods write n rows with multi-row statements (32, 16, ... rows each; see
--- MULTI). The connection runs with secure_delete ON (deleted outbox bodies are
--- overwritten), synchronous NORMAL, statement journals in memory (temp_store) and a WAL
--- checkpointed every WAL_CHECKPOINT pages.
+-- The primitives are those of the contract in stella.store (lua/stella/store/init.lua);
+-- the tables, column lists and INSERTs come from the row layouts of stella.store.rows.
+-- n rows are written with multi-row statements (up to 32 rows each; see MULTI), their
+-- parameters bound straight from the row tables by code made from those layouts. The
+-- connection runs with secure_delete ON (deleted outbox bodies are overwritten),
+-- synchronous NORMAL, statement journals in memory (temp_store) and a WAL checkpointed
+-- every WAL_CHECKPOINT pages.
 local store = require "stella.store"
-local core = require "stella.core"
+local layouts = require "stella.store.rows"
 local DBI = require "DBI"
 require "dbd.sqlite3"   -- LuaDBI's SQLite driver: fail on load, not on first use, without it
 
-local U = store._util
-local error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall =
-  error, ipairs, pairs, setmetatable, tonumber, tostring, type, pcall
-local concat, floor, format, char = table.concat, math.floor, string.format, string.char
-local pack, unpack = U.pack, U.unpack
+local assert, error, ipairs, load, pairs, setmetatable, tonumber, tostring, type, pcall =
+  assert, error, ipairs, load, pairs, setmetatable, tonumber, tostring, type, pcall
+local concat, floor, format, char, rep = table.concat, math.floor, string.format, string.char, string.rep
+local unpack = table.unpack or unpack   -- luacheck: ignore (unpack is the 5.1 name)
 local math_type, tointeger = math.type, math.tointeger   -- nil on LuaJIT
+
+local ITEM, STORED_ITEM, ENTRY, MARK = layouts.item, layouts.stored_item, layouts.entry, layouts.mark
 
 -- The clock for the busy timeout (not for the data: those times are passed in), and a
 -- short sleep between retries of a busy BEGIN when SQLite's own busy handler did not wait:
@@ -47,50 +51,24 @@ local SCHEMA_VERSION = 1
 local WAL_CHECKPOINT = 10000              -- pages (40 MiB of 4 KiB pages)
 local WAL_LIMIT = 64 * 1024 * 1024        -- bytes
 
+-- The tables, made from the row layouts (stella.store.rows).
+local function create_table(name, layout, first)
+  local cols = {}
+  if first then cols[1] = first end
+  for _, f in ipairs(layout) do cols[#cols + 1] = f.column .. (f.sql ~= "" and (" " .. f.sql) or "") end
+  return "CREATE TABLE IF NOT EXISTS " .. name .. " (" .. concat(cols, ", ") .. ")"
+end
+
 local SCHEMA = {
-  [[CREATE TABLE IF NOT EXISTS meta (
-      name  TEXT PRIMARY KEY NOT NULL,
-      value TEXT NOT NULL)]],
-  [[CREATE TABLE IF NOT EXISTS marks (
-      key       TEXT PRIMARY KEY NOT NULL,
-      until_at  NUMERIC NOT NULL,
-      outbox_id)]],
+  "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+  create_table("marks", MARK),
   "CREATE INDEX IF NOT EXISTS marks_outbox ON marks (outbox_id)",
   "CREATE INDEX IF NOT EXISTS marks_until ON marks (until_at)",
-  [[CREATE TABLE IF NOT EXISTS unsubscribes (
-      hash TEXT PRIMARY KEY NOT NULL,
-      time NUMERIC NOT NULL)]],
-  [[CREATE TABLE IF NOT EXISTS outbox (
-      id             INTEGER PRIMARY KEY AUTOINCREMENT,
-      kind           TEXT NOT NULL,
-      body           BLOB NOT NULL,
-      brand          TEXT,
-      event_id       TEXT,
-      interaction_id TEXT,
-      customer_hash  TEXT,
-      created_at     NUMERIC NOT NULL,
-      next_at        NUMERIC NOT NULL,
-      attempts       INTEGER NOT NULL DEFAULT 0,
-      state          TEXT NOT NULL DEFAULT 'queued',
-      last_error     TEXT,
-      died_at        NUMERIC)]],
+  "CREATE TABLE IF NOT EXISTS unsubscribes (hash TEXT PRIMARY KEY NOT NULL, time NUMERIC NOT NULL)",
+  create_table("outbox", STORED_ITEM),
   "CREATE INDEX IF NOT EXISTS outbox_state_next ON outbox (state, next_at, id)",
   "CREATE INDEX IF NOT EXISTS outbox_state_died ON outbox (state, died_at)",
-  [[CREATE TABLE IF NOT EXISTS ledger (
-      id             INTEGER PRIMARY KEY,
-      time           NUMERIC NOT NULL,
-      status         TEXT NOT NULL,
-      reason         TEXT,
-      event_id       TEXT,
-      interaction_id TEXT,
-      brand          TEXT,
-      channel        TEXT,
-      detail         TEXT,
-      request_id     TEXT,
-      error_kind     TEXT,
-      error_message  TEXT,
-      customer_hash  TEXT,
-      attempts       INTEGER)]],
+  create_table("ledger", ENTRY, "id INTEGER PRIMARY KEY"),
   "CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time)",
   "CREATE INDEX IF NOT EXISTS ledger_status_time ON ledger (status, time)",
 }
@@ -131,97 +109,116 @@ local function reservation(v)
   return v
 end
 
+
 -- Statements -------------------------------------------------------------------------------
 
-local ITEM_TEXT = { "body", "brand", "event_id", "interaction_id", "customer_hash", "last_error" }
-local ITEM_HEX = hex_names(ITEM_TEXT)
-local ITEM_COLUMNS = "id, kind, " .. bin("body") .. ", " .. bin("brand") .. ", " .. bin("event_id") .. ", " ..
-  bin("interaction_id") .. ", " .. bin("customer_hash") .. ", created_at, next_at, attempts, state, " ..
-  bin("last_error") .. ", died_at"
-
-local LEDGER_TEXT = U.ledger_text_fields   -- every text field of an entry may hold any bytes
-local LEDGER_HEX = hex_names(LEDGER_TEXT)
-local LEDGER_SELECT
-do
-  local cols = { "time", "status", "attempts" }
-  for _, name in ipairs(LEDGER_TEXT) do cols[#cols + 1] = bin(name) end
-  LEDGER_SELECT = concat(cols, ", ")
+-- The select list of a layout's columns, those that may hold any bytes through bin(), and
+-- the names read that way.
+local function select_list(layout)
+  local cols, hex = {}, {}
+  for _, f in ipairs(layout) do
+    local k = f.kind
+    if k == "text" or k == "any_text" or k == "bytes" then
+      cols[#cols + 1] = bin(f.column)
+      hex[f.column] = f.column .. "_hex"
+    else
+      cols[#cols + 1] = f.column
+    end
+  end
+  return concat(cols, ", "), hex
 end
-local LEDGER_COLUMNS = "time, status, reason, event_id, interaction_id, brand, channel, detail, " ..
-  "request_id, error_kind, error_message, customer_hash, attempts"
 
-local MARK_HEX = hex_names{ "outbox_id" }
+local ITEM_COLUMNS, ITEM_HEX = select_list(STORED_ITEM)
+local LEDGER_SELECT, LEDGER_HEX = select_list(ENTRY)
 local VALUE_HEX = hex_names{ "value" }
 local REASON_HEX = hex_names{ "reason" }
 
 local SQL = {
-  get_mark = "SELECT until_at, " .. bin("outbox_id") .. " FROM marks WHERE key = ? AND until_at > ?",
-  put_mark = "INSERT OR REPLACE INTO marks (key, until_at, outbox_id) VALUES (?, ?, ?)",
-  confirm_marks = "UPDATE marks SET outbox_id = NULL WHERE outbox_id = ?",
-  release_marks = "DELETE FROM marks WHERE outbox_id = ?",
+  read_mark = "SELECT until_at, outbox_id FROM marks WHERE key = ? AND until_at > ?",
+  read_owner_hex = "SELECT hex(outbox_id) FROM marks WHERE key = ?",
   purge_marks = "DELETE FROM marks WHERE until_at <= ?",
-  unsubscribe = "INSERT OR REPLACE INTO unsubscribes (hash, time) VALUES (?, ?)",
-  resubscribe = "DELETE FROM unsubscribes WHERE hash = ?",
-  is_unsubscribed = "SELECT 1 AS x FROM unsubscribes WHERE hash = ?",
-  any_unsubscribes = "SELECT 1 AS x FROM unsubscribes LIMIT 1",
-  mark_until = "SELECT until_at FROM marks WHERE key = ? AND until_at > ?",
-  unsubscribed_count = "SELECT COUNT(*) AS n FROM unsubscribes",
-  enqueue = "INSERT INTO outbox (kind, body, brand, event_id, interaction_id, customer_hash, " ..
-    "created_at, next_at, attempts, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+  unsubscribed = "SELECT 1 AS x FROM unsubscribes WHERE hash = ?",
+  count_unsubscribed = "SELECT COUNT(*) AS n FROM unsubscribes",
   any_due = "SELECT 1 AS x FROM outbox WHERE state = 'queued' AND next_at <= ? LIMIT 1",
   due = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' AND next_at <= ? " ..
     "ORDER BY next_at, id LIMIT ?",
   lease = "UPDATE outbox SET next_at = ? WHERE id = ?",
-  reschedule = "UPDATE outbox SET state = 'queued', next_at = ?, attempts = COALESCE(?, attempts), " ..
+  requeue = "UPDATE outbox SET state = 'queued', next_at = ?, attempts = COALESCE(?, attempts), " ..
     "last_error = ?, died_at = NULL WHERE id = ?",
-  finish = "DELETE FROM outbox WHERE id = ?",
-  kill = "UPDATE outbox SET state = 'dead', last_error = ?, died_at = ?, attempts = COALESCE(?, attempts) " ..
-    "WHERE id = ?",
-  outbox_queued = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' ORDER BY next_at, id LIMIT ?",
-  outbox_dead = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'dead' " ..
+  kill = "UPDATE outbox SET state = 'dead', last_error = COALESCE(?, last_error), died_at = ?, " ..
+    "attempts = COALESCE(?, attempts) WHERE id = ?",
+  list_queued = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'queued' ORDER BY next_at, id LIMIT ?",
+  list_dead = "SELECT " .. ITEM_COLUMNS .. " FROM outbox WHERE state = 'dead' " ..
     "ORDER BY died_at DESC, id DESC LIMIT ?",
-  outbox_counts = "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state",
-  record = "INSERT INTO ledger (" .. LEDGER_COLUMNS .. ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+  count_items = "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state",
   get_meta = "SELECT " .. bin("value") .. " FROM meta WHERE name = ?",
   set_meta = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+  add_meta = "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
   delete_meta = "DELETE FROM meta WHERE name = ?",
-  read_meta = "SELECT name, value FROM meta WHERE name IN ('schema_version', 'salt')",
-  salt = "INSERT OR IGNORE INTO meta (name, value) VALUES ('salt', ?)",
-  schema_version = "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
+  schema_version = "SELECT value FROM meta WHERE name = 'schema_version'",
+  set_schema_version = "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
 }
 
--- Multi-row statements for the *_many methods: a list of n rows goes through statements of
--- 32, 16, 8, 4, 2 and 1 rows (at most six executes, and six cached statements per kind,
--- for any n below 64).
+-- Multi-row statements: a list of n rows goes through statements of 32 (or fewer, see
+-- MAX_SLOTS), 16, 8, 4, 2 and 1 rows (a handful of executes, and at most six cached
+-- statements per kind, for any n below 64).
 local CHUNKS = { 32, 16, 8, 4, 2, 1 }
+local MAX_SLOTS = 240   -- a Lua function's registers (LuaJIT: 250): rows bound at once
 
-local MULTI = {
-  put_mark = { "INSERT OR REPLACE INTO marks (key, until_at, outbox_id) VALUES ", 3 },
-  enqueue = { "INSERT INTO outbox (kind, body, brand, event_id, interaction_id, customer_hash, " ..
-    "created_at, next_at, attempts, state) VALUES ", 9, ", 'queued'" },
-  record = { "INSERT INTO ledger (" .. LEDGER_COLUMNS .. ") VALUES ", 13 },
+local MULTI = {   -- { SQL up to the rows, layout or values a row, after each row's values, "IN" list }
+  put_marks = { "INSERT OR REPLACE INTO marks (" .. layouts.columns(MARK) .. ") VALUES ", MARK },
+  enqueue = { "INSERT INTO outbox (" .. layouts.columns(ITEM) .. ", state) VALUES ", ITEM, ", 'queued'" },
+  record = { "INSERT INTO ledger (" .. layouts.columns(ENTRY) .. ") VALUES ", ENTRY },
+  unsubscribe = { "INSERT OR REPLACE INTO unsubscribes (hash, time) VALUES ", 2 },
+  resubscribe = { "DELETE FROM unsubscribes WHERE hash IN ", 1, nil, true },
   confirm_marks = { "UPDATE marks SET outbox_id = NULL WHERE outbox_id IN ", 1, nil, true },
-  finish = { "DELETE FROM outbox WHERE id IN ", 1, nil, true },
+  release_marks = { "DELETE FROM marks WHERE outbox_id IN ", 1, nil, true },
+  delete_items = { "DELETE FROM outbox WHERE id IN ", 1, nil, true },
 }
+
+-- bind(list, i) -> the parameters of rows list[i .. i + n - 1] of a layout, field after
+-- field in the layout's order, made once per layout and n. (Written out: it runs for
+-- every row the trigger writes.)
+local function binder(layout, n)
+  local locals, reads, values = {}, {}, {}
+  for r = 1, n do
+    locals[r], reads[r] = "r" .. r, "list[i + " .. (r - 1) .. "]"
+    for j = 1, layout.width do values[#values + 1] = format("r%d[%q]", r, layout[j].name) end
+  end
+  local src = "return function(list, i)\nlocal " .. concat(locals, ", ") .. " = " .. concat(reads, ", ") ..
+    "\nreturn " .. concat(values, ", ") .. "\nend"
+  return assert(load(src, "=stella.store.sqlite bind(" .. layout.name .. ", " .. n .. ")"))()
+end
+
+-- The same for plain values, `width` a row (ids, hashes; unsubscribes' hash and time).
+local function flat_binder(width, n)
+  return function(list, i)
+    return unpack(list, (i - 1) * width + 1, (i - 1 + n) * width)
+  end
+end
+
 for _, m in pairs(MULTI) do
-  local prefix, width, extra, list = m[1], m[2], m[3] or "", m[4]
-  local sql = {}
+  local prefix, layout, extra, list = m[1], m[2], m[3] or "", m[4]
+  local width = type(layout) == "table" and layout.width or layout
+  local sql, bind, chunks = {}, {}, {}
   for _, n in ipairs(CHUNKS) do
-    if list then   -- "... IN (?, ?, ?)"
-      sql[n] = prefix .. "(" .. string.rep("?", n, ", ") .. ")"
-    else           -- "... VALUES (?, ?, 'queued'), (?, ?, 'queued')"
-      sql[n] = prefix .. string.rep("(" .. string.rep("?", width, ", ") .. extra .. ")", n, ", ")
+    if n * (width + 1) <= MAX_SLOTS then
+      chunks[#chunks + 1] = n
+      if list then   -- "... IN (?, ?, ?)"
+        sql[n] = prefix .. "(" .. rep("?", n, ", ") .. ")"
+      else           -- "... VALUES (?, ?, 'queued'), (?, ?, 'queued')"
+        sql[n] = prefix .. rep("(" .. rep("?", width, ", ") .. extra .. ")", n, ", ")
+      end
+      bind[n] = type(layout) == "table" and binder(layout, n) or flat_binder(width, n)
     end
   end
-  m.sql, m.width = sql, width
+  m.sql, m.bind, m.chunks = sql, bind, chunks
 end
 
 local M = {}
 
-local Store = {}
-Store.__index = Store
-
-local check_open, check = U.guards(Store)
+local Backend = {}
+Backend.__index = Backend
 
 -- Running statements -----------------------------------------------------------------------
 
@@ -237,10 +234,7 @@ end
 
 local function failure(self, msg)
   msg = clean(msg)
-  local err = store.error(self.path .. ": " .. msg, is_busy(msg))
-  -- a failed statement inside atomic makes the whole transaction roll back
-  if self.depth > 0 and not self.failed then self.failed = err end
-  return nil, err
+  return nil, store.error(self.path .. ": " .. msg, is_busy(msg))
 end
 
 -- Forgets a statement that failed (see the top of the file).
@@ -286,21 +280,20 @@ local function exec(self, sql, ...)
   return sth:affected()
 end
 
--- Runs the statements of MULTI[kind] over the rows held in `values` (row after row, `width`
--- values each, `count` rows). Calls after(self, first_row, rows) after each statement when
--- given. The number of changed rows, or nil, err.
-local function exec_multi(self, kind, values, count, after)
+-- Runs the statements of MULTI[kind] over the `count` rows of `list` (tables of the
+-- kind's layout, or plain values, as the kind binds them). Calls after(self, first_row,
+-- rows) after each statement when given. The number of changed rows, or nil, err.
+local function exec_multi(self, kind, list, count, after)
   local m = MULTI[kind]
-  local sql, width = m.sql, m.width
+  local sql, bind, chunks = m.sql, m.bind, m.chunks
   local row, total = 1, 0
   while row <= count do
     local left = count - row + 1
     local n = 1
-    for _, c in ipairs(CHUNKS) do
-      if c <= left then n = c; break end
+    for c = 1, #chunks do
+      if chunks[c] <= left then n = chunks[c]; break end
     end
-    local first = (row - 1) * width + 1
-    local changed, err = exec(self, sql[n], unpack(values, first, first + n * width - 1))
+    local changed, err = exec(self, sql[n], bind[n](list, row))
     if not changed then return nil, err end
     total = total + changed
     if after then after(self, row, n) end
@@ -311,7 +304,7 @@ end
 
 -- A query: an array of rows (tables keyed by column name, NULL columns absent), or nil,
 -- err. `names`: the columns read through bin(), or nil.
-local function rows(self, sql, names, ...)
+local function query(self, sql, names, ...)
   local sth, err = run_raw(self, sql, ...)
   if not sth then return failure(self, err) end
   local ok, list = pcall(fetch_all, sth)
@@ -375,60 +368,58 @@ local function rollback(self)
   run_raw(self, "ROLLBACK")   -- fails harmlessly if SQLite already rolled back
 end
 
-function Store:atomic(fn, ...)
-  check(self, "atomic", fn)
-  if self.depth > 0 then return fn(...) end   -- nested: part of the outer transaction
+function Backend:begin()
   local ok, err = exec_retry(self, "BEGIN IMMEDIATE")
   if not ok then return nil, err end
-  self.depth, self.failed = 1, nil
-  local res = pack(pcall(fn, ...))
-  self.depth = 0
-  local failed = self.failed
-  self.failed = nil
-  if not res[1] then
-    rollback(self)
-    error(res[2], 0)
-  end
-  if failed then
-    rollback(self)
-    return nil, failed
-  end
-  ok, err = exec_retry(self, "COMMIT")
-  if not ok then
-    rollback(self)
-    return nil, err
-  end
-  return unpack(res, 2, res.n)
+  self.depth = 1
+  return true
 end
 
--- Runs fn(self, ...) in a transaction of its own, or in the caller's when inside atomic.
+function Backend:commit()
+  local ok, err = exec_retry(self, "COMMIT")
+  if not ok then return nil, err end
+  self.depth = 0
+  return true
+end
+
+function Backend:rollback()
+  self.depth = 0
+  rollback(self)
+end
+
+-- Runs fn(self, ...) in a transaction of its own, or in the caller's when inside one: a
+-- primitive called outside a transaction is all or nothing by itself.
 local function write(self, fn, ...)
   if self.depth > 0 then return fn(self, ...) end
-  return self:atomic(fn, self, ...)
+  local ok, err = self:begin()
+  if not ok then return nil, err end
+  local r
+  r, err = fn(self, ...)
+  if r == nil then
+    self:rollback()
+    return nil, err
+  end
+  ok, err = self:commit()
+  if not ok then
+    self:rollback()
+    return nil, err
+  end
+  return r
 end
 
 -- Opening ----------------------------------------------------------------------------------
 
-local function read_meta(self)
-  local list = rows(self, SQL.read_meta, nil)   -- both are ASCII
-  local meta = {}
-  for _, r in ipairs(list or {}) do meta[r.name] = r.value end
-  return meta
-end
-
-local function create_schema(self, salt)
+local function create_schema(self)
   for _, sql in ipairs(SCHEMA) do
     local sth, err = run_raw(self, sql)
     if not sth then return failure(self, err) end
     drop(self, sql, sth)   -- used once
   end
-  local done, err = exec(self, SQL.salt, salt)
-  if not done then return nil, err end
-  return exec(self, SQL.schema_version, tostring(SCHEMA_VERSION))
+  return exec(self, SQL.set_schema_version, tostring(SCHEMA_VERSION))
 end
 
 local function pragma(self, sql)
-  local list, err = rows(self, sql)
+  local list, err = query(self, sql)
   if not list then return nil, err end
   local sth = self.stmts[sql]
   if sth then drop(self, sql, sth) end   -- used once
@@ -459,23 +450,14 @@ local function init(self)
   ok, err = pragma(self, "PRAGMA journal_size_limit = " .. WAL_LIMIT)
   if not ok then return nil, err end
 
-  local meta = read_meta(self)
-  local version = tonumber(meta.schema_version)
-  if not (version == SCHEMA_VERSION and meta.salt) then
-    if version and version > SCHEMA_VERSION then
-      return nil, store.error(self.path .. ": schema version " .. version ..
-        " is newer than this version of stella supports (" .. SCHEMA_VERSION .. ")", false)
-    end
-    local salt, serr = U.new_salt()
-    if not salt then return nil, serr end
-    ok, err = self:atomic(create_schema, self, salt)
-    if not ok then return nil, err end
-    meta = read_meta(self)
+  -- (the salt, also in meta, is the base's: stella.store.open)
+  local r = row(self, SQL.schema_version, nil)   -- no table yet: nil, err
+  local version = r and tonumber(r.value)
+  if version and version > SCHEMA_VERSION then
+    return nil, store.error(self.path .. ": schema version " .. version ..
+      " is newer than this version of stella supports (" .. SCHEMA_VERSION .. ")", false)
   end
-  if type(meta.salt) ~= "string" or #meta.salt < 32 then
-    return nil, store.error(self.path .. ": cannot read the salt", false)
-  end
-  self.salt = meta.salt
+  if version ~= SCHEMA_VERSION then return write(self, create_schema) end
   return true
 end
 
@@ -489,7 +471,7 @@ function M.new(path, opts)
   end
   local timeout = opts and opts.busy_timeout
   if timeout == nil then timeout = 5 end
-  if not U.is_finite(timeout) or timeout < 0 then
+  if not store.is_finite(timeout) or timeout < 0 then
     error("stella.store.sqlite: opts.busy_timeout must be a non-negative number of seconds", 2)
   end
 
@@ -499,164 +481,112 @@ function M.new(path, opts)
   -- transaction to roll back, which is the case here)
   db:autocommit(true)
   local self = setmetatable({
-    path = path, db = db, stmts = {}, busy_timeout = timeout, depth = 0, closed = false,
-  }, Store)
+    name = "stella.store.sqlite(" .. path .. ")", path = path, db = db, stmts = {}, busy_timeout = timeout,
+    depth = 0, closed = false,
+  }, Backend)
   local ok, err = init(self)
   if not ok then
     self:close()
     return nil, err
   end
-  return self
+  return store.open(self)
 end
-
--- Hashing ----------------------------------------------------------------------------------
-
-function Store:hash_email(email)
-  check(self, "hash_email", email)
-  return core.sha256(self.salt .. U.normalize_email(email))
-end
-
 -- Marks ------------------------------------------------------------------------------------
 
-function Store:get_mark(key, now)
-  check(self, "get_mark", key, now)
-  local r, err = row(self, SQL.get_mark, MARK_HEX, key, now)
-  if not r then return nil, err end
-  return r.until_at, reservation(r.outbox_id)
-end
-
--- For the trigger (not part of the interface; key and now already checked by the caller):
--- the until of the active mark under key, or nil (nil, err on a failure).
-local function fetch_until(sth)
+-- until, owner of one mark; run to completion. Raises when a step fails (call it under
+-- pcall).
+local function fetch_mark(sth)
   local r = sth:fetch(false)
   if r and sth:fetch(false) then
     while sth:fetch(false) do end
   end
-  return r and r[1]
+  if not r then return nil end
+  return r[1], r[2]
 end
 
-function Store:_mark_until(key, now)
-  check_open(self, "_mark_until")
-  local sql = SQL.mark_until
-  local sth, err = run_raw(self, sql, key, now)
+-- One column of the one row of an executed statement (see fetch_mark).
+local function read_one(self, sql, ...)
+  local sth, err = run_raw(self, sql, ...)
   if not sth then return failure(self, err) end
-  local ok, u = pcall(fetch_until, sth)
+  local ok, u, owner = pcall(fetch_mark, sth)
   if not ok then
     drop(self, sql, sth)
     return failure(self, u)
   end
-  return u
+  return true, u, owner
 end
 
-local function put_mark(self, key, until_, outbox_id)
-  local n, err = exec(self, SQL.put_mark, key, until_, outbox_id)
+function Backend:read_marks(keys, n, now)
+  local untils, owners, sql = {}, {}, SQL.read_mark
+  for i = 1, n do
+    local ok, u, owner = read_one(self, sql, keys[i], now)
+    if not ok then return nil, u end
+    if owner ~= nil then
+      if type(owner) == "string" then   -- (ids are integers) read whole: it may hold a NUL
+        local hex
+        ok, hex = read_one(self, SQL.read_owner_hex, keys[i])
+        if not ok then return nil, hex end
+        owner = unhex(hex)
+      else
+        owner = reservation(owner)
+      end
+      owners[i] = owner
+    end
+    untils[i] = u
+  end
+  return untils, owners
+end
+
+local function exec_true(self, ...)
+  local n, err = exec_multi(self, ...)
   if not n then return nil, err end
   return true
 end
 
-function Store:put_mark(key, until_, outbox_id)
-  check(self, "put_mark", key, until_, outbox_id)
-  return write(self, put_mark, key, until_, outbox_id)
+function Backend:put_marks(list, n)
+  return write(self, exec_true, "put_marks", list, n)
 end
 
-function Store:confirm_marks(outbox_id)
-  check(self, "confirm_marks", outbox_id)
-  return write(self, exec, SQL.confirm_marks, outbox_id)
+function Backend:settle_marks(ids, n, keep)
+  return write(self, exec_multi, keep and "confirm_marks" or "release_marks", ids, n)
 end
 
-local function put_mark_many(self, values, count)
-  local n, err = exec_multi(self, "put_mark", values, count)
-  if not n then return nil, err end
-  return true
-end
-
--- put_mark_many{ { key = k, ["until"] = t, outbox_id = id|nil }, ... } -> true: put_mark for
--- each, in order, in one transaction.
-function Store:put_mark_many(marks)
-  check_open(self, "put_mark_many")
-  local values, n = U.mark_values(marks)
-  if n == 0 then return true end
-  return write(self, put_mark_many, values, n)
-end
-
--- confirm_marks_many{ id, ... } -> n: confirm_marks for each, in one transaction; the number
--- of marks confirmed.
-function Store:confirm_marks_many(ids)
-  check_open(self, "confirm_marks_many")
-  local n = U.check_ids(ids, "confirm_marks_many", true)
-  if n == 0 then return 0 end
-  return write(self, exec_multi, "confirm_marks", ids, n)
-end
-
-function Store:release_marks(outbox_id)
-  check(self, "release_marks", outbox_id)
-  return write(self, exec, SQL.release_marks, outbox_id)
-end
-
-function Store:purge_marks(now)
-  check(self, "purge_marks", now)
+function Backend:purge_marks(now)
   return write(self, exec, SQL.purge_marks, now)
 end
 
 -- Unsubscribes -----------------------------------------------------------------------------
 
-local function exec_true(self, sql, ...)
-  local n, err = exec(self, sql, ...)
-  if not n then return nil, err end
-  return true
+function Backend:set_unsubscribed(hashes, n, now)
+  if now == nil then return write(self, exec_true, "resubscribe", hashes, n) end
+  local values = {}
+  for i = 1, n do values[2 * i - 1], values[2 * i] = hashes[i], now end
+  return write(self, exec_true, "unsubscribe", values, n)
 end
 
-function Store:unsubscribe(hash, now)
-  check(self, "unsubscribe", hash, now)
-  return write(self, exec_true, SQL.unsubscribe, hash, now)
+function Backend:unsubscribed(hashes, n)
+  local flags = {}
+  for i = 1, n do
+    local r, err = row(self, SQL.unsubscribed, nil, hashes[i])
+    if r == nil then return nil, err end
+    flags[i] = r ~= false
+  end
+  return flags
 end
 
-function Store:resubscribe(hash)
-  check(self, "resubscribe", hash)
-  return write(self, exec_true, SQL.resubscribe, hash)
-end
-
-function Store:is_unsubscribed(hash)
-  check(self, "is_unsubscribed", hash)
-  local r, err = row(self, SQL.is_unsubscribed, nil, hash)
-  if r == nil then return nil, err end
-  return r ~= false
-end
-
--- For the trigger (not part of the interface): false when no address is unsubscribed,
--- true otherwise (and when the answer is unknown).
-function Store:_any_unsubscribes()
-  check_open(self, "_any_unsubscribes")
-  local r = row(self, SQL.any_unsubscribes, nil)
-  return r ~= false
-end
-
-function Store:unsubscribed_count()
-  check_open(self, "unsubscribed_count")
-  local r, err = row(self, SQL.unsubscribed_count, nil)
+function Backend:count_unsubscribed()
+  local r, err = row(self, SQL.count_unsubscribed, nil)
   if not r then return nil, err end
   return r.n
 end
 
 -- Outbox -----------------------------------------------------------------------------------
 
-local function enqueue(self, it)
-  local n, err = exec(self, SQL.enqueue, it.kind, it.body, it.brand, it.event_id, it.interaction_id,
-    it.customer_hash, it.created_at, it.next_at, it.attempts)
-  if not n then return nil, err end
-  return self.db:last_id()
-end
-
-function Store:enqueue(item)
-  local it = check(self, "enqueue", item)
-  return write(self, enqueue, it)
-end
-
-local function enqueue_many(self, values, count)
+local function enqueue(self, list, count)
   local ids = {}
   -- one INSERT of n rows gives them consecutive ids (the write lock is held): the last
   -- one's and the n - 1 before it
-  local n, err = exec_multi(self, "enqueue", values, count, function(s, first, rows)
+  local n, err = exec_multi(self, "enqueue", list, count, function(s, first, rows)
     local last = s.db:last_id()
     for i = 0, rows - 1 do ids[first + i] = last - rows + 1 + i end
   end)
@@ -664,18 +594,14 @@ local function enqueue_many(self, values, count)
   return ids
 end
 
--- enqueue_many{ item, ... } -> { id, ... }: enqueue for each, in order, in one transaction.
-function Store:enqueue_many(items)
-  check_open(self, "enqueue_many")
-  local values, n = U.outbox_values(items)
-  if n == 0 then return {} end
-  return write(self, enqueue_many, values, n)
+function Backend:enqueue(list, n)
+  return write(self, enqueue, list, n)
 end
 
-local function claim(self, now, lease, limit)
-  local list, err = rows(self, SQL.due, ITEM_HEX, now, limit)
+local function lease(self, now, lease_, limit)
+  local list, err = query(self, SQL.due, ITEM_HEX, now, limit)
   if not list or #list == 0 then return list, err end
-  local until_ = now + lease
+  local until_ = now + lease_
   for _, it in ipairs(list) do
     local n
     n, err = exec(self, SQL.lease, until_, it.id)
@@ -685,55 +611,44 @@ local function claim(self, now, lease, limit)
   return list
 end
 
-function Store:claim(now, lease, limit)
-  now, lease, limit = check(self, "claim", now, lease, limit)
+function Backend:lease(now, lease_, limit)
   if self.depth == 0 then
     -- nothing due: answer without taking the write lock (workers poll)
     local due, err = row(self, SQL.any_due, nil, now)
     if due == nil then return nil, err end
-    if not due or limit == 0 then return {} end
+    if not due then return {} end
   end
-  return write(self, claim, now, lease, limit)
+  return write(self, lease, now, lease_, limit)
 end
 
-local function changed(self, sql, ...)
-  local n, err = exec(self, sql, ...)
-  if not n then return nil, err end
-  return n > 0
+-- update_items' rows as the statement's parameters (the id last).
+local UPDATE = {
+  requeue = { SQL.requeue, function(r) return r.next_at, r.attempts, r.last_error, r.id end },
+  kill = { SQL.kill, function(r) return r.last_error, r.died_at, r.attempts, r.id end },
+}
+
+local function update_items(self, op, list, n)
+  if op == "delete" then return exec_multi(self, "delete_items", list, n) end
+  local u, total = UPDATE[op], 0
+  local sql, params = u[1], u[2]
+  for i = 1, n do
+    local c, err = exec(self, sql, params(list[i]))
+    if not c then return nil, err end
+    total = total + c
+  end
+  return total
 end
 
-function Store:reschedule(id, next_at, attempts, last_error)
-  id, next_at, attempts, last_error = check(self, "reschedule", id, next_at, attempts, last_error)
-  return write(self, changed, SQL.reschedule, next_at, attempts, last_error, id)
+function Backend:update_items(op, list, n)
+  return write(self, update_items, op, list, n)
 end
 
-function Store:finish(id)
-  check(self, "finish", id)
-  return write(self, changed, SQL.finish, id)
+function Backend:list_items(state, limit)
+  return query(self, state == "dead" and SQL.list_dead or SQL.list_queued, ITEM_HEX, limit)
 end
 
--- finish_many{ id, ... } -> n: finish for each, in one transaction; the number of items
--- deleted.
-function Store:finish_many(ids)
-  check_open(self, "finish_many")
-  local n = U.check_ids(ids, "finish_many")
-  if n == 0 then return 0 end
-  return write(self, exec_multi, "finish", ids, n)
-end
-
-function Store:kill(id, last_error, now, attempts)
-  id, last_error, now, attempts = check(self, "kill", id, last_error, now, attempts)
-  return write(self, changed, SQL.kill, last_error, now, attempts, id)
-end
-
-function Store:outbox(state, limit)
-  state, limit = check(self, "outbox", state, limit)
-  return rows(self, state == "dead" and SQL.outbox_dead or SQL.outbox_queued, ITEM_HEX, limit)
-end
-
-function Store:outbox_counts()
-  check_open(self, "outbox_counts")
-  local list, err = rows(self, SQL.outbox_counts, nil)
+function Backend:count_items()
+  local list, err = query(self, SQL.count_items, nil)
   if not list then return nil, err end
   local counts = { queued = 0, dead = 0 }
   for _, r in ipairs(list) do counts[r.state] = r.n end
@@ -742,131 +657,72 @@ end
 
 -- Ledger -----------------------------------------------------------------------------------
 
-local function record(self, e)
-  local n, err = exec(self, SQL.record, e.time, e.status, e.reason, e.event_id, e.interaction_id, e.brand,
-    e.channel, e.detail, e.request_id, e.error_kind, e.error_message, e.customer_hash, e.attempts)
-  if not n then return nil, err end
-  return true
+function Backend:record(list, n)
+  return write(self, exec_true, "record", list, n)
 end
 
-function Store:record(entry)
-  local e = check(self, "record", entry)
-  return write(self, record, e)
-end
-
-local function record_many(self, values, count)
-  local n, err = exec_multi(self, "record", values, count)
-  if not n then return nil, err end
-  return true
-end
-
--- record_many{ entry, ... } -> true: record for each, in order, in one transaction.
-function Store:record_many(entries)
-  check_open(self, "record_many")
-  local values, n = U.ledger_values(entries)
-  if n == 0 then return true end
-  return write(self, record_many, values, n)
-end
-
--- For the trigger (not part of the interface): the writes of enqueue_many ("enqueue", 9 values
--- a row), put_mark_many ("put_mark", 3), record_many ("record", 13), confirm_marks_many
--- ("confirm_marks", 1) and finish_many ("finish", 1) from rows already flat in `values`, in
--- the column order of those methods, and already checked by the caller: strings or nil in
--- the text columns, finite numbers in the numeric ones, integer ids. Returns what the public
--- method would.
-local WRITERS = {
-  enqueue = enqueue_many, put_mark = put_mark_many, record = record_many,
-}
-
-function Store:_write_values(kind, values, count)
-  check_open(self, "_write_values")
-  local fn = WRITERS[kind]
-  if fn then
-    if count == 0 then return kind == "enqueue" and {} or true end
-    return write(self, fn, values, count)
-  end
-  if kind ~= "confirm_marks" and kind ~= "finish" then
-    error("stella.store: _write_values: unknown kind " .. tostring(kind), 2)
-  end
-  if count == 0 then return 0 end
-  return write(self, exec_multi, kind, values, count)
-end
-
--- " WHERE ..." for the query options (with the extra condition `also`), and its values.
-local function where(o, also)
+-- " WHERE ..." for since and status, and its values.
+local function where(since, status)
   local parts, values = {}, {}
-  if o.since ~= nil then
+  if since ~= nil then
     parts[#parts + 1] = "time >= ?"
-    values[#values + 1] = o.since
+    values[#values + 1] = since
   end
-  if o.status ~= nil then
+  if status ~= nil then
     parts[#parts + 1] = "status = ?"
-    values[#values + 1] = o.status
+    values[#values + 1] = status
   end
-  if also then parts[#parts + 1] = also end
   return #parts > 0 and (" WHERE " .. concat(parts, " AND ")) or "", values
 end
 
-function Store:ledger(opts)
-  local o = check(self, "ledger", opts)
-  local w, values = where(o)
-  values[#values + 1] = o.limit
-  return rows(self, "SELECT " .. LEDGER_SELECT .. " FROM ledger" .. w .. " ORDER BY time DESC, id DESC LIMIT ?",
+function Backend:ledger(since, status, limit)
+  local w, values = where(since, status)
+  values[#values + 1] = limit
+  return query(self, "SELECT " .. LEDGER_SELECT .. " FROM ledger" .. w .. " ORDER BY time DESC, id DESC LIMIT ?",
     LEDGER_HEX, unpack(values, 1, #values))
 end
 
-function Store:counts(opts)
-  local o = check(self, "counts", opts)
-  o.status = nil
-  local w, values = where(o)
-  local list, err = rows(self, "SELECT status, " .. bin("reason") .. ", COUNT(*) AS n FROM ledger" .. w ..
-    " GROUP BY status, reason ORDER BY status, reason", REASON_HEX, unpack(values, 1, #values))
-  if not list then return nil, err end
-  for _, r in ipairs(list) do
-    r.count, r.n = r.n, nil
+function Backend:tally(since, bucket)
+  local w, values = where(since, nil)
+  if bucket == nil then
+    local list, err = query(self, "SELECT status, " .. bin("reason") .. ", COUNT(*) AS count FROM ledger" .. w ..
+      " GROUP BY status, reason", REASON_HEX, unpack(values, 1, #values))
+    return list, err
   end
-  return list
-end
-
-function Store:rate(opts)
-  local o = check(self, "rate", opts)
-  o.status = nil
-  local w, values = where(o, "status IN ('sent', 'recorded', 'failed', 'invalid', 'queued')")
-  table.insert(values, 1, o.bucket)
+  table.insert(values, 1, bucket)
   -- k = floor(time / bucket) in real arithmetic (CAST truncates towards zero)
-  local list, err = rows(self, "SELECT k, COUNT(*) AS total, " ..
-    "SUM(CASE WHEN status IN ('failed', 'invalid') OR (status = 'queued' AND " ..
-    "(reason IS NULL OR reason <> 'deferred')) THEN 1 ELSE 0 END) AS errors FROM (" ..   -- U.is_rate_error
+  local list, err = query(self, "SELECT k, status, " .. bin("reason") .. ", COUNT(*) AS count FROM (" ..
     "SELECT CAST(q AS INTEGER) - (q < CAST(q AS INTEGER)) AS k, status, reason FROM (" ..
-    "SELECT time * 1.0 / ? AS q, status, reason FROM ledger" .. w .. ")) GROUP BY k ORDER BY k",
-    nil, unpack(values, 1, #values))
+    "SELECT time * 1.0 / ? AS q, status, reason FROM ledger" .. w .. ")) GROUP BY k, status, reason",
+    REASON_HEX, unpack(values, 1, #values))
   if not list then return nil, err end
-  local out = {}
-  for i, r in ipairs(list) do
-    out[i] = { start = r.k * o.bucket, total = r.total, errors = r.errors }
-  end
-  return out
+  for _, r in ipairs(list) do r.start, r.k = r.k * bucket, nil end
+  return list
 end
 
 -- Meta -------------------------------------------------------------------------------------
 
-function Store:get_meta(name)
-  check(self, "get_meta", name)
+function Backend:get_meta(name)
   local r, err = row(self, SQL.get_meta, VALUE_HEX, name)
   if r == nil then return nil, err end
   return r and r.value or nil
 end
 
-function Store:set_meta(name, value)
-  name, value = check(self, "set_meta", name, value)
-  if value == nil then return write(self, exec_true, SQL.delete_meta, name) end
-  return write(self, exec_true, SQL.set_meta, name, value)
+local function set_meta(self, sql, ...)
+  local n, err = exec(self, sql, ...)
+  if not n then return nil, err end
+  return true
+end
+
+function Backend:set_meta(name, value, only_if_absent)
+  if value == nil then return write(self, set_meta, SQL.delete_meta, name) end
+  return write(self, set_meta, only_if_absent and SQL.add_meta or SQL.set_meta, name, value)
 end
 
 -- Life -------------------------------------------------------------------------------------
 
-function Store:close()
-  if self.closed then return true end
+function Backend:close()
+  if self.closed then return end
   self.closed = true
   if self.db then
     if self.depth > 0 then rollback(self) end
@@ -874,16 +730,12 @@ function Store:close()
     pcall(self.db.close, self.db)
   end
   self.db, self.stmts = nil, {}
-  return true
 end
 
 -- Lua 5.4 closes a forgotten store when it is collected; LuaJIT ignores __gc on tables.
-Store.__gc = function(self)
-  if not self.closed then pcall(Store.close, self) end
+Backend.__gc = function(self)
+  if not self.closed then pcall(Backend.close, self) end
 end
 
-Store.__tostring = function(self)
-  return "stella.store.sqlite(" .. self.path .. ")" .. (self.closed and " (closed)" or "")
-end
-
+M.Backend = Backend
 return M

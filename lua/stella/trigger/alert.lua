@@ -2,10 +2,10 @@
 -- when one of them is a failed or retried send, the failure rate of the last window is
 -- checked: above alert.threshold, on_alert is called, at most once per window across
 -- every process sharing the store.
-local store_mod = require "stella.store"
+local store_rows = require "stella.store.rows"
 
 local ipairs, tostring, tonumber, pcall = ipairs, tostring, tonumber, pcall
-local is_rate_error = store_mod._util.is_rate_error
+local is_rate_error = store_rows.is_rate_error
 
 local M = {}
 

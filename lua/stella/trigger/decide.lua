@@ -7,9 +7,9 @@ local rules_mod = require "stella.rules"
 local errors_mod = require "stella.error"
 local rows = require "stella.trigger.rows"
 
-local type, tostring, error, pcall = type, tostring, error, pcall
+local type, tostring = type, tostring
 local floor = math.floor
-local is_finite, sent_status, write = rows.is_finite, rows.sent_status, rows.write
+local sent_status = rows.sent_status
 
 local M = {}
 
@@ -58,14 +58,12 @@ local function env_for(self, now, batch)
   local env = batch.env
   if env and env.now == now then return env end
   local store, marks = self.store, batch.marks
-  local mark_until = store._mark_until   -- the stores' fast look-up, when they have one
   env = {
     now = now,
     lookup = function(mark)
       local key = mark_key(batch, mark)
       local until_ = marks[key]   -- put earlier in this batch: not in the store yet
       if until_ ~= nil then return until_ > now and until_ or nil end
-      if mark_until then return (mark_until(store, key, now)) end
       return (store:get_mark(key, now))
     end,
     unsubscribed = function(email)
@@ -164,30 +162,23 @@ local function enqueue_pending(self, batch, now)
   if n == 0 then return true end
   local store, hashes = self.store, batch.phash
   local next_at = now + self.outbox_opts.lease
-  local trusted = is_finite(now) and is_finite(next_at)
-  local values, k = {}, 0
+  local items = {}
   for i = 1, n do
     local o = pending[i]
-    local brand, h = o.brand, hashes[i]
-    if brand ~= nil and type(brand) ~= "string" then trusted = false end
-    values[k + 1], values[k + 2], values[k + 3], values[k + 4], values[k + 5], values[k + 6],
-      values[k + 7], values[k + 8], values[k + 9] =
-      "request", o.body, brand, o.event_id, o.interaction_id, h or nil, now, next_at, 0
-    k = k + 9
+    items[i] = { kind = "request", body = o.body, brand = o.brand, event_id = o.event_id,
+                 interaction_id = o.interaction_id, customer_hash = hashes[i] or nil,
+                 created_at = now, next_at = next_at, attempts = 0 }
   end
-  local ids, err = write(store, "enqueue", values, n, trusted)
+  local ids, err = store:enqueue_many(items)
   if not ids then return nil, err end
   for i = 1, n do pending[i].outbox_id = ids[i] end
   local pm, count = batch.pmarks, batch.npmarks
   if count == 0 then return true end
-  local mv = {}
-  trusted = true
+  local marks = {}
   for j = 1, count, 3 do
-    local until_, id = pm[j + 1], ids[pm[j + 2]]
-    if not (is_finite(until_) and type(id) == "number" and id % 1 == 0) then trusted = false end
-    mv[j], mv[j + 1], mv[j + 2] = pm[j], until_, id
+    marks[#marks + 1] = { key = pm[j], ["until"] = pm[j + 1], outbox_id = ids[pm[j + 2]] }
   end
-  return write(store, "put_mark", mv, floor(count / 3), trusted)
+  return store:put_mark_many(marks)
 end
 
 -- explain(event): the decision with every rule's verdict; writes nothing.
@@ -198,7 +189,6 @@ function M.explain(self, event, now)
 end
 
 local DECIDE_TRIES = 3
-local ROLLED_BACK = {}   -- key of the error a failed decide raises inside atomic
 
 -- Decides a batch of events at `now` in one transaction: rules, then the outbox items
 -- and marks of the requests to send. Returns the outcomes, the batch, and whether it was
@@ -221,24 +211,14 @@ function M.batch(self, events, now)
   -- other writer wrote (its customer is then suppressed here, not failed)
   for _ = 1, DECIDE_TRIES do
     outcomes, batch = {}, new_batch(self)
-    local pok, r1, r2 = pcall(store.atomic, store, function()
+    -- a failure inside (returned or not) rolls the whole batch back: nil, err
+    ok, serr = store:atomic(function()
       -- inside the transaction nothing else writes the store: with no unsubscribes at its
       -- start, none of this batch's events is unsubscribed (the rules cannot add one)
-      if store._any_unsubscribes and store:_any_unsubscribes() == false then batch.no_unsubscribes = true end
+      if store:unsubscribed_count() == 0 then batch.no_unsubscribes = true end
       for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
-      local done, err = enqueue_pending(self, batch, now)
-      -- raised, so that every store rolls the batch back (raising is what the interface
-      -- promises to undo; a store need not undo writes before a returned failure)
-      if not done then error({ [ROLLED_BACK] = err }, 0) end
-      return true
+      return enqueue_pending(self, batch, now)
     end)
-    if pok then
-      ok, serr = r1, r2
-    elseif type(r1) == "table" and r1[ROLLED_BACK] ~= nil then
-      ok, serr = nil, r1[ROLLED_BACK]
-    else
-      error(r1, 0)   -- not a store failure: a bug to see
-    end
     if ok or not (type(serr) == "table" and serr.retryable) then break end
   end
   if not ok then   -- rolled back: nothing was reserved or queued

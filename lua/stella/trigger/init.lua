@@ -5,7 +5,7 @@
 --   send.lua      the requests sent, in line or on a background thread
 --   settle.lua    sent, requeued or failed; marks confirmed or released; the ledger
 --                 (one transaction)
---   rows.lua      the rows those two transactions write, and how a batch of them is written
+--   rows.lua      a sent request's ledger status; an outcome's ledger entry
 --   pipeline.lua  batches overlapped: one decided while another is sent
 --   flush.lua     the outbox replayed
 --   alert.lua     outcomes counted; the failure-rate alert

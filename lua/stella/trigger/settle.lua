@@ -8,9 +8,7 @@ local send = require "stella.trigger.send"
 
 local pairs, ipairs, tostring = pairs, ipairs, tostring
 local floor, min = math.floor, math.min
-local is_finite, sent_status, ledger_values, write =
-      rows.is_finite, rows.sent_status, rows.ledger_values, rows.write
-local WIDTH = rows.LEDGER_WIDTH
+local sent_status, ledger_entry = rows.sent_status, rows.ledger_entry
 local DEFERRED = send.DEFERRED
 local DEFERRED_DETAIL = "not sent yet: the batch ran past half of its outbox lease; flush() sends it"
 
@@ -56,14 +54,13 @@ end
 
 -- Confirms the marks of the sent items and removes them from the outbox, then writes the
 -- ledger entries (the caller holds the transaction).
-local function settle_sent(self, sent, entries, count, trusted)
+local function settle_sent(self, sent, entries)
   local store = self.store
-  local n = #sent
-  if n > 0 then
-    write(store, "confirm_marks", sent, n, true)   -- ids the store gave
-    write(store, "finish", sent, n, true)
+  if #sent > 0 then
+    store:confirm_marks_many(sent)
+    store:finish_many(sent)
   end
-  write(store, "record", entries, count, trusted)
+  store:record_many(entries)
 end
 
 -- Settles a decided batch after its sends: confirms or requeues each item, writes the
@@ -73,7 +70,7 @@ function M.batch(self, outcomes, batch, now, results, errs)
   -- flush() sends them again: at least once, never lost
   self.store:atomic(function()
     local n = #outcomes
-    local sent, entries, k, trusted = {}, {}, 0, is_finite(now)
+    local sent, entries = {}, {}
     for i = 1, n do
       local o = outcomes[i]
       local id = o.outbox_id
@@ -88,10 +85,9 @@ function M.batch(self, outcomes, batch, now, results, errs)
         end
       end
       o.body = nil
-      if not ledger_values(batch, o, now, entries, k) then trusted = false end
-      k = k + WIDTH
+      entries[i] = ledger_entry(batch, o, now)
     end
-    settle_sent(self, sent, entries, n, trusted)
+    settle_sent(self, sent, entries)
   end)
 end
 
@@ -100,7 +96,7 @@ end
 function M.claimed(self, items, batch, now, results, errs, summary)
   local outcomes = {}
   self.store:atomic(function()
-    local sent, entries, trusted = {}, {}, is_finite(now)
+    local sent, entries = {}, {}
     for i, item in ipairs(items) do
       local r = settle(self, item, results[i], errs[i], now, item.attempts or 0, sent)
       r.event_id, r.brand, r.interaction_id = item.event_id, item.brand, item.interaction_id
@@ -108,10 +104,10 @@ function M.claimed(self, items, batch, now, results, errs, summary)
       if r.status == "sent" or r.status == "recorded" then r.reason = "outbox" end
       if r.status == "failed" and r.reason == "dead" then summary.dead = summary.dead + 1 end
       summary[r.status] = summary[r.status] + 1
-      if not ledger_values(batch, r, now, entries, (i - 1) * WIDTH) then trusted = false end
+      entries[i] = ledger_entry(batch, r, now)
       outcomes[i] = r
     end
-    settle_sent(self, sent, entries, #items, trusted)
+    settle_sent(self, sent, entries)
   end)
   return outcomes
 end

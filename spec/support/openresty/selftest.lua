@@ -6,6 +6,9 @@
 --   base_url  where the client sends
 --   pool      the keep-alive pool for this run (fresh per run, as libcurl's fresh handle)
 --   t0, prefix, dict    for the store cases
+-- Case store_contract runs the store contract's suite (spec/support/store_contract.lua)
+-- on the shared dict with spec/support/mini_suite.lua, each store under a prefix of its
+-- own, and answers the result of every test.
 local cjson = require "cjson"
 local stella = require "stella"
 local cosocket = require "stella.transport.cosocket"
@@ -62,6 +65,21 @@ function special.store()
   return C.store_script(s, tonumber(args.t0))
 end
 
+-- The store contract's suite on the shared dict, "now" the real time (marks expire on it).
+function special.store_contract()
+  local suite = dofile(HERE .. "/../mini_suite.lua")
+  local contract = dofile(HERE .. "/../store_contract.lua")
+  local n = 0
+  local now = ngx.time()
+  return suite.run(function(b)
+    b.now = now
+    contract(b, "shdict", function()
+      n = n + 1
+      return shdict.new(args.dict or "stella", { prefix = args.prefix .. n .. ":" })
+    end)
+  end)
+end
+
 -- Two transactions on one mark, interleaved as two workers could: the one that looked
 -- first and writes last must fail and leave nothing behind.
 function special.store_race()
@@ -99,7 +117,7 @@ function special.store_race()
   out.old = { s:get_mark("old", now + 200) }
   ok = s:atomic(function()
     s:get_mark("old2", now)
-    s.dict:set(s.p .. "m:old2", tostring(now + 50) .. "|")   -- another worker, meanwhile
+    s.backend.dict:set(s.backend.p .. "m:old2", tostring(now + 50) .. "|")   -- another worker, meanwhile
     return s:put_mark("old2", now + 300, 78)
   end)
   out.old2_ok = ok or false
