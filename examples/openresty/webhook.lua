@@ -128,13 +128,15 @@ local function get_service()
 end
 
 local function reply(status, value, headers)
-  local body = cjson.encode(value)
+  local body = cjson.encode(value) .. "\n"
   ngx.status = status
-  ngx.header["Content-Type"] = "application/json"
-  ngx.header["Content-Length"] = #body + 1
-  for k, v in pairs(headers or {}) do ngx.header[k] = v end
-  ngx.say(body)
-  return ngx.exit(ngx.HTTP_OK)
+  local h = ngx.header
+  h["Content-Type"] = "application/json"
+  h["Content-Length"] = #body
+  if headers then
+    for k, v in pairs(headers) do h[k] = v end
+  end
+  ngx.print(body)
 end
 
 local function request_body()

@@ -288,6 +288,12 @@ local function housekeeping(premature, self, first)
     if ok and had_items then flush(self) end
   end
   if first then return end
+  local sd = self.store_dict
+  if sd and sd:free_space() < 2 * self.reserve + 65536 then
+    -- expired marks hold their memory until the dict frees them: free it before refusing
+    local okp, perr = pcall(function() return self.get_store():purge_marks(ngx.time()) end)
+    if not okp then ngx.log(ngx.ERR, "stella: purging expired marks failed: ", tostring(perr)) end
+  end
   local okh, h = pcall(self.health, self)
   if okh and h.status ~= "ok" then
     ngx.log(ngx.WARN, "stella: ", concat(h.warnings, "; "), " (queue depth ", h.queue.depth,
