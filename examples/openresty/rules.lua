@@ -49,7 +49,11 @@ return {
   brands = { ["blancapeak"] = { language = "en" }, ["blancapeak-es"] = { language = "es" } },
   default_brand = "blancapeak",
 
-  -- At most one request per customer e-mail in 7 days, and one per ticket.
+  -- At most one request per customer e-mail in 7 days, and one per ticket within 30 days
+  -- (a helpdesk re-sends a webhook within hours; a ticket solved again after a month may be
+  -- surveyed again). Every mark holds memory in the shared dict for its whole life:
+  -- `once_per_interaction = true` keeps one per ticket for 365 days, so size the dict for a
+  -- year of tickets then (see nginx.conf).
   suppression = { days = 7, per = "global" },
-  once_per_interaction = true,
+  once_per_interaction = 30,
 }

@@ -1,15 +1,22 @@
 -- examples/openresty/webhook.lua: the Lua side of nginx.conf in this directory.
 --
 --   POST /events         a helpdesk event (a JSON object) or a batch (a JSON array of them).
---                        Answers 202 at once; the events go through stella.trigger in a
---                        timer (ngx.timer.at(0, ...)), so the helpdesk never waits for the
---                        Requests API and the worker never blocks (cosocket transport).
+--                        Answers 202 once the events are in the queue (a shared dict of
+--                        their own), 503 with Retry-After when the queue or the store cannot
+--                        take them. A fixed pool of consumers per worker
+--                        (stella.openresty.consumers) drains the queue through
+--                        stella.trigger and the cosocket transport: the helpdesk never
+--                        waits for the Requests API and the worker never blocks.
 --   GET  /events/status  outbox and ledger counts from the shared dict (loopback only)
+--   GET  /events/health  queue depth, oldest age, dict use and free space (loopback only)
 --
 -- Each worker builds one trigger on first use and keeps it: the store is the shared dict
 -- (suppression, dedupe marks and the outbox are shared by all workers), the client talks
--- through cosockets. Worker 0 replays the outbox every FLUSH_EVERY seconds (requests
--- that failed with a retryable error: 429, 5xx, timeouts, network).
+-- through cosockets. Worker 0 replays the outbox every flush_every seconds (requests
+-- that failed with a retryable error: 429, 5xx, timeouts, network), restores what a
+-- stopping nginx spooled, and logs a warning when the queue or a dict fills up.
+--
+-- Settings: M.configure{...} in nginx.conf's init_by_lua_block (see there).
 --
 -- Optional: STELLA_WEBHOOK_TOKEN in the environment makes /events require
 -- "Authorization: Bearer <token>".
@@ -17,23 +24,49 @@ local cjson = require "cjson.safe"
 local stella = require "stella"
 local shdict = require "stella.store.shdict"
 local cosocket = require "stella.transport.cosocket"
+local queue = require "stella.openresty.queue"
+local service = require "stella.openresty.service"
 
 local ngx = ngx
-local getenv, io_open, pcall, type, tostring, ipairs, next =
-      os.getenv, io.open, pcall, type, tostring, ipairs, next
+local getenv, io_open, type, tostring, ipairs, pairs, next, error =
+      os.getenv, io.open, type, tostring, ipairs, pairs, next, error
+local byte, find = string.byte, string.find
 
 local M = {}
 
-local DICT = "stella"           -- lua_shared_dict in nginx.conf
-local FLUSH_EVERY = 60          -- seconds
 local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
-local RULES = HERE .. "/rules.lua"
+
+-- The defaults; nginx.conf's M.configure{...} overrides them.
+local settings = {
+  store_dict = "stella",        -- lua_shared_dict: marks, unsubscribes, outbox, ledger
+  queue_dict = "stella_queue",  -- lua_shared_dict: accepted events waiting for a consumer
+  queue_capacity = 10000,       -- events queued at most (all workers); then 503
+  consumers = 8,                -- per worker: events handled at once (sends in flight)
+  batch = 1,                    -- events a consumer takes at a time
+  store_reserve = nil,          -- bytes the store's dict keeps free (default 5%); below: 503
+  spool = nil,                  -- file for what is queued when nginx stops (nil: lost, logged)
+  retry_after = 30,             -- seconds, in a 503's Retry-After
+  flush_every = 60,             -- seconds between outbox replays (worker 0)
+  check_every = 5,              -- seconds between health checks (worker 0)
+  warn_at = 0.8,                -- warn in the log when the queue or a dict is this full
+  rules = HERE .. "/rules.lua",
+}
+
+-- configure{ name = value, ... } (init_by_lua): settings above.
+function M.configure(opts)
+  for k, v in pairs(opts) do
+    if settings[k] == nil and k ~= "store_reserve" and k ~= "spool" then
+      error("webhook.configure: unknown setting " .. tostring(k), 2)
+    end
+    settings[k] = v
+  end
+end
 
 -- Per worker, built on first use (in a request or a timer, never in init_by_lua).
-local store, trigger
+local store, trigger, svc
 
 local function get_store()
-  if not store then store = assert(shdict.new(DICT)) end
+  if not store then store = assert(shdict.new(settings.store_dict)) end
   return store
 end
 
@@ -50,7 +83,7 @@ local function get_trigger()
     keys = { test = env("STELLA_TEST_KEY"), production = env("STELLA_PRODUCTION_KEY") }
   end
   trigger = stella.trigger{
-    rules = RULES,
+    rules = settings.rules,
     store = get_store(),
     clock = ngx.time,
     client = {
@@ -67,15 +100,6 @@ local function get_trigger()
   return trigger
 end
 
-local function reply(status, value)
-  local body = cjson.encode(value)
-  ngx.status = status
-  ngx.header["Content-Type"] = "application/json"
-  ngx.header["Content-Length"] = #body + 1
-  ngx.say(body)
-  return ngx.exit(ngx.HTTP_OK)
-end
-
 local function log_outcome(o)
   local failed = o.status == "failed" or o.status == "invalid" or o.status == "queued"
   ngx.log(failed and ngx.WARN or ngx.INFO, "stella: event ", tostring(o.event_id), ": ", o.status,
@@ -83,26 +107,36 @@ local function log_outcome(o)
     o.detail and failed and (": " .. o.detail) or "")
 end
 
--- The timer: decide, reserve, send, settle. Runs even when premature (nginx is
--- stopping or reloading): the events exist nowhere else.
-local function handle(_premature, events)
-  local ok, outcomes = pcall(function() return get_trigger():process_many(events) end)
-  if not ok then
-    ngx.log(ngx.ERR, "stella: ", #events, " event(s) not processed: ", tostring(outcomes))
-    return
-  end
-  for _, o in ipairs(outcomes) do log_outcome(o) end
+local function get_service()
+  if svc then return svc end
+  svc = service.new{
+    queue = queue.new(settings.queue_dict, { capacity = settings.queue_capacity }),
+    store_dict = settings.store_dict,
+    store = get_store,
+    trigger = get_trigger,
+    consumers = settings.consumers,
+    batch = settings.batch,
+    reserve = settings.store_reserve,
+    spool = settings.spool,
+    retry_after = settings.retry_after,
+    flush_every = settings.flush_every,
+    check_every = settings.check_every,
+    warn_at = settings.warn_at,
+    on_outcome = log_outcome,
+  }
+  return svc
 end
 
-local function flush(premature)
-  if premature then return end
-  local ok, summary = pcall(function() return get_trigger():flush() end)
-  if not ok then
-    ngx.log(ngx.ERR, "stella: outbox flush failed: ", tostring(summary))
-  elseif summary and (summary.sent + summary.recorded + summary.queued + summary.failed) > 0 then
-    ngx.log(ngx.NOTICE, "stella: outbox: ", summary.sent, " sent, ", summary.recorded, " recorded, ",
-      summary.queued, " still queued, ", summary.failed, " failed")
+local function reply(status, value, headers)
+  local body = cjson.encode(value) .. "\n"
+  ngx.status = status
+  local h = ngx.header
+  h["Content-Type"] = "application/json"
+  h["Content-Length"] = #body
+  if headers then
+    for k, v in pairs(headers) do h[k] = v end
   end
+  ngx.print(body)
 end
 
 local function request_body()
@@ -128,22 +162,29 @@ function M.receive()
   if token and ngx.var.http_authorization ~= "Bearer " .. token then
     return reply(401, { error = "missing or wrong bearer token" })
   end
-  local value = cjson.decode(request_body() or "")
+  local text = request_body() or ""
+  local value = cjson.decode(text)
   if type(value) ~= "table" or next(value) == nil then
     return reply(400, { error = "expected a JSON object (one event) or an array of events" })
   end
-  local events = value[1] ~= nil and value or { value }
-  for i, e in ipairs(events) do
-    if type(e) ~= "table" then
-      return reply(400, { error = "event " .. i .. " is not a JSON object" })
+  local payloads
+  if value[1] == nil then
+    -- one event: queued as it came (the object's own text; "{" checked: not an array)
+    local at = find(text, "[^ \t\r\n]")
+    if not at or byte(text, at) ~= 123 then
+      return reply(400, { error = "expected a JSON object (one event) or an array of events" })
+    end
+    payloads = { text }
+  else
+    payloads = {}
+    for i, e in ipairs(value) do
+      if type(e) ~= "table" or e[1] ~= nil then
+        return reply(400, { error = "event " .. i .. " is not a JSON object" })
+      end
+      payloads[i] = cjson.encode(e)
     end
   end
-  local ok, err = ngx.timer.at(0, handle, events)
-  if not ok then   -- lua_max_pending_timers reached, or nginx is exiting
-    ngx.log(ngx.ERR, "stella: cannot schedule ", #events, " event(s): ", err)
-    return reply(503, { error = "busy, try again" })
-  end
-  return reply(202, { accepted = #events })
+  return reply(get_service():accept(payloads))
 end
 
 -- GET /events/status
@@ -157,12 +198,19 @@ function M.status()
   })
 end
 
+-- GET /events/health
+function M.health()
+  return reply(200, get_service():health())
+end
+
 -- init_worker_by_lua
 function M.init_worker()
-  if ngx.worker.id() == 0 then
-    local ok, err = ngx.timer.every(FLUSH_EVERY, flush)
-    if not ok then ngx.log(ngx.ERR, "stella: cannot start the outbox timer: ", err) end
-  end
+  get_service():init_worker()
+end
+
+-- exit_worker_by_lua
+function M.exit_worker()
+  get_service():exit_worker()
 end
 
 return M

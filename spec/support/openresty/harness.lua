@@ -12,6 +12,8 @@
 --     http = "server { ... }",                       -- appended inside the http block
 --     env = { STELLA_TEST_KEY = "..." },             -- environment of nginx
 --     probe = { port = "SELFTEST_PORT", path = "/selftest?case=ping" },
+--     edit = { ["queue_capacity = 10000"] = "queue_capacity = 20" },   -- each found once
+--     prefix = dir,                                  -- keep this prefix (not removed)
 --   }
 --   n.ports.PORT, n.url (http://127.0.0.1:PORT), n:error_log(), n:pids(), n:stop()
 local socket = require "socket"
@@ -53,10 +55,23 @@ local function probe(port, path, timeout)
   return data and tonumber(data:match("^HTTP/1%.%d (%d%d%d)"))
 end
 
+-- Plain replacements in the template text; each must occur exactly once.
+local function edited(template, edit)
+  for old, new in pairs(edit or {}) do
+    local at = template:find(old, 1, true)
+    if not at or template:find(old, at + 1, true) then
+      error("harness: \"" .. old .. "\" must occur exactly once in the template", 0)
+    end
+    template = template:sub(1, at - 1) .. new .. template:sub(at + #old)
+  end
+  return template
+end
+M.edited = edited
+
 -- The template with opts.http appended inside its http block (the last }).
 local function config(opts, template)
   return function(vars)
-    local text = nginx.render(template, vars, "harness")
+    local text = nginx.render(edited(template, opts.edit), vars, "harness")
     if not opts.http then return text end
     local head = text:match("^(.*)}%s*$")
     if not head then error("harness: the template does not end with the http block's }", 0) end
@@ -67,15 +82,18 @@ end
 -- The running nginx (stella.nginx's), with ports, url, vars, error_log(), pids(), stop().
 function M.start(opts)
   local template = assert(nginx.read_file(opts.template), "harness: cannot read " .. opts.template)
-  local prefix, terr = nginx.temp_dir("stella-openresty")
+  local prefix, terr = opts.prefix, nil
+  if not prefix then prefix, terr = nginx.temp_dir("stella-openresty") end
   if not prefix then error("harness: " .. terr, 2) end
   local p = opts.probe
   local n, log = nginx.start{
-    nginx = M.nginx(), prefix = prefix, temporary = not os.getenv("STELLA_KEEP_PREFIX"),
+    nginx = M.nginx(), prefix = prefix,
+    temporary = not opts.prefix and not os.getenv("STELLA_KEEP_PREFIX"),
     config = config(opts, template), vars = opts.vars, ports = opts.ports, env = opts.env,
     globals = "daemon off; master_process on;" .. (nginx.is_root() and " user root;" or ""),
     timeout = START_TIMEOUT,
     ready = function(self) return probe(self.ports[p.port], p.path, 0.5) ~= nil end,
+    stop_timeout = opts.stop_timeout,
   }
   if not n then error("harness: nginx failed to start:\n" .. nginx.tail(log, 16), 2) end
   return n

@@ -1,0 +1,209 @@
+-- bench/webhook.lua: the OpenResty webhook of examples/openresty/ (2 workers, its
+-- nginx.conf with a larger queue) measured three ways, all over 127.0.0.1:
+--   1. the accept path: POST /events (parse, checks, enqueue, 202) against the same nginx
+--      answering a fixed 202 at another location (`return 202`, no Lua), both driven by
+--      wrk -t1 -c16 with the same script (a unique event id per request), in alternating
+--      rounds; the consumers drain at their own pace meanwhile (API answering at once).
+--      Prints the median ratio (target >= 70%).
+--   2. the drain rate: DRAIN events posted in batches, sent to an API answering after
+--      20 ms by 8 consumers per worker: events per second from the first post to the last
+--      request received.
+--   3. memory: bytes of the store's dict per event surveyed (a suppression mark and a
+--      once-per-interaction mark), and of the queue's dict per queued event beyond its JSON.
+--
+-- From the repository root, after make and make LUA=luajit:
+--   LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./build/5.4/?.so;;" \
+--     lua5.4 bench/webhook.lua
+-- Environment: BENCH_WEBHOOK_SECONDS (each wrk run, default 3), BENCH_WEBHOOK_ROUNDS (3).
+local harness = require "support.openresty.harness"
+local slow_api = require "support.openresty.slow_api"
+local socket = require "socket"
+local cjson = require "cjson"
+
+local fmt = string.format
+local DURATION = tonumber(os.getenv("BENCH_WEBHOOK_SECONDS")) or 3
+local ROUNDS = math.max(1, math.floor(tonumber(os.getenv("BENCH_WEBHOOK_ROUNDS")) or 3))
+local CONNECTIONS = 16
+local DRAIN = 4000
+local ROOT = (select(2, harness.run("pwd")):gsub("%s+$", ""))
+
+local api, web
+local tmpfiles = {}
+
+local function http(port, method, path, body)
+  local c = socket.tcp()
+  c:settimeout(30)
+  assert(c:connect("127.0.0.1", port))
+  local head = method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+  if body then head = head .. "Content-Type: application/json\r\nContent-Length: " .. #body .. "\r\n" end
+  assert(c:send(head .. "\r\n" .. (body or "")))
+  local answer = assert(c:receive("*a"))
+  c:close()
+  return tonumber(answer:match("^HTTP/1%.%d (%d%d%d)")), answer:match("\r\n\r\n(.*)$")
+end
+
+local function health()
+  local _, body = http(web.ports.PORT, "GET", "/events/health")
+  return cjson.decode(body)
+end
+
+local function event(id)
+  return {
+    id = id, status = "solved", channel = "chat",
+    requester = { name = "Customer " .. id, email = ("c%d@example.com"):format(id) },
+    assignee = { name = "Paul Agent", email = "paulagent@blancapeak.com" },
+    tags = { "billing" }, locale = "en-US", url = "https://support.example.com/tickets/" .. id,
+  }
+end
+
+-- A wrk script posting the sample event with a fresh id each time (per thread).
+local function wrk_script(base)
+  local body = cjson.encode(event(0))
+  local head, tail = body:match('^(.-"id":)0(.*)$')
+  assert(head, body)
+  local path = os.tmpname()
+  tmpfiles[#tmpfiles + 1] = path
+  local f = assert(io.open(path, "wb"))
+  f:write('wrk.method = "POST"\n', 'wrk.headers["Content-Type"] = "application/json"\n',
+    "local head, tail = ", fmt("%q", head), ", ", fmt("%q", tail), "\n",
+    "local n = ", base, "\n",
+    "request = function() n = n + 1; return wrk.format(nil, nil, nil, head .. n .. tail) end\n")
+  f:close()
+  return path
+end
+
+local function wrk(url, seconds, script)
+  local p = assert(io.popen(fmt("timeout %d wrk -t1 -c%d -d%ds -s %s %s 2>&1", seconds + 15, CONNECTIONS,
+    seconds, harness.shell_quote(script), harness.shell_quote(url))))
+  local out = p:read("*a")
+  p:close()
+  local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
+  if not rate then error("wrk failed:\n" .. out, 0) end
+  return { rate = rate, requests = tonumber(out:match("(%d+) requests in")) or 0,
+           non2xx = tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0, output = out }
+end
+
+local function wait_for(timeout, pred)
+  local deadline = socket.gettime() + timeout
+  repeat
+    if pred() then return true end
+    socket.sleep(0.05)
+  until socket.gettime() > deadline
+  return pred()
+end
+
+local function main()
+  api = slow_api.start{ delay = 0 }
+  web = harness.start{
+    template = ROOT .. "/examples/openresty/nginx.conf",
+    vars = {
+      STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
+      CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
+      NDK_MODULE = harness.find_module("ndk_http_module.so"),
+      LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
+    },
+    edit = {
+      ["worker_processes auto;"] = "worker_processes 2;",
+      ["queue_capacity = 10000,"] = "queue_capacity = 1000000,",
+      ["lua_shared_dict stella_queue 16m;"] = "lua_shared_dict stella_queue 512m;",
+      ["lua_shared_dict stella 10m;"] = "lua_shared_dict stella 256m;",
+      ["error_log @PREFIX@/error.log notice;"] = "error_log @PREFIX@/error.log warn;",
+      ["access_log @PREFIX@/access.log;"] = "access_log off;",
+    },
+    http = "    server { listen 127.0.0.1:@FIXED_PORT@; location = /fixed { return 202 '{\"accepted\":1}'; } }\n",
+    ports = { "PORT", "FIXED_PORT" },
+    env = { STELLA_TEST_KEY = "bench-key-0123456789", STELLA_BASE_URL = api.url, STELLA_MODE = "test" },
+    probe = { port = "PORT", path = "/events/health" },
+  }
+  local interp = rawget(_G, "jit") and jit.version or _VERSION
+
+  -- 3a. memory of the store's dict per surveyed event, and 2. the drain rate
+  api:set_delay(0.02)
+  local function post_range(from, to)
+    local batch = {}
+    for id = from, to do
+      batch[#batch + 1] = event(id)
+      if #batch == 100 or id == to then
+        local code, body = http(web.ports.PORT, "POST", "/events", cjson.encode(batch))
+        if code ~= 202 then error("POST /events answered " .. tostring(code) .. ": " .. tostring(body), 0) end
+        batch = {}
+      end
+    end
+  end
+  local function drained(total)
+    return wait_for(120, function() local _, t = api:received(); return t >= total end)
+  end
+  -- warm-up and the ledger ring filled (1000 entries), so that what grows next is marks
+  post_range(1, 1500)
+  assert(drained(1500), "the warm-up did not drain")
+  local used0 = health().store.dict.used
+  local t0 = socket.gettime()
+  post_range(1501, 1500 + DRAIN)
+  assert(drained(1500 + DRAIN), "the drain did not finish")
+  local drain_s = socket.gettime() - t0
+  local per_event = (health().store.dict.used - used0) / DRAIN
+
+  -- 3b. the queue's dict per queued event: consumers held up by a slow API
+  api:set_delay(30)
+  local q0 = health().queue
+  post_range(100001, 100016)   -- each consumer holds one
+  wait_for(5, function() return health().worker.busy > 0 end)
+  socket.sleep(0.5)
+  local qa = health().queue
+  local QN = 20000
+  local sample = #cjson.encode(event(200000))
+  post_range(200001, 200000 + QN)
+  local qb = health().queue
+  local per_queued = (qb.dict.capacity - qb.dict.free - (qa.dict.capacity - qa.dict.free)) / (qb.depth - qa.depth)
+  assert(q0)
+
+  -- 1. the accept path against the fixed 202; the API answers at once again, and what was
+  -- queued above drains while wrk runs (as it would in production)
+  api:set_delay(0)
+  local accept_url = "http://127.0.0.1:" .. web.ports.PORT .. "/events"
+  local fixed_url = "http://127.0.0.1:" .. web.ports.FIXED_PORT .. "/fixed"
+  wrk(accept_url, 1, wrk_script(10000000))
+  wrk(fixed_url, 1, wrk_script(10000000))
+  local rounds = {}
+  for i = 1, ROUNDS do
+    local base = 20000000 + i * 1000000
+    local a, f
+    if i % 2 == 1 then
+      a = wrk(accept_url, DURATION, wrk_script(base))
+      f = wrk(fixed_url, DURATION, wrk_script(base))
+    else
+      f = wrk(fixed_url, DURATION, wrk_script(base))
+      a = wrk(accept_url, DURATION, wrk_script(base))
+    end
+    if a.non2xx > 0 then error(fmt("%d of %d accepts were not 202:\n%s", a.non2xx, a.requests, a.output), 0) end
+    rounds[i] = { a = a, f = f, ratio = a.rate / f.rate }
+  end
+
+  local lf = io.open("/proc/loadavg", "rb")
+  local load = lf and lf:read("*l"):match("^(%S+ %S+ %S+)") or "?"
+  if lf then lf:close() end
+  print(fmt("webhook benchmark (driver under %s): 2 nginx workers, 8 consumers each; load average %s", interp, load))
+  for i, r in ipairs(rounds) do
+    print(fmt("  round %d: POST /events (enqueue + 202) %8.0f/s (%d), fixed 202 (no Lua) %8.0f/s (%d): %.0f%%",
+      i, r.a.rate, r.a.requests, r.f.rate, r.f.requests, r.ratio * 100))
+  end
+  table.sort(rounds, function(x, y) return x.ratio < y.ratio end)
+  local mid = rounds[math.floor((#rounds + 1) / 2)]
+  print(fmt("  drain: %d events to an API answering in 20 ms: %.1f s, %.0f events/s (16 consumers: at most %d/s)",
+    DRAIN, drain_s, DRAIN / drain_s, 16 / 0.02))
+  print(fmt("  store's dict: %.0f bytes per surveyed event (a suppression mark + a once-per-interaction mark; "
+    .. "whole 4 KB pages)", per_event))
+  print(fmt("  queue's dict: %.0f bytes per queued event of %d bytes of JSON (%.0f beyond the JSON)",
+    per_queued, sample, per_queued - sample))
+  print(fmt("webhook accept path: %.0f req/s, fixed 202 %.0f req/s, ratio %.0f%% (median of %d rounds; target >= 70%%)",
+    mid.a.rate, mid.f.rate, mid.ratio * 100, #rounds))
+end
+
+local ok, err = xpcall(main, debug.traceback)
+if web then pcall(web.stop, web) end
+if api then pcall(api.stop, api) end
+for _, path in ipairs(tmpfiles) do os.remove(path) end
+if not ok then
+  io.stderr:write("bench/webhook.lua: ", tostring(err), "\n")
+  os.exit(1)
+end

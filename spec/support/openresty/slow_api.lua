@@ -1,0 +1,140 @@
+-- A loopback Requests API that answers slowly and counts what it received, for
+-- spec/openresty_webhook_spec.lua and bench/webhook.lua: its own nginx (so it keeps
+-- running while the webhook's nginx stops and starts), started with stella.nginx.
+--
+--   local slow_api = require "support.openresty.slow_api"
+--   local api = slow_api.start{ delay = 1 }    -- seconds before each answer
+--   api.url; api:set_delay(0.02)
+--   api:received() -> { [ext_interaction_id] = times received }, total, the most
+--                     requests it held at once
+--   api:reset(); api:stop()
+--
+-- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
+-- many requests wait at once). GET /_received and POST /_reset /_delay?s=D are its controls.
+local socket = require "socket"
+local cjson = require "cjson"
+local nginx = require "stella.nginx"
+
+local M = {}
+
+local CONFIG = [[
+worker_processes 1;
+pid @PREFIX@/nginx.pid;
+error_log @PREFIX@/error.log warn;
+load_module @NDK_MODULE@;
+load_module @LUA_MODULE@;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path @PREFIX@/body;
+    proxy_temp_path @PREFIX@/proxy;
+    fastcgi_temp_path @PREFIX@/fastcgi;
+    uwsgi_temp_path @PREFIX@/uwsgi;
+    scgi_temp_path @PREFIX@/scgi;
+    client_body_buffer_size 64k;
+    keepalive_requests 100000;
+    lua_shared_dict api 64m;
+    init_by_lua_block { ngx.shared.api:set("delay", @DELAY@) }
+    server {
+        listen 127.0.0.1:@PORT@ backlog=4096;
+        location = /v1/requests {
+            content_by_lua_block {
+                local cjson = require "cjson.safe"
+                local api = ngx.shared.api
+                ngx.req.read_body()
+                local body = cjson.decode(ngx.req.get_body_data() or "") or {}
+                local n = api:incr("n", 1, 0)
+                local id = tostring(body.ext_interaction_id)
+                api:incr("r:" .. id, 1, 0)
+                local d = api:get("delay") or 0
+                local now = api:incr("busy", 1, 0)
+                if now > (api:get("max") or 0) then api:set("max", now) end
+                if d > 0 then ngx.sleep(d) end
+                api:incr("busy", -1, 0)
+                ngx.status = 201
+                ngx.header["Content-Type"] = "application/json"
+                ngx.print('{"request_id":"slow-', n, '"}')
+            }
+        }
+        location = /_received {
+            content_by_lua_block {
+                local cjson = require "cjson.safe"
+                local api = ngx.shared.api
+                local ids = {}
+                for _, k in ipairs(api:get_keys(0)) do
+                    if k:sub(1, 2) == "r:" then ids[k:sub(3)] = api:get(k) end
+                end
+                ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0 }))
+            }
+        }
+        location = /_reset {
+            content_by_lua_block {
+                local api = ngx.shared.api
+                local d = api:get("delay")
+                api:flush_all()
+                api:flush_expired()
+                api:set("delay", d)
+                ngx.print("{}")
+            }
+        }
+        location = /_delay {
+            content_by_lua_block {
+                ngx.shared.api:set("delay", tonumber(ngx.var.arg_s) or 0)
+                ngx.print("{}")
+            }
+        }
+    }
+}
+]]
+
+local function get(port, path, timeout)
+  local c = socket.tcp()
+  c:settimeout(timeout or 10)
+  local ok, err = c:connect("127.0.0.1", port)
+  if not ok then c:close() return nil, err end
+  c:send("GET " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+  local data = c:receive("*a")
+  c:close()
+  if not data then return nil, "no answer" end
+  return tonumber(data:match("^HTTP/1%.%d (%d%d%d)")), data:match("\r\n\r\n(.*)$")
+end
+
+local Api = {}
+Api.__index = Api
+
+function M.start(opts)
+  opts = opts or {}
+  local prefix = assert(nginx.temp_dir("stella-slow-api"))
+  local n, log = nginx.start{
+    nginx = assert(nginx.find_nginx()), prefix = prefix, temporary = true,
+    config = CONFIG, ports = { "PORT" },
+    vars = { DELAY = opts.delay or 0,
+             NDK_MODULE = assert(nginx.find_module("ndk_http_module.so")),
+             LUA_MODULE = assert(nginx.find_module("ngx_http_lua_module.so")) },
+    globals = "daemon off; master_process on;" .. (nginx.is_root() and " user root;" or ""),
+    ready = function(self) return get(self.port, "/_received", 0.5) == 200 end,
+  }
+  if not n then error("slow_api: nginx failed to start:\n" .. nginx.tail(log, 16), 2) end
+  return setmetatable({ nginx = n, url = n.url, port = n.port }, Api)
+end
+
+function Api:received()
+  local code, body = get(self.port, "/_received")
+  assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
+  local v = cjson.decode(body)
+  return v.ids, v.total, v.max
+end
+
+function Api:reset()
+  assert(get(self.port, "/_reset") == 200)
+end
+
+function Api:set_delay(s)
+  assert(get(self.port, "/_delay?s=" .. s) == 200)
+end
+
+function Api:stop()
+  self.nginx:stop()
+end
+
+return M
