@@ -9,7 +9,7 @@ local EXIT = signals.EXIT
 local M = {}
 
 M.help = [[
-usage: stella retry [--rules FILE] [--db FILE] [--connections N] [--json] [-q | -v]
+usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--json] [-q | -v]
 
 Sends the requests waiting in the outbox (those that failed with a retryable error) and
 prints how many were sent, are still queued, or were given up (dead), and when the next
@@ -18,7 +18,7 @@ failed or was given up, 3 when the API could not be reached (the circuit breaker
 128+N when stopped by signal N.
 
   --rules FILE   the rules file (for keys, brands and alerts); optional
-  --db FILE      the store (default stella.db)
+  --db FILE|URL  the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
   --connections N  send up to N requests at once (1 to 64; default 1)
   --json         print the result as one JSON object (fields: see README, "Machine-readable output")
   -q, -v         accepted for symmetry with trigger (retry prints no per-event lines)
@@ -41,7 +41,7 @@ function M.run(ctx, opts, positional)
   end
   local sig = signals.catch()
   local run, rstatus = setup.start(ctx, "retry", { rules = opts.rules, send = true, connections = connections,
-                                                   db = opts.db or setup.DEFAULT_DB, must_exist = true,
+                                                   db = setup.db(ctx, opts), must_exist = true,
                                                    stop = sig.caught })
   if not run then sig:release() return rstatus end
   local fok, res, flush_err = pcall(run.trigger.flush, run.trigger)

@@ -6,6 +6,7 @@
 --   local s = store.memory()                       -- per process, gone on exit
 --   local s = assert(store.sqlite("stella.db", { busy_timeout = 5 }))
 --   local s = assert(store.shdict("stella"))       -- inside OpenResty
+--   local s = assert(store.redis("redis://127.0.0.1:6379/0"))   -- Redis 7, shared
 --
 -- Backends are loaded on first use, so `require "stella.store"` works without LuaDBI.
 --
@@ -156,6 +157,12 @@ end
 -- an ngx.shared dict (one nginx node; see lua/stella/store/shdict.lua).
 function M.shdict(...)
   return require("stella.store.shdict").new(...)
+end
+
+-- stella.store.redis(url_or_options): on a Redis 7 server, shared by every process and
+-- host that uses it (see lua/stella/store/redis.lua; needs stella.redis).
+function M.redis(...)
+  return require("stella.store.redis").new(...)
 end
 
 -- Errors -------------------------------------------------------------------------------

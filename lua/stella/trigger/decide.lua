@@ -189,6 +189,9 @@ function M.explain(self, event, now)
 end
 
 local DECIDE_TRIES = 3
+-- A conflict (err.conflict: the Redis store found that another writer changed a mark
+-- this batch read) means that writer made progress: decide again, a few more times.
+local CONFLICT_TRIES = 10
 
 -- Decides a batch of events at `now` in one transaction: rules, then the outbox items
 -- and marks of the requests to send. Returns the outcomes, the batch, and whether it was
@@ -209,7 +212,8 @@ function M.batch(self, events, now)
   -- a retryable failure (another writer took a mark this batch looked at: the shared-dict
   -- store's cross-worker race) rolled everything back: decide again, now seeing what the
   -- other writer wrote (its customer is then suppressed here, not failed)
-  for _ = 1, DECIDE_TRIES do
+  local tries, conflicts = 0, 0
+  while true do
     outcomes, batch = {}, new_batch(self)
     -- a failure inside (returned or not) rolls the whole batch back: nil, err
     ok, serr = store:atomic(function()
@@ -220,6 +224,8 @@ function M.batch(self, events, now)
       return enqueue_pending(self, batch, now)
     end)
     if ok or not (type(serr) == "table" and serr.retryable) then break end
+    if serr.conflict then conflicts = conflicts + 1 else tries = tries + 1 end
+    if tries >= DECIDE_TRIES or conflicts >= CONFLICT_TRIES then break end
   end
   if not ok then   -- rolled back: nothing was reserved or queued
     outcomes = {}
