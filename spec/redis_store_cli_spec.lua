@@ -38,6 +38,22 @@ local function command(args, env)
   return table.concat(parts, " ")
 end
 
+local SPEC_DIR = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
+
+-- "env LUA_PATH=... LUA_CPATH=..." with this process's module paths
+local function command_env()
+  local parts = { "env" }
+  for _, name in ipairs{ "LUA_PATH", "LUA_CPATH", "LUA_PATH_5_4", "LUA_CPATH_5_4" } do
+    local v = os.getenv(name)
+    if v then parts[#parts + 1] = name .. "=" .. shell_quote(v) end
+  end
+  if not os.getenv("LUA_PATH") then
+    parts[#parts + 1] = "LUA_PATH=" .. shell_quote(package.path)
+    parts[#parts + 1] = "LUA_CPATH=" .. shell_quote(package.cpath)
+  end
+  return table.concat(parts, " ")
+end
+
 local function no_secret(text)
   for _, s in ipairs{ KEY, PASSWORD, APP_PASSWORD, escape(APP_PASSWORD) } do
     assert.is_nil(text:find(s, 1, true), "a secret leaked: " .. text)
@@ -108,6 +124,28 @@ local function counts_of(json_out)
     by[key] = (by[key] or 0) + c.count
   end
   return by, doc
+end
+
+-- Every key and value of the URL's database, as one string.
+local function dump(url)
+  local conn = assert(require("stella.redis").connect(url))
+  local parts, cursor = {}, "0"
+  repeat
+    local res = assert(conn:call("SCAN", cursor, "COUNT", 1000))
+    cursor = res[1]
+    for _, key in ipairs(res[2]) do
+      local kind = assert(conn:call("TYPE", key))
+      local v
+      if kind == "string" then v = { assert(conn:call("GET", key)) }
+      elseif kind == "hash" then v = assert(conn:call("HGETALL", key))
+      elseif kind == "set" then v = assert(conn:call("SMEMBERS", key))
+      elseif kind == "zset" then v = assert(conn:call("ZRANGE", key, 0, -1))
+      else error("unexpected type " .. tostring(kind) .. " of " .. key) end
+      parts[#parts + 1] = key .. "=" .. table.concat(v, ",")
+    end
+  until cursor == "0"
+  conn:close()
+  return table.concat(parts, "\n")
 end
 
 describe("the stella command on the Redis store", function()
@@ -187,6 +225,12 @@ describe("the stella command on the Redis store", function()
     assert.equal(1200, n)
     assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
     s:close()
+    -- no e-mail or name in clear anywhere in Redis (nothing is queued: no request bodies)
+    local everything = dump(url)
+    assert.is_true(#everything > 10000)
+    assert.is_nil(everything:find("example.com", 1, true))
+    assert.is_nil(everything:find("Cust ", 1, true))
+    assert.truthy(everything:find("acme", 1, true))   -- (the dump does hold the data)
     -- stella status reads it too
     local status, out = stella_cmd(dir, { "status", "--json" }, { STELLA_DB = url })
     assert.equal(0, status, out)
@@ -308,5 +352,51 @@ describe("the stella command on the Redis store", function()
     for _ in pairs(got) do reached = reached + 1 end
     assert.equal(1000, reached + failed)
     for id in pairs(got_before) do assert.truthy(got[id]) end
+  end)
+
+  it("Redis killed (kill -9) and restarted with AOF everysec: no transaction half there, none out of order", function()
+    local url = fresh_url()
+    local log = dir .. "/writer.log"
+    local writer = SPEC_DIR .. "support/redis_writer.lua"
+    local proc = assert(io.popen(command_env() .. " " .. LUA .. " " .. shell_quote(writer) .. " " .. shell_quote(url)
+      .. " " .. shell_quote(log) .. " 100000 2>&1"))
+    local ok = nginx.wait_until(60, function()
+      local _, n = (read_file(log) or ""):gsub("\nok ", "")
+      return n >= 300
+    end)
+    srv:kill()
+    proc:read("*a")
+    proc:close()
+    assert.is_true(ok, "the writer did not get going: " .. tostring(read_file(log)))
+    assert(srv:start())
+    local committed = {}
+    for id in (read_file(log) or ""):gmatch("ok (%d+)") do committed[#committed + 1] = tonumber(id) end
+    local s = assert(store_mod.redis(url))
+    local items = assert(s:outbox("queued", 200000))
+    local have = {}
+    for _, it in ipairs(items) do have[it.id] = true end
+    -- what is there is a prefix of what was committed (plus, perhaps, the commit whose
+    -- answer the kill cut off); each transaction whole: its item, both marks, its entry
+    local kept = 0
+    while kept < #committed and have[committed[kept + 1]] do kept = kept + 1 end
+    assert.is_true(#items == kept or #items == kept + 1, ("%d items, a prefix of %d"):format(#items, kept))
+    for i = kept + 1, #committed do assert.is_nil(have[committed[i]], "a hole before item " .. committed[i]) end
+    local keys = {}
+    for _, it in ipairs(items) do keys[#keys + 1] = "a" .. it.id; keys[#keys + 1] = "b" .. it.id end
+    local _, owners = s:get_marks(keys, os.time())
+    for j, it in ipairs(items) do
+      assert.equal(it.id, owners[2 * j - 1], "mark a" .. it.id)
+      assert.equal(it.id, owners[2 * j], "mark b" .. it.id)
+    end
+    local lost = {}
+    for i = kept + 1, #committed do lost[#lost + 1] = "a" .. committed[i] end
+    if #lost > 0 then
+      local untils = s:get_marks(lost, os.time())
+      assert.same({}, untils)
+    end
+    assert.equal(#items, #assert(s:ledger{ limit = 200000 }))
+    -- (a kill -9 of the process keeps what it wrote to the AOF: lost, if any, is only
+    -- what Redis had not yet written; a machine crash can lose up to a second)
+    s:close()
   end)
 end)

@@ -25,7 +25,9 @@
 --   s:confirm_marks(id) -> n;  s:confirm_marks_many{ id, ... } -> n;  s:release_marks(id) -> n
 --   s:purge_marks(now) -> n
 --   s:unsubscribe(hash, now), s:resubscribe(hash) -> true; s:is_unsubscribed(hash) -> bool;
---   s:unsubscribed_count() -> n
+--   s:unsubscribed_many{ hash, ... } -> { bool, ... };  s:unsubscribed_count() -> n
+--   s.remote                         true for a networked backend (Redis): a round trip
+--                                    per call, so callers batch look-ups (get_marks)
 --   s:enqueue(item) -> id;  s:enqueue_many{ item, ... } -> { id, ... }
 --   s:claim(now, lease [, limit=100]) -> items (leased until now + lease)
 --   s:reschedule(id, next_at [, attempts], last_error) -> bool;  s:finish(id) -> bool;
@@ -66,6 +68,7 @@
 --   name                       text for tostring, e.g. "stella.store.memory"
 --   per_coroutine              true when a transaction belongs to the running coroutine
 --                              (several coroutines share one object, as in OpenResty)
+--   remote                     true when every call is a network round trip (Redis)
 -- Transactions (the base nests and decides; the backend only does):
 --   begin() -> true            start one; nothing else of this caller runs in between
 --   commit() -> true           make its writes durable and visible
@@ -559,7 +562,7 @@ function M.open(b)
   end
   if type(salt) ~= "string" or #salt < 32 then return give_up(M.error(b.name .. ": cannot read the salt", false)) end
   return setmetatable({ backend = b, salt = salt, txs = {}, per_coroutine = b.per_coroutine and true,
-                        closed = false }, Store)
+                        remote = b.remote and true or false, closed = false }, Store)
 end
 
 -- "a@b" from " A@B\n": lower-cased (ASCII), surrounding white space removed.
@@ -687,6 +690,23 @@ function Store:is_unsubscribed(hash)
   local flags, err = self.backend:unsubscribed({ hash }, 1)
   if not flags then return failed(self, err) end
   return flags[1]
+end
+
+-- unsubscribed_many{ hash, ... } -> { true|false, ... } (one call to the backend)
+function Store:unsubscribed_many(hashes)
+  check_open(self, "unsubscribed_many")
+  if type(hashes) ~= "table" then fail("unsubscribed_many", "hashes must be a list (a table), got " .. type(hashes), 2) end
+  local n = #hashes
+  for i = 1, n do
+    local h = hashes[i]
+    if type(h) ~= "string" or h == "" then
+      fail("unsubscribed_many", "hashes[" .. i .. "] must be a non-empty string, got " .. (h == "" and "\"\"" or type(h)), 2)
+    end
+  end
+  if n == 0 then return {} end
+  local flags, err = self.backend:unsubscribed(hashes, n)
+  if not flags then return failed(self, err) end
+  return flags
 end
 
 function Store:unsubscribed_count()

@@ -79,6 +79,7 @@ end
 local Backend = {}
 Backend.__index = Backend
 Backend.name = "stella.store.redis"
+Backend.remote = true   -- the trigger batches its look-ups (stella.trigger.decide)
 
 -- A store error from a stella.redis error (its message is redacted already).
 local function fail(err, retryable)

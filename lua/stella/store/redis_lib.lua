@@ -76,22 +76,33 @@ local OPS = {}
 -- OWNER ("" none) holds it in the set r:OWNER
 function OPS.marks(B, argv, i, n)
   local index = B .. "mx"
+  local held, owners = {}, {}   -- owner -> { keys..., ms = latest expiry }, in order
   for _ = 1, n do
     local key, untl, ms, own = argv[i], argv[i + 1], argv[i + 2], argv[i + 3]
     i = i + 4
     local mk = B .. "m:" .. key
-    local old = call("GET", mk)
+    local old = call("SET", mk, untl .. "|" .. own, "PXAT", ms, "GET")
     if old then
       local oo = owner_of(old)
       if oo ~= "" then call("SREM", B .. "r:" .. oo, key) end
     end
-    call("SET", mk, untl .. "|" .. own, "PXAT", ms)
     call("ZADD", index, untl, key)
     if own ~= "" then
-      local rk = B .. "r:" .. own
-      call("SADD", rk, key)
-      if call("PEXPIRETIME", rk) < tonumber(ms) then call("PEXPIREAT", rk, ms) end
+      local h = held[own]
+      if not h then
+        h = { ms = 0 }
+        held[own] = h
+        owners[#owners + 1] = own
+      end
+      h[#h + 1] = key
+      if tonumber(ms) > h.ms then h.ms = tonumber(ms) end
     end
+  end
+  for j = 1, #owners do
+    local own = owners[j]
+    local h, rk = held[own], B .. "r:" .. own
+    call("SADD", rk, unpack(h))
+    if call("PEXPIRETIME", rk) < h.ms then call("PEXPIREAT", rk, string.format("%.0f", h.ms)) end
   end
   -- the index forgets marks Redis has expired by itself (no purge job needed)
   local t = call("TIME")
@@ -166,11 +177,8 @@ function OPS.enqueue(B, argv, i, n)
   for _ = 1, n do
     local id, next_at, nf = argv[i], argv[i + 1], tonumber(argv[i + 2])
     i = i + 3
-    local ik = B .. "i:" .. id
-    for _ = 1, nf do
-      call("HSET", ik, argv[i], argv[i + 1])
-      i = i + 2
-    end
+    call("HSET", B .. "i:" .. id, unpack(argv, i, i + 2 * nf - 1))
+    i = i + 2 * nf
     call("ZADD", B .. "due", next_at, id)
   end
   return n, i
@@ -248,17 +256,32 @@ function OPS.record(B, argv, i, n)
   i = i + 1
   local log, hours = B .. "log", B .. "hours"
   local newest
-  for _ = 1, n do
+  local seq = call("INCRBY", B .. "lseq", n) - n
+  local members = {}
+  local counts, order = {}, {}   -- hour -> field -> count; the hours in order
+  for j = 1, n do
     local t, hour, field, blob = argv[i], argv[i + 1], argv[i + 2], argv[i + 3]
     i = i + 4
-    local seq = call("INCR", B .. "lseq")
-    call("ZADD", log, t, string.format("%015d", seq) .. blob)
-    local hk = B .. "h:" .. hour
-    call("HINCRBY", hk, field, 1)
-    call("EXPIRE", hk, history + 3600)
-    call("ZADD", hours, hour, hour)
+    members[2 * j - 1], members[2 * j] = t, string.format("%015d", seq + j) .. blob
+    local c = counts[hour]
+    if not c then
+      c = {}
+      counts[hour] = c
+      order[#order + 1] = hour
+    end
+    c[field] = (c[field] or 0) + 1
     local tn = tonumber(t)
     if not newest or tn > newest then newest = tn end
+  end
+  for j = 1, #members, 2000 do   -- (unpack's limit on arguments)
+    call("ZADD", log, unpack(members, j, math.min(j + 1999, #members)))
+  end
+  for j = 1, #order do
+    local hour = order[j]
+    local hk = B .. "h:" .. hour
+    for field, c in pairs(counts[hour]) do call("HINCRBY", hk, field, c) end
+    call("EXPIRE", hk, history + 3600)
+    call("ZADD", hours, hour, hour)
   end
   if newest then
     call("ZREMRANGEBYSCORE", log, "-inf", "(" .. string.format("%.17g", newest - history))

@@ -64,15 +64,66 @@ local function env_for(self, now, batch)
       local key = mark_key(batch, mark)
       local until_ = marks[key]   -- put earlier in this batch: not in the store yet
       if until_ ~= nil then return until_ > now and until_ or nil end
+      local fetched = batch.fetched_marks and batch.fetched_marks[key]
+      if fetched ~= nil then return fetched or nil end
       return (store:get_mark(key, now))
     end,
     unsubscribed = function(email)
       if batch.no_unsubscribes then return false end
-      return store:is_unsubscribed(batch.hash(email))
+      local h = batch.hash(email)
+      local fetched = batch.fetched_unsubs and batch.fetched_unsubs[h]
+      if fetched ~= nil then return fetched end
+      return store:is_unsubscribed(h)
     end,
   }
   batch.env = env
   return env
+end
+
+-- A networked store (store.remote: Redis) answers many look-ups in one round trip: a
+-- first, speculative pass of the rules over the batch collects the marks and addresses
+-- they look up (every look-up answering "none", so each event goes as far as it can),
+-- and one get_marks and one unsubscribed_many fetch them all; the real pass reads them
+-- from the batch (a look-up the first pass did not make still goes to the store).
+-- Inside the decide transaction, so the store sees them as read by it.
+local function prefetch(self, events, now, batch)
+  local keys, seen, hashes, hseen = {}, {}, {}, {}
+  local env = {
+    now = now,
+    lookup = function(mark)
+      local key = mark_key(batch, mark)
+      if not seen[key] then
+        seen[key] = true
+        keys[#keys + 1] = key
+      end
+      return nil
+    end,
+    unsubscribed = function(email)
+      if batch.no_unsubscribes then return false end
+      local h = batch.hash(email)
+      if not hseen[h] then
+        hseen[h] = true
+        hashes[#hashes + 1] = h
+      end
+      return false
+    end,
+  }
+  for i = 1, #events do pcall(rules_mod.evaluate, self.rules, events[i], env, false) end
+  local store = self.store
+  if #keys > 0 then
+    local untils = store:get_marks(keys, now)
+    if not untils then return end   -- the transaction has failed: it ends there
+    local fetched = {}
+    for i = 1, #keys do fetched[keys[i]] = untils[i] or false end
+    batch.fetched_marks = fetched
+  end
+  if #hashes > 0 then
+    local flags = store:unsubscribed_many(hashes)
+    if not flags then return end
+    local fetched = {}
+    for i = 1, #hashes do fetched[hashes[i]] = flags[i] end
+    batch.fetched_unsubs = fetched
+  end
 end
 
 local function event_id_of(event, request)
@@ -220,6 +271,7 @@ function M.batch(self, events, now)
       -- inside the transaction nothing else writes the store: with no unsubscribes at its
       -- start, none of this batch's events is unsubscribed (the rules cannot add one)
       if store:unsubscribed_count() == 0 then batch.no_unsubscribes = true end
+      if store.remote then prefetch(self, events, now, batch) end
       for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
       return enqueue_pending(self, batch, now)
     end)
