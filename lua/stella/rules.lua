@@ -297,15 +297,16 @@ end
 local EXCEEDED = setmetatable({}, { __tostring = function() return "exceeded its budget" end })
 
 -- pcall(fn, a, b), stopped after `limit` VM instructions (false, EXCEEDED) when a limit is
--- given. Another Lua hook (a debugger's) gets its events meanwhile and is put back after;
--- a hook set from C (reported as "external hook") is left alone, and the call runs
--- unlimited. An error a rule catches with pcall is raised again at its next instruction,
+-- given. Another Lua hook (a debugger's) gets its line, call and return events meanwhile
+-- (not its count events) and is put back after; a hook set from C (reported as "external
+-- hook") is left alone, and the call runs unlimited. An error a rule catches with pcall is raised again at its next instruction,
 -- so a rule cannot outlive its budget by catching it.
 local limited_call
 function limited_call(limit, fn, a, b)
   if not limit then return pcall(fn, a, b) end
   local prev, mask, count = gethook()
   if prev ~= nil and type(prev) ~= "function" then return pcall(fn, a, b) end
+  if mask == "" and count == 0 then prev = nil end   -- LuaJIT: a cleared hook (see below)
   mask = prev and mask or ""
   local over, hook = false, nil
   hook = function(event, line)
