@@ -783,6 +783,28 @@ describe("stella command", function()
       assert.equal(path .. ":1: expected a JSON object, got an array\n", err)
     end)
 
+    it_with(has_trigger and has_memory, "trigger: a map that never returns fails its event, the run goes on", function()
+      local rules = write_file(dir .. "/looping_rules.lua", [[
+return { map = function(e)
+  while e.loop do end
+  return { customer = { name = "Ines Duarte", email = e.email }, channel = "phone",
+           employee = { email = "paulagent@blancapeak.com" }, ext_interaction_id = e.id }
+end }
+]])
+      local path = write_file(dir .. "/loop.jsonl",
+        '{"id": 71, "email": "a71@example.com"}\n' ..
+        '{"id": 72, "email": "a72@example.com", "loop": true}\n' ..
+        '{"id": 73, "email": "a73@example.com"}\n')
+      local status, out, err = stella{ "trigger", "--rules", rules, "--db", db, "--dry-run", path }
+      assert.equal(1, status)
+      local s = summary(out)
+      assert.same({ sent = 2, invalid = 1 }, s.by_status)
+      assert.equal(1, s.rows["invalid/rule_error"])
+      assert.truthy(err:find(path .. ":2: invalid (event 72): ", 1, true), err)
+      assert.truthy(err:find("map (" .. rules .. ":1) exceeded its budget of 10000000 instructions", 1, true), err)
+      assert.same({}, server:requests())
+    end)
+
     it_with(has_trigger and has_memory, "trigger: an input with no records is a warning, not an error", function()
       local path = write_file(dir .. "/header.csv", "id,status,channel\n")
       local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,

@@ -889,6 +889,39 @@ describe("stella.trigger event ids", function()
   end)
 end)
 
+describe("stella.trigger and the rules budget", function()
+  local stella = require "stella"
+  local function ev(id, over)
+    local e = { customer = { name = "Jane Doe", email = "c" .. id .. "@example.com" },
+                employee = { email = "paulagent@blancapeak.com" }, channel = "phone",
+                ext_interaction_id = id }
+    for k, v in pairs(over or {}) do e[k] = v end
+    return e
+  end
+
+  -- (each loop is written inside its rule: see the budget specs of stella.rules)
+  local cases = {
+    { "map", { map = function(e) while e.loop do end e.loop = nil return e end } },
+    { "when", { when = function(e) while e.loop do end return true end } },
+    { "rules[1]", { rules = { function(req) while req.loop do end req.loop = nil end } } },
+  }
+  for _, c in ipairs(cases) do
+    it("fails the event whose " .. c[1] .. " never returns with rule_error; the batch goes on", function()
+      local rules = { budget = { instructions = 100000 } }
+      for k, v in pairs(c[2]) do rules[k] = v end
+      local t = stella.trigger{ rules = rules, store = stella.store.memory(), dry_run = true }
+      local outs = t:process_many{ ev(1), ev(2, { loop = true }), ev(3), ev(4) }
+      local got = {}
+      for i, o in ipairs(outs) do got[i] = o.status .. "/" .. tostring(o.reason) end
+      assert.same({ "sent/nil", "invalid/rule_error", "sent/nil", "sent/nil" }, got)
+      assert.truthy(outs[2].detail:find(c[1] .. " (", 1, true), outs[2].detail)
+      assert.truthy(outs[2].detail:find("exceeded its budget of 100000 instructions", 1, true), outs[2].detail)
+      assert.is_nil(debug.gethook())
+      t:close()
+    end)
+  end
+end)
+
 describe("stella.trigger clients", function()
   local stella = require "stella"
   it("gives brands without keys of their own one shared client (one connection), others their own", function()
