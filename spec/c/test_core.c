@@ -948,6 +948,8 @@ static void test_parse_retry_after(void) {
              "parse_retry_after: an IMF-fixdate equal to now");
   check_long(stella_parse_retry_after(date, when + 3600), 0,
              "parse_retry_after: an IMF-fixdate in the past is 0");
+  check_long(stella_parse_retry_after(",Thu, 01 Jan 1979999990 00:00:00 GMT", 1700000000LL), 86400000L,
+             "parse_retry_after: a date in year 1979999990 is capped at a day (found by fuzz_retry_after)");
   v = stella_parse_retry_after("99999999999999999999999", 0);
   if (!CHECK(v > 0, "parse_retry_after: an absurd number is clamped, not wrapped"))
     diag_long("value", v);
@@ -992,6 +994,10 @@ static void test_http_new(void) {
   try_new("http://example.com", KEY, KEY, 0, "http_new: refuses http:// to a non-loopback host");
   try_new("http://127.0.0.1.example.com:9", KEY, KEY, 0,
           "http_new: refuses http:// to a host that only starts like loopback");
+  try_new("http://127.0.0.300:9", KEY, KEY, 0,
+          "http_new: refuses http://127.0.0.300 (not an address: a name DNS would resolve)");
+  try_new("http://127.00..2:9", KEY, KEY, 0, "http_new: refuses http://127.00..2 (found by fuzz_url_key)");
+  try_new("http://127.255.255.254:9", KEY, KEY, 1, "http_new: accepts http://127.255.255.254:9");
   try_new("http://localhost.example.com", KEY, KEY, 0,
           "http_new: refuses http:// to localhost.example.com");
   try_new("ftp://example.com", KEY, KEY, 0, "http_new: refuses ftp://");
