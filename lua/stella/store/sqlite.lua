@@ -137,6 +137,10 @@ local SQL = {
   read_mark = "SELECT until_at, outbox_id FROM marks WHERE key = ? AND until_at > ?",
   read_owner_hex = "SELECT hex(outbox_id) FROM marks WHERE key = ?",
   purge_marks = "DELETE FROM marks WHERE until_at <= ?",
+  -- (each a range of an index: ledger_time, outbox_state_died)
+  purge_ledger = "DELETE FROM ledger WHERE id IN (SELECT id FROM ledger WHERE time < ? LIMIT ?)",
+  purge_dead = "DELETE FROM outbox WHERE id IN " ..
+    "(SELECT id FROM outbox WHERE state = 'dead' AND died_at < ? LIMIT ?)",
   unsubscribed = "SELECT 1 AS x FROM unsubscribes WHERE hash = ?",
   count_unsubscribed = "SELECT COUNT(*) AS n FROM unsubscribes",
   any_due = "SELECT 1 AS x FROM outbox WHERE state = 'queued' AND next_at <= ? LIMIT 1",
@@ -698,6 +702,21 @@ function Backend:tally(since, bucket)
   if not list then return nil, err end
   for _, r in ipairs(list) do r.start, r.k = r.k * bucket, nil end
   return list
+end
+
+-- Retention --------------------------------------------------------------------------------
+
+local function purge(self, before, limit)
+  local ledger, err = exec(self, SQL.purge_ledger, before, limit)
+  if not ledger then return nil, err end
+  local dead
+  dead, err = exec(self, SQL.purge_dead, before, limit)
+  if not dead then return nil, err end
+  return { ledger = ledger, dead = dead }
+end
+
+function Backend:purge(before, limit)
+  return write(self, purge, before, limit)
 end
 
 -- Meta -------------------------------------------------------------------------------------
