@@ -886,6 +886,11 @@ describe("stella command", function()
       status, _, err = run(T0 + 400 * DAY, "-v", "--keep", "forever")
       assert.truthy(err:find("purged 0 ledger entries and 0 dead outbox items (retention: forever)", 1, true), err)
       assert.same({ [T0 + 89 * DAY] = n, [T0 + 91 * DAY] = n, [T0 + 400 * DAY] = n }, times())
+      local out
+      status, out, err = main({ "status", "--db", path }, false, vars, T0 + 400 * DAY)
+      assert.equal(0, status, err)
+      assert.truthy(out:find("\nretention: forever; last purge " .. os.date("%Y-%m-%d %H:%M:%S", T0 + 400 * DAY) ..
+        ": 0 ledger entries, 0 dead items\n", 1, true), out)
       status, _, err = run(T0, "--keep", "90")
       assert.equal(2, status)
       assert.truthy(err:find("--keep must be an age such as 90d, 12w or 36h, or forever", 1, true), err)

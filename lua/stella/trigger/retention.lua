@@ -14,7 +14,8 @@
 -- its last purge, at the start of a batch or a flush (the first one included), so a
 -- long-running process needs no timer; `stella trigger` and `stella retry` purge once per
 -- run. A failed purge (a locked database) is left for the next time: it fails no event.
-local huge, type, pairs, error, pcall, tostring = math.huge, type, pairs, error, pcall, tostring
+local huge, floor, type, pairs, error, pcall, tostring, tonumber =
+      math.huge, math.floor, type, pairs, error, pcall, tostring, tonumber
 
 local M = {}
 
@@ -46,6 +47,22 @@ function M.cutoff(settings, now)
   return now - settings.days * M.DAY
 end
 
+-- The meta value "retention" a purge leaves (for `stella status`): the window and what
+-- the last purge deleted, "days=90 at=1700000000 ledger=12 dead=0" (days=forever).
+function M.meta_text(days, now, total)
+  return ("days=%s at=%d ledger=%d dead=%d"):format(days == huge and "forever" or tostring(days),
+    floor(now), total.ledger, total.dead)
+end
+
+-- The meta value read back: { days = n (math.huge: forever), at, ledger, dead } | nil.
+function M.parse_meta(text)
+  if type(text) ~= "string" then return nil end
+  local t = {}
+  for k, v in text:gmatch("(%a+)=(%S+)") do t[k] = v == "forever" and huge or tonumber(v) end
+  if not (t.days and t.at and t.ledger and t.dead) then return nil end
+  return t
+end
+
 -- trigger:purge([now]) -> { ledger = n, dead = n, marks = n } | nil, err (a dry run's
 -- trigger writes nothing: all 0)
 function M.purge(self, now)
@@ -57,15 +74,18 @@ function M.purge(self, now)
   if not marks then return nil, err end
   local total = { ledger = 0, dead = 0, marks = marks }
   local before = M.cutoff(self.retention, now)
-  if not before then return total end
   local step = M.STEP
-  while true do
+  while before do
     local n
     n, err = store:purge(before, step)
     if not n then return nil, err end
     total.ledger, total.dead = total.ledger + n.ledger, total.dead + n.dead
-    if n.ledger < step and n.dead < step then return total end
+    if n.ledger < step and n.dead < step then break end
   end
+  local ok
+  ok, err = store:set_meta("retention", M.meta_text(self.retention.days, now, total))
+  if not ok then return nil, err end
+  return total
 end
 
 -- Purges when it is due (see the top); called at the start of a batch or flush.
