@@ -32,7 +32,7 @@ local KNOWN = {
   do_not_send_tags = "table", brands = "table", default_brand = "string",
   suppression = "table", once_per_interaction = "any", unsubscribes = "table",
   sample = "number", rules = "table", on_alert = "function", alert = "table",
-  outbox = "table", budget = "any",
+  outbox = "table", budget = "any", retention = "table",
   -- read by the client / command line, not by the evaluation
   api_key = "string", keys = "table", mode = "string", base_url = "string",
 }
@@ -208,6 +208,17 @@ function M.compile(spec, name)
   if spec.sample ~= nil then
     if spec.sample < 0 or spec.sample > 1 then error(name .. ": sample must be between 0 and 1", 0) end
     r.sample = spec.sample
+  end
+  if spec.retention then
+    -- how long the ledger and dead outbox items are kept (read by the trigger's purge)
+    for k in pairs(spec.retention) do
+      if k ~= "days" then error(name .. ": retention." .. tostring(k) .. " is not a retention setting (days)", 0) end
+    end
+    local days = spec.retention.days
+    if type(days) ~= "number" or not (days > 0) then
+      error(name .. ": retention.days must be a number of days above 0 (math.huge: keep everything)", 0)
+    end
+    r.retention_days = days
   end
   for i, rule in ipairs(spec.rules or {}) do
     if type(rule) ~= "function" then error(name .. ": rules[" .. i .. "] must be a function", 0) end
