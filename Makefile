@@ -7,6 +7,7 @@
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
 #   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
 #   make valgrind        the C tests and the Redis connection's specs under valgrind
+#   make fuzz            libFuzzer harnesses under ASan + UBSan (FUZZ_SECONDS each; clang-14)
 #   make bench           benchmarks (ratios against baselines measured in the same run)
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
 #   make rock rock-install   what `luarocks make`/`luarocks install` run (rockspec/, build.type "make")
@@ -66,7 +67,7 @@ MODULE       := $(BUILD)/stella/core.so
 REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
 
-.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
+.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz fuzz-build fuzz-check-cc fuzz-corpus fuzz-mutate valgrind bench install uninstall deps clean
 
 all: module
 
@@ -97,10 +98,11 @@ $(CLIB): $(patsubst csrc/%.c,build/c/%.o,$(CORE_SRC))
 build/c/test_core: spec/c/test_core.c $(CLIB)
 	$(CC) $(WARN) $(CFLAGS) -Icsrc $(CURL_CFLAGS) -o $@ $< $(CLIB) $(CURL_LIBS) $(THREAD_LIBS)
 
-test: build/c/test_core
+test: build/c/test_core fuzz-build
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
-	@tools/run-tests tap:build/c/test_core tap:tools/rock-check \
+	@tools/run-tests tap:build/c/test_core "tap:tools/run-fuzz --tap $(FUZZ_SMOKE_SECONDS) $(FUZZ_HARNESSES)" \
+	  tap:tools/rock-check \
 	  busted:lua5.4:build/5.4 busted:luajit:build/luajit
 
 # AddressSanitizer + UBSan: the module and a small Lua 5.4 host (spec/c/lua_host.c)
@@ -114,20 +116,59 @@ asan:
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
 	        $(CORE_SRC) $(CURL_LIBS) $(THREAD_LIBS)
 	$(CC) $(ASAN_FLAGS) -I$(LUA_INCDIR) -o build/asan/lua spec/c/lua_host.c -llua5.4 -lm -ldl
-	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc -o build/asan/fuzz_json spec/c/fuzz_json.c $(CORE_SRC) \
-	        $(CURL_LIBS) $(THREAD_LIBS)
+	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc -Ispec/fuzz -o build/asan/fuzz_json spec/c/fuzz_json.c \
+	        spec/fuzz/check_json.c $(CORE_SRC) $(CURL_LIBS) $(THREAD_LIBS) -lm
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	 tools/run-tests tap:build/asan/test_core tap:build/asan/fuzz_json
 	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	 tools/run-tests busted:$(CURDIR)/build/asan/lua:build/asan
 
-# The JSON front end under ASan + UBSan with FUZZ_ITERATIONS mutated documents (make asan
-# runs 200,000).
+# Coverage-guided fuzzing (libFuzzer, clang) under ASan + UBSan: the harnesses in spec/fuzz/
+# (fuzz_parse, fuzz_roundtrip, fuzz_url_key, fuzz_retry_after), each for FUZZ_SECONDS in turn,
+# from the seed corpus in spec/fuzz/corpus/ plus what earlier runs found (build/fuzz/corpus/);
+# prints executions and coverage per harness. A crash leaves its input in build/fuzz/ and
+# fails the run. make test runs each for FUZZ_SMOKE_SECONDS.
+#   make fuzz FUZZ_SECONDS=600 FUZZ_HARNESSES="fuzz_parse"
+FUZZ_CC      ?= clang-14
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 5
+FUZZ_HARNESSES ?= fuzz_parse fuzz_roundtrip fuzz_url_key fuzz_retry_after
+FUZZ_CFLAGS  := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+FUZZ_BIN     := $(addprefix build/fuzz/,$(FUZZ_HARNESSES))
+FUZZ_LIB     := build/fuzz/libstella.a
+
+fuzz-build: fuzz-check-cc $(FUZZ_BIN)
+
+fuzz: fuzz-build
+	@tools/run-fuzz $(FUZZ_SECONDS) $(FUZZ_HARNESSES)
+
+fuzz-check-cc:
+	@command -v $(FUZZ_CC) >/dev/null 2>&1 || { echo "make fuzz: $(FUZZ_CC) not found: apt-get install clang-14 libfuzzer-14-dev (or make FUZZ_CC=clang-NN)" >&2; exit 1; }
+	@ls "$$($(FUZZ_CC) -print-runtime-dir)"/libclang_rt.fuzzer*.a >/dev/null 2>&1 || { echo "make fuzz: libFuzzer for $(FUZZ_CC) not found: apt-get install libfuzzer-14-dev" >&2; exit 1; }
+
+# (-Wno-format-nonliteral: clang, unlike gcc, warns about the vsnprintf wrappers)
+build/fuzz/obj/%.o: csrc/%.c $(CORE_HDR)
+	@mkdir -p build/fuzz/obj
+	$(FUZZ_CC) $(WARN) -Wno-format-nonliteral $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link $(CURL_CFLAGS) -c -o $@ $<
+
+$(FUZZ_LIB): $(patsubst csrc/%.c,build/fuzz/obj/%.o,$(CORE_SRC))
+	$(AR) rcs $@ $^
+
+build/fuzz/%: spec/fuzz/%.c spec/fuzz/check_json.c spec/fuzz/check_json.h $(FUZZ_LIB)
+	$(FUZZ_CC) $(WARN) $(FUZZ_CFLAGS) -fsanitize=fuzzer -Icsrc -Ispec/fuzz $(CURL_CFLAGS) -o $@ \
+	        $< spec/fuzz/check_json.c $(FUZZ_LIB) $(CURL_LIBS) $(THREAD_LIBS) -lm
+
+# The seed corpus (spec/fuzz/corpus/), regenerated from the specs' cases.
+fuzz-corpus:
+	lua5.4 tools/fuzz-corpus
+
+# The older mutation fuzzer (gcc is enough): FUZZ_ITERATIONS mutated documents (make asan
+# runs 200,000) through the same checks as the JSON harnesses.
 FUZZ_ITERATIONS ?= 5000000
-fuzz:
+fuzz-mutate:
 	@mkdir -p build/asan
-	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc -o build/asan/fuzz_json spec/c/fuzz_json.c $(CORE_SRC) \
-	        $(CURL_LIBS) $(THREAD_LIBS)
+	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc -Ispec/fuzz -o build/asan/fuzz_json spec/c/fuzz_json.c \
+	        spec/fuzz/check_json.c $(CORE_SRC) $(CURL_LIBS) $(THREAD_LIBS) -lm
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 build/asan/fuzz_json $(FUZZ_ITERATIONS) $${FUZZ_SEED:-1}
 
 # The C tests, then (with hiredis) the Redis connection's specs, under valgrind.

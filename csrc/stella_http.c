@@ -60,19 +60,28 @@ int stella_check_user_agent(const char *ua, size_t len, char *err, size_t errlen
   return 1;
 }
 
+/* 127.x.y.z in strict dotted decimal (as inet_pton reads it): four parts of 1-3 digits
+ * without leading zeros, each <= 255. Anything else ("127.0.0.300", "127.00..2") is a
+ * name that libcurl would resolve through DNS, maybe to another host. */
+static int loopback_ipv4(const char *host) {
+  const char *p = host;
+  int parts = 0;
+  if (strncmp(host, "127.", 4) != 0) return 0;
+  for (;;) {
+    int v = 0, digits = 0;
+    while (isdigit((unsigned char)*p) && digits < 4) { v = v * 10 + (*p - '0'); digits++; p++; }
+    if (digits == 0 || digits > 3 || v > 255 || (digits > 1 && p[-digits] == '0')) return 0;
+    parts++;
+    if (*p == '\0') return parts == 4;
+    if (*p != '.' || parts == 4) return 0;
+    p++;
+  }
+}
+
 static int host_is_loopback(const char *host) {
   if (strcmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0 || strcmp(host, "::1") == 0)
     return 1;
-  if (strncmp(host, "127.", 4) == 0) {
-    const char *p = host + 4;
-    int parts = 1;
-    for (; *p; p++) {
-      if (*p == '.') parts++;
-      else if (!isdigit((unsigned char)*p)) return 0;
-    }
-    return parts == 3;
-  }
-  return 0;
+  return loopback_ipv4(host);
 }
 
 /* host_is_loopback on the host stella_check_base_url found (not NUL-terminated). */
@@ -473,11 +482,12 @@ long stella_parse_retry_after(const char *value, long long now) {
   }
   {
     time_t t = curl_getdate(p, NULL);
-    long long d;
+    unsigned long long d;
     if (t == (time_t)-1) return -1;
-    d = ((long long)t - now) * 1000;
-    if (d < 0) d = 0;
-    if (d > 86400LL * 1000) d = 86400LL * 1000;
-    return (long)d;
+    if ((long long)t <= now) return 0;
+    /* t > now: the difference is exact in unsigned arithmetic, and a far-off date
+     * (year 1979999990) must not overflow when turned into milliseconds */
+    d = (unsigned long long)(long long)t - (unsigned long long)now;
+    return d >= 86400 ? 86400L * 1000 : (long)(d * 1000);
   }
 }

@@ -129,8 +129,44 @@ static int printable_short(const stella_value *v) {
 
 /* ---------- scalar checks --------------------------------------------------- */
 
-/* Checks that v is a non-empty, valid UTF-8 string; reports and returns 0 if not. */
-static int check_text(ctx *c, const path *p, const stella_value *v, int allow_empty) {
+/* The offset of the first C0 control character other than tab, line feed and carriage
+ * return (NUL included) in str, or len when there is none. Eight bytes at a time while
+ * no byte is below 0x20. */
+static size_t find_control(const char *str, size_t len) {
+  const unsigned char *s = (const unsigned char *)str;
+  size_t i = 0;
+  while (len - i >= 8) {
+    const uint64_t ones = UINT64_C(0x0101010101010101), highs = UINT64_C(0x8080808080808080);
+    uint64_t w;
+    memcpy(&w, s + i, 8);
+    if ((w - ones * 0x20) & ~w & highs) break;   /* some byte < 0x20 */
+    i += 8;
+  }
+  for (; i < len; i++)
+    if (s[i] < 0x20 && s[i] != '\t' && s[i] != '\n' && s[i] != '\r') return i;
+  return len;
+}
+
+/* Reports a control character in a text field; returns 0 if there is one. NUL is named:
+ * C strings, databases and the service's own stack may cut the text there. */
+static int check_controls(ctx *c, const path *p, const stella_value *v) {
+  size_t at = find_control(v->u.string.ptr, v->u.string.len);
+  unsigned char ch;
+  if (at == v->u.string.len) return 1;
+  ch = (unsigned char)v->u.string.ptr[at];
+  if (ch == 0)
+    report(c, p, "control_character", "contains a NUL character (U+0000) at byte %lu",
+           (unsigned long)at + 1);
+  else
+    report(c, p, "control_character",
+           "contains the control character U+%04X at byte %lu (of the C0 controls only tab, "
+           "line feed and carriage return are allowed)", (unsigned)ch, (unsigned long)at + 1);
+  return 0;
+}
+
+/* Checks that v is a non-empty, valid UTF-8 string; reports and returns 0 if not.
+ * (check_text also refuses control characters.) */
+static int check_text_bytes(ctx *c, const path *p, const stella_value *v, int allow_empty) {
   if (v->type != STELLA_STRING) {
     report(c, p, "invalid_type", "must be a string, got %s", type_name(v));
     return 0;
@@ -144,6 +180,17 @@ static int check_text(ctx *c, const path *p, const stella_value *v, int allow_em
     return 0;
   }
   return 1;
+}
+
+static int check_text(ctx *c, const path *p, const stella_value *v, int allow_empty) {
+  return check_text_bytes(c, p, v, allow_empty) && check_controls(c, p, v);
+}
+
+/* A custom property name: a non-empty UTF-8 string without control characters. */
+static int prop_name_valid(const stella_value *key) {
+  return key->type == STELLA_STRING && key->u.string.len > 0 &&
+         stella_utf8_valid(key->u.string.ptr, key->u.string.len) &&
+         find_control(key->u.string.ptr, key->u.string.len) == key->u.string.len;
 }
 
 static void check_max_chars(ctx *c, const path *p, const stella_value *v) {
@@ -208,7 +255,7 @@ static int has_space_or_control(const char *str, size_t len) {
 }
 
 static void check_url(ctx *c, const path *p, const stella_value *v) {
-  if (!check_text(c, p, v, 0)) return;
+  if (!check_text_bytes(c, p, v, 0)) return;   /* controls: invalid_url below */
   if (has_space_or_control(v->u.string.ptr, v->u.string.len))
     report(c, p, "invalid_url", "must not contain whitespace or control characters");
 }
@@ -358,9 +405,7 @@ static const stella_pair **sorted_pairs(ctx *c, const stella_value *t, const uns
 static path key_path(ctx *c, const path *parent, const stella_value *key) {
   path kp = field_path(parent, NULL, 0);
   const char *prefix;
-  if (key->type == STELLA_STRING && key->u.string.len > 0 &&
-      stella_utf8_valid(key->u.string.ptr, key->u.string.len))
-    return field_path(parent, key->u.string.ptr, key->u.string.len);
+  if (prop_name_valid(key)) return field_path(parent, key->u.string.ptr, key->u.string.len);
   prefix = render(c, parent);
   if (prefix == NULL) prefix = "";
   if (key->type == STELLA_NUMBER && key->u.number.is_int)
@@ -378,11 +423,11 @@ static path key_path(ctx *c, const path *parent, const stella_value *key) {
 static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report_errors) {
   const stella_value *key = &pair->key, *val = &pair->value;
   path kp;
-  if (key->type != STELLA_STRING || key->u.string.len == 0 ||
-      !stella_utf8_valid(key->u.string.ptr, key->u.string.len)) {
+  if (!prop_name_valid(key)) {
     if (!report_errors) return 0;
     kp = key_path(c, p, key);
-    report(c, &kp, "invalid_key", ": custom property names must be non-empty UTF-8 strings");
+    report(c, &kp, "invalid_key",
+           ": custom property names must be non-empty UTF-8 strings without control characters");
     return 0;
   }
   if (val->type == STELLA_NUMBER) {
@@ -396,6 +441,7 @@ static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report
   }
   if (val->type == STELLA_STRING) {
     if (stella_utf8_valid(val->u.string.ptr, val->u.string.len) &&
+        find_control(val->u.string.ptr, val->u.string.len) == val->u.string.len &&
         (val->u.string.len <= STELLA_MAX_TEXT_CHARS ||
          stella_utf8_length(val->u.string.ptr, val->u.string.len) <= STELLA_MAX_TEXT_CHARS))
       return 1;

@@ -783,6 +783,28 @@ describe("stella command", function()
       assert.equal(path .. ":1: expected a JSON object, got an array\n", err)
     end)
 
+    it_with(has_trigger and has_memory, "trigger: a map that never returns fails its event, the run goes on", function()
+      local rules = write_file(dir .. "/looping_rules.lua", [[
+return { map = function(e)
+  while e.loop do end
+  return { customer = { name = "Ines Duarte", email = e.email }, channel = "phone",
+           employee = { email = "paulagent@blancapeak.com" }, ext_interaction_id = e.id }
+end }
+]])
+      local path = write_file(dir .. "/loop.jsonl",
+        '{"id": 71, "email": "a71@example.com"}\n' ..
+        '{"id": 72, "email": "a72@example.com", "loop": true}\n' ..
+        '{"id": 73, "email": "a73@example.com"}\n')
+      local status, out, err = stella{ "trigger", "--rules", rules, "--db", db, "--dry-run", path }
+      assert.equal(1, status)
+      local s = summary(out)
+      assert.same({ sent = 2, invalid = 1 }, s.by_status)
+      assert.equal(1, s.rows["invalid/rule_error"])
+      assert.truthy(err:find(path .. ":2: invalid (event 72): ", 1, true), err)
+      assert.truthy(err:find("map (" .. rules .. ":1) exceeded its budget of 10000000 instructions", 1, true), err)
+      assert.same({}, server:requests())
+    end)
+
     it_with(has_trigger and has_memory, "trigger: an input with no records is a warning, not an error", function()
       local path = write_file(dir .. "/header.csv", "id,status,channel\n")
       local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,
@@ -809,12 +831,13 @@ describe("stella command", function()
       }
     end
 
-    local function main(args, tty, vars)
+    local function main(args, tty, vars, time)
       local out, err = sink(), sink()
       vars = vars or {}
       local status = cli.main(args, {
         getenv = function(name) return vars[name] end,
         stdout = out, stderr = err, isatty = function() return tty end,
+        time = time and function() return time end,
       })
       return status, out.text(), err.text()
     end
@@ -851,6 +874,48 @@ describe("stella command", function()
       assert.is_nil(cli.parse_duration("0h"))
       assert.is_nil(cli.parse_duration("h"))
       assert.is_nil(cli.parse_duration("-1d"))
+    end)
+
+    it_with(has_trigger and has_sqlite, "purges ledger entries older than --keep (default 90 days) once per run", function()
+      local T0, DAY = 1700000000, 86400
+      local path = fresh_db()
+      local vars = { STELLA_TEST_KEY = TEST_KEY, STELLA_BASE_URL = server.url }
+      local lines = {}
+      for i = 1, 5 do lines[i] = ('{"ticket": %d, "email": "keep%d@example.com"}'):format(900 + i, i) end
+      local events = write_file(dir .. "/keep.jsonl", table.concat(lines, "\n") .. "\n")
+      local function run(time, ...)
+        local args = { "trigger", "--rules", "spec/support/trigger_rules.lua", "--db", path, ... }
+        args[#args + 1] = events
+        return main(args, false, vars, time)
+      end
+      local function times()
+        local s = assert(require("stella.store").sqlite(path))
+        local count = {}
+        for _, e in ipairs(s:ledger{ limit = 10000 }) do count[e.time] = (count[e.time] or 0) + 1 end
+        s:close()
+        return count
+      end
+      run(T0, "-q")
+      local n = times()[T0]
+      assert.equal(5, n)
+      run(T0 + 89 * DAY, "-q")   -- within the default 90 days: nothing purged
+      assert.same({ [T0] = n, [T0 + 89 * DAY] = n }, times())
+      local status, _, err = run(T0 + 91 * DAY, "-v", "--keep", "30d")
+      assert.equal(0, status, err)
+      assert.truthy(err:find("stella trigger: purged " .. n .. " ledger entries and 0 dead outbox items " ..
+        "older than 30 days, ", 1, true), err)
+      assert.same({ [T0 + 89 * DAY] = n, [T0 + 91 * DAY] = n }, times())
+      status, _, err = run(T0 + 400 * DAY, "-v", "--keep", "forever")
+      assert.truthy(err:find("purged 0 ledger entries and 0 dead outbox items (retention: forever)", 1, true), err)
+      assert.same({ [T0 + 89 * DAY] = n, [T0 + 91 * DAY] = n, [T0 + 400 * DAY] = n }, times())
+      local out
+      status, out, err = main({ "status", "--db", path }, false, vars, T0 + 400 * DAY)
+      assert.equal(0, status, err)
+      assert.truthy(out:find("\nretention: forever; last purge " .. os.date("%Y-%m-%d %H:%M:%S", T0 + 400 * DAY) ..
+        ": 0 ledger entries, 0 dead items\n", 1, true), out)
+      status, _, err = run(T0, "--keep", "90")
+      assert.equal(2, status)
+      assert.truthy(err:find("--keep must be an age such as 90d, 12w or 36h, or forever", 1, true), err)
     end)
 
     it_with(has_trigger and has_memory, "draws a progress bar on stderr only when it is a terminal", function()

@@ -210,8 +210,11 @@ describe("stella.encode", function()
       assert_json(with_name([["a\nb\tc"]]), req { ["customer.name"] = "a\nb\tc" })
     end)
 
-    it("escapes other control characters as \\u00XX", function()
-      assert_json(with_name([["a\u0001b\u0010c\u0019d"]]), req { ["customer.name"] = "a\1b\16c\25d" })
+    it("escapes a carriage return as \\r; other control characters do not validate", function()
+      assert_json(with_name([["a\r\nb"]]), req { ["customer.name"] = "a\r\nb" })
+      local body, errs = stella.encode(req { ["customer.name"] = "a\1b\16c\25d" })
+      assert.is_nil(body)
+      assert.equal("control_character", errs[1].code)
     end)
 
     it("passes DEL (0x7F) through unescaped", function()

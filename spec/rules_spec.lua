@@ -612,6 +612,166 @@ describe("stella.rules", function()
     end)
   end)
 
+  describe("budget", function()
+    local BUDGET = { instructions = 100000 }
+    local function with_budget(spec)
+      spec.budget = spec.budget or BUDGET
+      return spec
+    end
+    -- (the loops are written inside the rule functions: under LuaJIT, a function defined
+    -- elsewhere in a program is compiled, and a compiled loop runs without the hook)
+
+    -- The VM instructions fn(...) runs, counted one by one (in the VM running this spec).
+    -- (sethook a local: a global look-up under busted runs its environment's __index)
+    local sethook = debug.sethook
+    local function instructions_of(fn, ...)
+      local n = 0
+      sethook(function() n = n + 1 end, "", 1)
+      fn(...)
+      sethook()
+      return n
+    end
+
+    after_each(function() debug.sethook() end)
+
+    it("fails a map that never returns with rule_error naming the map, and removes its hook", function()
+      local d = eval(with_budget{ map = function(e) while e do end return e end })
+      assert.equal("invalid", d.action)
+      assert.equal("rule_error", d.reason)
+      assert.truthy(contains(d.detail, "map ("), d.detail)
+      assert.truthy(contains(d.detail, "exceeded its budget of 100000 instructions"), d.detail)
+      assert.is_nil(debug.gethook())
+    end)
+
+    it("fails a when that never returns with rule_error", function()
+      local d = eval(with_budget{ when = function() while true do end end })
+      assert.equal("invalid", d.action)
+      assert.equal("rule_error", d.reason)
+      assert.truthy(contains(d.detail, "when ("), d.detail)
+      assert.truthy(contains(d.detail, "exceeded its budget"), d.detail)
+      assert.is_nil(debug.gethook())
+    end)
+
+    it("fails a custom rule that loops, naming it, after the rules before it ran", function()
+      local ran = false
+      local d = eval(with_budget{ rules = { function() ran = true end,
+                                            function(req) while req do end end } })
+      assert.is_true(ran)
+      assert.equal("invalid", d.action)
+      assert.equal("rule_error", d.reason)
+      assert.truthy(contains(d.detail, "rules[2] ("), d.detail)
+      assert.truthy(contains(d.detail, "exceeded its budget of 100000 instructions"), d.detail)
+      assert.is_nil(debug.gethook())
+    end)
+
+    it("cannot be outlived by a rule that catches its error", function()
+      local caught = 0
+      local d = eval(with_budget{ rules = { function()
+        while true do
+          if not pcall(function() while true do end end) then caught = caught + 1 end
+        end
+      end } })
+      assert.equal("rule_error", d.reason)
+      assert.equal(0, caught)   -- raised again at the rule's next instruction
+      -- nor by one that swallows it and returns as if nothing happened
+      d = eval(with_budget{ map = function(e) pcall(function() while true do end end) return e end })
+      assert.equal("rule_error", d.reason)
+      assert.truthy(contains(d.detail, "exceeded its budget"), d.detail)
+    end)
+
+    it("passes a rule that runs just under its limit and fails it just over", function()
+      -- (the rule allocates nothing: a garbage collection step could run finalizers,
+      -- whose instructions count too)
+      local function work(req) local s = 0 for i = 1, 2000 do s = s + i end req.ext_interaction_id = s end
+      assert.truthy(rules.compile{ rules = { work } }.budget)   -- under LuaJIT: now out of the JIT
+      local n = instructions_of(work, event())
+      assert.truthy(n > 2000, n)
+      local d = eval{ rules = { work }, budget = { instructions = n + 10 } }
+      assert.equal("send", d.action)
+      assert.equal(2001000, d.request.ext_interaction_id)
+      d = eval{ rules = { work }, budget = { instructions = n - 10 } }
+      assert.equal("rule_error", d.reason)
+    end)
+
+    it("decides the next events normally after one went over", function()
+      local r = rules.compile(with_budget{ map = function(e) while e.loop do end return e end })
+      local e = env()
+      assert.equal("send", rules.evaluate(r, event(), e).action)
+      assert.equal("rule_error", rules.evaluate(r, event{ loop = true }, e).reason)
+      assert.equal("send", rules.evaluate(r, event(), e).action)
+      assert.is_nil(debug.gethook())
+    end)
+
+    it("holds for a loop the JIT compiled before (LuaJIT)", function()
+      local function map(e)
+        local s = 0
+        for i = 1, e.n do s = s + i end
+        e.custom_properties = { sum = tostring(s) }
+        return e
+      end
+      local r = rules.compile(with_budget{ map = map })
+      for _ = 1, 500 do assert.equal("send", rules.evaluate(r, event{ n = 100 }, env()).action) end
+      local d = rules.evaluate(r, event{ n = 2^40 }, env())
+      assert.equal("rule_error", d.reason)
+    end)
+
+    it("puts back a debugger's hook, which sees the rule's lines meanwhile", function()
+      local lines = 0
+      local function line_hook() lines = lines + 1 end
+      debug.sethook(line_hook, "l")
+      local d = eval(with_budget{ map = function(e) while e do end return e end })
+      local h, mask = debug.gethook()
+      debug.sethook()
+      assert.equal("rule_error", d.reason)
+      assert.equal(line_hook, h)
+      assert.equal("l", mask)
+      assert.truthy(lines > 0)
+    end)
+
+    it("lets an interrupt through (Ctrl-C in the lua interpreter), not a rule_error", function()
+      local child = require "support.child"
+      local lua = os.getenv("STELLA_TEST_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
+      local script, marker, out, pidfile = os.tmpname(), os.tmpname(), os.tmpname(), os.tmpname()
+      os.remove(marker)
+      write_file(script, [[
+        local rules = require "stella.rules"
+        local r = rules.compile{ budget = { instructions = 2147483647 }, map = function(e)
+          assert(io.open(arg[1], "w")):close()   -- in the loop from here on
+          while e do end
+        end }
+        local ok, res = pcall(rules.evaluate, r, {}, { now = 0 })
+        io.write(ok and ("decided " .. tostring(res.reason)) or ("raised " .. tostring(res)))
+      ]])
+      assert(os.execute(child.ENV .. lua .. " " .. child.quote(script) .. " " .. child.quote(marker) ..
+                        " >" .. child.quote(out) .. " 2>&1 & echo $! >" .. child.quote(pidfile)))
+      local pid = child.read_file(pidfile):match("%d+")
+      for _ = 1, 600 do   -- wait for the child to be in the loop (at most a minute)
+        if io.open(marker) then break end
+        os.execute("sleep 0.1")
+      end
+      assert.truthy(io.open(marker), "the child never reached its loop: " .. child.read_file(out))
+      os.execute("kill -INT " .. pid)
+      for _ = 1, 600 do   -- and for it to end
+        if child.read_file(out) ~= "" then break end
+        os.execute("sleep 0.1")
+      end
+      local got = child.read_file(out)
+      for _, p in ipairs{ script, marker, out, pidfile } do os.remove(p) end
+      assert.truthy(got:find("^raised .*interrupted!$"), got)
+    end)
+
+    it("has a default, can be turned off, and refuses a budget it cannot use", function()
+      assert.equal(rules.DEFAULT_BUDGET, rules.compile{}.budget)
+      assert.equal(rules.DEFAULT_BUDGET, rules.compile{ budget = {} }.budget)
+      assert.equal(5000, rules.compile{ budget = { instructions = 5000 } }.budget)
+      assert.is_nil(rules.compile{ budget = false }.budget)
+      assert.truthy(contains(compile_error{ budget = 5 }, "budget must be a table or false"))
+      assert.truthy(contains(compile_error{ budget = { instructions = 0 } }, "budget.instructions"))
+      assert.truthy(contains(compile_error{ budget = { instructions = 1.5 } }, "budget.instructions"))
+      assert.truthy(contains(compile_error{ budget = { ms = 10 } }, "unknown key 'budget.ms'"))
+    end)
+  end)
+
   describe("rules files", function()
     local paths
     before_each(function() paths = {} end)
@@ -661,6 +821,19 @@ describe("stella.rules", function()
       assert.equal("false", d.request.custom_properties.execute)
     end)
 
+    it("keeps a file's own helpers inside the budget (LuaJIT: out of the JIT)", function()
+      local p = file([[
+        local function count_to(n) local s = 0 for i = 1, n do s = s + i end return s end
+        return { budget = { instructions = 100000 },
+                 map = function(e) e.custom_properties = { s = tostring(count_to(e.n)) } return e end }
+      ]])
+      local r = assert(rules.load(p))
+      for _ = 1, 500 do assert.equal("send", rules.evaluate(r, event{ n = 100 }, env()).action) end
+      local d = rules.evaluate(r, event{ n = 2^40 }, env())
+      assert.equal("rule_error", d.reason)
+      assert.truthy(contains(d.detail, "map (" .. p:sub(-20)), d.detail)
+    end)
+
     it("accepts a shebang line", function()
       assert(rules.load(file("#!/usr/bin/env stella\nreturn { sample = 1 }\n")))
     end)
@@ -699,6 +872,29 @@ describe("stella.rules", function()
     assert.equal("1969-12-31T23:59:59Z", rules.iso_utc(-1))
     assert.equal("0001-01-01T00:00:00Z", rules.iso_utc(-62135596800))
     assert.equal("9999-12-31T23:59:59Z", rules.iso_utc(253402300799))
+  end)
+
+  it("runs without the debug library (as in Redis), with no budget", function()
+    local lua51 = "/usr/bin/lua5.1"
+    if not io.open(lua51, "rb") then
+      pending("lua5.1 is not installed")
+      return
+    end
+    local script = os.tmpname()
+    write_file(script, ([[
+      package.path = %q
+      debug = nil
+      setmetatable(_G, { __index = function(_, k) error("no global " .. k) end })   -- as Redis does
+      local rules = require "stella.rules"
+      local r = rules.compile{ budget = { instructions = 10 }, map = function(e)
+        local s = 0 for i = 1, 100 do s = s + i end e.ext_interaction_id = s return e end }
+      io.write(tostring(r.budget), " ", rules.evaluate(r, { channel = "phone" }, { now = 0 }).action)
+    ]]):format(SPEC_DIR .. "../lua/?.lua"))
+    local p = io.popen(lua51 .. " " .. script .. " 2>&1", "r")
+    local out = p:read("*a")
+    p:close()
+    os.remove(script)
+    assert.equal("nil send", out)
   end)
 
   it("runs under plain Lua 5.1 with no C modules", function()

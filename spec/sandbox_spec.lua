@@ -94,7 +94,9 @@ describe("stella sandbox", function()
 
   setup(function()
     local err
-    sb, err = sandbox.start{ port = 0, config = companies.multi_brand() }
+    sb, err = sandbox.start{ port = 0, config = companies.multi_brand(),
+      -- a handler that fails, for nginx's own 500 (see "nginx's own errors")
+      extra_locations = 'location = /_spec/fail { content_by_lua_block { error("failing on purpose") } }' }
     assert(sb, err)
     test, prod = client(sb, TEST_KEY), client(sb, PRODUCTION_KEY)
   end)
@@ -176,6 +178,67 @@ describe("stella sandbox", function()
       c:close()
       assert.is_nil(res)
       assert.equal("not_found", err.kind)
+    end)
+  end)
+
+  describe("nginx's own errors", function()
+    local socket = require "socket"
+
+    -- Sends `text` on a new connection and reads one answer by its Content-Length (the
+    -- connection is left open: nginx would wait for the body it refused before closing):
+    -- status, headers (lower-case names), body.
+    local function raw(text)
+      local c = assert(socket.connect(sb.url:match("^http://([^:/]+):(%d+)")))
+      c:settimeout(10)
+      assert(c:send(text))
+      local code = tonumber(assert(c:receive("*l")):match("^HTTP/1%.1 (%d+)"))
+      local headers = {}
+      while true do
+        local line = assert(c:receive("*l"))
+        if line == "" then break end
+        local name, value = line:match("^([^:]+):%s*(.*)$")
+        headers[name:lower()] = value
+      end
+      local body = assert(c:receive(tonumber(headers["content-length"])))
+      c:close()
+      return code, headers, body
+    end
+
+    local function assert_json_answer(code, message, got_code, headers, body)
+      assert.equal(code, got_code)
+      assert.equal("application/json", headers["content-type"])
+      assert.same({ message = message }, cjson.decode(body))
+    end
+
+    it("answers a body over the size limit with 413 in JSON, not an HTML page", function()
+      assert_json_answer(413, "Request Entity Too Large", raw("POST /v1/requests HTTP/1.1\r\nHost: localhost\r\n"
+        .. "x-api-key: " .. TEST_KEY .. "\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{"))
+      -- and the client reports it as the service's answer, with the message
+      local c = client(sb)
+      local props = {}
+      for i = 1, 600 do props["p" .. i] = string.rep("x", 1990) end
+      local res, err = c:send(req{ custom_properties = props })
+      c:close()
+      assert.is_nil(res)
+      assert.equal(413, err.status)
+      assert.truthy(tostring(err):find("Request Entity Too Large", 1, true), tostring(err))
+    end)
+
+    it("answers a request it cannot parse with 400, a long URI with 414, TRACE with 405, in JSON", function()
+      assert_json_answer(400, "Bad Request", raw("GARBAGE\r\n\r\n"))
+      assert_json_answer(414, "Request-URI Too Large",
+        raw("GET /v1/" .. string.rep("a", 20000) .. " HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+      assert_json_answer(405, "Method Not Allowed", raw("TRACE /v1/requests HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+    end)
+
+    it("answers a failing handler with 500 in JSON", function()
+      assert_json_answer(500, "Internal Server Error",
+        raw("GET /_spec/fail HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+    end)
+
+    it("keeps its error page out of reach", function()
+      assert_json_answer(404, "Not Found",
+        raw("GET /_sandbox_nginx_error HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
     end)
   end)
 

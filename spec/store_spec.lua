@@ -229,6 +229,35 @@ describe("stella.store", function()
       assert.is_nil(all:find(email, 1, true))
     end)
 
+    it("empties the WAL after a transaction that deleted outbox items, unless scrub_wal = false", function()
+      for _, scrub in ipairs{ true, false } do
+        local p = new_path()
+        local email = "ramona.scrub.secret@example.com"
+        local s = assert(store.sqlite(p, { scrub_wal = scrub }))
+        s:enqueue(item())
+        local sent = s:enqueue(item{ body = "{\"customer\":{\"email\":\"" .. email .. "\"}}" })
+        local dead_email = "odile.dead.secret@example.com"
+        local dead = s:enqueue(item{ body = "{\"customer\":{\"email\":\"" .. dead_email .. "\"}}" })
+        s:claim(T0, 60, 10)
+        assert.truthy(read_file(p .. "-wal"):find(email, 1, true))   -- a check of the check
+        s:atomic(function()
+          s:finish(sent)
+          s:kill(dead, "gave up", T0)
+        end)
+        local all = read_file(p) .. read_file(p .. "-wal")
+        assert.equal(not scrub, all:find(email, 1, true) ~= nil, "scrub_wal = " .. tostring(scrub))
+        if scrub then
+          assert.equal(0, #read_file(p .. "-wal"))
+          assert.truthy(all:find(dead_email, 1, true))   -- kept (dead) until purged
+          assert.same({ ledger = 0, dead = 1 }, s:purge(T0 + 1))
+          all = read_file(p) .. read_file(p .. "-wal")
+          assert.is_nil(all:find(dead_email, 1, true))
+        end
+        s:close()
+      end
+      raises("scrub_wal must be a boolean", function() store.sqlite("x.db", { scrub_wal = "yes" }) end)
+    end)
+
     it("returns a retryable store error when locked past the busy timeout, and waits otherwise", function()
       local p = new_path()
       local s = assert(store.sqlite(p, { busy_timeout = 0.2 }))

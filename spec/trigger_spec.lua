@@ -656,6 +656,44 @@ describe("stella.trigger", function()
       s:close()
     end)
 
+    it("keeps no sent customer's name or address in the -wal or the file while the store stays open", function()
+      local p = new_path()
+      local s = assert(store_mod.sqlite(p))
+      local t = trigger(s, { outbox = { max_attempts = 2 } })
+      local function bytes() return read_file(p) .. read_file(p .. "-wal") .. read_file(p .. "-shm") end
+      local sent = { { "Ramona Wexley-Sent", "ramona.wexley@example.com" },
+                     { "Tobias Quill-Sent", "tobias.quill@example.com" } }
+      local queued = { "Odile Marchetti-Queued", "odile.marchetti@example.com" }
+      server:script{ {}, {}, { status = 503 }, { status = 503 } }   -- (the client tries twice)
+      local outcomes = t:process_many{
+        { ticket = 11, name = sent[1][1], email = sent[1][2] },
+        { ticket = 12, name = sent[2][1], email = sent[2][2] },
+        { ticket = 13, name = queued[1], email = queued[2] },
+      }
+      assert.same({ "sent", "sent", "queued" }, { outcomes[1].status, outcomes[2].status, outcomes[3].status })
+      local all = bytes()
+      -- a check of the check: the queued request's body is kept, in clear, until it is sent
+      assert.truthy(all:find(queued[2], 1, true))
+      assert.truthy(all:find(queued[1], 1, true))
+      for _, c in ipairs(sent) do
+        assert.is_nil(all:find(c[1], 1, true), c[1] .. " is in the file or its WAL")
+        assert.is_nil(all:find(c[2], 1, true), c[2] .. " is in the file or its WAL")
+      end
+      -- given up (dead): kept for inspection until the retention window has passed
+      now = T0 + 3600
+      server:script{ { status = 503 }, { status = 503 } }
+      assert.equal(1, t:flush().dead)
+      assert.truthy(bytes():find(queued[2], 1, true))
+      now = T0 + 3600 + 91 * DAY
+      assert.same({ ledger = 4, dead = 1, marks = 2 }, t:purge())
+      all = bytes()
+      assert.is_nil(all:find(queued[1], 1, true), "a purged dead item's body is in the file or its WAL")
+      assert.is_nil(all:find(queued[2], 1, true), "a purged dead item's body is in the file or its WAL")
+      assert.same({}, s:ledger())
+      t:close()
+      s:close()
+    end)
+
     -- A child process works through events while the server takes 2 s to answer each;
     -- we kill it with SIGKILL while a request is in flight, then recover with flush() in
     -- a fresh trigger once the outbox lease has run out.
@@ -889,6 +927,39 @@ describe("stella.trigger event ids", function()
   end)
 end)
 
+describe("stella.trigger and the rules budget", function()
+  local stella = require "stella"
+  local function ev(id, over)
+    local e = { customer = { name = "Jane Doe", email = "c" .. id .. "@example.com" },
+                employee = { email = "paulagent@blancapeak.com" }, channel = "phone",
+                ext_interaction_id = id }
+    for k, v in pairs(over or {}) do e[k] = v end
+    return e
+  end
+
+  -- (each loop is written inside its rule: see the budget specs of stella.rules)
+  local cases = {
+    { "map", { map = function(e) while e.loop do end e.loop = nil return e end } },
+    { "when", { when = function(e) while e.loop do end return true end } },
+    { "rules[1]", { rules = { function(req) while req.loop do end req.loop = nil end } } },
+  }
+  for _, c in ipairs(cases) do
+    it("fails the event whose " .. c[1] .. " never returns with rule_error; the batch goes on", function()
+      local rules = { budget = { instructions = 100000 } }
+      for k, v in pairs(c[2]) do rules[k] = v end
+      local t = stella.trigger{ rules = rules, store = stella.store.memory(), dry_run = true }
+      local outs = t:process_many{ ev(1), ev(2, { loop = true }), ev(3), ev(4) }
+      local got = {}
+      for i, o in ipairs(outs) do got[i] = o.status .. "/" .. tostring(o.reason) end
+      assert.same({ "sent/nil", "invalid/rule_error", "sent/nil", "sent/nil" }, got)
+      assert.truthy(outs[2].detail:find(c[1] .. " (", 1, true), outs[2].detail)
+      assert.truthy(outs[2].detail:find("exceeded its budget of 100000 instructions", 1, true), outs[2].detail)
+      assert.is_nil(debug.gethook())
+      t:close()
+    end)
+  end
+end)
+
 describe("stella.trigger clients", function()
   local stella = require "stella"
   it("gives brands without keys of their own one shared client (one connection), others their own", function()
@@ -920,5 +991,109 @@ describe("stella.trigger rules", function()
                            ext_interaction_id = "c-1" }
     assert.equal("skipped", out.status)
     assert.equal("channel_disabled", out.reason)
+  end)
+end)
+
+describe("stella.trigger retention", function()
+  local stella = require "stella"
+  local T0, DAY = 1700000000, 86400
+  local now, s
+
+  -- a trigger whose rules skip every event (a ledger entry each, nothing sent)
+  local function trigger(rules, opts)
+    rules = rules or {}
+    rules.when = function() return false end
+    opts = opts or {}
+    opts.rules, opts.store, opts.clock = rules, s, function() return now end
+    opts.client = { api_key = "key", base_url = "http://127.0.0.1:9" }
+    return stella.trigger(opts)
+  end
+
+  local function times()
+    local list = {}
+    for i, e in ipairs(s:ledger{ limit = 1000 }) do list[i] = e.time end
+    table.sort(list)
+    return list
+  end
+
+  before_each(function()
+    now, s = T0, stella.store.memory()
+  end)
+
+  it("keeps 90 days by default, purging by itself at the first batch and then every hour", function()
+    local t = trigger()
+    t:process{ id = 1 }
+    now = T0 + 90 * DAY
+    t:process{ id = 2 }   -- not older than 90 days: kept
+    now = T0 + 90 * DAY + 1800
+    t:process_many{ { id = 3 } }
+    assert.same({ T0, T0 + 90 * DAY, T0 + 90 * DAY + 1800 }, times())
+    now = T0 + 90 * DAY + 3600   -- an hour after the last purge: the first entry goes
+    local p = t:pipeline(function() end)
+    p:process{ { id = 4 } }
+    p:finish()
+    assert.same({ T0 + 90 * DAY, T0 + 90 * DAY + 1800, T0 + 90 * DAY + 3600 }, times())
+    t:close()
+  end)
+
+  it("takes the window from the rules file, and the trigger's option over it", function()
+    local t = trigger({ retention = { days = 10 } })
+    t:process{ id = 1 }
+    now = T0 + 10 * DAY + 1
+    t:process{ id = 2 }
+    assert.same({ T0 + 10 * DAY + 1 }, times())
+    t:close()
+    t = trigger({ retention = { days = 10 } }, { retention = { days = 20 } })
+    now = T0 + 25 * DAY
+    t:process{ id = 3 }
+    assert.same({ T0 + 10 * DAY + 1, T0 + 25 * DAY }, times())
+    t:close()
+  end)
+
+  it("purges on trigger:purge(), dead items and expired marks too; every = 0 only then", function()
+    local t = trigger(nil, { retention = { days = 1, every = 0 } })
+    t:process{ id = 1 }
+    local dead = s:enqueue{ kind = "request", body = "{}", created_at = T0 }
+    s:kill(dead, "gave up", T0)
+    s:put_mark("m", T0 + 10)
+    now = T0 + 2 * DAY
+    t:process{ id = 2 }   -- never by itself
+    assert.same({ T0, T0 + 2 * DAY }, times())
+    assert.same({ ledger = 1, dead = 1, marks = 1 }, t:purge())
+    assert.same({ T0 + 2 * DAY }, times())
+    assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+    assert.same({ ledger = 1, dead = 0, marks = 0 }, t:purge(T0 + 4 * DAY))
+    t:close()
+  end)
+
+  it("keeps everything with days = math.huge, and writes nothing on a dry run", function()
+    local t = trigger({ retention = { days = math.huge } })
+    t:process{ id = 1 }
+    now = T0 + 10000 * DAY
+    assert.same({ ledger = 0, dead = 0, marks = 0 }, t:purge())
+    t:close()
+    t = trigger(nil, { dry_run = true })
+    assert.same({ ledger = 0, dead = 0, marks = 0 }, t:purge())
+    assert.same({ T0 }, times())
+    t:close()
+  end)
+
+  it("raises on a bad window", function()
+    assert.has_error(function() trigger(nil, { retention = { days = 0 } }) end,
+      "stella.trigger: retention.days must be a number of days above 0")
+    assert.has_error(function() trigger(nil, { retention = { every = -1 } }) end,
+      "stella.trigger: retention.every must be a number of seconds (0: only trigger:purge)")
+    assert.has_error(function() trigger(nil, { retention = { weeks = 2 } }) end,
+      "stella.trigger: retention.weeks is not a retention setting (days, every)")
+    assert.has_error(function() trigger(nil, { retention = 90 }) end, "stella.trigger: retention must be a table")
+    local ok, err = pcall(trigger, { retention = { days = "90" } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("retention.days must be a number of days above 0", 1, true), err)
+    ok, err = pcall(trigger, { retention = { day = 90 } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("retention.day is not a retention setting (days)", 1, true), err)
+    local t = trigger()
+    assert.has_error(function() t:purge("now") end, "trigger:purge: now must be a finite number or nil")
+    t:close()
   end)
 end)

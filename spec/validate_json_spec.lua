@@ -301,7 +301,7 @@ describe("stella.encode_json", function()
       with("tags", '["billing","refund"]', "custom_properties", '{"seats":12,"plan":"gold","ratio":0.25,"b":-3}'),
       with("tags", "[]", "custom_properties", "{}"),
       '{"ext_interaction_id":42,"channel":"chat","employee":{"custom_id":"E-7"},'
-        .. '"customer":{"email":"zoe@example.com","name":"Zo\\u00eb \\ud83d\\ude00 \\/ \\"q\\" \\\\ \\t \\u0001"}}',
+        .. '"customer":{"email":"zoe@example.com","name":"Zo\\u00eb \\ud83d\\ude00 \\/ \\"q\\" \\\\ \\t \\r \\u007f"}}',
     } do
       local want = assert(stella.encode(cjson.decode(text)))
       assert.equal(want, encode_json(text))

@@ -615,6 +615,53 @@ describe("stella.validate", function()
     end)
   end)
 
+  describe("control characters", function()
+    it("a NUL in customer.name -> control_character, naming the field and the NUL", function()
+      local ok, errs = stella.validate(req { ["customer.name"] = "Jane\0Doe" })
+      assert.is_nil(ok)
+      assert.same({ { path = "customer.name", code = "control_character",
+                      message = "customer.name contains a NUL character (U+0000) at byte 5" } }, errs)
+    end)
+
+    it("a NUL past the first eight bytes, or at the very end, is found too", function()
+      assert_error("customer.name", "control_character", req { ["customer.name"] = "Jane Doe-Smith\0" })
+      assert_error("customer.name", "control_character",
+        req { ["customer.name"] = string.rep("x", 4000) .. "\0" .. string.rep("y", 7) })
+    end)
+
+    it("every text field refuses NUL and the C0 controls but tab, LF and CR", function()
+      assert_error("customer.email", "control_character", req { ["customer.email"] = "jane\0@example.com" })
+      assert_error("employee.custom_id", "control_character", req { ["employee.custom_id"] = "p\1" })
+      assert_error("ext_interaction_id", "control_character", req { ext_interaction_id = "12\0" })
+      assert_error("brand", "control_character", req { brand = "acme\27[31m" })
+      assert_error("channel", "control_character", req { channel = "phone\0" })
+      assert_error("tags[2]", "control_character", req { tags = { "ok", "a\31b" } })
+      assert_error("custom_properties.plan", "control_character", req { custom_properties = { plan = "gold\0" } })
+      assert_error("ext_interaction_id", "control_character", recovery { ext_interaction_id = "\8" }, "recovery")
+    end)
+
+    it("a custom property name with a control character -> invalid_key, the name not echoed", function()
+      assert_error("custom_properties[?]", "invalid_key", req { custom_properties = { ["a\0b"] = "x" } })
+    end)
+
+    it("external_url keeps its own code for control characters", function()
+      assert_error("external_url", "invalid_url", req { external_url = "example.com/\0" })
+    end)
+
+    it("tab, line feed, carriage return and DEL pass", function()
+      assert_valid(req { ["customer.name"] = "Jane\tDoe\r\nSmith\127", tags = { "a\tb" },
+                         custom_properties = { note = "line 1\nline 2" } })
+    end)
+
+    it("comes from JSON escapes as from Lua strings", function()
+      local ok, errs = stella.validate_json('{"customer":{"name":"Jo\\u0000","email":"j@example.com"},'
+        .. '"employee":{"email":"p@example.com"},"channel":"phone","ext_interaction_id":"1"}')
+      assert.is_nil(ok)
+      assert.equal("control_character", errs[1].code)
+      assert.equal("customer.name", errs[1].path)
+    end)
+  end)
+
   describe("unknown fields", function()
     it("at the top level -> unknown_field with the key as path", function()
       assert_error("ext_interactionid", "unknown_field", req { ext_interactionid = "123456" })

@@ -86,6 +86,10 @@ local function get_trigger()
     rules = settings.rules,
     store = get_store(),
     clock = ngx.time,
+    -- no purge by the trigger every hour in every worker: the shdict store bounds its ledger
+    -- (a ring) and its dead items (dead_ttl) itself, and its purge_marks walks every key of
+    -- the dict (housekeeping frees expired marks when the dict runs low)
+    retention = { every = 0 },
     client = {
       keys = keys,                          -- nil: the rules file's keys
       mode = env("STELLA_MODE"),            -- nil: the rules file's mode

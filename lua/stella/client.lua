@@ -26,15 +26,7 @@ local STRING_OPTIONS = { "base_url", "user_agent", "ca_file" }   -- api_key: pic
 local Client = {}
 Client.__index = Client
 
--- Inside nginx (OpenResty), the phases whose handlers may use cosockets and ngx.sleep.
-local COSOCKET_PHASES = { rewrite = true, access = true, content = true, timer = true,
-                          ssl_cert = true, ssl_session_fetch = true }
-
-local function in_cosocket_phase()
-  local ngx = rawget(_G, "ngx")
-  return type(ngx) == "table" and type(ngx.get_phase) == "function"
-    and COSOCKET_PHASES[ngx.get_phase()] == true
-end
+local in_cosocket_phase = require("stella.openresty.phase").cosockets
 
 -- The transport factory stella.new uses without opts.transport: cosockets where nginx
 -- offers them (libcurl would block the whole worker), libcurl everywhere else.

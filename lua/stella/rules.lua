@@ -13,6 +13,14 @@ local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, selec
 local setfenv, loadstring, load = setfenv, loadstring, load   -- 5.1 or 5.2+ loaders
 local floor, huge = math.floor, math.huge
 local lower, byte, format = string.lower, string.byte, string.format
+local rawget, rawequal, G = rawget, rawequal, _G
+-- Optional: absent in a Redis script (no debug), in Lua 5.4 (no jit). rawget: Redis raises
+-- on reading an unset global.
+local debug_lib, jit_lib = rawget(G, "debug"), rawget(G, "jit")
+local sethook = type(debug_lib) == "table" and debug_lib.sethook or nil
+local gethook = sethook and debug_lib.gethook
+local getinfo = sethook and debug_lib.getinfo
+local jit_off = type(jit_lib) == "table" and jit_lib.off or nil
 
 local M = {}
 
@@ -24,7 +32,7 @@ local KNOWN = {
   do_not_send_tags = "table", brands = "table", default_brand = "string",
   suppression = "table", once_per_interaction = "any", unsubscribes = "table",
   sample = "number", rules = "table", on_alert = "function", alert = "table",
-  outbox = "table",
+  outbox = "table", budget = "any", retention = "table",
   -- read by the client / command line, not by the evaluation
   api_key = "string", keys = "table", mode = "string", base_url = "string",
 }
@@ -78,7 +86,7 @@ local function load_chunk(path, env)
   if type(rules) ~= "table" then
     return nil, path .. ": a rules file must return a table, got " .. type(rules)
   end
-  return rules
+  return rules, chunk
 end
 
 local function set_of(list, what, lowercase)
@@ -120,6 +128,27 @@ local compiled_set = setmetatable({}, { __mode = "k" })
 -- true when v is what compile() (or load()) returned.
 function M.is_compiled(v)
   return compiled_set[v] == true
+end
+
+-- The rules budget: VM instructions one call of map, when or a custom rule may run before
+-- it fails its event with rule_error. Counted, not timed, so a decision does not depend
+-- on the machine's load (a dry run decides as the real run does).
+M.DEFAULT_BUDGET = 10000000
+
+-- budget = { instructions = N } | false (no limit); absent: the default.
+local function compile_budget(b, name)
+  if b == nil then return M.DEFAULT_BUDGET end
+  if b == false then return nil end
+  if type(b) ~= "table" then error(name .. ": budget must be a table or false, got " .. type(b), 0) end
+  for k in pairs(b) do
+    if k ~= "instructions" then error(name .. ": unknown key 'budget." .. tostring(k) .. "'", 0) end
+  end
+  local n = b.instructions
+  if n == nil then return M.DEFAULT_BUDGET end
+  if type(n) ~= "number" or n < 1 or n >= 2^31 or n ~= floor(n) then
+    error(name .. ": budget.instructions must be a whole number from 1 to 2^31 - 1", 0)
+  end
+  return n
 end
 
 function M.compile(spec, name)
@@ -180,11 +209,31 @@ function M.compile(spec, name)
     if spec.sample < 0 or spec.sample > 1 then error(name .. ": sample must be between 0 and 1", 0) end
     r.sample = spec.sample
   end
+  if spec.retention then
+    -- how long the ledger and dead outbox items are kept (read by the trigger's purge)
+    for k in pairs(spec.retention) do
+      if k ~= "days" then error(name .. ": retention." .. tostring(k) .. " is not a retention setting (days)", 0) end
+    end
+    local days = spec.retention.days
+    if type(days) ~= "number" or not (days > 0) then
+      error(name .. ": retention.days must be a number of days above 0 (math.huge: keep everything)", 0)
+    end
+    r.retention_days = days
+  end
   for i, rule in ipairs(spec.rules or {}) do
     if type(rule) ~= "function" then error(name .. ": rules[" .. i .. "] must be a function", 0) end
     r.rules[i] = rule
   end
   compiled_set[r] = true
+  r.budget = compile_budget(spec.budget, name)
+  if r.budget and not sethook then r.budget = nil end   -- no debug library (Redis): no budget
+  if r.budget and jit_off then
+    -- LuaJIT runs compiled traces without count hooks: the rule functions (and the
+    -- functions defined inside them) stay in the interpreter, where the budget holds
+    if r.map then jit_off(r.map, true) end
+    if r.when then jit_off(r.when, true) end
+    for i = 1, #r.rules do jit_off(r.rules[i], true) end
+  end
   return r
 end
 
@@ -194,10 +243,12 @@ function M.load(source, opts)
   if compiled_set[source] then return source end
   if type(source) == "table" then return M.compile(source, "rules") end
   if type(source) ~= "string" then error("rules must be a file name, a table or compiled rules", 2) end
-  local spec, err = load_chunk(source, rule_globals(opts and opts.allow))
-  if not spec then return nil, err end
+  local spec, chunk = load_chunk(source, rule_globals(opts and opts.allow))
+  if not spec then return nil, chunk end
   local ok, compiled = pcall(M.compile, spec, source)
   if not ok then return nil, compiled end
+  -- the helpers the file's rules call are the file's functions too (see compile)
+  if compiled.budget and jit_off then jit_off(chunk, true) end
   return compiled
 end
 
@@ -264,6 +315,55 @@ function M.iso_utc(t)
                 floor(secs / 3600), floor(secs % 3600 / 60), secs % 60)
 end
 
+-- What a rule call that ran out of its budget returns in place of the error.
+local EXCEEDED = setmetatable({}, { __tostring = function() return "exceeded its budget" end })
+
+-- pcall(fn, a, b), stopped after `limit` VM instructions (false, EXCEEDED) when a limit is
+-- given. Another Lua hook (a debugger's) gets its line, call and return events meanwhile
+-- (not its count events) and is put back after; a hook set from C (reported as "external
+-- hook") is left alone, and the call runs unlimited. An error a rule catches with pcall is raised again at its next instruction,
+-- so a rule cannot outlive its budget by catching it.
+local limited_call
+function limited_call(limit, fn, a, b)
+  if not limit then return pcall(fn, a, b) end
+  local prev, mask, count = gethook()
+  if prev ~= nil and type(prev) ~= "function" then return pcall(fn, a, b) end
+  if mask == "" and count == 0 then prev = nil end   -- LuaJIT: a cleared hook (see below)
+  mask = prev and mask or ""
+  local over, hook = false, nil
+  hook = function(event, line)
+    if event ~= "count" then return prev(event, line) end   -- a tail call: the levels prev expects
+    if getinfo(2, "f").func == limited_call then return end  -- our code, once the rule returned
+    if not over then over = true; sethook(hook, mask, 1) end
+    error(EXCEEDED, 0)
+  end
+  sethook(hook, mask, limit)
+  local ok, x, y = pcall(fn, a, b)
+  local now_hook, _, now_count = gethook()
+  -- (LuaJIT's gethook names the last Lua hook even once a C hook cleared it: count 0)
+  if now_hook == hook and now_count ~= 0 then
+    if prev then sethook(prev, mask, count) else sethook() end
+  elseif not ok then
+    -- our hook was replaced during the call, and the call failed: an interrupt (the lua
+    -- interpreter's Ctrl-C handler sets a hook that raises), not the rule's failure
+    error(x, 0)
+  end
+  if over then return false, EXCEEDED end
+  return ok, x, y
+end
+
+-- "<label> (file:line) exceeded its budget of N instructions"
+local function over_budget(label, fn, limit)
+  local where = ""
+  local info = getinfo and getinfo(fn, "S")
+  if info and info.linedefined and info.linedefined > 0 then
+    local src = info.source
+    src = type(src) == "string" and src:sub(1, 1) == "@" and src:sub(2) or info.short_src
+    where = " (" .. tostring(src) .. ":" .. info.linedefined .. ")"
+  end
+  return label .. where .. " exceeded its budget of " .. format("%d", limit) .. " instructions"
+end
+
 local LABELS = {}   -- "rules[i]"
 for i = 1, 32 do LABELS[i] = "rules[" .. i .. "]" end
 
@@ -302,8 +402,11 @@ function M.evaluate(r, event, env, explain)
   -- 1. map the source record to a request
   local request
   if r.map then
-    local ok, res = pcall(r.map, event)
-    if not ok then
+    local ok, res = limited_call(r.budget, r.map, event)
+    if not ok and rawequal(res, EXCEEDED) then
+      decide(d, "map", "invalid", "rule_error", over_budget("map", r.map, r.budget))
+      return d
+    elseif not ok then
       decide(d, "map", "invalid", "map_error", tostring(res))
       return d
     end
@@ -320,9 +423,11 @@ function M.evaluate(r, event, env, explain)
 
   -- 2. eligibility
   if r.when then
-    local ok, res = pcall(r.when, event)
+    local ok, res = limited_call(r.budget, r.when, event)
     if not ok then
-      if decide(d, "when", "invalid", "rule_error", "when: " .. tostring(res)) then return d end
+      local detail = rawequal(res, EXCEEDED) and over_budget("when", r.when, r.budget)
+                     or "when: " .. tostring(res)
+      if decide(d, "when", "invalid", "rule_error", detail) then return d end
     elseif not res then
       if decide(d, "when", "skip", "not_eligible", "when(event) returned " .. tostring(res)) then return d end
     else
@@ -438,10 +543,11 @@ function M.evaluate(r, event, env, explain)
     }
     for i, rule in ipairs(custom) do
       local label = LABELS[i] or ("rules[" .. i .. "]")
-      local ok, verdict_name, reason = pcall(rule, request, ctx)
+      local ok, verdict_name, reason = limited_call(r.budget, rule, request, ctx)
       if not ok then
-        if decide(d, label, "invalid", "rule_error",
-                     label .. ": " .. tostring(verdict_name)) then return d end
+        local detail = rawequal(verdict_name, EXCEEDED) and over_budget(label, rule, r.budget)
+                       or label .. ": " .. tostring(verdict_name)
+        if decide(d, label, "invalid", "rule_error", detail) then return d end
       elseif verdict_name == "skip" then
         if decide(d, label, "skip", reason or "custom_rule",
                      label .. " skipped the event") then return d end

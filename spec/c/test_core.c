@@ -438,19 +438,34 @@ static void test_encode_by_hand(void) {
 
 static void test_json_escaping(void) {
   static const char name[] = "a\x01" "b\n\t\r\b\f\"\\\x1f\x7f" "caf\xc3\xa9 \xe2\x82\xac";
+  static const char valid_name[] = "a\n\t\r\"\\\x7f" "caf\xc3\xa9 \xe2\x82\xac";
+  static const char tail[] = "\"email\":\"janecustomer@example.com\"},"
+                             "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
+                             "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\"}";
+  char want[300];
   stella_arena a;
   stella_value req;
+  stella_buffer out;
+  int enc;
   stella_arena_init(&a);
   make_request(&a, &req, 0);
   /* customer.name is the first pair of the customer table */
+  req.u.table.pairs[0].value.u.table.pairs[0].value = stella_string(valid_name, sizeof valid_name - 1);
+  snprintf(want, sizeof want, "{\"customer\":{\"name\":\"a\\n\\t\\r\\\"\\\\\x7f"
+           "caf\xc3\xa9 \xe2\x82\xac\",%s", tail);
+  check_encodes(&a, STELLA_REQUEST, &req, want,
+                "tab, CR, LF, quote and backslash escaped; DEL and UTF-8 pass through");
+  /* the other control characters fail validation; the encoder still escapes them all,
+   * for a C caller that encodes without validating */
   req.u.table.pairs[0].value.u.table.pairs[0].value = stella_string(name, sizeof name - 1);
-  check_encodes(&a, STELLA_REQUEST, &req,
-                "{\"customer\":{\"name\":\"a\\u0001b\\n\\t\\r\\b\\f\\\"\\\\\\u001f\x7f"
-                "caf\xc3\xa9 \xe2\x82\xac\","
-                "\"email\":\"janecustomer@example.com\"},"
-                "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},"
-                "\"channel\":\"phone\",\"ext_interaction_id\":\"123456\"}",
-                "control characters, quote and backslash escaped; UTF-8 passes through");
+  snprintf(want, sizeof want, "{\"customer\":{\"name\":\"a\\u0001b\\n\\t\\r\\b\\f\\\"\\\\\\u001f\x7f"
+           "caf\xc3\xa9 \xe2\x82\xac\",%s", tail);
+  stella_buffer_init(&out);
+  enc = stella_encode_json(STELLA_REQUEST, &req, &out);
+  if (!check_bytes(enc == 0 ? out.data : NULL, out.len, want,
+                   "the encoder escapes every control character (\\u0001, \\b, \\f, \\u001f)"))
+    diag_long("encode returned", enc);
+  stella_buffer_free(&out);
   stella_arena_free(&a);
 }
 
@@ -641,6 +656,34 @@ static void test_validation_errors(void) {
   {
     static const expected_error want[] = { { "", "invalid_type" } };
     check_errors(rc, &errs, want, 1, "validate: nil as a request is one invalid_type error");
+  }
+
+  /* control characters: NUL (past the first 8 bytes: the word-at-a-time scan) and other
+   * C0 controls are refused in names and text; tab, line feed and carriage return pass */
+  {
+    static const char name[] = "Jane Doe-Smith\0x";
+    p = stella_table(&a, &req, 4);
+    member(&p[0], "customer", make_customer(&a, "Jane", "jane@example.com"));
+    p[0].value.u.table.pairs[0].value = stella_string(name, sizeof name - 1);
+    member(&p[1], "employee", make_employee(&a, "paul@example.com"));
+    member(&p[2], "channel", stella_cstring("phone"));
+    member(&p[3], "ext_interaction_id", stella_string("12\x07", 3));
+    rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+    {
+      static const expected_error want[] = { { "customer.name", "control_character" },
+                                             { "ext_interaction_id", "control_character" } };
+      check_errors(rc, &errs, want, 2, "validate: NUL and BEL in text -> control_character at their fields");
+    }
+    check_str(message_of(&errs, "customer.name"), "customer.name contains a NUL character (U+0000) at byte 15",
+              "validate: the message names the field, NUL and where it is");
+    check_str(message_of(&errs, "ext_interaction_id"),
+              "ext_interaction_id contains the control character U+0007 at byte 3 (of the C0 controls "
+              "only tab, line feed and carriage return are allowed)",
+              "validate: the message names another control character");
+    p[0].value.u.table.pairs[0].value = stella_cstring("Jane\tDoe\r\nSmith, a name of 24 bytes");
+    p[3].value = stella_cstring("12");
+    rc = stella_validate(&a, STELLA_REQUEST, &req, NULL, &errs);
+    check_errors(rc, &errs, NULL, 0, "validate: tab, CR and LF in a name pass");
   }
 
   stella_arena_free(&a);
@@ -905,6 +948,8 @@ static void test_parse_retry_after(void) {
              "parse_retry_after: an IMF-fixdate equal to now");
   check_long(stella_parse_retry_after(date, when + 3600), 0,
              "parse_retry_after: an IMF-fixdate in the past is 0");
+  check_long(stella_parse_retry_after(",Thu, 01 Jan 1979999990 00:00:00 GMT", 1700000000LL), 86400000L,
+             "parse_retry_after: a date in year 1979999990 is capped at a day (found by fuzz_retry_after)");
   v = stella_parse_retry_after("99999999999999999999999", 0);
   if (!CHECK(v > 0, "parse_retry_after: an absurd number is clamped, not wrapped"))
     diag_long("value", v);
@@ -949,6 +994,10 @@ static void test_http_new(void) {
   try_new("http://example.com", KEY, KEY, 0, "http_new: refuses http:// to a non-loopback host");
   try_new("http://127.0.0.1.example.com:9", KEY, KEY, 0,
           "http_new: refuses http:// to a host that only starts like loopback");
+  try_new("http://127.0.0.300:9", KEY, KEY, 0,
+          "http_new: refuses http://127.0.0.300 (not an address: a name DNS would resolve)");
+  try_new("http://127.00..2:9", KEY, KEY, 0, "http_new: refuses http://127.00..2 (found by fuzz_url_key)");
+  try_new("http://127.255.255.254:9", KEY, KEY, 1, "http_new: accepts http://127.255.255.254:9");
   try_new("http://localhost.example.com", KEY, KEY, 0,
           "http_new: refuses http:// to localhost.example.com");
   try_new("ftp://example.com", KEY, KEY, 0, "http_new: refuses ftp://");
@@ -1704,6 +1753,25 @@ static void test_parse_then_validate(void) {
     json_errors(STELLA_REQUEST, "{\"customer\":{\"name\":\"Jos\\ud800\",\"email\":\"j@example.com\"},"
                 "\"employee\":{\"email\":\"p@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":1}",
                 want, 1, "parse+validate: a lone surrogate escape -> invalid_utf8 at its field");
+  }
+  {
+    static const expected_error want[] = { { "customer.name", "control_character" } };
+    json_errors(STELLA_REQUEST, "{\"customer\":{\"name\":\"Jo\\u0000s\",\"email\":\"j@example.com\"},"
+                "\"employee\":{\"email\":\"p@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":1}",
+                want, 1, "parse+validate: \\u0000 in a name -> control_character at its field");
+  }
+  {
+    static const expected_error want[] = { { "tags[2]", "control_character" },
+                                           { "custom_properties.a", "control_character" },
+                                           { "custom_properties[?]", "invalid_key" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"tags\":[\"ok\",\"a\\u001fb\"],"
+                "\"custom_properties\":{\"a\":\"x\\u0000\",\"b\\u0000c\":\"y\"}}", want, 3,
+                "parse+validate: controls in a tag, a property value, a property name");
+  }
+  {
+    static const expected_error want[] = { { "external_url", "invalid_url" } };
+    json_errors(STELLA_REQUEST, REQ_HEAD ",\"external_url\":\"example.com/\\u0000\"}", want, 1,
+                "parse+validate: NUL in external_url -> invalid_url");
   }
   {
     static const expected_error want[] = { { "ext_interaction_id", "invalid_type" } };

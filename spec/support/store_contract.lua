@@ -526,6 +526,62 @@ return function(b, name, open_store, cleanup)
     end)
   end)
 
+  describe("purge (retention)", function()
+    it("deletes ledger entries and dead items older than before, never a queued item", function()
+      s:record{ time = T0 - 100, status = "sent", event_id = "old" }
+      s:record{ time = T0 - 50.5, status = "skipped", reason = "sampled" }
+      s:record{ time = T0, status = "sent", event_id = "kept" }   -- time = before: kept
+      s:record{ time = T0 + 10, status = "failed", reason = "server" }
+      local old_dead = s:enqueue(item{ created_at = T0 - 300, next_at = T0 - 300 })
+      local new_dead = s:enqueue(item())
+      local queued = s:enqueue(item{ created_at = T0 - 300, next_at = T0 - 300 })
+      s:kill(old_dead, "server: 503", T0 - 1)
+      s:kill(new_dead, "server: 503", T0)
+      assert.same({ ledger = 2, dead = 1 }, s:purge(T0))
+      local list = s:ledger()
+      assert.equal(2, #list)
+      assert.equal(T0 + 10, list[1].time)
+      assert.equal("kept", list[2].event_id)
+      assert.same({ new_dead }, ids(s:outbox("dead")))
+      assert.same({ queued }, ids(s:outbox("queued")))
+      assert.same({ queued = 1, dead = 1 }, s:outbox_counts())
+      assert.same({ { status = "failed", reason = "server", count = 1 }, { status = "sent", count = 1 } },
+        s:counts())
+      assert.same({ ledger = 0, dead = 0 }, s:purge(T0))
+    end)
+
+    it("deletes at most limit of each per call", function()
+      for i = 1, 5 do s:record{ time = T0 - i, status = "sent" } end
+      for _ = 1, 3 do s:kill(s:enqueue(item()), "dead", T0 - 10) end
+      assert.same({ ledger = 2, dead = 2 }, s:purge(T0, 2))
+      assert.same({ ledger = 2, dead = 1 }, s:purge(T0, 2))
+      assert.same({ ledger = 0, dead = 0 }, s:purge(T0, 0))
+      assert.same({ ledger = 1, dead = 0 }, s:purge(T0, 2))
+      assert.same({}, s:ledger())
+      assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+    end)
+
+    it("is undone with the transaction it is part of", function()
+      s:record{ time = T0 - 100, status = "sent" }
+      s:kill(s:enqueue(item()), "dead", T0 - 100)
+      local r, err = s:atomic(function()
+        assert.same({ ledger = 1, dead = 1 }, s:purge(T0))
+        return nil, "changed my mind"
+      end)
+      assert.is_nil(r)
+      assert.equal("changed my mind", err)
+      assert.equal(1, #s:ledger())
+      assert.same({ queued = 0, dead = 1 }, s:outbox_counts())
+    end)
+
+    it("raises on wrong arguments", function()
+      raises("before must be a finite number", function() s:purge() end)
+      raises("before must be a finite number", function() s:purge(0 / 0) end)
+      raises("limit must be a non%-negative integer", function() s:purge(T0, -1) end)
+      raises("limit must be a non%-negative integer", function() s:purge(T0, 1.5) end)
+    end)
+  end)
+
   describe("batches (*_many)", function()
     it("enqueues a list in order, with the ids enqueue would give", function()
       local before = s:enqueue(item())

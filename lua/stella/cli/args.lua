@@ -102,6 +102,22 @@ function M.parse_duration(text)
   return floor(n * DURATION_UNITS[unit] + 0.5)
 end
 
+-- --keep DURATION (trigger, retry): how long the ledger and dead outbox items are kept,
+-- "90d", "12w" or "forever". Returns { days = n } (math.huge: forever), nil when absent,
+-- or false, message.
+M.KEEP_HELP = [[
+  --keep AGE     keep the ledger and dead outbox items this long, then purge them (e.g.
+                 90d, 12w, or forever; default the rules file's retention.days, else 90d)
+]]
+function M.keep(opts)
+  local v = opts.keep
+  if v == nil then return nil end
+  if v == "forever" then return { days = math.huge } end
+  local seconds = M.parse_duration(v)
+  if not seconds then return false, "--keep must be an age such as 90d, 12w or 36h, or forever" end
+  return { days = seconds / 86400 }
+end
+
 -- --connections N: a whole number from 1 to 64 (1 when absent), or nil.
 function M.connections(opts)
   local n = tonumber(opts.connections or "1")

@@ -9,7 +9,7 @@ local EXIT = signals.EXIT
 local M = {}
 
 M.help = [[
-usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--json] [-q | -v]
+usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--keep AGE] [--json] [-q | -v]
 
 Sends the requests waiting in the outbox (those that failed with a retryable error) and
 prints how many were sent, are still queued, or were given up (dead), and when the next
@@ -20,12 +20,13 @@ failed or was given up, 3 when the API could not be reached (the circuit breaker
   --rules FILE   the rules file (for keys, brands and alerts); optional
   --db FILE|URL  the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
   --connections N  send up to N requests at once (1 to 64; default 1)
+]] .. args.KEEP_HELP .. [[
   --json         print the result as one JSON object (fields: see README, "Machine-readable output")
   -q, -v         accepted for symmetry with trigger (retry prints no per-event lines)
 ]] .. setup.KEYS_HELP
 
 -- its options: "flag" or "value"
-M.options = args.with_output{ rules = "value", db = "value", connections = "value" }
+M.options = args.with_output{ rules = "value", db = "value", connections = "value", keep = "value" }
 
 local function fmt_time(t)
   return os.date("%Y-%m-%d %H:%M:%S", math.floor(t))
@@ -39,11 +40,14 @@ function M.run(ctx, opts, positional)
   if not connections then
     return ctx:usage_error("retry", "--connections must be a whole number from 1 to 64")
   end
+  local retention, kerr = args.keep(opts)
+  if retention == false then return ctx:usage_error("retry", "%s", kerr) end
   local sig = signals.catch()
   local run, rstatus = setup.start(ctx, "retry", { rules = opts.rules, send = true, connections = connections,
                                                    db = setup.db(ctx, opts), must_exist = true,
-                                                   stop = sig.caught })
+                                                   stop = sig.caught, retention = retention })
   if not run then sig:release() return rstatus end
+  setup.purge(ctx, "retry", run, opts)   -- (flush would purge by itself: this one is said)
   local fok, res, flush_err = pcall(run.trigger.flush, run.trigger)
   local left, next_item
   if fok and res then

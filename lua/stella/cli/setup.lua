@@ -109,6 +109,31 @@ function M.open_store(path, opts)
   return store
 end
 
+-- Purges the store of a started run (trigger:purge): what is past the retention window,
+-- expired marks. A failure is said (unless --quiet) and fails nothing: the next run
+-- tries again. --verbose says what went.
+function M.purge(ctx, command, run, opts)
+  local ok, res, err = pcall(run.trigger.purge, run.trigger)
+  if not ok or not res then
+    if not opts.quiet then ctx:warn("stella %s: purge: %s", command, tostring(ok and err or res)) end
+    return
+  end
+  if opts.verbose then
+    local days = run.trigger.retention.days
+    ctx:warn("stella %s: purged %d ledger entr%s and %d dead outbox item%s %s, %d expired mark%s", command,
+      res.ledger, res.ledger == 1 and "y" or "ies", res.dead, res.dead == 1 and "" or "s",
+      days == math.huge and "(retention: forever)" or ("older than " .. M.days_text(days)),
+      res.marks, res.marks == 1 and "" or "s")
+  end
+end
+
+-- "90 days", "1.5 days", "forever"
+function M.days_text(days)
+  if days == math.huge then return "forever" end
+  local text = ("%.2f"):format(days):gsub("%.?0+$", "")
+  return text .. (text == "1" and " day" or " days")
+end
+
 -- Closes what start() opened; safe on a partly started run.
 function M.stop(run)
   if run.trigger then pcall(run.trigger.close, run.trigger) end
@@ -118,7 +143,9 @@ end
 
 -- Loads the rules, makes the client (when the command sends), opens the store and starts
 -- the trigger. o = { rules = FILE|nil, send = bool, db = FILE|":memory:", must_exist,
--- dry_run, connections, stop (the trigger's: a function saying the run must end) }.
+-- dry_run, connections, stop (the trigger's: a function saying the run must end),
+-- retention (the trigger's: { days = n } from --keep, or nil) }. The trigger's clock is
+-- the context's (ctx.time).
 -- Returns run = { rules (compiled), client, store, trigger }, or
 -- nil and the exit status after saying what went wrong.
 function M.start(ctx, command, o)
@@ -142,7 +169,8 @@ function M.start(ctx, command, o)
   if not store then return fail(1, "%s", serr) end
   run.store = store
   local trigger, terr = new_trigger{ rules = run.rules or {}, client = run.client, store = store,
-                                     dry_run = o.dry_run, connections = o.connections, stop = o.stop }
+                                     dry_run = o.dry_run, connections = o.connections, stop = o.stop,
+                                     clock = ctx.time, retention = o.retention }
   if not trigger then return fail(2, "%s", terr) end
   run.trigger = trigger
   return run

@@ -6,6 +6,7 @@ local floor = math.floor
 local args = require "stella.cli.args"
 local setup = require "stella.cli.setup"
 local tables = require "stella.cli.table"
+local retention = require "stella.trigger.retention"
 
 local M = {}
 
@@ -13,8 +14,8 @@ M.help = [[
 usage: stella status [--db FILE|URL] [--since DURATION] [--json]
 
 A local status page from the store: outcomes by reason, the error rate per hour (the
-service alerts above 5% in an hour), what the outbox holds, and the latest invalid and
-failed events with their messages.
+service alerts above 5% in an hour), what the outbox holds, the latest invalid and
+failed events with their messages, and the retention window of the last purge.
 
   --db FILE|URL     the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
   --since DURATION  how far back: 90m, 24h, 7d, 2w (default 24h)
@@ -34,6 +35,11 @@ end
 local function fmt_time(t)
   if type(t) ~= "number" then return tostring(t) end
   return os.date("%Y-%m-%d %H:%M:%S", floor(t))
+end
+
+-- The retention window of the last purge and what it deleted (the trigger's meta), or nil.
+local function last_purge(store)
+  return retention.parse_meta(store:get_meta("retention"))
 end
 
 -- --json: the same data as one object
@@ -67,9 +73,12 @@ function M.json(ctx, store, db, since, window)
                   reason = e.reason or cjson.null, error_kind = e.error_kind or cjson.null,
                   message = tostring(e.error_message or e.detail or e.reason or "") }
   end
+  local purge = last_purge(store)
   ctx:say("%s", output.encode{ command = "status", db = db, since = since, window = window, now = since + window,
     counts = counts, total = total, rate = rate, alert = alert,
-    outbox = { queued = oc.queued or 0, dead = oc.dead or 0 }, latest = events })
+    outbox = { queued = oc.queued or 0, dead = oc.dead or 0 }, latest = events,
+    retention = purge and { days = purge.days == math.huge and "forever" or purge.days, last_purge = purge.at,
+                            ledger = purge.ledger, dead = purge.dead } or nil })
 end
 
 function M.run(ctx, opts, positional)
@@ -121,6 +130,13 @@ function M.run(ctx, opts, positional)
 
     local oc = need(store:outbox_counts())
     ctx:say("outbox: %d queued, %d dead", oc.queued or 0, oc.dead or 0)
+    local purge = last_purge(store)
+    if purge then
+      ctx:say("retention: %s; last purge %s: %d ledger entr%s, %d dead item%s", setup.days_text(purge.days),
+        fmt_time(purge.at), purge.ledger, purge.ledger == 1 and "y" or "ies", purge.dead, purge.dead == 1 and "" or "s")
+    else
+      ctx:say("retention: not purged yet")
+    end
     ctx:say("")
 
     local latest = {}

@@ -16,7 +16,7 @@ local M = {}
 
 M.help = [[
 usage: stella trigger --rules FILE [--db FILE|URL] [--dry-run] [--format FMT] [--connections N]
-                      [--json | --json-lines] [-q | -v] [INPUT...]
+                      [--keep AGE] [--json | --json-lines] [-q | -v] [INPUT...]
 
 Runs every event of each INPUT (a JSON Lines or CSV export file; "-" or nothing is
 standard input) through the rules and sends the requests they decide on.
@@ -29,7 +29,7 @@ standard input) through the rules and sends the requests they decide on.
   --format FMT   jsonl or csv, when the file name and content do not tell
   --connections N  send up to N requests at once, each on its own connection (1 to 64;
                  default 1): for a distant API, where each request mostly waits
-]] .. args.OUTPUT_HELP .. [[
+]] .. args.KEEP_HELP .. args.OUTPUT_HELP .. [[
 
 A malformed line is reported on standard error as FILE:LINE: message and skipped. At the
 end a summary by outcome and reason goes to standard output. Ctrl-C (SIGINT), SIGTERM
@@ -41,7 +41,7 @@ rest is queued), 128+N when stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SI
 
 -- its options: "flag" or "value"
 M.options = args.with_output{ rules = "value", db = "value", ["dry-run"] = "flag", format = "value",
-                               connections = "value" }
+                               connections = "value", keep = "value" }
 
 -- Events per batch of the trigger's pipeline: a batch costs two store transactions
 -- whatever its size, and a bigger one spreads them over more events (200 ran ~15% faster
@@ -63,16 +63,18 @@ function M.run(ctx, opts, inputs)
   if not connections then
     return ctx:usage_error("trigger", "--connections must be a whole number from 1 to 64")
   end
+  local retention, kerr = args.keep(opts)
+  if retention == false then return ctx:usage_error("trigger", "%s", kerr) end
   -- SIGINT, SIGTERM, SIGHUP: no new batch; the sends in flight settle, the rest goes back
   -- to the outbox (stella.cli.signals)
   local sig = signals.catch()
   local run, rstatus = setup.start(ctx, "trigger", { rules = opts.rules, send = not dry_run, db = db,
                                                      dry_run = dry_run, connections = connections,
-                                                     stop = sig.caught })
+                                                     stop = sig.caught, retention = retention })
   if not run then sig:release() return rstatus end
   local trigger = run.trigger
-  -- expired suppression and dedupe marks are dead weight: drop them once per run
-  if not dry_run and run.store.purge_marks then pcall(run.store.purge_marks, run.store, os.time()) end
+  -- the ledger and dead items past the retention window and expired marks go once per run
+  if not dry_run then setup.purge(ctx, "trigger", run, opts) end
 
   local tally, order = {}, {}
   local bad = 0

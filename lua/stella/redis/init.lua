@@ -56,15 +56,7 @@ local KNOWN_OPTIONS = {
   pool = true, pool_size = true, keepalive_timeout = true,
 }
 
--- Inside nginx (OpenResty), the phases whose handlers may use cosockets.
-local COSOCKET_PHASES = { rewrite = true, access = true, content = true, timer = true,
-                          ssl_cert = true, ssl_session_fetch = true }
-
-local function in_cosocket_phase()
-  local ngx = rawget(_G, "ngx")
-  return type(ngx) == "table" and type(ngx.get_phase) == "function"
-    and COSOCKET_PHASES[ngx.get_phase()] == true
-end
+local in_cosocket_phase = require("stella.openresty.phase").cosockets
 
 ---------------------------------------------------------------------------------------
 -- Errors

@@ -37,6 +37,12 @@
 --   s:ledger{ since, status, limit=100 } -> entries, newest first
 --   s:counts{ since } -> { { status, reason, count }, ... }
 --   s:rate{ since, bucket=3600 } -> { { start, total, errors }, ... }
+--   s:purge(before [, limit=10000]) -> { ledger = n, dead = n }   retention: deletes at
+--                                    most limit ledger entries with time < before and at
+--                                    most limit dead outbox items with died_at < before
+--                                    (a count below limit: none is left); a caller that
+--                                    wants them all calls again, outside a transaction,
+--                                    so each call commits and the write lock is let go
 --   s:get_meta(name) -> string | nil;  s:set_meta(name, value|nil) -> true
 --   s:close() -> true
 -- Rows (item, entry, mark = { key, until, outbox_id }) are laid out in stella.store.rows.
@@ -119,6 +125,14 @@
 --                              one { status, reason, count } per status and reason, and
 --                              with bucket also per start = floor(time / bucket) * bucket
 --                              ({ start, status, reason, count }); in any order
+-- Retention (ledger and outbox):
+--   purge(before, limit) -> { ledger = n, dead = n }   deletes at most limit ledger
+--                              entries with time < before (any of them: the oldest first
+--                              is not required) and at most limit dead outbox items with
+--                              died_at < before (never a queued item); n: how many of
+--                              each this call deleted. limit >= 1. Bounded work: the
+--                              base loops, not the backend. A backend that drops old
+--                              entries by itself counts only what this call deleted.
 -- Meta (named strings; "salt" holds the e-mail hashing salt):
 --   get_meta(name) -> value | nil
 --   set_meta(name, value, only_if_absent) -> true   value nil deletes; only_if_absent
@@ -467,6 +481,7 @@ local SIGNATURES = {
   confirm_marks = { { "owner", "outbox_id" } },
   release_marks = { { "owner", "outbox_id" } },
   purge_marks = { { "number", "now" } },
+  purge = { { "number", "before" }, opt("count", "limit", 10000) },
   unsubscribe = { { "key", "hash" }, { "number", "now" } },
   resubscribe = { { "key", "hash" } },
   is_unsubscribed = { { "key", "hash" } },
@@ -804,6 +819,14 @@ local function by_status_reason(a, b)   -- by status, then reason with no reason
   if a.reason == nil then return b.reason ~= nil end
   if b.reason == nil then return false end
   return a.reason < b.reason
+end
+
+-- purge(before [, limit]) -> { ledger = n, dead = n }: one bounded step of retention
+-- (see the interface above); stella.trigger's purge loops over it.
+function Store:purge(before, limit)
+  before, limit = check(self, "purge", before, limit)
+  if limit == 0 then return { ledger = 0, dead = 0 } end
+  return answer(self, self.backend:purge(before, limit))
 end
 
 function Store:counts(opts)

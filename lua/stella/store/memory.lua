@@ -232,6 +232,28 @@ function Backend:tally(since, bucket)
   return lists.tally(self.entries, since, bucket)
 end
 
+-- Retention ----------------------------------------------------------------------------
+
+function Backend:purge(before, limit)
+  local items, dead = self.items, 0
+  for id, it in pairs(items) do
+    if dead >= limit then break end
+    if it.state == "dead" and it.died_at < before then
+      set(self, items, id, nil)   -- clearing a field while iterating is allowed
+      dead = dead + 1
+    end
+  end
+  -- the ledger is a list in the order of recording: the kept entries make a new one (the
+  -- journal puts the old list back)
+  local entries, kept, n = self.entries, {}, 0
+  for i = 1, #entries do
+    local e = entries[i]
+    if n < limit and e.time < before then n = n + 1 else kept[#kept + 1] = e end
+  end
+  if n > 0 then set(self, self, "entries", kept) end
+  return { ledger = n, dead = dead }
+end
+
 -- Meta and life ------------------------------------------------------------------------
 
 function Backend:get_meta(name)

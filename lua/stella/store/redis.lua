@@ -3,7 +3,7 @@
 --
 --   local s = assert(store.redis("redis://app:secret@127.0.0.1:6379/0"))
 --   local s = assert(store.redis{ url = "redis://...", prefix = "stella:", tag = "main",
---                                 connect_timeout = 2, timeout = 2, history = 30 * 86400 })
+--                                 connect_timeout = 2, timeout = 2, history = 90 * 86400 })
 --
 -- Atomicity. Redis has no rollback, and no state change may be a client-side
 -- read-modify-write across round trips. So a transaction (begin .. commit) buffers its
@@ -50,6 +50,8 @@
 --   BASE log           zset    trimmed           ledger entries by time (history back)
 --   BASE h:HOUR        hash    history + 1 h     counts per "status|reason" that hour
 --   BASE hours         zset    trimmed           the hours that have counters
+-- Retention (purge): the entries and dead items read, then removed by one commit (an
+-- entry's removal takes one off its hour's counter).
 -- Marks expire by TTL on Redis' clock: the `now` given to the store must be the real
 -- time (as it is in the trigger and the command).
 local store = require "stella.store"
@@ -65,7 +67,7 @@ local unpack = table.unpack or unpack   -- luacheck: ignore
 local M = {}
 
 local DEFAULT_PREFIX, DEFAULT_TAG = "stella:", "main"
-local DEFAULT_HISTORY = 30 * 86400
+local DEFAULT_HISTORY = 90 * 86400   -- as the trigger's default retention window
 local ITEM_FIELDS = { "kind", "body", "brand", "event_id", "interaction_id", "customer_hash",
                       "created_at", "next_at", "attempts", "state", "last_error", "died_at" }
 local ITEM_NUMBERS = { created_at = true, next_at = true, attempts = true, died_at = true }
@@ -540,6 +542,42 @@ function Backend:tally(since, bucket)
     end
   end
   return out
+end
+
+-- Retention: the ledger entries and dead items older than `before` (at most limit of
+-- each) are read, then removed by one commit (each only if still there; a removed entry
+-- takes one off its hour's counter). Inside a transaction the counts are those read.
+function Backend:purge(before, limit)
+  local max = "(" .. number_text(before)
+  local res, err = self.conn:pipeline{
+    { "ZRANGEBYSCORE", self.B .. "log", "-inf", max, "LIMIT", 0, limit },
+    { "ZRANGEBYSCORE", self.B .. "dead", "-inf", max, "LIMIT", 0, limit },
+  }
+  if not res then return fail(err) end
+  local members, ids = res[1], res[2]
+  if type(members) ~= "table" then return fail(members) end
+  if type(ids) ~= "table" then return fail(ids) end
+  local log_args = {}
+  for i = 1, #members do
+    local e = decode_entry(members[i])
+    log_args[#log_args + 1] = members[i]
+    log_args[#log_args + 1] = number_text(floor(e.time / 3600) * 3600)
+    log_args[#log_args + 1] = counter_field(e.status, e.reason)
+  end
+  if self.tx then
+    if #members > 0 then write(self, "purge_log", #members, log_args) end
+    if #ids > 0 then write(self, "purge_dead", #ids, ids) end
+    return { ledger = #members, dead = #ids }
+  end
+  if #members == 0 and #ids == 0 then return { ledger = 0, dead = 0 } end
+  local all = { "purge_log", tostring(#members) }
+  for i = 1, #log_args do all[#all + 1] = log_args[i] end
+  all[#all + 1] = "purge_dead"
+  all[#all + 1] = tostring(#ids)
+  for i = 1, #ids do all[#all + 1] = ids[i] end
+  local counts, cerr = commit_call(self, 0, {}, all)
+  if not counts then return nil, cerr end
+  return { ledger = counts[1], dead = counts[2] }
 end
 
 ---------------------------------------------------------------------------------------

@@ -290,6 +290,36 @@ function OPS.record(B, argv, i, n)
   return n, i
 end
 
+-- purge_log: n x (MEMBER, HOUR, FIELD): ledger entries removed, each taking one off its
+-- hour's counter (only if this call removed it: two purges never count one twice)
+function OPS.purge_log(B, argv, i, n)
+  local count = 0
+  for _ = 1, n do
+    local member, hour, field = argv[i], argv[i + 1], argv[i + 2]
+    i = i + 3
+    if call("ZREM", B .. "log", member) == 1 then
+      count = count + 1
+      local hk = B .. "h:" .. hour
+      if call("HINCRBY", hk, field, -1) <= 0 then call("HDEL", hk, field) end
+    end
+  end
+  return count, i
+end
+
+-- purge_dead: n x ID: dead items deleted (never a queued one)
+function OPS.purge_dead(B, argv, i, n)
+  local count = 0
+  for _ = 1, n do
+    local id = argv[i]
+    i = i + 1
+    if call("ZREM", B .. "dead", id) == 1 then
+      call("DEL", B .. "i:" .. id)
+      count = count + 1
+    end
+  end
+  return count, i
+end
+
 -- meta: n x (NAME, MODE, VALUE): MODE "set", "setnx" (first writer wins) or "del"
 function OPS.meta(B, argv, i, n)
   for _ = 1, n do

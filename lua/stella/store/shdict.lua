@@ -587,6 +587,35 @@ function Backend:tally(since, bucket)
 end
 
 ---------------------------------------------------------------------------------------
+-- Retention (the ring and dead_ttl bound both already; purge drops what is older than
+-- the caller's window too)
+---------------------------------------------------------------------------------------
+
+function Backend:purge(before, limit)
+  local dict, n = self.dict, 0
+  local last = dict:get(self.p .. "l#") or 0
+  local first = last - self.ledger_size + 1
+  for seq = first > 1 and first or 1, last do
+    if n >= limit then break end
+    local k = slot_key(self, seq)
+    local e = cjson.decode(dict:get(k) or "null")
+    if type(e) == "table" and tonumber(e.seq) == seq and (tonumber(e.time) or before) < before then
+      del(self, k)
+      n = n + 1
+    end
+  end
+  local dead = 0
+  for _, it in ipairs((live_items(self))) do
+    if dead >= limit then break end
+    if it.state == "dead" and it.died_at and it.died_at < before then
+      del(self, item_key(self, it.id))
+      dead = dead + 1
+    end
+  end
+  return { ledger = n, dead = dead }
+end
+
+---------------------------------------------------------------------------------------
 -- Meta and life
 ---------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ local decide = require "stella.trigger.decide"
 local send = require "stella.trigger.send"
 local settle = require "stella.trigger.settle"
 local alert = require "stella.trigger.alert"
+local retention = require "stella.trigger.retention"
 
 local M = {}
 
@@ -16,6 +17,7 @@ function M.run(self)
   local summary = { sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }
   if self.dry_run then return summary end
   local o = self.outbox_opts
+  retention.when_due(self, self.clock())
   while true do
     local now = self.clock()
     local items, err = self.store:claim(now, o.lease, o.batch)

@@ -9,6 +9,7 @@
 --   pipeline.lua  batches overlapped: one decided while another is sent
 --   flush.lua     the outbox replayed
 --   alert.lua     outcomes counted; the failure-rate alert
+--   retention.lua the ledger and dead outbox items purged after a window (90 days)
 --
 -- Crash safety: a request to send is first written to the outbox, together
 -- with its suppression/dedupe marks, in one transaction (the marks are
@@ -25,6 +26,7 @@ local settle = require "stella.trigger.settle"
 local pipeline = require "stella.trigger.pipeline"
 local flush = require "stella.trigger.flush"
 local alert = require "stella.trigger.alert"
+local retention = require "stella.trigger.retention"
 
 local type, pairs, tostring, error, setmetatable =
       type, pairs, tostring, error, setmetatable
@@ -56,7 +58,8 @@ end
 -- stella.trigger{ rules = FILE|TABLE|COMPILED, client = CLIENT|options, store = STORE,
 --                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...},
 --                 connections = n (a pipeline's sends per brand at once; default 1),
---                 stop = fn (() -> true once nothing more may be sent: send.lua) }
+--                 stop = fn (() -> true once nothing more may be sent: send.lua),
+--                 retention = { days = 90, every = 3600 } (retention.lua) }
 -- rules: a rules file's name, a rules table, or what stella.rules.load returned (used as
 -- it is: not compiled again). client: see stella.keys.clients.
 function M.new(opts)
@@ -81,6 +84,8 @@ function M.new(opts)
     dry_marks = {},          -- a dry run's marks (key -> until): see decide.new_batch
     outbox_opts = merged(merged(DEFAULT_OUTBOX, spec.outbox), opts.outbox),
     alert_opts = merged(merged(alert.DEFAULTS, spec.alert), opts.alert),
+    retention = retention.settings(opts.retention, compiled.retention_days),
+    next_purge = nil,        -- when the next purge is due (retention.lua); nil: at once
     on_alert = opts.on_alert or compiled.on_alert,
     clients = keys.clients(compiled, opts.client, connections),   -- per brand, with their lanes
     counts = {}, reasons = {},
@@ -111,6 +116,7 @@ function Trigger:process_many(events)
     if type(events[i]) ~= "table" then error("trigger:process_many: event " .. i .. " is not a table", 2) end
   end
   local now = self.clock()
+  retention.when_due(self, now)
   local outcomes, batch, written = decide.batch(self, events, now)
   if written then
     local results, errs = send.in_line(self, send.sends_of(outcomes), now)
@@ -140,6 +146,16 @@ end
 -- flush(): replay what is due in the outbox. Returns counts by status.
 function Trigger:flush()
   return flush.run(self)
+end
+
+-- purge([now]) -> { ledger = n, dead = n, marks = n } | nil, err: the ledger entries and
+-- dead outbox items older than the retention window, and the expired marks, deleted now
+-- (retention.lua; a trigger also does it by itself every retention.every seconds).
+function Trigger:purge(now)
+  if now ~= nil and (type(now) ~= "number" or now - now ~= 0) then
+    error("trigger:purge: now must be a finite number or nil", 2)
+  end
+  return retention.purge(self, now)
 end
 
 -- check_alert([now]): see alert.lua.

@@ -6,6 +6,7 @@ local decide = require "stella.trigger.decide"
 local send = require "stella.trigger.send"
 local settle = require "stella.trigger.settle"
 local alert = require "stella.trigger.alert"
+local retention = require "stella.trigger.retention"
 
 local type, error, setmetatable = type, error, setmetatable
 
@@ -49,6 +50,7 @@ function Pipeline:process(events, tag)
   local prev = self.prev
   self.prev = nil
   local now = t.clock()
+  retention.when_due(t, now)
   -- decided while the previous batch's requests are still on the wire
   local outcomes, batch, written = decide.batch(t, events, now)
   local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
