@@ -9,7 +9,7 @@ local EXIT = signals.EXIT
 local M = {}
 
 M.help = [[
-usage: stella retry [--rules FILE] [--db FILE] [--connections N] [--keep AGE] [--json] [-q | -v]
+usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--keep AGE] [--json] [-q | -v]
 
 Sends the requests waiting in the outbox (those that failed with a retryable error) and
 prints how many were sent, are still queued, or were given up (dead), and when the next
@@ -18,7 +18,7 @@ failed or was given up, 3 when the API could not be reached (the circuit breaker
 128+N when stopped by signal N.
 
   --rules FILE   the rules file (for keys, brands and alerts); optional
-  --db FILE      the store (default stella.db)
+  --db FILE|URL  the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
   --connections N  send up to N requests at once (1 to 64; default 1)
 ]] .. args.KEEP_HELP .. [[
   --json         print the result as one JSON object (fields: see README, "Machine-readable output")
@@ -44,7 +44,7 @@ function M.run(ctx, opts, positional)
   if retention == false then return ctx:usage_error("retry", "%s", kerr) end
   local sig = signals.catch()
   local run, rstatus = setup.start(ctx, "retry", { rules = opts.rules, send = true, connections = connections,
-                                                   db = opts.db or setup.DEFAULT_DB, must_exist = true,
+                                                   db = setup.db(ctx, opts), must_exist = true,
                                                    stop = sig.caught, retention = retention })
   if not run then sig:release() return rstatus end
   setup.purge(ctx, "retry", run, opts)   -- (flush would purge by itself: this one is said)

@@ -7,7 +7,7 @@
 --
 -- Every key it meets (rules file, brands) is handed to ctx:secret before anything is
 -- printed.
-local ipairs, pcall, tostring = ipairs, pcall, tostring
+local ipairs, pcall, tostring, type = ipairs, pcall, tostring, type
 
 local keys = require "stella.keys"
 
@@ -60,11 +60,45 @@ local function new_trigger(opts)
   return trigger
 end
 
--- Opens the store named by --db (":memory:" for the memory store). opts.must_exist:
--- fail when the file is not there rather than create it.
+-- Whether --db names a Redis server (redis://... or unix://...) rather than a file.
+function M.is_url(db)
+  return type(db) == "string" and (db:match("^[Rr][Ee][Dd][Ii][Ss]://") or db:match("^[Uu][Nn][Ii][Xx]://")) ~= nil
+end
+
+-- The store a command uses: --db, else STELLA_DB in the environment, else stella.db.
+-- A Redis URL's password becomes one of ctx's secrets (never printed).
+function M.db(ctx, opts)
+  local db = opts.db or ctx.getenv("STELLA_DB") or M.DEFAULT_DB
+  if M.is_url(db) then
+    local u = require("stella.redis").parse_url(db)
+    if u and u.password then ctx:secret(u.password) end
+  end
+  return db
+end
+
+-- --db as messages show it: a Redis URL without its password.
+function M.label(db)
+  if not M.is_url(db) then return db end
+  local u = require("stella.redis").parse_url(db)
+  if not u then return (db:gsub("^(%a+://)[^@/]*@", "%1***@")) end
+  local auth = u.password and ((u.user or "") .. ":***@") or ""
+  if u.path then return "unix://" .. auth .. u.path .. (u.db ~= 0 and "?db=" .. u.db or "") end
+  local host = u.host:find(":", 1, true) and "[" .. u.host .. "]" or u.host
+  return "redis://" .. auth .. host .. ":" .. u.port .. "/" .. u.db
+end
+
+-- Opens the store named by --db (":memory:" for the memory store, a redis:// URL for the
+-- Redis store). opts.must_exist: fail when the file is not there rather than create it.
 function M.open_store(path, opts)
   local store_mod = require "stella.store"
   if path == ":memory:" then return store_mod.memory() end
+  if M.is_url(path) then
+    local ok, store, err = pcall(store_mod.redis, path)
+    if not ok or not store then
+      return nil, ("cannot open the store %s: %s"):format(M.label(path), tostring(ok and err or store))
+    end
+    return store
+  end
   if opts and opts.must_exist and not M.file_exists(path) then
     return nil, ("no store at %s (run `stella trigger` first, or give --db)"):format(path)
   end

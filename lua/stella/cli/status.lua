@@ -11,13 +11,13 @@ local retention = require "stella.trigger.retention"
 local M = {}
 
 M.help = [[
-usage: stella status [--db FILE] [--since DURATION] [--json]
+usage: stella status [--db FILE|URL] [--since DURATION] [--json]
 
 A local status page from the store: outcomes by reason, the error rate per hour (the
 service alerts above 5% in an hour), what the outbox holds, the latest invalid and
 failed events with their messages, and the retention window of the last purge.
 
-  --db FILE         the store (default stella.db)
+  --db FILE|URL     the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
   --since DURATION  how far back: 90m, 24h, 7d, 2w (default 24h)
   --json            the same as one JSON object (fields: see README, "Machine-readable output")
 ]]
@@ -89,15 +89,15 @@ function M.run(ctx, opts, positional)
   if not window then
     return ctx:usage_error("status", "--since takes a duration like 90m, 24h or 7d, not %s", opts.since)
   end
-  local db = opts.db or setup.DEFAULT_DB
+  local db = setup.db(ctx, opts)
   local store, serr = setup.open_store(db, { must_exist = true })
   if not store then ctx:warn("stella status: %s", serr) return 1 end
   local now = ctx.time()
   local since = now - window
 
   local ok, err = pcall(function()
-    if mode == "json" then return M.json(ctx, store, db, since, window) end
-    ctx:say("stella status: %s, since %s (%s)", db, fmt_time(since), opts.since or "24h")
+    if mode == "json" then return M.json(ctx, store, setup.label(db), since, window) end
+    ctx:say("stella status: %s, since %s (%s)", setup.label(db), fmt_time(since), opts.since or "24h")
     ctx:say("")
 
     local rows, total = tables.outcome_rows(need(store:counts{ since = since }))

@@ -15,15 +15,16 @@ local EXIT = signals.EXIT
 local M = {}
 
 M.help = [[
-usage: stella trigger --rules FILE [--db FILE] [--dry-run] [--format FMT] [--connections N]
+usage: stella trigger --rules FILE [--db FILE|URL] [--dry-run] [--format FMT] [--connections N]
                       [--keep AGE] [--json | --json-lines] [-q | -v] [INPUT...]
 
 Runs every event of each INPUT (a JSON Lines or CSV export file; "-" or nothing is
 standard input) through the rules and sends the requests they decide on.
 
   --rules FILE   the rules file (Lua, returns a table); required
-  --db FILE      the store: suppression marks, ledger, unsubscribes, outbox
-                 (default stella.db in the current directory; ":memory:" keeps nothing)
+  --db FILE|URL  the store: suppression marks, ledger, unsubscribes, outbox (default
+                 $STELLA_DB, else stella.db in the current directory; ":memory:" keeps
+                 nothing; redis://[[user]:password@]host[:port][/db] a Redis store)
   --dry-run      decide and validate, but send nothing and write nothing
   --format FMT   jsonl or csv, when the file name and content do not tell
   --connections N  send up to N requests at once, each on its own connection (1 to 64;
@@ -54,10 +55,10 @@ function M.run(ctx, opts, inputs)
   if merr then return ctx:usage_error("trigger", "%s", merr) end
   if #inputs == 0 then inputs = { "-" } end
   local dry_run = opts["dry-run"] == true
-  local db = opts.db or setup.DEFAULT_DB
+  local db = setup.db(ctx, opts)
   -- a dry run reads an existing store but does not create one; it sends nothing, so it
   -- needs no key
-  if dry_run and db ~= ":memory:" and not setup.file_exists(db) then db = ":memory:" end
+  if dry_run and db ~= ":memory:" and not setup.is_url(db) and not setup.file_exists(db) then db = ":memory:" end
   local connections = args.connections(opts)
   if not connections then
     return ctx:usage_error("trigger", "--connections must be a whole number from 1 to 64")

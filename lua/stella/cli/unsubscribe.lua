@@ -6,12 +6,12 @@ local setup = require "stella.cli.setup"
 local M = {}
 
 M.help = [[
-usage: stella unsubscribe [--db FILE] EMAIL...
+usage: stella unsubscribe [--db FILE|URL] EMAIL...
 
 Stops all further requests to each EMAIL. The store keeps a salted hash of the address,
 not the address itself.
 
-  --db FILE   the store (default stella.db)
+  --db FILE|URL  the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
 ]]
 
 -- its options: "flag" or "value"
@@ -24,7 +24,7 @@ function M.run(ctx, opts, emails)
       return ctx:usage_error("unsubscribe", "not an e-mail address: %s", e)
     end
   end
-  local store, serr = setup.open_store(opts.db or setup.DEFAULT_DB)
+  local store, serr = setup.open_store(setup.db(ctx, opts))
   if not store then ctx:warn("stella unsubscribe: %s", serr) return 1 end
   local now = ctx.time()
   local ok, err = pcall(function()

@@ -6,6 +6,7 @@
 --   local s = store.memory()                       -- per process, gone on exit
 --   local s = assert(store.sqlite("stella.db", { busy_timeout = 5 }))
 --   local s = assert(store.shdict("stella"))       -- inside OpenResty
+--   local s = assert(store.redis("redis://127.0.0.1:6379/0"))   -- Redis 7, shared
 --
 -- Backends are loaded on first use, so `require "stella.store"` works without LuaDBI.
 --
@@ -24,7 +25,9 @@
 --   s:confirm_marks(id) -> n;  s:confirm_marks_many{ id, ... } -> n;  s:release_marks(id) -> n
 --   s:purge_marks(now) -> n
 --   s:unsubscribe(hash, now), s:resubscribe(hash) -> true; s:is_unsubscribed(hash) -> bool;
---   s:unsubscribed_count() -> n
+--   s:unsubscribed_many{ hash, ... } -> { bool, ... };  s:unsubscribed_count() -> n
+--   s.remote                         true for a networked backend (Redis): a round trip
+--                                    per call, so callers batch look-ups (get_marks)
 --   s:enqueue(item) -> id;  s:enqueue_many{ item, ... } -> { id, ... }
 --   s:claim(now, lease [, limit=100]) -> items (leased until now + lease)
 --   s:reschedule(id, next_at [, attempts], last_error) -> bool;  s:finish(id) -> bool;
@@ -71,6 +74,7 @@
 --   name                       text for tostring, e.g. "stella.store.memory"
 --   per_coroutine              true when a transaction belongs to the running coroutine
 --                              (several coroutines share one object, as in OpenResty)
+--   remote                     true when every call is a network round trip (Redis)
 -- Transactions (the base nests and decides; the backend only does):
 --   begin() -> true            start one; nothing else of this caller runs in between
 --   commit() -> true           make its writes durable and visible
@@ -170,6 +174,12 @@ end
 -- an ngx.shared dict (one nginx node; see lua/stella/store/shdict.lua).
 function M.shdict(...)
   return require("stella.store.shdict").new(...)
+end
+
+-- stella.store.redis(url_or_options): on a Redis 7 server, shared by every process and
+-- host that uses it (see lua/stella/store/redis.lua; needs stella.redis).
+function M.redis(...)
+  return require("stella.store.redis").new(...)
 end
 
 -- Errors -------------------------------------------------------------------------------
@@ -567,7 +577,7 @@ function M.open(b)
   end
   if type(salt) ~= "string" or #salt < 32 then return give_up(M.error(b.name .. ": cannot read the salt", false)) end
   return setmetatable({ backend = b, salt = salt, txs = {}, per_coroutine = b.per_coroutine and true,
-                        closed = false }, Store)
+                        remote = b.remote and true or false, closed = false }, Store)
 end
 
 -- "a@b" from " A@B\n": lower-cased (ASCII), surrounding white space removed.
@@ -695,6 +705,23 @@ function Store:is_unsubscribed(hash)
   local flags, err = self.backend:unsubscribed({ hash }, 1)
   if not flags then return failed(self, err) end
   return flags[1]
+end
+
+-- unsubscribed_many{ hash, ... } -> { true|false, ... } (one call to the backend)
+function Store:unsubscribed_many(hashes)
+  check_open(self, "unsubscribed_many")
+  if type(hashes) ~= "table" then fail("unsubscribed_many", "hashes must be a list (a table), got " .. type(hashes), 2) end
+  local n = #hashes
+  for i = 1, n do
+    local h = hashes[i]
+    if type(h) ~= "string" or h == "" then
+      fail("unsubscribed_many", "hashes[" .. i .. "] must be a non-empty string, got " .. (h == "" and "\"\"" or type(h)), 2)
+    end
+  end
+  if n == 0 then return {} end
+  local flags, err = self.backend:unsubscribed(hashes, n)
+  if not flags then return failed(self, err) end
+  return flags
 end
 
 function Store:unsubscribed_count()

@@ -64,15 +64,66 @@ local function env_for(self, now, batch)
       local key = mark_key(batch, mark)
       local until_ = marks[key]   -- put earlier in this batch: not in the store yet
       if until_ ~= nil then return until_ > now and until_ or nil end
+      local fetched = batch.fetched_marks and batch.fetched_marks[key]
+      if fetched ~= nil then return fetched or nil end
       return (store:get_mark(key, now))
     end,
     unsubscribed = function(email)
       if batch.no_unsubscribes then return false end
-      return store:is_unsubscribed(batch.hash(email))
+      local h = batch.hash(email)
+      local fetched = batch.fetched_unsubs and batch.fetched_unsubs[h]
+      if fetched ~= nil then return fetched end
+      return store:is_unsubscribed(h)
     end,
   }
   batch.env = env
   return env
+end
+
+-- A networked store (store.remote: Redis) answers many look-ups in one round trip: a
+-- first, speculative pass of the rules over the batch collects the marks and addresses
+-- they look up (every look-up answering "none", so each event goes as far as it can),
+-- and one get_marks and one unsubscribed_many fetch them all; the real pass reads them
+-- from the batch (a look-up the first pass did not make still goes to the store).
+-- Inside the decide transaction, so the store sees them as read by it.
+local function prefetch(self, events, now, batch)
+  local keys, seen, hashes, hseen = {}, {}, {}, {}
+  local env = {
+    now = now,
+    lookup = function(mark)
+      local key = mark_key(batch, mark)
+      if not seen[key] then
+        seen[key] = true
+        keys[#keys + 1] = key
+      end
+      return nil
+    end,
+    unsubscribed = function(email)
+      if batch.no_unsubscribes then return false end
+      local h = batch.hash(email)
+      if not hseen[h] then
+        hseen[h] = true
+        hashes[#hashes + 1] = h
+      end
+      return false
+    end,
+  }
+  for i = 1, #events do pcall(rules_mod.evaluate, self.rules, events[i], env, false) end
+  local store = self.store
+  if #keys > 0 then
+    local untils = store:get_marks(keys, now)
+    if not untils then return end   -- the transaction has failed: it ends there
+    local fetched = {}
+    for i = 1, #keys do fetched[keys[i]] = untils[i] or false end
+    batch.fetched_marks = fetched
+  end
+  if #hashes > 0 then
+    local flags = store:unsubscribed_many(hashes)
+    if not flags then return end
+    local fetched = {}
+    for i = 1, #hashes do fetched[hashes[i]] = flags[i] end
+    batch.fetched_unsubs = fetched
+  end
 end
 
 local function event_id_of(event, request)
@@ -189,6 +240,9 @@ function M.explain(self, event, now)
 end
 
 local DECIDE_TRIES = 3
+-- A conflict (err.conflict: the Redis store found that another writer changed a mark
+-- this batch read) means that writer made progress: decide again, a few more times.
+local CONFLICT_TRIES = 10
 
 -- Decides a batch of events at `now` in one transaction: rules, then the outbox items
 -- and marks of the requests to send. Returns the outcomes, the batch, and whether it was
@@ -209,17 +263,21 @@ function M.batch(self, events, now)
   -- a retryable failure (another writer took a mark this batch looked at: the shared-dict
   -- store's cross-worker race) rolled everything back: decide again, now seeing what the
   -- other writer wrote (its customer is then suppressed here, not failed)
-  for _ = 1, DECIDE_TRIES do
+  local tries, conflicts = 0, 0
+  while true do
     outcomes, batch = {}, new_batch(self)
     -- a failure inside (returned or not) rolls the whole batch back: nil, err
     ok, serr = store:atomic(function()
       -- inside the transaction nothing else writes the store: with no unsubscribes at its
       -- start, none of this batch's events is unsubscribed (the rules cannot add one)
       if store:unsubscribed_count() == 0 then batch.no_unsubscribes = true end
+      if store.remote then prefetch(self, events, now, batch) end
       for i = 1, #events do outcomes[i] = decide(self, events[i], now, false, batch) end
       return enqueue_pending(self, batch, now)
     end)
     if ok or not (type(serr) == "table" and serr.retryable) then break end
+    if serr.conflict then conflicts = conflicts + 1 else tries = tries + 1 end
+    if tries >= DECIDE_TRIES or conflicts >= CONFLICT_TRIES then break end
   end
   if not ok then   -- rolled back: nothing was reserved or queued
     outcomes = {}
