@@ -181,7 +181,7 @@ describe("stella test", function()
       path .. ': unknown key "extra"',
       path .. ': now must be a time, "2026-01-05T10:00:00Z" (or with +hh:mm) or seconds since the epoch, got "2026-02-30T00:00:00Z"',
       path .. ': case 1 (typo): unknown key "advnce"',
-      path .. ': case 1 (typo): expect must be one of sent, recorded, skipped, suppressed, invalid, got "snet"',
+      path .. ': case 1 (typo): expect must be one of sent, recorded, queued, skipped, suppressed, invalid, got "snet"',
       path .. ": case 2: event must be a table (an object), got number",
       path .. ': case 2: advance must be a duration ("2h", "7d", "90m") or seconds, got "2x"',
     } do

@@ -6,13 +6,17 @@
 --   env.now                 seconds since the epoch
 --   env.lookup(mark)        -> until (number) if such a mark is active, else nil
 --   env.unsubscribed(email) -> true if the address never receives requests
+--   env.zone_offset(name, t) -> seconds east of UTC in time zone `name` at t, or nil
+--                              (optional: without it only UTC offsets are zones)
 -- and what it wants written comes back as `decision.marks` for the caller to
--- commit only once the request is sent (or safely queued).
+-- commit only once the request is sent (or safely queued); `decision.send_at`, when the
+-- request is to go later (delay, quiet_hours), says when.
 local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select =
       type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select
 local setfenv, loadstring, load = setfenv, loadstring, load   -- 5.1 or 5.2+ loaders
 local floor, huge = math.floor, math.huge
 local lower, byte, format = string.lower, string.byte, string.format
+local concat = table.concat
 local rawget, rawequal, G = rawget, rawequal, _G
 -- Optional: absent in a Redis script (no debug), in Lua 5.4 (no jit). rawget: Redis raises
 -- on reading an unset global.
@@ -33,6 +37,8 @@ local KNOWN = {
   suppression = "table", once_per_interaction = "any", unsubscribes = "table",
   sample = "number", rules = "table", on_alert = "function", alert = "table",
   outbox = "table", budget = "any", retention = "table",
+  -- scheduled sends: see "Scheduled sends" below
+  delay = "any", event_time = "any", quiet_hours = "table",
   -- read by the client / command line, not by the evaluation
   api_key = "string", keys = "table", mode = "string", base_url = "string",
 }
@@ -151,6 +157,68 @@ local function compile_budget(b, name)
   return n
 end
 
+-- "21:00" -> seconds after midnight | nil
+local function clock_time(v)
+  if type(v) ~= "string" then return nil end
+  local h, m = v:match("^(%d%d?):(%d%d)$")
+  h, m = tonumber(h), tonumber(m)
+  if not h or h > 23 or m > 59 then return nil end
+  return h * 3600 + m * 60
+end
+
+local function field_path(v, what)
+  if type(v) ~= "string" or not v:match("^[%w_%-]+[%w_%-.]*$") or v:find("..", 1, true) or v:sub(-1) == "." then
+    error(what .. " must be a field name like \"solved_at\" or \"requester.time_zone\"", 0)
+  end
+  local parts = {}
+  for part in v:gmatch("[^.]+") do parts[#parts + 1] = part end
+  return parts
+end
+
+-- The schedule keys (delay, event_time, quiet_hours) checked and compiled; nil when none
+-- is set. A named fallback zone is checked by the trigger (it has the zone files).
+local QUIET_KEYS = { from = true, to = true, zone_field = true, fallback_zone = true }
+local function compile_schedule(spec, name)
+  if spec.delay == nil and spec.quiet_hours == nil then
+    if spec.event_time ~= nil then error(name .. ": event_time is for delay (there is none)", 0) end
+    return nil
+  end
+  local s = {}
+  if spec.delay ~= nil then
+    s.delay = M.parse_duration(spec.delay)
+    if not s.delay then
+      error(name .. ": delay must be a duration like \"2h\", \"90m\" or \"1h30m\", or seconds", 0)
+    end
+    s.delay_text = type(spec.delay) == "string" and spec.delay or format("%ds", s.delay)
+  end
+  local et = spec.event_time
+  if type(et) == "function" then
+    s.event_time_fn = et
+  elseif et ~= nil then
+    s.event_time_path = field_path(et, name .. ": event_time")
+    s.event_time_name = et
+  end
+  local q = spec.quiet_hours
+  if q ~= nil then
+    for k in pairs(q) do
+      if not QUIET_KEYS[k] then error(name .. ": unknown key 'quiet_hours." .. tostring(k) .. "'", 0) end
+    end
+    local from, to = clock_time(q.from), clock_time(q.to)
+    if not from or not to then
+      error(name .. ": quiet_hours.from and quiet_hours.to must be local times like \"21:00\"", 0)
+    end
+    if from == to then error(name .. ": quiet_hours.from and quiet_hours.to must differ", 0) end
+    local fallback = q.fallback_zone or "UTC"
+    if type(fallback) ~= "string" or fallback == "" then
+      error(name .. ": quiet_hours.fallback_zone must be a time zone name or a UTC offset", 0)
+    end
+    s.quiet = { from = from, to = to, text = q.from .. "-" .. q.to, fallback = fallback,
+                zone_path = q.zone_field ~= nil and field_path(q.zone_field, name .. ": quiet_hours.zone_field") or nil,
+                zone_field = q.zone_field }
+  end
+  return s
+end
+
 function M.compile(spec, name)
   name = name or "rules"
   if type(spec) ~= "table" then error(name .. ": rules must be a table", 0) end
@@ -224,6 +292,7 @@ function M.compile(spec, name)
     if type(rule) ~= "function" then error(name .. ": rules[" .. i .. "] must be a function", 0) end
     r.rules[i] = rule
   end
+  r.schedule = compile_schedule(spec, name)
   compiled_set[r] = true
   r.budget = compile_budget(spec.budget, name)
   if r.budget and not sethook then r.budget = nil end   -- no debug library (Redis): no budget
@@ -232,6 +301,7 @@ function M.compile(spec, name)
     -- functions defined inside them) stay in the interpreter, where the budget holds
     if r.map then jit_off(r.map, true) end
     if r.when then jit_off(r.when, true) end
+    if r.schedule and r.schedule.event_time_fn then jit_off(r.schedule.event_time_fn, true) end
     for i = 1, #r.rules do jit_off(r.rules[i], true) end
   end
   return r
@@ -296,12 +366,18 @@ local function interaction_id(request)
   return nil
 end
 
--- Epoch seconds as an ISO 8601 UTC string, without os.date (not in Redis).
--- Days to civil date after Howard Hinnant's public-domain algorithm.
-function M.iso_utc(t)
-  t = floor(t)
-  local days = floor(t / DAY)
-  local secs = t - days * DAY
+-- Days since 1970-01-01 of a civil date, and back (proleptic Gregorian), after Howard
+-- Hinnant's public-domain algorithms: no os.date / os.time, which Redis lacks.
+function M.days_from_civil(y, m, d)
+  y = m <= 2 and y - 1 or y
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local doy = floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+function M.civil_from_days(days)
   local z = days + 719468
   local era = floor(z / 146097)
   local doe = z - era * 146097
@@ -310,9 +386,92 @@ function M.iso_utc(t)
   local mp = floor((5 * doy + 2) / 153)
   local day = doy - floor((153 * mp + 2) / 5) + 1
   local month = mp < 10 and mp + 3 or mp - 9
-  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
-  return format("%04d-%02d-%02dT%02d:%02d:%02dZ", year, month, day,
-                floor(secs / 3600), floor(secs % 3600 / 60), secs % 60)
+  return yoe + era * 400 + (month <= 2 and 1 or 0), month, day
+end
+
+-- Epoch seconds as ISO 8601 local time at a UTC offset (seconds east): "...T08:00:00-04:00";
+-- offset 0 (or nil) gives "...Z".
+function M.iso_time(t, offset)
+  offset = offset or 0
+  t = floor(t) + offset
+  local days = floor(t / DAY)
+  local secs = t - days * DAY
+  local year, month, day = M.civil_from_days(days)
+  local zone = "Z"
+  if offset ~= 0 then
+    local a = offset < 0 and -offset or offset
+    zone = format("%s%02d:%02d", offset < 0 and "-" or "+", floor(a / 3600), floor(a % 3600 / 60))
+  end
+  return format("%04d-%02d-%02dT%02d:%02d:%02d%s", year, month, day,
+                floor(secs / 3600), floor(secs % 3600 / 60), secs % 60, zone)
+end
+
+-- Epoch seconds as an ISO 8601 UTC string.
+function M.iso_utc(t)
+  return M.iso_time(t, 0)
+end
+
+local MONTH_DAYS = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
+
+-- "+05:30", "-0800", "+05", "UTC", "GMT", "Z", "UTC+05:30" -> seconds east of UTC | nil.
+-- (What the rules resolve themselves, also inside Redis; IANA names need env.zone_offset.)
+function M.fixed_offset(text)
+  if type(text) ~= "string" then return nil end
+  if text == "UTC" or text == "GMT" or text == "Z" or text == "Etc/UTC" then return 0 end
+  local body = text:match("^UTC([+-].*)$") or text:match("^GMT([+-].*)$") or text
+  local sign, h, m = body:match("^([+-])(%d%d):?(%d%d)$")
+  if not sign then sign, h = body:match("^([+-])(%d%d?)$") m = "00" end
+  if not sign then return nil end
+  h, m = tonumber(h), tonumber(m)
+  if h > 18 or m > 59 or (h == 18 and m > 0) then return nil end
+  local s = (h * 60 + m) * 60
+  return sign == "-" and -s or s
+end
+
+-- An event's time: epoch seconds (a number), or ISO 8601 text with a zone
+-- ("2026-01-05T10:00:00Z", "2026-01-05 10:00:00.250+02:00") -> seconds | nil
+function M.parse_time(v)
+  if type(v) == "number" then
+    if v - v ~= 0 then return nil end   -- NaN, infinities
+    return v
+  end
+  if type(v) ~= "string" then return nil end
+  local y, mo, d, h, mi, s, rest = v:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)[T ](%d%d):(%d%d):(%d%d)(.*)$")
+  if not y then
+    y, mo, d, h, mi, rest = v:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)[T ](%d%d):(%d%d)(.*)$")
+    s = "00"
+  end
+  if not y then return nil end
+  y, mo, d, h, mi, s = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(s)
+  local frac, zone = rest:match("^(%.%d+)(.*)$")
+  if not frac then frac, zone = "", rest end
+  local offset = zone ~= "" and M.fixed_offset(zone) or nil
+  if offset == nil then return nil end   -- no zone: which day is meant is unknown
+  if mo < 1 or mo > 12 or d < 1 or h > 23 or mi > 59 or s > 59 then return nil end
+  local leap = (y % 4 == 0 and y % 100 ~= 0) or y % 400 == 0
+  if d > MONTH_DAYS[mo] + ((mo == 2 and leap) and 1 or 0) then return nil end
+  local t = M.days_from_civil(y, mo, d) * DAY + h * 3600 + mi * 60 + s - offset
+  if frac ~= "" then t = t + tonumber("0" .. frac) end
+  return t
+end
+
+local DURATION_UNITS = { s = 1, m = 60, h = 3600, d = DAY, w = 7 * DAY }
+
+-- "90s", "15m", "2h", "1d", "1w", "1h30m" or seconds (a number) -> seconds (>= 0) | nil
+function M.parse_duration(v)
+  if type(v) == "number" then
+    if v >= 0 and v - v == 0 then return v end
+    return nil
+  end
+  if type(v) ~= "string" or v == "" then return nil end
+  local total, pos = 0, 1
+  while pos <= #v do
+    local n, unit, after = v:match("^(%d+%.?%d*)([smhdw])()", pos)
+    if not n then return nil end
+    total = total + tonumber(n) * DURATION_UNITS[unit]
+    pos = after
+  end
+  return total
 end
 
 -- What a rule call that ran out of its budget returns in place of the error.
@@ -390,6 +549,111 @@ local function suppression_scope(r, request, brand_scope)
   return per == "brand" and brand_scope
       or per == "channel" and ("channel:" .. tostring(request.channel))
       or "global"
+end
+
+-- Scheduled sends -----------------------------------------------------------------------
+-- delay: the request goes `delay` after the event's time (event_time: a field of the
+-- event, or a function of it; without it, the time of the decision). quiet_hours: no send
+-- between two local times in the customer's zone (a field of the event holding an IANA
+-- name or a UTC offset, else the fallback zone); a send that would fall inside goes at
+-- their end. A time zone name is resolved by env.zone_offset(name, t) -> seconds east of
+-- UTC (the trigger's, from the system's zone files); UTC offsets need nothing, so inside
+-- Redis (no files) the rules handle offsets only.
+
+local function get_path(t, path)
+  for i = 1, #path do
+    if type(t) ~= "table" then return nil end
+    t = t[path[i]]
+  end
+  return t
+end
+
+local function zone_offset(env, zone, t)
+  local off = M.fixed_offset(zone)
+  if off then return off end
+  local resolve = env.zone_offset
+  if resolve and type(zone) == "string" then return resolve(zone, t) end
+  return nil
+end
+
+-- The first moment at or after t outside the quiet hours, in a zone whose offset at t is
+-- off. The end's wall time goes back to UTC with the offset in force then (a daylight
+-- saving change may lie in between); an end inside a skipped hour goes at the hour after.
+local function after_quiet(q, env, zone, t, off)
+  local wall = t + off
+  local day = floor(wall / DAY) * DAY
+  local sod = wall - day
+  local target
+  if q.from < q.to then
+    if sod >= q.from and sod < q.to then target = day + q.to end
+  elseif sod >= q.from then
+    target = day + DAY + q.to
+  elseif sod < q.to then
+    target = day + q.to
+  end
+  if not target then return t end
+  local u = target - off
+  local off2 = zone_offset(env, zone, u)
+  if off2 and off2 ~= off and zone_offset(env, zone, target - off2) == off2 then u = target - off2 end
+  return u
+end
+
+-- When the decided request goes: send_at (epoch seconds), and a text saying why; or nil,
+-- detail when the event's time cannot be read (the event is invalid: invalid_time).
+-- A ruled time at or before now means now.
+local function schedule_of(r, s, event, env, now)
+  local at, why = now, {}
+  if s.delay then
+    local base, from_event = now, false
+    if s.event_time_fn then
+      local ok, v = limited_call(r.budget, s.event_time_fn, event)
+      if not ok then
+        return nil, rawequal(v, EXCEEDED) and over_budget("event_time", s.event_time_fn, r.budget)
+                    or "event_time: " .. tostring(v), "rule_error"
+      end
+      if v ~= nil then
+        base, from_event = M.parse_time(v), true
+        if not base then return nil, "event_time returned " .. tostring(v) .. ", not a time", "invalid_time" end
+      end
+    elseif s.event_time_path then
+      local v = get_path(event, s.event_time_path)
+      base, from_event = M.parse_time(v), true
+      if not base then
+        return nil, "the event's " .. s.event_time_name .. (v == nil and " is missing" or
+                    (" (" .. tostring(v) .. ") is not a time with a zone, like 2026-01-05T10:00:00Z")), "invalid_time"
+      end
+    end
+    at = base + s.delay
+    why[#why + 1] = s.delay_text .. " after " .. (from_event and ("the event's time " .. M.iso_utc(base))
+                                                  or "the decision")
+    if at < now then at = now end
+  end
+  local q = s.quiet
+  if q then
+    local zone, note = q.fallback, nil
+    local given = q.zone_path and get_path(event, q.zone_path)
+    local off = nil
+    if given ~= nil then
+      off = zone_offset(env, given, at)
+      if off then zone = given
+      else note = "the event's " .. q.zone_field .. " " .. tostring(given) .. " is not a known zone" end
+    elseif q.zone_path then
+      note = "the event has no " .. q.zone_field
+    end
+    if not off then off = zone_offset(env, zone, at) end
+    if not off then
+      return nil, "time zone " .. zone .. " is unknown here (only UTC offsets where there are no zone files)",
+             "invalid_time"
+    end
+    local later = after_quiet(q, env, zone, at, off)
+    if later > at then
+      local loff = zone_offset(env, zone, later) or off
+      why[#why + 1] = "quiet hours " .. q.text .. " in " .. zone .. (note and (" (" .. note .. ", so the fallback)") or "")
+                      .. ": at their end, " .. M.iso_time(later, loff)
+      at = later
+    end
+  end
+  return at, concat(why, "; ")
 end
 
 -- decision.action: "send" | "skip" | "suppressed" | "invalid"
@@ -597,7 +861,24 @@ function M.evaluate(r, event, env, explain)
     end
   end
 
-  if d.action ~= "send" then d.marks = {} end
+  -- 12. when it goes: now, or later (scheduled sends)
+  local s = r.schedule
+  if s then
+    local at, why, bad = schedule_of(r, s, event, env, now)
+    if not at then
+      if decide(d, "schedule", "invalid", bad, why) then return d end
+    elseif at > now then
+      d.send_at = at
+      if verdicts then add_verdict(verdicts, "schedule", "scheduled", "scheduled", "will send at " .. M.iso_utc(at) .. " (" .. why .. ")") end
+      -- the windows count from the send: its marks end as much later as it goes
+      for _, mark in ipairs(d.marks) do mark["until"] = mark["until"] + (at - now) end
+      d.schedule = why
+    elseif verdicts then
+      add_verdict(verdicts, "schedule", "pass", nil, "sends now" .. (why ~= "" and (" (" .. why .. ")") or ""))
+    end
+  end
+
+  if d.action ~= "send" then d.marks, d.send_at = {}, nil end
   return d
 end
 

@@ -5,7 +5,8 @@
 --   -- file = { path, groups = { group, ... } } | nil, { "FILE: case 3 (name): message", ... }
 --   -- group = { name, now, state = { unsubscribes = { email, ... },
 --   --                                 sent = { { at, event, where }, ... } (oldest first) },
---   --           cases = { { index, name, label, at, advance, event, expect, reason, request }, ... } }
+--   --           cases = { { index, name, label, at, advance, event, expect, reason, request,
+--   --                       send_at }, ... } }
 --
 -- A cases file is Lua (it returns the table) or JSON (the same table as an object); see
 -- README, "Testing your rules: stella test". Every mistake in it is found before any case
@@ -20,8 +21,9 @@ local rules_mod = require "stella.rules"
 
 local M = {}
 
--- What a dry run can make of an event (failed and queued need a send).
-M.STATUSES = { "sent", "recorded", "skipped", "suppressed", "invalid" }
+-- What a dry run can make of an event (failed needs a send; queued is a request the
+-- rules schedule for later: reason "scheduled").
+M.STATUSES = { "sent", "recorded", "queued", "skipped", "suppressed", "invalid" }
 local STATUS_SET = {}
 for _, s in ipairs(M.STATUSES) do STATUS_SET[s] = true end
 
@@ -29,7 +31,7 @@ for _, s in ipairs(M.STATUSES) do STATUS_SET[s] = true end
 local FILE_KEYS = { now = true, base = true, state = true, cases = true, groups = true }
 local GROUP_KEYS = { name = true, now = true, base = true, state = true, cases = true }
 local CASE_KEYS = { name = true, event = true, base = true, expect = true, reason = true,
-                    request = true, advance = true, at = true }
+                    request = true, advance = true, at = true, send_at = true }
 local STATE_KEYS = { sent = true, unsubscribes = true }
 local SENT_KEYS = { at = true, ago = true, event = true, base = true }
 
@@ -90,34 +92,9 @@ local function is_json(path, text)
 end
 
 -- "2026-01-05T10:00:00Z", "2026-01-05T12:00:00+02:00" or seconds since the epoch -> seconds | nil
+-- (the rules' own reading of a time: stella.rules.parse_time)
 function M.parse_time(v)
-  if type(v) == "number" then
-    if v ~= v or v == math.huge or v == -math.huge then return nil end
-    return v
-  end
-  if type(v) ~= "string" then return nil end
-  local y, mo, d, h, mi, s, zone = v:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)[T ](%d%d):(%d%d):(%d%d)(.*)$")
-  if not y then return nil end
-  y, mo, d, h, mi, s = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(s)
-  local offset
-  if zone == "Z" then
-    offset = 0
-  else
-    local sign, oh, om = zone:match("^([+-])(%d%d):(%d%d)$")
-    if not sign then return nil end
-    offset = (tonumber(oh) * 60 + tonumber(om)) * 60 * (sign == "-" and -1 or 1)
-  end
-  if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59 or s > 59 then return nil end
-  -- days from the civil date (after Howard Hinnant's public-domain algorithm)
-  local yy = mo <= 2 and y - 1 or y
-  local era = floor(yy / 400)
-  local yoe = yy - era * 400
-  local doy = floor((153 * (mo > 2 and mo - 3 or mo + 9) + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  local t = (era * 146097 + doe - 719468) * 86400 + h * 3600 + mi * 60 + s
-  -- 2026-02-30 would roll over to March: refuse it
-  if rules_mod.iso_utc(t):sub(1, 10) ~= v:sub(1, 10) then return nil end
-  return t - offset
+  return rules_mod.parse_time(v)
 end
 
 -- "2h", "7d", "90m" or seconds -> seconds | nil
@@ -273,7 +250,7 @@ local function check(path, spec, problems)
       if type(c) ~= "table" then
         problem(where, "a case must be a table, got %s", type(c))
       else
-        keys_of(c, CASE_KEYS, where, "name, event, base, expect, reason, request, advance or at")
+        keys_of(c, CASE_KEYS, where, "name, event, base, expect, reason, request, send_at, advance or at")
         if c.name ~= nil and type(c.name) ~= "string" then problem(where, "name must be a string") end
         local case = { index = index, name = cname, label = where, event = event_of(c, base, where),
                        expect = c.expect, reason = c.reason, request = c.request }
@@ -281,6 +258,10 @@ local function check(path, spec, problems)
           problem(where, "expect must be one of %s, got %s", table.concat(M.STATUSES, ", "), quoted(c.expect))
         end
         if c.reason ~= nil and type(c.reason) ~= "string" then problem(where, "reason must be a string") end
+        if c.send_at ~= nil then
+          case.send_at = M.parse_time(c.send_at)
+          if not case.send_at then problem(where, "send_at must be a time, got %s", quoted(c.send_at)) end
+        end
         if c.request ~= nil and type(c.request) ~= "table" then
           problem(where, "request must be a table (the request fields to match)")
         end

@@ -30,6 +30,7 @@ commands:
   test         check a rules file against cases: events and the outcome each should get
   status       counts, error rate per hour, outbox and latest errors from the local store
   retry        send what the outbox holds
+  dashboard    a read-only web page of the pipeline: outcomes over time, outbox, dead letters
   unsubscribe  stop requests to e-mail addresses
   doctor       check the store: SQLite's integrity check, then a read of it
   sandbox      run a local emulation of the Requests API with a status page
@@ -38,7 +39,7 @@ commands:
 Run `stella COMMAND --help` for a command's options.]]
 
 local commands = {}
-for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "unsubscribe", "doctor", "sandbox", "help" } do
+for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "dashboard", "unsubscribe", "doctor", "sandbox", "help" } do
   commands[name] = require("stella.cli." .. name)
 end
 

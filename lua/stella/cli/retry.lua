@@ -3,6 +3,7 @@ local pcall, tostring = pcall, tostring
 local args = require "stella.cli.args"
 local setup = require "stella.cli.setup"
 local signals = require "stella.cli.signals"
+local trigger_rows = require "stella.trigger.rows"
 
 local EXIT = signals.EXIT
 
@@ -11,7 +12,8 @@ local M = {}
 M.help = [[
 usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--keep AGE] [--json] [-q | -v]
 
-Sends the requests waiting in the outbox (those that failed with a retryable error) and
+Sends the requests waiting in the outbox that are due (those that failed with a
+retryable error, and those the rules scheduled for later once their time has come) and
 prints how many were sent, are still queued, or were given up (dead), and when the next
 item waiting is due (an item that failed waits out a backoff). Exit status 1 when any
 failed or was given up, 3 when the API could not be reached (the circuit breaker opened),
@@ -79,9 +81,11 @@ function M.run(ctx, opts, positional)
   if next_item and next_item.next_at then
     local now = ctx.time()
     local wait = next_item.next_at - now
+    local why = trigger_rows.is_scheduled(next_item) and "it is scheduled then (the rules' delay or quiet hours)"
+      or ("it waits out its backoff after %d tr%s"):format(next_item.attempts or 0,
+                                                           (next_item.attempts or 0) == 1 and "y" or "ies")
     ctx:say("next item due %s%s", wait > 0 and ("at " .. fmt_time(next_item.next_at)) or "now",
-      wait > 0 and (" (in %d s: it waits out its backoff after %d tr%s)"):format(math.ceil(wait),
-        next_item.attempts or 0, (next_item.attempts or 0) == 1 and "y" or "ies") or "")
+      wait > 0 and (" (in %d s: %s)"):format(math.ceil(wait), why) or "")
   end
   if signal_status then
     ctx:warn("stella retry: stopped by %s; what was not sent stays in the outbox", tostring(signal_name))

@@ -1,12 +1,13 @@
 -- stella.cli.status: `stella status`, a status page from the local store: outcomes by
 -- reason, the error rate per hour, the outbox, the latest invalid and failed events.
-local ipairs, pcall, setmetatable, tostring, type = ipairs, pcall, setmetatable, tostring, type
+local error, ipairs, pairs, pcall, setmetatable, tostring, type = error, ipairs, pairs, pcall, setmetatable, tostring, type
 local sort = table.sort
 local floor = math.floor
 local args = require "stella.cli.args"
 local setup = require "stella.cli.setup"
 local tables = require "stella.cli.table"
 local retention = require "stella.trigger.retention"
+local trigger_rows = require "stella.trigger.rows"
 
 local M = {}
 
@@ -42,43 +43,145 @@ local function last_purge(store)
   return retention.parse_meta(store:get_meta("retention"))
 end
 
--- --json: the same data as one object
-function M.json(ctx, store, db, since, window)
-  local cjson = require "cjson.safe"
-  local output = require "stella.cli.output"
-  local function array(t) return setmetatable(t, cjson.array_mt) end
-  local counts, total = array{}, 0
-  for _, c in ipairs(store:counts{ since = since } or {}) do
-    counts[#counts + 1] = { status = tostring(c.status), reason = c.reason or cjson.null, count = c.count }
+-- The queued items looked at to tell scheduled, due, retrying and in-flight ones apart
+-- (the outbox is listed, not counted: it holds what waits for a send, normally little).
+M.SCAN_LIMIT = 10000
+
+-- What the outbox holds at `now`: { queued, dead, due, scheduled, retrying, in_flight,
+-- next_due, next_scheduled, oldest, scanned }. due: next_at <= now; scheduled: a rules'
+-- delay or quiet hours not yet over; retrying: waiting out a backoff after a failed try;
+-- in_flight: leased by a run sending it now. next_due: the earliest next_at after now;
+-- oldest: the earliest created_at (nil when empty).
+function M.outbox(store, now)
+  local counts = need(store:outbox_counts())
+  local o = { queued = counts.queued or 0, dead = counts.dead or 0, due = 0, scheduled = 0,
+              retrying = 0, in_flight = 0, scanned = 0 }
+  if o.queued == 0 then return o end
+  local items = need(store:outbox("queued", M.SCAN_LIMIT))
+  o.scanned = #items
+  for _, item in ipairs(items) do
+    local at = item.next_at or now
+    if at <= now then
+      o.due = o.due + 1
+    else
+      if not o.next_due or at < o.next_due then o.next_due = at end
+      if trigger_rows.is_scheduled(item) then
+        o.scheduled = o.scheduled + 1
+        if not o.next_scheduled or at < o.next_scheduled then o.next_scheduled = at end
+      elseif (item.attempts or 0) > 0 then
+        o.retrying = o.retrying + 1
+      else
+        o.in_flight = o.in_flight + 1
+      end
+    end
+    if item.created_at and (not o.oldest or item.created_at < o.oldest) then o.oldest = item.created_at end
+  end
+  return o
+end
+
+-- The alert threshold the status compares each hour's error rate with (the service
+-- alerts above 5% in an hour; a rules file's alert.threshold when given).
+M.THRESHOLD = 0.05
+
+-- Everything `stella status` shows, as plain values (nil for absent), read from the store
+-- at `now` over the `window` seconds before it; raises on a store error. Also what
+-- `stella dashboard` serves (with o.detail: the timeline, the dead items).
+--   o = { now, window, threshold, latest = 10, detail, bucket = 3600, dead = 20 }
+function M.collect(store, o)
+  local now, window = o.now, o.window
+  local since = now - window
+  local threshold = o.threshold or M.THRESHOLD
+  local st = { since = since, now = now, window = window, threshold = threshold }
+  local counts, total = {}, 0
+  for _, c in ipairs(need(store:counts{ since = since })) do
+    counts[#counts + 1] = { status = tostring(c.status), reason = c.reason, count = c.count }
     total = total + c.count
   end
-  local rate, alert = array{}, false
-  for _, r in ipairs(store:rate{ since = since, bucket = 3600 } or {}) do
+  st.counts, st.total = counts, total
+  local rate, alert = {}, false
+  for _, r in ipairs(need(store:rate{ since = since, bucket = 3600 })) do
     local t, e = r.total or 0, r.errors or 0
     local share = t > 0 and e / t or 0
-    if share > 0.05 then alert = true end
+    if share > threshold then alert = true end
     rate[#rate + 1] = { start = r.start, total = t, errors = e, rate = share }
   end
-  local oc = store:outbox_counts() or {}
+  st.rate, st.alert = rate, alert
+  st.outbox = M.outbox(store, now)
   local latest = {}
-  for _, st in ipairs{ "invalid", "failed" } do
-    for _, e in ipairs(store:ledger{ since = since, status = st, limit = 10 } or {}) do latest[#latest + 1] = e end
+  local n = o.latest or 10
+  for _, status in ipairs{ "invalid", "failed" } do
+    for _, e in ipairs(need(store:ledger{ since = since, status = status, limit = n })) do latest[#latest + 1] = e end
   end
   sort(latest, function(a, b) return (a.time or 0) > (b.time or 0) end)
-  local events = array{}
-  for i = 1, math.min(10, #latest) do
+  local events = {}
+  for i = 1, math.min(n, #latest) do
     local e = latest[i]
     local id = e.event_id or e.interaction_id
-    events[i] = { time = e.time or cjson.null, status = tostring(e.status), event_id = id ~= nil and tostring(id) or cjson.null,
-                  reason = e.reason or cjson.null, error_kind = e.error_kind or cjson.null,
+    events[i] = { time = e.time, status = tostring(e.status), event_id = id ~= nil and tostring(id) or nil,
+                  reason = e.reason, error_kind = e.error_kind,
                   message = tostring(e.error_message or e.detail or e.reason or "") }
   end
-  local purge = last_purge(store)
-  ctx:say("%s", output.encode{ command = "status", db = db, since = since, window = window, now = since + window,
-    counts = counts, total = total, rate = rate, alert = alert,
-    outbox = { queued = oc.queued or 0, dead = oc.dead or 0 }, latest = events,
-    retention = purge and { days = purge.days == math.huge and "forever" or purge.days, last_purge = purge.at,
-                            ledger = purge.ledger, dead = purge.dead } or nil })
+  st.latest = events
+  st.retention = last_purge(store)
+  if o.detail then
+    local bucket = o.bucket or 3600
+    st.bucket = bucket
+    st.timeline = need(store:timeline{ since = since, bucket = bucket })
+    local dead = {}
+    for i, item in ipairs(need(store:outbox("dead", o.dead or 20))) do
+      dead[i] = { id = item.id, event_id = item.event_id, brand = item.brand, attempts = item.attempts,
+                  created_at = item.created_at, died_at = item.died_at, error = item.last_error }
+    end
+    st.dead = dead
+  end
+  return st
+end
+
+-- A status object as JSON values: nil fields become null, lists stay lists.
+function M.to_json(st, extra)
+  local cjson = require "cjson.safe"
+  local null = cjson.null
+  local function array(t) return setmetatable(t, cjson.array_mt) end
+  local function v(x) if x == nil then return null end return x end
+  local counts = array{}
+  for i, c in ipairs(st.counts) do counts[i] = { status = c.status, reason = v(c.reason), count = c.count } end
+  local rate = array{}
+  for i, r in ipairs(st.rate) do rate[i] = { start = r.start, total = r.total, errors = r.errors, rate = r.rate } end
+  local latest = array{}
+  for i, e in ipairs(st.latest) do
+    latest[i] = { time = v(e.time), status = e.status, event_id = v(e.event_id), reason = v(e.reason),
+                  error_kind = v(e.error_kind), message = e.message }
+  end
+  local ob = st.outbox
+  local out = { since = st.since, now = st.now, window = st.window, threshold = st.threshold,
+    counts = counts, total = st.total, rate = rate, alert = st.alert, latest = latest,
+    outbox = { queued = ob.queued, dead = ob.dead, due = ob.due, scheduled = ob.scheduled,
+               retrying = ob.retrying, in_flight = ob.in_flight, next_due = v(ob.next_due),
+               next_scheduled = v(ob.next_scheduled), oldest = v(ob.oldest) } }
+  if st.timeline then
+    local tl = array{}
+    for i, g in ipairs(st.timeline) do tl[i] = { start = g.start, status = g.status, reason = v(g.reason), count = g.count } end
+    local dead = array{}
+    for i, d in ipairs(st.dead) do
+      dead[i] = { id = d.id, event_id = v(d.event_id), brand = v(d.brand), attempts = v(d.attempts),
+                  created_at = v(d.created_at), died_at = v(d.died_at), error = v(d.error) }
+    end
+    out.bucket, out.timeline, out.dead = st.bucket, tl, dead
+  end
+  local purge = st.retention
+  if purge then
+    out.retention = { days = purge.days == math.huge and "forever" or purge.days, last_purge = purge.at,
+                      ledger = purge.ledger, dead = purge.dead }
+  end
+  for k, x in pairs(extra or {}) do out[k] = x end
+  return out
+end
+
+-- --json: the same data as one object
+function M.json(ctx, store, db, since, window)
+  local output = require "stella.cli.output"
+  local st = M.collect(store, { now = since + window, window = window })
+  ctx:say("%s", output.encode(M.to_json(st, { command = "status", db = db })))
 end
 
 function M.run(ctx, opts, positional)
@@ -128,8 +231,18 @@ function M.run(ctx, opts, positional)
     end
     ctx:say("")
 
-    local oc = need(store:outbox_counts())
-    ctx:say("outbox: %d queued, %d dead", oc.queued or 0, oc.dead or 0)
+    local ob = M.outbox(store, now)
+    ctx:say("outbox: %d queued, %d dead", ob.queued, ob.dead)
+    if ob.queued > 0 then
+      local parts = { ("%d due now"):format(ob.due) }
+      if ob.scheduled > 0 then
+        parts[#parts + 1] = ("%d scheduled (the next at %s)"):format(ob.scheduled, fmt_time(ob.next_scheduled))
+      end
+      if ob.retrying > 0 then parts[#parts + 1] = ("%d waiting out a backoff"):format(ob.retrying) end
+      if ob.in_flight > 0 then parts[#parts + 1] = ("%d being sent"):format(ob.in_flight) end
+      ctx:say("  %s; the oldest queued at %s%s", table.concat(parts, ", "), fmt_time(ob.oldest),
+        ob.scanned < ob.queued and (" (of the first %d looked at)"):format(ob.scanned) or "")
+    end
     local purge = last_purge(store)
     if purge then
       ctx:say("retention: %s; last purge %s: %d ledger entr%s, %d dead item%s", setup.days_text(purge.days),

@@ -8,6 +8,7 @@ local concat, sort = table.concat, table.sort
 
 local cases_mod = require "stella.cli.cases"
 local setup = require "stella.cli.setup"
+local rules_mod = require "stella.rules"
 
 local M = {}
 
@@ -92,8 +93,9 @@ local function verdicts_text(verdicts)
   return concat(parts, " ")
 end
 
-local function outcome_text(status, reason)
+local function outcome_text(status, reason, send_at)
   return tostring(status) .. (reason and (" (" .. tostring(reason) .. ")") or "")
+      .. (send_at and (" at " .. rules_mod.iso_utc(send_at)) or "")
 end
 
 -- Runs one group's cases. report(case, result) is called for each; result = { ok,
@@ -119,7 +121,7 @@ local function run_group(rules, group, report)
     now = s.at
     local pok, o = pcall(trigger.process, trigger, s.event)
     if not pok then return finish(nil, s.where .. ": " .. tostring(o)) end
-    if o.status ~= "sent" then
+    if o.status ~= "sent" and not (o.status == "queued" and o.reason == "scheduled") then
       return finish(nil, ("%s: the event was %s, not sent, so it leaves no marks%s"):format(
         s.where, outcome_text(o.status, o.reason), o.detail and ("; " .. tostring(o.detail)) or ""))
     end
@@ -135,11 +137,16 @@ local function run_group(rules, group, report)
       result.error = tostring(pok and explained or o)
     else
       result.status, result.reason, result.verdicts = o.status, o.reason, explained.verdicts
+      result.send_at = o.send_at
       result.time = now
       if o.status ~= case.expect or (case.reason ~= nil and o.reason ~= case.reason) then
         result.wrong_outcome = true
       end
       if case.request then mismatches(case.request, o.request, "request", result.problems) end
+      if case.send_at and o.send_at ~= case.send_at then
+        result.problems[#result.problems + 1] = ("send_at = %s, got %s"):format(rules_mod.iso_utc(case.send_at),
+          o.send_at and rules_mod.iso_utc(o.send_at) or "nothing (sent now)")
+      end
     end
     result.ok = not result.error and not result.wrong_outcome and result.problems[1] == nil
     report(case, result)
@@ -190,7 +197,7 @@ function M.run(ctx, opts, paths)
           if r.ok then
             passed = passed + 1
             if opts.verbose and not json then
-              ctx:say("%s: %s: ok, %s", path, case.label, outcome_text(r.status, r.reason))
+              ctx:say("%s: %s: ok, %s", path, case.label, outcome_text(r.status, r.reason, r.send_at))
             end
             return
           end

@@ -91,8 +91,11 @@ function M.run(ctx, opts, inputs)
     t.count = t.count + 1
   end
 
+  local first_due   -- the earliest send_at of the requests scheduled for later
   local function tally_outcome(name, line_no, outcome)
     local status = tostring(outcome.status)
+    local at = outcome.send_at
+    if at and (not first_due or at < first_due) then first_due = at end
     count(status, outcome.reason)
     local failed = status == "failed" or status == "invalid"
     if failed then bad = bad + 1 end
@@ -205,6 +208,12 @@ function M.run(ctx, opts, inputs)
   tables.print(ctx, { "outcome", "reason", "count" }, rows, { [3] = true })
   ctx:say("malformed lines: %d", malformed)
   if unreadable > 0 then ctx:say("unreadable inputs: %d", unreadable) end
+  local scheduled = tally["queued\0scheduled"]
+  if scheduled and not dry_run then
+    ctx:say("scheduled: %d request%s wait%s in the outbox (the rules' delay or quiet hours), the first due at %s; "
+      .. "`stella retry` sends each once it is due", scheduled.count, scheduled.count == 1 and "" or "s",
+      scheduled.count == 1 and "s" or "", os.date("%Y-%m-%d %H:%M:%S", math.floor(first_due)))
+  end
   return status
 end
 

@@ -43,6 +43,7 @@
 --                                    (a count below limit: none is left); a caller that
 --                                    wants them all calls again, outside a transaction,
 --                                    so each call commits and the write lock is let go
+--   s:timeline{ since, bucket=3600 } -> { { start, status, reason, count }, ... }
 --   s:get_meta(name) -> string | nil;  s:set_meta(name, value|nil) -> true
 --   s:close() -> true
 -- Rows (item, entry, mark = { key, until, outbox_id }) are laid out in stella.store.rows.
@@ -851,7 +852,7 @@ function Store:rate(opts)
   local buckets, out = {}, {}
   for i = 1, #groups do
     local g = groups[i]
-    if rows.rate_total[g.status] then
+    if rows.is_rate_counted(g.status, g.reason) then
       local b = buckets[g.start]
       if not b then
         b = { start = g.start, total = 0, errors = 0 }
@@ -863,6 +864,26 @@ function Store:rate(opts)
     end
   end
   sort(out, function(a, b) return a.start < b.start end)
+  return out
+end
+
+-- timeline{ since, bucket=3600 } -> { { start, status, reason, count }, ... }: the ledger
+-- counted per bucket (start = floor(time / bucket) * bucket), status and reason; by start,
+-- then status and reason (stella dashboard's chart)
+function Store:timeline(opts)
+  check_open(self, "timeline")
+  local since, _, _, bucket = query_options(opts, "timeline", 3)
+  local groups, err = self.backend:tally(since, bucket)
+  if not groups then return failed(self, err) end
+  local out = {}
+  for i = 1, #groups do
+    local g = groups[i]
+    out[i] = { start = g.start, status = g.status, reason = g.reason, count = g.count }
+  end
+  sort(out, function(a, b)
+    if a.start ~= b.start then return a.start < b.start end
+    return by_status_reason(a, b)
+  end)
   return out
 end
 

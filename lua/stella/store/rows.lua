@@ -30,9 +30,16 @@ M.states = { queued = true, dead = true }
 -- The rate-error rule, the only one: a ledger entry counts as an error in rate() when
 -- it failed, was invalid, or was queued after a failed send (an outage that queues
 -- everything must show; a request merely deferred to a later flush, reason "deferred",
--- is no error). Backends never apply it: they tally entries by status and reason.
+-- or scheduled for later, reason "scheduled", is no error). Backends never apply it: they tally entries by status and reason.
 function M.is_rate_error(status, reason)
-  return status == "failed" or status == "invalid" or (status == "queued" and reason ~= "deferred")
+  return status == "failed" or status == "invalid"
+      or (status == "queued" and reason ~= "deferred" and reason ~= "scheduled")
+end
+
+-- Whether an entry counts in rate()'s total: a request queued to go later (reason
+-- "scheduled": the rules' delay or quiet hours) is no attempt; its send is counted then.
+function M.is_rate_counted(status, reason)
+  return M.rate_total[status] == true and not (status == "queued" and reason == "scheduled")
 end
 
 local function layout(name, fields)

@@ -6,6 +6,7 @@ local stella = require "stella"
 local rules_mod = require "stella.rules"
 local errors_mod = require "stella.error"
 local rows = require "stella.trigger.rows"
+local zones = require "stella.zones"
 
 local type, tostring = type, tostring
 local floor = math.floor
@@ -75,6 +76,7 @@ local function env_for(self, now, batch)
       if fetched ~= nil then return fetched end
       return store:is_unsubscribed(h)
     end,
+    zone_offset = zones.offset,   -- quiet hours: IANA zones from the system's zone files
   }
   batch.env = env
   return env
@@ -179,6 +181,10 @@ local function decide(self, event, now, explain, batch)
   outcome.body = body
   outcome.status = sent_status(body)
   outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
+  if d.send_at then   -- to go later: queued, not sent now (flush sends it once due)
+    outcome.status, outcome.reason, outcome.send_at = "queued", rows.SCHEDULED, d.send_at
+    outcome.detail = "will send at " .. rules_mod.iso_utc(d.send_at) .. " (" .. d.schedule .. ")"
+  end
   if explain then return outcome end
   local bmarks, dmarks = batch.marks, d.marks
   if self.dry_run then
@@ -212,17 +218,27 @@ local function enqueue_pending(self, batch, now)
   local n = #pending
   if n == 0 then return true end
   local store, hashes = self.store, batch.phash
-  local next_at = now + self.outbox_opts.lease
+  local next_at = now + self.outbox_opts.lease   -- leased to this run, which sends it now
   local items = {}
   for i = 1, n do
     local o = pending[i]
     items[i] = { kind = "request", body = o.body, brand = o.brand, event_id = o.event_id,
                  interaction_id = o.interaction_id, customer_hash = hashes[i] or nil,
-                 created_at = now, next_at = next_at, attempts = 0 }
+                 created_at = now, next_at = o.send_at or next_at, attempts = 0 }
   end
   local ids, err = store:enqueue_many(items)
   if not ids then return nil, err end
-  for i = 1, n do pending[i].outbox_id = ids[i] end
+  for i = 1, n do
+    local o = pending[i]
+    if o.send_at then
+      -- a scheduled item waits for flush(): no outbox_id on the outcome, so this run
+      -- neither sends nor settles it; it is marked as scheduled (rows.SCHEDULED)
+      local ok, rerr = store:reschedule(ids[i], o.send_at, 0, rows.SCHEDULED)
+      if ok == nil then return nil, rerr end
+    else
+      o.outbox_id = ids[i]
+    end
+  end
   local pm, count = batch.pmarks, batch.npmarks
   if count == 0 then return true end
   local marks = {}

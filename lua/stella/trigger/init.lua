@@ -27,6 +27,7 @@ local pipeline = require "stella.trigger.pipeline"
 local flush = require "stella.trigger.flush"
 local alert = require "stella.trigger.alert"
 local retention = require "stella.trigger.retention"
+local zones = require "stella.zones"
 
 local type, pairs, tostring, error, setmetatable =
       type, pairs, tostring, error, setmetatable
@@ -68,6 +69,10 @@ function M.new(opts)
   local compiled, err = rules_mod.load(opts.rules, { allow = opts.allow })
   if not compiled then error("stella.trigger: " .. tostring(err), 2) end
   local spec = compiled.source
+  local quiet = compiled.schedule and compiled.schedule.quiet
+  if quiet and not zones.offset(quiet.fallback, 0) then   -- the rules cannot read zone files
+    error("stella.trigger: quiet_hours.fallback_zone: unknown time zone " .. quiet.fallback, 2)
+  end
   local connections = connections_of(opts.connections)
   if opts.client ~= nil and type(opts.client) ~= "table" then
     error("stella.trigger: client must be a client or a table of client options", 2)

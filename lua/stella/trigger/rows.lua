@@ -5,6 +5,15 @@ local type, tostring = type, tostring
 
 local M = {}
 
+-- A scheduled request (rules' delay, quiet_hours): its ledger reason while it waits, and
+-- the last_error its outbox item is queued with until a send is tried (an item's
+-- last_error otherwise holds the error of its last try): how `stella status` tells it.
+M.SCHEDULED = "scheduled"
+
+function M.is_scheduled(item)
+  return item.last_error == M.SCHEDULED and (item.attempts or 0) == 0
+end
+
 -- The ledger status of a request that was sent: "recorded" when it asked the service
 -- not to e-mail the customer.
 function M.sent_status(body)
