@@ -60,8 +60,10 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
                 csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h
-BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c csrc/lstella_signal.c
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
+                csrc/lstella_encode.h
+BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c csrc/lstella_signal.c \
+                csrc/lstella_encode.c
 MODULE       := $(BUILD)/stella/core.so
 REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
