@@ -7,7 +7,10 @@
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
 #   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
 #   make valgrind        the C tests and the Redis connection's specs under valgrind
-#   make bench           benchmarks (ratios against baselines measured in the same run)
+#   make bench           benchmarks (ratios against baselines measured in the same run; the
+#                        client/server ones pinned: different CPUs, then the same CPU)
+#   make bench-peers     the send endpoint with luasocket + cjson, python requests, a curl
+#                        loop and wrk next to client:send (skipping what is not installed)
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
 #   make rock rock-install   what `luarocks make`/`luarocks install` run (rockspec/, build.type "make")
 #   make deps            install the Debian packages (as root) or print the apt-get line
@@ -68,7 +71,7 @@ MODULE       := $(BUILD)/stella/core.so
 REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
 
-.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz valgrind bench install uninstall deps clean
+.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz valgrind bench bench-peers install uninstall deps clean
 
 all: module
 
@@ -144,6 +147,12 @@ bench:
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
 	@tools/run-bench
+
+# The same endpoint with luasocket + cjson, python requests, a curl loop and wrk, next to
+# client:send: prints the README's table of alternatives.
+bench-peers:
+	$(MAKE) LUA=5.4 module
+	@tools/run-bench --peers
 
 # Everything under lua/ goes to LUA_SHAREDIR: the modules and the sandbox's files beside
 # them (lua/stella/sandbox/files/, where stella.sandbox looks). When it has been built
