@@ -8,7 +8,10 @@
 #   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
 #   make valgrind        the C tests and the Redis connection's specs under valgrind
 #   make fuzz            libFuzzer harnesses under ASan + UBSan (FUZZ_SECONDS each; clang-14)
-#   make bench           benchmarks (ratios against baselines measured in the same run)
+#   make bench           benchmarks (ratios against baselines measured in the same run; the
+#                        client/server ones pinned: different CPUs, then the same CPU)
+#   make bench-peers     the send endpoint with luasocket + cjson, python requests, a curl
+#                        loop and wrk next to client:send (skipping what is not installed)
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
 #   make rock rock-install   what `luarocks make`/`luarocks install` run (rockspec/, build.type "make")
 #   make deps            install the Debian packages (as root) or print the apt-get line
@@ -61,13 +64,15 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
                 csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h
-BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c csrc/lstella_signal.c
+CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
+                csrc/lstella_encode.h
+BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c csrc/lstella_signal.c \
+                csrc/lstella_encode.c
 MODULE       := $(BUILD)/stella/core.so
 REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
 
-.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz fuzz-build fuzz-check-cc fuzz-corpus fuzz-mutate valgrind bench install uninstall deps clean
+.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz fuzz-build fuzz-check-cc fuzz-corpus fuzz-mutate valgrind bench bench-peers install uninstall deps clean
 
 all: module
 
@@ -183,6 +188,12 @@ bench:
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
 	@tools/run-bench
+
+# The same endpoint with luasocket + cjson, python requests, a curl loop and wrk, next to
+# client:send: prints the README's table of alternatives.
+bench-peers:
+	$(MAKE) LUA=5.4 module
+	@tools/run-bench --peers
 
 # Everything under lua/ goes to LUA_SHAREDIR: the modules and the sandbox's files beside
 # them (lua/stella/sandbox/files/, where stella.sandbox looks). When it has been built

@@ -12,18 +12,22 @@
 -- for the interpreter running this file):
 --   LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./build/5.4/?.so;;" \
 --     lua5.4 bench/sandbox.lua
--- Environment: BENCH_SANDBOX_SECONDS (length of each timed run, default 3),
--- BENCH_SANDBOX_ROUNDS (default 3).
+-- Environment: BENCH_SANDBOX_SECONDS (length of each timed run, default 2),
+-- BENCH_SANDBOX_ROUNDS (default 5), BENCH_CLIENT_CPU and BENCH_SERVER_CPU (pin wrk, and
+-- the sandbox's nginx, to those CPUs; tools/run-bench sets them).
 --
 -- Everything runs over 127.0.0.1; wrk runs under timeout(1); the sandbox is stopped at
 -- the end, also after an error.
 
+package.path = "./bench/?.lua;" .. package.path
+
 local stella = require "stella"
 local sandbox = require "stella.sandbox"
+local common = require "common"
 
 local fmt = string.format
-local DURATION = tonumber(os.getenv("BENCH_SANDBOX_SECONDS")) or 3
-local ROUNDS = math.max(1, math.floor(tonumber(os.getenv("BENCH_SANDBOX_ROUNDS")) or 3))
+local DURATION = tonumber(os.getenv("BENCH_SANDBOX_SECONDS")) or 2
+local ROUNDS = math.max(1, math.floor(tonumber(os.getenv("BENCH_SANDBOX_ROUNDS")) or 5))
 local CONNECTIONS = 8
 local FIXED_PATH = "/_bench/fixed"
 local FIXED_BODY = '{"request_id":"00000000-0000-4000-8000-000000000000"}'
@@ -90,11 +94,15 @@ end
 local function main()
   if not run("command -v wrk"):match("wrk") then error("wrk is not installed", 0) end
   local err
+  -- nginx inherits the CPU this process has when it starts it; wrk, the one it has after
+  local client_cpu, server_cpu, placement = common.placement()
+  common.pin(server_cpu)
   sb, err = sandbox.start{
     port = 0,
     extra_locations = "location = " .. FIXED_PATH .. " { return 200 '" .. FIXED_BODY .. "'; }",
   }
   if not sb then error(err, 0) end
+  common.pin(client_cpu)
   local key = sb.config.keys.test
   local body = assert(stella.encode(REQ))
   local script = wrk_script(body, key)
@@ -129,11 +137,8 @@ local function main()
   local deliveries = status:match('"test":(%b{})') or "?"
 
   local interp = jit and jit.version or _VERSION
-  local lf = io.open("/proc/loadavg", "rb")
-  local load = lf and lf:read("*l"):match("^(%S+ %S+ %S+)") or "?"
-  if lf then lf:close() end
   print(fmt("sandbox benchmark (driver under %s): %d-byte body, wrk -t1 -c%d -d%ds, %d rounds, one nginx "
-    .. "worker; load average %s", interp, #body, CONNECTIONS, DURATION, ROUNDS, load))
+    .. "worker, %s; load average %s", interp, #body, CONNECTIONS, DURATION, ROUNDS, placement, common.loadavg()))
   for i, r in ipairs(rounds) do
     print(fmt("  round %d: POST /v1/requests %8.0f/s (%d requests, latency avg %s), fixed 200 (no Lua) "
       .. "%8.0f/s (%d, %s): %.0f%%", i, r.s.rate, r.s.requests, r.s.latency or "?", r.f.rate, r.f.requests,
@@ -146,8 +151,9 @@ local function main()
     local other = rounds[#rounds / 2 + 1]
     mid = { s = mid.s, f = mid.f, ratio = (mid.ratio + other.ratio) / 2 }
   end
-  print(fmt("sandbox: %.0f req/s, fixed response %.0f req/s, ratio %.0f%% (median of %d rounds; target >= 60%%)",
-    mid.s.rate, mid.f.rate, mid.ratio * 100, #rounds))
+  print(fmt("sandbox (%s): %.0f req/s, fixed response %.0f req/s, ratio %.0f%% (median of %d rounds; "
+    .. "target >= 80%%); load average %s", placement, mid.s.rate, mid.f.rate, mid.ratio * 100, #rounds,
+    common.loadavg()))
 end
 
 local ok, err = xpcall(main, debug.traceback)

@@ -7,19 +7,27 @@
 -- From the repository root:
 --   LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./build/5.4/?.so;;" \
 --     lua5.4 bench/send.lua
--- Environment: BENCH_SEND_SECONDS (length of each timed phase, default 3).
+-- Environment: BENCH_SEND_SECONDS (length of each timing, default 1), BENCH_SEND_ROUNDS
+-- (default 5), BENCH_CLIENT_CPU and BENCH_SERVER_CPU (pin the client and wrk, and the
+-- server's nginx, to those CPUs with taskset; tools/run-bench sets them).
+-- Rounds alternate the two sides; the ratio line is the median of the rounds' ratios.
 --
 -- Everything runs over 127.0.0.1; every phase is bounded in time, wrk runs under
 -- timeout(1), and the server is stopped at the end, also after an error.
 
+package.path = "./bench/?.lua;" .. package.path
+
 local stella = require "stella"
 local testserver = require "support.testserver"
 local socket = require "socket"
+local common = require "common"
 
-local now, fmt = socket.gettime, string.format
+local now, fmt, clock = socket.gettime, string.format, os.clock
 
-local DURATION = tonumber(os.getenv("BENCH_SEND_SECONDS")) or 3
+local SECONDS = tonumber(os.getenv("BENCH_SEND_SECONDS")) or 1
+local ROUNDS = math.max(1, math.floor(tonumber(os.getenv("BENCH_SEND_ROUNDS")) or 5))
 local WARMUP = 0.5
+local KEEPALIVE_REQUESTS = 100000   -- spec/support/nginx/nginx.conf
 local API_KEY = "bench-key"
 local interp = (jit and jit.version or _VERSION)
 
@@ -55,6 +63,7 @@ local function run(cmd)
 end
 
 local server, client   -- stopped/closed at the end, also after an error
+local placement
 local tmpfiles = {}
 local function tmpname()
   local name = os.tmpname()
@@ -79,9 +88,18 @@ local function wrk_script(body, headers, stop_after)
   return path
 end
 
--- Runs wrk -t1 -c1 for `seconds`; returns requests/s and the parsed summary.
+-- The CPU seconds (user + system) of the shell's children, from the output of sh's
+-- `times` (its second line), or nil.
+local function children_cpu(out)
+  local um, us, sm, ss = out:match("\n(%d+)m([%d.]+)s (%d+)m([%d.]+)s%s*$")
+  if not um then return nil end
+  return tonumber(um) * 60 + tonumber(us) + tonumber(sm) * 60 + tonumber(ss)
+end
+
+-- Runs wrk -t1 -c1 for `seconds`; returns requests/s, its CPU time per request (us) and
+-- the parsed summary.
 local function wrk(url, seconds, script)
-  local cmd = fmt("timeout %d wrk -t1 -c1 -d%ds %s %s", seconds + 15, seconds,
+  local cmd = fmt("timeout %d wrk -t1 -c1 -d%ds %s %s; times", seconds + 15, seconds,
                   script and ("-s " .. shell_quote(script)) or "", shell_quote(url))
   local out = run(cmd)
   local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
@@ -94,6 +112,8 @@ local function wrk(url, seconds, script)
     latency = out:match("Latency%s+(%S+)"),
     output = out,
   }
+  local cpu = children_cpu(out)
+  r.cpu_us = cpu and r.requests > 0 and cpu / r.requests * 1e6 or nil
   return r
 end
 
@@ -110,18 +130,8 @@ local function send_for(client, seconds)
 end
 
 -- The test server records every request in a 64 MB shared dict, which holds about
--- 65,000 records of this request; it answers 500 once full. The client's timed phase
--- is therefore cut into windows with a reset in between (not timed, same connection).
-local function send_windows(client, seconds, windows)
-  local n, elapsed = 0, 0
-  for _ = 1, windows do
-    server:reset()
-    local wn, wt = send_for(client, seconds / windows)
-    n, elapsed = n + wn, elapsed + wt
-  end
-  return n, elapsed
-end
-
+-- 65,000 records of this request and answers 500 once full: every timing starts with a
+-- reset (not timed, same connection), and one timing is SECONDS long.
 local function post_for(transport, body, seconds)
   local n, t0 = 0, now()
   local deadline = t0 + seconds
@@ -135,7 +145,13 @@ end
 
 local function main()
   if not run("command -v wrk"):match("wrk") then error("wrk is not installed", 0) end
+  -- the server inherits the CPU this process has when it starts it; then this process
+  -- (the client, and wrk, which it starts) moves to its own
+  local client_cpu, server_cpu, where = common.placement()
+  placement = where
+  common.pin(server_cpu)
   server = testserver.start()
+  common.pin(client_cpu)
   local url = server.url .. "/v1/requests"
   client = stella.new{ api_key = API_KEY, base_url = server.url, retry = { attempts = 1 } }
   local body = assert(stella.encode(REQ))
@@ -181,64 +197,81 @@ local function main()
     end
   end
 
-  -- 2. The client: warm up, then count sends for DURATION seconds of wall clock.
+  -- 2. Rounds: in each, the client's sends for SECONDS of wall clock and wrk for as long,
+  --    in alternating order (the client first in odd rounds), the server's record reset
+  --    before each; the client's CPU time (os.clock: Lua, encoding, libcurl) per send.
   server:reset()
-  send_for(client, WARMUP)
-  local n, elapsed = send_windows(client, DURATION, math.max(1, math.floor(DURATION + 0.5)))
-  local client_rate = n / elapsed
-  local connections = client:connections()
-  assert(connections == 1, "the client opened " .. tostring(connections) .. " connections, expected 1")
+  local sent = 1 + send_for(client, WARMUP)
+  local script = wrk_script(body, headers)
+  server:reset()
+  wrk(url, 1, script)   -- warm-up
+  local rounds = {}
+  for i = 1, ROUNDS do
+    local r = {}
+    local function client_side()
+      server:reset()
+      local c0 = clock()
+      r.n, r.elapsed = send_for(client, SECONDS)
+      sent = sent + r.n
+      r.cpu_us = (clock() - c0) / r.n * 1e6
+      r.client = r.n / r.elapsed
+    end
+    local function wrk_side()
+      server:reset()
+      local w = wrk(url, SECONDS, script)
+      if w.non2xx > 0 then
+        error(fmt("wrk got %d non-2xx answers of %d:\n%s", w.non2xx, w.requests, w.output), 0)
+      end
+      r.wrk, r.wrk_latency, r.wrk_cpu_us = w.rate, w.latency, w.cpu_us or 0 / 0
+    end
+    if i % 2 == 1 then client_side(); wrk_side() else wrk_side(); client_side() end
+    r.ratio = r.client / r.wrk
+    rounds[i] = r
+  end
+  -- one keep-alive connection, but for the test server closing it after KEEPALIVE_REQUESTS
+  -- requests (its keepalive_requests), which a fast placement reaches
+  local function check_connections(what)
+    local connections, expected = client:connections(), 1 + math.floor(sent / KEEPALIVE_REQUESTS)
+    assert(connections <= expected, fmt("%s: the client opened %d connections for %d sends, expected %d",
+      what, connections, sent, expected))
+  end
+  check_connections("client:send")
 
   -- 3. The client's own transport without the Lua layer (same connection, same
   --    pre-encoded body): how much of a send is the HTTP exchange itself. [info]
   server:reset()
+  local c0 = clock()
   local pn, pelapsed = post_for(client.transport, body, 1)
+  sent = sent + pn
+  local raw_cpu = (clock() - c0) / pn * 1e6
   local raw_rate = pn / pelapsed
-  assert(client:connections() == 1, "the transport reconnected")
+  check_connections("transport:post")
 
-  -- 4. wrk: warm up, then DURATION seconds.
-  local script = wrk_script(body, headers)
-  server:reset()
-  wrk(url, 1, script)
-  server:reset()
-  local w = wrk(url, DURATION, script)
-  local wrk_mode = fmt("-d%ds", DURATION)
-  if w.non2xx > 0 then
-    -- the server's record dict filled up (500s, a different code path): measure again
-    -- in 1 s runs with a reset between them
-    local windows = math.max(1, math.floor(DURATION + 0.5))
-    local total, secs, lat = 0, 0, {}
-    for i = 1, windows do
-      server:reset()
-      local part = wrk(url, 1, script)
-      if part.non2xx > 0 then
-        error(fmt("wrk got %d non-2xx answers of %d:\n%s", part.non2xx, part.requests, part.output), 0)
-      end
-      total, secs, lat[i] = total + part.requests, secs + part.requests / part.rate, part.latency
-    end
-    wrk_mode = fmt("%d x -d1s: -d%ds filled the test server's record dict (%d non-2xx of %d)",
-                   windows, DURATION, w.non2xx, w.requests)
-    w = { rate = total / secs, requests = total, latency = table.concat(lat, "/"),
-          socket_errors = nil }
-  end
-
-  -- 5. The same server with no recording: wrk GET /_control/ping (a Lua content
+  -- 4. The same server with no recording: wrk GET /_control/ping (a Lua content
   --    handler that only answers). An upper bound for this server. [info]
   server:reset()
-  local ping = wrk(server.url .. "/_control/ping", 2, nil)
+  local ping = wrk(server.url .. "/_control/ping", 1, nil)
   server:reset()
 
-  print(fmt("send benchmark under %s: %d-byte body to %s; the server saw the same method, path, "
-    .. "body and Accept/Content-Type/x-api-key/User-Agent from both", interp, #body, url))
+  local function pick(field)
+    local t = {}
+    for i, r in ipairs(rounds) do t[i] = r[field] end
+    return common.median(t)
+  end
+  print(fmt("send benchmark under %s: %d-byte body to %s, %s; %d rounds of %g s; load average %s",
+    interp, #body, url, placement, ROUNDS, SECONDS, common.loadavg()))
+  print("  the server saw the same method, path, body and Accept/Content-Type/x-api-key/User-Agent from both")
   if #extra > 0 then print("  other headers that differ: " .. table.concat(extra, ", ")) end
-  print(fmt("  client:send          %6.0f/s  (%d sends in %.2f s, %.1f us each, 1 connection)",
-    client_rate, n, elapsed, elapsed / n * 1e6))
-  print(fmt("  transport:post       %6.0f/s  (pre-encoded body, no Lua client layer)  [info]", raw_rate))
-  print(fmt("  wrk -t1 -c1          %6.0f/s  (%s: %d requests, latency avg %s%s)", w.rate, wrk_mode,
-    w.requests, w.latency or "?", w.socket_errors and (", socket errors:" .. w.socket_errors) or ""))
+  for i, r in ipairs(rounds) do
+    print(fmt("  round %d: client:send %6.0f/s (%.1f us CPU each), wrk -t1 -c1 %6.0f/s (%.1f us CPU each, "
+      .. "latency avg %s): %.0f%%", i, r.client, r.cpu_us, r.wrk, r.wrk_cpu_us, r.wrk_latency or "?", r.ratio * 100))
+  end
+  print(fmt("  transport:post       %6.0f/s  (%.1f us CPU per post; pre-encoded body, no Lua client layer)  [info]",
+    raw_rate, raw_cpu))
   print(fmt("  wrk -c1 GET ping     %6.0f/s  (same server, no body, no recording)  [info]", ping.rate))
-  print(fmt("sends: client %.0f/s, wrk -c1 %.0f/s, ratio %.0f%% (target >= 70%%)",
-    client_rate, w.rate, client_rate / w.rate * 100))
+  print(fmt("sends (%s): client %.0f/s, %.1f us CPU per send; wrk -c1 %.0f/s, %.1f us CPU per request; "
+    .. "ratio %.0f%% (median of %d rounds; target >= 85%%); load average %s", placement, pick("client"),
+    pick("cpu_us"), pick("wrk"), pick("wrk_cpu_us"), pick("ratio") * 100, ROUNDS, common.loadavg()))
 end
 
 local ok, err = xpcall(main, debug.traceback)

@@ -8,7 +8,7 @@
 
 #if LUA_VERSION_NUM == 501
 /* LuaJIT reports 501: no luaL_setfuncs/luaL_newlib/lua_rawlen/integers. */
-static void compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+static inline void compat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   luaL_checkstack(L, nup + 1, "too many upvalues");
   for (; l->name != NULL; l++) {
     int i;

@@ -10,6 +10,7 @@
 #include <curl/curl.h>
 #include "lstella.h"
 #include "lstella_decode.h"
+#include "lstella_encode.h"
 
 #define SCRATCH_MT "stella.scratch"
 #define MAX_DEPTH 3   /* the schema is 2 levels deep; below that only the type matters */
@@ -17,6 +18,7 @@
 typedef struct scratch {
   stella_arena arena;
   stella_buffer json;
+  lstella_names names;   /* the field names, anchored by upvalue 2 (lstella_encode.c) */
 } scratch;
 
 static scratch *get_scratch(lua_State *L) {
@@ -219,32 +221,71 @@ static int check_request(lua_State *L, scratch *s, stella_endpoint endpoint, con
   return 0;
 }
 
-/* Shared front half of validate and encode: convert and check. Returns 1 if
- * valid; otherwise pushes nil, errors and returns 0. */
-static int run_validation(lua_State *L, scratch *s, stella_endpoint *endpoint, stella_value *req) {
-  stella_options o;
-  luaL_checktype(L, 1, LUA_TTABLE);
-  check_args(L, s, endpoint, &o);
-  to_value(L, s, 1, 0, req);
-  return check_request(L, s, *endpoint, req, &o);
+/* The one pass (lstella_encode.c) into s->json: 1 when it took the request (valid), 0 when
+ * it left it to the value-tree path. */
+static int encode_direct(lua_State *L, scratch *s, stella_endpoint endpoint, const stella_options *o) {
+  int rc = lstella_encode_direct(L, 1, endpoint, o, &s->names, &s->json);
+  if (rc < 0) luaL_error(L, "not enough memory");
+  return rc;
 }
 
+/* validate and encode: the one pass first; whatever it leaves goes the value-tree way,
+ * which decides and reports every error (and encodes what the pass left though valid). */
 static int l_validate(lua_State *L) {
   scratch *s = get_scratch(L);
   stella_endpoint endpoint;
+  stella_options o;
   stella_value req;
-  if (!run_validation(L, s, &endpoint, &req)) return 2;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  check_args(L, s, &endpoint, &o);
+  if (!encode_direct(L, s, endpoint, &o)) {
+    to_value(L, s, 1, 0, &req);
+    if (!check_request(L, s, endpoint, &req, &o)) return 2;
+  }
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int encode_tree(lua_State *L, scratch *s, stella_endpoint endpoint, const stella_options *o) {
+  stella_value req;
+  to_value(L, s, 1, 0, &req);
+  if (!check_request(L, s, endpoint, &req, o)) return 2;
+  if (stella_encode_json(endpoint, &req, &s->json) != 0) return luaL_error(L, "not enough memory");
+  lua_pushlstring(L, s->json.data, s->json.len);
   return 1;
 }
 
 static int l_encode(lua_State *L) {
   scratch *s = get_scratch(L);
   stella_endpoint endpoint;
-  stella_value req;
-  if (!run_validation(L, s, &endpoint, &req)) return 2;
-  if (stella_encode_json(endpoint, &req, &s->json) != 0) return luaL_error(L, "not enough memory");
+  stella_options o;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  check_args(L, s, &endpoint, &o);
+  if (!encode_direct(L, s, endpoint, &o)) return encode_tree(L, s, endpoint, &o);
   lua_pushlstring(L, s->json.data, s->json.len);
+  return 1;
+}
+
+/* For the specs and benchmarks that compare the two ways (same arguments as encode):
+ * encode_tree, the value-tree way alone (to_value, stella_validate, stella_encode_json);
+ * encode_direct, the one pass alone: the JSON, or false where it gives up. */
+static int l_encode_tree(lua_State *L) {
+  scratch *s = get_scratch(L);
+  stella_endpoint endpoint;
+  stella_options o;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  check_args(L, s, &endpoint, &o);
+  return encode_tree(L, s, endpoint, &o);
+}
+
+static int l_encode_direct(lua_State *L) {
+  scratch *s = get_scratch(L);
+  stella_endpoint endpoint;
+  stella_options o;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  check_args(L, s, &endpoint, &o);
+  if (!encode_direct(L, s, endpoint, &o)) lua_pushboolean(L, 0);
+  else lua_pushlstring(L, s->json.data, s->json.len);
   return 1;
 }
 
@@ -414,6 +455,8 @@ static int l_sha256(lua_State *L) {
 static const luaL_Reg scratch_funcs[] = {
   { "validate", l_validate },
   { "encode", l_encode },
+  { "encode_tree", l_encode_tree },
+  { "encode_direct", l_encode_direct },
   { "validate_json", l_validate_json },
   { "encode_json", l_encode_json },
   { NULL, NULL }
@@ -447,7 +490,8 @@ int luaopen_stella_core(lua_State *L) {
   stella_buffer_init(&s->json);
   luaL_getmetatable(L, SCRATCH_MT);
   lua_setmetatable(L, -2);
-  stella_setfuncs(L, scratch_funcs, 1);
+  lstella_push_names(L, &s->names);
+  stella_setfuncs(L, scratch_funcs, 2);
   stella_open_decode(L);
   lua_pushliteral(L, STELLA_VERSION);
   lua_setfield(L, -2, "version");

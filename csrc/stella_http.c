@@ -20,7 +20,7 @@ struct stella_http {
   struct curl_slist *headers;
   char *base_url;               /* without trailing '/' */
   size_t base_len;
-  stella_buffer url;            /* scratch: base_url .. path */
+  stella_buffer url;            /* base_url .. path: the URL the handle has */
   stella_buffer body;           /* response body of the last call */
   char content_type[128];
   char retry_after[128];
@@ -328,31 +328,57 @@ static stella_outcome fail(stella_http_result *res, stella_outcome o, const char
   return o;
 }
 
-stella_outcome stella_http_start(stella_http *h, const char *path, const char *body,
-                                      size_t body_len, stella_http_result *res) {
+/* The handle keeps its URL between transfers: it is set again only when the path changes
+ * (h->url holds the URL last set). */
+static int set_url(stella_http *h, const char *path) {
+  size_t plen = strlen(path);
+  if (h->url.data && h->url.len == h->base_len + plen &&
+      memcmp(h->url.data + h->base_len, path, plen) == 0)
+    return 1;
+  h->url.len = 0;
+  h->url.oom = 0;
+  stella_buffer_add(&h->url, h->base_url, h->base_len);
+  stella_buffer_add(&h->url, path, plen);
+  stella_buffer_add(&h->url, "", 0);
+  if (h->url.oom) {
+    h->url.len = 0;   /* not the URL the handle has */
+    return 0;
+  }
+  curl_easy_setopt(h->easy, CURLOPT_URL, h->url.data);
+  return 1;
+}
+
+/* Starts a POST. copy: 1 to send a copy of the body (the caller's may go before the
+ * transfer ends), 0 to send the caller's bytes (stella_http_post, which waits for the end). */
+static stella_outcome start(stella_http *h, const char *path, const char *body, size_t body_len,
+                            stella_http_result *res, int copy) {
   memset(res, 0, sizeof *res);
   res->retry_after_ms = -1;
   if (h->running) return fail(res, STELLA_OUTCOME_INTERNAL, "a transfer is already running on this client");
-  h->url.len = 0;
   h->body.len = 0;
   h->body.oom = 0;
   h->too_large = 0;
-  h->request.len = 0;
-  h->request.oom = 0;
   h->content_type[0] = h->retry_after[0] = h->errbuf[0] = '\0';
-  stella_buffer_add(&h->url, h->base_url, h->base_len);
-  stella_buffer_add(&h->url, path, strlen(path));
-  stella_buffer_add(&h->url, "", 0);
   stella_buffer_add(&h->body, "", 0);   /* make sure body.data is a valid string */
-  stella_buffer_add(&h->request, body, body_len);
-  if (h->url.oom || h->body.oom || h->request.oom) return fail(res, STELLA_OUTCOME_INTERNAL, "out of memory");
-  curl_easy_setopt(h->easy, CURLOPT_URL, h->url.data);
-  curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, h->request.data ? h->request.data : "");
+  if (copy) {
+    h->request.len = 0;
+    h->request.oom = 0;
+    stella_buffer_add(&h->request, body, body_len);
+    body = h->request.data;
+  }
+  if (!set_url(h, path) || h->body.oom || (copy && h->request.oom))
+    return fail(res, STELLA_OUTCOME_INTERNAL, "out of memory");
+  curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, body ? body : "");
   curl_easy_setopt(h->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
   if (curl_multi_add_handle(h->multi, h->easy) != CURLM_OK)
     return fail(res, STELLA_OUTCOME_INTERNAL, "libcurl refused the transfer");
   h->running = 1;
   return STELLA_OUTCOME_OK;
+}
+
+stella_outcome stella_http_start(stella_http *h, const char *path, const char *body,
+                                      size_t body_len, stella_http_result *res) {
+  return start(h, path, body, body_len, res, 1);
 }
 
 /* The finished transfer's result (rc: its CURLcode). */
@@ -444,7 +470,7 @@ int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res) {
 
 stella_outcome stella_http_post(stella_http *h, const char *path, const char *body,
                                      size_t body_len, stella_http_result *res) {
-  if (stella_http_start(h, path, body, body_len, res) != STELLA_OUTCOME_OK) return res->outcome;
+  if (start(h, path, body, body_len, res, 0) != STELLA_OUTCOME_OK) return res->outcome;
   while (!stella_http_step(h, 1000, res)) { /* each step waits for activity, up to 1 s */ }
   return res->outcome;
 }

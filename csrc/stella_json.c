@@ -16,7 +16,7 @@ static void put(stella_buffer *b, const char *s, size_t len) {
 }
 #define ADD_LIT(b, lit) put((b), (lit), sizeof(lit) - 1)
 
-static void add_string(stella_buffer *b, const char *s, size_t len) {
+void stella_json_string(stella_buffer *b, const char *s, size_t len) {
   static const char hex[] = "0123456789abcdef";
   size_t i, run = 0;
   ADD_LIT(b, "\"");
@@ -49,22 +49,21 @@ static void add_string(stella_buffer *b, const char *s, size_t len) {
 
 /* A number as a JSON string: integers exactly, others with 14 significant
  * digits (Lua 5.1's "%.14g"), with '.' whatever the C locale says. */
-static void add_number_as_string(stella_buffer *b, const stella_value *v) {
+void stella_json_number(stella_buffer *b, int is_int, long long ival, double num) {
   char tmp[64];
   int n;
   size_t i;
-  if (v->u.number.is_int) {
+  if (is_int) {
     /* integers (ids) without printf */
-    unsigned long long u = v->u.number.i < 0 ? 0ULL - (unsigned long long)v->u.number.i
-                                             : (unsigned long long)v->u.number.i;
+    unsigned long long u = ival < 0 ? 0ULL - (unsigned long long)ival : (unsigned long long)ival;
     char rev[24];
     int r = 0;
     do { rev[r++] = (char)('0' + (int)(u % 10)); u /= 10; } while (u);
     n = 0;
-    if (v->u.number.i < 0) tmp[n++] = '-';
+    if (ival < 0) tmp[n++] = '-';
     while (r) tmp[n++] = rev[--r];
   } else {
-    n = snprintf(tmp, sizeof tmp, "%.14g", v->u.number.num);
+    n = snprintf(tmp, sizeof tmp, "%.14g", num);
   }
   if (n < 0) n = 0;
   for (i = 0; i < (size_t)n; i++)
@@ -75,8 +74,9 @@ static void add_number_as_string(stella_buffer *b, const stella_value *v) {
 }
 
 static void add_scalar(stella_buffer *b, const stella_value *v) {
-  if (v->type == STELLA_STRING) add_string(b, v->u.string.ptr, v->u.string.len);
-  else if (v->type == STELLA_NUMBER) add_number_as_string(b, v);
+  if (v->type == STELLA_STRING) stella_json_string(b, v->u.string.ptr, v->u.string.len);
+  else if (v->type == STELLA_NUMBER)
+    stella_json_number(b, v->u.number.is_int, v->u.number.i, v->u.number.num);
   else if (v->type == STELLA_BOOL) {
     if (v->u.boolean) ADD_LIT(b, "true");
     else ADD_LIT(b, "false");
@@ -119,7 +119,7 @@ static int add_props(stella_buffer *b, const stella_value *t) {
   ADD_LIT(b, "{");
   for (i = 0; i < n; i++) {
     if (i) ADD_LIT(b, ",");
-    add_string(b, list[i]->key.u.string.ptr, list[i]->key.u.string.len);
+    stella_json_string(b, list[i]->key.u.string.ptr, list[i]->key.u.string.len);
     ADD_LIT(b, ":");
     add_scalar(b, &list[i]->value);
   }
@@ -151,9 +151,7 @@ static int add_object(stella_buffer *b, const schema *s, const stella_value *obj
     if (v == NULL) continue;
     if (!first) ADD_LIT(b, ",");
     first = 0;
-    ADD_LIT(b, "\"");
-    put(b, f->name, f->name_len);
-    ADD_LIT(b, "\":");
+    put(b, f->key, f->key_len);
     switch (f->type) {
       case F_OBJECT:
         if (add_object(b, f->sub, v) != 0) return -1;

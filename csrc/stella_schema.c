@@ -2,7 +2,8 @@
  * in the order the encoder writes them. */
 #include "stella_schema.h"
 
-#define FIELD(name, type, req, sub) { name, sizeof(name) - 1, type, req, sub }
+#define FIELD(name, type, req, sub) \
+  { name, sizeof(name) - 1, "\"" name "\":", sizeof(name) + 2, type, req, sub }
 
 static const field customer_fields[] = {
   FIELD("name", F_STRING, 1, NULL),
@@ -10,7 +11,7 @@ static const field customer_fields[] = {
   FIELD("custom_id", F_STRING, 0, NULL),
 };
 static const schema customer_schema = {
-  "customer", customer_fields, 3, { -1, -1 }, NULL, NULL
+  2, "customer", customer_fields, 3, { -1, -1 }, NULL, NULL
 };
 
 static const field employee_fields[] = {
@@ -18,7 +19,7 @@ static const field employee_fields[] = {
   FIELD("custom_id", F_STRING, 0, NULL),
 };
 static const schema employee_schema = {
-  "employee", employee_fields, 2, { 0, 1 }, "employee",
+  3, "employee", employee_fields, 2, { 0, 1 }, "employee",
   "employee needs an email or a custom_id (at least one) matching the agent's profile"
 };
 
@@ -36,7 +37,7 @@ static const field request_fields[] = {
   FIELD("custom_properties", F_PROPS, 0, NULL),
 };
 static const schema request_schema = {
-  "request", request_fields, 11, { -1, -1 }, NULL, NULL
+  0, "request", request_fields, 11, { -1, -1 }, NULL, NULL
 };
 
 static const field recovery_fields[] = {
@@ -48,10 +49,17 @@ static const field recovery_fields[] = {
   FIELD("do_not_send", F_BOOL, 0, NULL),
 };
 static const schema recovery_schema = {
-  "recovery", recovery_fields, 6, { 1, 2 }, "ext_interaction_id",
+  1, "recovery", recovery_fields, 6, { 1, 2 }, "ext_interaction_id",
   "a recovery needs initial_feedback_request_id or ext_interaction_id (at least one)"
 };
 
 const schema *stella_schema_for(stella_endpoint endpoint) {
   return endpoint == STELLA_RECOVERY ? &recovery_schema : &request_schema;
+}
+
+const schema *stella_schema_by_id(int id) {
+  static const schema *const all[STELLA_SCHEMA_COUNT] = {
+    &request_schema, &recovery_schema, &customer_schema, &employee_schema
+  };
+  return id >= 0 && id < STELLA_SCHEMA_COUNT ? all[id] : NULL;
 }

@@ -24,12 +24,15 @@ typedef struct schema schema;
 typedef struct field {
   const char *name;
   size_t name_len;
+  const char *key;           /* "\"name\":" as the encoder writes it */
+  size_t key_len;
   field_type type;
   int required;
   const schema *sub;
 } field;
 
 struct schema {
+  int id;                    /* 0 .. STELLA_SCHEMA_COUNT - 1 */
   const char *what;          /* "request", "customer", ... for messages */
   const field *fields;
   size_t count;
@@ -38,7 +41,20 @@ struct schema {
   const char *one_of_message;
 };
 
+#define STELLA_SCHEMA_COUNT 4
+#define STELLA_MAX_FIELDS 16   /* fields of one schema, at most */
+
 const schema *stella_schema_for(stella_endpoint endpoint);
+/* Every schema (the endpoints' and the nested objects'), by id. */
+const schema *stella_schema_by_id(int id);
+
+/* What the validator and the encoders share (stella_validate.c, stella_json.c). */
+/* 1 if the string holds whitespace or a control character (external_url's rule). */
+int stella_has_space_or_control(const char *s, size_t len);
+/* Appends a JSON string (quotes and escapes). */
+void stella_json_string(stella_buffer *b, const char *s, size_t len);
+/* Appends a number as a JSON string: integers exactly, others "%.14g" with '.'. */
+void stella_json_number(stella_buffer *b, int is_int, long long i, double d);
 
 /* qsort comparator over `const stella_pair *`: string keys by bytes, then numbers. */
 int stella_key_compare(const void *a, const void *b);

@@ -226,7 +226,7 @@ static void check_id(ctx *c, const path *p, const stella_value *v) {
 
 /* Whitespace or control: ASCII controls, space, DEL, C1 controls (U+0080-U+009F),
  * NBSP, U+1680, U+2000-U+200A, U+2028/9, U+202F, U+205F, U+3000, U+FEFF. */
-static int has_space_or_control(const char *str, size_t len) {
+int stella_has_space_or_control(const char *str, size_t len) {
   const unsigned char *s = (const unsigned char *)str;
   size_t i = 0;
   /* plain ASCII (0x21-0x7E) eight bytes at a time: a byte below 0x21, 0x7F or any
@@ -256,7 +256,7 @@ static int has_space_or_control(const char *str, size_t len) {
 
 static void check_url(ctx *c, const path *p, const stella_value *v) {
   if (!check_text_bytes(c, p, v, 0)) return;   /* controls: invalid_url below */
-  if (has_space_or_control(v->u.string.ptr, v->u.string.len))
+  if (stella_has_space_or_control(v->u.string.ptr, v->u.string.len))
     report(c, p, "invalid_url", "must not contain whitespace or control characters");
 }
 

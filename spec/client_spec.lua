@@ -92,6 +92,21 @@ describe("stella client", function()
       c:close()
     end)
 
+    it("switches between the two paths on one connection (the handle keeps its URL until the path changes)", function()
+      local c = client()
+      assert(c:send(request()))
+      assert(c:recover{ employee = { custom_id = "agent-7" }, initial_feedback_request_id = "fr-1" })
+      assert(c:recover{ employee = { custom_id = "agent-8" }, initial_feedback_request_id = "fr-2" })
+      assert(c:send(request()))
+      local paths = {}
+      for i, r in ipairs(server:requests()) do paths[i] = r.path end
+      assert.same({ "/v1/requests", "/v1/recoveries", "/v1/recoveries", "/v1/requests" }, paths)
+      assert.equal('{"employee":{"custom_id":"agent-8"},"initial_feedback_request_id":"fr-2"}',
+                   server:requests()[3].body)
+      assert.equal(1, c:connections())
+      c:close()
+    end)
+
     it("never sends an invalid request", function()
       local c = client()
       local res, err = c:send(request{ channel = "", ext_interactionid = 5 })

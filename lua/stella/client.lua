@@ -200,13 +200,24 @@ end
 
 local OUTCOMES, classify_status = core.outcomes, core.classify_status
 
+-- status -> its outcome's row, filled from classify_status as statuses are met (the
+-- mapping itself stays in the C core's table)
+local STATUS_OUTCOME = setmetatable({}, { __index = function(t, status)
+  local o = OUTCOMES[classify_status(status)]
+  if type(status) == "number" and status == floor(status) and status >= 0 and status < 1000 then
+    t[status] = o
+  end
+  return o
+end })
+
 -- An outcome's message template (stella_outcome.c) with its {placeholders} filled.
 local function message_of(o, vars)
   return (o.message:gsub("{(%w+)}", vars))
 end
 
 -- An answered attempt that is not a success -> err.
-local function http_error(self, o, r, url)
+local function http_error(self, o, r, path)
+  local url = self.base_url .. path
   local text = self.redact(r.body)
   local msg = message_of(o, { status = r.status, key = self.key_hint, url = url,
                               mode = self.mode == "production" and "production" or "test" })
@@ -227,9 +238,10 @@ end
 -- One attempt's response (what transport:post returned: an answer { status, body,
 -- content_type, retry_after } or a failure { failure, message }), classified by the C
 -- core's outcome table -> res | nil, err, retry_after_ms.
-local function answer(self, url, attempt, r)
+local function answer(self, path, attempt, r)
   local status = type(r) == "table" and r.status
-  local o = OUTCOMES[status and classify_status(status) or type(r) == "table" and r.failure]
+  local o
+  if status then o = STATUS_OUTCOME[status] else o = OUTCOMES[type(r) == "table" and r.failure] end
   if o == nil or o.answered ~= (status ~= nil) then
     error("transport:post must return { status = ... } or { failure = NAME } with NAME one of "
       .. "timeout, network, protocol, tls, internal", 2)
@@ -239,7 +251,7 @@ local function answer(self, url, attempt, r)
     return { status = status, request_id = request_id_of(decoded), body = decoded,
              attempts = attempt }
   end
-  local err = status and http_error(self, o, r, url) or transport_error(self, o, r)
+  local err = status and http_error(self, o, r, path) or transport_error(self, o, r)
   err.attempts = attempt
   return nil, err, status and r.retry_after
 end
@@ -288,7 +300,7 @@ end
 -- the error is retryable and attempts remain. Returns res | nil, err.
 -- A sleep that returns false (core.sleep once a signal was caught) ends the retries, as
 -- does an open circuit breaker: the last error stands.
-local function retry(self, path, body, url, attempt, err, retry_after)
+local function retry(self, path, body, attempt, err, retry_after)
   while err.retryable and attempt < self.attempts and not is_open(self) do
     local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
                                    floor(self.max_delay * 1000), retry_after, self.random())
@@ -296,7 +308,7 @@ local function retry(self, path, body, url, attempt, err, retry_after)
     if not self.transport then error("attempt to use a closed stella client", 3) end
     attempt = attempt + 1
     local res
-    res, err, retry_after = answer(self, url, attempt, self.transport:post(path, body))
+    res, err, retry_after = answer(self, path, attempt, self.transport:post(path, body))
     note(self, err)
     if res then return res end
   end
@@ -307,11 +319,10 @@ end
 -- transport's response to the first attempt (made here by post, or elsewhere: a
 -- background send, stella.client.send_many); makes the retries post makes.
 function Client:complete(path, body, response)
-  local url = self.base_url .. path
-  local res, err, ra = answer(self, url, 1, response)
+  local res, err, ra = answer(self, path, 1, response)
   note(self, err)
   if res then return res end
-  return retry(self, path, body, url, 1, err, ra)
+  return retry(self, path, body, 1, err, ra)
 end
 
 -- POST one encoded body with retries. Returns res | nil, err; with the circuit breaker
