@@ -65,6 +65,8 @@ static int text(stella_buffer *b, const char *s, size_t len, int allow_empty) {
     return 1;
   }
   if (!stella_utf8_valid(s + i, len - i)) return 0;
+  /* a control character (not tab, LF, CR) does not validate: the tree path reports it */
+  if (stella_find_control(s + i, len - i) != len - i) return 0;
   stella_json_string(b, s, len);
   return 1;
 }
@@ -138,14 +140,16 @@ static int props(lua_State *L, int t, stella_buffer *b) {
     if (n == MAX_PROPS || lua_type(L, -2) != LUA_TSTRING) return 0;
     e = &list[n];
     e->k = lua_tolstring(L, -2, &e->klen);
-    if (e->klen == 0 || !stella_utf8_valid(e->k, e->klen)) return 0;
+    if (e->klen == 0 || !stella_utf8_valid(e->k, e->klen) ||
+        stella_find_control(e->k, e->klen) != e->klen) return 0;
     e->v.type = lua_type(L, -1);
     if (e->v.type == LUA_TNUMBER) {
       read_number(L, -1, &e->v);
       if (!(e->v.d == e->v.d && e->v.d - e->v.d == 0)) return 0;
     } else if (e->v.type == LUA_TSTRING) {
       e->v.p = lua_tolstring(L, -1, &e->v.len);
-      if (!stella_utf8_valid(e->v.p, e->v.len) || !short_enough(e->v.p, e->v.len)) return 0;
+      if (!stella_utf8_valid(e->v.p, e->v.len) || !short_enough(e->v.p, e->v.len) ||
+          stella_find_control(e->v.p, e->v.len) != e->v.len) return 0;
     } else {
       return 0;
     }

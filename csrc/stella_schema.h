@@ -51,6 +51,8 @@ const schema *stella_schema_by_id(int id);
 /* What the validator and the encoders share (stella_validate.c, stella_json.c). */
 /* 1 if the string holds whitespace or a control character (external_url's rule). */
 int stella_has_space_or_control(const char *s, size_t len);
+/* The offset of the first C0 control other than tab, LF and CR in s (NUL included), or len. */
+size_t stella_find_control(const char *s, size_t len);
 /* Appends a JSON string (quotes and escapes). */
 void stella_json_string(stella_buffer *b, const char *s, size_t len);
 /* Appends a number as a JSON string: integers exactly, others "%.14g" with '.'. */

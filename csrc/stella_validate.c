@@ -132,7 +132,7 @@ static int printable_short(const stella_value *v) {
 /* The offset of the first C0 control character other than tab, line feed and carriage
  * return (NUL included) in str, or len when there is none. Eight bytes at a time while
  * no byte is below 0x20. */
-static size_t find_control(const char *str, size_t len) {
+size_t stella_find_control(const char *str, size_t len) {
   const unsigned char *s = (const unsigned char *)str;
   size_t i = 0;
   while (len - i >= 8) {
@@ -150,7 +150,7 @@ static size_t find_control(const char *str, size_t len) {
 /* Reports a control character in a text field; returns 0 if there is one. NUL is named:
  * C strings, databases and the service's own stack may cut the text there. */
 static int check_controls(ctx *c, const path *p, const stella_value *v) {
-  size_t at = find_control(v->u.string.ptr, v->u.string.len);
+  size_t at = stella_find_control(v->u.string.ptr, v->u.string.len);
   unsigned char ch;
   if (at == v->u.string.len) return 1;
   ch = (unsigned char)v->u.string.ptr[at];
@@ -190,7 +190,7 @@ static int check_text(ctx *c, const path *p, const stella_value *v, int allow_em
 static int prop_name_valid(const stella_value *key) {
   return key->type == STELLA_STRING && key->u.string.len > 0 &&
          stella_utf8_valid(key->u.string.ptr, key->u.string.len) &&
-         find_control(key->u.string.ptr, key->u.string.len) == key->u.string.len;
+         stella_find_control(key->u.string.ptr, key->u.string.len) == key->u.string.len;
 }
 
 static void check_max_chars(ctx *c, const path *p, const stella_value *v) {
@@ -441,7 +441,7 @@ static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report
   }
   if (val->type == STELLA_STRING) {
     if (stella_utf8_valid(val->u.string.ptr, val->u.string.len) &&
-        find_control(val->u.string.ptr, val->u.string.len) == val->u.string.len &&
+        stella_find_control(val->u.string.ptr, val->u.string.len) == val->u.string.len &&
         (val->u.string.len <= STELLA_MAX_TEXT_CHARS ||
          stella_utf8_length(val->u.string.ptr, val->u.string.len) <= STELLA_MAX_TEXT_CHARS))
       return 1;

@@ -114,7 +114,7 @@ describe("stella.encode's one pass against the value-tree path", function()
       language = "es-419",
       country = "us",
       custom_properties = { order_id = "ORD-99812", plan = "premium", seats = 12, score = 0.75,
-                            note = "«quoted» \"and\" \\ \n\t\1 escaped", [""] = nil },
+                            note = "«quoted» \"and\" \\ \n\t\r escaped", [""] = nil },
     }
     local MINIMAL = {
       customer = { name = "Jane", email = "jane@example.com" },
