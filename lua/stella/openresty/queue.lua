@@ -23,8 +23,9 @@
 -- reserved by incr before writing, so the capacity holds exactly across workers) and one
 -- rpush of the push's events onto the list "q" as one value, "AT K\nPAYLOAD" (K events;
 -- for K > 1 their payloads one per line: cjson never writes a raw newline). One value per
--- push makes a batch all or none; list pushes never evict (out of memory refuses the push
--- like a full queue). "h" is when the head of the queue was accepted, as far as known: set
+-- push makes a batch all or none. Nothing here writes with set/add, which evict the least
+-- recently used keys of a full dict (the list "q" among them): list pushes and safe_set
+-- never evict, and out of memory refuses the push like a full queue. "h" is when the head of the queue was accepted, as far as known: set
 -- by each pop to the popped value's time and by a push into an empty queue.
 local ngx = rawget(_G, "ngx")
 local error, tonumber, tostring, type, setmetatable, floor, concat =
@@ -108,7 +109,7 @@ function Queue:push(payloads, now)
     dict:incr(COUNT, -k, 0)
     return nil, failure(self.name .. ": no memory for the event (" .. tostring(lerr) .. ")", true)
   end
-  if n == k then dict:set(HEAD, now) end   -- the queue was empty: its head is this push
+  if n == k then dict:safe_set(HEAD, now) end   -- the queue was empty: its head is this push
   return true
 end
 
@@ -141,7 +142,7 @@ function Queue:pop()
   if v == nil then return nil end
   local entries, k, at = parse(self, v)
   dict:incr(COUNT, -k, 0)
-  dict:set(HEAD, at)
+  dict:safe_set(HEAD, at)
   return entries
 end
 
@@ -155,7 +156,7 @@ function Queue:restore(entries)
     local len, err = dict:rpush(LIST, format("%.3f 1\n", e.at) .. e.payload)
     if not len then return i - 1, failure(self.name .. ": no memory (" .. tostring(err) .. ")", true) end
     local n = dict:incr(COUNT, 1, 0)
-    if n == 1 then dict:set(HEAD, e.at) end
+    if n == 1 then dict:safe_set(HEAD, e.at) end
   end
   return #entries
 end
