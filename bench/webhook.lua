@@ -1,16 +1,18 @@
 -- bench/webhook.lua: the OpenResty webhook of examples/openresty/ (2 workers, its
 -- nginx.conf with a larger queue) measured four ways, all over 127.0.0.1:
---   1. the accept path: POST /events (checks, enqueue, 202) against the same nginx
+--   1. the accept path alone: POST /events (checks, enqueue, 202) against the same nginx
 --      answering a fixed 202 with the same body at another server (`return 202`, no Lua),
 --      both driven by wrk -t1 -c16 (keep-alive) with the same script (one event of the
---      same size, a fresh id and customer per request), in alternating rounds; the
---      median ratio (target >= 70%). Meanwhile the consumers send at their own pace to an
---      API answering in 20 ms (16 of them: at most 800 events/s), as a remote API would.
---      The nginx workers share one CPU and wrk runs on another (taskset and
---      worker_cpu_affinity, when there are 2 CPUs or more), so the ratio compares the
---      workers' cost per request, not how the client and the server split the machine.
---   2. the same accept path while the consumers send as fast as they can (the API
---      answering at once, a backlog to drain): accepts and sends per second [info].
+--      same size, a fresh id and customer per request), in alternating rounds; the median
+--      ratio (target >= 70%). Meanwhile the consumers wait on an API that holds their
+--      requests (they send at their own pace: here, not at all). The nginx workers share
+--      one CPU and wrk runs on another (taskset and worker_cpu_affinity, when there are 2
+--      CPUs or more), so the ratio compares the workers' cost per request, not how the
+--      client and the server split the machine. Also printed: the nginx processes' CPU
+--      time per request on each side (schedstat), which other load disturbs less.
+--   2. [info] the same accept path while the consumers send to an API answering in 20 ms
+--      (at most 800 events/s, sharing the workers' CPU), and while they drain the
+--      backlog to an API answering at once: accepts and sends per second.
 --   3. the drain rate: DRAIN events posted in batches, sent to an API answering after
 --      20 ms by 8 consumers per worker: events per second from the first post to the last
 --      request received.
@@ -84,7 +86,21 @@ end
 local NCPU = tonumber((select(2, harness.run("nproc")):match("%d+"))) or 1
 local WRK_CPU = NCPU >= 2 and (NCPU - 1) or nil
 
+-- CPU time (ns) the webhook's nginx processes have used so far (/proc/PID/schedstat).
+local function nginx_cpu()
+  local total = 0
+  for _, pid in ipairs(web:pids()) do
+    local f = io.open("/proc/" .. pid .. "/schedstat", "rb")
+    if f then
+      total = total + (tonumber((f:read("*l") or ""):match("^(%d+)")) or 0)
+      f:close()
+    end
+  end
+  return total
+end
+
 local function wrk(url, seconds, script)
+  local cpu0 = nginx_cpu()
   local p = assert(io.popen(fmt("%stimeout %d wrk -t1 -c%d -d%ds -s %s %s 2>&1",
     WRK_CPU and ("taskset -c " .. WRK_CPU .. " ") or "", seconds + 15, CONNECTIONS,
     seconds, harness.shell_quote(script), harness.shell_quote(url))))
@@ -92,7 +108,8 @@ local function wrk(url, seconds, script)
   p:close()
   local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
   if not rate then error("wrk failed:\n" .. out, 0) end
-  return { rate = rate, requests = tonumber(out:match("(%d+) requests in")) or 0,
+  local requests = tonumber(out:match("(%d+) requests in")) or 0
+  return { rate = rate, requests = requests, cpu = (nginx_cpu() - cpu0) / math.max(1, requests) / 1000,
            non2xx = tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0, output = out }
 end
 
@@ -180,8 +197,10 @@ local function main()
   local sample = #cjson.encode(event(1000001))
   local per_queued = (qb.dict.capacity - qb.dict.free - (qa.dict.capacity - qa.dict.free)) / (qb.depth - qa.depth)
 
-  -- 1. the accept path against the fixed 202, the consumers sending to a 20 ms API
-  api:set_delay(0.02)
+  -- 1. the accept path against the fixed 202; the consumers wait on the API meanwhile
+  api:set_delay(25)
+  post_range(200001, 200016)   -- each consumer holds one
+  wait_for(5, function() return health().worker.busy > 0 end)
   local accept_url = "http://127.0.0.1:" .. web.ports.PORT .. "/events"
   local fixed_url = "http://127.0.0.1:" .. web.ports.FIXED_PORT .. "/fixed"
   wrk(fixed_url, 1, wrk_script(10000000))
@@ -202,7 +221,11 @@ local function main()
   end
   local load1 = loadavg()
 
-  -- 2. accepting while the consumers drain the backlog as fast as they can
+  -- 2. accepting while the consumers send to a 20 ms API, and while they drain the
+  -- backlog as fast as they can
+  api:set_delay(0.02)
+  socket.sleep(0.5)
+  local paced = wrk(accept_url, DURATION, wrk_script(80000000))
   api:set_delay(0)
   socket.sleep(1)
   local _, sent0 = api:received()
@@ -215,13 +238,24 @@ local function main()
     .. "load average %s before, %s after the rounds", interp,
     WRK_CPU and ("on CPU 0, wrk on CPU " .. WRK_CPU) or "and wrk unpinned (1 CPU)", load0, load1))
   for i, r in ipairs(rounds) do
-    print(fmt("  round %d: POST /events (enqueue + 202) %8.0f/s (%d), fixed 202 (no Lua) %8.0f/s (%d): %.0f%%",
-      i, r.a.rate, r.a.requests, r.f.rate, r.f.requests, r.ratio * 100))
+    print(fmt("  round %d: POST /events (enqueue + 202) %6.0f/s (%.1f us CPU each), fixed 202 (no Lua) %6.0f/s "
+      .. "(%.1f us): %.0f%%", i, r.a.rate, r.a.cpu, r.f.rate, r.f.cpu, r.ratio * 100))
   end
+  local function median(key)
+    local v = {}
+    for i, r in ipairs(rounds) do v[i] = key(r) end
+    table.sort(v)
+    return v[math.floor((#v + 1) / 2)]
+  end
+  local cpu_a, cpu_f = median(function(r) return r.a.cpu end), median(function(r) return r.f.cpu end)
   table.sort(rounds, function(x, y) return x.ratio < y.ratio end)
   local mid = rounds[math.floor((#rounds + 1) / 2)]
-  print(fmt("  while the consumers drain a backlog to an API answering at once: %.0f accepts/s and %.0f sends/s",
-    busy.rate, sends))
+  print(fmt("  nginx CPU per request (medians): "
+    .. "%.1f us vs %.1f us, the fixed answer's cost is %.0f%% of the accept path's", cpu_a, cpu_f, cpu_f / cpu_a * 100))
+  print(fmt("  accepting while the consumers send to a 20 ms API (800/s): %.0f/s (%.1f us CPU each, sends included)",
+    paced.rate, paced.cpu))
+  print(fmt("  accepting while the consumers drain a backlog to an API answering at once: %.0f accepts/s "
+    .. "and %.0f sends/s", busy.rate, sends))
   print(fmt("  drain: %d events to an API answering in 20 ms: %.1f s, %.0f events/s (16 consumers: at most %d/s)",
     DRAIN, drain_s, DRAIN / drain_s, 16 / 0.02))
   print(fmt("  store's dict: %.0f bytes per surveyed event (a suppression mark + a once-per-interaction mark; "

@@ -10,7 +10,7 @@
 --   api:reset(); api:stop()
 --
 -- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
--- many requests wait at once); with set_status, that status instead (not counted as
+-- many requests wait at once; lowering the delay shortens the waits under way); with set_status, that status instead (not counted as
 -- received). GET /_received and POST /_reset /_delay?s=D /_status?code=C are its controls.
 local socket = require "socket"
 local cjson = require "cjson"
@@ -48,7 +48,12 @@ http {
                 local d = api:get("delay") or 0
                 local now = api:incr("busy", 1, 0)
                 if now > (api:get("max") or 0) then api:set("max", now) end
-                if d > 0 then ngx.sleep(d) end
+                local t0 = ngx.now()
+                while d > 0 and ngx.now() - t0 < d do   -- a lower delay set meanwhile ends the wait
+                    ngx.sleep(math.min(0.05, d))
+                    ngx.update_time()
+                    d = api:get("delay") or 0
+                end
                 api:incr("busy", -1, 0)
                 ngx.header["Content-Type"] = "application/json"
                 local status = api:get("status") or 201
