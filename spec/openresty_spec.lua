@@ -301,11 +301,37 @@ describe("stella on OpenResty", function()
         local oa, ob = outcome_of(a.id), outcome_of(b.id)
         return oa and ob and oa.status == "sent" and ob.status == "skipped"
       end), web:error_log())
-      assert.equal(400, (post("not json")))
-      assert.equal(400, (post("[1, 2]")))
-      assert.equal(400, (post("{}")))
+      for _, bad in ipairs{ "not json", "", "  ", '"text"', "[1, 2]", "[]", "[{}]", '[{"id":1}, 2]',
+                            '[{"id":1}', "{}", " {\n } ", '{"id": 1', '"id": 1}' } do
+        local code, answer = post(bad)
+        assert.equal(400, code, bad)
+        assert.truthy(cjson.decode(answer).error, answer)
+      end
       assert.equal(405, (http(web.ports.PORT, "GET", "/events")))
       assert.equal(404, (http(web.ports.PORT, "GET", "/elsewhere")))
+    end)
+
+    it("takes one event unread: one whose braces hold no JSON is ledgered invalid, malformed_input", function()
+      local before = status().ledger
+      local code, body = post('{"id": 48999, "note": "broken-body-marker", oops}')
+      assert.equal(202, code, body)
+      local entry = wait_for(5, function()
+        for _, e in ipairs(status().recent) do
+          if tostring(e.detail):find("broken-body-marker", 1, true) then return e end
+        end
+      end)
+      assert.truthy(entry, web:error_log())
+      assert.equal("invalid", entry.status)
+      assert.equal("malformed_input", entry.reason)
+      assert.truthy(entry.detail:find("not a JSON object", 1, true), entry.detail)
+      local function invalid(ledger)
+        for _, g in ipairs(ledger) do
+          if g.status == "invalid" and g.reason == "malformed_input" then return g.count end
+        end
+        return 0
+      end
+      assert.equal(invalid(before) + 1, invalid(status().ledger))
+      assert.truthy(web:error_log():find("invalid (malformed_input)", 1, true))
     end)
   end)
 

@@ -74,7 +74,10 @@ describe("the OpenResty webhook under load", function()
     if api then api:stop() end
   end)
 
-  before_each(function() api:reset() end)
+  before_each(function()
+    api:set_status(201)
+    api:reset()
+  end)
 
   -- The example's nginx.conf with 2 workers and the given edits, on a prefix of its own
   -- (or `prefix`, kept for a restart).
@@ -276,6 +279,58 @@ describe("the OpenResty webhook under load", function()
     assert.truthy(harness.read_file(prefix .. "/error.log"):find("restored %d+ queued event"))
     assert.is_nil(harness.read_file(prefix .. "/spool.jsonl"))
     assert.is_nil(harness.read_file(prefix .. "/spool.jsonl.taking"))
+    stop(again)
+  end)
+
+  it("spools the outbox on nginx -s quit (a failing API left items there) and sends each once after a restart", function()
+    api:set_delay(0)
+    api:set_status(503)
+    local prefix = assert(require("stella.nginx").temp_dir("stella-webhook-outbox"))
+    finally(function() harness.run("rm -rf " .. harness.shell_quote(prefix)) end)
+    -- the example's rules, retrying after 1-2 s instead of 30-60 s
+    local rules = harness.read_file(ROOT .. "/examples/openresty/rules.lua")
+    rules = rules:gsub("\n}\n$", "\n  outbox = { base_delay = 2, max_delay = 2 },\n}\n")
+    assert.truthy(rules:find("base_delay = 2", 1, true))
+    harness.write_file(prefix .. "/rules.lua", rules)
+    local setting = ' rules = "' .. prefix .. '/rules.lua",'
+    -- the first nginx never replays its outbox (the API fails anyway): all of it is spooled
+    local n = webhook({ ["flush_every = 60,"] = "flush_every = 3600," .. setting }, prefix)
+    local accepted, ids = {}, {}
+    for i = 1, 6 do
+      local e = event()
+      assert.equal(202, (post(n, e)))
+      accepted[e.id] = true
+      ids[i] = tostring(e.id)
+    end
+    assert.truthy(wait_for(20, function() return health(n).outbox.queued == 6 end),
+      cjson.encode(health(n)) .. "\n" .. harness.read_file(prefix .. "/error.log"))
+    local got, _, _, failed = api:received()
+    assert.is_nil(next(got), "the API took an event while failing")
+    assert.is_true(failed >= 6, failed .. " failed requests")
+
+    harness.run("kill -QUIT " .. n.pid)
+    assert.truthy(wait_for(10, function() return not harness.alive(n.pid) end), "nginx did not quit")
+    local log = harness.read_file(prefix .. "/error.log")
+    stop(n)
+    local line = log:match("[^\n]*stopping: spooled %d+ event%(s%) and 6 outbox item%(s%)[^\n]*")
+    assert.truthy(line, log)
+    for _, id in ipairs(ids) do
+      assert.truthy(line:find("[ ,]" .. id .. "[,\n]") or line:find("[ ,]" .. id .. "$"), "id " .. id .. " not named: " .. line)
+    end
+    local spool = assert(harness.read_file(prefix .. "/spool.jsonl"), "no spool file")
+    local items = 0
+    for l in spool:gmatch("[^\n]+") do
+      if cjson.decode(l).o then items = items + 1 end
+    end
+    assert.equal(6, items)
+
+    api:set_status(201)
+    local again = webhook({ ["flush_every = 60,"] = "flush_every = 1," .. setting }, prefix)
+    all_sent_once(again, accepted, nil, 20)
+    assert.truthy(harness.read_file(prefix .. "/error.log"):find("restored 0 queued event%(s%) and 6 outbox item%(s%)"))
+    assert.is_nil(harness.read_file(prefix .. "/spool.jsonl"))
+    assert.is_nil(harness.read_file(prefix .. "/spool.jsonl.taking"))
+    assert.equal(0, health(again).outbox.queued)
     stop(again)
   end)
 

@@ -106,7 +106,7 @@ end
 
 local function log_outcome(o)
   local failed = o.status == "failed" or o.status == "invalid" or o.status == "queued"
-  ngx.log(failed and ngx.WARN or ngx.INFO, "stella: event ", tostring(o.event_id), ": ", o.status,
+  ngx.log(failed and ngx.WARN or ngx.INFO, "stella: event ", tostring(o.event_id or "(no id)"), ": ", o.status,
     o.reason and (" (" .. o.reason .. ")") or "", o.request_id and (" request " .. o.request_id) or "",
     o.detail and failed and (": " .. o.detail) or "")
 end
@@ -131,8 +131,10 @@ local function get_service()
   return svc
 end
 
+local ACCEPTED_ONE = '{"accepted":1}\n'
+
 local function reply(status, value, headers)
-  local body = cjson.encode(value) .. "\n"
+  local body = (status == 202 and value.accepted == 1) and ACCEPTED_ONE or cjson.encode(value) .. "\n"
   ngx.status = status
   local h = ngx.header
   h["Content-Type"] = "application/json"
@@ -156,37 +158,51 @@ local function request_body()
   return body
 end
 
--- POST /events
+-- The byte of text's first and last character that is not JSON whitespace, and the
+-- position of the first.
+local function ends_of(text)
+  local first = find(text, "[^ \t\r\n]")
+  if not first then return nil end
+  local last = #text
+  local b = byte(text, last)
+  while b == 32 or b == 10 or b == 13 or b == 9 do
+    last = last - 1
+    b = byte(text, last)
+  end
+  return byte(text, first), b, first
+end
+
+local NOT_AN_EVENT = { error = "expected a JSON object (one event) or an array of events" }
+local token   -- STELLA_WEBHOOK_TOKEN, read once per worker (false: none)
+
+-- POST /events. One event (an object) is queued as it came, unread: checked here only
+-- for its braces and for not being {} (a consumer decodes it, and ledgers one that does
+-- not decode as invalid, malformed_input). A batch (an array) is decoded here, to count
+-- its events and check that each is an object.
 function M.receive()
   if ngx.req.get_method() ~= "POST" then
     ngx.header["Allow"] = "POST"
     return reply(405, { error = "POST a JSON event" })
   end
-  local token = env("STELLA_WEBHOOK_TOKEN")
+  if token == nil then token = env("STELLA_WEBHOOK_TOKEN") or false end
   if token and ngx.var.http_authorization ~= "Bearer " .. token then
     return reply(401, { error = "missing or wrong bearer token" })
   end
   local text = request_body() or ""
-  local value = cjson.decode(text)
-  if type(value) ~= "table" or next(value) == nil then
-    return reply(400, { error = "expected a JSON object (one event) or an array of events" })
+  local first, last, at = ends_of(text)
+  if first == 123 and last == 125 then   -- { ... }
+    if not find(text, "^[ \t\r\n]*[^ \t\r\n}]", at + 1) then return reply(400, NOT_AN_EVENT) end
+    return reply(get_service():accept(text))
   end
-  local payloads
-  if value[1] == nil then
-    -- one event: queued as it came (the object's own text; "{" checked: not an array)
-    local at = find(text, "[^ \t\r\n]")
-    if not at or byte(text, at) ~= 123 then
-      return reply(400, { error = "expected a JSON object (one event) or an array of events" })
+  if first ~= 91 or last ~= 93 then return reply(400, NOT_AN_EVENT) end   -- not [ ... ]
+  local value = cjson.decode(text)
+  if type(value) ~= "table" or value[1] == nil then return reply(400, NOT_AN_EVENT) end
+  local payloads = {}
+  for i, e in ipairs(value) do
+    if type(e) ~= "table" or e[1] ~= nil or next(e) == nil then
+      return reply(400, { error = "event " .. i .. " is not a JSON object" })
     end
-    payloads = { text }
-  else
-    payloads = {}
-    for i, e in ipairs(value) do
-      if type(e) ~= "table" or e[1] ~= nil then
-        return reply(400, { error = "event " .. i .. " is not a JSON object" })
-      end
-      payloads[i] = cjson.encode(e)
-    end
+    payloads[i] = cjson.encode(e)
   end
   return reply(get_service():accept(payloads))
 end

@@ -1,6 +1,6 @@
 -- stella.openresty.consumers: a fixed pool of long-running timers per nginx worker that
--- take entries off a queue (stella.openresty.queue or anything with its pop()) and hand
--- them to a function. Never one timer per event: the work a worker does at once is the
+-- take entries off a queue (stella.openresty.queue or anything with its pop(), which
+-- returns a list of entries) and hand them to a function. Never one timer per event: the work a worker does at once is the
 -- pool's size, whatever arrives.
 --
 --   local consumers = require "stella.openresty.consumers"
@@ -9,7 +9,7 @@
 --     handle = function(entries) ... end,   -- in a timer: cosockets, ngx.sleep work
 --   }
 --   pool:wake(n)       -- entries were pushed in this worker: wake up to n idle consumers
---   pool:in_flight()   -- { [id] = entry } taken and not yet handled (this worker)
+--   pool:in_flight()   -- { [entry] = entry } taken and not yet handled (this worker)
 --   pool:busy()        -- consumers handling entries now (this worker)
 --
 -- An idle consumer waits on a semaphore that wake() posts, for at most `poll` seconds, so
@@ -45,12 +45,16 @@ local function run(self)
   local queue, batch, handle, sema = self.queue, self.batch, self.handle, self.sema
   local exiting = ngx.worker.exiting
   while not exiting() do
-    local entries = {}
-    for i = 1, batch do
-      local e = queue:pop()
-      if not e then break end
-      entries[i] = e
-      self.flight[e.id] = e
+    local entries, n = {}, 0
+    while n < batch do
+      local got = queue:pop()   -- one push's entries (a batch may bring more than `batch`)
+      if not got then break end
+      for i = 1, #got do
+        local e = got[i]
+        n = n + 1
+        entries[n] = e
+        self.flight[e] = e
+      end
     end
     if #entries == 0 then
       sema:wait(self.poll)
@@ -58,7 +62,7 @@ local function run(self)
       self.nbusy = self.nbusy + 1
       local ok, err = pcall(handle, entries)
       self.nbusy = self.nbusy - 1
-      for i = 1, #entries do self.flight[entries[i].id] = nil end
+      for i = 1, #entries do self.flight[entries[i]] = nil end
       if not ok then
         ngx.log(ngx.ERR, "stella: consumer failed on queue entries ", ids_of(entries), ": ", tostring(err))
         if self.on_error then pcall(self.on_error, entries, err) end

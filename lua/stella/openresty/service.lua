@@ -34,8 +34,8 @@ local consumers_mod = require "stella.openresty.consumers"
 local spool_mod = require "stella.openresty.spool"
 
 local ngx = rawget(_G, "ngx")
-local error, ipairs, pairs, pcall, tonumber, tostring, type, setmetatable, floor, concat =
-      error, ipairs, pairs, pcall, tonumber, tostring, type, setmetatable, math.floor, table.concat
+local error, ipairs, pairs, next, pcall, tonumber, tostring, type, setmetatable, floor, concat =
+      error, ipairs, pairs, next, pcall, tonumber, tostring, type, setmetatable, math.floor, table.concat
 
 local M = {}
 
@@ -108,10 +108,12 @@ local function refuse(self, k, why)
     { ["Retry-After"] = tostring(self.retry_after) }
 end
 
--- accept(payloads) -> status, body (a table to encode), headers (or nil).
--- payloads: the events' JSON texts, already checked to be objects.
+-- accept(payload or { payloads }) -> status, body (a table to encode), headers (or nil).
+-- payloads: the events' JSON texts, checked by the caller as far as it wants to answer
+-- 400 for (a consumer ledgers one that does not decode to an object as invalid,
+-- malformed_input).
 function Service:accept(payloads)
-  local k = #payloads
+  local k = type(payloads) == "string" and 1 or #payloads
   local sd = self.store_dict
   if sd and self.reserve > 0 and sd:free_space() < self.reserve then
     return refuse(self, k, "the store's shared dict is nearly full")
@@ -142,14 +144,26 @@ end
 -- The consumers' work: decide and send a batch; events the store could not take (its dict
 -- full) go back to the queue, never dropped.
 function Service:handle(entries)
-  local events, kept = {}, {}
+  local events, kept, malformed = {}, {}, {}
   for _, e in ipairs(entries) do
-    local ev = cjson.decode(e.payload)
-    if type(ev) == "table" then
+    local ev, derr = cjson.decode(e.payload)
+    if type(ev) == "table" and ev[1] == nil and next(ev) ~= nil then
       events[#events + 1] = ev
       kept[#kept + 1] = e
     else
-      ngx.log(ngx.ERR, "stella: queue entry ", tostring(e.id), " is not an event, dropped: ", e.payload:sub(1, 200))
+      -- accepted unread (the accept path checks only the braces): invalid, in the ledger
+      malformed[#malformed + 1] = { time = ngx.time(), status = "invalid", reason = "malformed_input",
+        detail = "not a JSON object with fields (" .. (derr or "decoded to " .. type(ev)) .. "): "
+          .. e.payload:sub(1, 200) }
+    end
+  end
+  if #malformed > 0 then
+    local ok, res, err = pcall(self.get_store().record_many, self.get_store(), malformed)
+    if not ok or not res then
+      ngx.log(ngx.ERR, "stella: cannot ledger ", #malformed, " malformed event(s): ", tostring(ok and err or res))
+    end
+    for _, m in ipairs(malformed) do
+      if self.on_outcome then self.on_outcome(m) else ngx.log(ngx.WARN, "stella: ", m.detail) end
     end
   end
   if #events == 0 then return end
@@ -362,10 +376,12 @@ function Service:exit_worker()
     local q = self.queue
     if self.spool then
       for _ = 1, q:depth() + 1000 do
-        local e = q:pop()
-        if not e then break end
-        records[#records + 1] = { q = { at = e.at, payload = e.payload } }
-        ids[#ids + 1] = event_id_of(cjson.decode(e.payload)) or ("entry " .. tostring(e.id))
+        local got = q:pop()
+        if not got then break end
+        for _, e in ipairs(got) do
+          records[#records + 1] = { q = { at = e.at, payload = e.payload } }
+          ids[#ids + 1] = event_id_of(cjson.decode(e.payload)) or ("entry " .. tostring(e.id))
+        end
       end
     end
   end

@@ -34,6 +34,7 @@ local LOCK = "spool:lock"
 local REGISTRY = "spool:workers"   -- "pid:seq,pid:seq,..."
 local SEQ = "spool:seq"
 local LOCK_TRIES = 200000          -- spins (exit_worker cannot sleep); the lock is held briefly
+local REGISTRY_BYTES = 1024        -- the registry padded to one length: rewritten in place
 
 function M.new(opts)
   if type(opts) ~= "table" or type(opts.path) ~= "string" or opts.path == "" then
@@ -56,7 +57,8 @@ local function locked(self, fn)
   local dict = self.dict
   local got = false
   for _ = 1, LOCK_TRIES do
-    if dict:add(LOCK, ngx.worker.pid(), 5) then got = true break end
+    -- safe_add: in a full dict, add would evict the least recently used keys (the queue)
+    if dict:safe_add(LOCK, ngx.worker.pid(), 5) then got = true break end
   end
   if not got then return nil, "the spool lock stayed taken" end
   local ok, a, b = pcall(fn)
@@ -76,7 +78,11 @@ end
 local function write_registry(dict, list)
   local parts = {}
   for i, w in ipairs(list) do parts[i] = w.pid .. ":" .. w.seq end
-  return dict:safe_set(REGISTRY, concat(parts, ","))
+  local text = concat(parts, ",")
+  -- one length: a value the size of the old one is replaced in place, so the registry
+  -- still changes when the dict is full (a burst filled the queue)
+  if #text < REGISTRY_BYTES then text = text .. (" "):rep(REGISTRY_BYTES - #text) end
+  return dict:safe_set(REGISTRY, text)
 end
 
 -- The registered workers still alive, other than pid.
@@ -103,7 +109,11 @@ function Spool:leave()
   local dict, pid = self.dict, ngx.worker.pid()
   local r, err = locked(self, function()
     local list = others_alive(dict, pid)
-    write_registry(dict, list)
+    local ok, werr = write_registry(dict, list)
+    if not ok then
+      -- still listed: the next worker to leave would wait for this one and never be last
+      ngx.log(ngx.ERR, "stella: cannot update the spool's worker registry: ", tostring(werr))
+    end
     local reload = false
     for _, w in ipairs(list) do
       if w.seq > (self.seq or 0) then reload = true end

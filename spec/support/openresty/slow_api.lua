@@ -4,13 +4,14 @@
 --
 --   local slow_api = require "support.openresty.slow_api"
 --   local api = slow_api.start{ delay = 1 }    -- seconds before each answer
---   api.url; api:set_delay(0.02)
+--   api.url; api:set_delay(0.02); api:set_status(503)   -- 201 again: set_status(201)
 --   api:received() -> { [ext_interaction_id] = times received }, total, the most
---                     requests it held at once
+--                     requests it held at once, requests answered with an error
 --   api:reset(); api:stop()
 --
 -- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
--- many requests wait at once). GET /_received and POST /_reset /_delay?s=D are its controls.
+-- many requests wait at once; lowering the delay shortens the waits under way); with set_status, that status instead (not counted as
+-- received). GET /_received and POST /_reset /_delay?s=D /_status?code=C are its controls.
 local socket = require "socket"
 local cjson = require "cjson"
 local nginx = require "stella.nginx"
@@ -43,16 +44,28 @@ http {
                 local api = ngx.shared.api
                 ngx.req.read_body()
                 local body = cjson.decode(ngx.req.get_body_data() or "") or {}
-                local n = api:incr("n", 1, 0)
                 local id = tostring(body.ext_interaction_id)
-                api:incr("r:" .. id, 1, 0)
                 local d = api:get("delay") or 0
                 local now = api:incr("busy", 1, 0)
                 if now > (api:get("max") or 0) then api:set("max", now) end
-                if d > 0 then ngx.sleep(d) end
+                local t0 = ngx.now()
+                while d > 0 and ngx.now() - t0 < d do   -- a lower delay set meanwhile ends the wait
+                    ngx.sleep(math.min(0.05, d))
+                    ngx.update_time()
+                    d = api:get("delay") or 0
+                end
                 api:incr("busy", -1, 0)
-                ngx.status = 201
                 ngx.header["Content-Type"] = "application/json"
+                local status = api:get("status") or 201
+                if status ~= 201 then
+                    api:incr("failed", 1, 0)   -- answered an error: not received
+                    ngx.status = status
+                    ngx.print('{"message":"unavailable"}')
+                    return
+                end
+                local n = api:incr("n", 1, 0)
+                api:incr("r:" .. id, 1, 0)
+                ngx.status = 201
                 ngx.print('{"request_id":"slow-', n, '"}')
             }
         }
@@ -64,16 +77,24 @@ http {
                 for _, k in ipairs(api:get_keys(0)) do
                     if k:sub(1, 2) == "r:" then ids[k:sub(3)] = api:get(k) end
                 end
-                ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0 }))
+                ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0,
+                                         failed = api:get("failed") or 0 }))
             }
         }
         location = /_reset {
             content_by_lua_block {
                 local api = ngx.shared.api
-                local d = api:get("delay")
+                local d, st = api:get("delay"), api:get("status")
                 api:flush_all()
                 api:flush_expired()
                 api:set("delay", d)
+                api:set("status", st)
+                ngx.print("{}")
+            }
+        }
+        location = /_status {
+            content_by_lua_block {
+                ngx.shared.api:set("status", tonumber(ngx.var.arg_code) or 201)
                 ngx.print("{}")
             }
         }
@@ -122,11 +143,15 @@ function Api:received()
   local code, body = get(self.port, "/_received")
   assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
   local v = cjson.decode(body)
-  return v.ids, v.total, v.max
+  return v.ids, v.total, v.max, v.failed
 end
 
 function Api:reset()
   assert(get(self.port, "/_reset") == 200)
+end
+
+function Api:set_status(code)
+  assert(get(self.port, "/_status?code=" .. code) == 200)
 end
 
 function Api:set_delay(s)
