@@ -22,7 +22,7 @@ local lib = require "stella.store.redis_lib"
 local check = require "stella.redis_rules.check"
 
 local concat, format, rep = table.concat, string.format, string.rep
-local ipairs, tonumber, tostring, type, open = ipairs, tonumber, tostring, type, io.open
+local assert, error, ipairs, tonumber, tostring, type, open = assert, error, ipairs, tonumber, tostring, type, io.open
 local searchpath = package.searchpath
 
 local M = {}
