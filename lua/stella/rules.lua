@@ -13,11 +13,12 @@
 -- request is to go later (delay, quiet_hours), says when.
 local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select =
       type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select
-local setfenv, loadstring, load = setfenv, loadstring, load   -- 5.1 or 5.2+ loaders
 local floor, huge = math.floor, math.huge
 local lower, byte, format = string.lower, string.byte, string.format
 local concat = table.concat
 local rawget, rawequal, G = rawget, rawequal, _G
+-- 5.1 or 5.2+ loaders (rawget: Redis has neither setfenv nor a readable unset global)
+local setfenv, loadstring, load = rawget(G, "setfenv"), rawget(G, "loadstring"), rawget(G, "load")
 -- Optional: absent in a Redis script (no debug), in Lua 5.4 (no jit). rawget: Redis raises
 -- on reading an unset global.
 local debug_lib, jit_lib = rawget(G, "debug"), rawget(G, "jit")
@@ -59,12 +60,15 @@ end
 -- The globals a rules file runs with (its _ENV): no io, no os.execute, no require,
 -- unless the caller opts in with allow = { io = true, os = true, require = true }.
 -- (Not `env` below: that is what an evaluation is given, the clock and the marks.)
+-- Inside Redis (stella.redis_rules) the same function makes the rules' globals: there
+-- print, rawlen and os are absent (rawget: Redis raises on reading an unset global).
 local function rule_globals(allow)
   local G = _G
   local env = {}
-  for _, name in ipairs(SAFE_GLOBALS) do env[name] = G[name] end
+  for _, name in ipairs(SAFE_GLOBALS) do env[name] = rawget(G, name) end
   for _, name in ipairs(SAFE_LIBS) do env[name] = copy_table(G[name]) end
-  env.os = { time = G.os.time, clock = G.os.clock, date = G.os.date, getenv = G.os.getenv }
+  local os = rawget(G, "os") or {}
+  env.os = { time = os.time, clock = os.clock, date = os.date, getenv = os.getenv }
   allow = allow or {}
   if allow.io then env.io = G.io end
   if allow.os then env.os = G.os end
@@ -72,6 +76,8 @@ local function rule_globals(allow)
   env._G = env
   return env
 end
+
+M.globals = rule_globals
 
 local function load_chunk(path, env)
   local f, err = io.open(path, "r")

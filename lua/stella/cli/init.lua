@@ -34,12 +34,13 @@ commands:
   unsubscribe  stop requests to e-mail addresses
   doctor       check the store: SQLite's integrity check, then a read of it
   sandbox      run a local emulation of the Requests API with a status page
+  redis        load the rules into a Redis store (FCALL stella_decide from any client)
   help         this text, or `stella help COMMAND`
 
 Run `stella COMMAND --help` for a command's options.]]
 
 local commands = {}
-for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "dashboard", "unsubscribe", "doctor", "sandbox", "help" } do
+for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "dashboard", "unsubscribe", "doctor", "sandbox", "redis", "help" } do
   commands[name] = require("stella.cli." .. name)
 end
 

@@ -13,11 +13,11 @@ M.help = [[
 usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--keep AGE] [--json] [-q | -v]
 
 Sends the requests waiting in the outbox that are due (those that failed with a
-retryable error, and those the rules scheduled for later once their time has come) and
-prints how many were sent, are still queued, or were given up (dead), and when the next
-item waiting is due (an item that failed waits out a backoff). Exit status 1 when any
-failed or was given up, 3 when the API could not be reached (the circuit breaker opened),
-128+N when stopped by signal N.
+retryable error, those the rules scheduled for later once their time has come, and those
+decided inside Redis: validated first) and prints how many were sent, are still queued,
+or were given up (dead), and when the next item waiting is due (an item that failed waits
+out a backoff). Exit status 1 when any failed, was given up or was invalid, 3 when the API
+could not be reached (the circuit breaker opened), 128+N when stopped by signal N.
 
   --rules FILE   the rules file (for keys, brands and alerts); optional
   --db FILE|URL  the store (default $STELLA_DB, else stella.db; redis://... a Redis store)
@@ -66,10 +66,11 @@ function M.run(ctx, opts, positional)
   if not fok or not res then ctx:warn("stella retry: %s", tostring(fok and flush_err or res)) return EXIT.FAILED end
   local unreachable = circuit == "open" or circuit == "half_open"
   local status = signal_status or (unreachable and EXIT.UNREACHABLE)
-    or ((res.failed or 0) > 0 and EXIT.FAILED or EXIT.OK)
+    or (((res.failed or 0) > 0 or (res.invalid or 0) > 0) and EXIT.FAILED or EXIT.OK)
   if mode == "json" then
     ctx:say("%s", require("stella.cli.output").encode{ command = "retry", sent = res.sent or 0,
       recorded = res.recorded or 0, queued = res.queued or 0, failed = res.failed or 0, dead = res.dead or 0,
+      invalid = (res.invalid or 0) > 0 and res.invalid or nil,   -- requests decided in Redis
       outbox = { queued = left and left.queued or 0, dead = left and left.dead or 0 },
       next_due = next_item and next_item.next_at or nil, circuit = circuit or nil,
       signal = signal_status and tostring(signal_name) or nil, exit_status = status })
@@ -77,6 +78,10 @@ function M.run(ctx, opts, positional)
   end
   ctx:say("sent %d, recorded %d, still queued %d, failed %d (of which %d given up: dead)",
     res.sent or 0, res.recorded or 0, res.queued or 0, res.failed or 0, res.dead or 0)
+  if (res.invalid or 0) > 0 then
+    ctx:say("invalid %d: decided in Redis, refused by validation (recorded invalid, marks released; "
+      .. "see stella status)", res.invalid)
+  end
   if left then ctx:say("outbox: %d queued, %d dead", left.queued or 0, left.dead or 0) end
   if next_item and next_item.next_at then
     local now = ctx.time()

@@ -7,10 +7,12 @@ local rules_mod = require "stella.rules"
 local errors_mod = require "stella.error"
 local rows = require "stella.trigger.rows"
 local zones = require "stella.zones"
+local outcome_mod = require "stella.trigger.outcome"
 
 local type, tostring = type, tostring
-local floor = math.floor
 local sent_status = rows.sent_status
+local outcome_of, event_id_of = outcome_mod.of, outcome_mod.event_id
+local do_not_send_reason = outcome_mod.do_not_send_reason
 
 local M = {}
 
@@ -41,15 +43,12 @@ function M.new_batch(self)
 end
 local new_batch = M.new_batch
 
--- Store keys for rule marks. E-mails become salted hashes here, never stored in clear.
+-- Store keys for rule marks (stella.trigger.outcome: the same keys as the rules inside
+-- Redis). E-mails become salted hashes there, never stored in clear.
 local function mark_key(batch, mark)
   local key = mark._key   -- a mark looked up and then put is keyed once
   if key then return key end
-  if mark.type == "suppress" then
-    key = "suppress|" .. mark.scope .. "|" .. batch.hash(mark.email)
-  else
-    key = "once|" .. mark.scope .. "|" .. mark.id
-  end
+  key = outcome_mod.mark_key(mark, batch.hash)
   mark._key = key
   return key
 end
@@ -128,44 +127,13 @@ local function prefetch(self, events, now, batch)
   end
 end
 
-local function event_id_of(event, request)
-  local id = type(event) == "table" and (event.event_id or event.id)
-  if id == nil and type(request) == "table" then id = request.ext_interaction_id end
-  -- no request (map raised): a request-shaped event still names its interaction
-  if id == nil and type(event) == "table" then id = event.ext_interaction_id end
-  if id == nil then return nil end
-  return tostring(id)
-end
-
-local function interaction_of(request)
-  local id = type(request) == "table" and request.ext_interaction_id
-  if type(id) == "number" then   -- "%d" raises in 5.4 on 1.5, NaN, 2^63 (invalid anyway)
-    if id == floor(id) and id > -2^53 and id < 2^53 then return ("%d"):format(id) end
-    return tostring(id)
-  end
-  return type(id) == "string" and id or nil
-end
-
 -- Decides one event. A request to send joins batch.pending (enqueue_pending writes them)
 -- and its marks join batch.marks, where the batch's later events see them.
 local function decide(self, event, now, explain, batch)
   local d = rules_mod.evaluate(self.rules, event, env_for(self, now, batch), explain)
-  local outcome = {
-    event_id = event_id_of(event, d.request), brand = d.brand, request = d.request,
-    interaction_id = interaction_of(d.request), verdicts = d.verdicts,
-    dry_run = self.dry_run or nil,
-  }
-  if d.action == "skip" then
-    outcome.status, outcome.reason, outcome.detail = "skipped", d.reason, d.detail
-    return outcome
-  elseif d.action == "suppressed" then
-    outcome.status, outcome.reason, outcome.detail = "suppressed", d.reason, d.detail
-    outcome["until"] = d["until"]
-    return outcome
-  elseif d.action == "invalid" then
-    outcome.status, outcome.reason, outcome.detail = "invalid", d.reason, d.detail
-    return outcome
-  end
+  local outcome = outcome_of(d, event)
+  outcome.dry_run = self.dry_run or nil
+  if outcome.status then return outcome end   -- skipped, suppressed, invalid
   local body, errs = stella.encode(d.request, "request")
   if explain and d.verdicts then
     d.verdicts[#d.verdicts + 1] = { rule = "validate", verdict = body and "pass" or "invalid",
@@ -180,7 +148,7 @@ local function decide(self, event, now, explain, batch)
   end
   outcome.body = body
   outcome.status = sent_status(body)
-  outcome.reason = d.request.do_not_send == true and (d.do_not_send_reason or "do_not_send") or nil
+  outcome.reason = do_not_send_reason(d)
   if d.send_at then   -- to go later: queued, not sent now (flush sends it once due)
     outcome.status, outcome.reason, outcome.send_at = "queued", rows.SCHEDULED, d.send_at
     outcome.detail = "will send at " .. rules_mod.iso_utc(d.send_at) .. " (" .. d.schedule .. ")"

@@ -8,10 +8,11 @@ local send = require "stella.trigger.send"
 local settle = require "stella.trigger.settle"
 local alert = require "stella.trigger.alert"
 local retention = require "stella.trigger.retention"
+local unvalidated = require "stella.trigger.unvalidated"
 
 local M = {}
 
--- Returns counts by status { sent, recorded, queued, failed, dead }, or nil, err when
+-- Returns counts by status { sent, recorded, queued, failed, dead [, invalid] }, or nil, err when
 -- the store cannot claim.
 function M.run(self)
   local summary = { sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }
@@ -23,11 +24,17 @@ function M.run(self)
     local items, err = self.store:claim(now, o.lease, o.batch)
     if not items then return nil, err end
     if #items == 0 then break end
-    local results, errs = send.start(self, items, now)()
+    local claimed = #items
     -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
-    local outcomes = settle.claimed(self, items, decide.new_batch(self), now, results, errs, summary)
+    local batch = decide.new_batch(self)
+    -- requests decided inside Redis are validated first; the invalid ones settled there
+    local invalid
+    items, invalid = unvalidated.check(self, items, batch, now, summary)
+    if #invalid > 0 then alert.conclude(self, invalid, now) end
+    local results, errs = send.start(self, items, now)()
+    local outcomes = settle.claimed(self, items, batch, now, results, errs, summary)
     alert.conclude(self, outcomes, now)
-    if #items < o.batch or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
+    if claimed < o.batch or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
   end
   return summary
 end
