@@ -132,3 +132,152 @@ describe("stella.store.redis inside OpenResty", function()
     assert.is_nil(web:error_log():find("[error]", 1, true), web:error_log())
   end)
 end)
+
+-- examples/openresty/ as two nodes would run it: two nginx (2 workers each) on one Redis
+-- (one pointed at it by configure{ store = ... }, the other by $STELLA_DB), in front of one
+-- slow loopback API that counts what it received. The same customers' events reach both
+-- at once, some of them twice (a helpdesk retrying on the other node).
+describe("the OpenResty webhook on Redis, two nginx", function()
+  local harness = require "support.openresty.harness"
+  local slow_api = require "support.openresty.slow_api"
+  local store = require "stella.store"
+  local redis = require "stella.redis"
+  local KEY = "test-key-webhook-redis-0123456789"
+  local srv, api
+  local running = {}
+
+  lazy_setup(function()
+    srv = redis_server.start{}
+    api = slow_api.start{ delay = 0.2 }
+  end)
+
+  lazy_teardown(function()
+    for n in pairs(running) do n:stop() end
+    if api then api:stop() end
+    if srv then srv:remove() end
+  end)
+
+  local function webhook(edit, env)
+    edit["worker_processes auto;"] = "worker_processes 2;"
+    env.STELLA_TEST_KEY, env.STELLA_BASE_URL, env.STELLA_MODE = KEY, api.url, "test"
+    local n = harness.start{
+      template = ROOT .. "/examples/openresty/nginx.conf",
+      vars = {
+        STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
+        CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
+        NDK_MODULE = harness.find_module("ndk_http_module.so"),
+        LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
+      },
+      ports = { "PORT" }, edit = edit, env = env,
+      probe = { port = "PORT", path = "/events/health" },
+    }
+    running[n] = true
+    return n
+  end
+
+  -- Opens a connection per event to its node and sends them all, then reads every answer.
+  local function burst(posts)
+    local conns = {}
+    for i, p in ipairs(posts) do
+      local body = cjson.encode(p.event)
+      local c = socket.tcp()
+      c:settimeout(20)
+      assert(c:connect("127.0.0.1", p.node.ports.PORT))
+      assert(c:send("POST /events HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+        .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
+      conns[i] = c
+    end
+    local status = {}
+    for i, c in ipairs(conns) do
+      local answer = assert(c:receive("*a"))
+      c:close()
+      status[i] = tonumber(answer:match("^HTTP/1%.%d (%d%d%d)"))
+    end
+    return status
+  end
+
+  it("suppresses each customer across both, sends each interaction once, and pools its connections", function()
+    local admin = assert(redis.connect(srv:url()))
+    local a = webhook({ ['-- store = "redis://127.0.0.1:6379/0",'] = 'store = "' .. srv:url() .. '",' }, {})
+    local b = webhook({}, { STELLA_DB = srv:url() })
+    local function stats()
+      local t = {}
+      for k, v in admin:call("INFO", "stats"):gmatch("([%w_]+):(%d+)") do t[k] = tonumber(v) end
+      return t
+    end
+    local before = stats()
+    -- 8 customers, 5 tickets each; every event to one node, every third also to the other
+    local posts, times, base = {}, {}, os.time() % 100000 * 1000
+    for c = 1, 8 do
+      for t = 1, 5 do
+        local id = base + c * 10 + t
+        local e = { id = id, status = "solved", channel = "chat",
+                    requester = { name = "Customer " .. c, email = ("cust%d-%d@example.com"):format(c, base) },
+                    assignee = { name = "Paul Agent", email = "paulagent@blancapeak.com" }, locale = "en-US" }
+        local first = (c + t) % 2 == 0 and a or b
+        posts[#posts + 1] = { node = first, event = e }
+        times[tostring(id)] = 1
+        if t % 3 == 0 then
+          posts[#posts + 1] = { node = first == a and b or a, event = e }
+          times[tostring(id)] = 2
+        end
+      end
+    end
+    for i, s in ipairs(burst(posts)) do assert.equal(202, s, "post " .. i) end
+    -- every post decided: the one ledger (in Redis) has an entry for each
+    local s = assert(store.redis(srv:url()))
+    local entries
+    local done = harness.wait_until(30, function()
+      entries = assert(s:ledger{ limit = 1000 })
+      return #entries >= #posts
+    end)
+    assert.truthy(done, #entries .. " of " .. #posts .. " posts in the ledger\n" .. a:error_log() .. b:error_log())
+    assert.equal(#posts, #entries)
+    local by_id, sent = {}, {}
+    for _, e in ipairs(entries) do
+      by_id[e.event_id] = (by_id[e.event_id] or 0) + 1
+      if e.status == "sent" then sent[#sent + 1] = e end
+      assert.truthy(e.status == "sent" or e.status == "suppressed" or e.status == "skipped",
+        e.status .. " " .. tostring(e.reason) .. " " .. tostring(e.detail))
+    end
+    assert.same(times, by_id)   -- each post accounted for, once
+    assert.equal(8, #sent)      -- one request per customer
+    local ids, _, _, customers = api:received()
+    local nids, ncust = 0, 0
+    for id, k in pairs(ids) do
+      nids = nids + 1
+      assert.equal(1, k, "interaction " .. id .. " sent " .. k .. " times")
+    end
+    for email, k in pairs(customers) do
+      ncust = ncust + 1
+      assert.equal(1, k, email .. " got " .. k .. " requests")
+    end
+    assert.equal(8, nids)
+    assert.equal(8, ncust)
+    assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+    -- pooled: 2 nodes x 2 workers x (8 consumers + a request and timers) at most, for
+    -- several round trips per post
+    local after = stats()
+    local connections = after.total_connections_received - before.total_connections_received
+    local commands = after.total_commands_processed - before.total_commands_processed
+    assert.is_true(connections <= 2 * 2 * (8 + 3), connections .. " connections")
+    assert.is_true(commands >= 4 * #posts, commands .. " commands")
+    -- either node's /events/status reads the one store
+    for _, n in ipairs{ a, b } do
+      local code, body = get(n.ports.PORT, "/events/status")
+      assert.equal(200, code, body)
+      local st, total = cjson.decode(body), 0
+      for _, c in ipairs(st.ledger) do total = total + c.count end
+      assert.equal(#posts, total)
+      assert.same({ queued = 0, dead = 0 }, st.outbox)
+    end
+    s:close()
+    admin:close()
+    for _, n in ipairs{ a, b } do
+      local log = n:error_log()
+      assert.falsy(log:find("[error]", 1, true), log)
+      n:stop()
+      running[n] = nil
+    end
+  end)
+end)
