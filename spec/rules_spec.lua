@@ -728,6 +728,56 @@ describe("stella.rules", function()
       assert.truthy(lines > 0)
     end)
 
+    -- A look-up may yield (a Redis store on cosockets): other coroutines run meanwhile.
+    -- Under LuaJIT a hook is one for all of them, so the budget's hook must be off then.
+    it("sets no hook for other coroutines while a custom rule's look-up is suspended", function()
+      local e = env()
+      local inner = e.lookup
+      e.lookup = function(m)   -- the store answering later, as over a network
+        coroutine.yield("waiting")
+        return inner(m)
+      end
+      local r = rules.compile(with_budget{ rules = { function(req, ctx)
+        local n = 0
+        for i = 1, 3 do if not ctx.seen("i" .. i) then n = n + 1 end end
+        req.custom_properties = { unseen = tostring(n) }
+      end } })
+      local co = coroutine.create(function() return rules.evaluate(r, event(), e) end)
+      local other = rules.compile{ budget = false, rules = { function(req)   -- no budget of its own
+        local s = 0
+        for i = 1, 300000 do s = s + i end   -- 3x the first rule's budget
+        req.ext_interaction_id = s
+      end } }
+      local waits = 0
+      while true do
+        local ok, v = coroutine.resume(co)
+        assert.is_true(ok, tostring(v))
+        if coroutine.status(co) == "dead" then
+          assert.equal("send", v.action, tostring(v.detail))
+          assert.equal("3", v.request.custom_properties.unseen)
+          break
+        end
+        waits = waits + 1
+        assert.is_nil(debug.gethook())   -- the suspended rule left no hook behind
+        local d = rules.evaluate(other, event(), env())
+        assert.equal("send", d.action, tostring(d.detail))
+      end
+      assert.equal(3, waits)
+      assert.is_nil(debug.gethook())
+    end)
+
+    it("still stops a custom rule that looks things up forever", function()
+      local lookups = 0
+      local e = env()
+      local inner = e.lookup
+      e.lookup = function(m) lookups = lookups + 1 return inner(m) end
+      local d = eval(with_budget{ rules = { function(_, ctx) while true do ctx.seen("x") end end } }, nil, e)
+      assert.equal("rule_error", d.reason)
+      assert.truthy(contains(d.detail, "exceeded its budget of 100000 instructions"), d.detail)
+      assert.truthy(lookups > 0)
+      assert.is_nil(debug.gethook())
+    end)
+
     it("lets an interrupt through (Ctrl-C in the lua interpreter), not a rule_error", function()
       local child = require "support.child"
       local lua = os.getenv("STELLA_TEST_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")

@@ -11,8 +11,9 @@
 --   GET  /events/health  queue depth, oldest age, dict use and free space (loopback only)
 --
 -- Each worker builds one trigger on first use and keeps it: the store is the shared dict
--- (suppression, dedupe marks and the outbox are shared by all workers), the client talks
--- through cosockets. Worker 0 replays the outbox every flush_every seconds (requests
+-- (suppression, dedupe marks and the outbox are shared by all workers), or Redis when
+-- configure{ store = "redis://..." } or $STELLA_DB says so (shared by every nginx on that
+-- Redis; the queue stays in its dict); the client talks through cosockets. Worker 0 replays the outbox every flush_every seconds (requests
 -- that failed with a retryable error: 429, 5xx, timeouts, network), restores what a
 -- stopping nginx spooled, and logs a warning when the queue or a dict fills up.
 --
@@ -23,6 +24,7 @@
 local cjson = require "cjson.safe"
 local stella = require "stella"
 local shdict = require "stella.store.shdict"
+local store_mod = require "stella.store"
 local cosocket = require "stella.transport.cosocket"
 local queue = require "stella.openresty.queue"
 local service = require "stella.openresty.service"
@@ -39,6 +41,7 @@ local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
 -- The defaults; nginx.conf's M.configure{...} overrides them.
 local settings = {
   store_dict = "stella",        -- lua_shared_dict: marks, unsubscribes, outbox, ledger
+  store = nil,                  -- a redis:// URL: that store instead of store_dict ($STELLA_DB too)
   queue_dict = "stella_queue",  -- lua_shared_dict: accepted events waiting for a consumer
   queue_capacity = 10000,       -- events queued at most (all workers); then 503
   consumers = 8,                -- per worker: events handled at once (sends in flight)
@@ -55,7 +58,7 @@ local settings = {
 -- configure{ name = value, ... } (init_by_lua): settings above.
 function M.configure(opts)
   for k, v in pairs(opts) do
-    if settings[k] == nil and k ~= "store_reserve" and k ~= "spool" then
+    if settings[k] == nil and k ~= "store_reserve" and k ~= "spool" and k ~= "store" then
       error("webhook.configure: unknown setting " .. tostring(k), 2)
     end
     settings[k] = v
@@ -65,15 +68,27 @@ end
 -- Per worker, built on first use (in a request or a timer, never in init_by_lua).
 local store, trigger, svc
 
-local function get_store()
-  if not store then store = assert(shdict.new(settings.store_dict)) end
-  return store
-end
-
 local function env(name)
   local v = getenv(name)
   if v == "" then return nil end
   return v
+end
+
+-- The Redis store's URL (settings.store, else $STELLA_DB), or nil: the shared dict.
+local function redis_url()
+  local url = settings.store or env("STELLA_DB")
+  if url and not (url:find("^redis://") or url:find("^unix://")) then
+    error("webhook: store (or STELLA_DB) must be a redis:// or unix:// URL", 2)
+  end
+  return url
+end
+
+local function get_store()
+  if store then return store end
+  local url = redis_url()
+  -- (a Redis that cannot be reached raises here: the consumers keep the events queued)
+  if url then store = assert(store_mod.redis(url)) else store = assert(shdict.new(settings.store_dict)) end
+  return store
 end
 
 local function get_trigger()
@@ -88,8 +103,8 @@ local function get_trigger()
     clock = ngx.time,
     -- no purge by the trigger every hour in every worker: the shdict store bounds its ledger
     -- (a ring) and its dead items (dead_ttl) itself, and its purge_marks walks every key of
-    -- the dict (housekeeping frees expired marks when the dict runs low)
-    retention = { every = 0 },
+    -- the dict (housekeeping frees expired marks when the dict runs low); Redis: the default
+    retention = not redis_url() and { every = 0 } or nil,
     client = {
       keys = keys,                          -- nil: the rules file's keys
       mode = env("STELLA_MODE"),            -- nil: the rules file's mode
@@ -115,7 +130,8 @@ local function get_service()
   if svc then return svc end
   svc = service.new{
     queue = queue.new(settings.queue_dict, { capacity = settings.queue_capacity }),
-    store_dict = settings.store_dict,
+    store_dict = not redis_url() and settings.store_dict or nil,   -- its free space gates 202
+    shared_store = redis_url() ~= nil,   -- the outbox outlives nginx: a stop spools only the queue
     store = get_store,
     trigger = get_trigger,
     consumers = settings.consumers,

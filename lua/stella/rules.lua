@@ -483,27 +483,63 @@ end
 -- What a rule call that ran out of its budget returns in place of the error.
 local EXCEEDED = setmetatable({}, { __tostring = function() return "exceeded its budget" end })
 
+-- Under LuaJIT a hook is one for all coroutines (Lua 5.4 has one per coroutine): there the
+-- budget is counted in steps of limit / STEPS instructions (a count hook each step; the
+-- hook's own instructions count for nothing there), so that it can be paused around a
+-- look-up that may yield (see unmetered below). Lua 5.4 counts the hook's instructions
+-- too: one step there, and no pause (a suspended coroutine takes its hook along).
+local SHARED_HOOK = type(jit_lib) == "table"
+local STEPS = SHARED_HOOK and 1000 or 1
+
+-- The next step of meter m: the rest of its budget, at most one step.
+local function arm(m)
+  local n = m.limit - m.used
+  if n > m.step then n = m.step end
+  m.armed = n
+  sethook(m.hook, m.mask, n)
+end
+
+-- Over the budget: raised now, and again at every instruction until the call is over.
+local function exceed(m)
+  m.over = true
+  sethook(m.hook, m.mask, 1)
+  error(EXCEEDED, 0)
+end
+
 -- pcall(fn, a, b), stopped after `limit` VM instructions (false, EXCEEDED) when a limit is
 -- given. Another Lua hook (a debugger's) gets its line, call and return events meanwhile
 -- (not its count events) and is put back after; a hook set from C (reported as "external
--- hook") is left alone, and the call runs unlimited. An error a rule catches with pcall is raised again at its next instruction,
--- so a rule cannot outlive its budget by catching it.
+-- hook") is left alone, and the call runs unlimited. An error a rule catches with pcall is
+-- raised again at its next instruction, so a rule cannot outlive its budget by catching it.
+-- meter: a table that unmetered(meter, ...) calls made by fn (the rule's look-ups) use.
 local limited_call
-function limited_call(limit, fn, a, b)
+function limited_call(limit, fn, a, b, meter)
   if not limit then return pcall(fn, a, b) end
   local prev, mask, count = gethook()
   if prev ~= nil and type(prev) ~= "function" then return pcall(fn, a, b) end
   if mask == "" and count == 0 then prev = nil end   -- LuaJIT: a cleared hook (see below)
-  mask = prev and mask or ""
-  local over, hook = false, nil
+  local m = meter or {}
+  local step = floor(limit / STEPS)
+  m.limit, m.step, m.used, m.over = limit, step > 0 and step or 1, 0, false
+  m.prev, m.prev_mask, m.prev_count = prev, mask, count
+  m.mask = prev and mask or ""
+  local hook
   hook = function(event, line)
     if event ~= "count" then return prev(event, line) end   -- a tail call: the levels prev expects
     if getinfo(2, "f").func == limited_call then return end  -- our code, once the rule returned
-    if not over then over = true; sethook(hook, mask, 1) end
-    error(EXCEEDED, 0)
+    if m.over then error(EXCEEDED, 0) end
+    local used = m.used + m.armed
+    m.used = used
+    if used < limit then
+      if limit - used < m.step then arm(m) end   -- the last step is shorter
+      return
+    end
+    exceed(m)
   end
-  sethook(hook, mask, limit)
+  m.hook = hook
+  arm(m)
   local ok, x, y = pcall(fn, a, b)
+  m.hook = nil   -- unmetered calls from now on run as they are
   local now_hook, _, now_count = gethook()
   -- (LuaJIT's gethook names the last Lua hook even once a C hook cleared it: count 0)
   if now_hook == hook and now_count ~= 0 then
@@ -513,8 +549,27 @@ function limited_call(limit, fn, a, b)
     -- interpreter's Ctrl-C handler sets a hook that raises), not the rule's failure
     error(x, 0)
   end
-  if over then return false, EXCEEDED end
+  if m.over then return false, EXCEEDED end
   return ok, x, y
+end
+
+-- f(x) from inside a budgeted call (a custom rule's look-up in the store), under LuaJIT
+-- with the budget paused: while f runs, the hook is the one from before the call (usually
+-- none). f may yield - a Redis store waits on cosockets - and a LuaJIT hook is one for all
+-- coroutines: left on, it would count, and fail, whatever another request runs meanwhile.
+-- So no budget hook is set while a coroutine is suspended in a look-up. The step the
+-- look-up interrupted counts as used whole: a look-up costs at most limit / STEPS
+-- instructions of the budget (a rule cannot outrun it by looking things up in a loop).
+local function unmetered(m, f, x)
+  if not (SHARED_HOOK and m and m.hook) then return f(x) end
+  local prev = m.prev
+  if prev then sethook(prev, m.prev_mask, m.prev_count) else sethook() end
+  local ok, r = pcall(f, x)
+  m.used = m.used + m.armed
+  if m.over or m.used >= m.limit then exceed(m) end
+  arm(m)
+  if not ok then error(r, 0) end
+  return r
 end
 
 -- "<label> (file:line) exceeded its budget of N instructions"
@@ -792,28 +847,29 @@ function M.evaluate(r, event, env, explain)
   -- 9. custom rules, in order
   local custom = r.rules
   if custom[1] ~= nil then
+    local meter = {}   -- the running rule's budget, paused around its look-ups
     local ctx = {
       event = event, brand = brand_name, brand_config = brand, now = now,
       clock = function() return now end,
       suppressed_until = function(addr)
         if not (env.lookup and type(addr) == "string") then return nil end
-        return env.lookup{ type = "suppress", scope = suppression_scope(r, request, brand_scope),
-                           email = lower(addr) }
+        return unmetered(meter, env.lookup, { type = "suppress", email = lower(addr),
+                                              scope = suppression_scope(r, request, brand_scope) })
       end,
       seen = function(id)
         if not env.lookup then return false end
-        return env.lookup{ type = "once", scope = brand_scope, id = tostring(id) } ~= nil
+        return unmetered(meter, env.lookup, { type = "once", scope = brand_scope, id = tostring(id) }) ~= nil
       end,
       unsubscribed = function(addr)
         if type(addr) ~= "string" then return false end
         addr = lower(addr)
         return (r.unsubscribes and r.unsubscribes[addr]) or
-               (env.unsubscribed and env.unsubscribed(addr)) or false
+               (env.unsubscribed and unmetered(meter, env.unsubscribed, addr)) or false
       end,
     }
     for i, rule in ipairs(custom) do
       local label = LABELS[i] or ("rules[" .. i .. "]")
-      local ok, verdict_name, reason = limited_call(r.budget, rule, request, ctx)
+      local ok, verdict_name, reason = limited_call(r.budget, rule, request, ctx, meter)
       if not ok then
         local detail = rawequal(verdict_name, EXCEEDED) and over_budget(label, rule, r.budget)
                        or label .. ": " .. tostring(verdict_name)

@@ -11,6 +11,8 @@
 --     consumers = 8, batch = 1, poll = 0.5,      -- per worker
 --     reserve = 1048576,               -- bytes the store's dict keeps free: below, refuse
 --     spool = "/var/lib/stella/spool.jsonl",     -- nil: a stop loses the queue (logged)
+--     shared_store = false,            -- true: the store outlives nginx and other nodes use
+--                                      -- it (Redis): a stop spools the queue, not the outbox
 --     retry_after = 30, flush_every = 60, check_every = 5, warn_at = 0.8,
 --     on_outcome = function(outcome) end,
 --   }
@@ -87,7 +89,7 @@ function M.new(opts)
     flush_every = positive(opts.flush_every, "flush_every", 60),
     check_every = positive(opts.check_every, "check_every", 5),
     warn_at = warn_at < 1 and warn_at or 0.8,
-    on_outcome = opts.on_outcome,
+    on_outcome = opts.on_outcome, shared_store = opts.shared_store and true or false,
     pool = nil, refused = 0, last_refusal_log = 0,
   }, Service)
 end
@@ -386,7 +388,7 @@ function Service:exit_worker()
     end
   end
   local nout, out_ids = 0, {}
-  if not fate.reload and fate.last and self.spool then
+  if not fate.reload and fate.last and self.spool and not self.shared_store then
     -- the last worker of a stopping nginx: the outbox goes too
     local ok, err = pcall(function()
       local store = self.get_store()

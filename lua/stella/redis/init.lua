@@ -8,6 +8,7 @@
 --   conn:pipeline{ {"INCR", "n"}, {"GET", "k"} } -> { 1, "v" }  | nil, err  (one round trip)
 --   conn:load_library(name, code, version)      -> true, "loaded"|"current"|"newer" | nil, err
 --   conn:fcall(fname, keys, args), conn:fcall_ro(...)  -> reply | nil, err
+--   conn:fork()  -> a conn of its own to the same server (not connected yet)
 --   conn:close(); tostring(conn) -> "stella.redis(redis://app:***@127.0.0.1:6379/2)"
 --
 -- URL: redis://[[user]:password@]host[:port][/db] (port 6379, db 0; IPv6 as [::1]; user
@@ -19,8 +20,9 @@
 -- timer, ssl_cert, ssl_session_fetch), resty.redis or nginx.redis (stella.redis.cosocket)
 -- with nginx's keep-alive pool: close() gives the connection back to the pool (options
 -- pool, pool_size, keepalive_timeout), and a connection taken from it skips AUTH and
--- SELECT. Such a conn belongs to the request or timer that made it. Everywhere else, the
--- C module stella.redis.core (hiredis), which blocks while it waits.
+-- SELECT. Such a conn belongs to the request or timer that made it (conn:fork() gives
+-- another its own). Everywhere else, the C module stella.redis.core (hiredis), which
+-- blocks while it waits.
 --
 -- Replies: status and bulk strings -> string, integers -> integer, nil -> false (as in
 -- Redis' Lua scripting), arrays -> lists; an error reply inside an array or a pipeline is
@@ -363,6 +365,21 @@ end
 function Conn:fcall(fname, keys, args) return fcall(self, "FCALL", fname, keys, args) end
 function Conn:fcall_ro(fname, keys, args) return fcall(self, "FCALL_RO", fname, keys, args) end
 
+-- conn:fork() -> a new conn to the same server, with the same options and libraries, not
+-- connected yet: its first call connects (inside OpenResty, in a cosocket phase, taking a
+-- connection from nginx's pool, as connect does), and close() gives that back. A cosocket
+-- belongs to the request, timer or light thread that opened it, so code shared by all of
+-- a worker's requests keeps one conn as a template and forks it for each operation
+-- (stella.store.redis does). Errors come from the first call, not from fork.
+function Conn:fork()
+  local c = {}
+  for k, v in pairs(self) do c[k] = v end
+  c.link, c.dirty = nil, false
+  c.cosocket = in_cosocket_phase()
+  secrets[c] = secrets[self]
+  return setmetatable(c, Conn)
+end
+
 -- Gives the connection back to nginx's pool (cosockets) or closes it. The conn stays
 -- usable: its next call connects again.
 function Conn:close()
@@ -433,9 +450,9 @@ function M.connect(opts)
     new_error = error_maker(where, password),
   }, Conn)
   secrets[self] = password
-  if self.cosocket then
+  local ngx = rawget(_G, "ngx")
+  if type(ngx) == "table" and ngx.sha1_bin then   -- inside nginx: for this conn and its forks
     -- one pool per server, db and credentials (the password only as a digest)
-    local ngx = rawget(_G, "ngx")
     self.pool = opts.pool or format("stella.redis:%s/%d:%s:%s", where, u.db, u.user or "",
       password and ngx.encode_base64(ngx.sha1_bin(password)):sub(1, 12) or "")
   end

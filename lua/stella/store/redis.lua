@@ -54,13 +54,23 @@
 -- entry's removal takes one off its hour's counter).
 -- Marks expire by TTL on Redis' clock: the `now` given to the store must be the real
 -- time (as it is in the trigger and the command).
+--
+-- Inside OpenResty one store serves every request and timer of a worker (the salt read
+-- once, when it opens): a transaction belongs to the coroutine that began it (its
+-- buffered writes and reads too: per_coroutine), and each operation takes a connection
+-- of its own from nginx's keep-alive pool (a fork of the store's stella.redis conn) and
+-- gives it back when it has its answer, so no connection is shared by two coroutines
+-- and a request waiting on Redis holds one connection only while it waits. Outside
+-- nginx the store keeps its one connection.
 local store = require "stella.store"
 local rows = require "stella.store.rows"
 local lib = require "stella.store.redis_lib"
 
 local concat, floor, ceil, format, sort = table.concat, math.floor, math.ceil, string.format, table.sort
-local ipairs, pairs, setmetatable, tonumber, tostring, type, error = ipairs, pairs, setmetatable, tonumber, tostring, type, error
+local ipairs, pairs, setmetatable, tonumber, tostring, type, error, rawget =
+      ipairs, pairs, setmetatable, tonumber, tostring, type, error, rawget
 local math_type = math.type
+local running = coroutine.running
 local number_text = store.number_text
 local unpack = table.unpack or unpack   -- luacheck: ignore
 
@@ -82,6 +92,24 @@ local Backend = {}
 Backend.__index = Backend
 Backend.name = "stella.store.redis"
 Backend.remote = true   -- the trigger batches its look-ups (stella.trigger.decide)
+Backend.per_coroutine = true   -- a transaction belongs to the running coroutine
+
+local MAIN = {}   -- the transaction key outside coroutines (LuaJIT's running() gives nil there)
+
+local function tx_of(self)
+  return self.txs[running() or MAIN]
+end
+
+-- The connection for one operation, and its return: the store's own one outside nginx;
+-- inside it a fork, whose connection goes back to nginx's pool when the operation is done.
+local function take(self)
+  if self.forking then return self.conn:fork() end
+  return self.conn
+end
+
+local function give(self, c)
+  if c ~= self.conn then c:close() end
+end
 
 -- A store error from a stella.redis error (its message is redacted already).
 local function fail(err, retryable)
@@ -149,10 +177,13 @@ function M.new(opts)
     return fail(lerr)
   end
   local B = prefix .. "{" .. tag .. "}:"
+  local ngx = rawget(_G, "ngx")
+  local forking = type(ngx) == "table" and ngx.get_phase ~= nil   -- inside nginx
+  if forking then conn:close() end   -- back to the pool: every operation takes its own
   return store.open(setmetatable({
     conn = conn, B = B, meta_key = B .. "meta", history = number_text(history),
-    url = conn.url,
-    tx = nil,
+    url = conn.url, forking = forking,
+    txs = {},   -- coroutine (or MAIN) -> { obs, nobs, args }
   }, Backend))
 end
 
@@ -165,7 +196,9 @@ local function commit_call(self, nobs, obs, args)
   local argv = { tostring(nobs) }
   for i = 1, #obs do argv[#argv + 1] = obs[i] end
   for i = 1, #args do argv[#argv + 1] = args[i] end
-  local res, err = self.conn:fcall("stella_commit", { self.meta_key }, argv)
+  local c = take(self)
+  local res, err = c:fcall("stella_commit", { self.meta_key }, argv)
+  give(self, c)
   if res == nil then
     if err.kind == "redis" and err.code == "CONFLICT" then
       local _, cerr = fail(err, true)
@@ -181,7 +214,7 @@ end
 -- One op: buffered inside a transaction (answering `n`), else committed at once
 -- (answering the server's count). args: the op's arguments after NAME and N.
 local function write(self, op, n, args)
-  local tx = self.tx
+  local tx = tx_of(self)
   if tx then
     local a = tx.args
     a[#a + 1] = op
@@ -197,13 +230,14 @@ local function write(self, op, n, args)
 end
 
 function Backend:begin()
-  self.tx = { obs = {}, nobs = 0, args = {} }
+  self.txs[running() or MAIN] = { obs = {}, nobs = 0, args = {} }
   return true
 end
 
 function Backend:commit()
-  local tx = self.tx
-  self.tx = nil
+  local key = running() or MAIN
+  local tx = self.txs[key]
+  self.txs[key] = nil
   if not tx or #tx.args == 0 then return true end   -- read only: nothing to check
   local res, err = commit_call(self, tx.nobs, tx.obs, tx.args)
   if not res then return nil, err end
@@ -211,11 +245,11 @@ function Backend:commit()
 end
 
 function Backend:rollback()
-  self.tx = nil
+  self.txs[running() or MAIN] = nil
 end
 
 local function observe(self, a, b, c)
-  local tx = self.tx
+  local tx = tx_of(self)
   if not tx then return end
   local o = tx.obs
   o[#o + 1] = a
@@ -231,12 +265,15 @@ end
 function Backend:read_marks(keys, n, now)
   local B, cmd = self.B, { "MGET" }
   for i = 1, n do cmd[i + 1] = B .. "m:" .. keys[i] end
-  local vals, err = self.conn:call(unpack(cmd, 1, n + 1))
+  local c = take(self)
+  local vals, err = c:call(unpack(cmd, 1, n + 1))
+  give(self, c)
   if not vals then return fail(err) end
   local untils, owners = {}, {}
+  local tx = tx_of(self)
   for i = 1, n do
     local v = vals[i]
-    if self.tx then observe(self, "m", keys[i], v or "") end
+    if tx then observe(self, "m", keys[i], v or "") end
     if v then
       local p = v:find("|", 1, true)
       local u = tonumber(v:sub(1, p - 1))
@@ -286,20 +323,25 @@ end
 function Backend:unsubscribed(hashes, n)
   local cmd = { "HMGET", self.B .. "u" }
   for i = 1, n do cmd[i + 2] = hashes[i] end
-  local vals, err = self.conn:call(unpack(cmd, 1, n + 2))
+  local c = take(self)
+  local vals, err = c:call(unpack(cmd, 1, n + 2))
+  give(self, c)
   if not vals then return fail(err) end
   local flags = {}
+  local tx = tx_of(self)
   for i = 1, n do
     flags[i] = vals[i] and true or false
-    if self.tx then observe(self, "u", hashes[i], flags[i] and "1" or "0") end
+    if tx then observe(self, "u", hashes[i], flags[i] and "1" or "0") end
   end
   return flags
 end
 
 function Backend:count_unsubscribed()
-  local n, err = self.conn:call("HLEN", self.B .. "u")
+  local c = take(self)
+  local n, err = c:call("HLEN", self.B .. "u")
+  give(self, c)
   if not n then return fail(err) end
-  if self.tx then observe(self, "c", tostring(n)) end
+  if tx_of(self) then observe(self, "c", tostring(n)) end
   return n
 end
 
@@ -325,7 +367,9 @@ local function decode_items(list)
 end
 
 function Backend:enqueue(list, n)
-  local last, err = self.conn:call("INCRBY", self.B .. "id", n)
+  local c = take(self)
+  local last, err = c:call("INCRBY", self.B .. "id", n)
+  give(self, c)
   if not last then return fail(err) end
   local ids, args = {}, {}
   for i = 1, n do
@@ -356,13 +400,16 @@ end
 
 function Backend:lease(now, lease, limit)
   local next_at = number_text(now + lease)
-  if not self.tx then
-    local list, err = self.conn:fcall("stella_lease", { self.meta_key }, { number_text(now), next_at, tostring(limit) })
+  local c = take(self)
+  if not tx_of(self) then
+    local list, err = c:fcall("stella_lease", { self.meta_key }, { number_text(now), next_at, tostring(limit) })
+    give(self, c)
     if not list then return fail(err) end
     return decode_items(list)
   end
   -- inside a transaction: read the due items, lease them at commit if still so
-  local list, err = self.conn:fcall_ro("stella_items", { self.meta_key }, { "due", tostring(limit), number_text(now) })
+  local list, err = c:fcall_ro("stella_items", { self.meta_key }, { "due", tostring(limit), number_text(now) })
+  give(self, c)
   if not list then return fail(err) end
   local items, args = decode_items(list), {}
   for i = 1, #items do
@@ -394,13 +441,17 @@ function Backend:update_items(op, list, n)
 end
 
 function Backend:list_items(state, limit)
-  local list, err = self.conn:fcall_ro("stella_items", { self.meta_key }, { state, tostring(limit) })
+  local c = take(self)
+  local list, err = c:fcall_ro("stella_items", { self.meta_key }, { state, tostring(limit) })
+  give(self, c)
   if not list then return fail(err) end
   return decode_items(list)
 end
 
 function Backend:count_items()
-  local res, err = self.conn:pipeline{ { "ZCARD", self.B .. "due" }, { "ZCARD", self.B .. "dead" } }
+  local c = take(self)
+  local res, err = c:pipeline{ { "ZCARD", self.B .. "due" }, { "ZCARD", self.B .. "dead" } }
+  give(self, c)
   if not res then return fail(err) end
   return { queued = res[1], dead = res[2] }
 end
@@ -467,7 +518,9 @@ function Backend:ledger(since, status, limit)
   local min = since and number_text(since) or "-inf"
   local offset = 0
   while #out < limit do
-    local page, err = self.conn:call("ZREVRANGEBYSCORE", self.B .. "log", "+inf", min, "LIMIT", offset, PAGE)
+    local c = take(self)
+    local page, err = c:call("ZREVRANGEBYSCORE", self.B .. "log", "+inf", min, "LIMIT", offset, PAGE)
+    give(self, c)
     if not page then return fail(err) end
     for i = 1, #page do
       local e = decode_entry(page[i])
@@ -488,7 +541,9 @@ local function tally_log(self, since, before, bucket, add)
   local max = before and ("(" .. number_text(before)) or "+inf"
   local offset = 0
   while true do
-    local page, err = self.conn:call("ZRANGEBYSCORE", self.B .. "log", min, max, "LIMIT", offset, PAGE * 4)
+    local c = take(self)
+    local page, err = c:call("ZRANGEBYSCORE", self.B .. "log", min, max, "LIMIT", offset, PAGE * 4)
+    give(self, c)
     if not page then return fail(err) end
     for i = 1, #page do
       local e = decode_entry(page[i])
@@ -523,12 +578,17 @@ function Backend:tally(since, bucket)
     local ok, err = tally_log(self, since, first_hour, bucket, add)
     if not ok then return nil, err end
   end
-  local hours, err = self.conn:call("ZRANGEBYSCORE", self.B .. "hours", first_hour and number_text(first_hour) or "-inf", "+inf")
-  if not hours then return fail(err) end
-  if #hours == 0 then return out end
+  local c = take(self)
+  local hours, err = c:call("ZRANGEBYSCORE", self.B .. "hours", first_hour and number_text(first_hour) or "-inf", "+inf")
+  if not hours or #hours == 0 then
+    give(self, c)
+    if not hours then return fail(err) end
+    return out
+  end
   local cmds = {}
   for i = 1, #hours do cmds[i] = { "HGETALL", self.B .. "h:" .. hours[i] } end
-  local res, perr = self.conn:pipeline(cmds)
+  local res, perr = c:pipeline(cmds)
+  give(self, c)
   if not res then return fail(perr) end
   for i = 1, #hours do
     local hour, flat = tonumber(hours[i]), res[i]
@@ -549,10 +609,12 @@ end
 -- takes one off its hour's counter). Inside a transaction the counts are those read.
 function Backend:purge(before, limit)
   local max = "(" .. number_text(before)
-  local res, err = self.conn:pipeline{
+  local c = take(self)
+  local res, err = c:pipeline{
     { "ZRANGEBYSCORE", self.B .. "log", "-inf", max, "LIMIT", 0, limit },
     { "ZRANGEBYSCORE", self.B .. "dead", "-inf", max, "LIMIT", 0, limit },
   }
+  give(self, c)
   if not res then return fail(err) end
   local members, ids = res[1], res[2]
   if type(members) ~= "table" then return fail(members) end
@@ -564,7 +626,7 @@ function Backend:purge(before, limit)
     log_args[#log_args + 1] = number_text(floor(e.time / 3600) * 3600)
     log_args[#log_args + 1] = counter_field(e.status, e.reason)
   end
-  if self.tx then
+  if tx_of(self) then
     if #members > 0 then write(self, "purge_log", #members, log_args) end
     if #ids > 0 then write(self, "purge_dead", #ids, ids) end
     return { ledger = #members, dead = #ids }
@@ -585,7 +647,9 @@ end
 ---------------------------------------------------------------------------------------
 
 function Backend:get_meta(name)
-  local v, err = self.conn:call("HGET", self.meta_key, name)
+  local c = take(self)
+  local v, err = c:call("HGET", self.meta_key, name)
+  give(self, c)
   if v == nil then return fail(err) end
   return v or nil
 end
@@ -598,7 +662,7 @@ function Backend:set_meta(name, value, only_if_absent)
 end
 
 function Backend:close()
-  self.tx = nil
+  self.txs = {}
   self.conn:close()
 end
 

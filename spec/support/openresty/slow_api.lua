@@ -6,7 +6,8 @@
 --   local api = slow_api.start{ delay = 1 }    -- seconds before each answer
 --   api.url; api:set_delay(0.02); api:set_status(503)   -- 201 again: set_status(201)
 --   api:received() -> { [ext_interaction_id] = times received }, total, the most
---                     requests it held at once, requests answered with an error
+--                     requests it held at once, requests answered with an error,
+--                     { [customer e-mail] = times received }
 --   api:reset(); api:stop()
 --
 -- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
@@ -65,6 +66,8 @@ http {
                 end
                 local n = api:incr("n", 1, 0)
                 api:incr("r:" .. id, 1, 0)
+                local email = type(body.customer) == "table" and body.customer.email
+                if type(email) == "string" then api:incr("c:" .. email, 1, 0) end
                 ngx.status = 201
                 ngx.print('{"request_id":"slow-', n, '"}')
             }
@@ -73,12 +76,13 @@ http {
             content_by_lua_block {
                 local cjson = require "cjson.safe"
                 local api = ngx.shared.api
-                local ids = {}
+                local ids, customers = {}, {}
                 for _, k in ipairs(api:get_keys(0)) do
                     if k:sub(1, 2) == "r:" then ids[k:sub(3)] = api:get(k) end
+                    if k:sub(1, 2) == "c:" then customers[k:sub(3)] = api:get(k) end
                 end
                 ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0,
-                                         failed = api:get("failed") or 0 }))
+                                         failed = api:get("failed") or 0, customers = customers }))
             }
         }
         location = /_reset {
@@ -143,7 +147,7 @@ function Api:received()
   local code, body = get(self.port, "/_received")
   assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
   local v = cjson.decode(body)
-  return v.ids, v.total, v.max, v.failed
+  return v.ids, v.total, v.max, v.failed, v.customers
 end
 
 function Api:reset()
