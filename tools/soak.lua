@@ -174,11 +174,23 @@ local function lock_for(seconds, k)
   return spawn(cmd, dir .. "/lock.log")
 end
 
--- Runs `stella trigger` on a file, with a process fault: nil, "kill9" or "sigint".
-local function trigger_run(path, what)
+-- Runs `stella trigger` on a file, with a process fault (nil, "kill9" or "sigint") and a
+-- database lock (nil or its seconds), each at a random moment of the run (a lock may meet
+-- a batch's decide, its settle, or nothing). Returns the exit status, the fault that hit,
+-- and the lock's process (wait for it).
+local function trigger_run(path, what, lock_seconds, k)
   local h = spawn(stella_command{ "trigger", "--rules", rules, "--db", db, "-q", "--json", path }, dir .. "/trigger.log")
+  local t_lock = lock_seconds and random() * 2.5 or math.huge
+  local t_kill = what and 0.2 + random() * 2.5 or math.huge
+  local lock
+  if t_lock < t_kill then
+    socket.sleep(t_lock)
+    lock = lock_for(lock_seconds, k)
+    if what then socket.sleep(t_kill - t_lock) end
+  elseif what then
+    socket.sleep(t_kill)
+  end
   if what then
-    socket.sleep(0.2 + random() * 2.5)
     if h.alive() then
       if what == "kill9" then h.kill("KILL") else h.kill("INT") end
       fault(what)
@@ -186,8 +198,12 @@ local function trigger_run(path, what)
       what = nil
     end
   end
+  if lock_seconds and not lock then
+    socket.sleep(t_lock - t_kill)
+    lock = lock_for(lock_seconds, k)
+  end
   local status = h.wait()
-  return status, what
+  return status, what, lock
 end
 
 local function retry_run(sigint)
@@ -208,15 +224,13 @@ while socket.gettime() < deadline do
   local path, n = make_round(k)
   n_events = n_events + n
   script(math.floor(n * 1.6))
-  local lock
+  local lock_seconds
   if chance(0.25) then
-    local seconds = chance(0.3) and 16 + random() * 2 or 0.5 + random() * 6
-    socket.sleep(random() * 0.5)
-    lock = lock_for(seconds, k)
-    fault(seconds > 15 and "db_lock_long" or "db_lock")
+    lock_seconds = chance(0.3) and 16 + random() * 2 or 0.5 + random() * 6
+    fault(lock_seconds > 15 and "db_lock_long" or "db_lock")
   end
   local r = random()
-  local status, what = trigger_run(path, r < 0.15 and "kill9" or (r < 0.25 and "sigint") or nil)
+  local status, what, lock = trigger_run(path, r < 0.15 and "kill9" or (r < 0.25 and "sigint") or nil, lock_seconds, k)
   if what == "kill9" then
     kills = kills + 1
     for i = 1, n do killed_events[("e%d-%d"):format(k, i)] = true end
@@ -228,6 +242,7 @@ while socket.gettime() < deadline do
       or log:find("store_error", 1, true)
     if not again then break end
     os.rename(dir .. "/trigger.log", dir .. "/trigger.log." .. k)
+    if lock then lock.wait() lock = nil end
     status, what = trigger_run(path, nil)
   end
   os.rename(dir .. "/trigger.log", dir .. "/trigger.log." .. k)
