@@ -226,7 +226,7 @@ while socket.gettime() < deadline do
   script(math.floor(n * 1.6))
   local lock_seconds
   if chance(0.25) then
-    lock_seconds = chance(0.3) and 16 + random() * 2 or 0.5 + random() * 6
+    lock_seconds = chance(0.3) and 19 + random() * 5 or 0.5 + random() * 6
     fault(lock_seconds > 15 and "db_lock_long" or "db_lock")
   end
   local r = random()
