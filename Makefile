@@ -12,6 +12,7 @@
 #                        client/server ones pinned: different CPUs, then the same CPU)
 #   make bench-peers     the send endpoint with luasocket + cjson, python requests, a curl
 #                        loop and wrk next to client:send (skipping what is not installed)
+#   make soak            SOAK_SECONDS=120 [SOAK_SEED=N]: faults at random, then every event checked
 #   make install         PREFIX=/usr/local, DESTDIR, LUA_LIBDIR, LUA_SHAREDIR, BINDIR
 #   make rock rock-install   what `luarocks make`/`luarocks install` run (rockspec/, build.type "make")
 #   make deps            install the Debian packages (as root) or print the apt-get line
@@ -72,7 +73,7 @@ MODULE       := $(BUILD)/stella/core.so
 REDIS_MODULE := $(BUILD)/stella/redis/core.so
 CLIB         := build/c/libstella.a
 
-.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz fuzz-build fuzz-check-cc fuzz-corpus fuzz-mutate valgrind bench bench-peers install uninstall deps clean
+.PHONY: all module luajit rock rock-install clib test test-c test-lua asan fuzz fuzz-build fuzz-check-cc fuzz-corpus fuzz-mutate valgrind bench bench-peers soak install uninstall deps clean
 
 all: module
 
@@ -108,7 +109,17 @@ test: build/c/test_core fuzz-build
 	$(MAKE) LUA=luajit module
 	@tools/run-tests tap:build/c/test_core "tap:tools/run-fuzz --tap $(FUZZ_SMOKE_SECONDS) $(FUZZ_HARNESSES)" \
 	  tap:tools/rock-check \
-	  busted:lua5.4:build/5.4 busted:luajit:build/luajit
+	  busted:lua5.4:build/5.4 busted:luajit:build/luajit \
+	  "tap:lua5.4 tools/soak.lua --tap --seconds $(SOAK_TEST_SECONDS)"
+
+# A randomized fault schedule against the loopback test server, then a strict check of
+# the server's log against the ledger and the outbox (tools/soak.lua). SOAK_SEED replays
+# a run's schedule; make test runs a short one.
+SOAK_SECONDS ?= 120
+SOAK_TEST_SECONDS ?= 20
+soak:
+	$(MAKE) LUA=5.4 module
+	lua5.4 tools/soak.lua --seconds $(SOAK_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 # AddressSanitizer + UBSan: the module and a small Lua 5.4 host (spec/c/lua_host.c)
 # built with the sanitizers, so the runtime lives in the interpreter and child

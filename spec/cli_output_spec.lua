@@ -109,7 +109,7 @@ describe("stella --json and --json-lines", function()
     child.remove_db(db)
     assert.equal(0, rstatus, rout)
     assert.same({ command = "retry", sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0,
-                  outbox = { queued = 0, dead = 0 }, circuit = "closed", exit_status = 0 }, cjson.decode(rout))
+                  unrecorded = 0, reconciled = 0, outbox = { queued = 0, dead = 0 }, circuit = "closed", exit_status = 0 }, cjson.decode(rout))
     assert.equal(0, status, out)
     local s = cjson.decode(out)
     assert.equal("status", s.command)

@@ -26,7 +26,8 @@
 -- Recorded request fields: method, path (URI with query string), headers (lowercased
 -- names; a repeated header gives an array of values), body (raw string), connection
 -- (nginx connection serial number), connection_requests (how many requests this
--- connection has carried, this one included), time (ngx.now() at arrival).
+-- connection has carried, this one included), time (ngx.now() at arrival), answer (the
+-- script item it was answered with, {} for the default answer).
 
 local http = require "socket.http"
 local ltn12 = require "ltn12"

@@ -64,13 +64,20 @@ function M.run(ctx, opts, positional)
   local signal_name = sig.name()
   sig:release()
   if not fok or not res then ctx:warn("stella retry: %s", tostring(fok and flush_err or res)) return EXIT.FAILED end
+  -- a settle the store did not take (flush_err with a summary): sent, kept for the next run
+  if flush_err then
+    ctx:warn("stella retry: the store could not record the last batch (%s); %d sent request%s kept in %s: "
+      .. "the next run records them and sends nothing of them again", tostring(flush_err), res.unrecorded or 0,
+      (res.unrecorded or 0) == 1 and "" or "s", require("stella.trigger.unsettled").path_of(run.store) or "memory")
+  end
   local unreachable = circuit == "open" or circuit == "half_open"
   local status = signal_status or (unreachable and EXIT.UNREACHABLE)
-    or (((res.failed or 0) > 0 or (res.invalid or 0) > 0) and EXIT.FAILED or EXIT.OK)
+    or (((res.failed or 0) > 0 or (res.invalid or 0) > 0 or flush_err) and EXIT.FAILED or EXIT.OK)
   if mode == "json" then
     ctx:say("%s", require("stella.cli.output").encode{ command = "retry", sent = res.sent or 0,
       recorded = res.recorded or 0, queued = res.queued or 0, failed = res.failed or 0, dead = res.dead or 0,
       invalid = (res.invalid or 0) > 0 and res.invalid or nil,   -- requests decided in Redis
+      unrecorded = res.unrecorded or 0, reconciled = res.reconciled or 0,
       outbox = { queued = left and left.queued or 0, dead = left and left.dead or 0 },
       next_due = next_item and next_item.next_at or nil, circuit = circuit or nil,
       signal = signal_status and tostring(signal_name) or nil, exit_status = status })
@@ -81,6 +88,10 @@ function M.run(ctx, opts, positional)
   if (res.invalid or 0) > 0 then
     ctx:say("invalid %d: decided in Redis, refused by validation (recorded invalid, marks released; "
       .. "see stella status)", res.invalid)
+  end
+  if (res.reconciled or 0) > 0 then
+    ctx:say("recorded %d settle%s an earlier run could not write (sent then, not sent again)", res.reconciled,
+      res.reconciled == 1 and "" or "s")
   end
   if left then ctx:say("outbox: %d queued, %d dead", left.queued or 0, left.dead or 0) end
   if next_item and next_item.next_at then

@@ -171,7 +171,19 @@ function M.run(ctx, opts, inputs)
   if not fok then ctx:warn("error: %s", tostring(ferr)) bad = bad + 1 end
   record_malformed()
 
+  -- sent, but the store did not take the settle (locked past its busy timeout): say so,
+  -- and where it is kept until the next run writes it (stella.trigger.settle)
+  local unrecorded = tally["sent\0unrecorded"] or tally["recorded\0unrecorded"]
+  local pending = not dry_run and require("stella.trigger.settle").pending(trigger) or 0
+  if unrecorded then bad = bad + 1 end
   setup.stop(run)
+  if unrecorded or pending > 0 then
+    local where = require("stella.trigger.unsettled").path_of(run.store)
+    ctx:warn("stella trigger: the store could not record every outcome in time; %s", pending == 0
+      and "they were all recorded before the end"
+      or ("%d not recorded yet%s: the next `stella retry` or `stella trigger` records them, and sends nothing of them again"):format(
+        pending, where and (", kept in " .. where) or ""))
+  end
   for _, f in ipairs(failure_order) do
     local first, last = f.first, f.last
     ctx:warn("stella trigger: %d event%s not processed%s: %s", f.count, f.count == 1 and "" or "s",

@@ -2,7 +2,8 @@
 -- due, a leased batch at a time, sends it (send.start: first attempts over the brand's
 -- connections, then in line) and settles it (settle.claimed), until nothing is due.
 -- Items come back here after a retryable failure, a crash, or a batch that ran past half
--- of its lease.
+-- of its lease. Before each claim, the settles some run could not write to the store are
+-- written (settle.reconcile): their items were sent already and must not be claimed.
 local decide = require "stella.trigger.decide"
 local send = require "stella.trigger.send"
 local settle = require "stella.trigger.settle"
@@ -12,14 +13,21 @@ local unvalidated = require "stella.trigger.unvalidated"
 
 local M = {}
 
--- Returns counts by status { sent, recorded, queued, failed, dead [, invalid] }, or nil, err when
--- the store cannot claim.
+-- Returns counts by status { sent, recorded, queued, failed, dead [, invalid] }, with, when not 0,
+-- unrecorded (sent, of those counted in sent and recorded, whose settle the store did not
+-- take, kept for the next run; reconciled: items an earlier run sent or settled whose
+-- settle was written now). nil, err when the store cannot claim (or cannot take the
+-- settles kept earlier, in which case nothing is claimed). When a batch's settle fails,
+-- the flush ends there: summary, err.
 function M.run(self)
   local summary = { sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }
   if self.dry_run then return summary end
   local o = self.outbox_opts
   retention.when_due(self, self.clock())
   while true do
+    local done, rerr = settle.reconcile(self)
+    if not done then return nil, rerr end
+    if done > 0 then summary.reconciled = (summary.reconciled or 0) + done end
     local now = self.clock()
     local items, err = self.store:claim(now, o.lease, o.batch)
     if not items then return nil, err end
@@ -32,8 +40,9 @@ function M.run(self)
     items, invalid = unvalidated.check(self, items, batch, now, summary)
     if #invalid > 0 then alert.conclude(self, invalid, now) end
     local results, errs = send.start(self, items, now)()
-    local outcomes = settle.claimed(self, items, batch, now, results, errs, summary)
+    local outcomes, serr = settle.claimed(self, items, batch, now, results, errs, summary)
     alert.conclude(self, outcomes, now)
+    if serr then return summary, serr end
     if claimed < o.batch or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
   end
   return summary

@@ -125,6 +125,8 @@ function Trigger:process_many(events)
   local outcomes, batch, written = decide.batch(self, events, now)
   if written then
     local results, errs = send.in_line(self, send.sends_of(outcomes), now)
+    -- settles the store did not take earlier first (settle.lua), then this one's
+    if self.unsettled_plans and #self.unsettled_plans > 0 then settle.reconcile(self, true) end
     settle.batch(self, outcomes, batch, now, results, errs)
   end
   return alert.conclude(self, outcomes, now)

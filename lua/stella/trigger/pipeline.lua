@@ -8,7 +8,7 @@ local settle = require "stella.trigger.settle"
 local alert = require "stella.trigger.alert"
 local retention = require "stella.trigger.retention"
 
-local type, error, setmetatable = type, error, setmetatable
+local type, error, setmetatable, pcall = type, error, setmetatable, pcall
 
 local M = {}
 
@@ -26,8 +26,13 @@ Pipeline.__index = Pipeline
 -- requests, marks and outbox items are written before any of them is sent; the next
 -- batch is decided while they are on the wire and sees their marks as a later event of
 -- the same batch would.
+-- When deciding a batch raises, the batch before it is still completed (sent, settled,
+-- handed to on_outcomes) before the error goes on to the caller.
+-- A settle the store does not take (settle.lua) is written later: after the next batch's
+-- settle, at finish(), or by the next run; the first process() also writes those another
+-- run left behind.
 function M.new(trigger, on_outcomes)
-  return setmetatable({ trigger = trigger, sink = on_outcomes, prev = nil }, Pipeline)
+  return setmetatable({ trigger = trigger, sink = on_outcomes, prev = nil, started = false }, Pipeline)
 end
 
 -- Completes batch b: waits for the rest of its sends, then (after `between`, if given)
@@ -37,7 +42,11 @@ local function complete(p, b, between)
   local results, errs
   if b.finish then results, errs = b.finish() end
   if between then between() end
-  if b.finish then settle.batch(t, b.outcomes, b.batch, b.now, results, errs) end
+  if b.finish then
+    -- the settles kept from earlier batches first, so that the ledger keeps their order
+    if t.unsettled_plans and #t.unsettled_plans > 0 then settle.reconcile(t, true) end
+    settle.batch(t, b.outcomes, b.batch, b.now, results, errs)
+  end
   p.sink(alert.conclude(t, b.outcomes, b.now), b.events, b.tag)
 end
 
@@ -47,12 +56,22 @@ function Pipeline:process(events, tag)
     if type(events[i]) ~= "table" then error("pipeline:process: event " .. i .. " is not a table", 2) end
   end
   local t = self.trigger
+  if not self.started then
+    self.started = true
+    -- what an earlier run sent but could not record: written before anything else
+    if not t.dry_run then settle.reconcile(t) end
+  end
   local prev = self.prev
   self.prev = nil
   local now = t.clock()
   retention.when_due(t, now)
   -- decided while the previous batch's requests are still on the wire
-  local outcomes, batch, written = decide.batch(t, events, now)
+  local dok, outcomes, batch, written = pcall(decide.batch, t, events, now)
+  if not dok then
+    -- the previous batch is on the wire: complete it, then let the error go on
+    if prev then complete(self, prev) end
+    error(outcomes, 0)
+  end
   local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
   self.prev = b
   local function start()
@@ -67,6 +86,8 @@ function Pipeline:finish()
   local b = self.prev
   self.prev = nil
   if b then complete(self, b) end
+  local t = self.trigger
+  if t.unsettled_plans and #t.unsettled_plans > 0 then settle.reconcile(t, true) end
 end
 
 return M

@@ -122,6 +122,7 @@ function M.serve()
   ngx.update_time()  -- ngx.now() is cached per event-loop iteration
 
   local n = dict:incr("nreq", 1, 0)
+  local item = next_item() or {}
   local headers = ngx.req.get_headers(0)  -- 0: no limit; names come lowercased
   local record = {
     method = ngx.req.get_method(),
@@ -131,14 +132,13 @@ function M.serve()
     connection = tonumber(ngx.var.connection),
     connection_requests = tonumber(ngx.var.connection_requests),
     time = ngx.now(),
+    answer = item,   -- the script item it gets ({}: the default answer)
   }
   local stored, err = dict:safe_set("req:" .. n, cjson.encode(record))
   if not stored then
     ngx.log(ngx.ERR, "testserver: cannot record request ", n, ": ", err)
     return reply(500, cjson.encode { error = "testserver: cannot record request: " .. tostring(err) })
   end
-
-  local item = next_item() or {}
 
   local delay = tonumber(item.delay)
   if delay and delay > 0 then ngx.sleep(delay) end
