@@ -2,7 +2,8 @@
 -- the loopback nginx test server) with the Redis store against the SQLite store and the
 -- bare client (client:send of the same requests), measured in the same run; the round
 -- trips a batch makes to Redis (counted at the connection) and Redis' own work per event
--- (INFO commandstats and INFO cpu); then 1, 2 and 4 processes at once on one Redis,
+-- (INFO commandstats and INFO cpu), against the ceiling redis-benchmark measures for a call into
+-- the library on the same Redis; then 1, 2 and 4 processes at once on one Redis,
 -- their aggregate events per second. Every event has its own customer and interaction:
 -- nothing is suppressed, every event is sent. Fails only on a crash or an event not sent.
 --
@@ -146,8 +147,37 @@ local function main()
       print(fmt("  %-18s %7d calls  %6.2f per batch  %6.1f us per event", c.name, c.calls, c.calls / BATCHES,
         c.usec / events))
     end
-    print(fmt("Redis CPU per event: %.1f us (used_cpu_user + used_cpu_sys)", (cpu1 - cpu0) * 1e6 / events))
+    local cpu_per_event = (cpu1 - cpu0) * 1e6 / events
+    print(fmt("Redis CPU per event: %.1f us (used_cpu_user + used_cpu_sys)", cpu_per_event))
     r:close()
+
+    -- The ceiling, from redis-benchmark on the same Redis: the smallest call into the
+    -- library (FCALL_RO stella_version 0: a function call's fixed cost) over one connection,
+    -- as one process makes them, and over four. With the round trips per batch above, the
+    -- one-connection rate bounds what round trips alone allow; Redis CPU per event bounds
+    -- what one Redis core allows.
+    if io.popen("command -v redis-benchmark"):read("*l") then
+      local function bench_calls(clients)
+        local cmd = fmt("redis-benchmark -h %s -p %d -c %d -n 20000 -q FCALL_RO stella_version 0 2>&1",
+          srv.host, srv.port, clients)
+        local out = io.popen(cmd):read("*a")
+        return tonumber(out:match("([%d.]+) requests per second")), out
+      end
+      local one, out1 = bench_calls(1)
+      local four = bench_calls(4)
+      if one then
+        local per_batch = trips / BATCHES
+        print(fmt("ceiling (redis-benchmark, FCALL_RO stella_version 0): %.0f calls/s on 1 connection, %.0f on 4",
+          one, four or 0))
+        print(fmt("  round trips alone (%.1f per batch of %d): at most %.0f events/s per process;"
+          .. " Redis CPU alone (%.1f us/event): at most %.0f events/s per Redis core",
+          per_batch, BATCH, one / per_batch * BATCH, cpu_per_event, 1e6 / cpu_per_event))
+      else
+        print("ceiling: redis-benchmark gave no rate: " .. out1)
+      end
+    else
+      print("ceiling: skipped, redis-benchmark not installed (Debian: redis-tools)")
+    end
 
     -- 3. 1, 2, 4 processes at once on one Redis: aggregate events per second
     local lua = rawget(_G, "jit") and "luajit" or "lua5.4"
