@@ -197,6 +197,41 @@ describe("faults", function()
     end)
   end)
 
+  describe("a database locked by another process for the whole run", function()
+    -- the store exists, then another process holds its write lock (BEGIN EXCLUSIVE,
+    -- support/sqlite_lock.lua) while stella trigger runs over 150 events (one batch: each try waits out the busy timeout)
+    it("reports one line per distinct store error with the count, not one per event", function()
+      local db = dir .. "/locked.db"
+      local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
+      assert.equal(0, (stella_cmd(dir, { "trigger", "--rules", rules, "--db", db,
+                                         events_file(dir .. "/l0.jsonl", 90001, 2) }, env)))
+      server:reset()
+      local lockdir = dir .. "/lock"
+      os.execute("rm -rf " .. shell_quote(lockdir) .. " && mkdir -p " .. shell_quote(lockdir))
+      local locker = LUA .. " spec/support/sqlite_lock.lua " .. shell_quote(db) .. " " .. shell_quote(lockdir)
+        .. " 120 >/dev/null 2>&1 &"
+      os.execute(command({}, {}):gsub(" " .. LUA .. " bin/stella$", "") .. " " .. locker)
+      local waited = 0
+      while not io.open(lockdir .. "/locked") and waited < 500 do os.execute("sleep 0.02") waited = waited + 1 end
+      assert.truthy(io.open(lockdir .. "/locked"), "the locker did not take the lock")
+      local status, out, err = stella_cmd(dir, { "trigger", "--rules", rules, "--db", db,
+                                                 events_file(dir .. "/l.jsonl", 91001, 150) }, env)
+      assert(write_file(lockdir .. "/release", ""))
+      assert.equal(1, status, out .. err)
+      local lines = {}
+      for line in err:gmatch("[^\n]+") do
+        if line:find("not processed", 1, true) then lines[#lines + 1] = line end
+      end
+      assert.equal(1, #lines, err)
+      assert.matches("150 events not processed %(.*l%.jsonl:1 to .*l%.jsonl:150%): .*locked", lines[1])
+      local n = 0
+      for _ in err:gmatch("database is locked") do n = n + 1 end
+      assert.is_true(n < 10, "the error was printed " .. n .. " times:\n" .. err)
+      local _, total = received(server)
+      assert.equal(0, total)   -- nothing decided, so nothing sent
+    end)
+  end)
+
   describe("the circuit breaker against a closed port", function()
     it("stops trying after 5 failed connections, queues the rest at once, exits 3", function()
       local port = nginx.free_port()

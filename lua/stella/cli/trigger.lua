@@ -92,6 +92,25 @@ function M.run(ctx, opts, inputs)
   end
 
   local first_due   -- the earliest send_at of the requests scheduled for later
+  -- What the store could not take (locked, read-only, damaged) is said once per distinct
+  -- message at the end, with the count and the first and last place, not once per event:
+  -- a batch that raised, and events whose decide failed with store_error.
+  local failures, failure_order = {}, {}
+  local function note_failure(message, n, first, last)
+    local f = failures[message]
+    if not f then
+      f = { message = message, count = 0, first = first }
+      failures[message] = f
+      failure_order[#failure_order + 1] = f
+    end
+    f.count, f.last = f.count + n, last or f.last
+  end
+  local function fail_batch(events, places, err)
+    for _ = 1, #events do count("failed", "error") end
+    bad = bad + #events
+    note_failure(tostring(err), #events, places[1], places[#places])
+  end
+
   local function tally_outcome(name, line_no, outcome)
     local status = tostring(outcome.status)
     local at = outcome.send_at
@@ -100,28 +119,13 @@ function M.run(ctx, opts, inputs)
     local failed = status == "failed" or status == "invalid"
     if failed then bad = bad + 1 end
     if mode == "json-lines" then ctx:say("%s", output.outcome_line(name, line_no, outcome)) end
-    if (failed and not opts.quiet) or opts.verbose then
+    if status == "failed" and outcome.reason == "store_error" and not opts.verbose then
+      note_failure(cli_events.outcome_message(outcome), 1, { name, line_no }, { name, line_no })
+    elseif (failed and not opts.quiet) or opts.verbose then
       local id = outcome.event_id
       ctx:warn("%s:%d: %s%s: %s", name, line_no, status,
         id ~= nil and (" (event " .. tostring(id) .. ")") or "", cli_events.outcome_message(outcome))
     end
-  end
-
-  -- A batch the store could not take (locked, read-only, damaged) fails as a whole: one
-  -- line per distinct message at the end, with the count and the first and last place,
-  -- not one line per event.
-  local failures, failure_order = {}, {}
-  local function fail_batch(events, places, err)
-    local message = tostring(err)
-    local f = failures[message]
-    if not f then
-      f = { message = message, count = 0, first = places[1] }
-      failures[message] = f
-      failure_order[#failure_order + 1] = f
-    end
-    for _ = 1, #events do count("failed", "error") end
-    bad = bad + #events
-    f.count, f.last = f.count + #events, places[#places]
   end
 
   -- Malformed lines go to the ledger too (status invalid, reason malformed_input), so
