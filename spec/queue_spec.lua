@@ -194,6 +194,28 @@ describe("the work queue", function()
     for _, w in ipairs(live) do if w.state == "live" then names[#names + 1] = w.name end end
     assert.same({ "w1", "w2", "w3" }, names)
     for _, w in ipairs(assert(q:workers())) do assert.equal("stopped", w.state) end
+    -- stella status: the queue, its consumers and workers
+    local sstatus, sout = stella_cmd(dir, { "status", "--db", url, "--json" }, {}, "status")
+    assert.equal(0, sstatus, sout)
+    local qs = cjson.decode(sout).queue
+    assert.equal(0, qs.pending)
+    assert.equal(0, qs.lag)
+    assert.equal(3, qs.dead)
+    assert.equal(cjson.null, qs.oldest)   -- nothing left to do
+    local consumers = {}
+    for _, c in ipairs(qs.consumers) do consumers[#consumers + 1] = ("%s=%d"):format(c.name, c.pending) end
+    table.sort(consumers)
+    assert.same({ "ghost=0", "w1=0", "w2=0", "w3=0" }, consumers)
+    assert.equal(3, #qs.workers)
+    for _, w in ipairs(qs.workers) do assert.equal("stopped", w.state) end
+    local tstatus, tout = stella_cmd(dir, { "status", "--db", url }, {}, "status-text")
+    assert.equal(0, tstatus, tout)
+    assert.matches("work queue: 0 waiting %(lag%), 0 being processed %(pending%), 3 dead letters", tout)
+    assert.matches("worker w2: stopped", tout)
+    -- what is done leaves the stream when trimmed (at most the last delivered entry stays)
+    assert.is_true(assert(q.conn:call("XLEN", q.stream)) >= 250)
+    assert(q:trim())
+    assert.is_true(assert(q.conn:call("XLEN", q.stream)) <= 1)
     -- stella worker --dead lists them
     local dstatus, dout = stella_cmd(dir, { "worker", "--dead", "--db", url, "--json" }, {}, "dead")
     assert.equal(0, dstatus, dout)

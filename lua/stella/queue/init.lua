@@ -220,7 +220,7 @@ function Queue:workers(now, stale)
     local beat = tonumber(doc.beat) or 0
     local state = doc.state == "stopped" and "stopped" or (now - beat > stale and "vanished" or "live")
     out[#out + 1] = { name = res[i], beat = beat, age = now - beat, state = state, pid = doc.pid,
-                      host = doc.host, started = doc.started }
+                      host = doc.host, started = doc.started, processed = doc.processed }
   end
   table.sort(out, function(a, b) return a.name < b.name end)
   return out
@@ -231,8 +231,49 @@ function Queue:forget(name)
   return self.conn:call("HDEL", self.workers_key, name)
 end
 
--- The queue at a glance: { length, group, pending, lag, entries_read, dead, consumers =
--- { { name, pending, idle (s) } }, workers = Queue:workers }. No group yet: pending 0.
+local function id_parts(id)
+  local ms, seq = tostring(id):match("^(%d+)-(%d+)$")
+  return tonumber(ms) or 0, tonumber(seq) or 0
+end
+
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+-- The group's last delivered id and pending summary: last, pending count, oldest pending id.
+local function group_position(self)
+  local res, err = self.conn:pipeline{ { "XINFO", "GROUPS", self.stream }, { "XPENDING", self.stream, self.group } }
+  if not res then return nil, err end
+  if redis.is_error(res[1]) then return nil, res[1] end
+  local last
+  for _, g in ipairs(res[1]) do
+    local f = {}
+    for i = 1, #g - 1, 2 do f[g[i]] = g[i + 1] end
+    if f.name == self.group then last = f["last-delivered-id"] end
+  end
+  if not last then return nil, { kind = "redis", message = "no consumer group " .. self.group } end
+  local p = res[2]
+  if redis.is_error(p) then return nil, p end
+  return last, tonumber(p[1]) or 0, p[2] or nil
+end
+
+-- Trims the stream of what is done: entries delivered and acknowledged (before the
+-- group's last delivered id and the oldest pending one). Entries stay in a stream after
+-- XACK; a worker calls this now and then. -> entries removed | nil, err
+function Queue:trim()
+  local last, pending, oldest = group_position(self)
+  if not last then return nil, pending end
+  local minid = last
+  if pending > 0 and oldest and id_less(oldest, minid) then minid = oldest end
+  return self.conn:call("XTRIM", self.stream, "MINID", minid)
+end
+
+-- The queue at a glance: { length (entries in the stream, done ones until trimmed), group,
+-- pending (delivered, not acknowledged), lag (not delivered yet), entries_read, dead,
+-- oldest (time of the oldest entry not done, s), consumers = { { name, pending, idle (s) } },
+-- workers = Queue:workers }. No group yet: pending 0, lag the length.
 function Queue:status(now)
   local res, err = self.conn:pipeline{ { "XLEN", self.stream }, { "XLEN", self.dead_stream },
                                        { "XINFO", "GROUPS", self.stream },
@@ -260,6 +301,17 @@ function Queue:status(now)
       st.consumers[#st.consumers + 1] = { name = f.name, pending = tonumber(f.pending) or 0,
                                           idle = (tonumber(f.idle) or 0) / 1000 }
     end
+  end
+  -- the oldest entry not yet done: the oldest pending one, else the first unread one
+  local last, pending, oldest = group_position(self)
+  if last then
+    local from = pending > 0 and oldest or nil
+    if not from then
+      local ms, seq = id_parts(last)
+      local next_unread = self.conn:call("XRANGE", self.stream, "(" .. ms .. "-" .. seq, "+", "COUNT", 1)
+      from = type(next_unread) == "table" and next_unread[1] and next_unread[1][1] or nil
+    end
+    if from then st.oldest = (id_parts(from)) / 1000 end
   end
   local workers, werr = self:workers(now)
   if not workers then return nil, werr end

@@ -34,7 +34,8 @@ local ipairs, pairs, pcall, tostring, type = ipairs, pairs, pcall, tostring, typ
 
 local M = {}
 
-M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2 }
+M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2,
+                trim_every = 10 }
 
 local function now_s()
   local ok, socket = pcall(require, "socket")
@@ -133,11 +134,12 @@ function M.run(o)
   local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
   local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outcomes = {} }
   local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
-  local last_beat, last_flush, last_reclaim = -math.huge, -math.huge, -math.huge
+  local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, clock()
   local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
   while not stop() do
     local now = clock()
     if now - last_beat >= o.beat_every then
+      info.processed = total.read
       q:beat(name, info)
       last_beat = now
     end
@@ -170,8 +172,12 @@ function M.run(o)
       else total.flushed = total.flushed + (summary.sent or 0) end
       last_flush = clock()
     end
+    if clock() - last_trim >= o.trim_every then
+      q:trim()   -- done entries out of the stream (failure: the next time)
+      last_trim = clock()
+    end
   end
-  info.state = "stopped"
+  info.state, info.processed = "stopped", total.read
   q:beat(name, info)
   return total
 end
