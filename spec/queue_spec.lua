@@ -127,7 +127,7 @@ describe("the work queue", function()
   end
 
   it("one producer of each kind and three workers: every event decided once, every request once; "
-    .. "malformed and over-delivered entries in the dead-letter stream", function()
+    .. "malformed and over-delivered entries in the dead-letter stream, replayed by stella retry --dead", function()
     local url = fresh_url()
     local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
     local q = assert(queue.open(url))
@@ -220,6 +220,25 @@ describe("the work queue", function()
     local dstatus, dout = stella_cmd(dir, { "worker", "--dead", "--db", url, "--json" }, {}, "dead")
     assert.equal(0, dstatus, dout)
     assert.equal(3, #cjson.decode(dout).dead)
+    -- stella retry --dead: the two with an event back in the queue; a worker sends the
+    -- ghost's (never sent before) and dead-letters the array again
+    local rstatus, rout = stella_cmd(dir, { "retry", "--dead", "--db", url, "--json" }, {}, "replay")
+    assert.equal(0, rstatus, rout)
+    local replay = cjson.decode(rout)
+    assert.equal(2, replay.replayed)
+    assert.equal(1, replay.kept)
+    local pid, wait = stella_bg(dir, worker_args(url, "w4"), env, "w4")
+    local sent = nginx.wait_until(60, function()
+      local st = assert(q:status())
+      return received(server)["9999"] == 1 and st.pending == 0 and st.lag == 0
+    end)
+    os.execute("kill -TERM " .. pid)
+    assert.equal(0, (wait()))
+    assert.is_true(sent, "the replayed entry was not sent")
+    dead = assert(q:dead())
+    assert.equal(2, #dead)
+    assert.matches("^malformed: .*in%.jsonl:101", dead[1].reason)
+    assert.matches("^malformed: the event is not a JSON object", dead[2].reason)
     q:close()
   end)
 

@@ -201,6 +201,31 @@ function Queue:dead(limit)
   return out
 end
 
+-- Dead letters back into the queue (`stella retry --dead`): each one with an event is
+-- appended to the stream again and removed from the dead-letter stream, in one
+-- MULTI/EXEC. One without an event (a line `stella submit` could not read) stays.
+-- -> { replayed = n, kept = n } | nil, err
+function Queue:replay_dead(limit)
+  local res, err = self.conn:call("XRANGE", self.dead_stream, "-", "+", "COUNT", limit or 1000)
+  if not res then return nil, err end
+  local replayed, kept = 0, 0
+  for _, e in ipairs(entries_of(res)) do
+    local ev = e.fields.event
+    if type(ev) == "string" and ev ~= "" then
+      local r, rerr = self.conn:pipeline{ { "MULTI" }, { "XADD", self.stream, "*", "event", ev },
+                                          { "XDEL", self.dead_stream, e.id }, { "EXEC" } }
+      if not r then return nil, rerr end
+      if redis.is_error(r[4]) or not r[4] then
+        return nil, redis.is_error(r[4]) and r[4] or { kind = "redis", message = "the replay's transaction was aborted" }
+      end
+      replayed = replayed + 1
+    else
+      kept = kept + 1
+    end
+  end
+  return { replayed = replayed, kept = kept }
+end
+
 -- A worker's heartbeat: info { state = "running"|"stopped", started, pid, host }.
 function Queue:beat(name, info, now)
   local doc = { beat = now or os.time() }
