@@ -153,7 +153,14 @@ describe("the work queue", function()
       workers[w] = { pid = pid, wait = wait }
     end
     local ok = drained(url, 300)
-    local live = assert(q:workers())
+    -- (a worker started late under load may not have beaten yet: it does within 2 s)
+    local live
+    nginx.wait_until(30, function()
+      live = assert(q:workers())
+      local n = 0
+      for _, w in ipairs(live) do if w.state == "live" then n = n + 1 end end
+      return n == 3
+    end)
     for w = 1, 3 do os.execute("kill -TERM " .. workers[w].pid) end
     local read, acked = 0, 0
     for w = 1, 3 do
@@ -202,10 +209,14 @@ describe("the work queue", function()
     assert.equal(0, qs.lag)
     assert.equal(3, qs.dead)
     assert.equal(cjson.null, qs.oldest)   -- nothing left to do
+    -- every consumer (a worker that never got to read has none) holds nothing
     local consumers = {}
-    for _, c in ipairs(qs.consumers) do consumers[#consumers + 1] = ("%s=%d"):format(c.name, c.pending) end
-    table.sort(consumers)
-    assert.same({ "ghost=0", "w1=0", "w2=0", "w3=0" }, consumers)
+    for _, c in ipairs(qs.consumers) do
+      assert.equal(0, c.pending, c.name)
+      consumers[c.name] = true
+    end
+    assert.is_true(consumers.ghost and #qs.consumers >= 2 and #qs.consumers <= 4, sout)
+    for name in pairs(consumers) do assert.truthy(name == "ghost" or name:match("^w[123]$"), name) end
     assert.equal(3, #qs.workers)
     for _, w in ipairs(qs.workers) do assert.equal("stopped", w.state) end
     local tstatus, tout = stella_cmd(dir, { "status", "--db", url }, {}, "status-text")
