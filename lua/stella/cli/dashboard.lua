@@ -55,8 +55,10 @@ function M.run(ctx, opts, positional)
       tostring(dashboard):match("^[^\n]*"))
     return 1
   end
+  -- a Redis store: the work queue's workers and depth (stella.cli.queue_status)
+  local sources = setup.is_url(db) and require("stella.cli.queue_status").sources(db) or nil
   local d, err = dashboard.new{ store = store, db = db, bind = opts.bind, port = port, token = token,
-                                threshold = threshold, log = function(m) ctx:warn("%s", m) end }
+                                threshold = threshold, sources = sources, log = function(m) ctx:warn("%s", m) end }
   if not d then
     store:close()
     if err:find("needs a token", 1, true) or err:find("token must", 1, true) then

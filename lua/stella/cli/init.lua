@@ -25,6 +25,8 @@ usage: stella COMMAND [OPTIONS] [ARGS]
 
 commands:
   trigger      send feedback requests for the events of export files, through rules
+  submit       append the events of export files to the work queue on Redis
+  worker       process the work queue on Redis (a consumer group; run several)
   send         send one request given as JSON
   validate     check export files offline; one line per problem
   test         check a rules file against cases: events and the outcome each should get
@@ -40,7 +42,7 @@ commands:
 Run `stella COMMAND --help` for a command's options.]]
 
 local commands = {}
-for _, name in ipairs{ "trigger", "send", "validate", "test", "status", "retry", "dashboard", "unsubscribe", "doctor", "sandbox", "redis", "help" } do
+for _, name in ipairs{ "trigger", "submit", "worker", "send", "validate", "test", "status", "retry", "dashboard", "unsubscribe", "doctor", "sandbox", "redis", "help" } do
   commands[name] = require("stella.cli." .. name)
 end
 

@@ -1,5 +1,5 @@
 -- stella.cli.retry: `stella retry`, what the outbox holds sent again (the trigger's flush).
-local pcall, tostring = pcall, tostring
+local pcall, tonumber, tostring = pcall, tonumber, tostring
 local args = require "stella.cli.args"
 local setup = require "stella.cli.setup"
 local signals = require "stella.cli.signals"
@@ -11,6 +11,7 @@ local M = {}
 
 M.help = [[
 usage: stella retry [--rules FILE] [--db FILE|URL] [--connections N] [--keep AGE] [--json] [-q | -v]
+       stella retry --dead --db URL [--limit N] [--json]
 
 Sends the requests waiting in the outbox that are due (those that failed with a
 retryable error, those the rules scheduled for later once their time has come, and those
@@ -25,19 +26,47 @@ could not be reached (the circuit breaker opened), 128+N when stopped by signal 
 ]] .. args.KEEP_HELP .. [[
   --json         print the result as one JSON object (fields: see README, "Machine-readable output")
   -q, -v         accepted for symmetry with trigger (retry prints no per-event lines)
+  --dead         the work queue's dead letters (Redis: stella:events:dead) appended to the
+                 queue again for `stella worker`, at most --limit N (default 1000); those
+                 without an event (a line `stella submit` could not read) stay
 ]] .. setup.KEYS_HELP
 
 -- its options: "flag" or "value"
-M.options = args.with_output{ rules = "value", db = "value", connections = "value", keep = "value" }
+M.options = args.with_output{ rules = "value", db = "value", connections = "value", keep = "value",
+                               dead = "flag", limit = "value" }
 
 local function fmt_time(t)
   return os.date("%Y-%m-%d %H:%M:%S", math.floor(t))
+end
+
+-- --dead: the work queue's dead letters back into the queue (stella.queue)
+local function replay_dead(ctx, opts, mode)
+  local db = setup.db(ctx, opts)
+  if not setup.is_url(db) then return ctx:usage_error("retry", "--dead needs --db redis://... (the work queue)") end
+  local limit = tonumber(opts.limit or "1000")
+  if not limit or limit < 1 or limit % 1 ~= 0 then return ctx:usage_error("retry", "--limit must be a whole number >= 1") end
+  local q, err = require("stella.queue").open(db)
+  local res
+  if q then res, err = q:replay_dead(limit) q:close() end
+  if not res then
+    ctx:warn("stella retry: the queue %s: %s", setup.label(db), tostring(err))
+    return EXIT.FAILED
+  end
+  if mode == "json" then
+    ctx:say("%s", require("stella.cli.output").encode{ command = "retry", dead = true, replayed = res.replayed,
+      kept = res.kept, exit_status = EXIT.OK })
+  else
+    ctx:say("dead letters back in the queue: %d; kept (no event to replay): %d", res.replayed, res.kept)
+  end
+  return EXIT.OK
 end
 
 function M.run(ctx, opts, positional)
   if #positional > 0 then return ctx:usage_error("retry", "unexpected argument %s", positional[1]) end
   local mode, merr = args.output_mode(opts, false)
   if merr then return ctx:usage_error("retry", "%s", merr) end
+  if opts.dead then return replay_dead(ctx, opts, mode) end
+  if opts.limit then return ctx:usage_error("retry", "--limit goes with --dead") end
   local connections = args.connections(opts)
   if not connections then
     return ctx:usage_error("retry", "--connections must be a whole number from 1 to 64")

@@ -178,10 +178,12 @@ function M.to_json(st, extra)
 end
 
 -- --json: the same data as one object
-function M.json(ctx, store, db, since, window)
+function M.json(ctx, store, db, since, window, queue)
   local output = require "stella.cli.output"
   local st = M.collect(store, { now = since + window, window = window })
-  ctx:say("%s", output.encode(M.to_json(st, { command = "status", db = db })))
+  local extra = { command = "status", db = db }
+  if queue ~= nil then extra.queue = require("stella.cli.queue_status").to_json(queue or nil) end
+  ctx:say("%s", output.encode(M.to_json(st, extra)))
 end
 
 function M.run(ctx, opts, positional)
@@ -199,7 +201,9 @@ function M.run(ctx, opts, positional)
   local since = now - window
 
   local ok, err = pcall(function()
-    if mode == "json" then return M.json(ctx, store, setup.label(db), since, window) end
+    -- a Redis store: the work queue too (stella.cli.queue_status); false: none in use
+    local queue = setup.is_url(db) and (require("stella.cli.queue_status").collect(db, now) or false) or nil
+    if mode == "json" then return M.json(ctx, store, setup.label(db), since, window, queue) end
     ctx:say("stella status: %s, since %s (%s)", setup.label(db), fmt_time(since), opts.since or "24h")
     ctx:say("")
 
@@ -243,6 +247,7 @@ function M.run(ctx, opts, positional)
       ctx:say("  %s; the oldest queued at %s%s", table.concat(parts, ", "), fmt_time(ob.oldest),
         ob.scanned < ob.queued and (" (of the first %d looked at)"):format(ob.scanned) or "")
     end
+    if queue then require("stella.cli.queue_status").print(ctx, queue) end
     local purge = last_purge(store)
     if purge then
       ctx:say("retention: %s; last purge %s: %d ledger entr%s, %d dead item%s", setup.days_text(purge.days),

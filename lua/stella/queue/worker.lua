@@ -1,0 +1,185 @@
+-- stella.queue.worker: one consumer of the work queue (what `stella worker` runs).
+--
+--   local worker = require "stella.queue.worker"
+--   local summary = worker.run{ queue = q, trigger = t, name = "w1", batch = 100,
+--                               lease = 30, max_deliveries = 5, block = 1, flush_every = 1,
+--                               stop = fn, on_batch = fn(report) }
+--
+-- Each round: the heartbeat; entries of a dead consumer, idle for `lease` seconds, taken
+-- over (XAUTOCLAIM), else new ones read (XREADGROUP, blocking up to `block` s); each
+-- entry's JSON decoded (a malformed one goes to the dead-letter stream with the reason);
+-- the events decided, sent and settled by the trigger (process_many: the same atomic
+-- store calls as `stella trigger`), then acknowledged. An entry delivered more than
+-- max_deliveries times goes to the dead-letter stream with its last error instead.
+-- Entries whose decision failed (the store could not be written) are not acknowledged:
+-- their error is noted and they come back after the lease.
+--
+-- Retries are never slept on: a retryable send failure leaves the request queued in the
+-- store's outbox with its next_at, and between rounds (every flush_every seconds) the
+-- worker runs trigger:flush(), which sends what is due. The outbox's due-time index is
+-- the retry schedule, shared by every worker.
+--
+-- Reprocessing a reclaimed entry is safe with once_per_interaction (the default of the
+-- rules' examples): an interaction decided before is `skipped/duplicate`, and its request,
+-- if it was left queued in the outbox by the dead worker, goes out with a flush once the
+-- outbox lease is over. Only a request that was on the wire, not yet settled, when its
+-- worker died may go twice.
+--
+-- stop() -> true ends the loop: no new read; a batch already read is decided, its sends
+-- in flight finish (the trigger's own stop ends the rest: they wait in the outbox), and it
+-- is acknowledged. Nothing read is left pending.
+local decode = require("stella.core").decode_json
+
+local ipairs, pairs, pcall, tostring, type = ipairs, pairs, pcall, tostring, type
+
+local M = {}
+
+M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2,
+                trim_every = 10 }
+
+local function now_s()
+  local ok, socket = pcall(require, "socket")
+  if ok and type(socket) == "table" and socket.gettime then return socket.gettime end
+  return os.time
+end
+local clock = now_s()
+
+local function sleep(seconds)
+  local ok, socket = pcall(require, "socket")
+  if ok and type(socket) == "table" and socket.sleep then socket.sleep(seconds) end
+end
+
+-- The decision failed for want of a store: try again later, not a verdict on the event.
+local function retry_later(outcome)
+  return type(outcome) ~= "table" or outcome.reason == "store_error"
+end
+
+local function message_of(outcome)
+  local err = outcome.error
+  if type(err) == "table" then err = err.message end
+  return tostring(err or outcome.detail or outcome.reason or outcome.status)
+end
+
+-- Processes entries; returns the round's report { read, acked, dead, retried, outcomes = { status/reason -> n } }
+local function process(o, entries, report)
+  local q, name = o.queue, o.name
+  local events, taken = {}, {}
+  for _, e in ipairs(entries) do
+    if e.deliveries > o.max_deliveries then
+      local ok, err = q:bury(e, ("delivered %d times; last error: %s"):format(e.deliveries,
+                                 tostring(e.last_error or "none noted (its worker died)")), name)
+      if not ok then return nil, err end
+      report.dead = report.dead + 1
+    else
+      local text = e.fields.event
+      local event, derr
+      if type(text) ~= "string" then derr = "the entry has no event field"
+      else
+        event, derr = decode(text)
+        if type(derr) == "table" then
+          derr = "invalid JSON" .. (derr.column and (" at column " .. derr.column) or "") .. ": " .. tostring(derr.message)
+        end
+      end
+      if type(event) ~= "table" or (not derr and not text:find("^%s*{")) then
+        local ok, err = q:bury(e, "malformed: " .. tostring(derr or "the event is not a JSON object"), name)
+        if not ok then return nil, err end
+        report.dead = report.dead + 1
+      else
+        events[#events + 1] = event
+        taken[#taken + 1] = e
+      end
+    end
+  end
+  if #events == 0 then return report end
+  local ok, outcomes = pcall(o.trigger.process_many, o.trigger, events)
+  if not ok then
+    local ids = {}
+    for i, e in ipairs(taken) do ids[i] = e.id end
+    q:note_error(ids, outcomes)
+    report.retried = report.retried + #ids
+    return report
+  end
+  local acks, later, later_err = {}, {}, nil
+  for i, e in ipairs(taken) do
+    local out = outcomes[i]
+    if retry_later(out) then
+      later[#later + 1] = e.id
+      later_err = type(out) == "table" and message_of(out) or "no outcome"
+    elseif out.status == "invalid" then
+      -- decided (the ledger has it) and dead-lettered, so that it is seen with its reason
+      local bok, berr = q:bury(e, "invalid: " .. message_of(out), name)
+      if not bok then return nil, berr end
+      report.dead = report.dead + 1
+    else
+      acks[#acks + 1] = e.id
+    end
+    if type(out) == "table" then
+      local key = tostring(out.status) .. "/" .. tostring(out.reason or "")
+      report.outcomes[key] = (report.outcomes[key] or 0) + 1
+    end
+  end
+  if #later > 0 then
+    q:note_error(later, later_err)
+    report.retried = report.retried + #later
+  end
+  local aok, aerr = q:ack(acks)
+  if not aok then return nil, aerr end
+  report.acked = report.acked + #acks
+  return report
+end
+
+-- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors }.
+function M.run(o)
+  for k, v in pairs(M.DEFAULTS) do if o[k] == nil then o[k] = v end end
+  local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
+  local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outcomes = {} }
+  local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
+  local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, clock()
+  local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
+  while not stop() do
+    local now = clock()
+    if now - last_beat >= o.beat_every then
+      info.processed = total.read
+      q:beat(name, info)
+      last_beat = now
+    end
+    local entries, err
+    -- a dead consumer's entries first (looked for every half lease)
+    if now - last_reclaim >= o.lease / 2 then
+      entries, err = q:reclaim(name, o.lease * 1000, o.batch)
+      last_reclaim = now
+      if entries and #entries == o.batch then last_reclaim = -math.huge end   -- more may wait
+    end
+    if not err and (not entries or #entries == 0) and not stop() then
+      entries, err = q:read(name, o.batch, o.block * 1000)
+    end
+    if err then
+      warn("redis: " .. tostring(err))
+      sleep(o.block)   -- Redis away: try again a little later
+    elseif entries and #entries > 0 then
+      local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
+      local res, perr = process(o, entries, report)
+      if not res then warn("redis: " .. tostring(perr)) end
+      total.rounds = total.rounds + 1
+      for _, k in ipairs{ "read", "acked", "dead", "retried" } do total[k] = total[k] + report[k] end
+      for k, n in pairs(report.outcomes) do total.outcomes[k] = (total.outcomes[k] or 0) + n end
+      if o.on_batch then o.on_batch(report) end
+    end
+    -- requests due again (retries, scheduled sends, a dead worker's leased ones)
+    if not stop() and clock() - last_flush >= o.flush_every then
+      local ok, summary, ferr = pcall(t.flush, t)
+      if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
+      else total.flushed = total.flushed + (summary.sent or 0) end
+      last_flush = clock()
+    end
+    if clock() - last_trim >= o.trim_every then
+      q:trim()   -- done entries out of the stream (failure: the next time)
+      last_trim = clock()
+    end
+  end
+  info.state, info.processed = "stopped", total.read
+  q:beat(name, info)
+  return total
+end
+
+return M
