@@ -361,20 +361,27 @@ static int l_sender_close(lua_State *L) {
   return 0;
 }
 
-/* send_many({ http, path, body, http, path, body, ... }, budget_seconds) -> sender
- * | nil, message: posts the bodies on background threads, one per distinct client, each
- * client's in list order (see stella.h, stella_sender_start). The clients are lent to
- * the threads until sender:close(); using one meanwhile waits for them first. */
+/* send_many({ http, path, body, http, path, body, ... }, budget_seconds [, groups]) ->
+ * sender | nil, message: posts the bodies on background threads, one per distinct client,
+ * each client's in list order, or with groups (a list of whole numbers >= 0, one per
+ * item), the clients of a group g > 0 sharing its items (see stella.h,
+ * stella_sender_start_shared; sender:poster(k) says which client posted item k). The
+ * clients are lent to the threads until sender:close(); using one meanwhile waits for
+ * them first. */
 static int l_send_many(lua_State *L) {
   size_t n, i, count;
   lua_Number budget = luaL_checknumber(L, 2);
+  int grouped = !lua_isnoneornil(L, 3);
   stella_send_item *items;
+  size_t *groups = NULL;
   sender_ud *su;
   char err[128];
   luaL_checktype(L, 1, LUA_TTABLE);
+  if (grouped) luaL_checktype(L, 3, LUA_TTABLE);
   n = (size_t)stella_rawlen(L, 1);
   if (n % 3 != 0) return luaL_argerror(L, 1, "a list of (client, path, body) triples expected");
   count = n / 3;
+  if (grouped && (size_t)stella_rawlen(L, 3) != count) return luaL_argerror(L, 3, "one group per item expected");
   /* the userdata first, so that nothing allocated below can leak on a Lua error */
   su = (sender_ud *)lua_newuserdata(L, sizeof *su);
   su->s = NULL;
@@ -382,9 +389,20 @@ static int l_send_many(lua_State *L) {
   luaL_getmetatable(L, SENDER_MT);
   lua_setmetatable(L, -2);
   lua_createtable(L, (int)count, 0);          /* the lent clients, anchored */
-  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * sizeof *items);   /* scratch */
+  /* scratch: the items, then (with groups) their groups */
+  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * (sizeof *items + sizeof *groups));
+  if (grouped) groups = (size_t *)(void *)(items + (count ? count : 1));
   for (i = 0; i < count; i++) {
     http_ud *h;
+    if (grouped) {
+      lua_Integer g;
+      int isnum;
+      lua_rawgeti(L, 3, (int)i + 1);
+      g = lua_tointegerx(L, -1, &isnum);
+      if (!isnum || g < 0) return luaL_error(L, "send_many: group %d: a whole number >= 0 expected", (int)i + 1);
+      groups[i] = (size_t)g;
+      lua_pop(L, 1);
+    }
     lua_rawgeti(L, 1, (int)(3 * i + 1));
     h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
     if (h == NULL || h->h == NULL) return luaL_error(L, "send_many: item %d: an open stella.http expected", (int)i + 1);
@@ -399,7 +417,8 @@ static int l_send_many(lua_State *L) {
     items[i].body = lua_tolstring(L, -1, &items[i].body_len);
     lua_pop(L, 2);
   }
-  su->s = stella_sender_start(items, count, budget > 0 ? (long)(budget * 1000) : 0, err, sizeof err);
+  su->s = stella_sender_start_shared(items, groups, count, budget > 0 ? (long)(budget * 1000) : 0,
+                                     err, sizeof err);
   lua_pop(L, 1);                              /* the scratch */
   if (su->s == NULL) {
     lua_pushnil(L);
@@ -464,7 +483,21 @@ static int l_sender_result(lua_State *L) {
   return push_result(L, &hr);
 }
 
+/* sender:poster(i) -> the index of the first item of the client that posted item i
+ * (after wait), or nothing when item i was not attempted */
+static int l_sender_poster(lua_State *L) {
+  sender_ud *su = open_sender(L);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  const stella_send_result *r;
+  stella_sender_wait(su->s);
+  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+  if (r == NULL) return 0;
+  lua_pushinteger(L, (lua_Integer)r->by + 1);
+  return 1;
+}
+
 static const luaL_Reg sender_methods[] = {
+  { "poster", l_sender_poster },
   { "done", l_sender_done },
   { "stop", l_sender_stop },
   { "wait", l_sender_wait },

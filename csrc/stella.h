@@ -318,6 +318,7 @@ typedef struct stella_send_result {
   char *content_type;           /* NULL if none */
   long retry_after_ms;          /* -1 if absent */
   char *error;                  /* the failure's message, NULL when answered */
+  size_t by;                    /* the list index of the first item of the client that posted it */
 } stella_send_result;
 
 typedef struct stella_sender stella_sender;
@@ -325,6 +326,14 @@ typedef struct stella_sender stella_sender;
 /* NULL on failure, with a message in err. */
 stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long budget_ms,
                                    char *err, size_t errlen);
+/* The same with shared queues: groups[i] (NULL: all 0) is item i's group. The items of a
+ * client in group 0 are its own; the clients of a group g > 0 take the group's items in
+ * list order, each the next one not taken yet as soon as it is free (so a lane is never
+ * idle while its group has items), whatever client item i names; result->by says which
+ * client posted it. All items of one client must have one group ("a client in two
+ * groups" otherwise). */
+stella_sender *stella_sender_start_shared(const stella_send_item *items, const size_t *groups,
+                                          size_t n, long budget_ms, char *err, size_t errlen);
 /* 1 once every thread has finished (never waits). */
 int stella_sender_done(stella_sender *s);
 /* 1 once every thread has finished, waiting up to `wait_ms` for that (0: not at all). */

@@ -1,5 +1,7 @@
 /* stella_sender.c - posts a list of bodies on background threads: one thread per client
- * in the list, each posting its client's items one after another.
+ * in the list, each posting items one after another: its client's own, or, for clients
+ * given one group, the group's next item not yet taken (a shared queue: a lane that is
+ * done with one post takes the next, so no connection waits for a slower one).
  *
  * The caller (the trigger's pipeline) keeps doing its own work - deciding the next
  * batch, settling the previous one in its store - while this batch is on the wire, so
@@ -24,9 +26,18 @@ typedef struct job {
   size_t body_len;
 } job;
 
+/* The items a lane (or the lanes of a group) take, in list order: order[start ..
+ * start + count - 1]; next: the first not taken yet (guarded by the sender's lock). */
+typedef struct queue {
+  size_t group;                  /* 0: one lane's own items */
+  size_t start, count, next;
+} queue;
+
 typedef struct lane {
   stella_sender *s;
-  stella_http *h;                /* the client whose items this lane posts */
+  stella_http *h;                /* the client this lane posts with */
+  size_t first;                  /* the list index of the client's first item */
+  queue *q;                      /* where it takes its items from */
   pthread_t thread;
   size_t attempted;              /* written by the lane's thread, read after the join */
   int started;
@@ -38,9 +49,12 @@ struct stella_sender {
   size_t n;
   lane *lanes;                   /* one per distinct client, each on its own thread */
   size_t nlanes;
+  queue *queues;                 /* one per group, one per client without a group */
+  size_t nqueues;
+  size_t *order;                 /* item indices, queue after queue */
   long budget_ms;
   long long start_ms;
-  pthread_mutex_t lock;          /* guards finished and stop */
+  pthread_mutex_t lock;          /* guards finished, stop and the queues' next */
   pthread_cond_t ended;          /* signalled as each lane's thread ends */
   size_t finished;               /* lanes whose thread has ended */
   int stop;
@@ -59,14 +73,6 @@ static char *copy_text(const char *s, size_t len) {
   if (len) memcpy(c, s, len);
   c[len] = '\0';
   return c;
-}
-
-static int should_stop(stella_sender *s) {
-  int stop;
-  pthread_mutex_lock(&s->lock);
-  stop = s->stop;
-  pthread_mutex_unlock(&s->lock);
-  return stop;
 }
 
 /* Keeps what a post's result points to (the client's buffers are reused by its next call). */
@@ -91,20 +97,34 @@ static void request_stop(stella_sender *s) {
   pthread_mutex_unlock(&s->lock);
 }
 
-/* One lane: its client's items in list order. A failure stops every lane (after the post
+/* The next item lane ln posts (its queue's next not taken), or 0 with none or once the
+ * sender is stopping. */
+static int take(lane *ln, size_t *i) {
+  stella_sender *s = ln->s;
+  queue *q = ln->q;
+  int got = 0;
+  pthread_mutex_lock(&s->lock);
+  if (!s->stop && q->next < q->count) {
+    *i = s->order[q->start + q->next++];
+    got = 1;
+  }
+  pthread_mutex_unlock(&s->lock);
+  return got;
+}
+
+/* One lane: its queue's items in list order. A failure stops every lane (after the post
  * each has in flight); so does the budget, except for the list's first item. */
 static void *run(void *arg) {
   lane *ln = (lane *)arg;
   stella_sender *s = ln->s;
   size_t i;
-  for (i = 0; i < s->n; i++) {
+  while (take(ln, &i)) {
     stella_http_result r;
     stella_send_result *out = &s->results[i];
-    if (s->items[i].h != ln->h) continue;
-    if (should_stop(s)) break;
     if (i > 0 && now_ms() - s->start_ms >= s->budget_ms) { request_stop(s); break; }
-    stella_http_post(s->items[i].h, s->items[i].path, s->items[i].body, s->items[i].body_len, &r);
+    stella_http_post(ln->h, s->items[i].path, s->items[i].body, s->items[i].body_len, &r);
     out->attempted = 1;
+    out->by = ln->first;
     ln->attempted++;
     if (!keep_result(out, &r)) {   /* out of memory: report the attempt as an internal failure */
       free(out->body);
@@ -130,29 +150,60 @@ static void *run(void *arg) {
 
 stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long budget_ms,
                                    char *err, size_t errlen) {
+  return stella_sender_start_shared(items, NULL, n, budget_ms, err, errlen);
+}
+
+stella_sender *stella_sender_start_shared(const stella_send_item *items, const size_t *groups,
+                                          size_t n, long budget_ms, char *err, size_t errlen) {
   stella_sender *s = (stella_sender *)calloc(1, sizeof *s);
   const char *why = "out of memory";
-  size_t i, k;
+  size_t *queue_of = NULL;       /* item -> its queue */
+  size_t i, k, q, at;
   if (s == NULL) goto fail;
   s->n = n;
   s->budget_ms = budget_ms;
   s->items = (job *)calloc(n ? n : 1, sizeof *s->items);
   s->results = (stella_send_result *)calloc(n ? n : 1, sizeof *s->results);
   s->lanes = (lane *)calloc(n ? n : 1, sizeof *s->lanes);
-  if (s->items == NULL || s->results == NULL || s->lanes == NULL) goto fail;
+  s->queues = (queue *)calloc(n ? n : 1, sizeof *s->queues);
+  s->order = (size_t *)calloc(n ? n : 1, sizeof *s->order);
+  queue_of = (size_t *)calloc(n ? n : 1, sizeof *queue_of);
+  if (s->items == NULL || s->results == NULL || s->lanes == NULL || s->queues == NULL ||
+      s->order == NULL || queue_of == NULL) goto fail;
   for (i = 0; i < n; i++) {
+    size_t g = groups ? groups[i] : 0;
     s->items[i].h = items[i].h;
     s->items[i].path = copy_text(items[i].path, strlen(items[i].path));
     s->items[i].body = copy_text(items[i].body, items[i].body_len);
     s->items[i].body_len = items[i].body_len;
     if (s->items[i].path == NULL || s->items[i].body == NULL) goto fail;
     for (k = 0; k < s->nlanes && s->lanes[k].h != items[i].h; k++) {}
-    if (k == s->nlanes) {
+    if (k == s->nlanes) {   /* a new client: a new lane, on its group's queue or its own */
+      for (q = 0; g != 0 && q < s->nqueues && s->queues[q].group != g; q++) {}
+      if (g == 0 || q == s->nqueues) s->queues[s->nqueues++].group = g;
       s->lanes[k].s = s;
       s->lanes[k].h = items[i].h;
+      s->lanes[k].first = i;
+      s->lanes[k].q = &s->queues[g == 0 ? s->nqueues - 1 : q];
       s->nlanes++;
+    } else if (s->lanes[k].q->group != g) {
+      why = "a client in two groups";
+      goto fail;
     }
+    queue_of[i] = (size_t)(s->lanes[k].q - s->queues);
+    s->queues[queue_of[i]].count++;
   }
+  for (q = 0, at = 0; q < s->nqueues; q++) {   /* each queue's run of order[] */
+    s->queues[q].start = at;
+    at += s->queues[q].count;
+  }
+  for (i = 0; i < n; i++) {                    /* in list order within each queue */
+    queue *qu = &s->queues[queue_of[i]];
+    s->order[qu->start + qu->next++] = i;
+  }
+  for (q = 0; q < s->nqueues; q++) s->queues[q].next = 0;
+  free(queue_of);
+  queue_of = NULL;
   if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
   s->mutex_ready = 1;
   if (pthread_cond_init(&s->ended, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
@@ -168,6 +219,7 @@ stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long
   return s;
 
 fail:
+  free(queue_of);
   stella_sender_free(s);
   if (errlen) { strncpy(err, why, errlen - 1); err[errlen - 1] = '\0'; }
   return NULL;
@@ -250,5 +302,7 @@ void stella_sender_free(stella_sender *s) {
   free(s->items);
   free(s->results);
   free(s->lanes);
+  free(s->queues);
+  free(s->order);
   free(s);
 }

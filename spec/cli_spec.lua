@@ -494,6 +494,9 @@ describe("stella command", function()
     end)
 
     it_with(has_trigger and has_sqlite, "--connections 4: the same outcomes and requests, over four connections", function()
+      -- the connections share a batch (a free one takes the next request): the first four
+      -- answers wait, so that each connection has one before any is free again
+      server:script{ { delay = 0.3 }, { delay = 0.3 }, { delay = 0.3 }, { delay = 0.3 } }
       local status, out, err = stella{ "trigger", "--rules", "examples/rules.lua", "--db", db,
                                        "--connections", "4", "examples/interactions.jsonl" }
       assert.equal(1, status, err)
@@ -690,6 +693,8 @@ describe("stella command", function()
       assert.equal(0, status, err)
       assert.same({ queued = 6 }, summary(out).by_status)
       server:reset()
+      -- the first three answers wait: each connection has one before any is free again
+      server:script{ { delay = 0.3 }, { delay = 0.3 }, { delay = 0.3 } }
       status, out = stella{ "retry", "--rules", rules, "--db", db, "--connections", "3" }
       assert.equal(0, status, out)
       assert.truthy(out:find("^sent 6, recorded 0, still queued 0"), out)

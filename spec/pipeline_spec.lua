@@ -174,6 +174,91 @@ describe("background sends", function()
       s2:close()
     end)
 
+    it("groups: a group's clients share its items, each taking the next as soon as it is free", function()
+      local a, b = http(), http()
+      -- the first post to arrive waits 1 s: the other client, free meanwhile, takes every
+      -- other item, whatever client the list names
+      server:script{ { delay = 1 } }
+      local list = {}
+      for i = 1, 6 do
+        list[#list + 1] = i % 2 == 1 and a or b
+        list[#list + 1] = "/v1/requests"
+        list[#list + 1] = body_of(i)
+      end
+      local s = assert(core.send_many(list, 30, { 1, 1, 1, 1, 1, 1 }))
+      assert.equal(6, s:wait())
+      local by_poster = {}
+      for k = 1, 6 do
+        assert.equal(200, s:result(k).status)
+        local p = s:poster(k)
+        assert.truthy(p == 1 or p == 2)   -- a (its first item is item 1) or b (item 2)
+        by_poster[p] = (by_poster[p] or 0) + 1
+      end
+      assert.same({ 1, 5 }, { math.min(by_poster[1], by_poster[2]), math.max(by_poster[1], by_poster[2]) })
+      assert.equal(0, select("#", s:poster(7)))
+      s:close()
+      local seen = server:requests()
+      assert.equal(6, #seen)
+      local slow, n, last = seen[1].connection, 0, 0
+      for _, r in ipairs(seen) do   -- each once; the fast connection's in list order
+        local k = tonumber(r.body:match('"ext_interaction_id":"p(%d+)"'))
+        if r.connection ~= slow then
+          n = n + 1
+          assert.is_true(k > last)
+          last = k
+        end
+      end
+      assert.equal(5, n)
+    end)
+
+    it("groups: a failure in one lane stops the whole group; group 0 keeps a client's items its own", function()
+      local a, b = http(), http()
+      server:script{ { status = 503 } }   -- whichever request comes first
+      local list, groups = {}, {}
+      for i = 1, 40 do
+        list[#list + 1] = i % 2 == 1 and a or b
+        list[#list + 1] = "/v1/requests"
+        list[#list + 1] = body_of(i)
+        groups[i] = 1
+      end
+      local s = assert(core.send_many(list, 30, groups))
+      local n = s:wait()
+      local failed, results = 0, 0
+      for k = 1, 40 do
+        local r = s:result(k)
+        if r then
+          results = results + 1
+          if r.status == 503 then failed = failed + 1 end
+        end
+      end
+      assert.equal(1, failed)
+      assert.equal(n, results)
+      assert.is_true(n >= 1 and n < 40)   -- the other lane stopped after its post in flight
+      s:close()
+      assert.equal(n, #server:requests())
+      -- group 0: each client its own items, as without groups
+      server:reset()
+      list = { a, "/v1/requests", body_of(1), b, "/v1/requests", body_of(2), a, "/v1/requests", body_of(3),
+               b, "/v1/requests", body_of(4) }
+      s = assert(core.send_many(list, 30, { 0, 0, 0, 0 }))
+      assert.equal(4, s:wait())
+      for k = 1, 4 do assert.equal(k % 2 == 1 and 1 or 2, s:poster(k)) end
+      s:close()
+    end)
+
+    it("groups: raises on a client in two groups, a group list of another length, a group that is no whole number", function()
+      local a = http()
+      local list = { a, "/v1/requests", "{}", a, "/v1/requests", "{}" }
+      assert.has_error(function() assert(core.send_many(list, 1, { 1, 2 })) end)
+      local s, err = core.send_many(list, 1, { 1, 2 })
+      assert.is_nil(s)
+      assert.equal("a client in two groups", err)
+      assert.has_error(function() core.send_many(list, 1, { 1 }) end)
+      assert.has_error(function() core.send_many(list, 1, { 1, -1 }) end)
+      assert.has_error(function() core.send_many(list, 1, { 1, "x" }) end)
+      assert.equal(0, #server:requests())
+    end)
+
     it("an empty list is a finished sender", function()
       local s = assert(core.send_many({}, 1))
       assert.is_true(s:done())
@@ -437,17 +522,38 @@ describe("trigger:pipeline", function()
         for i = 1, 8 do assert.equal("sent", all[i].status) end
         local reqs = server:requests()
         assert.equal(8, #reqs)
-        local per_conn, first = {}, reqs[1].time
+        local per_conn, first, last_on = {}, reqs[1].time, {}
         for i, r in ipairs(reqs) do
           per_conn[r.connection] = (per_conn[r.connection] or 0) + 1
           if i <= 4 then assert.is_true(r.time - first < 0.9, "request " .. i .. " waited for an answer") end
+          -- each connection posts its events in event order
+          local n = tonumber(r.body:match('"ext_interaction_id":"(%d+)"'))
+          assert.is_true((last_on[r.connection] or 0) < n)
+          last_on[r.connection] = n
         end
-        local conns = 0
-        for _, n in pairs(per_conn) do
-          conns = conns + 1
-          assert.equal(2, n)   -- round robin: two events per connection
-        end
+        local conns, once = 0, {}
+        for _, r in ipairs(reqs) do once[r.body] = (once[r.body] or 0) + 1 end
+        for _, n in pairs(once) do assert.equal(1, n) end
+        for _ in pairs(per_conn) do conns = conns + 1 end
         assert.equal(4, conns)
+      end)
+
+      it("connections = 4 and one slow answer: the other connections take the rest (a shared queue)", function()
+        local t = trigger{ connections = 4 }
+        server:script{ { delay = 1.5 } }   -- the first request only
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        local evs = {}
+        for i = 1, 12 do evs[i] = { ticket = 1900 + i, email = ("slow%d@example.com"):format(i) } end
+        p:process(evs, nil)
+        p:finish()
+        for i = 1, 12 do assert.equal("sent", all[i].status) end
+        local reqs = server:requests()
+        assert.equal(12, #reqs)
+        local per_conn = {}
+        for _, r in ipairs(reqs) do per_conn[r.connection] = (per_conn[r.connection] or 0) + 1 end
+        -- round robin would have given the slow connection every fourth event (3); it posted one
+        assert.equal(1, per_conn[reqs[1].connection])
       end)
 
       it("connections = 3 and a failure in one lane: the lanes stop, the rest goes in line, each event once", function()

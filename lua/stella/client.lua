@@ -341,7 +341,11 @@ end
 -- number attempted; sender:result(k) -> the transport's response to item k, for
 -- client:complete; sender:close() gives the clients back (their transports are lent to
 -- the thread until then; using one meanwhile waits for the thread).
-function M.send_many(list, budget)
+-- groups (optional, one whole number per item): the clients of a group g > 0 share its
+-- items, each taking the next one not taken as soon as it is free (whatever client the
+-- list names for it); sender:poster(k) -> the list index of an item of the client that
+-- posted item k (its first).
+function M.send_many(list, budget, groups)
   local flat = {}
   for i = 1, #list, 3 do
     local c = list[i]
@@ -351,7 +355,7 @@ function M.send_many(list, budget)
     if type(t) ~= "userdata" then return nil end   -- the C core's client is the only userdata transport
     flat[i], flat[i + 1], flat[i + 2] = t, list[i + 1], list[i + 2]
   end
-  return (core.send_many(flat, budget))
+  return (core.send_many(flat, budget, groups))
 end
 
 local function invalid(errs)

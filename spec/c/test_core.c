@@ -1276,6 +1276,31 @@ static void test_sender(void) {
         CHECK(stella_sender_done(s) == 1, "sender: done after wait, with two lanes");
       }
       stella_sender_free(s);
+
+      /* one group over both clients: a shared queue; a failure still stops every lane */
+      {
+        static const size_t one[3] = { 1, 1, 1 }, two[3] = { 1, 2, 2 };
+        size_t k, seen = 0;
+        s = stella_sender_start_shared(items, one, 3, 10000, err, sizeof err);
+        if (CHECK(s != NULL, "sender: starts three posts shared by two clients")) {
+          attempted = stella_sender_wait(s);
+          if (!CHECK(attempted >= 1 && attempted <= 2, "sender: a shared queue stops at the failures (one per lane at most)"))
+            diag_long("attempted", (long)attempted);
+          for (k = 0; k < 3; k++) {
+            r = stella_sender_result(s, k);
+            if (r == NULL) continue;
+            seen++;
+            CHECK(r->by == 0 || r->by == 1, "sender: by is the first item of the client that posted it");
+          }
+          check_long((long)seen, (long)attempted, "sender: one result for each item a shared queue attempted");
+          CHECK(stella_sender_result(s, 2) == NULL, "sender: the third item was not attempted");
+        }
+        stella_sender_free(s);
+        err[0] = '\0';
+        s = stella_sender_start_shared(items, two, 3, 10000, err, sizeof err);
+        CHECK(s == NULL && strcmp(err, "a client in two groups") == 0, "sender: a client in two groups is refused");
+        stella_sender_free(s);
+      }
       items[1].h = h;
     }
     stella_http_free(h2);

@@ -49,6 +49,11 @@ M.options = args.with_output{ rules = "value", db = "value", ["dry-run"] = "flag
 local BATCH_SIZE = 200
 M.BATCH_SIZE = BATCH_SIZE
 
+-- Events per batch over `connections` connections (bench/lanes.lua).
+function M.batch_size(connections)
+  return math.max(BATCH_SIZE, 32 * connections)
+end
+
 function M.run(ctx, opts, inputs)
   if not opts.rules then return ctx:usage_error("trigger", "--rules FILE is required") end
   local mode, merr = args.output_mode(opts, true)
@@ -150,6 +155,7 @@ function M.run(ctx, opts, inputs)
     end
   end)
   local batch, where = {}, {}
+  local batch_size = M.batch_size(connections)
   local function run_batch()
     record_malformed()
     if #batch == 0 then return end
@@ -163,7 +169,7 @@ function M.run(ctx, opts, inputs)
     if sig.caught() then return false end   -- checked between events: no new batch
     batch[#batch + 1] = event
     where[#where + 1] = { reader.name, line_no }
-    if #batch >= BATCH_SIZE then run_batch() end
+    if #batch >= batch_size then run_batch() end
   end, function(message)
     if not opts.quiet then ctx:warn("%s", message) end
     malformed_entries[#malformed_entries + 1] = { time = ctx.time(), status = "invalid",

@@ -23,13 +23,16 @@ function M.run(self)
   local summary = { sent = 0, recorded = 0, queued = 0, failed = 0, dead = 0 }
   if self.dry_run then return summary end
   local o = self.outbox_opts
+  -- at least 32 items per connection: a claim and a settle per batch, and the connections
+  -- busy for 32 round trips in between rather than one or two (bench/lanes.lua)
+  local size = math.max(o.batch, 32 * (self.connections or 1))
   retention.when_due(self, self.clock())
   while true do
     local done, rerr = settle.reconcile(self)
     if not done then return nil, rerr end
     if done > 0 then summary.reconciled = (summary.reconciled or 0) + done end
     local now = self.clock()
-    local items, err = self.store:claim(now, o.lease, o.batch)
+    local items, err = self.store:claim(now, o.lease, size)
     if not items then return nil, err end
     if #items == 0 then break end
     local claimed = #items
@@ -43,7 +46,7 @@ function M.run(self)
     local outcomes, serr = settle.claimed(self, items, batch, now, results, errs, summary)
     alert.conclude(self, outcomes, now)
     if serr then return summary, serr end
-    if claimed < o.batch or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
+    if claimed < size or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
   end
   return summary
 end

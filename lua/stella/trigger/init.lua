@@ -93,6 +93,7 @@ function M.new(opts)
     next_purge = nil,        -- when the next purge is due (retention.lua); nil: at once
     on_alert = opts.on_alert or compiled.on_alert,
     clients = keys.clients(compiled, opts.client, connections),   -- per brand, with their lanes
+    connections = connections,
     counts = {}, reasons = {},
     last_alert_check = nil,
     random = opts.random or random,

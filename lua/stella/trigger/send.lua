@@ -93,20 +93,29 @@ end
 -- thread makes first attempts on the happy path only and stops at the first failure or
 -- once half the lease has passed; what it did not send, finish() sends as send_batch
 -- does (with the client's retries, or DEFERRED).
+-- A brand's connections share its items: each takes the next as soon as its post in
+-- flight returns (send_many's groups), so none idles while another has a slow answer.
 function M.start(self, list, now)
   local n = #list
   local deadline = now + self.outbox_opts.lease / 2
-  local flat, index, clients, turn = {}, {}, {}, {}
+  local flat, index, clients, turn, groups, group_of, ngroups = {}, {}, {}, {}, {}, {}, 0
   local set = self.clients
   for i = 1, n do
     local o = list[i]
     if o then
       local k = #index + 1
       local lanes = set:lanes(o.brand)
-      local t = (turn[lanes] or 0) % #lanes + 1   -- round robin over the brand's connections
+      -- the first items go round the brand's connections, so that each has a thread
+      local t = (turn[lanes] or 0) % #lanes + 1
       turn[lanes] = t
       local c = lanes[t]
-      index[k], clients[k] = i, c
+      local g = group_of[lanes]
+      if not g then   -- one group per brand's set of connections
+        ngroups = ngroups + 1
+        g = ngroups
+        group_of[lanes] = g
+      end
+      index[k], clients[k], groups[k] = i, c, g
       flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, path_of(o), o.body
     end
   end
@@ -117,7 +126,7 @@ function M.start(self, list, now)
     local c = clients[k]   -- a client of the caller's own making may have no breaker
     if c.circuit and c:circuit() == "open" then open = true break end
   end
-  local bg = #index > 0 and not open and not stopping(self) and client_mod.send_many(flat, deadline - self.clock()) or nil
+  local bg = #index > 0 and not open and not stopping(self) and client_mod.send_many(flat, deadline - self.clock(), groups) or nil
 
   return function()   -- finish
     local results, errs = {}, {}
@@ -135,7 +144,8 @@ function M.start(self, list, now)
         for k = 1, #index do
           local i = index[k]
           if select("#", bg:result(k)) > 0 then
-            results[i], errs[i] = clients[k]:complete(path_of(list[i]), list[i].body, bg:result(k))
+            -- completed by the connection that posted it (its own circuit breaker)
+            results[i], errs[i] = clients[bg:poster(k)]:complete(path_of(list[i]), list[i].body, bg:result(k))
             rest[i] = false
           end
         end

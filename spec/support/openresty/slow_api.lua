@@ -49,9 +49,11 @@ http {
                 local d = api:get("delay") or 0
                 local now = api:incr("busy", 1, 0)
                 if now > (api:get("max") or 0) then api:set("max", now) end
+                ngx.update_time()
                 local t0 = ngx.now()
                 while d > 0 and ngx.now() - t0 < d do   -- a lower delay set meanwhile ends the wait
-                    ngx.sleep(math.min(0.05, d))
+                    -- what is left of it (a whole `d` again would answer a 20 ms delay in 40)
+                    ngx.sleep(math.min(0.05, d - (ngx.now() - t0)))
                     ngx.update_time()
                     d = api:get("delay") or 0
                 end

@@ -1,0 +1,140 @@
+-- bench/lanes.lua: how busy `--connections C` keeps its connections against an API that
+-- answers in 20 ms (spec/support/openresty/slow_api.lua: nginx, ngx.sleep before each
+-- answer), C = 1, 8, 16, 32, 64:
+--   trigger  the trigger's pipeline fed in batches of the size `stella trigger` uses
+--            (stella.cli.trigger.batch_size(C)), SQLite store, connections = C
+--   retry    trigger:flush() (`stella retry --connections C`) on an outbox of as many items
+--   wrk      wrk -t1 -cC on the same endpoint, the same body size
+-- each as events (requests) per second and as a share of the ideal C / 20 ms.
+-- Environment: BENCH_LANES ("1 8 16 32 64"), BENCH_LANES_SECONDS (ideal seconds per run, 2).
+local stella = require "stella"
+local store_mod = require "stella.store"
+local cli_trigger = require "stella.cli.trigger"
+local slow_api = require "support.openresty.slow_api"
+local common = require "bench.common"
+local socket = require "socket"
+
+local fmt = string.format
+local gettime = socket.gettime
+
+local LATENCY = 0.02
+local SECONDS = tonumber(os.getenv("BENCH_LANES_SECONDS") or "2")
+local LANES = {}
+for c in (os.getenv("BENCH_LANES") or "1 8 16 32 64"):gmatch("%d+") do LANES[#LANES + 1] = tonumber(c) end
+
+local RULES = {
+  map = function(e)
+    return { customer = { name = "Customer " .. e.ticket, email = ("c%d@example.com"):format(e.ticket) },
+             employee = { email = "paulagent@blancapeak.com" }, channel = "phone",
+             ext_interaction_id = e.ticket }
+  end,
+  channels = { phone = "integrated" },
+  suppression = { days = 7, per = "brand" },
+  once_per_interaction = true,
+}
+
+local api = slow_api.start{ delay = LATENCY }
+local tmpfiles = {}
+local client_opts = { api_key = "tk_bench_lanes", base_url = api.url, timeout = 10 }
+
+local function new_store()
+  local path = os.tmpname()
+  tmpfiles[#tmpfiles + 1] = path
+  os.remove(path)
+  return assert(store_mod.sqlite(path))
+end
+
+local next_ticket = 10000000
+local function events(n)
+  local list = {}
+  for i = 1, n do list[i] = { ticket = next_ticket + i } end
+  next_ticket = next_ticket + n
+  return list
+end
+
+-- `stella trigger --connections c`: its pipeline, its batch size.
+local function trigger_rate(c, n)
+  local t = stella.trigger{ rules = RULES, store = new_store(), client = client_opts, connections = c }
+  local evs, size = events(n), cli_trigger.batch_size(c)
+  local sent = 0
+  local p = t:pipeline(function(outcomes)
+    for _, o in ipairs(outcomes) do
+      assert(o.status == "sent", o.status)
+      sent = sent + 1
+    end
+  end)
+  local t0 = gettime()
+  for first = 1, n, size do
+    local batch = {}
+    for i = first, math.min(n, first + size - 1) do batch[#batch + 1] = evs[i] end
+    p:process(batch)
+  end
+  p:finish()
+  local elapsed = gettime() - t0
+  t:close()
+  assert(sent == n)
+  return n / elapsed
+end
+
+-- `stella retry --connections c`: an outbox of n items (written by a trigger that was
+-- told to stop at once, so that nothing went out), then flush().
+local function retry_rate(c, n)
+  local store = new_store()
+  local t = stella.trigger{ rules = RULES, store = store, client = client_opts, connections = c,
+                            stop = function() return true end }
+  local p = t:pipeline(function() end)
+  p:process(events(n))
+  p:finish()
+  t:close()
+  local r = stella.trigger{ rules = RULES, store = store, client = client_opts, connections = c }
+  local t0 = gettime()
+  local summary = assert(r:flush())
+  local elapsed = gettime() - t0
+  r:close()
+  assert(summary.sent == n, fmt("retry sent %d of %d", summary.sent, n))
+  return n / elapsed
+end
+
+local function wrk_script()
+  local path = os.tmpname()
+  tmpfiles[#tmpfiles + 1] = path
+  local f = assert(io.open(path, "wb"))
+  f:write('wrk.method = "POST"\n', 'wrk.headers["Content-Type"] = "application/json"\n',
+    'wrk.headers["X-API-Key"] = "tk_bench_lanes"\n',
+    "local n = 20000000\n",
+    "request = function() n = n + 1; return wrk.format(nil, '/v1/requests', nil, ",
+    "'{\"customer\":{\"name\":\"Customer ' .. n .. '\",\"email\":\"c' .. n .. '@example.com\"},",
+    "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},\"channel\":\"phone\",\"ext_interaction_id\":\"' .. n .. '\"}') end\n")
+  f:close()
+  return path
+end
+
+local function wrk_rate(c, script)
+  local out = common.run(fmt("timeout %d wrk -t1 -c%d -d%ds -s %s %s", SECONDS + 15, c, math.max(1, SECONDS),
+    script, api.url))
+  local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
+  if not rate then error("wrk failed:\n" .. out, 0) end
+  return rate
+end
+
+local ok, err = pcall(function()
+  local script = wrk_script()
+  print(fmt("lanes benchmark under %s: an API answering in %d ms (nginx, ngx.sleep), %d ideal seconds per run; load %s",
+    rawget(_G, "jit") and jit.version or _VERSION, LATENCY * 1000, SECONDS, common.loadavg()))
+  print("      C    ideal/s   trigger/s      %   retry/s      %     wrk/s      %  (batch)")
+  for _, c in ipairs(LANES) do
+    local ideal = c / LATENCY
+    local n = math.max(cli_trigger.batch_size(c), math.floor(ideal * SECONDS))
+    api:reset()
+    local tr = trigger_rate(c, n)
+    api:reset()
+    local rr = retry_rate(c, n)
+    local wr = wrk_rate(c, script)
+    print(fmt("  %5d %10.0f %11.0f %5.1f%% %9.0f %5.1f%% %9.0f %5.1f%%  (%d)", c, ideal, tr, tr / ideal * 100,
+      rr, rr / ideal * 100, wr, wr / ideal * 100, cli_trigger.batch_size(c)))
+  end
+  print(fmt("  load after: %s", common.loadavg()))
+end)
+api:stop()
+for _, p in ipairs(tmpfiles) do os.remove(p); os.remove(p .. "-wal"); os.remove(p .. "-shm") end
+if not ok then error(err, 0) end
