@@ -31,7 +31,7 @@ local config = require "stella.sandbox.config"
 local status = require "stella.sandbox.status"
 
 local ngx = ngx
-local ngx_now, ngx_print, ngx_say = ngx.now, ngx.print, ngx.say
+local ngx_now, ngx_print, ngx_say, ngx_header = ngx.now, ngx.print, ngx.say, ngx.header
 local req_read_body, req_get_body_data, req_get_body_file, req_get_method =
       ngx.req.read_body, ngx.req.get_body_data, ngx.req.get_body_file, ngx.req.get_method
 local validate_json, encode_json = stella.validate_json, stella.encode_json
@@ -532,6 +532,8 @@ function M.requests()
   end
   -- arguments, not a table: no table per request, and ngx.print's C side need not check
   -- that a table is a list
+  -- with its length, nginx sends the answer as it is, not in chunks
+  ngx_header["Content-Length"] = #answer + #id + #delivery + 31
   ngx_print(answer, ',"request_id":"', id, '","delivery":"', delivery, '"}')
 end
 
