@@ -528,6 +528,10 @@ function M.handle_request(mode, body, t)
   return 200, echo_head(body), id, delivery
 end
 
+-- the echo's members after the body's own (see M.requests)
+local ECHO_ID, ECHO_DELIVERY, ECHO_END = ',"request_id":"', '","delivery":"', '"}'
+local ECHO_EXTRA = #ECHO_ID + #ECHO_DELIVERY + #ECHO_END
+
 -- POST /v1/requests
 function M.requests()
   local mode = authenticate()
@@ -540,8 +544,8 @@ function M.requests()
   -- arguments, not a table: no table per request, and ngx.print's C side need not check
   -- that a table is a list
   -- with its length, nginx sends the answer as it is, not in chunks
-  ngx_header["Content-Length"] = #answer + #id + #delivery + 31
-  ngx_print(answer, ',"request_id":"', id, '","delivery":"', delivery, '"}')
+  ngx_header["Content-Length"] = #answer + #id + #delivery + ECHO_EXTRA
+  ngx_print(answer, ECHO_ID, id, ECHO_DELIVERY, delivery, ECHO_END)
 end
 
 ---------------------------------------------------------------------------
