@@ -6,7 +6,9 @@
 -- (method, body, headers), in one run: three rounds, each timing both locations one after
 -- the other (in alternating order), so that a change in the machine's load between two
 -- timings moves one round, not the result. Prints every timing and one ratio line: the
--- median of the rounds' ratios.
+-- median of the rounds' ratios. Also the CPU time nginx (its master and worker) spends per
+-- request on each side (/proc/PID/schedstat), which other load disturbs less than rates:
+-- when nginx is the bottleneck, the ratio of rates tends to the ratio of these.
 --
 -- From the repository root (needs build/luajit/stella/core.so for nginx, and the core
 -- for the interpreter running this file):
@@ -72,15 +74,32 @@ local function wrk_script(body, key)
   return path
 end
 
+-- CPU time (ns) the sandbox's nginx processes have used so far (/proc/PID/schedstat).
+local function nginx_cpu()
+  local total = 0
+  for _, pid in ipairs(sb.process:pids()) do
+    local f = io.open("/proc/" .. pid .. "/schedstat", "rb")
+    if f then
+      total = total + (tonumber((f:read("*l") or ""):match("^(%d+)")) or 0)
+      f:close()
+    end
+  end
+  return total
+end
+
 local function wrk(url, seconds, script)
+  local cpu0 = nginx_cpu()
   local cmd = fmt("timeout %d wrk -t1 -c%d -d%ds -s %s %s", seconds + 15, CONNECTIONS, seconds,
                   shell_quote(script), shell_quote(url))
   local out = run(cmd)
+  local cpu = nginx_cpu() - cpu0
   local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
   if not rate then error("wrk failed:\n" .. out, 0) end
+  local requests = tonumber(out:match("(%d+) requests in")) or 0
   return {
     rate = rate,
-    requests = tonumber(out:match("(%d+) requests in")) or 0,
+    requests = requests,
+    cpu = cpu / math.max(1, requests) / 1000,   -- µs of nginx CPU per request
     non2xx = tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0,
     latency = out:match("Latency%s+(%S+)"),
     output = out,
@@ -140,11 +159,16 @@ local function main()
   print(fmt("sandbox benchmark (driver under %s): %d-byte body, wrk -t1 -c%d -d%ds, %d rounds, one nginx "
     .. "worker, %s; load average %s", interp, #body, CONNECTIONS, DURATION, ROUNDS, placement, common.loadavg()))
   for i, r in ipairs(rounds) do
-    print(fmt("  round %d: POST /v1/requests %8.0f/s (%d requests, latency avg %s), fixed 200 (no Lua) "
-      .. "%8.0f/s (%d, %s): %.0f%%", i, r.s.rate, r.s.requests, r.s.latency or "?", r.f.rate, r.f.requests,
-      r.f.latency or "?", r.ratio * 100))
+    print(fmt("  round %d: POST /v1/requests %8.0f/s (%d requests, latency avg %s, nginx CPU %.2f µs/request), "
+      .. "fixed 200 (no Lua) %8.0f/s (%d, %s, %.2f µs): %.0f%%", i, r.s.rate, r.s.requests, r.s.latency or "?",
+      r.s.cpu, r.f.rate, r.f.requests, r.f.latency or "?", r.f.cpu, r.ratio * 100))
   end
   print(fmt("  test-key deliveries after the run: %s", deliveries))
+  local s_cpu, f_cpu = {}, {}
+  for i, r in ipairs(rounds) do s_cpu[i], f_cpu[i] = r.s.cpu, r.f.cpu end
+  local sc, fc = common.median(s_cpu), common.median(f_cpu)
+  print(fmt("  nginx CPU per request (medians): POST /v1/requests %.2f µs, fixed 200 %.2f µs: the fixed "
+    .. "answer's is %.0f%% of the sandbox's", sc, fc, fc / sc * 100))
   table.sort(rounds, function(a, b) return a.ratio < b.ratio end)
   local mid = rounds[math.floor((#rounds + 1) / 2)]
   if #rounds % 2 == 0 then   -- an even count: the mean of the middle two ratios

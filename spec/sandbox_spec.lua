@@ -472,6 +472,18 @@ describe("stella sandbox", function()
       assert.equal(1, s.deliveries.test.test_inbox)
     end)
 
+    it("sends the echo with its Content-Length, not in chunks (multi-byte text, space after the body)", function()
+      local t = req{ customer = { name = "Zoë Åkesson", email = "zoe" .. seq .. "@example.com" } }
+      local body = assert(stella.encode(t)) .. " \n"
+      local code, answer, headers, text = post(sb, "/v1/requests", body, TEST_KEY)
+      assert.equal(200, code)
+      assert.equal(tostring(#text), headers["content-length"])
+      assert.is_nil(headers["transfer-encoding"])
+      assert.equal("Zoë Åkesson", answer.customer.name)
+      assert.matches(UUID4, answer.request_id)
+      assert.equal("test_inbox", answer.delivery)
+    end)
+
     it("gives every request its own id, also after a reset", function()
       local seen = {}
       for round = 1, 2 do
