@@ -200,7 +200,10 @@ describe("faults", function()
   describe("a database locked by another process for the whole run", function()
     -- the store exists, then another process holds its write lock (BEGIN EXCLUSIVE,
     -- support/sqlite_lock.lua) while stella trigger runs over 150 events (one batch: each try waits out the busy timeout)
-    it("reports one line per distinct store error with the count, not one per event", function()
+    -- 20 s of busy timeouts: run once, under Lua 5.4 (the command's code is the same Lua
+    -- under LuaJIT, which the other CLI specs run)
+    local it_once = rawget(_G, "jit") and pending or it
+    it_once("reports one line per distinct store error with the count, not one per event", function()
       local db = dir .. "/locked.db"
       local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
       assert.equal(0, (stella_cmd(dir, { "trigger", "--rules", rules, "--db", db,
