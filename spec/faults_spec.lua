@@ -13,23 +13,8 @@ local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local KEY = "tk_faults_0123456789/abcdefSECRET"   -- a "/" that JSON may write as "\/"
 local shell_quote, read_file, write_file, sh = nginx.shell_quote, nginx.read_file, nginx.write_file, nginx.run
 
--- "env NAME=value ... LUA bin/stella ARGS" with this process's module paths
-local function command(args, env)
-  local parts = { "env", "-u", "STELLA_API_KEY", "-u", "STELLA_PRODUCTION_KEY", "-u", "STELLA_MODE" }
-  for _, name in ipairs{ "LUA_PATH", "LUA_CPATH", "LUA_PATH_5_4", "LUA_CPATH_5_4" } do
-    local v = os.getenv(name)
-    if v then parts[#parts + 1] = name .. "=" .. shell_quote(v) end
-  end
-  if not os.getenv("LUA_PATH") then
-    parts[#parts + 1] = "LUA_PATH=" .. shell_quote(package.path)
-    parts[#parts + 1] = "LUA_CPATH=" .. shell_quote(package.cpath)
-  end
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
-  parts[#parts + 1] = LUA
-  parts[#parts + 1] = "bin/stella"
-  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
-  return table.concat(parts, " ")
-end
+-- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
+local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
 
 -- Runs bin/stella to the end: status, stdout, stderr.
 local function stella_cmd(dir, args, env)
@@ -49,16 +34,8 @@ local function events_file(path, first, count)
   return path
 end
 
--- ext_interaction_id -> how many times the server received it
-local function received(server)
-  local n, total = {}, 0
-  for _, r in ipairs(server:requests()) do
-    local id = cjson.decode(r.body).ext_interaction_id
-    n[id] = (n[id] or 0) + 1
-    total = total + 1
-  end
-  return n, total
-end
+-- ext_interaction_id -> how many times the server received it, and the total
+local received = require("support.child").received
 
 -- the ledger's entries by status/reason, and event ids per status
 local function ledger_of(path)

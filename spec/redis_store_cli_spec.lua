@@ -20,23 +20,8 @@ local function escape(s)
   return (s:gsub("[^%w%-._~]", function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
--- "env NAME=value ... LUA bin/stella ARGS" with this process's module paths
-local function command(args, env)
-  local parts = { "env", "-u", "STELLA_API_KEY", "-u", "STELLA_PRODUCTION_KEY", "-u", "STELLA_MODE", "-u", "STELLA_DB" }
-  for _, name in ipairs{ "LUA_PATH", "LUA_CPATH", "LUA_PATH_5_4", "LUA_CPATH_5_4" } do
-    local v = os.getenv(name)
-    if v then parts[#parts + 1] = name .. "=" .. shell_quote(v) end
-  end
-  if not os.getenv("LUA_PATH") then
-    parts[#parts + 1] = "LUA_PATH=" .. shell_quote(package.path)
-    parts[#parts + 1] = "LUA_CPATH=" .. shell_quote(package.cpath)
-  end
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
-  parts[#parts + 1] = LUA
-  parts[#parts + 1] = "bin/stella"
-  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
-  return table.concat(parts, " ")
-end
+-- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
+local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
 
 local SPEC_DIR = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
 

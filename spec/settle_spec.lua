@@ -15,15 +15,7 @@ local KEY = "tk_settle_0123456789abcdef"
 local q = child.quote
 
 -- ext_interaction_id -> how many times the server received it, and the total
-local function received(server)
-  local n, total = {}, 0
-  for _, r in ipairs(server:requests()) do
-    local id = cjson.decode(r.body).ext_interaction_id
-    n[id] = (n[id] or 0) + 1
-    total = total + 1
-  end
-  return n, total
-end
+local received = require("support.child").received
 
 -- the ledger by "status/reason", its entries' event ids by status, the outbox's counts
 local function ledger_of(path)

@@ -4,6 +4,10 @@
 --                       found them ("" when the environment already says)
 --   child.read_file(p)  the file's bytes, or "" when it cannot be read
 --   child.remove_db(p)  removes an SQLite file and its -wal, -shm and -journal
+--   child.stella_command(lua, args [, env])  "env ... LUA bin/stella ARGS" for sh, with this
+--                       process's module paths and no key, mode or store from the caller's
+--                       environment (env: more NAME = value)
+--   child.received(server)  { [ext_interaction_id] = times } the test server received, total
 local M = {}
 
 function M.quote(s)
@@ -26,6 +30,35 @@ end
 
 function M.remove_db(path)
   for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
+end
+
+function M.stella_command(lua, args, env)
+  local q = M.quote
+  local parts = { "env", "-u", "STELLA_API_KEY", "-u", "STELLA_PRODUCTION_KEY", "-u", "STELLA_MODE", "-u", "STELLA_DB" }
+  for _, name in ipairs{ "LUA_PATH", "LUA_CPATH", "LUA_PATH_5_4", "LUA_CPATH_5_4" } do
+    local v = os.getenv(name)
+    if v then parts[#parts + 1] = name .. "=" .. q(v) end
+  end
+  if not os.getenv("LUA_PATH") then
+    parts[#parts + 1] = "LUA_PATH=" .. q(package.path)
+    parts[#parts + 1] = "LUA_CPATH=" .. q(package.cpath)
+  end
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. q(v) end
+  parts[#parts + 1] = lua
+  parts[#parts + 1] = "bin/stella"
+  for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
+  return table.concat(parts, " ")
+end
+
+function M.received(server)
+  local cjson = require "cjson"
+  local n, total = {}, 0
+  for _, r in ipairs(server:requests()) do
+    local id = cjson.decode(r.body).ext_interaction_id
+    n[id] = (n[id] or 0) + 1
+    total = total + 1
+  end
+  return n, total
 end
 
 return M
