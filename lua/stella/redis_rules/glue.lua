@@ -22,6 +22,10 @@ local format, byte, gsub, find, sub, lower, match = string.format, string.byte, 
                                                     string.find, string.sub, string.lower, string.match
 local concat = table.concat
 
+-- Numbers and ledger entries as text, as stella.store.redis writes them.
+local store_text = require "stella.store.text"
+local number_text, encode_entry = store_text.number_text, store_text.encode_entry
+
 local M = {}
 
 local HISTORY = 90 * 86400   -- the ledger's window, as the Redis store's default
@@ -37,13 +41,6 @@ M.SHADOWED = {
   "_VERSION",
 }
 
--- A number as text that reads back as the same number (stella.store.number_text).
-local function number_text(v)
-  if v == floor(v) and v > -9.2233720368547758e18 and v < 9.2233720368547758e18 then
-    return format("%.0f", v)
-  end
-  return format("%.17g", v)
-end
 
 -- JSON null (cjson.null) dropped, as the Lua trigger's reader does: an absent key, or an
 -- array element left out.
@@ -161,22 +158,6 @@ function M.new(deps)
     error(deps.rules_name .. ": a rules file must return a table, got " .. type(spec), 0)
   end
   local compiled = rules_mod.compile(spec, deps.rules_name)
-
-  -- The ledger entry as stella.store.redis encodes it: length-prefixed fields ("~": nil).
-  local function encode_entry(e)
-    local parts = {}
-    for j = 1, ENTRY.width do
-      local v = e[ENTRY[j].name]
-      if v == nil then
-        parts[j] = "~"
-      else
-        if type(v) == "number" then v = number_text(v) end
-        v = tostring(v)
-        parts[j] = #v .. ":" .. v
-      end
-    end
-    return concat(parts)
-  end
 
   return function(keys, argv)
     local meta = keys[1]

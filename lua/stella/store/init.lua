@@ -145,6 +145,7 @@
 -- backend's constructor (spec/store_spec.lua runs it for memory and SQLite).
 local core = require "stella.core"
 local rows = require "stella.store.rows"
+local text = require "stella.store.text"
 local lists = require "stella.store.lists"
 
 local assert, error, format, floor, getmetatable, ipairs, load, pairs, setmetatable, tostring, type, select, pcall =
@@ -216,15 +217,8 @@ local function is_owner(v)   -- an outbox id a mark may be reserved for
   return is_integer(v) or (type(v) == "string" and v ~= "")
 end
 
--- A number as text that reads back as the same number: integers in decimal, other
--- finite numbers with 17 significant digits.
-local function number_text(v)
-  if math_type and math_type(v) == "integer" then return format("%d", v) end
-  if v == floor(v) and v > -9.2233720368547758e18 and v < 9.2233720368547758e18 then
-    return format("%.0f", v)
-  end
-  return format("%.17g", v)
-end
+-- A number as text that reads back as the same number (stella.store.text).
+local number_text = text.number_text
 M.number_text = number_text
 
 -- 16 random bytes from /dev/urandom, hex-encoded (32 characters), or nil, err.

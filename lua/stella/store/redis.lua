@@ -63,15 +63,15 @@
 -- and a request waiting on Redis holds one connection only while it waits. Outside
 -- nginx the store keeps its one connection.
 local store = require "stella.store"
-local rows = require "stella.store.rows"
 local lib = require "stella.store.redis_lib"
+local text = require "stella.store.text"
 
 local concat, floor, ceil, format, sort = table.concat, math.floor, math.ceil, string.format, table.sort
 local ipairs, pairs, setmetatable, tonumber, tostring, type, error, rawget =
       ipairs, pairs, setmetatable, tonumber, tostring, type, error, rawget
 local math_type = math.type
 local running = coroutine.running
-local number_text = store.number_text
+local number_text = text.number_text
 local unpack = table.unpack or unpack   -- luacheck: ignore
 
 local M = {}
@@ -81,12 +81,6 @@ local DEFAULT_HISTORY = 90 * 86400   -- as the trigger's default retention windo
 local ITEM_FIELDS = { "kind", "body", "brand", "event_id", "interaction_id", "customer_hash",
                       "created_at", "next_at", "attempts", "state", "last_error", "died_at" }
 local ITEM_NUMBERS = { created_at = true, next_at = true, attempts = true, died_at = true }
-local ENTRY = rows.entry
-local ENTRY_NUMBER = {}
-for j = 1, ENTRY.width do
-  local kind = ENTRY[j].kind
-  ENTRY_NUMBER[j] = kind == "time" or kind == "count"
-end
 
 local Backend = {}
 Backend.__index = Backend
@@ -137,11 +131,7 @@ local function owner_value(t)
   return v
 end
 
-local function int(v)   -- "12" -> 12 (an integer in Lua 5.4)
-  local n = tonumber(v)
-  if math_type and n and math_type(n) == "float" and n == floor(n) then n = math.tointeger(n) or n end
-  return n
-end
+local int = text.int   -- "12" -> 12 (an integer in Lua 5.4)
 
 ---------------------------------------------------------------------------------------
 -- Opening
@@ -460,37 +450,10 @@ end
 -- Ledger: entries as length-prefixed fields ("~" for nil) in rows.entry's order
 ---------------------------------------------------------------------------------------
 
-local function encode_entry(e)
-  local parts = {}
-  for j = 1, ENTRY.width do
-    local v = e[ENTRY[j].name]
-    if v == nil then
-      parts[j] = "~"
-    else
-      if type(v) == "number" then v = number_text(v) end
-      parts[j] = #v .. ":" .. v
-    end
-  end
-  return concat(parts)
-end
+local encode_entry = text.encode_entry
 
 -- A ledger member (15-digit sequence, then the entry) as an entry.
-local function decode_entry(member)
-  local e, pos = {}, 16
-  for j = 1, ENTRY.width do
-    if member:byte(pos) == 126 then   -- "~"
-      pos = pos + 1
-    else
-      local colon = member:find(":", pos, true)
-      local len = tonumber(member:sub(pos, colon - 1))
-      local v = member:sub(colon + 1, colon + len)
-      pos = colon + len + 1
-      if ENTRY_NUMBER[j] then v = int(v) end
-      e[ENTRY[j].name] = v
-    end
-  end
-  return e
-end
+local function decode_entry(member) return text.decode_entry(member, 16) end
 
 local function counter_field(status, reason)
   return reason == nil and status or (status .. "|" .. reason)
