@@ -297,6 +297,65 @@ describe("the rules inside Redis", function()
     end)
   end)
 
+  describe("a request decided in Redis that the rules schedule", function()
+    it("waits in the outbox until its time, as the Lua trigger schedules it, then goes", function()
+      local testserver = require "support.testserver"
+      local server = testserver.start()
+      local path = dir .. "/delay_rules.lua"
+      -- 2 h after the event's time, then out of the quiet hours at +01:00 (no zone field)
+      write_file(path, [[
+return {
+  map = function(e) return { customer = { name = "C", email = e.email }, channel = "chat",
+                             employee = { email = "agent@blancapeak.com" }, ext_interaction_id = e.id } end,
+  once_per_interaction = true,
+  delay = "2h", event_time = "at",
+  quiet_hours = { from = "21:00", to = "08:00", fallback_zone = "+01:00" },
+}
+]])
+      -- an event at 18:30 UTC (19:30 at +01:00): 2 h later is 21:30 local, in the quiet
+      -- hours, so it goes at 08:00 local the next morning (07:00 UTC)
+      local day = math.floor(now / 86400) * 86400
+      local at = day + 18 * 3600 + 1800
+      local want = day + 86400 + 7 * 3600
+      local event = { id = "S-1", email = "later@example.com", at = os.date("!%Y-%m-%dT%H:%M:%SZ", at) }
+      local store = open("delay")
+      assert(load_rules(store, path))
+      local conn = store.backend.conn
+      local got = fcall(conn, "delay", cjson.encode(event), at)
+      assert.same({ "queued", "scheduled" }, { got.status, got.reason })
+      -- the Lua trigger's own words for the same event lead the detail
+      local lua_trigger = stella.trigger{ rules = path, store = store_mod.memory(), clock = function() return at end,
+                                          client = { api_key = "k", base_url = server.url, retry = { attempts = 1 } } }
+      local lua_o = lua_trigger:explain(event)
+      lua_trigger:close()
+      assert.equal("will send at " .. os.date("!%Y-%m-%dT%H:%M:%SZ", want), lua_o.detail:sub(1, 33))
+      assert.equal(lua_o.detail, got.detail:sub(1, #lua_o.detail))
+      local items = store:outbox("queued")
+      assert.equal(1, #items)
+      assert.equal(want, items[1].next_at)
+      assert.equal("scheduled", items[1].last_error)
+      assert.equal(0, items[1].attempts)
+      -- the sender (stella retry's flush) leaves it alone before its time ...
+      local clock = want - 1
+      local trigger = stella.trigger{ rules = path, store = store, clock = function() return clock end,
+                                      client = { api_key = "k", base_url = server.url, retry = { attempts = 1 } } }
+      local summary = assert(trigger:flush())
+      assert.equal(0, summary.sent + summary.queued + summary.failed)
+      assert.equal(0, #server:requests())
+      -- ... and sends it once due
+      clock = want
+      summary = assert(trigger:flush())
+      assert.equal(1, summary.sent)
+      local reqs = server:requests()
+      assert.equal(1, #reqs)
+      assert.equal("S-1", cjson.decode(reqs[1].body).ext_interaction_id)
+      assert.same({ queued = 0, dead = 0 }, store:outbox_counts())
+      trigger:close()
+      store:close()
+      server:stop()
+    end)
+  end)
+
   describe("a request decided in Redis that is invalid", function()
     it("is sent by nobody: stella retry records it invalid and releases its marks", function()
       local path = dir .. "/invalid_rules.lua"

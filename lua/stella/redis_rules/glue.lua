@@ -221,8 +221,11 @@ function M.new(deps)
         local owner = "i" .. format("%d", id)
         local c = d.request.customer
         local chash = type(c) == "table" and type(c.email) == "string" and hash(c.email) or nil
+        -- a request the rules schedule (delay, quiet_hours) is due then, marked as
+        -- scheduled as the Lua trigger marks it (stella.trigger.rows.SCHEDULED)
         local fields = { "kind", "unvalidated", "body", body, "created_at", number_text(now),
-                         "next_at", number_text(now), "attempts", "0", "state", "queued" }
+                         "next_at", number_text(d.send_at or now), "attempts", "0", "state", "queued" }
+        if d.send_at then fields[#fields + 1] = "last_error" fields[#fields + 1] = trows.SCHEDULED end
         local function add(name, v)
           v = text(v)
           if v then fields[#fields + 1] = name fields[#fields + 1] = v end
@@ -231,7 +234,7 @@ function M.new(deps)
         add("event_id", o.event_id)
         add("interaction_id", o.interaction_id)
         add("customer_hash", chash)
-        local args = { format("%015d", id), number_text(now), tostring(#fields / 2) }
+        local args = { format("%015d", id), number_text(d.send_at or now), tostring(#fields / 2) }   -- id, due
         for i = 1, #fields do args[#args + 1] = fields[i] end
         OPS.enqueue(B, args, 1, 1)
         local marks, n = {}, #d.marks
@@ -248,6 +251,11 @@ function M.new(deps)
         o.status, o.reason = "queued", "deferred"
         o.detail = "decided in Redis: outbox item " .. format("%d", id)
           .. ", validated and sent by the sender (stella retry)"
+        if d.send_at then
+          o.reason = trows.SCHEDULED
+          o.detail = "will send at " .. rules_mod.iso_utc(d.send_at) .. " (" .. d.schedule .. "); "
+            .. o.detail .. " when due"
+        end
       end
     end
     local e = trows.ledger_entry({ hash = hash }, o, now)
