@@ -40,22 +40,8 @@ local bit = rawget(_G, "jit") and require("bit") or assert(load([[
     tohex = function(a, n) return string.format("%0" .. n .. "x", u(a)) end,
   }]]))()
 
-local function command(args, env)
-  local parts = { "env", "-u", "STELLA_API_KEY", "-u", "STELLA_DB" }
-  for _, name in ipairs{ "LUA_PATH", "LUA_CPATH" } do
-    local v = os.getenv(name)
-    if v then parts[#parts + 1] = name .. "=" .. shell_quote(v) end
-  end
-  if not os.getenv("LUA_PATH") then
-    parts[#parts + 1] = "LUA_PATH=" .. shell_quote(package.path)
-    parts[#parts + 1] = "LUA_CPATH=" .. shell_quote(package.cpath)
-  end
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
-  parts[#parts + 1] = LUA
-  parts[#parts + 1] = shell_quote(ROOT .. "bin/stella")
-  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
-  return table.concat(parts, " ")
-end
+-- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
+local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
 
 local function stella_cmd(dir, args, env)
   local out_file, err_file = dir .. "/cmd.out", dir .. "/cmd.err"
