@@ -166,6 +166,99 @@ describe("stella.rate_limit", function()
   -- several worker processes and seconds of waiting: once, under Lua 5.4 (the command's
   -- code is the same Lua under LuaJIT, which the other CLI specs run)
   local it_once = rawget(_G, "jit") and pending or it
+
+  describe("the gate in the trigger's send stage", function()
+    local server, srv
+    lazy_setup(function()
+      server = testserver.start()
+      srv = redis_server.start{}
+    end)
+    lazy_teardown(function()
+      if server then server:stop() end
+      if srv then srv:remove() end
+    end)
+    before_each(function() server:reset() end)
+
+    local function event(i)
+      return { customer = { name = "Cust " .. i, email = ("cust%d@example.com"):format(i) },
+               employee = { email = "a@b.com" }, channel = "phone", ext_interaction_id = tostring(i) }
+    end
+
+    it("Redis away: nothing is sent, the requests wait in the outbox; no password in what it says", function()
+      local own = redis_server.start{ requirepass = "pw-SECRET-redis" }
+      local url = own:url{ password = "pw-SECRET-redis" }
+      local compiled = rules_mod.compile({ rate_limit = { per_second = 10 } }, "r")
+      local limiter = assert(rate_limit.open(url))
+      local gate = rate_limit.gate{ limiter = limiter, rules = compiled }
+      local t = require("stella").trigger{ rules = compiled, gate = gate,
+                                           client = { api_key = KEY, base_url = server.url } }
+      own:kill()
+      local out = t:process_many{ event(1), event(2) }
+      own:remove()
+      limiter:close()
+      t:close()
+      for i = 1, 2 do
+        assert.equal("queued", out[i].status)
+        assert.equal("deferred", out[i].reason)
+        assert.matches("the rate limit cannot be read from Redis", out[i].detail)
+        assert.is_nil(out[i].detail:find("pw-SECRET-redis", 1, true))
+        no_secret(out[i].detail)
+      end
+      assert.is_true(gate.held_back)
+      assert.equal(0, #server:requests())
+    end)
+
+    it_once("over four connections: paced, and a 429 with Retry-After: 1 holds the rest until it ends", function()
+      local url = srv:url{ db = 3 }
+      local store = assert(require("stella.store").redis(url))
+      -- 10/s: each of the connections' chunks is one request (slots 0.1 s apart)
+      local compiled = rules_mod.compile({ rate_limit = { per_second = 10 }, once_per_interaction = true }, "r")
+      local limiter = assert(rate_limit.open(url))
+      local gate = rate_limit.gate{ limiter = limiter, rules = compiled }
+      local t = require("stella").trigger{ rules = compiled, gate = gate, store = store, connections = 4,
+                                           client = { api_key = KEY, base_url = server.url } }
+      server:script{ { status = 200 }, { status = 429, headers = { ["Retry-After"] = "1" } } }
+      local outcomes = {}
+      local p = t:pipeline(function(out) for _, o in ipairs(out) do outcomes[#outcomes + 1] = o end end)
+      local evs = {}
+      for i = 1, 8 do evs[i] = event(i) end
+      p:process(evs)
+      p:finish()
+      assert.equal("sent", outcomes[1].status)
+      assert.equal("queued", outcomes[2].status)
+      assert.equal("rate_limited", outcomes[2].reason)   -- the 429
+      for i = 3, 8 do
+        assert.equal("queued", outcomes[i].status)
+        assert.equal("deferred", outcomes[i].reason)
+        assert.matches("paused for every sender", outcomes[i].detail)
+      end
+      assert.equal(2, #server:requests())
+      -- flush() sends them once the pause is over
+      assert.is_true(nginx.wait_until(15, function()
+        t:flush()
+        return #server:requests() >= 9
+      end))
+      local reqs = server:requests()
+      local by_id = {}
+      for k, r in ipairs(reqs) do
+        if k > 2 then
+          assert.is_true(r.time >= reqs[2].time + 1 - 0.001, ("request %d came %.3f s after the 429")
+            :format(k, r.time - reqs[2].time))
+        end
+        local eid = cjson.decode(r.body).ext_interaction_id
+        by_id[eid] = (by_id[eid] or 0) + 1
+      end
+      assert.equal(9, #reqs)
+      for i = 1, 8 do assert.equal(i == 2 and 2 or 1, by_id[tostring(i)], "interaction " .. i) end
+      assert.same({ queued = 0, dead = 0 }, (function()
+        local c = assert(store:outbox_counts())
+        return { queued = c.queued, dead = c.dead }
+      end)())
+      t:close()
+      store:close()
+      limiter:close()
+    end)
+  end)
   describe("three workers and a 429 with Retry-After: 2", function()
     local server, srv, dir
     lazy_setup(function()

@@ -145,7 +145,8 @@ end
 -- Loads the rules, makes the client (when the command sends), opens the store and starts
 -- the trigger. o = { rules = FILE|nil, send = bool, db = FILE|":memory:", must_exist,
 -- dry_run, connections, stop (the trigger's: a function saying the run must end),
--- retention (the trigger's: { days = n } from --keep, or nil) }. The trigger's clock is
+-- retention (the trigger's: { days = n } from --keep, or nil), rate_budget (the rate
+-- limit gate's budget: stella.rate_limit.gate) }. The trigger's clock is
 -- the context's (ctx.time).
 -- With the Redis store and rules that set rate_limit, the trigger sends through the
 -- fleet's rate limit (stella.rate_limit: run.limiter, its gate).
@@ -179,7 +180,7 @@ function M.start(ctx, command, o)
       local limiter, lerr = rate_limit.open(o.db)
       if not limiter then return fail(1, "cannot open the rate limit on %s: %s", M.label(o.db), tostring(lerr)) end
       run.limiter = limiter
-      gate = rate_limit.gate{ limiter = limiter, rules = run.rules }
+      gate = rate_limit.gate{ limiter = limiter, rules = run.rules, budget = o.rate_budget }
     else
       ctx:warn("stella %s: the rules' rate_limit is kept in Redis and applies with --db redis://... only; "
         .. "not applied with %s", command, M.label(o.db))

@@ -119,8 +119,11 @@ function M.run(ctx, opts, positional)
   local name = opts.name or ((host or "worker") .. "-" .. tostring(pid or os.time()))
 
   local sig = signals.catch()
+  -- a rate limit paces a round's sends for at most 5 s (half the lease, if shorter); the
+  -- rest waits in the outbox for a later round, due at its slot
   local run, rstatus = setup.start(ctx, "worker", { rules = opts.rules, send = true, db = db,
-                                                    connections = connections, stop = sig.caught })
+                                                    connections = connections, stop = sig.caught,
+                                                    rate_budget = math.max(0.5, math.min(5, lease / 2)) })
   if not run then sig:release() q:close() return rstatus end
   local summary = require("stella.queue.worker").run{
     queue = q, trigger = run.trigger, name = name, batch = batch, lease = lease, block = block,

@@ -205,14 +205,22 @@ local Gate = {}
 Gate.__index = Gate
 M.Gate = Gate
 
--- gate{ limiter = limiter, rules = compiled rules, sleep = fn, clock = fn } -> gate, or
--- nil when the rules set no rate limit. sleep(seconds) -> false when a signal ended it
--- (core.sleep); clock: core.monotonic.
+-- gate{ limiter = limiter, rules = compiled rules, budget = seconds, sleep = fn, clock = fn }
+-- -> gate, or nil when the rules set no rate limit. budget: the longest one send call
+-- paces its requests before it hands the rest back to the outbox (nil: no limit but the
+-- outbox lease's; `stella worker` gives one, so that a round never stalls). sleep(seconds)
+-- -> false when a signal ended it (core.sleep); clock: core.monotonic.
+-- gate.held_back: true after a send call that handed requests back for want of a slot
+-- (flush.lua then claims no more this time).
 function M.gate(o)
   local limits = o.rules and o.rules.rate_limit
   if not limits then return nil end
-  return setmetatable({ limiter = o.limiter, limits = limits, sleep = o.sleep or core.sleep,
-                        clock = o.clock or core.monotonic, by_brand = {}, by_id = {}, hit = nil }, Gate)
+  if o.budget ~= nil and not (type(o.budget) == "number" and o.budget > 0) then
+    error("stella.rate_limit.gate: budget must be a number of seconds above 0", 2)
+  end
+  return setmetatable({ limiter = o.limiter, limits = limits, budget = o.budget, sleep = o.sleep or core.sleep,
+                        clock = o.clock or core.monotonic, by_brand = {}, by_id = {}, hit = nil,
+                        held_back = false }, Gate)
 end
 
 -- A hand-back: not sent, back in the outbox due at next_at, attempts unchanged (settle.lua).
@@ -308,8 +316,16 @@ local function send_limited(self, t, lim, list, idx, chunk, pace, results, errs,
       send_part(self, t, list, idx, pos, n, chunk, results, errs, later)
       return
     end
+    if self.ends and self.clock() >= self.ends then
+      local h = held(t.clock() + 1, ("not sent yet: this round's time for rate-limited sends (%g s) is up; "
+        .. "it waits in the outbox"):format(self.budget))
+      for k = pos, n do errs[idx[k]] = h end
+      self.held_back = true
+      return
+    end
     local g, err = self.limiter:take(lim.id, lim.settings, n - pos + 1, lim.label)
     if not g or g.granted == 0 then
+      self.held_back = true
       local wait = g and (g.paused > 0 and g.paused or max(0, g.base)) or 1
       local why = not g and ("the rate limit cannot be read from Redis (" .. tostring(err) .. ")")
         or g.paused > 0 and ("the key is paused for every sender after a 429, for %g s more"):format(g.paused)
@@ -332,6 +348,7 @@ local function send_limited(self, t, lim, list, idx, chunk, pace, results, errs,
       if self.hit then
         hold_rest(self, idx, pos + k, results, errs, interrupted)
         self.hit = nil
+        self.held_back = true
         return
       end
       k = m
@@ -348,6 +365,8 @@ end
 -- items at a time; the others go as they are.
 function Gate:send(t, list, chunk, lanes)
   self.trigger = t
+  self.held_back = false
+  self.ends = self.budget and self.clock() + self.budget or nil
   local pace = lanes and M.PACE or 0
   local results, errs = {}, {}
   local n, i, later = #list, 1, false
