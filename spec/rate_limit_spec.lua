@@ -208,6 +208,35 @@ describe("stella.rate_limit", function()
       assert.equal(0, #server:requests())
     end)
 
+    it("a pause another sender sets holds the slots a sender has taken already", function()
+      local url = srv:url{ db = 4 }
+      local compiled = rules_mod.compile({ rate_limit = { per_second = 10 } }, "r")
+      local limiter, other = assert(rate_limit.open(url)), assert(rate_limit.open(url))
+      local paused = false
+      -- the other sender's 429 comes while this one waits for its second slot
+      local gate = rate_limit.gate{ limiter = limiter, rules = compiled, sleep = function(seconds)
+        if not paused then
+          paused = true
+          assert(other:pause(rate_limit.key_id(KEY), 30, "other"))
+        end
+        return require("stella.core").sleep(seconds)
+      end }
+      local t = require("stella").trigger{ rules = compiled, gate = gate,
+                                           client = { api_key = KEY, base_url = server.url } }
+      local out = t:process_many{ event(1), event(2), event(3) }
+      t:close()
+      limiter:close()
+      other:close()
+      assert.is_true(paused)
+      assert.equal("sent", out[1].status)
+      for i = 2, 3 do
+        assert.equal("queued", out[i].status)
+        assert.equal("deferred", out[i].reason)
+        assert.matches("paused for every sender after a 429", out[i].detail)
+      end
+      assert.equal(1, #server:requests())
+    end)
+
     it_once("over four connections: paced, and a 429 with Retry-After: 1 holds the rest until it ends", function()
       local url = srv:url{ db = 3 }
       local store = assert(require("stella.store").redis(url))

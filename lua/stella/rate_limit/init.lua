@@ -154,6 +154,18 @@ function Limiter:pause(id, seconds, label)
   return (tonumber(res) or 0) / 1e6
 end
 
+-- paused(id) -> seconds the key stays paused (0: not paused) | nil, err. What a sender
+-- checks before each request of its slots after the first: a pause another sender set
+-- meanwhile holds them too.
+function Limiter:paused(id)
+  local res, err = self.conn:pipeline{ { "TIME" }, { "HGET", self.prefix .. id, "until" } }
+  if not res then return nil, err end
+  local time = res[1]
+  if type(time) ~= "table" then return nil, time end
+  local now = tonumber(time[1]) * 1e6 + tonumber(time[2])
+  return max(0, ((tonumber(res[2]) or 0) - now) / 1e6)
+end
+
 -- The keys in use (seen within the hour), for `stella status`: a list of { id, label, rate
 -- (per second, nil: pause only), burst, paused (seconds left, 0: none), pauses (429s
 -- with Retry-After so far), backlog (seconds of slots taken ahead of now), seen (seconds
@@ -341,12 +353,22 @@ local function send_limited(self, t, lim, list, idx, chunk, pace, results, errs,
       while m < g.granted and max(0, g.base + m * g.interval) <= first + pace do m = m + 1 end
       local wait = g.at + first - self.clock()
       if wait > 0 then self.sleep(wait) end
+      if k > 0 or wait > 0 then   -- a pause set by another sender since the slots were taken holds these too
+        local left = self.limiter:paused(lim.id)
+        if left ~= 0 then
+          local h = held(t.clock() + max(1, ceil(left or 1)), left and
+            ("not sent yet: the key is paused for every sender after a 429, for %g s more; it waits in the outbox")
+              :format(left) or "not sent yet: the rate limit cannot be read from Redis; it waits in the outbox")
+          for r = pos + k, n do errs[idx[r]] = h end
+          self.held_back = true
+          return
+        end
+      end
       self.hit = nil
-      local interrupted = require("stella.trigger.send").INTERRUPTED
       send_part(self, t, list, idx, pos + k, pos + m - 1, chunk, results, errs, later)
       later = true
       if self.hit then
-        hold_rest(self, idx, pos + k, results, errs, interrupted)
+        hold_rest(self, idx, pos + k, results, errs, require("stella.trigger.send").INTERRUPTED)
         self.hit = nil
         self.held_back = true
         return
@@ -360,9 +382,10 @@ end
 -- gate:send(trigger, list, chunk [, lanes]) -> results, errs as send.lua's in line sends
 -- (list[i]: an outcome or outbox item, or false). chunk(trigger, sublist, later) sends a
 -- part as send.lua would without a gate (later: something was sent before it in this
--- call). A chunk is one request, sent at its slot; with lanes (chunk sends over several
--- connections) the requests whose slots fall within M.PACE s, so that they go side by side. The items of keys with a limit go through their buckets, a run of one key's
--- items at a time; the others go as they are.
+-- call). The items of keys with a limit go through their buckets, a run of one key's
+-- items at a time; the others go as they are. A chunk is one request, sent at its slot;
+-- with lanes (chunks sent over several connections) the requests whose slots fall within
+-- M.PACE s, so that they go side by side.
 function Gate:send(t, list, chunk, lanes)
   self.trigger = t
   self.held_back = false
