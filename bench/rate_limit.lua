@@ -5,7 +5,8 @@
 -- that arrived in a 10 s window (starting 1 s after the first) as a rate and as a share
 -- of 50/s (goal: 0.95 to 1.05), how many each worker sent, and the most that arrived in
 -- any 1 s and 100 ms (50 and 5 at an even pace).
--- Environment: BENCH_RATE (50), BENCH_RATE_SECONDS (10), BENCH_RATE_WORKERS (3).
+-- Environment: BENCH_RATE (50), BENCH_RATE_SECONDS (10), BENCH_RATE_WORKERS (3),
+-- BENCH_RATE_CONNECTIONS (each worker's --connections, 1).
 local redis_server = require "support.redis"
 local testserver = require "support.testserver"
 local child = require "support.child"
@@ -18,10 +19,11 @@ local fmt = string.format
 local RATE = tonumber(os.getenv("BENCH_RATE") or "50")
 local SECONDS = tonumber(os.getenv("BENCH_RATE_SECONDS") or "10")
 local WORKERS = tonumber(os.getenv("BENCH_RATE_WORKERS") or "3")
+local CONNECTIONS = tonumber(os.getenv("BENCH_RATE_CONNECTIONS") or "1")
 local LUA = "lua5.4"
 
-print(fmt("rate_limit: %d workers, limit %g/s, a %g s window; load average %s", WORKERS, RATE, SECONDS,
-          common.loadavg()))
+print(fmt("rate_limit: %d workers (--connections %d), limit %g/s, a %g s window; load average %s", WORKERS,
+          CONNECTIONS, RATE, SECONDS, common.loadavg()))
 
 local server = testserver.start()
 local srv = redis_server.start{}
@@ -41,7 +43,8 @@ end
 local env = { STELLA_TEST_KEY = "tk_bench_rate_limit", STELLA_BASE_URL = server.url }
 local pids = {}
 for w = 1, WORKERS do
-  local cmd = child.stella_command(LUA, { "worker", "--rules", rules, "--db", url, "--name", "w" .. w, "-q" }, env)
+  local cmd = child.stella_command(LUA, { "worker", "--rules", rules, "--db", url, "--name", "w" .. w, "-q",
+                                           "--connections", tostring(CONNECTIONS) }, env)
   local p = assert(io.popen("sh -c " .. nginx.shell_quote("echo $$; exec " .. cmd .. " >/dev/null 2>&1")))
   pids[w] = { pid = assert(tonumber(p:read("*l"))), proc = p }
 end
@@ -83,7 +86,7 @@ local achieved = #times / SECONDS
 local senders = {}
 for _, n in pairs(by_conn) do senders[#senders + 1] = fmt("%d", n) end
 table.sort(senders)
-print(fmt("requests in the window: %d in %g s = %.2f/s; per worker's connection: %s", #times, SECONDS, achieved,
+print(fmt("requests in the window: %d in %g s = %.2f/s; per connection: %s", #times, SECONDS, achieved,
           table.concat(senders, ", ")))
 print(fmt("most in any 1 s: %d, in any 100 ms: %d (an even pace: %g and %g)", most_within(1), most_within(0.1),
           RATE, RATE / 10))

@@ -310,7 +310,8 @@ local function handed_over(self, err, retry_after)
 end
 
 local function retry(self, path, body, attempt, err, retry_after)
-  while err.retryable and not handed_over(self, err, retry_after) and attempt < self.attempts and not is_open(self) do
+  while err.retryable and not handed_over(self, err, retry_after) and attempt < self.attempts
+        and not is_open(self) do
     local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
                                    floor(self.max_delay * 1000), retry_after, self.random())
     if self.sleep(delay / 1000) == false then break end
