@@ -117,17 +117,22 @@ describe("stella.rate_limit", function()
     it("a pause holds every sender of the key until it ends, then the bucket starts from there", function()
       local id = rate_limit.key_id(KEY .. "4")
       local s = rate_limit.settings{ per_second = 100 }
-      local left = assert(limiter:pause(id, 0.5, "t"))
-      assert.is_true(left > 0.4 and left <= 0.5)
+      local left = assert(limiter:pause(id, 30, "t"))
+      assert.near(30, left, 1e-6)
       local g = assert(limiter:take(id, s, 10, "t"))
       assert.equal(0, g.granted)
-      assert.is_true(g.paused > 0 and g.paused <= 0.5)
+      assert.is_true(g.paused > 20 and g.paused <= 30)
       -- a shorter pause asked meanwhile does not shorten it
-      assert.is_true(assert(limiter:pause(id, 0.1, "t")) > 0.1)
-      nginx.sleep(0.6)
-      g = assert(limiter:take(id, s, 10, "t"))
+      assert.is_true(assert(limiter:pause(id, 0.1, "t")) > 20)
+      assert.equal(0, assert(limiter:take(id, s, 10, "t")).granted)
+      -- a short pause ends: slots again, the first at the pause's end or after
+      id = rate_limit.key_id(KEY .. "6")
+      assert(limiter:pause(id, 0.2, "t"))
+      assert.is_true(nginx.wait_until(10, function()
+        g = assert(limiter:take(id, s, 10, "t"))
+        return g.granted > 0
+      end))
       assert.equal(0, g.paused)
-      assert.is_true(g.granted >= 1)
       -- pause only (no rate): everything at once, but the pause holds
       local p = rate_limit.settings{}
       id = rate_limit.key_id(KEY .. "5")
@@ -354,7 +359,7 @@ describe("stella.rate_limit", function()
       assert.equal(id, rl[1].key_id)
       assert.equal("default key 200/s", rl[1].label)
       assert.near(200, rl[1].per_second, 1e-6)
-      assert.is_true(rl[1].paused > 0 and rl[1].paused <= 2)
+      assert.is_true(rl[1].paused >= 0 and rl[1].paused <= 2)   -- (0 if this ran late: the pause's test is above)
       assert.equal(1, rl[1].pauses)
       for i = 2, 30 do assert(q:submit(event(i))) end
       -- done when every interaction has its 200
