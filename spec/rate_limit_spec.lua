@@ -137,6 +137,7 @@ describe("stella.rate_limit", function()
       local p = rate_limit.settings{}
       id = rate_limit.key_id(KEY .. "5")
       assert.equal(1000, assert(limiter:take(id, p, 5000, "t")).granted)
+      assert.is_true(assert(limiter.conn:call("PTTL", "stella:rate:" .. id)) > 3000 * 1000)   -- kept an hour
       assert(limiter:pause(id, 30, "t"))
       assert.equal(0, assert(limiter:take(id, p, 10, "t")).granted)
     end)

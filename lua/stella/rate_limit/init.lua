@@ -33,7 +33,7 @@ local M = {}
 local KEEP_MS = 3600 * 1000   -- a key's hash kept this long after its last use (status)
 local MAX_RUN = 1000          -- tokens asked for at once
 M.PACE = 0.05                 -- over several connections: requests whose slots fall within this many
-                              -- seconds go together (one at a time, each goes at its slot)
+                              -- seconds go together (over one, each goes at its own slot)
 
 -- The settings (rules.lua checks them when it compiles the rules): rate_limit/settings.lua.
 local settings = require "stella.rate_limit.settings"
@@ -72,7 +72,7 @@ if T > 0 then
   tat = tat + granted * T
   redis.call('HSET', KEYS[1], 'tat', tat)
 end
-redis.call('PEXPIRE', KEYS[1], math.floor((math.max(tat, pause) - now) / 1000) + tonumber(ARGV[6]))
+redis.call('PEXPIRE', KEYS[1], math.floor((math.max(tat, pause, now) - now) / 1000) + tonumber(ARGV[6]))
 return { granted, base, T, 0 }
 ]]
 
