@@ -62,6 +62,15 @@ static int l_sleep(lua_State *L) {
   return 1;
 }
 
+/* monotonic() -> seconds on a clock that only goes forward (CLOCK_MONOTONIC), for
+ * measuring waits (the rate limit's pacing); not the time of day. */
+static int l_monotonic(lua_State *L) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return luaL_error(L, "clock_gettime: %s", strerror(errno));
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+  return 1;
+}
+
 /* ---------- outcomes (stella_outcome.c) ----------------------------------------------- */
 
 /* classify_status(status) -> the name of the outcome of an HTTP answer with that status */
@@ -511,6 +520,7 @@ static const luaL_Reg http_funcs[] = {
   { "parse_retry_after", l_parse_retry_after },
   { "classify_status", l_classify_status },
   { "sleep", l_sleep },
+  { "monotonic", l_monotonic },
   { "http_new", l_http_new },
   { "check_http_options", l_check_http_options },
   { "send_many", l_send_many },

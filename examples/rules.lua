@@ -20,6 +20,10 @@ return {
   -- api_key = "...", keys = { test = "...", production = "..." },
   mode = "test",
   -- base_url = "https://blancapeak.api.stellaconnect.net",
+  -- One rate limit per API key for every sender on the Redis store (workers, stella trigger
+  -- and retry with --db redis://...), and a pause for all of them after a 429 with
+  -- Retry-After; a brand with its own key may set its own (README, "Work queue"):
+  -- rate_limit = { per_second = 50 },
 
   -- Which events are worth a survey: the service advises triggering when a case is
   -- solved or closed. Anything else is skipped.

@@ -964,7 +964,9 @@ describe("stella.rules", function()
       package.cpath = ""
       local rules = require "stella.rules"
       for name in pairs(package.loaded) do
-        if name:match("^stella") and name ~= "stella.rules" then error("loaded " .. name) end
+        if name:match("^stella") and name ~= "stella.rules" and name ~= "stella.rate_limit.settings" then
+          error("loaded " .. name)
+        end
       end
       local marks = {}
       local env = { now = 1700000000, lookup = function(m)

@@ -164,6 +164,7 @@ function M.new(opts, shared_breaker)
   local breaker = self.breaker
   self.spawn = function() return M.new(same, breaker) end
   self.key_hint = key_hint(key)
+  self.key_id = require("stella.rate_limit").key_id(key)   -- names the key in Redis (a hash of it)
   return self
 end
 
@@ -300,8 +301,17 @@ end
 -- the error is retryable and attempts remain. Returns res | nil, err.
 -- A sleep that returns false (core.sleep once a signal was caught) ends the retries, as
 -- does an open circuit breaker: the last error stands.
+-- A 429 goes first to the client's on_rate_limited(err, retry_after_ms), when it has one
+-- (the fleet's rate limit, stella.rate_limit): true from it means no retry here (the
+-- request goes back to the outbox, due when the key's pause ends).
+local function handed_over(self, err, retry_after)
+  local f = self.on_rate_limited
+  return f ~= nil and err.kind == "rate_limited" and f(err, retry_after) == true
+end
+
 local function retry(self, path, body, attempt, err, retry_after)
-  while err.retryable and attempt < self.attempts and not is_open(self) do
+  while err.retryable and not handed_over(self, err, retry_after) and attempt < self.attempts
+        and not is_open(self) do
     local delay = core.retry_delay(attempt, floor(self.base_delay * 1000),
                                    floor(self.max_delay * 1000), retry_after, self.random())
     if self.sleep(delay / 1000) == false then break end

@@ -11,6 +11,8 @@
 -- and what it wants written comes back as `decision.marks` for the caller to
 -- commit only once the request is sent (or safely queued); `decision.send_at`, when the
 -- request is to go later (delay, quiet_hours), says when.
+local rate_limit = require "stella.rate_limit.settings"
+
 local type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select =
       type, pairs, ipairs, tostring, tonumber, error, pcall, setmetatable, select
 local floor, huge = math.floor, math.huge
@@ -38,6 +40,7 @@ local KNOWN = {
   suppression = "table", once_per_interaction = "any", unsubscribes = "table",
   sample = "number", rules = "table", on_alert = "function", alert = "table",
   outbox = "table", budget = "any", retention = "table",
+  rate_limit = "any",   -- the fleet's rate limit per API key (stella.rate_limit)
   -- scheduled sends: see "Scheduled sends" below
   delay = "any", event_time = "any", quiet_hours = "table",
   -- read by the client / command line, not by the evaluation
@@ -264,6 +267,7 @@ function M.compile(spec, name)
       error(name .. ": default_brand '" .. r.default_brand .. "' is not in brands", 0)
     end
   end
+  r.rate_limit = rate_limit.of_rules(spec, name)   -- nil: none (the gate is off)
   if spec.suppression then
     local s = spec.suppression
     local per = s.per or "brand"

@@ -62,6 +62,39 @@ function M.sources(db)
   }
 end
 
+-- The rate limits in use on a Redis --db (stella.rate_limit: the keys senders used within
+-- the hour, by their id, never the key), or raises a Redis error.
+function M.collect_rate(db)
+  local limiter, err = require("stella.rate_limit").open(db)
+  if not limiter then error(err, 0) end
+  local list, serr = limiter:status()
+  limiter:close()
+  if not list then error(serr, 0) end
+  return list
+end
+
+-- The rate limits as JSON values: [{ key_id, label, per_second (null: pause only), burst,
+-- paused (seconds left, 0: none), pauses, backlog, seen }]
+function M.rate_to_json(list)
+  local cjson = require "cjson.safe"
+  local out = setmetatable({}, cjson.array_mt)
+  for i, r in ipairs(list or {}) do
+    out[i] = { key_id = r.id, label = r.label, per_second = r.rate == nil and cjson.null or r.rate, burst = r.burst,
+               paused = r.paused, pauses = r.pauses, backlog = r.backlog, seen = r.seen }
+  end
+  return out
+end
+
+function M.print_rate(ctx, list)
+  for _, r in ipairs(list or {}) do
+    ctx:say("rate limit %s (key %s): %s, burst %d; %s; %d pause%s after a 429; last used %.0f s ago",
+      r.label, r.id, r.rate and ("%g/s"):format(r.rate) or "no rate (pause on 429 only)", r.burst,
+      r.paused > 0 and ("paused for %.1f s more"):format(r.paused)
+        or (r.backlog > 0 and ("slots taken %.2f s ahead"):format(r.backlog) or "not paused"),
+      r.pauses, r.pauses == 1 and "" or "s", r.seen)
+  end
+end
+
 local function fmt_time(t) return t and os.date("%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
 
 function M.print(ctx, st)

@@ -138,15 +138,19 @@ end
 function M.stop(run)
   if run.trigger then pcall(run.trigger.close, run.trigger) end
   if run.store then pcall(run.store.close, run.store) end
+  if run.limiter then pcall(run.limiter.close, run.limiter) end
   if run.client then pcall(run.client.close, run.client) end
 end
 
 -- Loads the rules, makes the client (when the command sends), opens the store and starts
 -- the trigger. o = { rules = FILE|nil, send = bool, db = FILE|":memory:", must_exist,
 -- dry_run, connections, stop (the trigger's: a function saying the run must end),
--- retention (the trigger's: { days = n } from --keep, or nil) }. The trigger's clock is
+-- retention (the trigger's: { days = n } from --keep, or nil), rate_budget (the rate
+-- limit gate's budget: stella.rate_limit.gate) }. The trigger's clock is
 -- the context's (ctx.time).
--- Returns run = { rules (compiled), client, store, trigger }, or
+-- With the Redis store and rules that set rate_limit, the trigger sends through the
+-- fleet's rate limit (stella.rate_limit: run.limiter, its gate).
+-- Returns run = { rules (compiled), client, store, trigger, limiter }, or
 -- nil and the exit status after saying what went wrong.
 function M.start(ctx, command, o)
   local run = {}
@@ -168,9 +172,23 @@ function M.start(ctx, command, o)
   local store, serr = M.open_store(o.db, { must_exist = o.must_exist })
   if not store then return fail(1, "%s", serr) end
   run.store = store
+  local gate
+  if o.send and not o.dry_run and run.rules and run.rules.rate_limit then
+    -- the fleet's rate limit lives in Redis: with another store there is no fleet to share it
+    if M.is_url(o.db) then
+      local rate_limit = require "stella.rate_limit"
+      local limiter, lerr = rate_limit.open(o.db)
+      if not limiter then return fail(1, "cannot open the rate limit on %s: %s", M.label(o.db), tostring(lerr)) end
+      run.limiter = limiter
+      gate = rate_limit.gate{ limiter = limiter, rules = run.rules, budget = o.rate_budget }
+    else
+      ctx:warn("stella %s: the rules' rate_limit is kept in Redis and applies with --db redis://... only; "
+        .. "not applied with %s", command, M.label(o.db))
+    end
+  end
   local trigger, terr = new_trigger{ rules = run.rules or {}, client = run.client, store = store,
                                      dry_run = o.dry_run, connections = o.connections, stop = o.stop,
-                                     clock = ctx.time, retention = o.retention }
+                                     clock = ctx.time, retention = o.retention, gate = gate }
   if not trigger then return fail(2, "%s", terr) end
   run.trigger = trigger
   return run

@@ -178,11 +178,12 @@ function M.to_json(st, extra)
 end
 
 -- --json: the same data as one object
-function M.json(ctx, store, db, since, window, queue)
+function M.json(ctx, store, db, since, window, queue, limits)
   local output = require "stella.cli.output"
   local st = M.collect(store, { now = since + window, window = window })
   local extra = { command = "status", db = db }
   if queue ~= nil then extra.queue = require("stella.cli.queue_status").to_json(queue or nil) end
+  if limits ~= nil then extra.rate_limits = require("stella.cli.queue_status").rate_to_json(limits) end
   ctx:say("%s", output.encode(M.to_json(st, extra)))
 end
 
@@ -203,7 +204,9 @@ function M.run(ctx, opts, positional)
   local ok, err = pcall(function()
     -- a Redis store: the work queue too (stella.cli.queue_status); false: none in use
     local queue = setup.is_url(db) and (require("stella.cli.queue_status").collect(db, now) or false) or nil
-    if mode == "json" then return M.json(ctx, store, setup.label(db), since, window, queue) end
+    -- and the fleet's rate limits (stella.rate_limit)
+    local limits = setup.is_url(db) and require("stella.cli.queue_status").collect_rate(db) or nil
+    if mode == "json" then return M.json(ctx, store, setup.label(db), since, window, queue, limits) end
     ctx:say("stella status: %s, since %s (%s)", setup.label(db), fmt_time(since), opts.since or "24h")
     ctx:say("")
 
@@ -248,6 +251,7 @@ function M.run(ctx, opts, positional)
         ob.scanned < ob.queued and (" (of the first %d looked at)"):format(ob.scanned) or "")
     end
     if queue then require("stella.cli.queue_status").print(ctx, queue) end
+    if limits then require("stella.cli.queue_status").print_rate(ctx, limits) end
     local purge = last_purge(store)
     if purge then
       ctx:say("retention: %s; last purge %s: %d ledger entr%s, %d dead item%s", setup.days_text(purge.days),

@@ -37,9 +37,11 @@ settles and acknowledges them. Run as many as you like, on any host.
   -v, --verbose       a line per batch on standard error
 
 Retries are scheduled, not slept on: a failed send waits in the outbox with its due
-time, and every worker sends what is due between batches. SIGINT or SIGTERM: no new read;
-the batch in hand is decided, its sends in flight settle (the rest wait in the outbox)
-and it is acknowledged; then the summary and exit status 0.
+time, and every worker sends what is due between batches. The rules' rate_limit (e.g.
+{ per_second = 50 }) is one limit per API key for every worker on the Redis server, and a
+429 with Retry-After pauses that key for all of them (README, "Work queue").
+SIGINT or SIGTERM: no new read; the batch in hand is decided, its sends in flight settle
+(the rest wait in the outbox) and it is acknowledged; then the summary and exit status 0.
 ]] .. setup.KEYS_HELP
 
 M.options = args.with_output{ rules = "value", db = "value", name = "value", connections = "value",
@@ -119,8 +121,11 @@ function M.run(ctx, opts, positional)
   local name = opts.name or ((host or "worker") .. "-" .. tostring(pid or os.time()))
 
   local sig = signals.catch()
+  -- a rate limit paces a round's sends for at most 5 s (half the lease, if shorter); the
+  -- rest waits in the outbox for a later round, due at its slot
   local run, rstatus = setup.start(ctx, "worker", { rules = opts.rules, send = true, db = db,
-                                                    connections = connections, stop = sig.caught })
+                                                    connections = connections, stop = sig.caught,
+                                                    rate_budget = math.max(0.5, math.min(5, lease / 2)) })
   if not run then sig:release() q:close() return rstatus end
   local summary = require("stella.queue.worker").run{
     queue = q, trigger = run.trigger, name = name, batch = batch, lease = lease, block = block,

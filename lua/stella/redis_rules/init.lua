@@ -28,9 +28,8 @@ local searchpath = package.searchpath
 local M = {}
 
 -- The modules the library holds, by name (require inside the library resolves them).
-M.MODULES = { "stella.rules", "stella.trigger.outcome", "stella.trigger.rows", "stella.store.rows",
-              "stella.store.text",
-              "stella.redis_rules.sha256", "stella.redis_rules.glue" }
+M.MODULES = { "stella.rate_limit.settings", "stella.rules", "stella.trigger.outcome", "stella.trigger.rows",
+              "stella.store.rows", "stella.store.text", "stella.redis_rules.sha256", "stella.redis_rules.glue" }
 
 local function read(path)
   local f, err = open(path, "rb")

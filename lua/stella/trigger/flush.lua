@@ -47,6 +47,7 @@ function M.run(self)
     alert.conclude(self, outcomes, now)
     if serr then return summary, serr end
     if claimed < size or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
+    if self.gate and self.gate.held_back then break end   -- the rate limit has no slot for more now
   end
   return summary
 end

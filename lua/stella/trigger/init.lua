@@ -60,6 +60,7 @@ end
 --                 clock = fn, dry_run = bool, allow = {...}, outbox = {...}, alert = {...},
 --                 connections = n (a pipeline's sends per brand at once; default 1),
 --                 stop = fn (() -> true once nothing more may be sent: send.lua),
+--                 gate = the fleet's rate limit (stella.rate_limit.gate; sends go through it),
 --                 retention = { days = 90, every = 3600 } (retention.lua) }
 -- rules: a rules file's name, a rules table, or what stella.rules.load returned (used as
 -- it is: not compiled again). client: see stella.keys.clients.
@@ -80,8 +81,12 @@ function M.new(opts)
   if opts.stop ~= nil and type(opts.stop) ~= "function" then
     error("stella.trigger: stop must be a function", 2)
   end
+  if opts.gate ~= nil and (type(opts.gate) ~= "table" or type(opts.gate.send) ~= "function") then
+    error("stella.trigger: gate must be a rate limit's gate (stella.rate_limit.gate)", 2)
+  end
   return setmetatable({
     stop = opts.stop,        -- () -> true once the run must end (see send.lua)
+    gate = opts.gate,        -- the fleet's rate limit, or nil (send.lua)
     rules = compiled,
     store = opts.store or store_mod.memory(),
     clock = opts.clock or os.time,

@@ -83,6 +83,9 @@ local function send_batch(self, list, now, from, tried, results, errs)
 end
 
 function M.in_line(self, list, now)
+  if self.gate then   -- the fleet's rate limit (the note below)
+    return self.gate:send(self, list, function(t, sub, later) return send_batch(t, sub, now, 1, later) end)
+  end
   return send_batch(self, list, now)
 end
 
@@ -95,7 +98,25 @@ end
 -- does (with the client's retries, or DEFERRED).
 -- A brand's connections share its items: each takes the next as soon as its post in
 -- flight returns (send_many's groups), so none idles while another has a slow answer.
+local start_lanes
 function M.start(self, list, now)
+  if self.gate then   -- the fleet's rate limit (the note below)
+    return function()
+      return self.gate:send(self, list, function(t, sub) return start_lanes(t, sub, now)() end,
+                            (self.connections or 1) > 1)
+    end
+  end
+  return start_lanes(self, list, now)
+end
+
+-- The fleet's rate limit: a trigger with a gate (stella.rate_limit, given by the command
+-- when the store is on Redis and the rules set rate_limit) sends through it. The gate
+-- takes the key's tokens for the requests in hand, sleeps until their slots and sends
+-- them a few at a time (its chunk: the same in line or background sends as without a
+-- gate, so a chunk over the brand's connections goes out at once); what gets no slot
+-- soon, or meets a 429 with Retry-After (the key paused for every sender), goes back to
+-- the outbox due then. With a gate, start() sends in finish(): nothing overlaps.
+start_lanes = function(self, list, now)
   local n = #list
   local deadline = now + self.outbox_opts.lease / 2
   local flat, index, clients, turn, groups, group_of, ngroups = {}, {}, {}, {}, {}, {}, 0

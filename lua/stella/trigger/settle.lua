@@ -44,9 +44,10 @@ end
 -- once, attempts unchanged.
 local function plan_item(self, plan, item, res, err, now, attempts_before)
   if err == DEFERRED or (err and err.handed_back) then   -- not sent (deferred, interrupted, circuit_open)
-    plan.requeue[#plan.requeue + 1] = { id = item.id, next_at = now, attempts = attempts_before,
+    plan.requeue[#plan.requeue + 1] = { id = item.id, next_at = err.next_at or now, attempts = attempts_before,
                                         last_error = item.last_error }
-    return { status = "queued", reason = err.kind, detail = err == DEFERRED and DEFERRED_DETAIL or tostring(err) }
+    return { status = "queued", reason = err.kind, detail = err == DEFERRED and DEFERRED_DETAIL or tostring(err),
+             next_at = err.next_at }
   end
   if res then
     plan.sent[#plan.sent + 1] = item.id
@@ -55,7 +56,7 @@ local function plan_item(self, plan, item, res, err, now, attempts_before)
   local attempts = attempts_before + 1
   local o = self.outbox_opts
   if err.retryable and attempts < o.max_attempts and now - (item.created_at or now) < o.max_age then
-    local next_at = now + backoff(self, attempts)
+    local next_at = err.next_at or now + backoff(self, attempts)   -- next_at: a paused key's (rate_limit.lua)
     plan.requeue[#plan.requeue + 1] = { id = item.id, next_at = next_at, attempts = attempts,
                                         last_error = tostring(err) }
     return { status = "queued", reason = err.kind, detail = tostring(err), error = err,
