@@ -8,6 +8,8 @@
 --   api:received() -> { [ext_interaction_id] = times received }, total, the most
 --                     requests it held at once, requests answered with an error,
 --                     { [customer e-mail] = times received }
+--   api:span() -> the first request's arrival and the last counted answer (ngx.now(), s),
+--                 nil before any
 --   api:reset(); api:stop()
 --
 -- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
@@ -51,6 +53,7 @@ http {
                 if now > (api:get("max") or 0) then api:set("max", now) end
                 ngx.update_time()
                 local t0 = ngx.now()
+                api:add("first", t0)   -- the first request's arrival (bench/queue.lua)
                 while d > 0 and ngx.now() - t0 < d do   -- a lower delay set meanwhile ends the wait
                     -- what is left of it (a whole `d` again would answer a 20 ms delay in 40)
                     ngx.sleep(math.min(0.05, d - (ngx.now() - t0)))
@@ -67,6 +70,7 @@ http {
                     return
                 end
                 local n = api:incr("n", 1, 0)
+                api:set("last", ngx.now())   -- the last counted answer
                 api:incr("r:" .. id, 1, 0)
                 local email = type(body.customer) == "table" and body.customer.email
                 if type(email) == "string" then api:incr("c:" .. email, 1, 0) end
@@ -84,7 +88,8 @@ http {
                     if k:sub(1, 2) == "c:" then customers[k:sub(3)] = api:get(k) end
                 end
                 ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0,
-                                         failed = api:get("failed") or 0, customers = customers }))
+                                         failed = api:get("failed") or 0, customers = customers,
+                                         first = api:get("first"), last = api:get("last") }))
             }
         }
         location = /_reset {
@@ -150,6 +155,13 @@ function Api:received()
   assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
   local v = cjson.decode(body)
   return v.ids, v.total, v.max, v.failed, v.customers
+end
+
+function Api:span()
+  local code, body = get(self.port, "/_received")
+  assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
+  local v = cjson.decode(body)
+  return tonumber(v.first), tonumber(v.last)
 end
 
 function Api:reset()
