@@ -288,6 +288,38 @@ describe("the work queue", function()
     q:close()
   end)
 
+  it("--connections 4: four requests on the wire at once, over batches smaller than the queue; each once", function()
+    local slow_api = require "support.openresty.slow_api"
+    local api = slow_api.start{ delay = 0.1 }
+    local ok, err = pcall(function()
+      local url = fresh_url()
+      local q = assert(queue.open(url))
+      for i = 1, 40 do assert(q:submit(event(i))) end
+      local pid, wait = stella_bg(dir, worker_args(url, "wide", { "--batch", "10", "--connections", "4" }),
+                                  { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = api.url }, "wide")
+      local drained_all = nginx.wait_until(90, function()
+        local st = assert(q:status())
+        return st.pending == 0 and st.lag == 0
+      end)
+      os.execute("kill -TERM " .. pid)
+      local status, out, werr = wait()
+      assert.equal(0, status, out .. werr)
+      assert.is_true(drained_all, "the queue was not drained")
+      local doc = cjson.decode(out)
+      assert.equal(40, doc.read)
+      assert.equal(40, doc.acknowledged)
+      local ids, total, most = api:received()
+      assert.equal(40, total)
+      for i = 1, 40 do assert.equal(1, ids[tostring(i)], "interaction " .. i) end
+      -- the connections were used together (one at a time before the worker used the
+      -- trigger's pipeline), and never more of them than asked for
+      assert.equal(4, most)
+      q:close()
+    end)
+    api:stop()
+    assert(ok, err)
+  end)
+
   it("SIGTERM during a batch: exit 0, nothing left pending, the rest sent by the next worker once", function()
     local url = fresh_url()
     local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
