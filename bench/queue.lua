@@ -164,7 +164,7 @@ local function run_workers(w, c)
   submit(admin, first, n)
   local done = wait_done(admin, n, math.max(60, 20 * n / ideal))
   local after, wcpu1 = processes_cpu(), common.cpu_ns(pids)
-  local t_first, t_last = api:span()
+  local t_first, t_last, held = api:span()
   local read, acked = 0, 0
   for _, wk in ipairs(workers) do os.execute("kill -TERM " .. wk.pid) end
   for _, wk in ipairs(workers) do
@@ -177,9 +177,17 @@ local function run_workers(w, c)
   assert(done, fmt("%d workers x %d connections: the queue was not drained", w, c))
   check_received(first, n)
   assert(read == n and acked == n, fmt("read %d, acknowledged %d of %d", read, acked, n))
-  local rate = n / (t_last - t_first)
+  local span = t_last - t_first
+  local rate = n / span
+  -- the middle 80% of the answers: the flow once every worker has its first batch out and
+  -- before the last batches, which end up to a batch's time apart from worker to worker
+  local k1 = math.floor(n / 10)
+  local k2 = n - k1
+  local middle = (k2 - k1) / (api:answered(k2) - api:answered(k1))
   return {
-    n = n, rate = rate, ideal = ideal,
+    n = n, rate = rate, ideal = ideal, middle = middle,
+    answer = held / n,                    -- the API's mean answer time
+    occupancy = held / (w * c * span),    -- the share of the time a connection held a request at the API
     workers = (wcpu1 - wcpu0) / 1e3 / n, redis = (after.redis - before.redis) / 1e3 / n,
     api = (after.api - before.api) / 1e3 / n,
     busy = common.busy_cpus(before.machine, after.machine, CPUS),
@@ -198,6 +206,7 @@ local function limit_of(r)
   r.ceiling = ceiling
   if ratio >= 0.9 then return "the API's 20 ms (ideal met)" end
   if r.rate >= 0.95 * r.wrk then return "the API: wrk gets no more" end
+  if r.middle >= 0.95 * math.min(r.wrk, r.ideal) then return "the burst's end: workers end a batch apart" end
   if (r.busy or 0) >= 0.9 * CPUS or r.rate >= 0.85 * ceiling then
     return fmt("CPU (machine %.1f of %d CPUs busy)", r.busy or 0, CPUS)
   end
@@ -273,8 +282,8 @@ local ok, err = pcall(function()
     common.loadavg()))
   local script = common.wrk_post_script(KEY)
   local wrk_of = {}
-  print("   W  C  events  ideal/s  events/s      %   wrk -cWC      %  | CPU us/event: workers  redis    api"
-    .. "  | busy CPUs  limit")
+  print("   W  C  events  ideal/s  events/s      %  middle 80%  |  wrk -cWC      %  | answer   held  |"
+    .. " CPU us/event: workers  redis    api  | busy CPUs  limit")
   for _, w in ipairs(WORKERS) do
     for _, c in ipairs(CONNECTIONS) do
       local r = run_workers(w, c)
@@ -286,14 +295,19 @@ local ok, err = pcall(function()
       local wr = wrk_of[w * c]
       r.wrk = wr
       local limit = limit_of(r)
-      print(fmt("  %2d %2d  %6d  %7.0f  %8.0f  %5.1f%%  %9.0f  %5.1f%%  |  %20.0f  %5.0f  %5.0f  |  %8s  %s",
-        w, c, r.n, r.ideal, r.rate, r.rate / r.ideal * 100, wr, wr / r.ideal * 100, r.workers, r.redis, r.api,
+      print(fmt("  %2d %2d  %6d  %7.0f  %8.0f  %5.1f%%  %9.1f%%  |  %8.0f  %5.1f%%  | %4.1fms  %4.1f%%  |  %20.0f"
+        .. "  %5.0f  %5.0f  |  %8s  %s", w, c, r.n, r.ideal, r.rate, r.rate / r.ideal * 100, r.middle / r.ideal * 100,
+        wr, wr / r.ideal * 100,
+        r.answer * 1000, r.occupancy * 100, r.workers, r.redis, r.api,
         r.busy and fmt("%.2f", r.busy) or "?", limit))
     end
   end
   os.remove(script)
-  print("  (events/s: from the first request's arrival at the API to the last answer; CPU ceiling of a run:"
-    .. " the CPUs other work left / CPU per event of workers + redis + API)")
+  print("  (events/s: from the first request's arrival at the API to the last answer; middle 80%: from the"
+    .. " 10%-th answer to the 90%-th; answer: the API's mean"
+    .. " time from a request's arrival to its answer; held: the share of the time the W x C connections each"
+    .. " held a request at the API (events/s = held x W x C / answer); busy CPUs: the whole machine's, other"
+    .. " work included)")
 
   local o = overhead()
   print(fmt("queue overhead, %d events, --connections 1, the API answering at once (CPU per event, whole run"
@@ -308,5 +322,5 @@ local ok, err = pcall(function()
 end)
 api:stop()
 srv:remove()
-if ok then nginx.remove_dir(dir) else print("  (the runs' output is kept in " .. dir .. ")") end
+if ok and not os.getenv("BENCH_QUEUE_KEEP") then nginx.remove_dir(dir) else print("  (the runs' output is kept in " .. dir .. ")") end
 if not ok then error(err, 0) end

@@ -8,13 +8,15 @@
 --   api:received() -> { [ext_interaction_id] = times received }, total, the most
 --                     requests it held at once, requests answered with an error,
 --                     { [customer e-mail] = times received }
---   api:span() -> the first request's arrival and the last counted answer (ngx.now(), s),
---                 nil before any
+--   api:span() -> the first request's arrival and the last counted answer (ngx.now(), s;
+--                 nil before any), and the seconds the counted requests were held in all
+--   api:answered(k) -> when the k-th counted answer went (ngx.now(), s), nil before
 --   api:reset(); api:stop()
 --
 -- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
 -- many requests wait at once; lowering the delay shortens the waits under way); with set_status, that status instead (not counted as
--- received). GET /_received and POST /_reset /_delay?s=D /_status?code=C are its controls.
+-- received). GET /_received, /_answered?n=K and POST /_reset /_delay?s=D /_status?code=C are
+-- its controls.
 local socket = require "socket"
 local cjson = require "cjson"
 local nginx = require "stella.nginx"
@@ -71,6 +73,8 @@ http {
                 end
                 local n = api:incr("n", 1, 0)
                 api:set("last", ngx.now())   -- the last counted answer
+                api:set("t:" .. n, ngx.now())  -- when the n-th was answered
+                api:incr("held", ngx.now() - t0, 0)   -- the time the answers were held, in all
                 api:incr("r:" .. id, 1, 0)
                 local email = type(body.customer) == "table" and body.customer.email
                 if type(email) == "string" then api:incr("c:" .. email, 1, 0) end
@@ -89,7 +93,13 @@ http {
                 end
                 ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0,
                                          failed = api:get("failed") or 0, customers = customers,
-                                         first = api:get("first"), last = api:get("last") }))
+                                         first = api:get("first"), last = api:get("last"),
+                                         held = api:get("held") or 0 }))
+            }
+        }
+        location = /_answered {
+            content_by_lua_block {
+                ngx.print(ngx.shared.api:get("t:" .. tostring(ngx.var.arg_n)) or "null")
             }
         }
         location = /_reset {
@@ -161,7 +171,13 @@ function Api:span()
   local code, body = get(self.port, "/_received")
   assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
   local v = cjson.decode(body)
-  return tonumber(v.first), tonumber(v.last)
+  return tonumber(v.first), tonumber(v.last), tonumber(v.held)
+end
+
+function Api:answered(k)
+  local code, body = get(self.port, "/_answered?n=" .. math.floor(k))
+  assert(code == 200, "slow_api: /_answered failed: " .. tostring(body))
+  return tonumber(body)
 end
 
 function Api:reset()
