@@ -63,6 +63,16 @@ local function message_of(outcome)
   return tostring(err or outcome.detail or outcome.reason or outcome.status)
 end
 
+-- Whether trigger:flush() has work: an outbox item due (its next_at passed: a retry, a
+-- scheduled send, a dead run's lease over), or settles kept for the store to take.
+-- When the outbox cannot be read: true (the flush says why).
+local function flush_due(t)
+  if t.unsettled_plans and #t.unsettled_plans > 0 then return true end
+  local ok, items = pcall(t.store.outbox, t.store, "queued", 1)
+  if not ok or type(items) ~= "table" then return true end
+  return items[1] ~= nil and (items[1].next_at or 0) <= t.clock()
+end
+
 -- The entries of a round as events for the trigger: an entry delivered too often, or
 -- malformed, goes to the dead-letter stream (report.dead). -> events, their entries | nil, err
 local function prepare(o, entries, report)
@@ -228,12 +238,16 @@ function M.run(o)
     else
       drain()   -- nothing new: the batch on the wire completed, acknowledged
     end
-    -- requests due again (retries, scheduled sends, a dead worker's leased ones)
+    -- requests due again (retries, scheduled sends, a dead worker's leased ones); with a
+    -- batch on the wire, only when the outbox has one (completing the batch first
+    -- would leave the connections idle while the next is read and decided)
     if not stop() and clock() - last_flush >= o.flush_every then
-      drain()
-      local ok, summary, ferr = pcall(t.flush, t)
-      if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
-      else total.flushed = total.flushed + (summary.sent or 0) end
+      if #held == 0 or flush_due(t) then
+        drain()
+        local ok, summary, ferr = pcall(t.flush, t)
+        if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
+        else total.flushed = total.flushed + (summary.sent or 0) end
+      end
       last_flush = clock()
     end
     if clock() - last_trim >= o.trim_every then
