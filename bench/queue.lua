@@ -11,9 +11,14 @@
 --      workers, redis-server and the API's nginx, and how many CPUs the machine had busy
 --      (/proc/stat, other work included), which say when the CPU is the limit.
 --   2. The queue's overhead: the same events through one `stella worker` (queued) and one
---      `stella trigger --db redis://...` (a JSON Lines file), --connections 1, the API
---      answering at once: CPU per event of each process (its whole run, from the shell's
---      `times`, less that of the same command with no events) and of redis-server.
+--      `stella trigger --db redis://...` (a JSON Lines file), --connections 1, batches of
+--      the trigger's size (--batch 200 for the worker), the API answering at once: CPU per
+--      event of each process (its whole run, from the shell's `times`, less that of the
+--      same command with no events) and of redis-server (the XADDs included).
+-- Also the API's mean answer time and the share of the time each connection held a
+-- request there, and the rate of the middle 80% of the answers (without the first
+-- batches' start and the burst's end, where workers finish up to a batch apart).
+-- BENCH_QUEUE_KEEP=1 keeps the workers' output (it is kept when a run fails).
 -- Never fails on a missed target; fails when an event is lost, sent twice or left pending.
 --
 -- From the repository root (tools/run-bench does this):
@@ -21,7 +26,8 @@
 --     LUA_CPATH="./build/5.4/?.so;;" lua5.4 bench/queue.lua
 -- Environment: BENCH_QUEUE_WORKERS ("1 2 4"), BENCH_QUEUE_CONNECTIONS ("1 4"),
 -- BENCH_QUEUE_SECONDS (ideal seconds per run, at least; 2), BENCH_QUEUE_BATCH (--batch;
--- the worker's default), BENCH_QUEUE_EVENTS (part 2's events; 6000).
+-- the worker's default), BENCH_QUEUE_EVENTS (part 2's events; 6000; " " for
+-- BENCH_QUEUE_WORKERS skips part 1).
 local common = require "bench.common"
 local slow_api = require "support.openresty.slow_api"
 local redis_server = require "support.redis"
@@ -51,6 +57,8 @@ local RULES = [[return { channels = { phone = "integrated" }, suppression = { da
                           once_per_interaction = true }]]
 local STREAM = "stella:events"
 local CPUS = common.cpus()
+-- part 2's worker reads batches of the trigger's size, so that the difference is the queue's
+local TRIGGER_BATCH = require("stella.cli.trigger").batch_size(1)
 
 local function event_json(n)
   return cjson.encode{ customer = { name = "Customer " .. n, email = fmt("customer.%d@example.com", n) },
@@ -86,9 +94,9 @@ local function stella_bg(name, args)
   end }
 end
 
-local function worker_args(url, name, c)
+local function worker_args(url, name, c, batch)
   return { "worker", "--rules", rules, "--db", url, "--name", name, "--connections", tostring(c),
-           "--batch", tostring(BATCH), "--json" }
+           "--batch", tostring(batch or BATCH), "--json" }
 end
 
 -- Waits until `n` clients of db `db` are blocked in XREADGROUP (the workers, ready).
@@ -134,7 +142,7 @@ local function check_received(first, n)
   assert(failed == 0, "the API answered errors")
   for i = first, first + n - 1 do
     local got = ids[tostring(i)]
-    assert(got == 1, fmt("event %d (the %dth) received %s times", i, i - first + 1, tostring(got)))
+    assert(got == 1, fmt("event %d (number %d of the run) received %s times", i, i - first + 1, tostring(got)))
   end
   assert(total == n, fmt("the API received %d requests for %d events", total, n))
 end
@@ -143,13 +151,20 @@ local function processes_cpu()
   return { redis = common.cpu_ns(srv.pid), api = common.cpu_ns(api.nginx:pids()), machine = common.machine_cpu() }
 end
 
--- 1. W workers x C connections. -> { rate, ideal, per_event = { workers, redis, api } (µs), busy (CPUs) }
+-- A database of its own for each run (1 to 15, emptied first): its URL, number, connection.
 local next_event, next_db = 1000000, 0
-local function run_workers(w, c)
-  next_db = next_db + 1
-  local db = next_db
-  local url = srv:url{ db = db }
+local function fresh_db()
+  next_db = next_db % 15 + 1
+  local url = srv:url{ db = next_db }
   local admin = assert(redis.connect(url))
+  assert(admin:call("FLUSHDB"))
+  return url, next_db, admin
+end
+
+-- 1. W workers x C connections. -> { n, rate, middle, ideal, answer, occupancy, workers,
+-- redis, api (CPU µs per event), busy (the machine's busy CPUs) }
+local function run_workers(w, c)
+  local url, db, admin = fresh_db()
   local ideal = w * c / LATENCY
   local n = w * math.max(3 * BATCH, math.floor(c / LATENCY * SECONDS))
   local first = next_event
@@ -228,9 +243,10 @@ local function overhead()
 
   -- stella trigger: the file, and an empty file (the start-up and exit to take off)
   local function trigger(file, name)
-    next_db = next_db + 1
+    local url, _, admin = fresh_db()
+    admin:close()
     local r0, t0 = common.cpu_ns(srv.pid), gettime()
-    local t = stella_bg(name, { "trigger", "--rules", rules, "--db", srv:url{ db = next_db }, "--connections", "1",
+    local t = stella_bg(name, { "trigger", "--rules", rules, "--db", url, "--connections", "1",
                                 "--json", "-q", file })
     local out, cpu, err = t.wait()
     assert(out:find('"command":"trigger"', 1, true), "stella trigger failed: " .. out .. err)
@@ -238,12 +254,10 @@ local function overhead()
   end
   -- stella worker: started, the events (if any) in the stream and done, SIGTERM
   local function worker(count, name)
-    next_db = next_db + 1
-    local url = srv:url{ db = next_db }
-    local admin = assert(redis.connect(url))
+    local url, db, admin = fresh_db()
     local r0 = common.cpu_ns(srv.pid)
-    local wk = stella_bg(name, worker_args(url, name, 1))
-    wait_ready(admin, next_db, 1)
+    local wk = stella_bg(name, worker_args(url, name, 1, TRIGGER_BATCH))
+    wait_ready(admin, db, 1)
     local t0 = gettime()
     if count > 0 then
       submit(admin, first, count)
@@ -310,8 +324,8 @@ local ok, err = pcall(function()
     .. " work included)")
 
   local o = overhead()
-  print(fmt("queue overhead, %d events, --connections 1, the API answering at once (CPU per event, whole run"
-    .. " less an empty run):", o.n))
+  print(fmt("queue overhead, %d events, --connections 1, batches of %d, the API answering at once (CPU per"
+    .. " event, whole run less an empty run; redis-server's with the XADD of each event):", o.n, TRIGGER_BATCH))
   print(fmt("  stella trigger --db redis://  %7.1f us/event  (redis-server %5.1f us/event; %5.0f events/s)", o.trigger,
     o.redis_trigger, o.trigger_rate))
   print(fmt("  stella worker (the queue)     %7.1f us/event  (redis-server %5.1f us/event; %5.0f events/s)", o.worker,
