@@ -153,8 +153,9 @@ end
 -- requests are on the wire (every connection busy), the next is read (without blocking)
 -- and decided, then its sends start as soon as the previous batch's end, and the previous
 -- batch is settled and acknowledged meanwhile. Nothing new to read: the batch on the wire
--- is completed before the worker blocks on the stream; the same before a flush (which
--- sends with the same connections) and at the end.
+-- is completed before the worker blocks on the stream; the same before a flush that has
+-- something due (it sends with the same connections) and at the end. So up to two
+-- batches are pending (unacknowledged) at once: the one on the wire and the next.
 function M.run(o)
   for k, v in pairs(M.DEFAULTS) do if o[k] == nil then o[k] = v end end
   local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
