@@ -50,6 +50,67 @@ function M.pin(cpu)
   return out:match("new affinity list") ~= nil
 end
 
+-- CPU time (ns) the processes `pids` (a list, or one pid) have used so far, from
+-- /proc/PID/schedstat (exact, where the tick counts of /proc/PID/stat are 10 ms steps); a
+-- process that is gone counts 0.
+function M.cpu_ns(pids)
+  if type(pids) ~= "table" then pids = { pids } end
+  local total = 0
+  for _, pid in ipairs(pids) do
+    local f = io.open("/proc/" .. tostring(pid) .. "/schedstat", "rb")
+    if f then
+      total = total + (tonumber((f:read("*l") or ""):match("^(%d+)")) or 0)
+      f:close()
+    end
+  end
+  return total
+end
+
+-- The whole machine's CPU counters (/proc/stat, in ticks): busy (all but idle and iowait)
+-- and total; the difference of two readings says how many CPUs were busy in between:
+-- common.busy_cpus(a, b) (nil where /proc/stat is missing).
+function M.machine_cpu()
+  local f = io.open("/proc/stat", "rb")
+  if not f then return nil end
+  local line = f:read("*l") or ""
+  f:close()
+  local v = {}
+  for n in line:gmatch("%d+") do v[#v + 1] = tonumber(n) end
+  local total = 0
+  for i = 1, math.min(#v, 8) do total = total + v[i] end   -- user nice system idle iowait irq softirq steal
+  return { busy = total - (v[4] or 0) - (v[5] or 0), total = total }
+end
+
+function M.busy_cpus(a, b, cpus)
+  if not a or not b or b.total <= a.total then return nil end
+  return (b.busy - a.busy) / (b.total - a.total) * (cpus or M.cpus())
+end
+
+-- A wrk script posting requests to /v1/requests with `key`, each with its own customer and
+-- interaction (numbered from `first`), written to a temporary file: its path (the caller
+-- removes it).
+function M.wrk_post_script(key, first)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write('wrk.method = "POST"\n', 'wrk.headers["Content-Type"] = "application/json"\n',
+    'wrk.headers["X-API-Key"] = ', fmt("%q", key), "\n",
+    "local n = ", tostring(first or 20000000), "\n",
+    "request = function() n = n + 1; return wrk.format(nil, '/v1/requests', nil, ",
+    "'{\"customer\":{\"name\":\"Customer ' .. n .. '\",\"email\":\"c' .. n .. '@example.com\"},",
+    "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},\"channel\":\"phone\",\"ext_interaction_id\":\"' .. n .. '\"}') end\n")
+  f:close()
+  return path
+end
+
+-- Requests per second of `wrk -t1 -cC -dSECONDS -s script url`; raises when wrk fails.
+function M.wrk_rate(c, seconds, script, url)
+  local out = M.run(fmt("timeout %d wrk -t1 -c%d -d%ds -s %s %s", seconds + 15, c, math.max(1, seconds),
+    script, url))
+  local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
+  if not rate then error("wrk failed:\n" .. out, 0) end
+  return rate
+end
+
 -- CPUs this machine has (nproc), at least 1.
 function M.cpus()
   return tonumber(M.run("nproc"):match("%d+")) or 1

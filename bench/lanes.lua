@@ -95,30 +95,9 @@ local function retry_rate(c, n)
   return n / elapsed
 end
 
-local function wrk_script()
-  local path = os.tmpname()
-  tmpfiles[#tmpfiles + 1] = path
-  local f = assert(io.open(path, "wb"))
-  f:write('wrk.method = "POST"\n', 'wrk.headers["Content-Type"] = "application/json"\n',
-    'wrk.headers["X-API-Key"] = "tk_bench_lanes"\n',
-    "local n = 20000000\n",
-    "request = function() n = n + 1; return wrk.format(nil, '/v1/requests', nil, ",
-    "'{\"customer\":{\"name\":\"Customer ' .. n .. '\",\"email\":\"c' .. n .. '@example.com\"},",
-    "\"employee\":{\"email\":\"paulagent@blancapeak.com\"},\"channel\":\"phone\",\"ext_interaction_id\":\"' .. n .. '\"}') end\n")
-  f:close()
-  return path
-end
-
-local function wrk_rate(c, script)
-  local out = common.run(fmt("timeout %d wrk -t1 -c%d -d%ds -s %s %s", SECONDS + 15, c, math.max(1, SECONDS),
-    script, api.url))
-  local rate = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
-  if not rate then error("wrk failed:\n" .. out, 0) end
-  return rate
-end
-
 local ok, err = pcall(function()
-  local script = wrk_script()
+  local script = common.wrk_post_script("tk_bench_lanes")
+  tmpfiles[#tmpfiles + 1] = script
   print(fmt("lanes benchmark under %s: an API answering in %d ms (nginx, ngx.sleep), %d ideal seconds per run; load %s",
     rawget(_G, "jit") and jit.version or _VERSION, LATENCY * 1000, SECONDS, common.loadavg()))
   print("      C    ideal/s   trigger/s      %   retry/s      %     wrk/s      %  (batch)")
@@ -129,7 +108,7 @@ local ok, err = pcall(function()
     local tr = trigger_rate(c, n)
     api:reset()
     local rr = retry_rate(c, n)
-    local wr = wrk_rate(c, script)
+    local wr = common.wrk_rate(c, SECONDS, script, api.url)
     print(fmt("  %5d %10.0f %11.0f %5.1f%% %9.0f %5.1f%% %9.0f %5.1f%%  (%d)", c, ideal, tr, tr / ideal * 100,
       rr, rr / ideal * 100, wr, wr / ideal * 100, cli_trigger.batch_size(c)))
   end

@@ -288,6 +288,82 @@ describe("the work queue", function()
     q:close()
   end)
 
+  it("--connections 4: four requests on the wire at once, over batches smaller than the queue; each once", function()
+    local slow_api = require "support.openresty.slow_api"
+    local api = slow_api.start{ delay = 0.1 }
+    local ok, err = pcall(function()
+      local url = fresh_url()
+      local q = assert(queue.open(url))
+      for i = 1, 40 do assert(q:submit(event(i))) end
+      local pid, wait = stella_bg(dir, worker_args(url, "wide", { "--batch", "10", "--connections", "4" }),
+                                  { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = api.url }, "wide")
+      local drained_all = nginx.wait_until(90, function()
+        local st = assert(q:status())
+        return st.pending == 0 and st.lag == 0
+      end)
+      os.execute("kill -TERM " .. pid)
+      local status, out, werr = wait()
+      assert.equal(0, status, out .. werr)
+      assert.is_true(drained_all, "the queue was not drained")
+      local doc = cjson.decode(out)
+      assert.equal(40, doc.read)
+      assert.equal(40, doc.acknowledged)
+      local ids, total, most = api:received()
+      assert.equal(40, total)
+      for i = 1, 40 do assert.equal(1, ids[tostring(i)], "interaction " .. i) end
+      -- the connections were used together (one at a time before the worker used the
+      -- trigger's pipeline), and never more of them than asked for
+      assert.equal(4, most)
+      q:close()
+    end)
+    api:stop()
+    assert(ok, err)
+  end)
+
+  -- a few seconds of 30 ms answers: once, under Lua 5.4 (the worker's code is the same Lua
+  -- under LuaJIT, which the other specs here run)
+  local it_once = rawget(_G, "jit") and pending or it
+  it_once("a retry comes due while batches keep the worker busy: it is sent then, not after the queue", function()
+    local url = fresh_url()
+    local retry_rules = dir .. "/retry_rules.lua"
+    assert(write_file(retry_rules, "return { once_per_interaction = true, outbox = { lease = 30, base_delay = 1, "
+      .. "max_delay = 2 } }"))
+    local q = assert(queue.open(url))
+    for i = 1, 150 do assert(q:submit(event(i))) end
+    -- the first request's three attempts answered 503 (a retryable failure: to the outbox,
+    -- due again in 1 to 2 s), every other answer 30 ms late
+    local script = { { status = 503 }, { status = 503 }, { status = 503 } }
+    for i = 4, 160 do script[i] = { delay = 0.03 } end
+    server:script(script)
+    local args = { "worker", "--rules", retry_rules, "--db", url, "--name", "busy", "--batch", "10", "--json" }
+    local pid, wait = stella_bg(dir, args, { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }, "busy")
+    local s = assert(store_mod.redis(url))
+    local ok = nginx.wait_until(90, function()
+      local st = assert(q:status())
+      return received(server)["1"] ~= nil and st.pending == 0 and st.lag == 0 and assert(s:outbox_counts()).queued == 0
+    end)
+    s:close()
+    os.execute("kill -TERM " .. pid)
+    local status, out, err = wait()
+    assert.equal(0, status, out .. err)
+    assert.is_true(ok, "the queue was not drained")
+    -- each interaction accepted once; the first one's accepted request came before the
+    -- queue's last event went out
+    local accepted, at = {}, {}
+    for n, r in ipairs(server:requests()) do
+      if not r.answer.status then
+        local id = cjson.decode(r.body).ext_interaction_id
+        accepted[id] = (accepted[id] or 0) + 1
+        at[id] = n
+      end
+    end
+    for i = 1, 150 do assert.equal(1, accepted[tostring(i)], "interaction " .. i) end
+    assert.is_true(at["1"] < at["150"], ("the retry went out as request %d, after the last event's (%d)"):format(
+      at["1"], at["150"]))
+    assert.equal(1, cjson.decode(out).flushed)
+    q:close()
+  end)
+
   it("SIGTERM during a batch: exit 0, nothing left pending, the rest sent by the next worker once", function()
     local url = fresh_url()
     local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }

@@ -8,9 +8,10 @@
 -- Each round: the heartbeat; entries of a dead consumer, idle for `lease` seconds, taken
 -- over (XAUTOCLAIM), else new ones read (XREADGROUP, blocking up to `block` s); each
 -- entry's JSON decoded (a malformed one goes to the dead-letter stream with the reason);
--- the events decided, sent and settled by the trigger (process_many: the same atomic
--- store calls as `stella trigger`), then acknowledged. An entry delivered more than
--- max_deliveries times goes to the dead-letter stream with its last error instead.
+-- the events decided, sent and settled by the trigger's pipeline (the same atomic store
+-- calls and overlapped batches as `stella trigger`), then acknowledged. An entry
+-- delivered more than max_deliveries times goes to the dead-letter stream with its last
+-- error instead.
 -- Entries whose decision failed (the store could not be written) are not acknowledged:
 -- their error is noted and they come back after the lease.
 --
@@ -23,7 +24,8 @@
 -- rules' examples): an interaction decided before is `skipped/duplicate`, and its request,
 -- if it was left queued in the outbox by the dead worker, goes out with a flush once the
 -- outbox lease is over. Only a request that was on the wire, not yet settled, when its
--- worker died may go twice.
+-- worker died may go twice: at most a batch, and the first requests of the next one (its
+-- sends start while that batch is settled).
 --
 -- stop() -> true ends the loop: no new read; a batch already read is decided, its sends
 -- in flight finish (the trigger's own stop ends the rest: they wait in the outbox), and it
@@ -31,6 +33,7 @@
 local decode = require("stella.core").decode_json
 
 local ipairs, pairs, pcall, tostring, type = ipairs, pairs, pcall, tostring, type
+local remove = table.remove
 
 local M = {}
 
@@ -60,8 +63,19 @@ local function message_of(outcome)
   return tostring(err or outcome.detail or outcome.reason or outcome.status)
 end
 
--- Processes entries; returns the round's report { read, acked, dead, retried, outcomes = { status/reason -> n } }
-local function process(o, entries, report)
+-- Whether trigger:flush() has work: an outbox item due (its next_at passed: a retry, a
+-- scheduled send, a dead run's lease over), or settles kept for the store to take.
+-- When the outbox cannot be read: true (the flush says why).
+local function flush_due(t)
+  if t.unsettled_plans and #t.unsettled_plans > 0 then return true end
+  local ok, items = pcall(t.store.outbox, t.store, "queued", 1)
+  if not ok or type(items) ~= "table" then return true end
+  return items[1] ~= nil and (items[1].next_at or 0) <= t.clock()
+end
+
+-- The entries of a round as events for the trigger: an entry delivered too often, or
+-- malformed, goes to the dead-letter stream (report.dead). -> events, their entries | nil, err
+local function prepare(o, entries, report)
   local q, name = o.queue, o.name
   local events, taken = {}, {}
   for _, e in ipairs(entries) do
@@ -90,15 +104,21 @@ local function process(o, entries, report)
       end
     end
   end
-  if #events == 0 then return report end
-  local ok, outcomes = pcall(o.trigger.process_many, o.trigger, events)
-  if not ok then
-    local ids = {}
-    for i, e in ipairs(taken) do ids[i] = e.id end
-    q:note_error(ids, outcomes)
-    report.retried = report.retried + #ids
-    return report
-  end
+  return events, taken
+end
+
+-- A batch the trigger could not process (it raised): its entries' error noted, for another try after the lease.
+local function not_processed(o, taken, err, report)
+  local ids = {}
+  for i, e in ipairs(taken) do ids[i] = e.id end
+  o.queue:note_error(ids, err)
+  report.retried = report.retried + #ids
+end
+
+-- A batch decided, sent and settled: each entry acknowledged, dead-lettered (invalid) or
+-- left for another try (store_error). -> report | nil, err
+local function conclude(o, taken, outcomes, report)
+  local q, name = o.queue, o.name
   local acks, later, later_err = {}, {}, nil
   for i, e in ipairs(taken) do
     local out = outcomes[i]
@@ -129,6 +149,13 @@ local function process(o, entries, report)
 end
 
 -- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors }.
+-- The batches go through the trigger's pipeline (trigger:pipeline): while one batch's
+-- requests are on the wire (every connection busy), the next is read (without blocking)
+-- and decided, then its sends start as soon as the previous batch's end, and the previous
+-- batch is settled and acknowledged meanwhile. Nothing new to read: the batch on the wire
+-- is completed before the worker blocks on the stream; the same before a flush that has
+-- something due (it sends with the same connections) and at the end. So up to two
+-- batches are pending (unacknowledged) at once: the one on the wire and the next.
 function M.run(o)
   for k, v in pairs(M.DEFAULTS) do if o[k] == nil then o[k] = v end end
   local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
@@ -136,6 +163,36 @@ function M.run(o)
   local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
   local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, clock()
   local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
+  local function account(report)
+    total.rounds = total.rounds + 1
+    for _, k in ipairs{ "acked", "dead", "retried" } do total[k] = total[k] + report[k] end
+    for k, n in pairs(report.outcomes) do total.outcomes[k] = (total.outcomes[k] or 0) + n end
+    if o.on_batch then o.on_batch(report) end
+  end
+  -- a batch in the pipeline: { taken = entries, report = report, outcomes = set once settled }
+  local pipe = t:pipeline(function(outcomes, _, b) b.outcomes = outcomes end)
+  local held = {}   -- batches given to the pipeline, oldest first, not yet acknowledged
+  -- acknowledges the batches the pipeline has completed (all of them, `all`: after a
+  -- failure, the ones it did not complete have their error noted)
+  local function conclude_held(all, err)
+    while held[1] and (held[1].outcomes or all) do
+      local b = remove(held, 1)
+      if b.outcomes then
+        local res, cerr = conclude(o, b.taken, b.outcomes, b.report)
+        if not res then warn("redis: " .. tostring(cerr)) end
+      else
+        not_processed(o, b.taken, err or "the batch was not completed", b.report)
+      end
+      account(b.report)
+    end
+  end
+  -- completes the batch on the wire (cause: why, when a batch failed)
+  local function drain(cause)
+    if #held == 0 then return end
+    local ok, err = pcall(pipe.finish, pipe)
+    if not ok then warn("batch: " .. tostring(err)) end
+    conclude_held(true, not ok and err or cause)
+  end
   while not stop() do
     local now = clock()
     if now - last_beat >= o.beat_every then
@@ -151,25 +208,47 @@ function M.run(o)
       if entries and #entries == o.batch then last_reclaim = -math.huge end   -- more may wait
     end
     if not err and (not entries or #entries == 0) and not stop() then
-      entries, err = q:read(name, o.batch, o.block * 1000)
+      -- a batch on the wire: no waiting for new entries (it is completed first, below)
+      entries, err = q:read(name, o.batch, #held == 0 and o.block * 1000 or 0)
     end
     if err then
       warn("redis: " .. tostring(err))
+      drain()
       sleep(o.block)   -- Redis away: try again a little later
     elseif entries and #entries > 0 then
+      total.read = total.read + #entries
       local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
-      local res, perr = process(o, entries, report)
-      if not res then warn("redis: " .. tostring(perr)) end
-      total.rounds = total.rounds + 1
-      for _, k in ipairs{ "read", "acked", "dead", "retried" } do total[k] = total[k] + report[k] end
-      for k, n in pairs(report.outcomes) do total.outcomes[k] = (total.outcomes[k] or 0) + n end
-      if o.on_batch then o.on_batch(report) end
+      local events, taken = prepare(o, entries, report)
+      if not events then
+        warn("redis: " .. tostring(taken))
+        account(report)
+      elseif #events == 0 then
+        account(report)
+      else
+        local b = { taken = taken, report = report }
+        held[#held + 1] = b
+        -- decides b and starts its sends; completes (settles) the batch before it
+        local ok, perr = pcall(pipe.process, pipe, events, b)
+        if ok then
+          conclude_held(false)
+        else
+          warn("batch: " .. tostring(perr))
+          drain(perr)
+        end
+      end
+    else
+      drain()   -- nothing new: the batch on the wire completed, acknowledged
     end
-    -- requests due again (retries, scheduled sends, a dead worker's leased ones)
+    -- requests due again (retries, scheduled sends, a dead worker's leased ones); with a
+    -- batch on the wire, only when the outbox has one (completing the batch first
+    -- would leave the connections idle while the next is read and decided)
     if not stop() and clock() - last_flush >= o.flush_every then
-      local ok, summary, ferr = pcall(t.flush, t)
-      if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
-      else total.flushed = total.flushed + (summary.sent or 0) end
+      if #held == 0 or flush_due(t) then
+        drain()
+        local ok, summary, ferr = pcall(t.flush, t)
+        if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
+        else total.flushed = total.flushed + (summary.sent or 0) end
+      end
       last_flush = clock()
     end
     if clock() - last_trim >= o.trim_every then
@@ -177,6 +256,7 @@ function M.run(o)
       last_trim = clock()
     end
   end
+  drain()
   info.state, info.processed = "stopped", total.read
   q:beat(name, info)
   return total

@@ -8,11 +8,15 @@
 --   api:received() -> { [ext_interaction_id] = times received }, total, the most
 --                     requests it held at once, requests answered with an error,
 --                     { [customer e-mail] = times received }
+--   api:span() -> the first request's arrival and the last counted answer (ngx.now(), s;
+--                 nil before any), and the seconds the counted requests were held in all
+--   api:answered(k) -> when the k-th counted answer went (ngx.now(), s), nil before
 --   api:reset(); api:stop()
 --
 -- POST /v1/requests answers 201 {"request_id":"slow-N"} after `delay` seconds (ngx.sleep:
 -- many requests wait at once; lowering the delay shortens the waits under way); with set_status, that status instead (not counted as
--- received). GET /_received and POST /_reset /_delay?s=D /_status?code=C are its controls.
+-- received). GET /_received, /_answered?n=K and POST /_reset /_delay?s=D /_status?code=C are
+-- its controls.
 local socket = require "socket"
 local cjson = require "cjson"
 local nginx = require "stella.nginx"
@@ -51,6 +55,7 @@ http {
                 if now > (api:get("max") or 0) then api:set("max", now) end
                 ngx.update_time()
                 local t0 = ngx.now()
+                api:add("first", t0)   -- the first request's arrival (bench/queue.lua)
                 while d > 0 and ngx.now() - t0 < d do   -- a lower delay set meanwhile ends the wait
                     -- what is left of it (a whole `d` again would answer a 20 ms delay in 40)
                     ngx.sleep(math.min(0.05, d - (ngx.now() - t0)))
@@ -67,6 +72,9 @@ http {
                     return
                 end
                 local n = api:incr("n", 1, 0)
+                api:set("last", ngx.now())   -- the last counted answer
+                api:set("t:" .. n, ngx.now())  -- when the n-th was answered
+                api:incr("held", ngx.now() - t0, 0)   -- the time the answers were held, in all
                 api:incr("r:" .. id, 1, 0)
                 local email = type(body.customer) == "table" and body.customer.email
                 if type(email) == "string" then api:incr("c:" .. email, 1, 0) end
@@ -84,7 +92,14 @@ http {
                     if k:sub(1, 2) == "c:" then customers[k:sub(3)] = api:get(k) end
                 end
                 ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0,
-                                         failed = api:get("failed") or 0, customers = customers }))
+                                         failed = api:get("failed") or 0, customers = customers,
+                                         first = api:get("first"), last = api:get("last"),
+                                         held = api:get("held") or 0 }))
+            }
+        }
+        location = /_answered {
+            content_by_lua_block {
+                ngx.print(ngx.shared.api:get("t:" .. tostring(ngx.var.arg_n)) or "null")
             }
         }
         location = /_reset {
@@ -150,6 +165,19 @@ function Api:received()
   assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
   local v = cjson.decode(body)
   return v.ids, v.total, v.max, v.failed, v.customers
+end
+
+function Api:span()
+  local code, body = get(self.port, "/_received")
+  assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
+  local v = cjson.decode(body)
+  return tonumber(v.first), tonumber(v.last), tonumber(v.held)
+end
+
+function Api:answered(k)
+  local code, body = get(self.port, "/_answered?n=" .. math.floor(k))
+  assert(code == 200, "slow_api: /_answered failed: " .. tostring(body))
+  return tonumber(body)
 end
 
 function Api:reset()
