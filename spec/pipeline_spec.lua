@@ -767,6 +767,25 @@ describe("trigger:pipeline", function()
         if backend == "sqlite" then assert.same({ queued = 0, dead = 0 }, store:outbox_counts()) end
       end)
 
+      it("process_many after a pipeline on the same trigger: its in-line sends pause the lanes, which go on after", function()
+        local t = trigger{ connections = 2 }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        local function evs(first)
+          local list = {}
+          for i = first, first + 3 do list[#list + 1] = { ticket = 4900 + i, email = ("mix%d@example.com"):format(i) } end
+          return list
+        end
+        p:process(evs(1), nil)
+        for _, o in ipairs(t:process_many(evs(5))) do all[#all + 1] = o end
+        p:process(evs(9), nil)
+        p:finish()
+        assert.equal(12, #all)
+        for i = 1, 12 do assert.equal("sent", all[i].status) end
+        assert.equal(12, #server:requests())
+        assert.is_false(t.lanes_sender:paused())   -- not stopped by the in-line posts
+      end)
+
       it("a client with its own transport sends in line: the same outcomes", function()
         local sent = {}
         local c = stella.new{ api_key = API_KEY, base_url = server.url,

@@ -11,7 +11,7 @@
 local client_mod = require "stella.client"
 local errors = require "stella.error"
 
-local select = select
+local select, pairs = select, pairs
 
 local M = {}
 
@@ -82,10 +82,6 @@ local function send_batch(self, list, now, from, tried, results, errs)
   return results, errs
 end
 
-function M.in_line(self, list, now)
-  return send_batch(self, list, now)
-end
-
 -- The trigger's lanes: one appendable sender of the C core (client.open_lanes) for the
 -- trigger's life, shared by its pipeline and flush(); closed by trigger:close(). Each
 -- brand's connections are lanes sharing the brand's queue. Batches are added as chunks
@@ -119,9 +115,24 @@ local function borrow(self)
   if s then s:pause() end
 end
 
-local function give_back(self, clients)
+local function give_back(self)
   local s = self.lanes_sender
-  if s and not stopping(self) and not circuit_open(clients) then s:resume() end
+  if not s or stopping(self) then return end
+  for _, c in pairs(self.lane_owner or {}) do
+    if c.circuit and c:circuit() == "open" then return end
+  end
+  s:resume()
+end
+
+-- Sends a batch in line, in this thread, with the client's retries (process_many)
+-- (the lanes, if a pipeline or flush() of this trigger made them, are paused meanwhile:
+-- they share the clients)
+function M.in_line(self, list, now)
+  local busy = self.lanes_sender and #list > 0
+  if busy then borrow(self) end
+  local results, errs = send_batch(self, list, now)
+  if busy then give_back(self) end
+  return results, errs
 end
 
 -- Where a chunk of sends is handed to the lanes: the one point a gate (a rate limit) goes
@@ -183,7 +194,7 @@ function M.start(self, list, now)
   if #index > 0 and core_ok and not circuit_open(clients) and not stopping(self) then
     sender = lanes_of(self)
     if sender then
-      if sender:paused() then give_back(self, clients) end   -- left paused by an open breaker
+      if sender:paused() then give_back(self) end   -- left paused by an open breaker
       chunk = hand_to_lanes(self, sender, flat, deadline - self.clock(), groups)
     end
   end
@@ -224,7 +235,7 @@ function M.start(self, list, now)
       inline = false
     end
     results, errs = send_batch(self, rest, now, 1, tried, results, errs)
-    if inline then give_back(self, clients) end
+    if inline then give_back(self) end
     return results, errs
   end
 end
