@@ -1,13 +1,14 @@
 -- stella.trigger.send: the second stage of a batch. Sends the requests decide.lua wrote
 -- to the outbox (or the items flush claimed), in order, with each brand's client; the
 -- store is not touched here. Two ways: in line (send_batch: one request after the other,
--- with the client's retries) and on a background thread of the C core (start_sends:
--- first attempts over the brand's connections while the caller goes on with its store
--- work). Both stop once half of the outbox lease has passed: what is left is DEFERRED.
+-- with the client's retries) and on the trigger's lanes (start: background threads of
+-- the C core, first attempts over the brand's connections, batch after batch from one
+-- queue, while the caller goes on with its store work). Both send nothing once half of
+-- the outbox lease has passed: what is left is DEFERRED.
 -- A trigger made with `stop` (a function; `stella trigger` passes one that says whether
--- SIGINT or SIGTERM came) checks it before each send and while the background threads
--- run: once it says true, nothing more is sent, the threads end their posts in flight,
--- and every request not sent goes back to the outbox as INTERRUPTED.
+-- SIGINT or SIGTERM came) checks it before each send and while the lanes run: once it
+-- says true, nothing more is sent, the lanes end their posts in flight, and every
+-- request not sent goes back to the outbox as INTERRUPTED.
 local client_mod = require "stella.client"
 local errors = require "stella.error"
 
