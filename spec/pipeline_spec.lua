@@ -767,6 +767,36 @@ describe("trigger:pipeline", function()
         if backend == "sqlite" then assert.same({ queued = 0, dead = 0 }, store:outbox_counts()) end
       end)
 
+      it("connections = 2, failures in batches on the wire together: each batch's retries in line, each event sent once", function()
+        -- attempts enough that a retry meeting one of the 503s is retried again
+        local t = trigger{ connections = 2, client = { api_key = API_KEY, base_url = server.url, timeout = 5,
+                           retry = { attempts = 4, base_delay = 0.001 }, sleep = function() end } }
+        server:script{ {}, {}, {}, { status = 503 }, {}, { status = 503 }, {}, {}, { status = 503 } }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        for b = 0, 2 do
+          local evs = {}
+          for i = 1, 4 do evs[i] = { ticket = 5900 + 4 * b + i, email = ("fail%d@example.com"):format(4 * b + i) } end
+          p:process(evs, nil)
+        end
+        p:finish()
+        assert.equal(12, #all)
+        local per, retried = {}, 0
+        for _, r in ipairs(server:requests()) do
+          local id = r.body:match('"ext_interaction_id":"([^"]+)"')
+          per[id] = (per[id] or 0) + 1
+        end
+        for i = 1, 12 do
+          assert.equal("sent", all[i].status)   -- each 503 retried by the client
+          local n = per[tostring(5900 + i)]
+          assert.truthy(n >= 1 and n <= 4)
+          retried = retried + n - 1
+        end
+        assert.equal(3, retried)   -- one more request per 503, none twice otherwise
+        assert.equal(15, #server:requests())
+        assert.is_false(t.lanes_sender:paused())   -- the lanes went on after each
+      end)
+
       it("process_many after a pipeline on the same trigger: its in-line sends pause the lanes, which go on after", function()
         local t = trigger{ connections = 2 }
         local all = {}
