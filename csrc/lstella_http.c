@@ -24,6 +24,8 @@ typedef struct http_ud {
 struct sender_ud {
   stella_sender *s;
   int ref;
+  int appendable;   /* made by sender_open */
+  int lending;      /* an appendable sender: 1 while its clients are lent (not paused) */
 };
 
 /* ---------- retry policy ------------------------------------------------------------- */
@@ -395,6 +397,7 @@ static int l_send_many(lua_State *L) {
   su = (sender_ud *)lua_newuserdata(L, sizeof *su);
   su->s = NULL;
   su->ref = LUA_NOREF;
+  su->appendable = su->lending = 0;
   luaL_getmetatable(L, SENDER_MT);
   lua_setmetatable(L, -2);
   lua_createtable(L, (int)count, 0);          /* the lent clients, anchored */
@@ -505,12 +508,217 @@ static int l_sender_poster(lua_State *L) {
   return 1;
 }
 
+/* ---------- appendable sends (stella_sender_open) ---------------------------------- */
+
+/* sender_open() -> sender | nil, message: an appendable sender with no lanes yet (see
+ * stella.h, stella_sender_open): sender:add gives it chunks, sender:collect takes their
+ * results. Its clients are lent to it (using one meanwhile stops its lanes first) except
+ * while it is paused (sender:pause). */
+static int l_sender_open(lua_State *L) {
+  char err[128];
+  sender_ud *su = (sender_ud *)lua_newuserdata(L, sizeof *su);
+  su->s = NULL;
+  su->ref = LUA_NOREF;
+  su->appendable = su->lending = 1;
+  luaL_getmetatable(L, SENDER_MT);
+  lua_setmetatable(L, -2);
+  su->s = stella_sender_open(err, sizeof err);
+  if (su->s == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_newtable(L);   /* its lanes' clients, in lane order, and client -> lane number */
+  su->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+/* Lends (1) or gives back (0) an appendable sender's clients. */
+static void lend_clients(lua_State *L, sender_ud *su, int lend) {
+  size_t i, n;
+  su->lending = lend;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+  n = (size_t)stella_rawlen(L, -1);
+  for (i = 1; i <= n; i++) {
+    http_ud *h;
+    lua_rawgeti(L, -1, (int)i);
+    h = (http_ud *)lua_touserdata(L, -1);
+    if (h && lend && h->lent == NULL) h->lent = su;
+    else if (h && !lend && h->lent == su) h->lent = NULL;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+static sender_ud *appendable(lua_State *L) {
+  sender_ud *su = check_sender(L);
+  if (su->s == NULL) luaL_error(L, "attempt to use a closed stella sender");
+  if (!su->appendable) luaL_error(L, "stella sender: not an appendable sender (sender_open)");
+  return su;
+}
+
+/* sender:add({ http, path, body, ... }, budget_seconds [, groups]) -> chunk id | nil,
+ * message: adds a chunk (arguments as for send_many); the lanes take its items after the
+ * chunks added before. */
+static int l_sender_add(lua_State *L) {
+  sender_ud *su = appendable(L);
+  size_t n, i, count;
+  lua_Number budget = luaL_checknumber(L, 3);
+  int grouped = !lua_isnoneornil(L, 4);
+  stella_send_item *items;
+  size_t *groups = NULL;
+  long id;
+  char err[128];
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (grouped) luaL_checktype(L, 4, LUA_TTABLE);
+  n = (size_t)stella_rawlen(L, 2);
+  if (n % 3 != 0) return luaL_argerror(L, 2, "a list of (client, path, body) triples expected");
+  count = n / 3;
+  if (grouped && (size_t)stella_rawlen(L, 4) != count) return luaL_argerror(L, 4, "one group per item expected");
+  lua_settop(L, 4);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);   /* the lanes' clients: index 5 */
+  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * (sizeof *items + sizeof *groups));
+  if (grouped) groups = (size_t *)(void *)(items + (count ? count : 1));
+  for (i = 0; i < count; i++) {   /* check everything before anything is lent */
+    http_ud *h;
+    if (grouped) {
+      lua_Integer g;
+      int isnum;
+      lua_rawgeti(L, 4, (int)i + 1);
+      g = lua_tointegerx(L, -1, &isnum);
+      if (!isnum || g < 0) return luaL_error(L, "sender:add: group %d: a whole number >= 0 expected", (int)i + 1);
+      groups[i] = (size_t)g;
+      lua_pop(L, 1);
+    }
+    lua_rawgeti(L, 2, (int)(3 * i + 1));
+    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
+    if (h == NULL || h->h == NULL) return luaL_error(L, "sender:add: item %d: an open stella.http expected", (int)i + 1);
+    if (h->lent && h->lent != su) stella_sender_wait(h->lent->s);   /* another sender's */
+    lua_pop(L, 1);
+    lua_rawgeti(L, 2, (int)(3 * i + 2));
+    lua_rawgeti(L, 2, (int)(3 * i + 3));
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      return luaL_error(L, "sender:add: item %d: path and body must be strings", (int)i + 1);
+    items[i].h = h->h;
+    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
+    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
+    lua_pop(L, 2);
+  }
+  id = stella_sender_add(su->s, items, groups, count, budget > 0 ? (long)(budget * 1000) : 0, err, sizeof err);
+  if (id < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  for (i = 0; i < count; i++) {   /* new clients: anchored in lane order, and lent */
+    http_ud *h;
+    lua_rawgeti(L, 2, (int)(3 * i + 1));
+    h = (http_ud *)lua_touserdata(L, -1);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, 5);
+    if (lua_isnil(L, -1)) {
+      lua_Integer k = (lua_Integer)stella_rawlen(L, 5) + 1;
+      lua_pop(L, 1);
+      if (su->lending) h->lent = su;
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, 5, (int)k);
+      lua_pushinteger(L, k);
+      lua_rawset(L, 5);
+    } else {
+      lua_pop(L, 2);
+    }
+  }
+  lua_pushinteger(L, (lua_Integer)id);
+  return 1;
+}
+
+/* sender:ready(id [, wait_seconds]) -> true once chunk id can be collected without
+ * waiting for a post (see stella_sender_ready); waits up to wait_seconds for that */
+static int l_sender_ready(lua_State *L) {
+  sender_ud *su = appendable(L);
+  long id = (long)luaL_checkinteger(L, 2);
+  lua_Number wait = luaL_optnumber(L, 3, 0);
+  long wait_ms = wait > 0 ? (wait > 60 ? 60000L : (long)(wait * 1000 + 0.5)) : 0;
+  lua_pushboolean(L, stella_sender_ready(su->s, id, wait_ms));
+  return 1;
+}
+
+/* sender:collect(id) -> results, posters: per item of chunk id, results[k] = what http:post
+ * returns, "skipped" (its budget had passed) or false (not taken); posters[k] = the
+ * stella.http that posted it. Items not taken yet are taken back (never posted now). */
+static int l_sender_collect(lua_State *L) {
+  sender_ud *su = appendable(L);
+  long id = (long)luaL_checkinteger(L, 2);
+  long n = stella_sender_collect(su->s, id);
+  long k;
+  if (n < 0) return luaL_error(L, "sender:collect: no chunk %d", (int)id);
+  lua_createtable(L, (int)n, 0);
+  lua_createtable(L, (int)n, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+  for (k = 0; k < n; k++) {
+    int state;
+    const stella_send_result *r = stella_sender_collected(su->s, (size_t)k, &state);
+    if (r) {
+      stella_http_result hr;
+      memset(&hr, 0, sizeof hr);
+      hr.outcome = r->outcome;
+      hr.status = r->status;
+      hr.body = r->body;
+      hr.body_len = r->body_len;
+      hr.content_type = r->content_type;
+      hr.retry_after_ms = r->retry_after_ms;
+      hr.error = r->error;
+      push_result(L, &hr);
+      lua_rawseti(L, -4, (int)k + 1);
+      lua_rawgeti(L, -1, (int)r->by + 1);
+      lua_rawseti(L, -3, (int)k + 1);
+    } else {
+      if (state == STELLA_SEND_SKIPPED) lua_pushliteral(L, "skipped");
+      else lua_pushboolean(L, 0);
+      lua_rawseti(L, -4, (int)k + 1);
+    }
+  }
+  lua_pop(L, 1);
+  return 2;
+}
+
+/* sender:pause(): no lane takes another item; returns once no post is in flight. The
+ * clients are the caller's until sender:resume(). */
+static int l_sender_pause(lua_State *L) {
+  sender_ud *su = appendable(L);
+  stella_sender_pause(su->s);
+  if (su->lending) lend_clients(L, su, 0);
+  return 0;
+}
+
+/* sender:resume() -> true when the lanes run again (not after stop, nor while a chunk with
+ * a failed item is not collected) */
+static int l_sender_resume(lua_State *L) {
+  sender_ud *su = appendable(L);
+  int running = stella_sender_resume(su->s);
+  if (running && !su->lending) lend_clients(L, su, 1);
+  lua_pushboolean(L, running);
+  return 1;
+}
+
+/* sender:paused() -> true while paused or stopped */
+static int l_sender_paused(lua_State *L) {
+  lua_pushboolean(L, stella_sender_paused(appendable(L)->s));
+  return 1;
+}
+
 static const luaL_Reg sender_methods[] = {
   { "poster", l_sender_poster },
   { "done", l_sender_done },
   { "stop", l_sender_stop },
   { "wait", l_sender_wait },
   { "result", l_sender_result },
+  { "add", l_sender_add },
+  { "ready", l_sender_ready },
+  { "collect", l_sender_collect },
+  { "pause", l_sender_pause },
+  { "resume", l_sender_resume },
+  { "paused", l_sender_paused },
   { "close", l_sender_close },
   { NULL, NULL }
 };
@@ -524,6 +732,7 @@ static const luaL_Reg http_funcs[] = {
   { "http_new", l_http_new },
   { "check_http_options", l_check_http_options },
   { "send_many", l_send_many },
+  { "sender_open", l_sender_open },
   { NULL, NULL }
 };
 

@@ -341,13 +341,46 @@ int stella_sender_done_within(stella_sender *s, long wait_ms);
 /* Asks the threads to stop: each ends its post in flight (or times out) and starts no
  * other; the items not attempted stay for the caller (stella_sender_result is NULL). */
 void stella_sender_stop(stella_sender *s);
-/* Waits for the threads; returns how many items they attempted (with one client, a prefix
- * of the list; with several, any subset: see stella_sender_result). */
+/* Waits for the threads (an appendable sender's lanes are stopped first); returns how many
+ * items they attempted (with one client, a prefix of the list; with several, any subset:
+ * see stella_sender_result). */
 size_t stella_sender_wait(stella_sender *s);
 /* Item i's result after stella_sender_wait, or NULL if it was not attempted. */
 const stella_send_result *stella_sender_result(const stella_sender *s, size_t i);
 /* Stops the threads after their posts in flight, waits for them, frees everything. NULL is fine. */
 void stella_sender_free(stella_sender *s);
+
+/* An appendable sender (stella_sender.c): its lanes wait for items added while they are
+ * busy, chunk after chunk, so that they go from one chunk straight on to the next. At a
+ * failure (the first answer that is not 2xx, or a transport failure) it pauses: no lane
+ * takes another item until every chunk with a failed item has been collected and the
+ * caller resumes it. NULL on failure, with a message in err. */
+stella_sender *stella_sender_open(char *err, size_t errlen);
+/* Adds a chunk (items and groups as for stella_sender_start_shared; a client keeps its
+ * lane and group from the first chunk that names it). No item but the chunk's first
+ * starts once `budget_ms` has passed since now: such an item is skipped. Returns the
+ * chunk's id (> 0), or -1 with a message in err (nothing added). */
+long stella_sender_add(stella_sender *s, const stella_send_item *items, const size_t *groups,
+                       size_t n, long budget_ms, char *err, size_t errlen);
+/* 1 once chunk `id` can be collected without waiting for a post: every item posted or
+ * skipped, or the sender paused or stopped with no post in flight (waits up to wait_ms). */
+int stella_sender_ready(stella_sender *s, long id, long wait_ms);
+/* Collects chunk `id`: takes its items no lane has taken out of the queues, waits for its
+ * posts in flight; it is then the sender's collected chunk (the one collected before is
+ * freed). Returns its number of items, or -1 when there is no such chunk. */
+long stella_sender_collect(stella_sender *s, long id);
+/* Item i of the collected chunk: its result when posted (state DONE), or NULL with state
+ * SKIPPED (its budget had passed) or NOT_TAKEN (paused, stopped or withdrawn first). */
+enum { STELLA_SEND_NOT_TAKEN, STELLA_SEND_DONE, STELLA_SEND_SKIPPED };
+const stella_send_result *stella_sender_collected(const stella_sender *s, size_t i, int *state);
+/* Pauses an appendable sender and waits until no post is in flight: the clients are the
+ * caller's until it resumes. Returns 0 for a one-list sender (it only waits). */
+int stella_sender_pause(stella_sender *s);
+/* Lets the lanes take items again, unless the sender was stopped or a chunk with a failed
+ * item is not collected yet. Returns 1 when the lanes run. */
+int stella_sender_resume(stella_sender *s);
+/* 1 while paused or stopped */
+int stella_sender_paused(stella_sender *s);
 
 /* ---------- retry policy -------------------------------------------------- */
 

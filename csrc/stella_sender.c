@@ -1,18 +1,25 @@
-/* stella_sender.c - posts a list of bodies on background threads: one thread per client
- * in the list, each posting items one after another: its client's own, or, for clients
- * given one group, the group's next item not yet taken (a shared queue: a lane that is
- * done with one post takes the next, so no connection waits for a slower one).
+/* stella_sender.c - posts bodies on background threads ("lanes"): one thread per client,
+ * each posting items one after another: its client's own, or, for clients given one
+ * group, the group's next item not yet taken (a shared queue: a lane that is done with
+ * one post takes the next, so no connection waits for a slower one).
  *
- * The caller (the trigger's pipeline) keeps doing its own work - deciding the next
- * batch, settling the previous one in its store - while this batch is on the wire, so
- * the network time and libcurl's own work overlap it. The thread only ever makes first
- * attempts on the happy path: it stops at the first answer that is not 2xx or the first
- * transport failure (the caller's retry policy takes over from there, in its own
- * thread), once `budget_ms` has passed (the rest waits for the caller), or when asked to
- * stop; a stop in one lane stops all. Several clients to the same host are several
- * connections, so a caller gets concurrent sends by spreading a list over them. The
- * clients it uses are lent to it: the caller must not use them until stella_sender_wait
- * returns. */
+ * Two ways to use it. stella_sender_start_shared takes one list and its lanes end once
+ * it is taken. stella_sender_open makes an appendable sender: lists ("chunks") are added
+ * while the lanes are busy with earlier ones (stella_sender_add), so that the lanes go
+ * from one chunk straight on to the next; a chunk's results are collected as soon as it
+ * is through (stella_sender_collect), while the lanes go on with later chunks. This is
+ * what keeps a trigger's or a flush's connections busy across batch boundaries.
+ *
+ * The caller (the trigger's pipeline, flush) keeps doing its own work - deciding the
+ * next batch, claiming, settling - while the posts are on the wire. The lanes only ever
+ * make first attempts on the happy path: at the first answer that is not 2xx or the
+ * first transport failure, a one-list sender stops (every lane ends after its post in
+ * flight) and an appendable one pauses (no lane takes another item until the caller has
+ * collected the failed item's chunk, done its retries in its own thread and resumed).
+ * An item whose deadline (the chunk's budget; never the chunk's first item) has passed
+ * when a lane gets to it is skipped; stop ends everything. The clients are lent to the
+ * lanes: the caller may use one only while the sender is paused with no post in flight
+ * (stella_sender_pause), or after stella_sender_wait. */
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime, pthreads */
 #include <pthread.h>
 #include <stdlib.h>
@@ -20,23 +27,39 @@
 #include <time.h>
 #include "stella.h"
 
-typedef struct job {
-  stella_http *h;
+enum { QUEUED, TAKEN, DONE, SKIPPED, WITHDRAWN };
+
+typedef struct chunk chunk;
+
+typedef struct item {
+  struct item *next;             /* in its queue */
+  chunk *c;
+  stella_http *h;                /* the client the caller named */
   char *path, *body;             /* copies, owned here */
   size_t body_len;
-} job;
+  long long deadline_ms;         /* 0: none */
+  int state;                     /* guarded by the sender's lock */
+  stella_send_result r;          /* written by the lane that took it, read once DONE */
+} item;
 
-/* The items a lane (or the lanes of a group) take, in list order: order[start ..
- * start + count - 1]; next: the first not taken yet (guarded by the sender's lock). */
+struct chunk {
+  chunk *next;                   /* the sender's chunks not collected yet */
+  long id;
+  size_t n, resolved, taken;     /* resolved: DONE, SKIPPED or WITHDRAWN; taken: TAKEN now */
+  size_t failed;                 /* DONE with a failure (each pauses an appendable sender) */
+  item *items;
+};
+
+/* The items a lane (or the lanes of a group) take, oldest first. */
 typedef struct queue {
   size_t group;                  /* 0: one lane's own items */
-  size_t start, count, next;
+  item *head, *tail;
 } queue;
 
 typedef struct lane {
   stella_sender *s;
   stella_http *h;                /* the client this lane posts with */
-  size_t first;                  /* the list index of the client's first item */
+  size_t first;                  /* one list: the index of the client's first item; else the lane's number */
   queue *q;                      /* where it takes its items from */
   pthread_t thread;
   size_t attempted;              /* written by the lane's thread, read after the join */
@@ -44,21 +67,23 @@ typedef struct lane {
 } lane;
 
 struct stella_sender {
-  job *items;
-  stella_send_result *results;
-  size_t n;
-  lane *lanes;                   /* one per distinct client, each on its own thread */
-  size_t nlanes;
-  queue *queues;                 /* one per group, one per client without a group */
-  size_t nqueues;
-  size_t *order;                 /* item indices, queue after queue */
-  long budget_ms;
-  long long start_ms;
-  pthread_mutex_t lock;          /* guards finished, stop and the queues' next */
-  pthread_cond_t ended;          /* signalled as each lane's thread ends */
+  lane **lanes;                  /* each its own allocation: a thread holds its lane */
+  size_t nlanes, cap_lanes;
+  queue **queues;
+  size_t nqueues, cap_queues;
+  chunk *chunks;                 /* not collected yet, newest first */
+  chunk *held;                   /* the chunk collected last (its results are read from here) */
+  long next_id;
+  int appendable;
+  pthread_mutex_t lock;          /* guards everything below, the queues and the items' state */
+  pthread_cond_t work;           /* signalled when there is something for the lanes to do */
+  pthread_cond_t changed;        /* signalled when an item is resolved or a lane ends */
   size_t finished;               /* lanes whose thread has ended */
-  int stop;
-  int mutex_ready, cond_ready, joined;
+  size_t busy;                   /* posts in flight */
+  size_t failures;               /* failed items in chunks not collected yet */
+  int sealed;                    /* one list: no more items come; lanes end when theirs are taken */
+  int stop, paused, broken;
+  int mutex_ready, work_ready, changed_ready, joined;
 };
 
 static long long now_ms(void) {
@@ -73,6 +98,10 @@ static char *copy_text(const char *s, size_t len) {
   if (len) memcpy(c, s, len);
   c[len] = '\0';
   return c;
+}
+
+static void set_err(char *err, size_t errlen, const char *why) {
+  if (errlen) { strncpy(err, why, errlen - 1); err[errlen - 1] = '\0'; }
 }
 
 /* Keeps what a post's result points to (the client's buffers are reused by its next call). */
@@ -91,61 +120,325 @@ static int keep_result(stella_send_result *out, const stella_http_result *r) {
   return out->body != NULL && (r->content_type == NULL || out->content_type != NULL);
 }
 
-static void request_stop(stella_sender *s) {
-  pthread_mutex_lock(&s->lock);
-  s->stop = 1;
-  pthread_mutex_unlock(&s->lock);
-}
-
-/* The next item lane ln posts (its queue's next not taken), or 0 with none or once the
- * sender is stopping. */
-static int take(lane *ln, size_t *i) {
-  stella_sender *s = ln->s;
-  queue *q = ln->q;
-  int got = 0;
-  pthread_mutex_lock(&s->lock);
-  if (!s->stop && q->next < q->count) {
-    *i = s->order[q->start + q->next++];
-    got = 1;
+static void free_chunk(chunk *c) {
+  size_t i;
+  if (c == NULL) return;
+  for (i = 0; c->items && i < c->n; i++) {
+    free(c->items[i].path);
+    free(c->items[i].body);
+    free(c->items[i].r.body);
+    free(c->items[i].r.content_type);
+    free(c->items[i].r.error);
   }
-  pthread_mutex_unlock(&s->lock);
-  return got;
+  free(c->items);
+  free(c);
 }
 
-/* One lane: its queue's items in list order. A failure stops every lane (after the post
- * each has in flight); so does the budget, except for the list's first item. */
+/* One post by lane ln of item it (taken, the lock not held). Returns 1 when it failed. */
+static int post(lane *ln, item *it) {
+  stella_http_result r;
+  stella_send_result *out = &it->r;
+  stella_http_post(ln->h, it->path, it->body, it->body_len, &r);
+  out->attempted = 1;
+  out->by = ln->first;
+  if (!keep_result(out, &r)) {   /* out of memory: report the attempt as an internal failure */
+    free(out->body);
+    free(out->content_type);
+    free(out->error);
+    out->body = out->content_type = out->error = NULL;
+    out->outcome = STELLA_OUTCOME_INTERNAL;
+    out->status = 0;
+  }
+  return out->outcome != STELLA_OUTCOME_OK;
+}
+
+/* One lane: takes its queue's items oldest first until the sender stops (or, for one
+ * list, until its queue is empty or a lane failed). */
 static void *run(void *arg) {
   lane *ln = (lane *)arg;
   stella_sender *s = ln->s;
-  size_t i;
-  while (take(ln, &i)) {
-    stella_http_result r;
-    stella_send_result *out = &s->results[i];
-    if (i > 0 && now_ms() - s->start_ms >= s->budget_ms) { request_stop(s); break; }
-    stella_http_post(ln->h, s->items[i].path, s->items[i].body, s->items[i].body_len, &r);
-    out->attempted = 1;
-    out->by = ln->first;
-    ln->attempted++;
-    if (!keep_result(out, &r)) {   /* out of memory: report the attempt as an internal failure */
-      free(out->body);
-      free(out->content_type);
-      free(out->error);
-      out->body = out->content_type = out->error = NULL;
-      out->outcome = STELLA_OUTCOME_INTERNAL;
-      out->status = 0;
-      request_stop(s);
-      break;
+  queue *q = ln->q;
+  pthread_mutex_lock(&s->lock);
+  for (;;) {
+    item *it;
+    if (s->stop) break;
+    if (s->paused || q->head == NULL) {
+      if (s->sealed) break;
+      pthread_cond_wait(&s->work, &s->lock);
+      continue;
     }
-    if (r.outcome != STELLA_OUTCOME_OK) {
-      request_stop(s);
-      break;
+    it = q->head;
+    q->head = it->next;
+    if (q->head == NULL) q->tail = NULL;
+    it->next = NULL;
+    if (it->deadline_ms != 0 && now_ms() >= it->deadline_ms) {   /* past its budget: not sent */
+      it->state = SKIPPED;
+      it->c->resolved++;
+      if (it->c->resolved == it->c->n) pthread_cond_broadcast(&s->changed);
+      continue;
+    }
+    it->state = TAKEN;
+    it->c->taken++;
+    s->busy++;
+    pthread_mutex_unlock(&s->lock);
+    {
+      int failed = post(ln, it);
+      pthread_mutex_lock(&s->lock);
+      ln->attempted++;
+      it->state = DONE;
+      it->c->taken--;
+      it->c->resolved++;
+      s->busy--;
+      if (failed) {
+        it->c->failed++;
+        if (s->appendable) { s->paused = 1; s->failures++; }
+        else s->stop = 1;
+        pthread_cond_broadcast(&s->work);   /* a one-list sender's lanes end */
+      }
+      /* wake the caller only for what it waits for (not at every post: that costs it a
+       * wake-up per request): a chunk through, a chunk's or all posts in flight ended */
+      if (it->c->resolved == it->c->n || it->c->taken == 0 || s->busy == 0 || failed)
+        pthread_cond_broadcast(&s->changed);
     }
   }
-  pthread_mutex_lock(&s->lock);
   s->finished++;
-  pthread_cond_broadcast(&s->ended);
+  pthread_cond_broadcast(&s->changed);
   pthread_mutex_unlock(&s->lock);
   return NULL;
+}
+
+static stella_sender *new_sender(int appendable, char *err, size_t errlen) {
+  stella_sender *s = (stella_sender *)calloc(1, sizeof *s);
+  const char *why = "out of memory";
+  if (s == NULL) goto fail;
+  s->appendable = appendable;
+  s->next_id = 1;
+  if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
+  s->mutex_ready = 1;
+  if (pthread_cond_init(&s->work, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
+  s->work_ready = 1;
+  if (pthread_cond_init(&s->changed, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
+  s->changed_ready = 1;
+  return s;
+fail:
+  stella_sender_free(s);
+  set_err(err, errlen, why);
+  return NULL;
+}
+
+stella_sender *stella_sender_open(char *err, size_t errlen) {
+  return new_sender(1, err, errlen);
+}
+
+static int grow(void **array, size_t *cap, size_t need, size_t size) {
+  void *p;
+  size_t c;
+  if (need <= *cap) return 1;
+  c = *cap ? *cap * 2 : 8;
+  while (c < need) c *= 2;
+  p = realloc(*array, c * size);
+  if (p == NULL) return 0;
+  *array = p;
+  *cap = c;
+  return 1;
+}
+
+/* The lane of client h, made (with its queue, its thread not started) when new; NULL with
+ * *why set on failure. Only the caller's thread changes the lane and queue lists. */
+static lane *lane_for(stella_sender *s, stella_http *h, size_t group, size_t first, const char **why) {
+  size_t k, q;
+  lane *ln;
+  queue *qu = NULL;
+  for (k = 0; k < s->nlanes; k++) {
+    if (s->lanes[k]->h != h) continue;
+    if (s->lanes[k]->q->group != group) { *why = "a client in two groups"; return NULL; }
+    return s->lanes[k];
+  }
+  *why = "out of memory";
+  if (!grow((void **)&s->lanes, &s->cap_lanes, s->nlanes + 1, sizeof *s->lanes) ||
+      !grow((void **)&s->queues, &s->cap_queues, s->nqueues + 1, sizeof *s->queues)) return NULL;
+  for (q = 0; group != 0 && q < s->nqueues; q++)
+    if (s->queues[q]->group == group) { qu = s->queues[q]; break; }
+  ln = (lane *)calloc(1, sizeof *ln);
+  if (ln == NULL) return NULL;
+  if (qu == NULL) {
+    qu = (queue *)calloc(1, sizeof *qu);
+    if (qu == NULL) { free(ln); return NULL; }
+    qu->group = group;
+    s->queues[s->nqueues++] = qu;
+  }
+  ln->s = s;
+  ln->h = h;
+  ln->first = s->appendable ? s->nlanes : first;
+  ln->q = qu;
+  s->lanes[s->nlanes++] = ln;
+  return ln;
+}
+
+long stella_sender_add(stella_sender *s, const stella_send_item *items, const size_t *groups,
+                       size_t n, long budget_ms, char *err, size_t errlen) {
+  const char *why = "out of memory";
+  chunk *c = NULL;
+  lane **of = NULL;   /* item -> its lane */
+  size_t i, k, old_lanes = s->nlanes;
+  long long deadline = now_ms() + (budget_ms > 0 ? budget_ms : 0);
+  if (s->stop || s->broken || s->joined || s->sealed) { why = "the sender has stopped"; goto fail; }
+  c = (chunk *)calloc(1, sizeof *c);
+  if (c == NULL) goto fail;
+  c->n = n;
+  c->items = (item *)calloc(n ? n : 1, sizeof *c->items);
+  of = (lane **)calloc(n ? n : 1, sizeof *of);
+  if (c->items == NULL || of == NULL) goto fail;
+  for (i = 0; i < n; i++) {
+    item *it = &c->items[i];
+    it->c = c;
+    it->h = items[i].h;
+    it->path = copy_text(items[i].path, strlen(items[i].path));
+    it->body = copy_text(items[i].body, items[i].body_len);
+    it->body_len = items[i].body_len;
+    it->deadline_ms = i > 0 ? deadline : 0;   /* the chunk's first item always goes */
+    if (it->path == NULL || it->body == NULL) goto fail;
+    of[i] = lane_for(s, items[i].h, groups ? groups[i] : 0, i, &why);
+    if (of[i] == NULL) goto fail;
+  }
+  for (k = old_lanes; k < s->nlanes; k++) {   /* the new lanes' threads: they wait for work */
+    if (pthread_create(&s->lanes[k]->thread, NULL, run, s->lanes[k]) != 0) {
+      s->broken = 1;   /* a lane without its thread: no more items may come */
+      why = "cannot start a sending thread";
+      goto fail;
+    }
+    s->lanes[k]->started = 1;
+  }
+  pthread_mutex_lock(&s->lock);
+  c->id = s->next_id++;
+  c->next = s->chunks;
+  s->chunks = c;
+  for (i = 0; i < n; i++) {
+    queue *q = of[i]->q;
+    item *it = &c->items[i];
+    it->state = QUEUED;
+    if (q->tail) q->tail->next = it;
+    else q->head = it;
+    q->tail = it;
+  }
+  pthread_cond_broadcast(&s->work);
+  pthread_mutex_unlock(&s->lock);
+  free(of);
+  return c->id;
+
+fail:
+  if (s->nlanes > old_lanes) s->broken = 1;   /* lanes without their items or thread: no more */
+  free(of);
+  free_chunk(c);
+  set_err(err, errlen, why);
+  return -1;
+}
+
+static chunk *find_chunk(stella_sender *s, long id) {
+  chunk *c;
+  for (c = s->chunks; c && c->id != id; c = c->next) {}
+  return c;
+}
+
+/* Whether chunk c can be collected without waiting for a post: every item resolved, or
+ * the lanes paused or stopped with no post in flight. */
+static int chunk_ready(stella_sender *s, chunk *c) {
+  return c == NULL || c->resolved == c->n || ((s->paused || s->stop || s->finished == s->nlanes) && s->busy == 0);
+}
+
+static void deadline_in(struct timespec *until, long wait_ms) {
+  clock_gettime(CLOCK_REALTIME, until);   /* pthread_cond_timedwait's clock */
+  until->tv_sec += wait_ms / 1000;
+  until->tv_nsec += (wait_ms % 1000) * 1000000L;
+  if (until->tv_nsec >= 1000000000L) { until->tv_sec++; until->tv_nsec -= 1000000000L; }
+}
+
+int stella_sender_ready(stella_sender *s, long id, long wait_ms) {
+  struct timespec until;
+  int ready;
+  deadline_in(&until, wait_ms);
+  pthread_mutex_lock(&s->lock);
+  while (!chunk_ready(s, find_chunk(s, id)) && wait_ms > 0)
+    if (pthread_cond_timedwait(&s->changed, &s->lock, &until) != 0) break;   /* timed out */
+  ready = chunk_ready(s, find_chunk(s, id));
+  pthread_mutex_unlock(&s->lock);
+  return ready;
+}
+
+/* Takes chunk c's items no lane has taken out of their queues and waits for its posts in
+ * flight: afterwards no lane touches it again. The lock is held. */
+static void withdraw(stella_sender *s, chunk *c) {
+  size_t q;
+  for (q = 0; q < s->nqueues; q++) {
+    queue *qu = s->queues[q];
+    item **at = &qu->head;
+    qu->tail = NULL;
+    while (*at) {
+      if ((*at)->c == c) {
+        item *it = *at;
+        *at = it->next;
+        it->next = NULL;
+        it->state = WITHDRAWN;
+        c->resolved++;
+      } else {
+        qu->tail = *at;
+        at = &(*at)->next;
+      }
+    }
+  }
+  while (c->taken > 0) pthread_cond_wait(&s->changed, &s->lock);
+}
+
+long stella_sender_collect(stella_sender *s, long id) {
+  chunk *c, **at;
+  pthread_mutex_lock(&s->lock);
+  for (at = &s->chunks; *at && (*at)->id != id; at = &(*at)->next) {}
+  c = *at;
+  if (c == NULL) { pthread_mutex_unlock(&s->lock); return -1; }
+  withdraw(s, c);
+  *at = c->next;
+  s->failures -= c->failed;
+  pthread_mutex_unlock(&s->lock);
+  free_chunk(s->held);
+  s->held = c;
+  return (long)c->n;
+}
+
+const stella_send_result *stella_sender_collected(const stella_sender *s, size_t i, int *state) {
+  const item *it;
+  *state = STELLA_SEND_NOT_TAKEN;
+  if (s->held == NULL || i >= s->held->n) return NULL;
+  it = &s->held->items[i];
+  if (it->state == SKIPPED) *state = STELLA_SEND_SKIPPED;
+  if (it->state != DONE) return NULL;
+  *state = STELLA_SEND_DONE;
+  return &it->r;
+}
+
+int stella_sender_pause(stella_sender *s) {
+  pthread_mutex_lock(&s->lock);
+  if (s->appendable) s->paused = 1;
+  while (s->busy > 0) pthread_cond_wait(&s->changed, &s->lock);
+  pthread_mutex_unlock(&s->lock);
+  return s->appendable;
+}
+
+int stella_sender_resume(stella_sender *s) {
+  int running;
+  pthread_mutex_lock(&s->lock);
+  if (s->appendable && !s->stop && s->failures == 0) s->paused = 0;
+  running = s->appendable && !s->stop && !s->paused;
+  if (running) pthread_cond_broadcast(&s->work);
+  pthread_mutex_unlock(&s->lock);
+  return running;
+}
+
+int stella_sender_paused(stella_sender *s) {
+  int paused;
+  pthread_mutex_lock(&s->lock);
+  paused = s->paused || s->stop;
+  pthread_mutex_unlock(&s->lock);
+  return paused;
 }
 
 stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long budget_ms,
@@ -155,154 +448,89 @@ stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long
 
 stella_sender *stella_sender_start_shared(const stella_send_item *items, const size_t *groups,
                                           size_t n, long budget_ms, char *err, size_t errlen) {
-  stella_sender *s = (stella_sender *)calloc(1, sizeof *s);
-  const char *why = "out of memory";
-  size_t *queue_of = NULL;       /* item -> its queue */
-  size_t i, k, q, at;
-  if (s == NULL) goto fail;
-  s->n = n;
-  s->budget_ms = budget_ms;
-  s->items = (job *)calloc(n ? n : 1, sizeof *s->items);
-  s->results = (stella_send_result *)calloc(n ? n : 1, sizeof *s->results);
-  s->lanes = (lane *)calloc(n ? n : 1, sizeof *s->lanes);
-  s->queues = (queue *)calloc(n ? n : 1, sizeof *s->queues);
-  s->order = (size_t *)calloc(n ? n : 1, sizeof *s->order);
-  queue_of = (size_t *)calloc(n ? n : 1, sizeof *queue_of);
-  if (s->items == NULL || s->results == NULL || s->lanes == NULL || s->queues == NULL ||
-      s->order == NULL || queue_of == NULL) goto fail;
-  for (i = 0; i < n; i++) {
-    size_t g = groups ? groups[i] : 0;
-    s->items[i].h = items[i].h;
-    s->items[i].path = copy_text(items[i].path, strlen(items[i].path));
-    s->items[i].body = copy_text(items[i].body, items[i].body_len);
-    s->items[i].body_len = items[i].body_len;
-    if (s->items[i].path == NULL || s->items[i].body == NULL) goto fail;
-    for (k = 0; k < s->nlanes && s->lanes[k].h != items[i].h; k++) {}
-    if (k == s->nlanes) {   /* a new client: a new lane, on its group's queue or its own */
-      for (q = 0; g != 0 && q < s->nqueues && s->queues[q].group != g; q++) {}
-      if (g == 0 || q == s->nqueues) s->queues[s->nqueues++].group = g;
-      s->lanes[k].s = s;
-      s->lanes[k].h = items[i].h;
-      s->lanes[k].first = i;
-      s->lanes[k].q = &s->queues[g == 0 ? s->nqueues - 1 : q];
-      s->nlanes++;
-    } else if (s->lanes[k].q->group != g) {
-      why = "a client in two groups";
-      goto fail;
-    }
-    queue_of[i] = (size_t)(s->lanes[k].q - s->queues);
-    s->queues[queue_of[i]].count++;
+  stella_sender *s = new_sender(0, err, errlen);
+  if (s == NULL) return NULL;
+  if (stella_sender_add(s, items, groups, n, budget_ms, err, errlen) < 0) {
+    stella_sender_free(s);
+    return NULL;
   }
-  for (q = 0, at = 0; q < s->nqueues; q++) {   /* each queue's run of order[] */
-    s->queues[q].start = at;
-    at += s->queues[q].count;
-  }
-  for (i = 0; i < n; i++) {                    /* in list order within each queue */
-    queue *qu = &s->queues[queue_of[i]];
-    s->order[qu->start + qu->next++] = i;
-  }
-  for (q = 0; q < s->nqueues; q++) s->queues[q].next = 0;
-  free(queue_of);
-  queue_of = NULL;
-  if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
-  s->mutex_ready = 1;
-  if (pthread_cond_init(&s->ended, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
-  s->cond_ready = 1;
-  s->start_ms = now_ms();
-  for (k = 0; k < s->nlanes; k++) {
-    if (pthread_create(&s->lanes[k].thread, NULL, run, &s->lanes[k]) != 0) {
-      why = "cannot start a sending thread";
-      goto fail;   /* free() stops and joins the lanes already started */
-    }
-    s->lanes[k].started = 1;
-  }
+  pthread_mutex_lock(&s->lock);
+  s->sealed = 1;   /* the lanes end once their queue is empty */
+  pthread_cond_broadcast(&s->work);
+  pthread_mutex_unlock(&s->lock);
   return s;
-
-fail:
-  free(queue_of);
-  stella_sender_free(s);
-  if (errlen) { strncpy(err, why, errlen - 1); err[errlen - 1] = '\0'; }
-  return NULL;
 }
 
 int stella_sender_done(stella_sender *s) {
-  size_t finished;
-  if (s->joined) return 1;
-  pthread_mutex_lock(&s->lock);
-  finished = s->finished;
-  pthread_mutex_unlock(&s->lock);
-  return finished == s->nlanes;
+  return stella_sender_done_within(s, 0);
 }
 
 int stella_sender_done_within(stella_sender *s, long wait_ms) {
   struct timespec until;
   int done;
   if (s->joined) return 1;
-  clock_gettime(CLOCK_REALTIME, &until);   /* pthread_cond_timedwait's clock */
-  until.tv_sec += wait_ms / 1000;
-  until.tv_nsec += (wait_ms % 1000) * 1000000L;
-  if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+  deadline_in(&until, wait_ms);
   pthread_mutex_lock(&s->lock);
   while (s->finished < s->nlanes && wait_ms > 0)
-    if (pthread_cond_timedwait(&s->ended, &s->lock, &until) != 0) break;   /* timed out */
+    if (pthread_cond_timedwait(&s->changed, &s->lock, &until) != 0) break;   /* timed out */
   done = s->finished == s->nlanes;
   pthread_mutex_unlock(&s->lock);
   return done;
 }
 
 void stella_sender_stop(stella_sender *s) {
-  if (s->mutex_ready && !s->joined) request_stop(s);
+  if (!s->mutex_ready || s->joined) return;
+  pthread_mutex_lock(&s->lock);
+  s->stop = 1;
+  pthread_cond_broadcast(&s->work);
+  pthread_cond_broadcast(&s->changed);
+  pthread_mutex_unlock(&s->lock);
 }
 
 static void join_all(stella_sender *s) {
   size_t k;
   for (k = 0; k < s->nlanes; k++) {
-    if (s->lanes[k].started) pthread_join(s->lanes[k].thread, NULL);
-    s->lanes[k].started = 0;
+    if (s->lanes[k]->started) pthread_join(s->lanes[k]->thread, NULL);
+    s->lanes[k]->started = 0;
   }
   s->joined = 1;
 }
 
 size_t stella_sender_wait(stella_sender *s) {
   size_t k, total = 0;
-  if (!s->joined) join_all(s);
-  for (k = 0; k < s->nlanes; k++) total += s->lanes[k].attempted;
+  if (!s->joined) {
+    if (s->appendable) stella_sender_stop(s);   /* its lanes would wait for more items */
+    join_all(s);
+  }
+  for (k = 0; k < s->nlanes; k++) total += s->lanes[k]->attempted;
   return total;
 }
 
 const stella_send_result *stella_sender_result(const stella_sender *s, size_t i) {
-  if (!s->joined || i >= s->n || !s->results[i].attempted) return NULL;
-  return &s->results[i];
+  const chunk *c = s->chunks;
+  if (!s->joined || s->appendable || c == NULL || i >= c->n || c->items[i].state != DONE) return NULL;
+  return &c->items[i].r;
 }
 
 void stella_sender_free(stella_sender *s) {
-  size_t i;
+  size_t k;
   if (s == NULL) return;
-  if (s->mutex_ready) {
-    if (!s->joined) {
-      request_stop(s);   /* each lane ends its post in flight (or times out); none starts another */
-      join_all(s);
-    }
-    if (s->cond_ready) pthread_cond_destroy(&s->ended);
-    pthread_mutex_destroy(&s->lock);
+  if (s->mutex_ready && s->work_ready && s->changed_ready && !s->joined) {
+    stella_sender_stop(s);   /* each lane ends its post in flight (or times out); none starts another */
+    join_all(s);
   }
-  if (s->items) {
-    for (i = 0; i < s->n; i++) {
-      free(s->items[i].path);
-      free(s->items[i].body);
-    }
+  if (s->changed_ready) pthread_cond_destroy(&s->changed);
+  if (s->work_ready) pthread_cond_destroy(&s->work);
+  if (s->mutex_ready) pthread_mutex_destroy(&s->lock);
+  free_chunk(s->held);
+  while (s->chunks) {
+    chunk *c = s->chunks;
+    s->chunks = c->next;
+    free_chunk(c);
   }
-  if (s->results) {
-    for (i = 0; i < s->n; i++) {
-      free(s->results[i].body);
-      free(s->results[i].content_type);
-      free(s->results[i].error);
-    }
-  }
-  free(s->items);
-  free(s->results);
+  for (k = 0; k < s->nlanes; k++) free(s->lanes[k]);
+  for (k = 0; k < s->nqueues; k++) free(s->queues[k]);
   free(s->lanes);
   free(s->queues);
-  free(s->order);
   free(s);
 }

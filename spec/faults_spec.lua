@@ -127,6 +127,65 @@ describe("faults", function()
     end
   end)
 
+  describe("a signal to stella retry in the middle of its batches", function()
+    it("SIGINT: the batch on the wire and the one claimed ahead are settled truthfully; a later retry sends the rest once", function()
+      local db = dir .. "/retrysig.db"
+      -- an outbox of 1000 requests: written by a trigger told to stop at once (nothing sent)
+      local evs = {}
+      for line in io.lines(events_file(dir .. "/rsig.jsonl", 5001, 1000)) do evs[#evs + 1] = cjson.decode(line) end
+      local store = assert(store_mod.sqlite(db))
+      local t = stella.trigger{ rules = {}, store = store, client = { api_key = KEY, base_url = server.url },
+                                stop = function() return true end }
+      local p = t:pipeline(function() end)
+      p:process(evs)
+      p:finish()
+      t:close()
+      assert.same({ queued = 1000, dead = 0 }, store:outbox_counts())
+      store:close()
+      assert.equal(0, #server:requests())
+      local slow = {}
+      for i = 1, 1000 do slow[i] = { delay = 0.01 } end
+      server:script(slow)
+      local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
+      local proc = assert(io.popen("sh -c " .. shell_quote("echo $$; exec " .. command({ "retry", "--db", db }, env)
+        .. " >" .. shell_quote(dir .. "/out") .. " 2>" .. shell_quote(dir .. "/err")) .. "; echo @$?"))
+      local pid = assert(tonumber(proc:read("*l")))
+      -- past the first claim of 100, with the next one claimed ahead
+      local ok = nginx.wait_until(60, function() return #server:requests() >= 250 end)
+      os.execute("kill -INT " .. pid)
+      local rest = proc:read("*a")
+      proc:close()
+      assert.is_true(ok, "the server never got 250 requests")
+      local out, err = read_file(dir .. "/out") or "", read_file(dir .. "/err") or ""
+      assert.equal(130, tonumber(rest:match("@(%d+)")), out .. err)
+
+      local got, total = received(server)
+      local by, ids, oc = ledger_of(db)
+      assert.is_true(total < 1000, "the run did not stop: " .. total)
+      -- each request ledgered sent reached the server once; everything else is queued, due
+      assert.equal(total, by["sent/outbox"] or 0)
+      for id in pairs(ids.sent) do assert.equal(1, got[id], "event " .. id) end
+      assert.same({ queued = 1000 - total, dead = 0 }, oc)
+      -- the first run's 1000 hand-backs, then this run's: the unsent rest of what it claimed
+      assert.is_true((by["queued/interrupted"] or 0) > 1000)
+      for key in pairs(by) do
+        assert.truthy(key == "sent/outbox" or key == "queued/interrupted", "unexpected ledger entry " .. key)
+      end
+
+      server:reset()
+      local rstatus, rout = stella_cmd(dir, { "retry", "--db", db }, env)
+      assert.equal(0, rstatus, rout)
+      local again, atotal = received(server)
+      assert.equal(1000 - total, atotal)
+      for id in pairs(again) do
+        assert.is_nil(got[id], "event " .. id .. " sent twice")
+        assert.equal(1, again[id])
+      end
+      local _, _, left = ledger_of(db)
+      assert.same({ queued = 0, dead = 0 }, left)
+    end)
+  end)
+
   describe("a damaged database", function()
     -- a store with a ledger, then the ledger's pages overwritten
     local function damaged(name)

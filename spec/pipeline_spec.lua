@@ -278,6 +278,145 @@ describe("background sends", function()
     end)
   end)
 
+  describe("core.sender_open (an appendable sender)", function()
+    local function wire_ids(reqs)
+      local ids = {}
+      for i, r in ipairs(reqs) do ids[i] = r.body:match('"ext_interaction_id":"([^"]+)"') end
+      return ids
+    end
+
+    it("takes chunks while its lanes are busy: a lane goes on to the next chunk while another's post is out", function()
+      local h1, h2 = http(), http()
+      server:script{ { delay = 2 } }   -- whichever request comes first
+      local s = assert(core.sender_open())
+      local list = triples(h1, 2)
+      list[4] = h2
+      local a = assert(s:add(list, 30, { 1, 1 }))
+      local b = assert(s:add(triples(h1, 3, 2), 30, { 1, 1, 1 }))
+      assert.is_true(b > a)
+      assert.is_true(s:ready(b, 30))
+      local got, posters = s:collect(b)
+      for k = 1, 3 do
+        assert.equal(200, got[k].status)
+        assert.truthy(posters[k] == h1 or posters[k] == h2)
+      end
+      -- chunk b went out on the free lane before chunk a's slow answer came back
+      local reqs = server:requests()
+      assert.equal(5, #reqs)
+      for i = 2, 5 do assert.is_true(reqs[i].time - reqs[1].time < 1.5, "request " .. i .. " waited for the slow one") end
+      got = s:collect(a)   -- waits for the slow post
+      assert.equal(200, got[1].status)
+      assert.equal(200, got[2].status)
+      assert.same({ "p1", "p2", "p3", "p4", "p5" }, (function()
+        local ids = wire_ids(reqs)
+        table.sort(ids)
+        return ids
+      end)())
+      assert.is_false(s:paused())
+      s:close()
+      s:close()
+      assert.has_error(function() s:add({}, 1) end, "attempt to use a closed stella sender")
+    end)
+
+    it("pauses at a failure until its chunk is collected; the items not taken come back unsent", function()
+      local h = http()
+      server:script{ { status = 503 } }
+      local s = assert(core.sender_open())
+      local a = assert(s:add(triples(h, 3), 30))
+      local b = assert(s:add(triples(h, 2, 3), 30))
+      assert.is_true(s:ready(a, 30))
+      assert.is_true(s:paused())
+      assert.is_false(s:resume())   -- chunk a, with its failed item, is not collected yet
+      local got, posters = s:collect(a)
+      assert.equal(503, got[1].status)
+      assert.equal(h, posters[1])
+      assert.is_false(got[2])
+      assert.is_false(got[3])
+      assert.equal(1, #server:requests())
+      assert.is_true(s:resume())
+      assert.is_true(s:ready(b, 30))
+      got = s:collect(b)
+      assert.equal(200, got[1].status)
+      assert.equal(200, got[2].status)
+      assert.same({ "p1", "p4", "p5" }, wire_ids(server:requests()))
+      assert.has_error(function() s:collect(b) end, "sender:collect: no chunk " .. b)
+      s:close()
+    end)
+
+    it("skips an item whose budget has passed when a lane gets to it (never the chunk's first)", function()
+      local h = http()
+      server:script{ { delay = 0.5 } }
+      local s = assert(core.sender_open())
+      local a = assert(s:add(triples(h, 3), 0.2))
+      assert.is_true(s:ready(a, 30))
+      local got = s:collect(a)
+      assert.equal(200, got[1].status)
+      assert.equal("skipped", got[2])
+      assert.equal("skipped", got[3])
+      assert.equal(1, #server:requests())
+      assert.is_false(s:paused())
+      s:close()
+    end)
+
+    it("pause gives the clients back to the caller; resume lends them again", function()
+      local h = http()
+      local s = assert(core.sender_open())
+      local a = assert(s:add(triples(h, 2), 30))
+      s:pause()
+      assert.equal(200, h:post("/v1/requests", body_of(9)).status)   -- in line, while paused
+      assert.is_true(s:resume())
+      local b = assert(s:add(triples(h, 1, 2), 30))   -- the lanes still run
+      assert.is_true(s:ready(b, 30))
+      local got = s:collect(a)
+      assert.equal(200, got[1].status)
+      assert.equal(200, s:collect(b)[1].status)
+      -- a client used while lent (not paused) stops the lanes first: never two posts at once
+      assert.equal(200, h:post("/v1/requests", body_of(10)).status)
+      local none, err = s:add(triples(h, 1, 20), 30)
+      assert.is_nil(none)
+      assert.equal("the sender has stopped", err)
+      assert.equal(5, #server:requests())
+      s:close()
+    end)
+
+    it("stop: the items not taken stay unsent", function()
+      local h = http()
+      server:script{ { delay = 0.5 } }
+      local s = assert(core.sender_open())
+      local a = assert(s:add(triples(h, 4), 30))
+      s:stop()
+      assert.is_true(s:ready(a, 30))
+      local got = s:collect(a)
+      local sent = 0
+      for k = 1, 4 do if got[k] then sent = sent + 1 end end
+      assert.truthy(sent <= 1)
+      assert.equal(sent, #server:requests())
+      assert.is_true(s:paused())
+      assert.is_false(s:resume())
+      s:close()
+    end)
+
+    it("raises on misuse", function()
+      local h = http()
+      local s = assert(core.sender_open())
+      assert.has_error(function() s:add({ h, "/v1/requests" }, 1) end)
+      assert.has_error(function() s:add({ {}, "/v1/requests", "{}" }, 1) end)
+      assert.has_error(function() s:add({ h, "/v1/requests", 42 }, 1) end)
+      assert.has_error(function() s:add(triples(h, 1), 1, { -1 }) end)
+      assert.has_error(function() s:add(triples(h, 2), 1, { 1 }) end)
+      assert.has_error(function() s:collect(99) end, "sender:collect: no chunk 99")
+      local none, err = s:add(triples(h, 1), 1, { 2 })
+      assert.truthy(none)
+      none, err = s:add(triples(h, 1), 1, { 3 })   -- h has group 2 already
+      assert.is_nil(none)
+      assert.equal("a client in two groups", err)
+      local one = assert(core.send_many({}, 1))
+      assert.has_error(function() one:add({}, 1) end, "stella sender: not an appendable sender (sender_open)")
+      one:close()
+      s:close()
+    end)
+  end)
+
   describe("http:start / http:step", function()
     it("posts without waiting, then steps until the answer is there", function()
       local h = http()
@@ -580,6 +719,101 @@ describe("trigger:pipeline", function()
         assert.equal(1, retried)
         assert.has_error(function() trigger{ connections = 0 } end,
           "stella.trigger: connections must be a whole number from 1 to 64")
+      end)
+
+      it("connections = 2: the next batch's sends start while the last of the one before is out", function()
+        local t = trigger{ connections = 2 }
+        server:script{ { delay = 2 } }   -- whichever request of batch 1 comes first
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        local evs = {}
+        for i = 1, 8 do evs[i] = { ticket = 2900 + i, email = ("flow%d@example.com"):format(i) } end
+        p:process({ evs[1], evs[2], evs[3], evs[4] }, nil)
+        p:process({ evs[5], evs[6], evs[7], evs[8] }, nil)
+        p:finish()
+        for i = 1, 8 do assert.equal("sent", all[i].status) end
+        local reqs = server:requests()
+        assert.equal(8, #reqs)
+        for i = 2, 8 do
+          assert.is_true(reqs[i].time - reqs[1].time < 1.5, "request " .. i .. " waited for the slow answer")
+        end
+        local once = {}
+        for _, r in ipairs(reqs) do
+          local id = r.body:match('"ext_interaction_id":"([^"]+)"')
+          assert.is_nil(once[id], "sent twice: " .. id)
+          once[id] = true
+        end
+      end)
+
+      it("retry (flush) with connections = 2 claims and sends the next batch while the one before is out", function()
+        local store = new_store()
+        local stopped = trigger{ store = store, stop = function() return true end }
+        local evs = {}
+        for i = 1, 70 do evs[i] = { ticket = 3900 + i, email = ("retry%d@example.com"):format(i) } end
+        local p = stopped:pipeline(function() end)
+        p:process(evs, nil)   -- interrupted at once: all 70 wait in the outbox
+        p:finish()
+        assert.equal(0, #server:requests())
+        local t = trigger{ store = store, connections = 2, outbox = { batch = 10 } }   -- batches of 64
+        server:script{ { delay = 2 } }
+        local summary = assert(t:flush())
+        assert.equal(70, summary.sent)
+        local reqs = server:requests()
+        assert.equal(70, #reqs)
+        -- the second batch (6 items) went out on the free connection before the slow answer
+        for i = 2, 70 do
+          assert.is_true(reqs[i].time - reqs[1].time < 1.8, "request " .. i .. " waited for the slow answer")
+        end
+        if backend == "sqlite" then assert.same({ queued = 0, dead = 0 }, store:outbox_counts()) end
+      end)
+
+      it("connections = 2, failures in batches on the wire together: each batch's retries in line, each event sent once", function()
+        -- attempts enough that a retry meeting one of the 503s is retried again
+        local t = trigger{ connections = 2, client = { api_key = API_KEY, base_url = server.url, timeout = 5,
+                           retry = { attempts = 4, base_delay = 0.001 }, sleep = function() end } }
+        server:script{ {}, {}, {}, { status = 503 }, {}, { status = 503 }, {}, {}, { status = 503 } }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        for b = 0, 2 do
+          local evs = {}
+          for i = 1, 4 do evs[i] = { ticket = 5900 + 4 * b + i, email = ("fail%d@example.com"):format(4 * b + i) } end
+          p:process(evs, nil)
+        end
+        p:finish()
+        assert.equal(12, #all)
+        local per, retried = {}, 0
+        for _, r in ipairs(server:requests()) do
+          local id = r.body:match('"ext_interaction_id":"([^"]+)"')
+          per[id] = (per[id] or 0) + 1
+        end
+        for i = 1, 12 do
+          assert.equal("sent", all[i].status)   -- each 503 retried by the client
+          local n = per[tostring(5900 + i)]
+          assert.truthy(n >= 1 and n <= 4)
+          retried = retried + n - 1
+        end
+        assert.equal(3, retried)   -- one more request per 503, none twice otherwise
+        assert.equal(15, #server:requests())
+        assert.is_false(t.lanes_sender:paused())   -- the lanes went on after each
+      end)
+
+      it("process_many after a pipeline on the same trigger: its in-line sends pause the lanes, which go on after", function()
+        local t = trigger{ connections = 2 }
+        local all = {}
+        local p = t:pipeline(function(outcomes) for _, o in ipairs(outcomes) do all[#all + 1] = o end end)
+        local function evs(first)
+          local list = {}
+          for i = first, first + 3 do list[#list + 1] = { ticket = 4900 + i, email = ("mix%d@example.com"):format(i) } end
+          return list
+        end
+        p:process(evs(1), nil)
+        for _, o in ipairs(t:process_many(evs(5))) do all[#all + 1] = o end
+        p:process(evs(9), nil)
+        p:finish()
+        assert.equal(12, #all)
+        for i = 1, 12 do assert.equal("sent", all[i].status) end
+        assert.equal(12, #server:requests())
+        assert.is_false(t.lanes_sender:paused())   -- not stopped by the in-line posts
       end)
 
       it("a client with its own transport sends in line: the same outcomes", function()

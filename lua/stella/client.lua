@@ -368,6 +368,22 @@ function M.send_many(list, budget, groups)
   return (core.send_many(flat, budget, groups))
 end
 
+-- open_lanes() -> an appendable sender of the C core (core.sender_open; see
+-- stella.trigger.send), or nil when none can be made.
+function M.open_lanes()
+  return (core.sender_open())
+end
+
+-- core_transport(c) -> the C core's transport of client c (what sender:add takes), or nil
+-- when c is not a stella client with the libcurl transport.
+function M.core_transport(c)
+  if getmetatable(c) ~= Client then return nil end   -- a client of the caller's own making
+  local t = c.transport
+  if not t then error("attempt to use a closed stella client", 2) end
+  if type(t) ~= "userdata" then return nil end   -- the C core's client is the only userdata transport
+  return t
+end
+
 local function invalid(errs)
   return errors.new{ kind = "invalid", message = "invalid request: " .. errors.summarize(errs),
                      retryable = false, errors = errs, attempts = 0 }

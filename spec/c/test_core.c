@@ -1327,6 +1327,80 @@ static void test_sender(void) {
   close(fd);
 }
 
+/* The appendable sender: chunks added while its lanes run; at a failure it pauses until the
+ * failed item's chunk is collected; collect takes back the items not taken. */
+static void test_sender_appendable(void) {
+  static const char body[] = "{\"x\":1}";
+  stella_send_item items[3];
+  stella_sender *s;
+  const stella_send_result *r;
+  stella_http *h;
+  char err[128];
+  int i, state;
+  long a, b;
+
+  s = stella_sender_open(err, sizeof err);
+  if (!CHECK(s != NULL, "appendable: opens")) return;
+  a = stella_sender_add(s, NULL, NULL, 0, 1000, err, sizeof err);
+  CHECK(a > 0, "appendable: an empty chunk is added");
+  CHECK(stella_sender_ready(s, a, 0) == 1, "appendable: an empty chunk is ready at once");
+  check_long(stella_sender_collect(s, a), 0, "appendable: an empty chunk has no items");
+  check_long(stella_sender_collect(s, a), -1, "appendable: a chunk is collected once");
+  CHECK(stella_sender_ready(s, 12345, 0) == 1, "appendable: no such chunk: nothing to wait for");
+
+  /* a closed port: the first post fails and the lanes pause */
+  h = loopback_client("http://127.0.0.1:1", 2000);
+  if (!CHECK(h != NULL, "appendable: a client")) { stella_sender_free(s); return; }
+  for (i = 0; i < 3; i++) {
+    items[i].h = h;
+    items[i].path = "/v1/requests";
+    items[i].body = body;
+    items[i].body_len = sizeof body - 1;
+  }
+  a = stella_sender_add(s, items, NULL, 3, 10000, err, sizeof err);
+  b = stella_sender_add(s, items, NULL, 2, 10000, err, sizeof err);
+  CHECK(a > 0 && b > a, "appendable: two chunks added, ids in order");
+  CHECK(stella_sender_ready(s, a, 10000) == 1, "appendable: the first chunk is ready (paused after its failure)");
+  CHECK(stella_sender_paused(s) == 1, "appendable: paused after a failure");
+  CHECK(stella_sender_resume(s) == 0, "appendable: no resume while the failed item's chunk is not collected");
+  CHECK(stella_sender_ready(s, b, 0) == 1, "appendable: the second chunk is ready too (paused, nothing in flight)");
+  check_long(stella_sender_collect(s, a), 3, "appendable: the first chunk collected");
+  r = stella_sender_collected(s, 0, &state);
+  if (CHECK(r != NULL && state == STELLA_SEND_DONE, "appendable: item 1 was posted")) {
+    check_long((long)r->outcome, STELLA_OUTCOME_NETWORK, "appendable: item 1 failed as network");
+    check_long((long)r->by, 0, "appendable: by the first lane");
+    check_no_secret(r->error, KEY, "appendable: the message does not contain the key");
+  }
+  CHECK(stella_sender_collected(s, 1, &state) == NULL && state == STELLA_SEND_NOT_TAKEN,
+        "appendable: item 2 was taken back, not posted");
+  CHECK(stella_sender_collected(s, 3, &state) == NULL, "appendable: no item 4");
+  CHECK(stella_sender_resume(s) == 1, "appendable: resumes once the failure is collected");
+  CHECK(stella_sender_ready(s, b, 10000) == 1, "appendable: the second chunk is ready after its failure");
+  check_long(stella_sender_collect(s, b), 2, "appendable: the second chunk collected");
+  CHECK(stella_sender_collected(s, 0, &state) != NULL && state == STELLA_SEND_DONE,
+        "appendable: the second chunk's first item was posted after the resume");
+  CHECK(stella_sender_collected(s, 1, &state) == NULL && state == STELLA_SEND_NOT_TAKEN,
+        "appendable: the second chunk's second item was not");
+  check_long(stella_sender_pause(s), 1, "appendable: pause");
+  CHECK(stella_sender_resume(s) == 1, "appendable: resume after a pause");
+  stella_sender_stop(s);
+  CHECK(stella_sender_add(s, items, NULL, 1, 1000, err, sizeof err) == -1 &&
+        strcmp(err, "the sender has stopped") == 0, "appendable: nothing is added after stop");
+  CHECK(stella_sender_resume(s) == 0, "appendable: no resume after stop");
+  check_long((long)stella_sender_wait(s), 2, "appendable: wait ends the lanes; two posts attempted");
+  stella_sender_free(s);
+
+  /* freed with chunks not collected and a lane waiting for work: nothing leaks */
+  s = stella_sender_open(err, sizeof err);
+  if (CHECK(s != NULL, "appendable: opens again")) {
+    a = stella_sender_add(s, items, NULL, 3, 10000, err, sizeof err);
+    CHECK(a > 0, "appendable: a chunk added");
+    CHECK(stella_sender_ready(s, a, 10000) == 1, "appendable: ready");
+  }
+  stella_sender_free(s);
+  stella_http_free(h);
+}
+
 /* ---------- JSON text (stella_parse_json) ------------------------------------------ */
 
 /* Parses NUL-terminated `text`; expects success. */
@@ -1910,6 +1984,7 @@ int main(void) {
   test_http_post();
   test_http_start_step();
   test_sender();
+  test_sender_appendable();
   test_hostile_inputs();
   test_parse_valid();
   test_parse_errors();

@@ -1,6 +1,7 @@
 -- stella.trigger.flush: replays the outbox (trigger:flush, `stella retry`). Claims what is
 -- due, a leased batch at a time, sends it (send.start: first attempts over the brand's
--- connections, then in line) and settles it (settle.claimed), until nothing is due.
+-- connections, then in line) and settles it (settle.claimed), until nothing is due. The
+-- next batch is claimed and handed to the connections while the one before is still out.
 -- Items come back here after a retryable failure, a crash, or a batch that ran past half
 -- of its lease. Before each claim, the settles some run could not write to the store are
 -- written (settle.reconcile): their items were sent already and must not be claimed.
@@ -27,27 +28,58 @@ function M.run(self)
   -- busy for 32 round trips in between rather than one or two (bench/lanes.lua)
   local size = math.max(o.batch, 32 * (self.connections or 1))
   retention.when_due(self, self.clock())
+  -- waits for batch b's sends, settles it; returns its outcomes and a settle's error
+  local function complete(b)
+    local results, errs = b.finish()
+    local outcomes, serr = settle.claimed(self, b.items, b.batch, b.now, results, errs, summary)
+    alert.conclude(self, outcomes, b.now)
+    return outcomes, serr
+  end
+  -- the next batch is claimed and handed to the lanes while the one before is still on
+  -- the wire (prev), so that the connections go straight on from one to the other; a
+  -- batch claimed is always sent (or handed back) and settled before the flush ends
+  local prev
   while true do
-    local done, rerr = settle.reconcile(self)
-    if not done then return nil, rerr end
-    if done > 0 then summary.reconciled = (summary.reconciled or 0) + done end
-    local now = self.clock()
-    local items, err = self.store:claim(now, o.lease, size)
-    if not items then return nil, err end
-    if #items == 0 then break end
-    local claimed = #items
-    -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
-    local batch = decide.new_batch(self)
-    -- requests decided inside Redis are validated first; the invalid ones settled there
-    local invalid
-    items, invalid = unvalidated.check(self, items, batch, now, summary)
-    if #invalid > 0 then alert.conclude(self, invalid, now) end
-    local results, errs = send.start(self, items, now)()
-    local outcomes, serr = settle.claimed(self, items, batch, now, results, errs, summary)
-    alert.conclude(self, outcomes, now)
-    if serr then return summary, serr end
-    if claimed < size or send.halted(outcomes) then break end   -- halted: interrupted, circuit_open
-    if self.gate and self.gate.held_back then break end   -- the rate limit has no slot for more now
+    local cur, ferr
+    if not prev or prev.claimed == size then
+      local done, rerr = settle.reconcile(self)
+      if not done then
+        ferr = rerr
+      else
+        if done > 0 then summary.reconciled = (summary.reconciled or 0) + done end
+        local now = self.clock()
+        local items, err = self.store:claim(now, o.lease, size)
+        if not items then
+          ferr = err
+        elseif #items > 0 then
+          local claimed = #items
+          -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
+          local batch = decide.new_batch(self)
+          -- requests decided inside Redis are validated first; the invalid ones settled there
+          local invalid
+          items, invalid = unvalidated.check(self, items, batch, now, summary)
+          if #invalid > 0 then alert.conclude(self, invalid, now) end
+          cur = { items = items, batch = batch, now = now, claimed = claimed, finish = send.start(self, items, now) }
+        end
+      end
+    end
+    if prev then
+      local outcomes, serr = complete(prev)
+      -- halted: interrupted, circuit_open; held back: the rate limit has no slot for more now
+      if serr or ferr or send.halted(outcomes) or (self.gate and self.gate.held_back) then
+        if cur then
+          local _, cerr = complete(cur)
+          serr = serr or cerr
+        end
+        if ferr then return nil, ferr end
+        if serr then return summary, serr end
+        break
+      end
+    elseif ferr then
+      return nil, ferr
+    end
+    if not cur then break end
+    prev = cur
   end
   return summary
 end

@@ -186,6 +186,7 @@ end
 
 -- Closes the clients the trigger made (not a client object it was given, nor the store).
 function Trigger:close()
+  send.close(self)   -- the lanes first: they use the clients
   self.clients:close()
 end
 

@@ -1,6 +1,7 @@
 -- stella.trigger.pipeline: batches of events in, their outcomes out, with the stages of
 -- neighbouring batches overlapped: each batch's sends are on the wire (send.start) while
--- the next batch is decided (decide.lua) and the previous one settled (settle.lua).
+-- the next batch is decided (decide.lua) and the previous one settled (settle.lua); the
+-- next batch's sends join the lanes before the last of this one's are back.
 -- Made by trigger:pipeline; what `stella trigger` feeds its files through.
 local decide = require "stella.trigger.decide"
 local send = require "stella.trigger.send"
@@ -35,13 +36,12 @@ function M.new(trigger, on_outcomes)
   return setmetatable({ trigger = trigger, sink = on_outcomes, prev = nil, started = false }, Pipeline)
 end
 
--- Completes batch b: waits for the rest of its sends, then (after `between`, if given)
--- settles it and hands its outcomes on.
-local function complete(p, b, between)
+-- Completes batch b: waits for the rest of its sends, then settles it and hands its
+-- outcomes on.
+local function complete(p, b)
   local t = p.trigger
   local results, errs
   if b.finish then results, errs = b.finish() end
-  if between then between() end
   if b.finish then
     -- the settles kept from earlier batches first, so that the ledger keeps their order
     if t.unsettled_plans and #t.unsettled_plans > 0 then settle.reconcile(t, true) end
@@ -74,12 +74,11 @@ function Pipeline:process(events, tag)
   end
   local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
   self.prev = b
-  local function start()
-    if written then b.finish = send.start(t, send.sends_of(outcomes), now) end
-  end
-  -- a client sends one request at a time: the previous batch's sends end before this
-  -- batch's start; the previous batch's settling then overlaps them
-  if prev then complete(self, prev, start) else start() end
+  -- this batch's sends go to the lanes behind the previous batch's, which may still be
+  -- out: the lanes go straight on from one to the other; the previous batch is then
+  -- completed (its results collected, settled) while this one is on the wire
+  if written then b.finish = send.start(t, send.sends_of(outcomes), now) end
+  if prev then complete(self, prev) end
 end
 
 function Pipeline:finish()

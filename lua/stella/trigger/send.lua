@@ -1,17 +1,18 @@
 -- stella.trigger.send: the second stage of a batch. Sends the requests decide.lua wrote
 -- to the outbox (or the items flush claimed), in order, with each brand's client; the
 -- store is not touched here. Two ways: in line (send_batch: one request after the other,
--- with the client's retries) and on a background thread of the C core (start_sends:
--- first attempts over the brand's connections while the caller goes on with its store
--- work). Both stop once half of the outbox lease has passed: what is left is DEFERRED.
+-- with the client's retries) and on the trigger's lanes (start: background threads of
+-- the C core, first attempts over the brand's connections, batch after batch from one
+-- queue, while the caller goes on with its store work). Both send nothing once half of
+-- the outbox lease has passed: what is left is DEFERRED.
 -- A trigger made with `stop` (a function; `stella trigger` passes one that says whether
--- SIGINT or SIGTERM came) checks it before each send and while the background threads
--- run: once it says true, nothing more is sent, the threads end their posts in flight,
--- and every request not sent goes back to the outbox as INTERRUPTED.
+-- SIGINT or SIGTERM came) checks it before each send and while the lanes run: once it
+-- says true, nothing more is sent, the lanes end their posts in flight, and every
+-- request not sent goes back to the outbox as INTERRUPTED.
 local client_mod = require "stella.client"
 local errors = require "stella.error"
 
-local select = select
+local select, pairs = select, pairs
 
 local M = {}
 
@@ -82,22 +83,80 @@ local function send_batch(self, list, now, from, tried, results, errs)
   return results, errs
 end
 
-function M.in_line(self, list, now)
-  if self.gate then   -- the fleet's rate limit (the note below)
-    return self.gate:send(self, list, function(t, sub, later) return send_batch(t, sub, now, 1, later) end)
+-- The trigger's lanes: one appendable sender of the C core (client.open_lanes) for the
+-- trigger's life, shared by its pipeline and flush(); closed by trigger:close(). Each
+-- brand's connections are lanes sharing the brand's queue. Batches are added as chunks
+-- while the lanes are still busy with the one before, so no connection waits at a batch
+-- boundary; a batch's results are collected once its items are through. false when none
+-- can be made (a sender of the C core cannot start).
+local function lanes_of(self)
+  local s = self.lanes_sender
+  if s == nil then
+    s = client_mod.open_lanes() or false
+    self.lanes_sender = s
   end
-  return send_batch(self, list, now)
+  return s or nil
 end
 
--- Starts sending a batch's requests (list as for send_batch) in order, on a background
--- thread of the C core when every client uses the libcurl transport: the caller goes on
--- with its store work (the next batch's decisions, the previous batch's settling) while
--- they are on the wire. finish() waits and returns results, errs like send_batch. The
--- thread makes first attempts on the happy path only and stops at the first failure or
--- once half the lease has passed; what it did not send, finish() sends as send_batch
--- does (with the client's retries, or DEFERRED).
+-- true when some client's circuit breaker is open (its sends go in line: post answers
+-- circuit_open at once)
+local function circuit_open(clients)
+  for k = 1, #clients do
+    local c = clients[k]   -- a client of the caller's own making may have no breaker
+    if c.circuit and c:circuit() == "open" then return true end
+  end
+  return false
+end
+
+-- The lanes are the caller's while it sends in line (a retry, an item not taken): paused,
+-- no post in flight. Then they go on, unless the run is stopping or a breaker is open
+-- (resume waits too while a batch with a failed first attempt is not collected).
+local function borrow(self)
+  local s = self.lanes_sender
+  if s then s:pause() end
+end
+
+local function give_back(self)
+  local s = self.lanes_sender
+  if not s or stopping(self) then return end
+  for _, c in pairs(self.lane_owner or {}) do
+    if c.circuit and c:circuit() == "open" then return end
+  end
+  s:resume()
+end
+
+-- Sends a batch in line, in this thread, with the client's retries (process_many)
+-- (the lanes, if a pipeline or flush() of this trigger made them, are paused meanwhile:
+-- they share the clients)
+function M.in_line(self, list, now)
+  local busy = self.lanes_sender and #list > 0
+  if busy then borrow(self) end
+  local results, errs
+  if self.gate then   -- the fleet's rate limit (the note at start_lanes)
+    results, errs = self.gate:send(self, list, function(t, sub, later) return send_batch(t, sub, now, 1, later) end)
+  else
+    results, errs = send_batch(self, list, now)
+  end
+  if busy then give_back(self) end
+  return results, errs
+end
+
+-- Where a chunk of sends is handed to the lanes: the one point a gate (a rate limit) goes
+-- before the lanes get it. Returns the chunk's id, or nil (the chunk goes in line).
+local function hand_to_lanes(self, sender, flat, budget, groups)
+  return (sender:add(flat, budget, groups))
+end
+
+-- Starts sending a batch's requests (list as for send_batch): adds them to the trigger's
+-- lanes when every client uses the libcurl transport, behind the batches still on the
+-- wire; the caller goes on with its store work (deciding or claiming the next batch,
+-- settling the previous one) while they are out. finish() waits for this batch's items
+-- and returns results, errs like send_batch. The lanes make first attempts on the happy
+-- path only: at the first failure they pause, and finish() completes what the batch's
+-- lanes did not (the client's retries, the items not taken, in line as send_batch does).
+-- An item whose half-lease deadline passed before a lane got to it is DEFERRED.
 -- A brand's connections share its items: each takes the next as soon as its post in
--- flight returns (send_many's groups), so none idles while another has a slow answer.
+-- flight returns, so none idles while another has a slow answer.
 local start_lanes
 function M.start(self, list, now)
   if self.gate then   -- the fleet's rate limit (the note below)
@@ -119,62 +178,97 @@ end
 start_lanes = function(self, list, now)
   local n = #list
   local deadline = now + self.outbox_opts.lease / 2
-  local flat, index, clients, turn, groups, group_of, ngroups = {}, {}, {}, {}, {}, {}, 0
+  local flat, index, clients, turn, groups, seen = {}, {}, {}, {}, {}, {}
   local set = self.clients
+  -- the trigger's for all its batches: transport -> its client (who completes what a lane
+  -- posted), a brand's set of connections -> its group (the lanes sharing its queue)
+  local owner, group_of = self.lane_owner, self.lane_groups
+  if not owner then
+    owner, group_of = {}, { n = 0 }
+    self.lane_owner, self.lane_groups = owner, group_of
+  end
+  local core_ok = true
   for i = 1, n do
     local o = list[i]
     if o then
       local k = #index + 1
       local lanes = set:lanes(o.brand)
-      -- the first items go round the brand's connections, so that each has a thread
+      -- the first items go round the brand's connections, so that each has a lane
       local t = (turn[lanes] or 0) % #lanes + 1
       turn[lanes] = t
       local c = lanes[t]
       local g = group_of[lanes]
-      if not g then   -- one group per brand's set of connections
-        ngroups = ngroups + 1
-        g = ngroups
+      if not g then
+        group_of.n = group_of.n + 1
+        g = group_of.n
         group_of[lanes] = g
       end
+      if not seen[lanes] then
+        seen[lanes] = true
+        for j = 1, #lanes do
+          local tr = client_mod.core_transport(lanes[j])
+          if tr then owner[tr] = lanes[j] else core_ok = false end
+        end
+      end
       index[k], clients[k], groups[k] = i, c, g
-      flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = c, path_of(o), o.body
+      flat[3 * k - 2], flat[3 * k - 1], flat[3 * k] = client_mod.core_transport(c), path_of(o), o.body
     end
   end
-  -- a client whose circuit breaker is open sends nothing: its items go in line, where
-  -- post answers circuit_open at once
-  local open = false
-  for k = 1, #clients do
-    local c = clients[k]   -- a client of the caller's own making may have no breaker
-    if c.circuit and c:circuit() == "open" then open = true break end
+  local sender, chunk
+  if #index > 0 and core_ok and not circuit_open(clients) and not stopping(self) then
+    sender = lanes_of(self)
+    if sender then
+      if sender:paused() then give_back(self) end   -- left paused by an open breaker
+      chunk = hand_to_lanes(self, sender, flat, deadline - self.clock(), groups)
+    end
   end
-  local bg = #index > 0 and not open and not stopping(self) and client_mod.send_many(flat, deadline - self.clock(), groups) or nil
 
   return function()   -- finish
     local results, errs = {}, {}
-    local rest, tried = list, false   -- what goes in line: the items the threads did not try
-    if bg then
+    local rest, tried = list, false   -- what goes in line: the items the lanes did not take
+    local inline = not chunk
+    if chunk then
       rest = {}
       for i = 1, #list do rest[i] = list[i] end
-      if self.stop then   -- wait in short steps, to stop the threads when asked
-        while not bg:done(0.1) do
-          if stopping(self) then bg:stop() break end
+      -- wait, in short steps when the run can be stopped, to stop the lanes when asked
+      while not sender:ready(chunk, self.stop and 0.1 or 10) do
+        if stopping(self) then sender:stop() end
+      end
+      local got, posters = sender:collect(chunk)
+      for k = 1, #index do
+        local r = got[k]
+        if r == false or (r ~= "skipped" and not (r.status and r.status >= 200 and r.status < 300)) then
+          inline = true   -- a retry or an item not taken: sent in this thread
         end
       end
-      if bg:wait() > 0 then
-        tried = true
-        for k = 1, #index do
-          local i = index[k]
-          if select("#", bg:result(k)) > 0 then
-            -- completed by the connection that posted it (its own circuit breaker)
-            results[i], errs[i] = clients[bg:poster(k)]:complete(path_of(list[i]), list[i].body, bg:result(k))
-            rest[i] = false
-          end
+      if inline then borrow(self) end
+      for k = 1, #index do
+        local i, r = index[k], got[k]
+        if r == "skipped" then   -- its deadline had passed: not sent
+          errs[i], rest[i] = DEFERRED, false
+        elseif r then
+          tried = true
+          -- completed by the connection that posted it (its own circuit breaker)
+          results[i], errs[i] = owner[posters[k]]:complete(path_of(list[i]), list[i].body, r)
+          rest[i] = false
         end
       end
-      bg:close()
+    elseif #index > 0 and self.lanes_sender then
+      borrow(self)
+    else
+      inline = false
     end
-    return send_batch(self, rest, now, 1, tried, results, errs)
+    results, errs = send_batch(self, rest, now, 1, tried, results, errs)
+    if inline then give_back(self) end
+    return results, errs
   end
+end
+
+-- Closes the trigger's lanes (their posts in flight end first).
+function M.close(self)
+  local s = self.lanes_sender
+  self.lanes_sender = nil
+  if s then s:close() end
 end
 
 return M
