@@ -2,13 +2,16 @@
 -- /v1/requests with a valid body and the test key: the key check, parsing and validation
 -- of the JSON text by the C core (stella.validate_json), the company's checks, the marks,
 -- the status rows and the echo), against the same nginx answering a fixed 200 at another location
--- (`return 200 ...`, no Lua). Both driven by wrk -t1 -c8 -d3s with the same script
--- (method, body, headers), in one run: three rounds, each timing both locations one after
--- the other (in alternating order), so that a change in the machine's load between two
--- timings moves one round, not the result. Prints every timing and one ratio line: the
--- median of the rounds' ratios. Also the CPU time nginx (its master and worker) spends per
--- request on each side (/proc/PID/schedstat), which other load disturbs less than rates:
--- when nginx is the bottleneck, the ratio of rates tends to the ratio of these.
+-- (`return 200 ...`, no Lua, a body as long as the sandbox's echo). Both driven by wrk -t1
+-- -c8 with the same script (method, body, headers), in one run: rounds, each timing the
+-- locations one after the other (in rotating order), so that a change in the machine's load
+-- between two timings moves one round, not the result. Prints every timing and one ratio
+-- line: the median of the rounds' ratios. Also the CPU time nginx (its master and worker)
+-- spends per request on each side (/proc/PID/schedstat), which other load disturbs less than
+-- rates: when nginx is the bottleneck, the ratio of rates tends to the ratio of these.
+-- [info] A third location is timed in each round, the floor of any Lua handler: it reads
+-- the body and prints the fixed answer from content_by_lua_block (what nginx and its Lua
+-- module cost before the sandbox's own work).
 --
 -- From the repository root (needs build/luajit/stella/core.so for nginx, and the core
 -- for the interpreter running this file):
@@ -31,8 +34,7 @@ local fmt = string.format
 local DURATION = tonumber(os.getenv("BENCH_SANDBOX_SECONDS")) or 2
 local ROUNDS = math.max(1, math.floor(tonumber(os.getenv("BENCH_SANDBOX_ROUNDS")) or 5))
 local CONNECTIONS = 8
-local FIXED_PATH = "/_bench/fixed"
-local FIXED_BODY = '{"request_id":"00000000-0000-4000-8000-000000000000"}'
+local FIXED_PATH, FLOOR_PATH = "/_bench/fixed", "/_bench/lua-floor"
 
 -- A realistic valid request for the default company (lua/stella/sandbox/files/config.lua).
 local REQ = {
@@ -115,15 +117,23 @@ local function main()
   local err
   -- nginx inherits the CPU this process has when it starts it; wrk, the one it has after
   local client_cpu, server_cpu, placement = common.placement()
+  local body = assert(stella.encode(REQ))
+  -- the fixed answer as long as the echo: the body, a request id and "suppressed" (the
+  -- delivery of every request after the first)
+  local echo_len = #body - 1 + #',"request_id":"' + 36 + #'","delivery":"suppressed"}'
+  local head = '{"request_id":"00000000-0000-4000-8000-000000000000","pad":"'
+  local fixed_body = head .. ("x"):rep(echo_len - #head - 2) .. '"}'
   common.pin(server_cpu)
   sb, err = sandbox.start{
     port = 0,
-    extra_locations = "location = " .. FIXED_PATH .. " { return 200 '" .. FIXED_BODY .. "'; }",
+    extra_locations = "location = " .. FIXED_PATH .. " { return 200 '" .. fixed_body .. "'; }\n"
+      .. "        location = " .. FLOOR_PATH .. " { content_by_lua_block { ngx.req.read_body() "
+      .. "local _ = ngx.req.get_body_data() ngx.header['Content-Length'] = " .. #fixed_body
+      .. " ngx.print('" .. fixed_body .. "') } }",
   }
   if not sb then error(err, 0) end
   common.pin(client_cpu)
   local key = sb.config.keys.test
-  local body = assert(stella.encode(REQ))
   local script = wrk_script(body, key)
 
   -- the body passes: one send through the client, answered 200 with a request id
@@ -132,43 +142,49 @@ local function main()
   client:close()
   if not res or not res.request_id then error("the sandbox refused the bench request: " .. tostring(serr), 0) end
 
-  local api, fixed = sb.url .. "/v1/requests", sb.url .. FIXED_PATH
+  local api, fixed, floor = sb.url .. "/v1/requests", sb.url .. FIXED_PATH, sb.url .. FLOOR_PATH
   wrk(api, 1, script)     -- warm-up (LuaJIT traces, connections, dict)
   wrk(fixed, 1, script)
+  wrk(floor, 1, script)
   local rounds = {}
+  local order = { "s", "f", "l" }
+  local url = { s = api, f = fixed, l = floor }
   for i = 1, ROUNDS do
-    local s, f
-    if i % 2 == 1 then
-      s = wrk(api, DURATION, script)
-      f = wrk(fixed, DURATION, script)
-    else
-      f = wrk(fixed, DURATION, script)
-      s = wrk(api, DURATION, script)
+    local r = {}
+    for j = 0, 2 do   -- rotating order
+      local side = order[(i + j - 1) % 3 + 1]
+      r[side] = wrk(url[side], DURATION, script)
     end
-    for name, r in pairs{ sandbox = s, fixed = f } do
-      if r.non2xx > 0 then
-        error(fmt("wrk got %d non-2xx answers of %d from the %s location:\n%s", r.non2xx, r.requests, name, r.output), 0)
+    for name, side in pairs{ sandbox = r.s, fixed = r.f, floor = r.l } do
+      if side.non2xx > 0 then
+        error(fmt("wrk got %d non-2xx answers of %d from the %s location:\n%s", side.non2xx, side.requests,
+          name, side.output), 0)
       end
     end
-    rounds[i] = { s = s, f = f, ratio = s.rate / f.rate }
+    rounds[i] = { s = r.s, f = r.f, l = r.l, ratio = r.s.rate / r.f.rate, floor_ratio = r.l.rate / r.f.rate }
   end
   local status = get(sb.url .. "/status.json?limit=0")
   local deliveries = status:match('"test":(%b{})') or "?"
 
   local interp = jit and jit.version or _VERSION
-  print(fmt("sandbox benchmark (driver under %s): %d-byte body, wrk -t1 -c%d -d%ds, %d rounds, one nginx "
-    .. "worker, %s; load average %s", interp, #body, CONNECTIONS, DURATION, ROUNDS, placement, common.loadavg()))
+  print(fmt("sandbox benchmark (driver under %s): %d-byte body, %d-byte answers, wrk -t1 -c%d -d%ds, %d rounds, "
+    .. "one nginx worker, %s; load average %s", interp, #body, #fixed_body, CONNECTIONS, DURATION, ROUNDS,
+    placement, common.loadavg()))
   for i, r in ipairs(rounds) do
     print(fmt("  round %d: POST /v1/requests %8.0f/s (%d requests, latency avg %s, nginx CPU %.2f µs/request), "
-      .. "fixed 200 (no Lua) %8.0f/s (%d, %s, %.2f µs): %.0f%%", i, r.s.rate, r.s.requests, r.s.latency or "?",
-      r.s.cpu, r.f.rate, r.f.requests, r.f.latency or "?", r.f.cpu, r.ratio * 100))
+      .. "fixed 200 (no Lua) %8.0f/s (%d, %s, %.2f µs): %.0f%%; Lua floor %8.0f/s (%.2f µs): %.0f%%", i, r.s.rate,
+      r.s.requests, r.s.latency or "?", r.s.cpu, r.f.rate, r.f.requests, r.f.latency or "?", r.f.cpu,
+      r.ratio * 100, r.l.rate, r.l.cpu, r.floor_ratio * 100))
   end
   print(fmt("  test-key deliveries after the run: %s", deliveries))
-  local s_cpu, f_cpu = {}, {}
-  for i, r in ipairs(rounds) do s_cpu[i], f_cpu[i] = r.s.cpu, r.f.cpu end
-  local sc, fc = common.median(s_cpu), common.median(f_cpu)
+  local s_cpu, f_cpu, l_cpu, l_ratio = {}, {}, {}, {}
+  for i, r in ipairs(rounds) do s_cpu[i], f_cpu[i], l_cpu[i], l_ratio[i] = r.s.cpu, r.f.cpu, r.l.cpu, r.floor_ratio end
+  local sc, fc, lc = common.median(s_cpu), common.median(f_cpu), common.median(l_cpu)
   print(fmt("  nginx CPU per request (medians): POST /v1/requests %.2f µs, fixed 200 %.2f µs: the fixed "
     .. "answer's is %.0f%% of the sandbox's", sc, fc, fc / sc * 100))
+  print(fmt("  [info] the Lua floor (content_by_lua_block: read the body, print the fixed answer): %.2f µs, "
+    .. "%.0f%% of the fixed answer's rate (median): nginx's Lua module before any of the sandbox's work", lc,
+    common.median(l_ratio) * 100))
   table.sort(rounds, function(a, b) return a.ratio < b.ratio end)
   local mid = rounds[math.floor((#rounds + 1) / 2)]
   if #rounds % 2 == 0 then   -- an even count: the mean of the middle two ratios

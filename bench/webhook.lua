@@ -10,6 +10,12 @@
 --      CPUs or more), so the ratio compares the workers' cost per request, not how the
 --      client and the server split the machine. Also printed: the nginx processes' CPU
 --      time per request on each side (schedstat), which other load disturbs less.
+--      [info] A third location of that server is timed in each round (rotating order):
+--      the floor of any Lua handler, which reads the body and answers 202 as webhook.lua
+--      does, from content_by_lua_block.
+--      [info] After the rounds, one round of both with the same event in every request
+--      (LuaJIT interns each body: bodies that differ only in their ids walk one hash
+--      chain, the same body is found at once).
 --   2. [info] the same accept path while the consumers send to an API answering in 20 ms
 --      (at most 800 events/s, sharing the workers' CPU), and while they drain the
 --      backlog to an API answering at once: accepts and sends per second.
@@ -152,7 +158,12 @@ local function main()
       ['spool = "@PREFIX@/spool.jsonl",'] = "spool = nil,",
     },
     http = "    server { listen 127.0.0.1:@FIXED_PORT@; default_type application/json;\n"
-      .. "      location = /fixed { return 202 '{\"accepted\":1}\\n'; } }\n",
+      .. "      location = /fixed { return 202 '{\"accepted\":1}\\n'; }\n"
+      -- [info] the floor of any Lua handler: read the body, answer as webhook.lua does
+      .. "      location = /lua-floor { content_by_lua_block { ngx.req.read_body() "
+      .. "local _ = ngx.req.get_body_data() ngx.status = 202 local h = ngx.header "
+      .. "h['Content-Type'] = 'application/json' h['Content-Length'] = 15 "
+      .. "ngx.print('{\"accepted\":1}\\n') } } }\n",
     ports = { "PORT", "FIXED_PORT" },
     env = { STELLA_TEST_KEY = "bench-key-0123456789", STELLA_BASE_URL = api.url, STELLA_MODE = "test" },
     probe = { port = "PORT", path = "/events/health" },
@@ -204,21 +215,34 @@ local function main()
   local accept_url = "http://127.0.0.1:" .. web.ports.PORT .. "/events"
   local fixed_url = "http://127.0.0.1:" .. web.ports.FIXED_PORT .. "/fixed"
   wrk(fixed_url, 1, wrk_script(10000000))
+  local floor_url = "http://127.0.0.1:" .. web.ports.FIXED_PORT .. "/lua-floor"
+  wrk(floor_url, 1, wrk_script(10000000))
   local rounds = {}
+  local order, url = { "a", "f", "l" }, { a = accept_url, f = fixed_url, l = floor_url }
   for i = 1, ROUNDS do
     local base = 10000000 + i * 1000000
-    local a, f
-    if i % 2 == 1 then
-      a = wrk(accept_url, DURATION, wrk_script(base))
-      f = wrk(fixed_url, DURATION, wrk_script(base))
-    else
-      f = wrk(fixed_url, DURATION, wrk_script(base))
-      a = wrk(accept_url, DURATION, wrk_script(base))
+    local r = {}
+    for j = 0, 2 do   -- rotating order
+      local side = order[(i + j - 1) % 3 + 1]
+      r[side] = wrk(url[side], DURATION, wrk_script(base))
     end
+    local a, f, l = r.a, r.f, r.l
     if a.non2xx > 0 then error(fmt("%d of %d accepts were not 202:\n%s", a.non2xx, a.requests, a.output), 0) end
     if f.non2xx > 0 then error(fmt("%d of %d fixed answers were not 202:\n%s", f.non2xx, f.requests, f.output), 0) end
-    rounds[i] = { a = a, f = f, ratio = a.rate / f.rate }
+    if l.non2xx > 0 then error(fmt("%d of %d Lua floor answers were not 202:\n%s", l.non2xx, l.requests, l.output), 0) end
+    rounds[i] = { a = a, f = f, l = l, ratio = a.rate / f.rate }
   end
+  -- [info] one body for every request (the same id): LuaJIT finds each body already
+  -- interned instead of walking a hash chain of bodies that differ only in their ids (see
+  -- README, OpenResty)
+  local same = wrk_script(20000000)
+  do   -- its request function again, last: the same event each time
+    local f = assert(io.open(same, "ab"))
+    f:write("request = function() return wrk.format(nil, nil, nil, table.concat(parts, 20000001)) end\n")
+    f:close()
+  end
+  local sa = wrk(accept_url, DURATION, same)
+  local sf = wrk(fixed_url, DURATION, same)
   local load1 = loadavg()
 
   -- 2. accepting while the consumers send to a 20 ms API, and while they drain the
@@ -239,7 +263,8 @@ local function main()
     WRK_CPU and ("on CPU 0, wrk on CPU " .. WRK_CPU) or "and wrk unpinned (1 CPU)", load0, load1))
   for i, r in ipairs(rounds) do
     print(fmt("  round %d: POST /events (enqueue + 202) %6.0f/s (%.1f us CPU each), fixed 202 (no Lua) %6.0f/s "
-      .. "(%.1f us): %.0f%%", i, r.a.rate, r.a.cpu, r.f.rate, r.f.cpu, r.ratio * 100))
+      .. "(%.1f us): %.0f%%; Lua floor %6.0f/s (%.1f us): %.0f%%", i, r.a.rate, r.a.cpu, r.f.rate, r.f.cpu,
+      r.ratio * 100, r.l.rate, r.l.cpu, r.l.rate / r.f.rate * 100))
   end
   local function median(key)
     local v = {}
@@ -248,10 +273,16 @@ local function main()
     return v[math.floor((#v + 1) / 2)]
   end
   local cpu_a, cpu_f = median(function(r) return r.a.cpu end), median(function(r) return r.f.cpu end)
+  local cpu_l, floor_ratio = median(function(r) return r.l.cpu end), median(function(r) return r.l.rate / r.f.rate end)
   table.sort(rounds, function(x, y) return x.ratio < y.ratio end)
   local mid = rounds[math.floor((#rounds + 1) / 2)]
   print(fmt("  nginx CPU per request (medians): "
     .. "%.1f us vs %.1f us, the fixed answer's cost is %.0f%% of the accept path's", cpu_a, cpu_f, cpu_f / cpu_a * 100))
+  print(fmt("  [info] the Lua floor (content_by_lua_block: read the body, answer 202 as webhook.lua does): "
+    .. "%.1f us, %.0f%% of the fixed answer's rate (median): nginx's Lua module before any of the webhook's work",
+    cpu_l, floor_ratio * 100))
+  print(fmt("  [info] one body for every request: POST /events %.0f/s (%.1f us CPU each), fixed 202 %.0f/s "
+    .. "(%.1f us): %.0f%% (one round)", sa.rate, sa.cpu, sf.rate, sf.cpu, sa.rate / sf.rate * 100))
   print(fmt("  accepting while the consumers send to a 20 ms API (800/s): %.0f/s (%.1f us CPU each, sends included)",
     paced.rate, paced.cpu))
   print(fmt("  accepting while the consumers drain a backlog to an API answering at once: %.0f accepts/s "
