@@ -61,6 +61,9 @@ local function message_of(outcome)
 end
 
 -- Processes entries; returns the round's report { read, acked, dead, retried, outcomes = { status/reason -> n } }
+-- o: { queue, trigger, name, max_deliveries, on_outcome (optional: each decided event's
+-- outcome) }. Also the in-nginx consumers' (stella.openresty.redis_queue), so that an
+-- entry is handled alike whoever reads it.
 local function process(o, entries, report)
   local q, name = o.queue, o.name
   local events, taken = {}, {}
@@ -116,6 +119,7 @@ local function process(o, entries, report)
     if type(out) == "table" then
       local key = tostring(out.status) .. "/" .. tostring(out.reason or "")
       report.outcomes[key] = (report.outcomes[key] or 0) + 1
+      if o.on_outcome then o.on_outcome(out) end
     end
   end
   if #later > 0 then
@@ -127,6 +131,8 @@ local function process(o, entries, report)
   report.acked = report.acked + #acks
   return report
 end
+
+M.process = process
 
 -- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors }.
 function M.run(o)
