@@ -266,6 +266,11 @@ local function main()
     rounds[i] = { a = a, f = f, r = r, ratio = a.rate / f.rate, rratio = r.rate / f.rate }
   end
   local load1 = loadavg()
+  -- the Redis webhook's backlog would be drained by its consumers from here on, sharing CPU 0
+  rweb:stop()
+  rweb = nil
+  srv:remove()
+  srv = nil
 
   -- 2. accepting while the consumers send to a 20 ms API, and while they drain the
   -- backlog as fast as they can

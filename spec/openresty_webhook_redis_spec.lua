@@ -1,7 +1,7 @@
 -- Specs for examples/openresty/ with its queue on Redis (configure{ queue = "redis://..." }:
 -- stella.openresty.redis_queue, the work queue's stream), as an operator runs it: the
 -- shipped nginx.conf (2 workers) in a real nginx, a real redis-server (spec/support/redis.lua,
--- with AOF, so that a restart keeps the stream), a loopback API answering slowly
+-- with AOF, so that a restart keeps the stream, and a password), a loopback API answering slowly
 -- (spec/support/openresty/slow_api.lua) that counts what it received, and `stella worker`
 -- processes. Every event answered 202 must reach the API exactly once; an event Redis
 -- cannot take is answered 503 with Retry-After, never 202.
@@ -23,6 +23,7 @@ if SPEC_DIR:sub(1, 1) ~= "/" then
 end
 local ROOT = SPEC_DIR:gsub("/spec$", ""):gsub("/%./spec$", "")
 local KEY = "test-key-webhook-redis-0123456789"
+local PASSWORD = "redis-pw-webhook-Zq9s3cret"   -- never in a log line or an answer
 local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local it = rawget(_G, "jit") and pending or it
 
@@ -79,7 +80,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
       harness.run("cd " .. harness.shell_quote(ROOT) .. " && make LUA=luajit module")
     end
     api = slow_api.start{ delay = 0 }
-    srv = redis_server.start{ appendonly = true, appendfsync = "always" }
+    srv = redis_server.start{ appendonly = true, appendfsync = "always", requirepass = PASSWORD }
   end)
 
   lazy_teardown(function()
@@ -96,7 +97,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
   -- A database of its own for each case: its stream, group and store.
   local function fresh_url()
     db_n = db_n + 1
-    return srv:url{ db = db_n }
+    return srv:url{ db = db_n, password = PASSWORD }
   end
 
   -- The example's nginx.conf with 2 workers, its queue on url, the settings given (Lua
@@ -124,6 +125,9 @@ describe("the OpenResty webhook with its queue on Redis", function()
   local function stop(n)
     n:stop()
     running[n] = nil
+    local log = harness.read_file(n.prefix .. "/error.log") or ""
+    assert.is_nil(log:find(PASSWORD, 1, true), "the Redis password is in the log")
+    assert.is_nil(log:find(KEY, 1, true), "the API key is in the log")
   end
 
   local function health(n)
@@ -271,6 +275,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
       assert.equal(503, code, body)
       assert.equal("30", headers["retry-after"])
       assert.truthy(cjson.decode(body).error:find("redis", 1, true), body)
+      assert.is_nil(body:find(PASSWORD, 1, true), body)
       refused[e.id] = true
     end
     local h = health(n)
@@ -289,7 +294,6 @@ describe("the OpenResty webhook with its queue on Redis", function()
     all_sent_once(url, accepted, refused, 10, log_of(n))
     local log = log_of(n)()
     assert.truthy(log:find("answering 503 %(redis queue: "), log)
-    assert.falsy(log:find(KEY, 1, true))
     stop(n)
   end)
 
@@ -400,6 +404,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
       assert.equal("0", rest:match("@(%d+)"), child.read_file(w.out .. ".err"))
       local summary = cjson.decode(child.read_file(w.out))
       assert.is_nil(child.read_file(w.out .. ".err"):find(KEY, 1, true))
+      assert.is_nil(child.read_file(w.out .. ".err"):find(PASSWORD, 1, true))
       read = read + summary.read
     end
     assert.equal(20, read)

@@ -86,6 +86,7 @@ function M.new(opts)
     max_deliveries = max_deliveries, durable = true,
     name = nil,               -- this worker's consumer name, on first use
     conn = nil,               -- the template connection, on first use
+    proto = nil,              -- a stella.queue over it, copied for each operation
     group_made = false, last_reclaim = 0, last_trim = 0, last_log = 0,
     cached = nil, cached_at = nil,
   }, Queue)
@@ -100,10 +101,10 @@ local function open(self)
                                timeout = self.timeout }
     if not conn then return nil, err end
     conn:close()   -- back to nginx's pool: every operation takes its own
-    self.conn = conn
+    self.conn, self.proto = conn, assert(queue_mod.open(conn))
     self.name = "nginx-" .. host_name() .. "-" .. tostring(ngx.worker.pid())
   end
-  local q = queue_mod.open(conn:fork())
+  local q = self.proto:using(conn:fork())
   q.group_made = self.group_made
   return q
 end

@@ -10,6 +10,7 @@
 --                               0 or nil: no limit; stella.queue.redis_lib)
 --   q:backlog()              -> { waiting, lag, pending, oldest } | nil, err
 --   q:dead_letter(fields)    -> entry id | nil, err   (straight to the dead-letter stream)
+--   q:using(conn)            -> the same queue over another connection (not owned)
 --   q:close()
 --
 -- Any Redis client can produce: XADD <prefix>events * event <json> (README, "Work queue").
@@ -63,6 +64,15 @@ function M.open(opts)
     stream = p .. "events", dead_stream = p .. "events:dead", errors = p .. "events:errors",
     workers_key = p .. "workers", group_made = false,
   }, Queue)
+end
+
+-- The same queue over another connection (not owned: close() leaves it open). Inside
+-- nginx each operation forks a template conn (stella.openresty.redis_queue).
+function Queue:using(conn)
+  local q = {}
+  for k, v in pairs(self) do q[k] = v end
+  q.conn, q.own = conn, false
+  return setmetatable(q, Queue)
 end
 
 function Queue:close()
