@@ -368,6 +368,39 @@ describe("the OpenResty webhook with its queue on Redis", function()
     stop(n)
   end)
 
+  it("kill -9 of a worker holding entries: another consumer takes them over after the lease, "
+    .. "every 202 is sent, only those on the wire twice", function()
+    api:set_delay(1)
+    local url = fresh_url()
+    local n = webhook(url, "queue_capacity = 10000, lease = 3,", { ["consumers = 8,"] = "consumers = 2," })
+    local events, accepted = {}, {}
+    for i = 1, 12 do events[i] = event() end
+    for id, s in pairs(burst(n, events)) do
+      assert.equal(202, s)
+      accepted[id] = true
+    end
+    -- both workers' consumers hold an entry each (4 pending, the API sleeping on them)
+    assert.truthy(wait_for(10, function() return backlog(url).pending == 4 end), cjson.encode(backlog(url)))
+    local pids = n:pids()
+    assert.equal(3, #pids)
+    harness.run("kill -9 " .. pids[2])
+    local got
+    assert.truthy(wait_for(20, function()
+      got = api:received()
+      for id in pairs(accepted) do if not got[tostring(id)] then return false end end
+      return true
+    end), "not every 202 reached the API\n" .. log_of(n)())
+    local twice = 0
+    for id in pairs(accepted) do
+      assert.is_true(got[tostring(id)] <= 2, "event " .. id .. " sent " .. got[tostring(id)] .. " times")
+      if got[tostring(id)] == 2 then twice = twice + 1 end
+    end
+    assert.is_true(twice <= 2, twice .. " sent twice: more than the killed worker's 2 consumers held")
+    assert.truthy(wait_for(10, function() return backlog(url).waiting == 0 end), cjson.encode(backlog(url)))
+    assert.truthy(log_of(n)():find("exited on signal 9", 1, true))
+    stop(n)
+  end)
+
   it("accepts with no consumer of its own; `stella worker` processes send what it accepted, each once", function()
     api:set_delay(0.2)
     local url = fresh_url()
