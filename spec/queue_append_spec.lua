@@ -56,6 +56,26 @@ describe("stella.queue append and backlog", function()
     assert.equal(5, assert(q:backlog()).waiting)
   end)
 
+  it("forgets the consumers of a prefix that hold nothing, never one holding entries", function()
+    local q, c = fresh()
+    finally(function() q:close() c:close() end)
+    assert(q:append({ "{}", "{}", "{}" }, 0))
+    assert.equal(1, #assert(q:read("nginx-b", 1)))   -- holds one
+    for _, name in ipairs{ "nginx-a", "w1" } do      -- held one, acknowledged it
+      local got = assert(q:read(name, 1))
+      assert(q:ack{ got[1].id })
+    end
+    assert.equal(0, assert(q:forget_consumers("nginx-", 3600 * 1000)))   -- none idle that long
+    assert.equal(1, assert(q:forget_consumers("nginx-", 0)))
+    local names = {}
+    for _, cons in ipairs(assert(c:call("XINFO", "CONSUMERS", "stella:events", "stella"))) do
+      names[#names + 1] = cons[2]
+    end
+    table.sort(names)
+    assert.same({ "nginx-b", "w1" }, names)
+    assert.equal(1, assert(q:backlog()).pending)
+  end)
+
   it("counts a stream filled before any group (stella submit) as waiting, and loads the library on a server that lost it", function()
     local q, c = fresh()
     finally(function() q:close() c:close() end)

@@ -16,7 +16,8 @@
 --                            refused over the capacity; err.full then)
 --   q:pop(n)              -> up to n entries { id, fields, deliveries } | nil: a consumer's
 --                            read (XREADGROUP, not blocking), or a dead consumer's entries
---                            taken over (every lease/2 s); the stream trimmed every 10 s
+--                            taken over (every lease/2 s); the stream trimmed every 10 s,
+--                            and the group rid of idle nginx-... consumers holding nothing
 --   q:consume(entries, service) -> decides, sends, settles and acknowledges them as
 --                            `stella worker` does (stella.queue.worker's process)
 --   q:restore(entries)    -> n   (entries { payload } of a spool file, appended again)
@@ -47,6 +48,9 @@ M.Queue = Queue
 local TRIM_EVERY = 10        -- seconds between trims of the stream (per worker)
 local LOG_EVERY = 5          -- seconds between two log lines of a failing read
 local RESTORE_CHUNK = 100    -- entries appended by one call when restoring a spool
+local CONSUMER_PREFIX = "nginx-"
+local FORGET_IDLE = 3600     -- seconds: a consumer named nginx-... idle that long, holding
+                             -- nothing, is a worker gone (live ones read every `poll` s)
 
 local function positive(opts, name, default)
   local v = opts[name]
@@ -102,7 +106,7 @@ local function open(self)
     if not conn then return nil, err end
     conn:close()   -- back to nginx's pool: every operation takes its own
     self.conn, self.proto = conn, assert(queue_mod.open(conn))
-    self.name = "nginx-" .. host_name() .. "-" .. tostring(ngx.worker.pid())
+    self.name = CONSUMER_PREFIX .. host_name() .. "-" .. tostring(ngx.worker.pid())
   end
   local q = self.proto:using(conn:fork())
   q.group_made = self.group_made
@@ -159,6 +163,7 @@ function Queue:pop(n)
   if not err and now - self.last_trim >= TRIM_EVERY then
     self.last_trim = now
     q:trim()   -- done entries out of the stream (failure: the next time)
+    q:forget_consumers(CONSUMER_PREFIX, FORGET_IDLE * 1000)   -- the names of workers gone
   end
   done(self, q)
   if err then log_failure(self, "cannot read the Redis queue", err) return nil end

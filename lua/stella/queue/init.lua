@@ -9,6 +9,7 @@
 --                               "FULL" when the group's backlog would pass capacity;
 --                               0 or nil: no limit; stella.queue.redis_lib)
 --   q:backlog()              -> { waiting, lag, pending, oldest } | nil, err
+--   q:forget_consumers(prefix, min_idle_ms) -> n removed (idle, holding nothing)
 --   q:dead_letter(fields)    -> entry id | nil, err   (straight to the dead-letter stream)
 --   q:using(conn)            -> the same queue over another connection (not owned)
 --   q:close()
@@ -371,6 +372,26 @@ function Queue:trim()
   local minid = last
   if pending > 0 and oldest and id_less(oldest, minid) then minid = oldest end
   return self.conn:call("XTRIM", self.stream, "MINID", minid)
+end
+
+-- Removes the group's consumers named prefix.. that hold nothing and were idle for
+-- min_idle_ms or more (those of nginx workers gone: a new name at every start). One that
+-- holds entries is never removed (XGROUP DELCONSUMER would drop them). -> n | nil, err
+function Queue:forget_consumers(prefix, min_idle_ms)
+  local list, err = self.conn:call("XINFO", "CONSUMERS", self.stream, self.group)
+  if not list then return nil, err end
+  local n = 0
+  for _, c in ipairs(list) do
+    local f = {}
+    for i = 1, #c - 1, 2 do f[c[i]] = c[i + 1] end
+    if type(f.name) == "string" and f.name:sub(1, #prefix) == prefix and tonumber(f.pending) == 0
+       and (tonumber(f.idle) or 0) >= min_idle_ms then
+      local ok, derr = self.conn:call("XGROUP", "DELCONSUMER", self.stream, self.group, f.name)
+      if ok == nil then return nil, derr end
+      n = n + 1
+    end
+  end
+  return n
 end
 
 -- The queue at a glance: { length (entries in the stream, done ones until trimmed), group,
