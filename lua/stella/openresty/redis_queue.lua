@@ -36,8 +36,8 @@ local redis = require "stella.redis"
 local failure = require("stella.openresty.queue").failure
 
 local ngx = rawget(_G, "ngx")
-local error, ipairs, pcall, setmetatable, tostring, type, floor, concat =
-      error, ipairs, pcall, setmetatable, tostring, type, math.floor, table.concat
+local error, ipairs, pairs, pcall, setmetatable, tostring, type, floor, concat =
+      error, ipairs, pairs, pcall, setmetatable, tostring, type, math.floor, table.concat
 
 local M = {}
 
@@ -68,8 +68,13 @@ local function host_name()
   return h or "host"
 end
 
+local KNOWN = { url = true, prefix = true, capacity = true, timeout = true, lease = true, max_deliveries = true }
+
 function M.new(opts)
   if type(opts) ~= "table" then error("stella.openresty.redis_queue: options table expected", 2) end
+  for k in pairs(opts) do
+    if not KNOWN[k] then error("stella.openresty.redis_queue: unknown option " .. tostring(k), 2) end
+  end
   if type(opts.url) ~= "string" then
     error("stella.openresty.redis_queue: url (a redis:// or unix:// URL) expected", 2)
   end

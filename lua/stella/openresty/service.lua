@@ -27,7 +27,7 @@
 -- ngx.shared.DICT:free_space() counts them): the events already queued need room there for
 -- their marks and outbox items, and a helpdesk retries a 503 later.
 --
--- The queue is any object with push(payloads, now) -> true | nil, err; pop(); restore(entries);
+-- The queue is any object with push(payloads, now) -> true | nil, err; pop([n]); restore(entries);
 -- depth(); oldest_age(now); and optionally memory() -> { capacity, free } (see
 -- stella.openresty.queue). A Redis-backed queue plugs in there; with a queue that outlives
 -- nginx, leave `spool` out and exit_worker spools only the outbox.
