@@ -25,6 +25,12 @@
 --   q:oldest_age(now)     -> seconds the oldest of them has waited | nil, err
 --   q.durable             true: what is queued outlives nginx (service: nothing to spool)
 --
+-- Pushes share calls (a group commit): a request's push waits in the worker's list, and
+-- a flusher (one timer per worker, started by the first push) sends every push waiting
+-- in one stella_enqueue_many call, each push all or none against the capacity, then
+-- wakes each request with its own result. Under load a call carries the pushes that came
+-- while the one before was under way; alone, a push has a call to itself.
+--
 -- One object per worker (stella.openresty.service keeps it). Inside nginx a cosocket
 -- belongs to the request or timer that opened it: the object keeps one connection as a
 -- template (made on first use, in a phase with cosockets) and each operation forks it,
@@ -48,6 +54,7 @@ M.Queue = Queue
 local TRIM_EVERY = 10        -- seconds between trims of the stream (per worker)
 local LOG_EVERY = 5          -- seconds between two log lines of a failing read
 local RESTORE_CHUNK = 100    -- entries appended by one call when restoring a spool
+local FLUSHER_IDLE = 0.5     -- seconds the idle flusher waits before looking at exiting()
 local CONSUMER_PREFIX = "nginx-"
 local FORGET_IDLE = 3600     -- seconds: a consumer named nginx-... idle that long, holding
                              -- nothing, is a worker gone (live ones read every `poll` s)
@@ -98,6 +105,9 @@ function M.new(opts)
     proto = nil,              -- a stella.queue over it, copied for each operation
     group_made = false, last_reclaim = 0, last_trim = 0, last_log = 0,
     cached = nil, cached_at = nil,
+    waiting = {},             -- pushes for the flusher's next call
+    flushing = false,         -- the flusher runs
+    work = nil,               -- its semaphore (ngx.semaphore), on first push
   }, Queue)
 end
 
@@ -130,17 +140,85 @@ local function as_failure(err)
   return failure("redis queue: " .. message, full)
 end
 
+-- One call for the pushes waiting: each gets ok = true or err, and its semaphore posted.
+local function send(self, batch)
+  local pushes = {}
+  for i, p in ipairs(batch) do pushes[i] = p.texts end
+  local results, err
+  local q, oerr = open(self)
+  if q then
+    local ok
+    ok, results, err = pcall(q.append_many, q, pushes, self.capacity or 0)
+    if not ok then results, err = nil, results end
+    done(self, q)
+  else
+    err = oerr
+  end
+  for i, p in ipairs(batch) do
+    local r = results and results[i]
+    if type(r) == "table" and not redis.is_error(r) then p.ok = true
+    else p.err = as_failure(r or err or "no answer for this push") end
+    p.sema:post(1)
+  end
+end
+
+local function flusher(premature, self)
+  local exiting = ngx.worker.exiting
+  while not premature do
+    local batch = self.waiting
+    if #batch > 0 then
+      self.waiting = {}
+      local live = {}
+      for _, p in ipairs(batch) do
+        if not p.gone then live[#live + 1] = p end   -- gone: its request stopped waiting
+      end
+      if #live > 0 then
+        local ok, err = pcall(send, self, live)
+        if not ok then
+          ngx.log(ngx.ERR, "stella: the Redis queue's flusher failed: ", tostring(err))
+          for _, p in ipairs(live) do
+            if p.ok == nil and not p.err then p.err = failure("redis queue: " .. tostring(err)) p.sema:post(1) end
+          end
+        end
+      end
+    elseif exiting() then
+      break
+    else
+      self.work:wait(FLUSHER_IDLE)
+    end
+  end
+  self.flushing = false
+  for _, p in ipairs(self.waiting) do   -- nginx stopping: no call for these
+    p.err = failure("redis queue: nginx is stopping")
+    p.sema:post(1)
+  end
+  self.waiting = {}
+end
+
 function Queue:push(payloads, _)
   local texts = payloads
   if type(payloads) == "string" then texts = { payloads }
   elseif type(payloads) ~= "table" then error("queue:push: a string or a list of strings expected", 2) end
   if #texts == 0 then return true end
-  local q, err = open(self)
-  if not q then return nil, as_failure(err) end
-  local ids, aerr = q:append(texts, self.capacity or 0)
-  done(self, q)
-  if not ids then return nil, as_failure(aerr) end
-  return true
+  local semaphore = require "ngx.semaphore"
+  if not self.work then self.work = semaphore.new(0) end
+  if not self.flushing then
+    local ok, terr = ngx.timer.at(0, flusher, self)
+    if not ok then return nil, failure("redis queue: cannot start the flusher: " .. tostring(terr)) end
+    self.flushing = true
+  end
+  local me = { texts = texts, sema = semaphore.new(0) }
+  local w = self.waiting
+  w[#w + 1] = me
+  self.work:post(1)
+  -- connecting, authenticating and the call, after the call under way
+  local ok = me.sema:wait(4 * self.timeout + 0.1)
+  if not ok then
+    me.gone = true   -- dropped unless a call has taken it already (then as ambiguous as a timeout)
+    return nil, failure("redis queue: no answer within " .. (4 * self.timeout + 0.1) .. " s")
+  end
+  if me.ok then return true end
+  return nil, me.err
 end
 
 local function log_failure(self, what, err)

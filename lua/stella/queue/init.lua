@@ -8,6 +8,7 @@
 --   q:append(texts, capacity) -> entry ids | nil, err  (JSON texts, all or none; err.code
 --                               "FULL" when the group's backlog would pass capacity;
 --                               0 or nil: no limit; stella.queue.redis_lib)
+--   q:append_many({ texts1, texts2 }, capacity) -> { ids | error value per push } | nil, err
 --   q:backlog()              -> { waiting, lag, pending, oldest } | nil, err
 --   q:forget_consumers(prefix, min_idle_ms) -> n removed (idle, holding nothing)
 --   q:dead_letter(fields)    -> entry id | nil, err   (straight to the dead-letter stream)
@@ -118,6 +119,33 @@ function Queue:append(texts, capacity)
     args[i + 2] = texts[i]
   end
   return conn:fcall("stella_enqueue", { self.stream }, args)
+end
+
+-- Several pushes in one call: pushes = { { texts }, ... }, each all or none against the
+-- capacity (stella_enqueue_many). -> a result per push: its ids, or an error value
+-- (redis.is_error; code "FULL"); or nil, err when the call failed as a whole.
+function Queue:append_many(pushes, capacity)
+  if type(pushes) ~= "table" then error("queue:append_many: a list of lists of JSON texts expected", 2) end
+  if capacity ~= nil and (type(capacity) ~= "number" or capacity < 0 or capacity ~= floor(capacity)) then
+    error("queue:append_many: capacity must be a whole number >= 0", 2)
+  end
+  local conn = self.conn
+  if not has_library(conn) then
+    local ok, err = conn:load_library(queue_lib.name, queue_lib.code, queue_lib.version)
+    if not ok then return nil, err end
+  end
+  local args, n = { self.group, tostring(capacity or 0) }, 2
+  for i = 1, #pushes do
+    local texts = pushes[i]
+    n = n + 1
+    args[n] = tostring(#texts)
+    for j = 1, #texts do
+      if type(texts[j]) ~= "string" then error("queue:append_many: push " .. i .. ", text " .. j .. " is not a string", 2) end
+      n = n + 1
+      args[n] = texts[j]
+    end
+  end
+  return conn:fcall("stella_enqueue_many", { self.stream }, args)
 end
 
 -- fields: { event = raw text or "", reason = "...", id = entry id or "", deliveries, worker }
