@@ -210,7 +210,8 @@ function Queue:push(payloads, _)
   local me = { texts = texts, sema = semaphore.new(0) }
   local w = self.waiting
   w[#w + 1] = me
-  self.work:post(1)
+  -- wake the flusher if it waits (a negative count); busy, it looks at the list after its call
+  if self.work:count() < 0 then self.work:post(1) end
   -- connecting, authenticating and the call, after the call under way
   local ok = me.sema:wait(4 * self.timeout + 0.1)
   if not ok then
