@@ -25,6 +25,10 @@
 --   4. memory: bytes of the store's dict per event surveyed (a suppression mark and a
 --      once-per-interaction mark), and of the queue's dict per queued event (one per POST)
 --      beyond its JSON.
+--   5. the accept path with the queue on Redis (configure{ queue = "redis://..." }: a
+--      second nginx of the same config and pinning, a redis-server started here,
+--      unpinned), in the same rounds as 1: requests/s, nginx CPU per request, and Redis'
+--      CPU per request (schedstat of redis-server).
 --
 -- From the repository root, after make and make LUA=luajit:
 --   LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./build/5.4/?.so;;" \
@@ -32,6 +36,7 @@
 -- Environment: BENCH_WEBHOOK_SECONDS (each wrk run, default 3), BENCH_WEBHOOK_ROUNDS (5).
 local harness = require "support.openresty.harness"
 local slow_api = require "support.openresty.slow_api"
+local redis_server = require "support.redis"
 local socket = require "socket"
 local cjson = require "cjson"
 
@@ -42,7 +47,7 @@ local CONNECTIONS = 16
 local DRAIN = 4000
 local ROOT = (select(2, harness.run("pwd")):gsub("%s+$", ""))
 
-local api, web
+local api, web, rweb, srv
 local tmpfiles = {}
 
 local function http(port, method, path, body)
@@ -92,10 +97,10 @@ end
 local NCPU = tonumber((select(2, harness.run("nproc")):match("%d+"))) or 1
 local WRK_CPU = NCPU >= 2 and (NCPU - 1) or nil
 
--- CPU time (ns) the webhook's nginx processes have used so far (/proc/PID/schedstat).
-local function nginx_cpu()
+-- CPU time (ns) the processes have used so far (/proc/PID/schedstat).
+local function cpu_of(pids)
   local total = 0
-  for _, pid in ipairs(web:pids()) do
+  for _, pid in ipairs(pids) do
     local f = io.open("/proc/" .. pid .. "/schedstat", "rb")
     if f then
       total = total + (tonumber((f:read("*l") or ""):match("^(%d+)")) or 0)
@@ -105,8 +110,18 @@ local function nginx_cpu()
   return total
 end
 
+local function nginx_cpu()
+  local pids = web:pids()
+  for _, pid in ipairs(rweb and rweb:pids() or {}) do pids[#pids + 1] = pid end
+  return cpu_of(pids)
+end
+
+local function redis_cpu()
+  return srv and cpu_of{ srv.pid } or 0
+end
+
 local function wrk(url, seconds, script)
-  local cpu0 = nginx_cpu()
+  local cpu0, rcpu0 = nginx_cpu(), redis_cpu()
   local p = assert(io.popen(fmt("%stimeout %d wrk -t1 -c%d -d%ds -s %s %s 2>&1",
     WRK_CPU and ("taskset -c " .. WRK_CPU .. " ") or "", seconds + 15, CONNECTIONS,
     seconds, harness.shell_quote(script), harness.shell_quote(url))))
@@ -116,6 +131,7 @@ local function wrk(url, seconds, script)
   if not rate then error("wrk failed:\n" .. out, 0) end
   local requests = tonumber(out:match("(%d+) requests in")) or 0
   return { rate = rate, requests = requests, cpu = (nginx_cpu() - cpu0) / math.max(1, requests) / 1000,
+           redis_cpu = (redis_cpu() - rcpu0) / math.max(1, requests) / 1000,
            non2xx = tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0, output = out }
 end
 
@@ -169,6 +185,27 @@ local function main()
     probe = { port = "PORT", path = "/events/health" },
   }
   local interp = rawget(_G, "jit") and jit.version or _VERSION
+  -- 5. the same webhook with its queue on Redis
+  srv = redis_server.start{}
+  rweb = harness.start{
+    template = ROOT .. "/examples/openresty/nginx.conf",
+    vars = {
+      STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
+      CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
+      NDK_MODULE = harness.find_module("ndk_http_module.so"),
+      LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
+    },
+    edit = {
+      ["worker_processes auto;"] = "worker_processes 2;"
+        .. (WRK_CPU and "\nworker_cpu_affinity 1 1;" or ""),
+      ["queue_capacity = 10000,"] = 'queue = "' .. srv:url{ db = 1 } .. '", queue_capacity = 10000000,',
+      ["error_log @PREFIX@/error.log notice;"] = "error_log @PREFIX@/error.log warn;",
+      ["access_log @PREFIX@/access.log;"] = "access_log off;",
+    },
+    ports = { "PORT" },
+    env = { STELLA_TEST_KEY = "bench-key-0123456789", STELLA_BASE_URL = api.url, STELLA_MODE = "test" },
+    probe = { port = "PORT", path = "/events/health" },
+  }
 
   -- 4a. memory of the store's dict per surveyed event, and 3. the drain rate
   api:set_delay(0.02)
@@ -212,25 +249,33 @@ local function main()
   api:set_delay(25)
   post_range(200001, 200016)   -- each consumer holds one
   wait_for(5, function() return health().worker.busy > 0 end)
+  for id = 300001, 300016 do   -- and each of the Redis webhook's
+    local code = http(rweb.ports.PORT, "POST", "/events", cjson.encode(event(id)))
+    if code ~= 202 then error("POST /events (Redis) answered " .. tostring(code), 0) end
+  end
   local accept_url = "http://127.0.0.1:" .. web.ports.PORT .. "/events"
+  local redis_url = "http://127.0.0.1:" .. rweb.ports.PORT .. "/events"
   local fixed_url = "http://127.0.0.1:" .. web.ports.FIXED_PORT .. "/fixed"
   wrk(fixed_url, 1, wrk_script(10000000))
   local floor_url = "http://127.0.0.1:" .. web.ports.FIXED_PORT .. "/lua-floor"
   wrk(floor_url, 1, wrk_script(10000000))
+  wrk(redis_url, 1, wrk_script(10500000))
   local rounds = {}
-  local order, url = { "a", "f", "l" }, { a = accept_url, f = fixed_url, l = floor_url }
+  local order = { "a", "f", "l", "r" }
+  local url = { a = accept_url, f = fixed_url, l = floor_url, r = redis_url }
   for i = 1, ROUNDS do
     local base = 10000000 + i * 1000000
     local r = {}
-    for j = 0, 2 do   -- rotating order
-      local side = order[(i + j - 1) % 3 + 1]
-      r[side] = wrk(url[side], DURATION, wrk_script(base))
+    for j = 0, 3 do   -- rotating order
+      local side = order[(i + j - 1) % 4 + 1]
+      r[side] = wrk(url[side], DURATION, wrk_script(side == "r" and base + 500000 or base))
     end
-    local a, f, l = r.a, r.f, r.l
+    local a, f, l, rd = r.a, r.f, r.l, r.r
     if a.non2xx > 0 then error(fmt("%d of %d accepts were not 202:\n%s", a.non2xx, a.requests, a.output), 0) end
     if f.non2xx > 0 then error(fmt("%d of %d fixed answers were not 202:\n%s", f.non2xx, f.requests, f.output), 0) end
     if l.non2xx > 0 then error(fmt("%d of %d Lua floor answers were not 202:\n%s", l.non2xx, l.requests, l.output), 0) end
-    rounds[i] = { a = a, f = f, l = l, ratio = a.rate / f.rate }
+    if rd.non2xx > 0 then error(fmt("%d of %d Redis accepts were not 202:\n%s", rd.non2xx, rd.requests, rd.output), 0) end
+    rounds[i] = { a = a, f = f, l = l, r = rd, ratio = a.rate / f.rate, rratio = rd.rate / f.rate }
   end
   -- [info] one body for every request (the same id): LuaJIT finds each body already
   -- interned instead of walking a hash chain of bodies that differ only in their ids (see
@@ -244,6 +289,23 @@ local function main()
   local sa = wrk(accept_url, DURATION, same)
   local sf = wrk(fixed_url, DURATION, same)
   local load1 = loadavg()
+  -- pushes per call of the Redis webhook's group commit: entries added / FCALLs made
+  local per_call
+  do
+    local conn = assert(require("stella.redis").connect(srv:url{ db = 1 }))
+    local stats = assert(conn:call("INFO", "commandstats"))
+    local info = assert(conn:call("XINFO", "STREAM", "stella:events"))
+    conn:close()
+    local calls = tonumber(stats:match("cmdstat_fcall:calls=(%d+)")) or 0
+    for i = 1, #info - 1, 2 do
+      if info[i] == "entries-added" then per_call = info[i + 1] / math.max(1, calls) end
+    end
+  end
+  -- the Redis webhook's backlog would be drained by its consumers from here on, sharing CPU 0
+  rweb:stop()
+  rweb = nil
+  srv:remove()
+  srv = nil
 
   -- 2. accepting while the consumers send to a 20 ms API, and while they drain the
   -- backlog as fast as they can
@@ -263,8 +325,9 @@ local function main()
     WRK_CPU and ("on CPU 0, wrk on CPU " .. WRK_CPU) or "and wrk unpinned (1 CPU)", load0, load1))
   for i, r in ipairs(rounds) do
     print(fmt("  round %d: POST /events (enqueue + 202) %6.0f/s (%.1f us CPU each), fixed 202 (no Lua) %6.0f/s "
-      .. "(%.1f us): %.0f%%; Lua floor %6.0f/s (%.1f us): %.0f%%", i, r.a.rate, r.a.cpu, r.f.rate, r.f.cpu,
-      r.ratio * 100, r.l.rate, r.l.cpu, r.l.rate / r.f.rate * 100))
+      .. "(%.1f us): %.0f%%; Lua floor %6.0f/s (%.1f us): %.0f%%; queue on Redis %6.0f/s (%.1f us nginx + %.1f us "
+      .. "Redis CPU each): %.0f%%", i, r.a.rate, r.a.cpu, r.f.rate, r.f.cpu, r.ratio * 100, r.l.rate, r.l.cpu,
+      r.l.rate / r.f.rate * 100, r.r.rate, r.r.cpu, r.r.redis_cpu, r.rratio * 100))
   end
   local function median(key)
     local v = {}
@@ -274,6 +337,8 @@ local function main()
   end
   local cpu_a, cpu_f = median(function(r) return r.a.cpu end), median(function(r) return r.f.cpu end)
   local cpu_l, floor_ratio = median(function(r) return r.l.cpu end), median(function(r) return r.l.rate / r.f.rate end)
+  local cpu_r, cpu_rr = median(function(r) return r.r.cpu end), median(function(r) return r.r.redis_cpu end)
+  local rate_r, ratio_r = median(function(r) return r.r.rate end), median(function(r) return r.rratio end)
   table.sort(rounds, function(x, y) return x.ratio < y.ratio end)
   local mid = rounds[math.floor((#rounds + 1) / 2)]
   print(fmt("  nginx CPU per request (medians): "
@@ -293,12 +358,17 @@ local function main()
     .. "whole 4 KB pages)", per_event))
   print(fmt("  queue's dict: %.0f bytes per queued event of %d bytes of JSON (%.0f beyond the JSON)",
     per_queued, sample, per_queued - sample))
+  print(fmt("  queue on Redis (medians): %.0f req/s, %.0f%% of the fixed answer; nginx CPU %.1f us per request "
+    .. "(%.1f us more than the shared dict's), Redis CPU %.1f us; %.1f pushes per call (group commit)", rate_r,
+    ratio_r * 100, cpu_r, cpu_r - cpu_a, cpu_rr, per_call or 0))
   print(fmt("webhook accept path: %.0f req/s, fixed 202 %.0f req/s, ratio %.0f%% (median of %d rounds; target >= 70%%)",
     mid.a.rate, mid.f.rate, mid.ratio * 100, #rounds))
 end
 
 local ok, err = xpcall(main, debug.traceback)
 if web then pcall(web.stop, web) end
+if rweb then pcall(rweb.stop, rweb) end
+if srv then pcall(srv.remove, srv) end
 if api then pcall(api.stop, api) end
 for _, path in ipairs(tmpfiles) do os.remove(path) end
 if not ok then

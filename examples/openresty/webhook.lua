@@ -2,8 +2,9 @@
 --
 --   POST /events         a helpdesk event (a JSON object) or a batch (a JSON array of them).
 --                        Answers 202 once the events are in the queue (a shared dict of
---                        their own), 503 with Retry-After when the queue or the store cannot
---                        take them. A fixed pool of consumers per worker
+--                        their own, or with configure{ queue = "redis://..." } the work
+--                        queue's stream on Redis), 503 with Retry-After when the queue or
+--                        the store cannot take them. A fixed pool of consumers per worker
 --                        (stella.openresty.consumers) drains the queue through
 --                        stella.trigger and the cosocket transport: the helpdesk never
 --                        waits for the Requests API and the worker never blocks.
@@ -13,7 +14,10 @@
 -- Each worker builds one trigger on first use and keeps it: the store is the shared dict
 -- (suppression, dedupe marks and the outbox are shared by all workers), or Redis when
 -- configure{ store = "redis://..." } or $STELLA_DB says so (shared by every nginx on that
--- Redis; the queue stays in its dict); the client talks through cosockets. Worker 0 replays the outbox every flush_every seconds (requests
+-- Redis). configure{ queue = "redis://..." } puts accepted events on Redis instead of the
+-- queue's dict (stella.openresty.redis_queue: the stream `stella worker` reads; the store
+-- is then Redis too, the queue's URL unless store says another); the client talks
+-- through cosockets. Worker 0 replays the outbox every flush_every seconds (requests
 -- that failed with a retryable error: 429, 5xx, timeouts, network), restores what a
 -- stopping nginx spooled, and logs a warning when the queue or a dict fills up.
 --
@@ -27,6 +31,7 @@ local shdict = require "stella.store.shdict"
 local store_mod = require "stella.store"
 local cosocket = require "stella.transport.cosocket"
 local queue = require "stella.openresty.queue"
+local redis_queue = require "stella.openresty.redis_queue"
 local service = require "stella.openresty.service"
 
 local ngx = ngx
@@ -43,8 +48,13 @@ local settings = {
   store_dict = "stella",        -- lua_shared_dict: marks, unsubscribes, outbox, ledger
   store = nil,                  -- a redis:// URL: that store instead of store_dict ($STELLA_DB too)
   queue_dict = "stella_queue",  -- lua_shared_dict: accepted events waiting for a consumer
-  queue_capacity = 10000,       -- events queued at most (all workers); then 503
-  consumers = 8,                -- per worker: events handled at once (sends in flight)
+  queue = nil,                  -- a redis:// URL: accepted events on Redis instead (the work queue)
+  queue_capacity = 10000,       -- events queued at most (all workers; Redis: all producers); then 503
+  redis_timeout = 1,            -- Redis queue: seconds to connect and for each command; then 503
+  lease = 30,                   -- Redis queue: an entry held unacknowledged this long is taken over
+  max_deliveries = 5,           -- Redis queue: then it goes to the dead-letter stream
+  consumers = 8,                -- per worker: events handled at once (sends in flight); Redis
+                                -- queue: 0 for none (`stella worker` processes send)
   batch = 1,                    -- events a consumer takes at a time
   store_reserve = nil,          -- bytes the store's dict keeps free (default 5%); below: 503
   spool = nil,                  -- file for what is queued when nginx stops (nil: lost, logged)
@@ -58,7 +68,7 @@ local settings = {
 -- configure{ name = value, ... } (init_by_lua): settings above.
 function M.configure(opts)
   for k, v in pairs(opts) do
-    if settings[k] == nil and k ~= "store_reserve" and k ~= "spool" and k ~= "store" then
+    if settings[k] == nil and k ~= "store_reserve" and k ~= "spool" and k ~= "store" and k ~= "queue" then
       error("webhook.configure: unknown setting " .. tostring(k), 2)
     end
     settings[k] = v
@@ -74,13 +84,22 @@ local function env(name)
   return v
 end
 
--- The Redis store's URL (settings.store, else $STELLA_DB), or nil: the shared dict.
-local function redis_url()
-  local url = settings.store or env("STELLA_DB")
+local function check_url(url, what)
   if url and not (url:find("^redis://") or url:find("^unix://")) then
-    error("webhook: store (or STELLA_DB) must be a redis:// or unix:// URL", 2)
+    error("webhook: " .. what .. " must be a redis:// or unix:// URL", 3)
   end
   return url
+end
+
+-- The Redis queue's URL, or nil: the queue's shared dict.
+local function queue_url()
+  return check_url(settings.queue, "queue")
+end
+
+-- The Redis store's URL (settings.store, else $STELLA_DB, else the Redis queue's), or
+-- nil: the shared dict.
+local function redis_url()
+  return check_url(settings.store or env("STELLA_DB"), "store (or STELLA_DB)") or queue_url()
 end
 
 local function get_store()
@@ -128,8 +147,15 @@ end
 
 local function get_service()
   if svc then return svc end
+  local q
+  if queue_url() then
+    q = redis_queue.new{ url = queue_url(), capacity = settings.queue_capacity, timeout = settings.redis_timeout,
+                         lease = settings.lease, max_deliveries = settings.max_deliveries }
+  else
+    q = queue.new(settings.queue_dict, { capacity = settings.queue_capacity })
+  end
   svc = service.new{
-    queue = queue.new(settings.queue_dict, { capacity = settings.queue_capacity }),
+    queue = q,
     store_dict = not redis_url() and settings.store_dict or nil,   -- its free space gates 202
     shared_store = redis_url() ~= nil,   -- the outbox outlives nginx: a stop spools only the queue
     store = get_store,
@@ -137,7 +163,7 @@ local function get_service()
     consumers = settings.consumers,
     batch = settings.batch,
     reserve = settings.store_reserve,
-    spool = settings.spool,
+    spool = not queue_url() and settings.spool or nil,   -- Redis keeps its queue itself
     retry_after = settings.retry_after,
     flush_every = settings.flush_every,
     check_every = settings.check_every,

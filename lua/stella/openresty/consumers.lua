@@ -47,7 +47,9 @@ local function run(self)
   while not exiting() do
     local entries, n = {}, 0
     while n < batch do
-      local got = queue:pop()   -- one push's entries (a batch may bring more than `batch`)
+      -- one push's entries (a batch may bring more than `batch`), or up to batch - n of a
+      -- queue that counts (stella.openresty.redis_queue)
+      local got = queue:pop(batch - n)
       if not got then break end
       for i = 1, #got do
         local e = got[i]

@@ -27,10 +27,17 @@
 -- ngx.shared.DICT:free_space() counts them): the events already queued need room there for
 -- their marks and outbox items, and a helpdesk retries a 503 later.
 --
--- The queue is any object with push(payloads, now) -> true | nil, err; pop(); restore(entries);
+-- The queue is any object with push(payloads, now) -> true | nil, err; pop([n]); restore(entries);
 -- depth(); oldest_age(now); and optionally memory() -> { capacity, free } (see
 -- stella.openresty.queue). A Redis-backed queue plugs in there; with a queue that outlives
 -- nginx, leave `spool` out and exit_worker spools only the outbox.
+--
+-- A durable queue (queue.durable: stella.openresty.redis_queue, the work queue's Redis
+-- Stream) keeps what is queued when nginx stops, and handles its entries itself
+-- (queue:consume(entries, service): acknowledged once settled; what a consumer held when
+-- its worker died is taken over after a lease): exit_worker spools nothing of it, and it
+-- needs shared_store (the outbox must outlive nginx as the queue does) and no spool.
+-- consumers = 0 starts no consumer: other processes (`stella worker`) read that queue.
 local cjson = require "cjson.safe"
 local consumers_mod = require "stella.openresty.consumers"
 local spool_mod = require "stella.openresty.spool"
@@ -80,6 +87,12 @@ function M.new(opts)
     error("stella.openresty.service: reserve must be a number of bytes >= 0", 2)
   end
   local warn_at = positive(opts.warn_at, "warn_at", 0.8)
+  if q.durable and not opts.shared_store then
+    error("stella.openresty.service: a durable queue needs shared_store = true (a store that outlives nginx)", 2)
+  end
+  if q.durable and opts.spool then
+    error("stella.openresty.service: a durable queue keeps what is queued itself: leave spool out", 2)
+  end
   return setmetatable({
     queue = q, store_dict = store_dict, get_store = opts.store, get_trigger = opts.trigger,
     consumers = opts.consumers, batch = opts.batch, poll = opts.poll,
@@ -205,7 +218,7 @@ end
 
 function Service:health()
   local q, now = self.queue, ngx.now()
-  local depth = q:depth()
+  local depth, derr = q:depth()
   local h = {
     queue = {
       depth = depth,
@@ -223,7 +236,8 @@ function Service:health()
   local okc, counts = pcall(function() return self.get_store():outbox_counts() end)
   h.outbox = okc and counts or { error = tostring(counts) }
   local warnings = {}
-  if q.capacity and depth >= self.warn_at * q.capacity then
+  if not depth then warnings[#warnings + 1] = "the queue cannot be read: " .. tostring(derr) end
+  if q.capacity and depth and depth >= self.warn_at * q.capacity then
     warnings[#warnings + 1] = ("the queue holds %d of %d events"):format(depth, q.capacity)
   end
   local qd = h.queue.dict
@@ -322,17 +336,26 @@ function Service:init_worker()
     local ok, err = self.spool:join()
     if not ok then ngx.log(ngx.ERR, "stella: cannot register this worker for the spool: ", tostring(err)) end
   end
-  local pool, err = consumers_mod.start{
-    queue = self.queue, size = self.consumers, batch = self.batch, poll = self.poll,
-    handle = function(entries) return self:handle(entries) end,
+  local q = self.queue
+  local handle, on_error
+  if q.durable then
+    -- entries a consumer could not handle stay pending in the queue: taken again after its lease
+    handle = function(entries) return q:consume(entries, self) end
+  else
+    handle = function(entries) return self:handle(entries) end
     on_error = function(entries)
       -- a bug in the rules or the store: keep the events rather than lose them
       ngx.sleep(REQUEUE_PAUSE)
-      self.queue:restore(entries)
-    end,
-  }
-  if not pool then ngx.log(ngx.ERR, "stella: ", err) end
-  self.pool = pool
+      q:restore(entries)
+    end
+  end
+  if not (q.durable and self.consumers == 0) then
+    local pool, err = consumers_mod.start{
+      queue = q, size = self.consumers, batch = self.batch, poll = self.poll, handle = handle, on_error = on_error,
+    }
+    if not pool then ngx.log(ngx.ERR, "stella: ", err) end
+    self.pool = pool
+  end
   if ngx.worker.id() == 0 then
     ngx.timer.at(0, housekeeping, self, true)
     local ok, terr = ngx.timer.every(self.check_every, housekeeping, self, false)
@@ -348,6 +371,18 @@ end
 -- outbox in shared memory for the new workers; a stop spools them.
 function Service:exit_worker()
   local flight = self.pool and self.pool:in_flight() or {}
+  if self.queue.durable then
+    -- no cosockets here: nothing is asked of the queue; it keeps what is queued
+    local held = 0
+    for _ in pairs(flight) do held = held + 1 end
+    if held > 0 then
+      ngx.log(ngx.WARN, "stella: worker ", ngx.worker.pid(), " stops holding ", held, " queue entry(ies) not ",
+        "acknowledged: pending in the queue, another consumer takes them over after the lease")
+    else
+      ngx.log(ngx.NOTICE, "stella: worker ", ngx.worker.pid(), " stops; what is queued stays in ", tostring(self.queue))
+    end
+    return
+  end
   local held = {}
   for _, e in pairs(flight) do held[#held + 1] = e end
   local fate = self.spool and self.spool:leave() or { reload = false, last = true }

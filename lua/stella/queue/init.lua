@@ -5,7 +5,14 @@
 --   local q, err = queue.open{ url = "redis://...", prefix = "stella:", group = "stella" }
 --   q:submit(event)          -> entry id | nil, err   (an event table, sent as JSON)
 --   q:submit_json(text)      -> entry id | nil, err   (JSON text as it is: a worker checks it)
+--   q:append(texts, capacity) -> entry ids | nil, err  (JSON texts, all or none; err.code
+--                               "FULL" when the group's backlog would pass capacity;
+--                               0 or nil: no limit; stella.queue.redis_lib)
+--   q:append_many({ texts1, texts2 }, capacity) -> { ids | error value per push } | nil, err
+--   q:backlog()              -> { waiting, lag, pending, oldest } | nil, err
+--   q:forget_consumers(prefix, min_idle_ms) -> n removed (idle, holding nothing)
 --   q:dead_letter(fields)    -> entry id | nil, err   (straight to the dead-letter stream)
+--   q:using(conn)            -> the same queue over another connection (not owned)
 --   q:close()
 --
 -- Any Redis client can produce: XADD <prefix>events * event <json> (README, "Work queue").
@@ -19,6 +26,7 @@
 -- The consumer group (default "stella") is made on first use (XGROUP CREATE ... MKSTREAM).
 local redis = require "stella.redis"
 local cjson = require "cjson.safe"
+local queue_lib = require "stella.queue.redis_lib"
 
 local error, ipairs, pairs, tonumber, tostring, type, setmetatable =
       error, ipairs, pairs, tonumber, tostring, type, setmetatable
@@ -60,6 +68,15 @@ function M.open(opts)
   }, Queue)
 end
 
+-- The same queue over another connection (not owned: close() leaves it open). Inside
+-- nginx each operation forks a template conn (stella.openresty.redis_queue).
+function Queue:using(conn)
+  local q = {}
+  for k, v in pairs(self) do q[k] = v end
+  q.conn, q.own = conn, false
+  return setmetatable(q, Queue)
+end
+
 function Queue:close()
   if self.own and self.conn then self.conn:close() end
   self.conn = nil
@@ -75,6 +92,60 @@ function Queue:submit(event)
   local text, err = cjson.encode(event)
   if not text then return fail("invalid", "the event cannot be encoded as JSON: " .. tostring(err)) end
   return self:submit_json(text)
+end
+
+-- The library of stella_enqueue, loaded on the conn once (its forks share the list of
+-- libraries, so a fork's fcall loads it again on a server that lost it).
+local function has_library(conn)
+  for _, l in ipairs(conn.libraries) do
+    if l.name == queue_lib.name then return true end
+  end
+  return false
+end
+
+function Queue:append(texts, capacity)
+  if type(texts) ~= "table" then error("queue:append: a list of JSON texts expected", 2) end
+  if capacity ~= nil and (type(capacity) ~= "number" or capacity < 0 or capacity ~= floor(capacity)) then
+    error("queue:append: capacity must be a whole number >= 0", 2)
+  end
+  local conn = self.conn
+  if not has_library(conn) then
+    local ok, err = conn:load_library(queue_lib.name, queue_lib.code, queue_lib.version)
+    if not ok then return nil, err end
+  end
+  local args = { self.group, tostring(capacity or 0) }
+  for i = 1, #texts do
+    if type(texts[i]) ~= "string" then error("queue:append: text " .. i .. " is not a string", 2) end
+    args[i + 2] = texts[i]
+  end
+  return conn:fcall("stella_enqueue", { self.stream }, args)
+end
+
+-- Several pushes in one call: pushes = { { texts }, ... }, each all or none against the
+-- capacity (stella_enqueue_many). -> a result per push: its ids, or an error value
+-- (redis.is_error; code "FULL"); or nil, err when the call failed as a whole.
+function Queue:append_many(pushes, capacity)
+  if type(pushes) ~= "table" then error("queue:append_many: a list of lists of JSON texts expected", 2) end
+  if capacity ~= nil and (type(capacity) ~= "number" or capacity < 0 or capacity ~= floor(capacity)) then
+    error("queue:append_many: capacity must be a whole number >= 0", 2)
+  end
+  local conn = self.conn
+  if not has_library(conn) then
+    local ok, err = conn:load_library(queue_lib.name, queue_lib.code, queue_lib.version)
+    if not ok then return nil, err end
+  end
+  local args, n = { self.group, tostring(capacity or 0) }, 2
+  for i = 1, #pushes do
+    local texts = pushes[i]
+    n = n + 1
+    args[n] = tostring(#texts)
+    for j = 1, #texts do
+      if type(texts[j]) ~= "string" then error("queue:append_many: push " .. i .. ", text " .. j .. " is not a string", 2) end
+      n = n + 1
+      args[n] = texts[j]
+    end
+  end
+  return conn:fcall("stella_enqueue_many", { self.stream }, args)
 end
 
 -- fields: { event = raw text or "", reason = "...", id = entry id or "", deliveries, worker }
@@ -284,6 +355,42 @@ local function group_position(self)
   return last, tonumber(p[1]) or 0, p[2] or nil
 end
 
+-- The group's backlog: { waiting (lag + pending: accepted, not yet done), lag (not yet
+-- read), pending (read, not acknowledged), oldest (the time of the oldest entry not done,
+-- s; nil when none) }. No stream yet: all 0; no group yet: the stream's length is the lag;
+-- lag unknown to Redis (entries deleted with XDEL): the stream's length, an over-count.
+function Queue:backlog()
+  local res, err = self.conn:pipeline{ { "XINFO", "GROUPS", self.stream }, { "XLEN", self.stream },
+                                       { "XPENDING", self.stream, self.group } }
+  if not res then return nil, err end
+  local length = tonumber(res[2]) or 0
+  if redis.is_error(res[1]) then
+    if length == 0 then return { waiting = 0, lag = 0, pending = 0 } end
+    return nil, res[1]
+  end
+  local b, last = { pending = 0 }, nil
+  for _, g in ipairs(res[1]) do
+    local f = {}
+    for i = 1, #g - 1, 2 do f[g[i]] = g[i + 1] end
+    if f.name == self.group then
+      b.pending, b.lag, last = tonumber(f.pending) or 0, tonumber(f.lag) or length, f["last-delivered-id"]
+    end
+  end
+  b.lag = b.lag or length
+  b.waiting = b.lag + b.pending
+  local from
+  local p = res[3]
+  if b.pending > 0 and not redis.is_error(p) and type(p) == "table" then from = p[2] end
+  if not from and b.lag > 0 then
+    local ms, seq = id_parts(last or "0-0")
+    local next_unread = self.conn:call("XRANGE", self.stream, last and ("(" .. ms .. "-" .. seq) or "-", "+",
+                                       "COUNT", 1)
+    from = type(next_unread) == "table" and next_unread[1] and next_unread[1][1] or nil
+  end
+  if from then b.oldest = (id_parts(from)) / 1000 end
+  return b
+end
+
 -- Trims the stream of what is done: entries delivered and acknowledged (before the
 -- group's last delivered id and the oldest pending one). Entries stay in a stream after
 -- XACK; a worker calls this now and then. -> entries removed | nil, err
@@ -293,6 +400,26 @@ function Queue:trim()
   local minid = last
   if pending > 0 and oldest and id_less(oldest, minid) then minid = oldest end
   return self.conn:call("XTRIM", self.stream, "MINID", minid)
+end
+
+-- Removes the group's consumers named prefix.. that hold nothing and were idle for
+-- min_idle_ms or more (those of nginx workers gone: a new name at every start). One that
+-- holds entries is never removed (XGROUP DELCONSUMER would drop them). -> n | nil, err
+function Queue:forget_consumers(prefix, min_idle_ms)
+  local list, err = self.conn:call("XINFO", "CONSUMERS", self.stream, self.group)
+  if not list then return nil, err end
+  local n = 0
+  for _, c in ipairs(list) do
+    local f = {}
+    for i = 1, #c - 1, 2 do f[c[i]] = c[i + 1] end
+    if type(f.name) == "string" and f.name:sub(1, #prefix) == prefix and tonumber(f.pending) == 0
+       and (tonumber(f.idle) or 0) >= min_idle_ms then
+      local ok, derr = self.conn:call("XGROUP", "DELCONSUMER", self.stream, self.group, f.name)
+      if ok == nil then return nil, derr end
+      n = n + 1
+    end
+  end
+  return n
 end
 
 -- The queue at a glance: { length (entries in the stream, done ones until trimmed), group,

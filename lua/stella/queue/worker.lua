@@ -136,6 +136,7 @@ local function conclude(o, taken, outcomes, report)
     if type(out) == "table" then
       local key = tostring(out.status) .. "/" .. tostring(out.reason or "")
       report.outcomes[key] = (report.outcomes[key] or 0) + 1
+      if o.on_outcome then o.on_outcome(out) end
     end
   end
   if #later > 0 then
@@ -146,6 +147,24 @@ local function conclude(o, taken, outcomes, report)
   if not aok then return nil, aerr end
   report.acked = report.acked + #acks
   return report
+end
+
+-- Processes entries in one go: decided, sent and settled (trigger:process_many), then
+-- acknowledged, dead-lettered or left for another try. The in-nginx consumers' way
+-- (stella.openresty.redis_queue), so that an entry is handled alike whoever reads it.
+-- o: { queue, trigger, name, max_deliveries, on_outcome (optional: each decided event's
+-- outcome) }. Returns the round's report { read, acked, dead, retried, outcomes =
+-- { status/reason -> n } } | nil, err
+function M.process(o, entries, report)
+  local events, taken = prepare(o, entries, report)
+  if not events then return nil, taken end
+  if #events == 0 then return report end
+  local ok, outcomes = pcall(o.trigger.process_many, o.trigger, events)
+  if not ok then
+    not_processed(o, taken, outcomes, report)
+    return report
+  end
+  return conclude(o, taken, outcomes, report)
 end
 
 -- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors }.
