@@ -128,6 +128,9 @@ function M.run(ctx, opts, positional)
     on_error = function(message)
       if not opts.quiet and not sig.caught() then ctx:warn("stella worker %s: %s", name, message) end
     end,
+    on_notice = function(message)
+      if not opts.quiet and not sig.caught() then ctx:warn("stella worker %s: %s", name, message) end
+    end,
     on_batch = function(report)
       if opts.verbose then
         ctx:warn("stella worker %s: read %d, acknowledged %d, dead %d, to retry %d", name, report.read,
@@ -142,7 +145,7 @@ function M.run(ctx, opts, positional)
   if mode == "json" then
     ctx:say("%s", output.encode{ command = "worker", name = name, read = summary.read, acknowledged = summary.acked,
       dead = summary.dead, retried = summary.retried, flushed = summary.flushed, errors = summary.errors,
-      outcomes = summary.outcomes, signal = signal_name, exit_status = 0 })
+      outages = summary.outages, outcomes = summary.outcomes, signal = signal_name, exit_status = 0 })
   elseif not opts.quiet then
     ctx:say("worker %s stopped by %s: read %d, acknowledged %d, dead letters %d, sent from the outbox %d",
       name, tostring(signal_name), summary.read, summary.acked, summary.dead, summary.flushed)

@@ -60,6 +60,11 @@ function M.open(opts)
   }, Queue)
 end
 
+-- true when Redis answers (PING on the queue's connection), else nil, err.
+function Queue:ping()
+  return self.conn:call("PING")
+end
+
 function Queue:close()
   if self.own and self.conn then self.conn:close() end
   self.conn = nil

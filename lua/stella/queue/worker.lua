@@ -25,6 +25,16 @@
 -- outbox lease is over. Only a request that was on the wire, not yet settled, when its
 -- worker died may go twice.
 --
+-- Redis away (a restart, a failover, the network): every call fails until it is back. The
+-- worker neither exits nor logs each failure: the first failure of an outage is reported
+-- once (on_error), the worker waits between rounds with a backoff (0.1 s, doubling, at
+-- most max_backoff s, default 2; stop() is looked at every 0.1 s), the connections connect
+-- again on their next call, and the first round that reaches Redis reports the outage's
+-- end (on_notice) with its length. What was in hand when Redis went is safe: an entry
+-- not acknowledged comes back after the lease, a request whose settle was not written is
+-- settled by the trigger's next flush (its reconcile). A failure of the store during a
+-- flush or a batch is told apart from an outage by a PING on the queue's connection.
+--
 -- stop() -> true ends the loop: no new read; a batch already read is decided, its sends
 -- in flight finish (the trigger's own stop ends the rest: they wait in the outbox), and it
 -- is acknowledged. Nothing read is left pending.
@@ -35,7 +45,7 @@ local ipairs, pairs, pcall, tostring, type = ipairs, pairs, pcall, tostring, typ
 local M = {}
 
 M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2,
-                trim_every = 10 }
+                trim_every = 10, max_backoff = 2 }
 
 local function now_s()
   local ok, socket = pcall(require, "socket")
@@ -47,6 +57,47 @@ local clock = now_s()
 local function sleep(seconds)
   local ok, socket = pcall(require, "socket")
   if ok and type(socket) == "table" and socket.sleep then socket.sleep(seconds) end
+end
+
+-- An error of Redis being away (rather than of a command): the connection's network
+-- errors and the replies that say "not now" (LOADING, BUSY, ...).
+local function away(err)
+  return type(err) == "table" and (err.kind == "network" or (err.kind ~= "store" and err.retryable == true))
+end
+
+-- The outage tracker of a run: failures of one outage reported once, a backoff between
+-- rounds while it lasts.
+local function outages(o, warn, notice)
+  local t = { down = nil, failures = 0, backoff = 0 }
+  -- a failure of Redis or of the store (what): true when it belongs to an outage
+  function t.failed(what, err)
+    if not t.down and not away(err) then
+      if err == nil or (type(err) == "table" and err.kind ~= "store") then return false end
+      local ok, perr = o.queue:ping()   -- the store failed: is Redis there?
+      if ok then return false end
+      err = perr
+    end
+    t.failures = t.failures + 1
+    if not t.down then
+      t.down = clock()
+      t.backoff = 0.1
+      warn(("Redis unreachable (%s: %s); trying again, every %g s at most"):format(what, tostring(err), o.max_backoff))
+    end
+    return true
+  end
+  function t.reached()
+    if not t.down then return end
+    notice(("Redis reachable again after %.1f s (%d failed calls)"):format(clock() - t.down, t.failures))
+    t.down, t.failures = nil, 0
+  end
+  -- between rounds while Redis is away: the backoff, in slices that look at stop()
+  function t.wait(stop)
+    if not t.down then return end
+    local till = clock() + t.backoff
+    while not stop() and clock() < till do sleep(math.min(0.1, till - clock())) end
+    t.backoff = math.min(t.backoff * 2, o.max_backoff)
+  end
+  return t
 end
 
 -- The decision failed for want of a store: try again later, not a verdict on the event.
@@ -128,19 +179,27 @@ local function process(o, entries, report)
   return report
 end
 
--- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors }.
+-- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors, outages }.
 function M.run(o)
   for k, v in pairs(M.DEFAULTS) do if o[k] == nil then o[k] = v end end
   local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
-  local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outcomes = {} }
+  local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outages = 0,
+                  outcomes = {} }
   local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
   local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, clock()
   local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
+  local function notice(msg) if o.on_notice then o.on_notice(msg) end end
+  local trouble = outages(o, function(msg) total.outages = total.outages + 1 warn(msg) end, notice)
+  -- a failure: part of an outage (reported once), else reported as it is
+  local function failed(what, err)
+    if not trouble.failed(what, err) then warn(what .. ": " .. tostring(err)) end
+  end
   while not stop() do
     local now = clock()
     if now - last_beat >= o.beat_every then
       info.processed = total.read
-      q:beat(name, info)
+      local ok, berr = q:beat(name, info)
+      if not ok then failed("heartbeat", berr) end
       last_beat = now
     end
     local entries, err
@@ -149,33 +208,41 @@ function M.run(o)
       entries, err = q:reclaim(name, o.lease * 1000, o.batch)
       last_reclaim = now
       if entries and #entries == o.batch then last_reclaim = -math.huge end   -- more may wait
+      if err then last_reclaim = -math.huge end                              -- again once Redis is back
     end
     if not err and (not entries or #entries == 0) and not stop() then
       entries, err = q:read(name, o.batch, o.block * 1000)
     end
     if err then
-      warn("redis: " .. tostring(err))
-      sleep(o.block)   -- Redis away: try again a little later
-    elseif entries and #entries > 0 then
-      local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
-      local res, perr = process(o, entries, report)
-      if not res then warn("redis: " .. tostring(perr)) end
-      total.rounds = total.rounds + 1
-      for _, k in ipairs{ "read", "acked", "dead", "retried" } do total[k] = total[k] + report[k] end
-      for k, n in pairs(report.outcomes) do total.outcomes[k] = (total.outcomes[k] or 0) + n end
-      if o.on_batch then o.on_batch(report) end
+      if not trouble.failed("read", err) then
+        warn("redis: " .. tostring(err))
+        sleep(o.block)   -- a command refused: not in a loop
+      end
+    else
+      trouble.reached()
+      if #entries > 0 then
+        local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
+        local res, perr = process(o, entries, report)
+        if not res then failed("batch", perr) end
+        total.rounds = total.rounds + 1
+        for _, k in ipairs{ "read", "acked", "dead", "retried" } do total[k] = total[k] + report[k] end
+        for k, n in pairs(report.outcomes) do total.outcomes[k] = (total.outcomes[k] or 0) + n end
+        if o.on_batch then o.on_batch(report) end
+      end
     end
     -- requests due again (retries, scheduled sends, a dead worker's leased ones)
-    if not stop() and clock() - last_flush >= o.flush_every then
+    if not stop() and not trouble.down and clock() - last_flush >= o.flush_every then
       local ok, summary, ferr = pcall(t.flush, t)
-      if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
+      if not ok then warn("flush: " .. tostring(summary))
+      elseif not summary then failed("flush", ferr)
       else total.flushed = total.flushed + (summary.sent or 0) end
       last_flush = clock()
     end
-    if clock() - last_trim >= o.trim_every then
+    if not trouble.down and clock() - last_trim >= o.trim_every then
       q:trim()   -- done entries out of the stream (failure: the next time)
       last_trim = clock()
     end
+    trouble.wait(stop)
   end
   info.state, info.processed = "stopped", total.read
   q:beat(name, info)

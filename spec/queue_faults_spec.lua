@@ -1,0 +1,149 @@
+-- Specs for the work queue under faults: redis-server killed and started again under
+-- running `stella worker`s and a producer (AOF, appendfsync always); a real redis-server
+-- (spec/support/redis.lua), worker processes, the capture server; loopback only. Counts
+-- are asserted, never times. Seconds of sleeping and several processes: run once, under
+-- Lua 5.4 (the worker's code is the same Lua under LuaJIT; spec/queue_spec.lua runs
+-- under both).
+local testserver = require "support.testserver"
+local redis_server = require "support.redis"
+local child = require "support.child"
+local cjson = require "cjson"
+local socket = require "socket"
+local nginx = require "stella.nginx"
+local queue = require "stella.queue"
+local store_mod = require "stella.store"
+
+local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
+local KEY = "tk_queue_faults_0123456789SECRET"
+local it_once = rawget(_G, "jit") and pending or it
+
+local function event(i)
+  return { customer = { name = "Cust " .. i, email = ("cust%d@example.com"):format(i) },
+           employee = { email = "a@b.com" }, channel = "phone", brand = "acme", ext_interaction_id = tostring(i) }
+end
+
+local function count_lines(text, pattern)
+  local n = 0
+  for line in text:gmatch("[^\n]+") do if line:find(pattern) then n = n + 1 end end
+  return n
+end
+
+describe("the work queue under faults", function()
+  local server, dir, rules
+
+  lazy_setup(function()
+    server = testserver.start()
+    dir = assert(nginx.temp_dir("stella-queue-faults"))
+    rules = dir .. "/rules.lua"
+    assert(nginx.write_file(rules, "return { once_per_interaction = true, outbox = { lease = 3 } }"))
+  end)
+  lazy_teardown(function()
+    if server then server:stop() end
+    if dir then nginx.remove_dir(dir) end
+  end)
+  before_each(function() server:reset() end)
+
+  local function start_worker(url, name, env, extra)
+    local a = { "worker", "--rules", rules, "--db", url, "--name", name, "--lease", "1", "--block", "0.2", "--json" }
+    for _, x in ipairs(extra or {}) do a[#a + 1] = x end
+    local pid, wait = child.background(LUA, dir, a, env, name)
+    return { pid = pid, wait = wait, name = name }
+  end
+
+  -- done when the server has `want` distinct interactions, nothing is pending or unread
+  -- in the group and the outbox is empty
+  local function drained(url, want)
+    local q = assert(queue.open(url))
+    local s = assert(store_mod.redis(url))
+    local ok = nginx.wait_until(90, function()
+      local _, distinct = 0, 0
+      for _ in pairs((child.received(server))) do distinct = distinct + 1 end
+      if distinct < want then return false end
+      local st = q:status()
+      local counts = s:outbox_counts()
+      return st and counts and st.pending == 0 and st.lag == 0 and counts.queued == 0
+    end)
+    q:close()
+    s:close()
+    return ok
+  end
+
+  it_once("Redis killed (kill -9) and started again mid-run with its AOF: the workers carry on, "
+    .. "each saying so once; every acknowledged event decided, its request sent once", function()
+    local srv = redis_server.start{ appendonly = true, appendfsync = "always" }
+    finally(function() srv:remove() end)
+    local url = srv:url{ db = 1 }
+    local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
+    local slow = {}
+    for i = 1, 400 do slow[i] = { delay = 0.01 } end
+    server:script(slow)   -- batches on the wire when Redis goes
+    local workers = {}
+    for w = 1, 3 do workers[w] = start_worker(url, "w" .. w, env, { "--batch", "20" }) end
+    local q = assert(queue.open(url))
+    local acknowledged, refused, n = {}, {}, 0
+    local function produce(count)
+      for _ = 1, count do
+        n = n + 1
+        if q:submit(event(n)) then acknowledged[#acknowledged + 1] = n else refused[#refused + 1] = n end
+      end
+    end
+    produce(150)
+    assert.equal(150, #acknowledged)
+    local busy = nginx.wait_until(60, function() return #server:requests() >= 40 end)
+    srv:kill()
+    -- while it is away: the producer's XADDs fail (not acknowledged), the workers back off
+    produce(20)
+    socket.sleep(1.5)
+    local on_the_wire = child.received(server)   -- everything sent before Redis came back
+    assert(srv:start())
+    produce(150)
+    local ok = drained(url, #acknowledged)
+    -- every worker still running; then stopped by SIGTERM
+    for w = 1, 3 do assert.is_true(nginx.alive(workers[w].pid), "worker w" .. w .. " ended") end
+    for w = 1, 3 do os.execute("kill -TERM " .. workers[w].pid) end
+    for w = 1, 3 do
+      local status, out, err = workers[w].wait()
+      assert.is_nil((out .. err):find(KEY, 1, true), "the key leaked")
+      assert.equal(0, status, out .. err)
+      local doc = cjson.decode(out)
+      assert.equal("SIGTERM", doc.signal)
+      assert.equal(1, doc.outages, err)
+      -- the outage said once, its end once; no line per failed call
+      assert.equal(1, count_lines(err, "Redis unreachable"), err)
+      assert.equal(1, count_lines(err, "Redis reachable again after"), err)
+      assert.equal(2, count_lines(err, "."), err)
+    end
+    assert.is_true(busy, "the workers had not sent 40 requests")
+    assert.is_true(ok, "the queue was not drained")
+    assert.equal(20, #refused)
+    assert.equal(300, #acknowledged)
+    -- every acknowledged event's request arrived; nothing refused was sent; a request sent
+    -- twice only if it was on the wire while Redis was away (sent, not yet settled)
+    local got = child.received(server)
+    local twice = 0
+    for _, i in ipairs(acknowledged) do
+      local times = got[tostring(i)]
+      assert.is_not_nil(times, "interaction " .. i .. " was not sent")
+      assert.is_true(times <= 2, "interaction " .. i)
+      if times == 2 then
+        twice = twice + 1
+        assert.truthy(on_the_wire[tostring(i)], "interaction " .. i .. " went twice but was not sent during the outage")
+      end
+    end
+    for _, i in ipairs(refused) do assert.is_nil(got[tostring(i)], "refused interaction " .. i .. " was sent") end
+    print(("# Redis kill -9 and restart mid-run: %d of 300 requests went twice"):format(twice))
+    -- decided once each: the ledger has 300 sent (a reclaimed entry decided again is a duplicate)
+    local s = assert(store_mod.redis(url))
+    local sent, other = 0, {}
+    for _, c in ipairs(assert(s:counts{ since = 0 })) do
+      if c.status == "sent" then sent = sent + c.count
+      else other[#other + 1] = c.status .. "/" .. tostring(c.reason) end
+    end
+    s:close()
+    assert.equal(300, sent)
+    for _, o in ipairs(other) do assert.equal("skipped/duplicate", o) end
+    local st = assert(q:status())
+    assert.equal(0, st.dead)
+    q:close()
+  end)
+end)
