@@ -3,7 +3,8 @@
 --   local worker = require "stella.queue.worker"
 --   local summary = worker.run{ queue = q, trigger = t, name = "w1", batch = 100,
 --                               lease = 30, max_deliveries = 5, block = 1, flush_every = 1,
---                               stop = fn, on_batch = fn(report) }
+--                               stop = fn, on_batch = fn(report), on_error = fn(message),
+--                               on_notice = fn(message), clock = fn() -> seconds }
 --
 -- Each round: the heartbeat; entries of a dead consumer, idle for `lease` seconds, taken
 -- over (XAUTOCLAIM), else new ones read (XREADGROUP, blocking up to `block` s); each
@@ -183,10 +184,11 @@ end
 function M.run(o)
   for k, v in pairs(M.DEFAULTS) do if o[k] == nil then o[k] = v end end
   local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
+  local time = o.clock or clock   -- when to beat, reclaim, flush and trim (a spec's clock: the trigger's)
   local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outages = 0,
                   outcomes = {} }
   local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
-  local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, clock()
+  local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, time()
   local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
   local function notice(msg) if o.on_notice then o.on_notice(msg) end end
   local trouble = outages(o, function(msg) total.outages = total.outages + 1 warn(msg) end, notice)
@@ -195,7 +197,7 @@ function M.run(o)
     if not trouble.failed(what, err) then warn(what .. ": " .. tostring(err)) end
   end
   while not stop() do
-    local now = clock()
+    local now = time()
     if now - last_beat >= o.beat_every then
       info.processed = total.read
       local ok, berr = q:beat(name, info)
@@ -231,16 +233,16 @@ function M.run(o)
       end
     end
     -- requests due again (retries, scheduled sends, a dead worker's leased ones)
-    if not stop() and not trouble.down and clock() - last_flush >= o.flush_every then
+    if not stop() and not trouble.down and time() - last_flush >= o.flush_every then
       local ok, summary, ferr = pcall(t.flush, t)
       if not ok then warn("flush: " .. tostring(summary))
       elseif not summary then failed("flush", ferr)
       else total.flushed = total.flushed + (summary.sent or 0) end
-      last_flush = clock()
+      last_flush = time()
     end
-    if not trouble.down and clock() - last_trim >= o.trim_every then
+    if not trouble.down and time() - last_trim >= o.trim_every then
       q:trim()   -- done entries out of the stream (failure: the next time)
-      last_trim = clock()
+      last_trim = time()
     end
     trouble.wait(stop)
   end
