@@ -27,37 +27,57 @@ function M.to_json(st)
   for i, c in ipairs(st.consumers) do consumers[i] = { name = c.name, pending = c.pending, idle = c.idle } end
   for i, w in ipairs(st.workers) do
     workers[i] = { name = w.name, state = w.state, heartbeat = w.beat, age = w.age, pid = v(w.pid), host = v(w.host),
-                   started = v(w.started) }
+                   started = v(w.started), processed = v(w.processed) }
   end
   return { group = st.group, length = st.length, pending = st.pending, lag = v(st.lag), oldest = v(st.oldest),
            dead = st.dead, consumers = consumers, workers = workers }
 end
 
--- The dashboard's sources (stella.dashboard.new{ sources = ... }) for a Redis --db.
+M.DASHBOARD_DEAD = 20   -- the dead letters the dashboard lists, newest first
+
+-- The dashboard's sources (stella.dashboard.new{ sources = ... }) for a Redis --db:
+-- queue(now) is `stella status --json`'s "queue" with depth (the lag) and dead_letters
+-- (the newest 20: { id, time, entry, deliveries, worker, reason }); workers(now) its
+-- workers, each with its consumer's pending count and busy (live). One read of Redis
+-- for both at one now.
 function M.sources(db)
   local queue = require "stella.queue"
+  local cjson = require "cjson.safe"
+  local at, st, dead
   local function status(now)
+    if at == now then return st, dead end
+    at, st, dead = now, nil, nil
     local q = queue.open(db)
     if not q then return nil end
-    local st = q:status(now)
+    st = q:status(now)
+    dead = st and q:dead(M.DASHBOARD_DEAD, true)
     q:close()
-    return st
+    return st, dead
   end
   return {
     workers = function(now)
-      local st = status(now)
-      if not st then return nil end
-      local list = {}
-      for i, w in ipairs(st.workers) do
-        list[i] = { name = w.name, host = w.host, pid = w.pid, heartbeat = w.beat, busy = w.state == "live",
-                    processed = w.processed, state = w.state }
+      local s = status(now)
+      if not s then return nil end
+      local pending = {}
+      for _, c in ipairs(s.consumers) do pending[c.name] = c.pending end
+      local list = M.to_json(s).workers
+      for _, w in ipairs(list) do
+        w.busy, w.pending = w.state == "live", pending[w.name] or 0
       end
       return list
     end,
     queue = function(now)
-      local st = status(now)
-      if not st then return nil end
-      return { depth = st.lag, pending = st.pending, oldest = st.oldest, dead = st.dead }
+      local s, d = status(now)
+      if not s then return nil end
+      local obj = M.to_json(s)
+      obj.depth = obj.lag
+      local letters = setmetatable({}, cjson.array_mt)
+      for i, l in ipairs(d or {}) do
+        letters[i] = { id = l.id, time = l.time or cjson.null, entry = l.entry or cjson.null,
+                       deliveries = l.deliveries or cjson.null, worker = l.worker or cjson.null, reason = l.reason or "" }
+      end
+      obj.dead_letters = letters
+      return obj
     end,
   }
 end

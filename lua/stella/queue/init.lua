@@ -193,9 +193,12 @@ function Queue:bury(entry, reason, worker)
   return true
 end
 
--- The dead letters, oldest first: { id, event, reason, entry, deliveries, worker, time }.
-function Queue:dead(limit)
-  local res, err = self.conn:call("XRANGE", self.dead_stream, "-", "+", "COUNT", limit or 100)
+-- The dead letters, oldest first (newest first with newest): { id, event, reason, entry,
+-- deliveries, worker, time }.
+function Queue:dead(limit, newest)
+  local res, err
+  if newest then res, err = self.conn:call("XREVRANGE", self.dead_stream, "+", "-", "COUNT", limit or 100)
+  else res, err = self.conn:call("XRANGE", self.dead_stream, "-", "+", "COUNT", limit or 100) end
   if not res then return nil, err end
   local out = {}
   for _, e in ipairs(entries_of(res)) do
