@@ -1,9 +1,10 @@
--- Specs for the work queue under faults: redis-server killed and started again under
--- running `stella worker`s and a producer (AOF, appendfsync always); a real redis-server
--- (spec/support/redis.lua), worker processes, the capture server; loopback only. Counts
--- are asserted, never times. Seconds of sleeping and several processes: run once, under
--- Lua 5.4 (the worker's code is the same Lua under LuaJIT; spec/queue_spec.lua runs
--- under both).
+-- Specs for the work queue under faults and over time: redis-server killed and started
+-- again under running `stella worker`s and a producer (AOF, appendfsync always); workers
+-- and consumers no longer in use forgotten; dead letters removed only by an operator. A
+-- real redis-server (spec/support/redis.lua), worker processes, the capture server;
+-- loopback only. Counts are asserted, never times. The restart (seconds of sleeping,
+-- several processes) runs once, under Lua 5.4 (the worker's code is the same Lua under
+-- LuaJIT; spec/queue_spec.lua runs under both).
 local testserver = require "support.testserver"
 local redis_server = require "support.redis"
 local child = require "support.child"
@@ -145,5 +146,128 @@ describe("the work queue under faults", function()
     local st = assert(q:status())
     assert.equal(0, st.dead)
     q:close()
+  end)
+
+  describe("over time", function()
+    local srv
+    local db_n = 0
+    lazy_setup(function() srv = redis_server.start{} end)
+    lazy_teardown(function() if srv then srv:remove() end end)
+    local function fresh_url()
+      db_n = db_n + 1
+      return srv:url{ db = db_n }
+    end
+
+    local function consumers_of(q)
+      local out = {}
+      for _, c in ipairs(assert(q:status()).consumers) do out[c.name] = c.pending end
+      return out
+    end
+    local function worker_names(q)
+      local out = {}
+      for _, w in ipairs(assert(q:workers())) do out[#out + 1] = w.name end
+      return out
+    end
+
+    it("forgets workers silent past the limit and consumers idle that long holding nothing; "
+      .. "one that holds entries stays until they are taken over", function()
+      local q = assert(queue.open(fresh_url()))
+      local now = os.time()
+      assert(q:ensure_group())
+      for i = 1, 3 do assert(q:submit(event(i))) end
+      -- stopped two days ago, nothing held
+      assert(q:ack{ assert(q:read("old-stopped", 1))[1].id })
+      assert(q:beat("old-stopped", { state = "stopped" }, now - 2 * 86400))
+      -- died two days ago holding an entry
+      local held = assert(q:read("old-holding", 1))[1]
+      assert(q:beat("old-holding", { state = "running" }, now - 2 * 86400))
+      -- beating now (a worker that came back under its name)
+      assert(q:ack{ assert(q:read("recent", 1))[1].id })
+      assert(q:beat("recent", { state = "running" }, now))
+      -- a consumer with no heartbeat that holds nothing
+      assert.equal(1, q.conn:call("XGROUP", "CREATECONSUMER", q.stream, q.group, "ghost"))
+      assert.same({ ["old-stopped"] = 0, ["old-holding"] = 1, recent = 0, ghost = 0 }, consumers_of(q))
+      socket.sleep(0.6)   -- every consumer idle for 0.5 s: the limit below
+      assert.same({ workers = 2, consumers = 2 }, assert(q:prune(now, 0.5)))
+      assert.same({ "recent" }, worker_names(q))
+      assert.same({ ["old-holding"] = 1, recent = 0 }, consumers_of(q))
+      -- its entry taken over by a live worker: then it goes too
+      local taken = assert(q:reclaim("recent", 0, 10))
+      assert.equal(held.id, taken[1].id)
+      assert(q:ack{ held.id })
+      socket.sleep(0.6)
+      assert(q:beat("recent", { state = "running" }, os.time()))
+      assert.same({ workers = 0, consumers = 1 }, assert(q:prune(os.time(), 0.5)))
+      assert.same({ recent = 0 }, consumers_of(q))
+      assert.same({ "recent" }, worker_names(q))
+      -- nothing silent long enough at the default limit (a day)
+      assert.same({ workers = 0, consumers = 0 }, assert(q:prune()))
+      q:close()
+    end)
+
+    it("stella worker --forget-after: a running worker forgets a stopped one; dead letters stay", function()
+      local url = fresh_url()
+      local q = assert(queue.open(url))
+      assert(q:ensure_group())
+      assert(q:beat("long-gone", { state = "stopped" }, os.time() - 3600))
+      assert(q:dead_letter{ event = "{", reason = "malformed: invalid JSON", id = "" })
+      local w = start_worker(url, "w-prune", { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url },
+                             { "--forget-after", "10m" })
+      local forgotten = nginx.wait_until(30, function()
+        local names = table.concat(worker_names(q), " ")
+        return names == "w-prune"
+      end)
+      os.execute("kill -TERM " .. w.pid)
+      local status, out, err = w.wait()
+      assert.equal(0, status, out .. err)
+      assert.is_true(forgotten, table.concat(worker_names(q), " "))
+      assert.equal(1, #assert(q:dead()))
+      q:close()
+    end)
+
+    it("stella worker --dead --purge removes dead letters by id or by age", function()
+      local url = fresh_url()
+      local q = assert(queue.open(url))
+      local old = assert(q.conn:call("XADD", q.dead_stream, "1000000000000-0", "event", "{", "reason", "old", "time", "1000000000"))
+      local a = assert(q:dead_letter{ event = "{", reason = "malformed: a", id = "" })
+      local b = assert(q:dead_letter{ event = "{", reason = "malformed: b", id = "" })
+      local function run(args)
+        local cmd = child.stella_command(LUA, args) .. " 2>" .. child.quote(dir .. "/purge.err")
+        local p = io.popen(cmd .. "; echo @$?")
+        local out = p:read("*a")
+        p:close()
+        return tonumber(out:match("@(%d+)%s*$")), (out:gsub("@%d+%s*$", "")), child.read_file(dir .. "/purge.err")
+      end
+      -- the list shows each one's id
+      local status, out = run{ "worker", "--dead", "--db", url }
+      assert.equal(0, status, out)
+      assert.matches("dead letters: 3", out)
+      for _, id in ipairs{ old, a, b } do assert.truthy(out:find(id, 1, true), id) end
+      -- refused: neither ids nor an age, both, a bad id, --purge alone
+      local err
+      status, _, err = run{ "worker", "--dead", "--purge", "--db", url }
+      assert.equal(2, status)
+      assert.matches("needs the dead letters' ids or %-%-older%-than", err)
+      status = run{ "worker", "--dead", "--purge", "--db", url, "--older-than", "30d", a }
+      assert.equal(2, status)
+      status, _, err = run{ "worker", "--dead", "--purge", "--db", url, "nope" }
+      assert.equal(2, status)
+      assert.matches("nope is not a dead letter's id", err)
+      status = run{ "worker", "--purge", "--db", url, a }
+      assert.equal(2, status)
+      assert.equal(3, #assert(q:dead()))
+      -- by id
+      status, out = run{ "worker", "--dead", "--purge", "--db", url, "--json", a }
+      assert.equal(0, status, out)
+      assert.same({ command = "worker", purged = 1 }, cjson.decode(out))
+      -- by age: the one from 2001 only
+      status, out = run{ "worker", "--dead", "--purge", "--db", url, "--older-than", "30d" }
+      assert.equal(0, status, out)
+      assert.matches("dead letters removed: 1", out)
+      local left = assert(q:dead())
+      assert.equal(1, #left)
+      assert.equal(b, left[1].id)
+      q:close()
+    end)
   end)
 end)

@@ -36,6 +36,10 @@
 -- settled by the trigger's next flush (its reconcile). A failure of the store during a
 -- flush or a batch is told apart from an outage by a PING on the queue's connection.
 --
+-- Every prune_every seconds (60) it forgets workers silent for forget_after seconds (a
+-- day; stopped or vanished) and the group's consumers that hold nothing and have been idle
+-- as long (queue:prune), so that neither grows with every worker name ever used.
+--
 -- stop() -> true ends the loop: no new read; a batch already read is decided, its sends
 -- in flight finish (the trigger's own stop ends the rest: they wait in the outbox), and it
 -- is acknowledged. Nothing read is left pending.
@@ -46,7 +50,7 @@ local ipairs, pairs, pcall, tostring, type = ipairs, pairs, pcall, tostring, typ
 local M = {}
 
 M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2,
-                trim_every = 10, max_backoff = 2 }
+                trim_every = 10, max_backoff = 2, prune_every = 60, forget_after = 86400 }
 
 local function now_s()
   local ok, socket = pcall(require, "socket")
@@ -189,6 +193,7 @@ function M.run(o)
                   outcomes = {} }
   local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
   local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, time()
+  local last_prune = -math.huge
   local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
   local function notice(msg) if o.on_notice then o.on_notice(msg) end end
   local trouble = outages(o, function(msg) total.outages = total.outages + 1 warn(msg) end, notice)
@@ -243,6 +248,10 @@ function M.run(o)
     if not trouble.down and time() - last_trim >= o.trim_every then
       q:trim()   -- done entries out of the stream (failure: the next time)
       last_trim = time()
+    end
+    if not trouble.down and time() - last_prune >= o.prune_every then
+      q:prune(os.time(), o.forget_after)   -- workers silent for forget_after out (failure: the next time)
+      last_prune = time()
     end
     trouble.wait(stop)
   end
