@@ -33,7 +33,8 @@
 -- again on their next call, and the first round that reaches Redis reports the outage's
 -- end (on_notice) with its length. What was in hand when Redis went is safe: an entry
 -- not acknowledged comes back after the lease, a request whose settle was not written is
--- settled by the trigger's next flush (its reconcile). A failure of the store during a
+-- settled by the trigger's next flush (its reconcile), which runs in the round that finds
+-- Redis back; an outage longer than the outbox lease lets another worker send it again. A failure of the store during a
 -- flush or a batch is told apart from an outage by a PING on the queue's connection.
 --
 -- Every prune_every seconds (60) it forgets workers silent for forget_after seconds (a
@@ -90,10 +91,12 @@ local function outages(o, warn, notice)
     end
     return true
   end
+  -- Redis answered: true when that ends an outage
   function t.reached()
-    if not t.down then return end
+    if not t.down then return false end
     notice(("Redis reachable again after %.1f s (%d failed calls)"):format(clock() - t.down, t.failures))
     t.down, t.failures = nil, 0
+    return true
   end
   -- between rounds while Redis is away: the backoff, in slices that look at stop()
   function t.wait(stop)
@@ -201,6 +204,13 @@ function M.run(o)
   local function failed(what, err)
     if not trouble.failed(what, err) then warn(what .. ": " .. tostring(err)) end
   end
+  local function flush()
+    local ok, summary, ferr = pcall(t.flush, t)
+    if not ok then warn("flush: " .. tostring(summary))
+    elseif not summary then failed("flush", ferr)
+    else total.flushed = total.flushed + (summary.sent or 0) end
+    last_flush = time()
+  end
   while not stop() do
     local now = time()
     if now - last_beat >= o.beat_every then
@@ -226,7 +236,9 @@ function M.run(o)
         sleep(o.block)   -- a command refused: not in a loop
       end
     else
-      trouble.reached()
+      -- back after an outage: flush first, so that the settles Redis missed are written
+      -- (the flush's reconcile) before the outbox lease lets another worker send them
+      if trouble.reached() and not stop() then flush() end
       if #entries > 0 then
         local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
         local res, perr = process(o, entries, report)
@@ -238,13 +250,7 @@ function M.run(o)
       end
     end
     -- requests due again (retries, scheduled sends, a dead worker's leased ones)
-    if not stop() and not trouble.down and time() - last_flush >= o.flush_every then
-      local ok, summary, ferr = pcall(t.flush, t)
-      if not ok then warn("flush: " .. tostring(summary))
-      elseif not summary then failed("flush", ferr)
-      else total.flushed = total.flushed + (summary.sent or 0) end
-      last_flush = time()
-    end
+    if not stop() and not trouble.down and time() - last_flush >= o.flush_every then flush() end
     if not trouble.down and time() - last_trim >= o.trim_every then
       q:trim()   -- done entries out of the stream (failure: the next time)
       last_trim = time()
