@@ -72,8 +72,8 @@ describe("the work queue under faults", function()
   end
 
   it_once("Redis killed (kill -9), then shut down, and started again each time mid-run with its AOF: "
-    .. "the workers carry on, saying so once per outage (one stopped by SIGTERM meanwhile exits 0); "
-    .. "every acknowledged event decided, its request sent once", function()
+    .. "the workers carry on, saying so once per outage (one stopped by SIGTERM meanwhile settles "
+    .. "and exits 0); every acknowledged event decided, its request sent once", function()
     local srv = redis_server.start{ appendonly = true, appendfsync = "always" }
     finally(function() srv:remove() end)
     local url = srv:url{ db = 1 }
@@ -99,14 +99,18 @@ describe("the work queue under faults", function()
     -- while it is away: the producer's XADDs fail (not acknowledged), the workers back off
     produce(20)
     socket.sleep(1.5)
-    -- a fourth worker stopped while Redis is away: it ends (exit 0) without waiting for it
+    -- a fourth worker stopped while Redis is away: it waits a little (5 s at most) for
+    -- Redis to take the settles of what it sent meanwhile, then ends (exit 0)
     os.execute("kill -TERM " .. extra.pid)
-    local xstatus, xout, xerr = extra.wait()
     local on_the_wire = child.received(server)   -- everything sent before Redis came back
     assert(srv:start())
+    local xstatus, xout, xerr = extra.wait()
     assert.equal(0, xstatus, xout .. xerr)
     assert.equal("SIGTERM", cjson.decode(xout).signal)
     assert.equal(1, count_lines(xerr, "Redis unreachable"), xerr)
+    local w4_unsettled = xerr:find("left unsettled", 1, true) ~= nil
+    print("# w4: " .. (xerr:match("settled %d+ request%(s%) sent while Redis was away") or
+                       xerr:match("%d+ request%(s%) sent while Redis was away left unsettled") or "nothing unsettled"))
     produce(150)
     -- then, once every worker has found Redis back, a clean shutdown (SIGTERM: Redis
     -- writes its AOF and exits) and a start again
@@ -162,8 +166,9 @@ describe("the work queue under faults", function()
       end
     end
     for _, i in ipairs(refused) do assert.is_nil(got[tostring(i)], "refused interaction " .. i .. " was sent") end
-    -- (in our runs: w4's batch, sent while Redis was away; w4 stopped before it could write
-    -- their settles, so the outbox sent them again after its lease)
+    -- none unless w4 ended before Redis took its settles (then its batch, sent while
+    -- Redis was away, went again after the outbox lease)
+    if not w4_unsettled then assert.equal(0, twice, xerr) end
     print(("# Redis kill -9, restart, SIGTERM, restart mid-run: %d of 350 requests went twice (sent during "
       .. "an outage, unsettled)"):format(twice))
     -- decided once each: the ledger has 350 sent (a reclaimed entry decided again is a

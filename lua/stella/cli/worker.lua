@@ -172,8 +172,8 @@ function M.run(ctx, opts, positional)
     on_error = function(message)
       if not opts.quiet and not sig.caught() then ctx:warn("stella worker %s: %s", name, message) end
     end,
-    on_notice = function(message)
-      if not opts.quiet and not sig.caught() then ctx:warn("stella worker %s: %s", name, message) end
+    on_notice = function(message)   -- (after a signal too: what the worker did on its way out)
+      if not opts.quiet then ctx:warn("stella worker %s: %s", name, message) end
     end,
     on_batch = function(report)
       if opts.verbose then

@@ -36,6 +36,8 @@
 -- settled by the trigger's next flush (its reconcile), which runs in the round that finds
 -- Redis back; an outage longer than the outbox lease lets another worker send it again. A failure of the store during a
 -- flush or a batch is told apart from an outage by a PING on the queue's connection.
+-- Stopped while Redis is away with such settles in hand, the worker waits up to
+-- settle_grace seconds (5) for Redis to take them before it ends.
 --
 -- Every prune_every seconds (60) it forgets workers silent for forget_after seconds (a
 -- day; stopped or vanished) and the group's consumers that hold nothing and have been idle
@@ -51,7 +53,7 @@ local ipairs, pairs, pcall, tostring, type = ipairs, pairs, pcall, tostring, typ
 local M = {}
 
 M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2,
-                trim_every = 10, max_backoff = 2, prune_every = 60, forget_after = 86400 }
+                trim_every = 10, max_backoff = 2, prune_every = 60, forget_after = 86400, settle_grace = 5 }
 
 local function now_s()
   local ok, socket = pcall(require, "socket")
@@ -260,6 +262,23 @@ function M.run(o)
       last_prune = time()
     end
     trouble.wait(stop)
+  end
+  -- settles Redis missed (requests sent while it was away), written before leaving: for
+  -- at most settle_grace seconds (a second signal ends the process at once)
+  local kept = t.unsettled and t:unsettled() or 0
+  if kept > 0 then
+    local till = clock() + o.settle_grace
+    while true do
+      pcall(t.settle_kept, t)
+      local left = t:unsettled()
+      if left == 0 or clock() >= till then
+        if left == 0 then notice(("settled %d request(s) sent while Redis was away"):format(kept))
+        else notice(("%d request(s) sent while Redis was away left unsettled: the outbox sends them again "
+          .. "after their lease"):format(left)) end
+        break
+      end
+      sleep(0.2)
+    end
   end
   info.state, info.processed = "stopped", total.read
   q:beat(name, info)
