@@ -47,7 +47,10 @@ settles and acknowledges them. Run as many as you like, on any host.
 Retries are scheduled, not slept on: a failed send waits in the outbox with its due
 time, and every worker sends what is due between batches. SIGINT or SIGTERM: no new read;
 the batch in hand is decided, its sends in flight settle (the rest wait in the outbox)
-and it is acknowledged; then the summary and exit status 0.
+and it is acknowledged; then the summary and exit status 0. Redis away (a restart): the
+worker keeps trying (a backoff up to 2 s), with one line when Redis goes and one when it
+is back; stopped meanwhile, it waits up to 5 s for Redis to take the settles of what it
+sent.
 ]] .. setup.KEYS_HELP
 
 M.options = args.with_output{ rules = "value", db = "value", name = "value", connections = "value",
