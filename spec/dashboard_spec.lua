@@ -354,6 +354,10 @@ describe("stella dashboard on a Redis store", function()
     assert.matches("^delivered 6 times", got.queue.dead_letters[2].reason)
     assert.equal("w2", got.queue.dead_letters[2].worker)
     assert.equal(6, got.queue.dead_letters[2].deliveries)
+    -- a Redis store without a queue in use: null, as `stella status --json` says
+    local unused = require("stella.cli.queue_status").sources(srv:url{ db = 2 })
+    assert.is_nil(unused.queue(now))
+    assert.is_nil(unused.workers(now))
   end)
 
   it_chromium("renders the queue, the workers' heartbeats and states and the dead letters in Chromium, "

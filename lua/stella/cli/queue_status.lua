@@ -13,8 +13,12 @@ function M.collect(db, now)
   local st, serr = q:status(now)
   q:close()
   if not st then error(serr, 0) end
-  if st.length == 0 and st.dead == 0 and #st.workers == 0 and #st.consumers == 0 then return nil end
-  return st
+  return M.in_use(st) and st or nil
+end
+
+-- Is a queue in use: a stream, a dead letter, a worker or a consumer.
+function M.in_use(st)
+  return not (st.length == 0 and st.dead == 0 and #st.workers == 0 and #st.consumers == 0)
 end
 
 -- The status as JSON values (README, "Work queue"): nil -> null.
@@ -38,8 +42,8 @@ M.DASHBOARD_DEAD = 20   -- the dead letters the dashboard lists, newest first
 -- The dashboard's sources (stella.dashboard.new{ sources = ... }) for a Redis --db:
 -- queue(now) is `stella status --json`'s "queue" with depth (the lag) and dead_letters
 -- (the newest 20: { id, time, entry, deliveries, worker, reason }); workers(now) its
--- workers, each with its consumer's pending count and busy (live). One read of Redis
--- for both at one now.
+-- workers, each with its consumer's pending count and busy (live). Both nil when no
+-- queue is in use. One read of Redis for both at one now.
 function M.sources(db)
   local queue = require "stella.queue"
   local cjson = require "cjson.safe"
@@ -50,6 +54,7 @@ function M.sources(db)
     local q = queue.open(db)
     if not q then return nil end
     st = q:status(now)
+    if st and not M.in_use(st) then st = nil end   -- null, as in `stella status --json`
     dead = st and q:dead(M.DASHBOARD_DEAD, true)
     q:close()
     return st, dead
