@@ -59,7 +59,7 @@ describe("the work queue under faults", function()
     local q = assert(queue.open(url))
     local s = assert(store_mod.redis(url))
     local ok = nginx.wait_until(90, function()
-      local _, distinct = 0, 0
+      local distinct = 0
       for _ in pairs((child.received(server))) do distinct = distinct + 1 end
       if distinct < want then return false end
       local st = q:status()
@@ -284,7 +284,7 @@ describe("the work queue under faults", function()
       assert.matches("dead letters: 3", out)
       for _, id in ipairs{ old, a, b } do assert.truthy(out:find(id, 1, true), id) end
       -- refused: neither ids nor an age, both, a bad id, --purge alone
-      local err
+      local _, err
       status, _, err = run{ "worker", "--dead", "--purge", "--db", url }
       assert.equal(2, status)
       assert.matches("needs the dead letters' ids or %-%-older%-than", err)
