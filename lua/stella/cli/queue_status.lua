@@ -43,25 +43,25 @@ M.DASHBOARD_DEAD = 20   -- the dead letters the dashboard lists, newest first
 -- queue(now) is `stella status --json`'s "queue" with depth (the lag) and dead_letters
 -- (the newest 20: { id, time, entry, deliveries, worker, reason }); workers(now) its
 -- workers, each with its consumer's pending count and busy (live). Both nil when no
--- queue is in use. One read of Redis for both at one now.
+-- queue is in use. One read of Redis for both: queue(now) takes the read of the
+-- workers(now) call just before it (a dashboard request calls both), else reads.
 function M.sources(db)
   local queue = require "stella.queue"
   local cjson = require "cjson.safe"
-  local at, st, dead
-  local function status(now)
-    if at == now then return st, dead end
-    at, st, dead = now, nil, nil
+  local function read(now)
     local q = queue.open(db)
     if not q then return nil end
-    st = q:status(now)
+    local st = q:status(now)
     if st and not M.in_use(st) then st = nil end   -- null, as in `stella status --json`
-    dead = st and q:dead(M.DASHBOARD_DEAD, true)
+    local dead = st and q:dead(M.DASHBOARD_DEAD, true)
     q:close()
-    return st, dead
+    return { at = now, st = st, dead = dead }
   end
+  local kept   -- the workers' read, for the queue call of the same request (and now)
   return {
     workers = function(now)
-      local s = status(now)
+      kept = read(now)
+      local s = kept and kept.st
       if not s then return nil end
       local pending = {}
       for _, c in ipairs(s.consumers) do pending[c.name] = c.pending end
@@ -72,12 +72,15 @@ function M.sources(db)
       return list
     end,
     queue = function(now)
-      local s, d = status(now)
+      local r = kept
+      kept = nil
+      if not (r and r.at == now) then r = read(now) end
+      local s = r and r.st
       if not s then return nil end
       local obj = M.to_json(s)
       obj.depth = obj.lag
       local letters = setmetatable({}, cjson.array_mt)
-      for i, l in ipairs(d or {}) do
+      for i, l in ipairs(r.dead or {}) do
         letters[i] = { id = l.id, time = l.time or cjson.null, entry = l.entry or cjson.null,
                        deliveries = l.deliveries or cjson.null, worker = l.worker or cjson.null, reason = l.reason or "" }
       end
