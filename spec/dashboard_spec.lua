@@ -115,6 +115,10 @@ local function seed(path)
   s:close()
 end
 
+local it_chromium = chromium.available() and it or function(name)
+  return pending(name .. " (needs " .. chromium.BINARY .. ")")
+end
+
 describe("stella dashboard", function()
   local db = dir .. "/dash.db"
   local d
@@ -144,7 +148,7 @@ describe("stella dashboard", function()
     assert.equal(405, code)
     code = http(d.port, "GET", "/status.json", { Host = "attacker.example:" .. d.port })
     assert.equal(403, code)
-    code, _, body = http(d.port, "GET", "/admin")
+    code = http(d.port, "GET", "/admin")
     assert.equal(404, code)
     assert.equal("application/json", select(2, http(d.port, "GET", "/nope"))["content-type"])
     code = http(d.port, "HEAD", "/")
@@ -182,10 +186,6 @@ describe("stella dashboard", function()
     assert.equal(86400, got.bucket)
     assert.equal(7 * 86400, got.window)
   end)
-
-  local it_chromium = chromium.available() and it or function(name)
-    return pending(name .. " (needs " .. chromium.BINARY .. ")")
-  end
 
   it_chromium("renders in Chromium with the numbers of `stella status --json`", function()
     -- the page shows the hour its own "now" falls in: read both within one hour (again
@@ -267,5 +267,138 @@ describe("stella dashboard", function()
       assert.is_nil(printed:find(TOKEN, 1, true))
       assert.matches("with a token", printed)
     end)
+  end)
+end)
+
+describe("stella dashboard on a Redis store", function()
+  local redis_server = require "support.redis"
+  local queue = require "stella.queue"
+  local srv, url, q, d
+  local now = os.time()
+  local BEAT = { state = "running", started = now - 100, pid = 4242, host = "host-a", processed = 7 }
+
+  lazy_setup(function()
+    os.execute("mkdir -p " .. child.quote(dir))   -- (the describe above removed it)
+    srv = redis_server.start{}
+    url = srv:url{ db = 1 }
+    local s = assert(store_mod.redis(url))
+    local entries = {}
+    for i = 1, 5 do entries[i] = { time = now - 60, status = "sent", event_id = tostring(70000 + i) } end
+    entries[6] = { time = now - 50, status = "failed", reason = "rejected", error_kind = "rejected",
+                   error_message = "400 Employee not found", event_id = "70006" }
+    assert(s:record_many(entries))
+    s:close()
+    -- the queue: 6 entries; w1 holds 2 (pending), w2 took one and gave it up; 3 unread
+    q = assert(queue.open(url))
+    assert(q:ensure_group())
+    for i = 1, 6 do assert(q:submit{ id = i }) end
+    assert.equal(2, #assert(q:read("w1", 2)))
+    local given_up = assert(q:read("w2", 1))[1]
+    given_up.deliveries = 6
+    assert(q:bury(given_up, "delivered 6 times; last error: server: 503 <i>Service Unavailable</i>", "w2"))
+    assert(q:dead_letter{ event = "{not json", reason = "malformed: in.jsonl:3: <b>invalid JSON</b>", id = "" })
+    -- w1 beats (live), w2 stopped cleanly, w3 went silent a minute ago (vanished)
+    assert(q:beat("w1", BEAT))
+    assert(q:beat("w2", { state = "stopped", started = now - 300, pid = 4243, host = "host-b", processed = 1 }, now - 30))
+    assert(q:beat("w3", { state = "running", started = now - 900, pid = 4244, host = "host-c", processed = 0 }, now - 60))
+    d = start{ "--db", url, "--port", "0" }
+  end)
+  lazy_teardown(function()
+    if d then stop(d) end
+    if q then q:close() end
+    if srv then srv:remove() end
+    os.execute("rm -rf " .. child.quote(dir))
+    assert.same({}, chromium.leftovers())
+  end)
+
+  -- `stella status --json`'s queue, its workers by name
+  local function status_queue()
+    local status, out, err = stella{ "status", "--db", url, "--json" }
+    assert.equal(0, status, err)
+    local want = cjson.decode(out).queue
+    local by_name = {}
+    for _, w in ipairs(want.workers) do by_name[w.name] = w end
+    return want, by_name
+  end
+
+  it("answers /status.json with the queue and workers of `stella status --json`", function()
+    assert(q:beat("w1", BEAT))
+    local want, by_name = status_queue()
+    local code, _, body = http(d.port, "GET", "/status.json")
+    assert.equal(200, code, body)
+    local got = cjson.decode(body)
+    assert.equal("redis", got.backend)
+    for _, k in ipairs{ "group", "length", "pending", "lag", "dead", "oldest", "consumers" } do
+      if k == "consumers" then
+        for i, c in ipairs(want.consumers) do
+          assert.equal(c.name, got.queue.consumers[i].name)
+          assert.equal(c.pending, got.queue.consumers[i].pending)
+        end
+      else
+        assert.same(want[k], got.queue[k], k)
+      end
+    end
+    assert.same({ lag = 3, pending = 2, dead = 2 }, { lag = got.queue.lag, pending = got.queue.pending, dead = got.queue.dead })
+    assert.equal(got.queue.lag, got.queue.depth)
+    assert.equal(3, #got.workers)
+    for _, w in ipairs(got.workers) do
+      local sw = by_name[w.name]
+      for _, k in ipairs{ "state", "heartbeat", "pid", "host", "processed", "started" } do assert.same(sw[k], w[k], w.name .. " " .. k) end
+    end
+    assert.same({ "w1", "w2", "w3" }, { got.workers[1].name, got.workers[2].name, got.workers[3].name })
+    assert.same({ "live", "stopped", "vanished" }, { got.workers[1].state, got.workers[2].state, got.workers[3].state })
+    assert.equal(2, got.workers[1].pending)
+    -- the dead-letter stream, newest first, with its reasons
+    assert.equal(2, #got.queue.dead_letters)
+    assert.matches("^malformed: in%.jsonl:3", got.queue.dead_letters[1].reason)
+    assert.matches("^delivered 6 times", got.queue.dead_letters[2].reason)
+    assert.equal("w2", got.queue.dead_letters[2].worker)
+    assert.equal(6, got.queue.dead_letters[2].deliveries)
+    -- a Redis store without a queue in use: null, as `stella status --json` says
+    local unused = require("stella.cli.queue_status").sources(srv:url{ db = 2 })
+    assert.is_nil(unused.queue(now))
+    assert.is_nil(unused.workers(now))
+  end)
+
+  it_chromium("renders the queue, the workers' heartbeats and states and the dead letters in Chromium, "
+    .. "with the numbers of `stella status --json`", function()
+    local want, by_name, dom
+    for _ = 1, 3 do   -- w1 is live while its beat is under 15 s old: read both within that
+      assert(q:beat("w1", BEAT))
+      local beat = os.time()
+      want, by_name = status_queue()
+      dom = chromium.dump_dom(d.url)
+      if os.time() - beat < 12 then break end
+    end
+    assert.matches('data%-rendered="1"', dom)
+    local function shown(key) return dom:match('data%-k="' .. key:gsub("%.", "%%.") .. '"[^>]*>([^<]*)<') end
+    for _, k in ipairs{ "lag", "pending", "dead", "length" } do
+      assert.equal(("%d"):format(want[k]), shown("queue." .. k), k)
+    end
+    assert.is_nil(dom:match('<div id="queue" hidden'))
+    assert.is_nil(dom:match('id="queue%-dead%-panel"[^>]*hidden'))
+    assert.is_nil(dom:find('id="no-workers"', 1, true))
+    -- a row per worker: its state, heartbeat, host and pid, processed, pending
+    local rows = 0
+    for row in dom:gmatch('<tr class="row%-worker".-</tr>') do
+      rows = rows + 1
+      local name, state = row:match('data%-worker="([^"]*)" data%-state="([^"]*)"')
+      local w = assert(by_name[name], name)
+      assert.equal(w.state, state, name)
+      assert.matches(">" .. w.state .. "<", row, 1, true)
+      assert.equal(("%d"):format(w.heartbeat), row:match('data%-heartbeat="(%d+)"'), name)
+      assert.truthy(row:find(("%s (%d)"):format(w.host, w.pid), 1, true), row)
+      assert.truthy(row:find(('<td class="num">%d</td>'):format(w.processed), 1, true), row)
+    end
+    assert.equal(#want.workers, rows)
+    assert.matches('data%-worker="w1" data%-state="live"', dom)
+    assert.matches('data%-worker="w3" data%-state="vanished"', dom)
+    -- the dead-letter stream: a row each, its reason as text
+    local letters = 0
+    for _ in dom:gmatch('<tr class="row%-qdead"') do letters = letters + 1 end
+    assert.equal(want.dead, letters)
+    assert.truthy(dom:find("server: 503 &lt;i&gt;Service Unavailable&lt;/i&gt;", 1, true))
+    assert.truthy(dom:find("&lt;b&gt;invalid JSON&lt;/b&gt;", 1, true))
+    assert.is_nil(dom:find("<b>invalid JSON</b>", 1, true))
   end)
 end)

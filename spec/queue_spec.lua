@@ -28,18 +28,14 @@ local function stella_cmd(dir, args, env, name)
   return status, out, err
 end
 
--- bin/stella in the background: its pid and a function waiting for its status, stdout, stderr
+-- bin/stella in the background (support.child): its pid and a function waiting for its
+-- status, stdout, stderr
 local function stella_bg(dir, args, env, name)
-  local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
-  local proc = assert(io.popen("sh -c " .. shell_quote("echo $$; exec " .. command(args, env) .. " >"
-    .. shell_quote(out_file) .. " 2>" .. shell_quote(err_file)) .. " 2>/dev/null; echo @$?"))
-  local pid = assert(tonumber(proc:read("*l")))
+  local pid, wait = require("support.child").background(LUA, dir, args, env, name)
   return pid, function()
-    local rest = proc:read("*a")
-    proc:close()
-    local out, err = read_file(out_file) or "", read_file(err_file) or ""
+    local status, out, err = wait()
     no_secret(out .. err)
-    return tonumber(rest:match("@(%d+)")), out, err
+    return status, out, err
   end
 end
 

@@ -440,3 +440,118 @@ return {
     assert.matches("3 cases, 2 passed, 1 failed", out)
   end)
 end)
+
+-- The work queue's path (stella.queue.worker, what `stella worker` runs): the worker and its
+-- trigger in this process on one controlled clock, a real redis-server, the test server.
+describe("a queue worker with scheduled sends (Redis)", function()
+  local redis_server = require "support.redis"
+  local queue = require "stella.queue"
+  local worker = require "stella.queue.worker"
+  local server, srv
+  local db_n = 0
+
+  lazy_setup(function()
+    server = testserver.start()
+    srv = redis_server.start{}
+  end)
+  lazy_teardown(function()
+    if server then server:stop() end
+    if srv then srv:remove() end
+  end)
+  before_each(function() server:reset() end)
+
+  -- a queue, a Redis store and a trigger on clock(); closed by finally
+  local function setup(rules_spec, clock)
+    db_n = db_n + 1
+    local url = srv:url{ db = db_n }
+    local q = assert(queue.open(url))
+    local s = assert(store_mod.redis(url))
+    local t = stella.trigger{
+      rules = rules_spec, store = s, clock = clock,
+      client = { api_key = "tk_schedule_spec_0123", base_url = server.url, timeout = 5, retry = { attempts = 1 } },
+    }
+    finally(function() t:close() s:close() q:close() end)
+    return q, s, t
+  end
+
+  -- the worker's rounds until stop() (the worker's and the trigger's clock is clock)
+  local function run(q, t, clock, stop, on_batch)
+    return worker.run{ queue = q, trigger = t, name = "sched", block = 0.01, clock = clock, stop = stop,
+                       on_batch = on_batch, on_error = function(m) error("worker: " .. m) end }
+  end
+
+  it("sends a request with a 3-second delay not before 3 s and within a flush interval (1 s) after", function()
+    local t0 = os.time()   -- the real time (marks expire on Redis's clock), then stepped by the spec
+    local now = t0
+    local clock = function() return now end
+    local q, s, t = setup({ map = map, delay = "3s", event_time = "at", suppression = { days = 7 } }, clock)
+    assert(q:submit{ id = "1", at = iso(t0) })
+    -- every look at stop() moves the clock 0.05 s on: a round of the worker looks three
+    -- times, so a flush comes at most 1 s (flush_every) + 0.15 s after the one before
+    local sent_at   -- the clock when the server first had the request
+    run(q, t, clock, function()
+      if not sent_at and #server:requests() > 0 then sent_at = now end
+      now = now + 0.05
+      return sent_at ~= nil or now > t0 + 6
+    end)
+    local reqs = server:requests()
+    assert.equal(1, #reqs)
+    assert.matches('"ext_interaction_id":"1"', reqs[1].body)
+    -- in the ledger: decided queued/scheduled at t0, sent at the flush that found it due
+    local sent = assert(s:ledger{ status = "sent" })
+    assert.equal(1, #sent)
+    assert.is_true(sent[1].time >= t0 + 3, "sent at " .. (sent[1].time - t0) .. " s")
+    assert.is_true(sent[1].time <= t0 + 3 + 1.15, "sent at " .. (sent[1].time - t0) .. " s")
+    assert.is_true(sent_at >= t0 + 3, "received at " .. (sent_at - t0) .. " s")
+    local queued = assert(s:ledger{ status = "queued" })
+    assert.equal("scheduled", queued[1].reason)
+    assert.is_true(queued[1].time < t0 + 1)   -- decided in the first round
+    assert.matches("will send at " .. iso(t0 + 3), queued[1].detail, 1, true)
+    assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+    assert.equal(0, assert(q:status()).pending)
+  end)
+
+  it("holds a request in quiet hours until their end across New York's spring change, on a fixed clock", function()
+    -- 2027-03-13 23:30 EST (UTC-5); the night ends at 08:00 EDT (UTC-4), 12:00Z, not 13:00Z.
+    -- (2027, not a past date: the store's marks expire on Redis's own clock.)
+    local now = T"2027-03-14T04:30:00Z"
+    local clock = function() return now end
+    local q, s, t = setup({ map = map, suppression = { days = 7 },
+                            quiet_hours = { from = "21:00", to = "08:00", zone_field = "tz",
+                                            fallback_zone = "America/New_York" } }, clock)
+    assert(q:submit{ id = "2", tz = "America/New_York", email = "night@example.com" })
+    -- the worker's rounds on a clock standing still: stop once `done()` or after 50 looks
+    local function rounds(done, on_batch)
+      local looks = 0
+      run(q, t, clock, function()
+        looks = looks + 1
+        return done() or looks > 50
+      end, on_batch)
+    end
+    local outcomes = {}
+    rounds(function() return outcomes["queued/scheduled"] ~= nil end,
+           function(report) for k, n in pairs(report.outcomes) do outcomes[k] = n end end)
+    assert.same({ ["queued/scheduled"] = 1 }, outcomes)
+    local queued = assert(s:ledger{ status = "queued" })
+    assert.equal(1, #queued)
+    assert.equal("scheduled", queued[1].reason)
+    assert.equal("will send at 2027-03-14T12:00:00Z (quiet hours 21:00-08:00 in America/New_York: "
+                 .. "at their end, 2027-03-14T08:00:00-04:00)", queued[1].detail)
+    assert.equal(0, assert(q:status()).pending)
+    -- 07:59:59 EDT: the worker's flush finds nothing due
+    now = T"2027-03-14T11:59:59Z"
+    rounds(function() return #server:requests() > 0 end)
+    assert.equal(0, #server:requests())
+    assert.equal(1, s:outbox_counts().queued)
+    -- 08:00 EDT: sent, once
+    now = T"2027-03-14T12:00:00Z"
+    rounds(function() return #server:requests() > 0 end)
+    local reqs = server:requests()
+    assert.equal(1, #reqs)
+    assert.matches('"ext_interaction_id":"2"', reqs[1].body)
+    assert.same({ queued = 0, dead = 0 }, s:outbox_counts())
+    local sent = assert(s:ledger{ status = "sent" })
+    assert.equal(1, #sent)
+    assert.equal(T"2027-03-14T12:00:00Z", sent[1].time)
+  end)
+end)

@@ -7,6 +7,9 @@
 --   child.stella_command(lua, args [, env])  "env ... LUA bin/stella ARGS" for sh, with this
 --                       process's module paths and no key, mode or store from the caller's
 --                       environment (env: more NAME = value)
+--   child.background(lua, dir, args [, env [, name]])  bin/stella started in the background
+--                       (as stella_command), its output in DIR/NAME.out and .err: its pid and
+--                       a function that waits for it -> exit status, stdout, stderr
 --   child.received(server)  { [ext_interaction_id] = times } the test server received, total
 local M = {}
 
@@ -48,6 +51,19 @@ function M.stella_command(lua, args, env)
   parts[#parts + 1] = "bin/stella"
   for _, a in ipairs(args) do parts[#parts + 1] = q(a) end
   return table.concat(parts, " ")
+end
+
+function M.background(lua, dir, args, env, name)
+  name = name or "run"
+  local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
+  local proc = assert(io.popen("sh -c " .. M.quote("echo $$; exec " .. M.stella_command(lua, args, env) .. " >"
+    .. M.quote(out_file) .. " 2>" .. M.quote(err_file)) .. " 2>/dev/null; echo @$?"))
+  local pid = assert(tonumber(proc:read("*l")))
+  return pid, function()
+    local rest = proc:read("*a")
+    proc:close()
+    return tonumber(rest:match("@(%d+)")), M.read_file(out_file), M.read_file(err_file)
+  end
 end
 
 function M.received(server)

@@ -13,8 +13,12 @@ function M.collect(db, now)
   local st, serr = q:status(now)
   q:close()
   if not st then error(serr, 0) end
-  if st.length == 0 and st.dead == 0 and #st.workers == 0 and #st.consumers == 0 then return nil end
-  return st
+  return M.in_use(st) and st or nil
+end
+
+-- Is a queue in use: a stream, a dead letter, a worker or a consumer.
+function M.in_use(st)
+  return not (st.length == 0 and st.dead == 0 and #st.workers == 0 and #st.consumers == 0)
 end
 
 -- The status as JSON values (README, "Work queue"): nil -> null.
@@ -27,37 +31,61 @@ function M.to_json(st)
   for i, c in ipairs(st.consumers) do consumers[i] = { name = c.name, pending = c.pending, idle = c.idle } end
   for i, w in ipairs(st.workers) do
     workers[i] = { name = w.name, state = w.state, heartbeat = w.beat, age = w.age, pid = v(w.pid), host = v(w.host),
-                   started = v(w.started) }
+                   started = v(w.started), processed = v(w.processed) }
   end
   return { group = st.group, length = st.length, pending = st.pending, lag = v(st.lag), oldest = v(st.oldest),
            dead = st.dead, consumers = consumers, workers = workers }
 end
 
--- The dashboard's sources (stella.dashboard.new{ sources = ... }) for a Redis --db.
+M.DASHBOARD_DEAD = 20   -- the dead letters the dashboard lists, newest first
+
+-- The dashboard's sources (stella.dashboard.new{ sources = ... }) for a Redis --db:
+-- queue(now) is `stella status --json`'s "queue" with depth (the lag) and dead_letters
+-- (the newest 20: { id, time, entry, deliveries, worker, reason }); workers(now) its
+-- workers, each with its consumer's pending count and busy (live). Both nil when no
+-- queue is in use. One read of Redis for both: queue(now) takes the read of the
+-- workers(now) call just before it (a dashboard request calls both), else reads.
 function M.sources(db)
   local queue = require "stella.queue"
-  local function status(now)
+  local cjson = require "cjson.safe"
+  local function read(now)
     local q = queue.open(db)
     if not q then return nil end
     local st = q:status(now)
+    if st and not M.in_use(st) then st = nil end   -- null, as in `stella status --json`
+    local dead = st and q:dead(M.DASHBOARD_DEAD, true)
     q:close()
-    return st
+    return { at = now, st = st, dead = dead }
   end
+  local kept   -- the workers' read, for the queue call of the same request (and now)
   return {
     workers = function(now)
-      local st = status(now)
-      if not st then return nil end
-      local list = {}
-      for i, w in ipairs(st.workers) do
-        list[i] = { name = w.name, host = w.host, pid = w.pid, heartbeat = w.beat, busy = w.state == "live",
-                    processed = w.processed, state = w.state }
+      kept = read(now)
+      local s = kept and kept.st
+      if not s then return nil end
+      local pending = {}
+      for _, c in ipairs(s.consumers) do pending[c.name] = c.pending end
+      local list = M.to_json(s).workers
+      for _, w in ipairs(list) do
+        w.busy, w.pending = w.state == "live", pending[w.name] or 0
       end
       return list
     end,
     queue = function(now)
-      local st = status(now)
-      if not st then return nil end
-      return { depth = st.lag, pending = st.pending, oldest = st.oldest, dead = st.dead }
+      local r = kept
+      kept = nil
+      if not (r and r.at == now) then r = read(now) end
+      local s = r and r.st
+      if not s then return nil end
+      local obj = M.to_json(s)
+      obj.depth = obj.lag
+      local letters = setmetatable({}, cjson.array_mt)
+      for i, l in ipairs(r.dead or {}) do
+        letters[i] = { id = l.id, time = l.time or cjson.null, entry = l.entry or cjson.null,
+                       deliveries = l.deliveries or cjson.null, worker = l.worker or cjson.null, reason = l.reason or "" }
+      end
+      obj.dead_letters = letters
+      return obj
     end,
   }
 end

@@ -11,8 +11,10 @@ local M = {}
 
 M.help = [[
 usage: stella worker --rules FILE --db URL [--name NAME] [--connections N] [--batch N]
-                     [--lease SECONDS] [--max-deliveries N] [--json] [-q | -v]
+                     [--lease SECONDS] [--max-deliveries N] [--forget-after AGE]
+                     [--json] [-q | -v]
        stella worker --dead --db URL [--limit N] [--json]
+       stella worker --dead --purge --db URL (ID... | --older-than AGE) [--json]
 
 Processes the work queue on Redis (the stream stella:events, filled by `stella submit` or
 any client's XADD): reads batches as a member of the consumer group "stella", decides
@@ -30,23 +32,34 @@ settles and acknowledges them. Run as many as you like, on any host.
                       (a dead worker) is taken over by another (default 30)
   --max-deliveries N  an entry delivered more often goes to the dead-letter stream with
                       its last error (default 5)
+  --forget-after AGE  forget workers silent that long (stopped or vanished) and the
+                      group's consumers idle that long holding nothing (default 1d;
+                      e.g. 12h, 30m)
   --dead              list the dead letters (stella:events:dead) and exit
   --limit N           with --dead: at most N (default 100)
+  --purge             with --dead: remove the dead letters with these ids (the id
+                      column of --dead), or all that died before --older-than AGE
+                      (e.g. 30d); nothing removes them otherwise
   --json              the summary (or --dead's list) as one JSON object
   -q, --quiet         no line per failed event on standard error
   -v, --verbose       a line per batch on standard error
 
 Retries are scheduled, not slept on: a failed send waits in the outbox with its due
-time, and every worker sends what is due between batches. The rules' rate_limit (e.g.
-{ per_second = 50 }) is one limit per API key for every worker on the Redis server, and a
-429 with Retry-After pauses that key for all of them (README, "Work queue").
-SIGINT or SIGTERM: no new read; the batch in hand is decided, its sends in flight settle
-(the rest wait in the outbox) and it is acknowledged; then the summary and exit status 0.
+time, and every worker sends what is due between batches. SIGINT or SIGTERM: no new read;
+the batch in hand is decided, its sends in flight settle (the rest wait in the outbox)
+and it is acknowledged; then the summary and exit status 0. Redis away (a restart): the
+worker keeps trying (a backoff up to 2 s), with one line when Redis goes and one when it
+is back; stopped meanwhile, it waits up to 5 s for Redis to take the settles of what it
+sent.
+The rules' rate_limit (e.g. { per_second = 50 }) is one limit per API key for every
+worker on the Redis server, and a 429 with Retry-After pauses that key for all of them
+(README, "Work queue").
 ]] .. setup.KEYS_HELP
 
 M.options = args.with_output{ rules = "value", db = "value", name = "value", connections = "value",
                                batch = "value", lease = "value", ["max-deliveries"] = "value",
-                               dead = "flag", limit = "value", block = "value" }
+                               dead = "flag", limit = "value", block = "value",
+                               ["forget-after"] = "value", purge = "flag", ["older-than"] = "value" }
 
 local function whole(text, min, max)
   local n = tonumber(text)
@@ -81,16 +94,49 @@ local function list_dead(ctx, q, opts, mode)
   end
   local rows = {}
   for _, d in ipairs(dead) do
-    rows[#rows + 1] = { os.date("%Y-%m-%d %H:%M:%S", d.time or 0), d.entry or "-", tostring(d.deliveries or "-"),
+    rows[#rows + 1] = { d.id, os.date("%Y-%m-%d %H:%M:%S", d.time or 0), d.entry or "-", tostring(d.deliveries or "-"),
                         tostring(d.reason) }
   end
   ctx:say("dead letters: %d", #dead)
-  if #rows > 0 then tables.print(ctx, { "time", "entry", "deliveries", "reason" }, rows) end
+  if #rows > 0 then tables.print(ctx, { "id", "time", "entry", "deliveries", "reason" }, rows) end
+  return 0
+end
+
+-- `--dead --purge`: the dead letters with the given ids, or those older than --older-than.
+local function purge_dead(ctx, q, opts, ids, mode)
+  local removed, err
+  if opts["older-than"] then
+    local age = args.parse_duration(opts["older-than"])
+    removed, err = q:purge_dead{ before = os.time() - age }
+  else
+    removed, err = q:purge_dead{ ids = ids }
+  end
+  if not removed then ctx:warn("stella worker: %s", tostring(err)) return 1 end
+  if mode == "json" then
+    ctx:say("%s", output.encode{ command = "worker", purged = removed })
+  else
+    ctx:say("dead letters removed: %d", removed)
+  end
   return 0
 end
 
 function M.run(ctx, opts, positional)
-  if #positional > 0 then return ctx:usage_error("worker", "unexpected argument %s", positional[1]) end
+  if opts.purge then
+    if not opts.dead then return ctx:usage_error("worker", "--purge goes with --dead") end
+    if (#positional > 0) == (opts["older-than"] ~= nil) then
+      return ctx:usage_error("worker", "--dead --purge needs the dead letters' ids or --older-than AGE (not both)")
+    end
+    for _, id in ipairs(positional) do
+      if not id:match("^%d+%-%d+$") then return ctx:usage_error("worker", "%s is not a dead letter's id (such as 1733400000000-0)", id) end
+    end
+    if opts["older-than"] and not args.parse_duration(opts["older-than"]) then
+      return ctx:usage_error("worker", "--older-than must be an age such as 30d, 12h or 90m")
+    end
+  elseif opts["older-than"] then
+    return ctx:usage_error("worker", "--older-than goes with --dead --purge")
+  elseif #positional > 0 then
+    return ctx:usage_error("worker", "unexpected argument %s", positional[1])
+  end
   local mode, merr = args.output_mode(opts, false)
   if merr then return ctx:usage_error("worker", "%s", merr) end
   local db = setup.db(ctx, opts)
@@ -104,6 +150,8 @@ function M.run(ctx, opts, positional)
   if not max_deliveries then return ctx:usage_error("worker", "--max-deliveries must be a whole number from 1 to 1000") end
   local lease = tonumber(opts.lease or "30")
   if not lease or lease < 0.1 then return ctx:usage_error("worker", "--lease must be a number of seconds >= 0.1") end
+  local forget_after = args.parse_duration(opts["forget-after"] or "1d")
+  if not forget_after then return ctx:usage_error("worker", "--forget-after must be an age such as 1d, 12h or 30m") end
   local block = tonumber(opts.block or "1")
   if not block or block < 0.01 or block > 1.5 then return ctx:usage_error("worker", "--block must be from 0.01 to 1.5 seconds") end
 
@@ -113,7 +161,7 @@ function M.run(ctx, opts, positional)
     return 1
   end
   if opts.dead then
-    local status = list_dead(ctx, q, opts, mode)
+    local status = opts.purge and purge_dead(ctx, q, opts, positional, mode) or list_dead(ctx, q, opts, mode)
     q:close()
     return status
   end
@@ -129,9 +177,12 @@ function M.run(ctx, opts, positional)
   if not run then sig:release() q:close() return rstatus end
   local summary = require("stella.queue.worker").run{
     queue = q, trigger = run.trigger, name = name, batch = batch, lease = lease, block = block,
-    max_deliveries = max_deliveries, stop = sig.caught, pid = pid, host = host,
+    max_deliveries = max_deliveries, stop = sig.caught, pid = pid, host = host, forget_after = forget_after,
     on_error = function(message)
       if not opts.quiet and not sig.caught() then ctx:warn("stella worker %s: %s", name, message) end
+    end,
+    on_notice = function(message)   -- (after a signal too: what the worker did on its way out)
+      if not opts.quiet then ctx:warn("stella worker %s: %s", name, message) end
     end,
     on_batch = function(report)
       if opts.verbose then
@@ -147,7 +198,7 @@ function M.run(ctx, opts, positional)
   if mode == "json" then
     ctx:say("%s", output.encode{ command = "worker", name = name, read = summary.read, acknowledged = summary.acked,
       dead = summary.dead, retried = summary.retried, flushed = summary.flushed, errors = summary.errors,
-      outcomes = summary.outcomes, signal = signal_name, exit_status = 0 })
+      outages = summary.outages, outcomes = summary.outcomes, signal = signal_name, exit_status = 0 })
   elseif not opts.quiet then
     ctx:say("worker %s stopped by %s: read %d, acknowledged %d, dead letters %d, sent from the outbox %d",
       name, tostring(signal_name), summary.read, summary.acked, summary.dead, summary.flushed)

@@ -16,9 +16,11 @@
 -- GET /status.json  what the page shows: `stella status --json`'s object (built by the
 --                   same code: stella.cli.status.collect) with the timeline of outcomes,
 --                   the dead items, and `workers` / `queue` (null on a store without a
---                   queue: sources.workers(now) -> { { name, host, pid, heartbeat, busy,
---                   processed }, ... } and sources.queue(now) -> { depth, pending, oldest }
---                   fill them, for a Redis queue). ?since=24h|7d|30d, ?bucket=hour|day.
+--                   queue: sources.workers(now) -> { { name, state, host, pid, heartbeat,
+--                   busy, processed, pending }, ... } and sources.queue(now) -> { depth,
+--                   lag, pending, length, oldest, dead, dead_letters, ... } fill them, for
+--                   a Redis queue: stella.cli.queue_status.sources). ?since=24h|7d|30d,
+--                   ?bucket=hour|day.
 -- Read-only: GET and HEAD only; the store is only read. Bound to loopback by default;
 -- with a token (required for any other address) every request must carry it, as
 -- `Authorization: Bearer TOKEN` or `?token=TOKEN` (the page passes it on). On loopback the

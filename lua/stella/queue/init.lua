@@ -22,7 +22,8 @@
 --   P events:dead     stream  dead letters: { event, reason, id (the entry's), deliveries,
 --                             worker, time }
 --   P events:errors   hash    entry id -> the last error processing it (until acknowledged)
---   P workers         hash    worker name -> JSON { beat, started, pid, state, host }
+--   P workers         hash    worker name -> JSON { beat, started, pid, state, host, processed };
+--                             forgotten after a silence (prune)
 -- The consumer group (default "stella") is made on first use (XGROUP CREATE ... MKSTREAM).
 local redis = require "stella.redis"
 local cjson = require "cjson.safe"
@@ -64,7 +65,7 @@ function M.open(opts)
   return setmetatable({
     conn = conn, own = own, group = (own and opts.group) or M.DEFAULT_GROUP,
     stream = p .. "events", dead_stream = p .. "events:dead", errors = p .. "events:errors",
-    workers_key = p .. "workers", group_made = false,
+    workers_key = p .. "workers", group_made = false, shas = {},
   }, Queue)
 end
 
@@ -75,6 +76,11 @@ function Queue:using(conn)
   for k, v in pairs(self) do q[k] = v end
   q.conn, q.own = conn, false
   return setmetatable(q, Queue)
+end
+
+-- true when Redis answers (PING on the queue's connection), else nil, err.
+function Queue:ping()
+  return self.conn:call("PING")
 end
 
 function Queue:close()
@@ -259,9 +265,12 @@ function Queue:bury(entry, reason, worker)
   return true
 end
 
--- The dead letters, oldest first: { id, event, reason, entry, deliveries, worker, time }.
-function Queue:dead(limit)
-  local res, err = self.conn:call("XRANGE", self.dead_stream, "-", "+", "COUNT", limit or 100)
+-- The dead letters, oldest first (newest first with newest): { id, event, reason, entry,
+-- deliveries, worker, time }.
+function Queue:dead(limit, newest)
+  local res, err
+  if newest then res, err = self.conn:call("XREVRANGE", self.dead_stream, "+", "-", "COUNT", limit or 100)
+  else res, err = self.conn:call("XRANGE", self.dead_stream, "-", "+", "COUNT", limit or 100) end
   if not res then return nil, err end
   local out = {}
   for _, e in ipairs(entries_of(res)) do
@@ -325,6 +334,119 @@ end
 -- Removes a worker from the heartbeat hash (a stopped or vanished one).
 function Queue:forget(name)
   return self.conn:call("HDEL", self.workers_key, name)
+end
+
+-- One name's prune, atomic (a worker starting again under that name in between keeps
+-- it): the heartbeat goes when its last beat is older than the limit; the consumer of
+-- that name when it holds nothing (XGROUP DELCONSUMER would drop what it holds) and has
+-- been idle as long, and no heartbeat of it is younger. KEYS: the heartbeat hash, the
+-- stream; ARGV: group, name, now (s), after (s). Returns { worker removed, consumer removed }.
+local PRUNE_SCRIPT = [==[
+local workers, stream = KEYS[1], KEYS[2]
+local group, name, now, after = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local gone, fresh = 0, false
+local doc = redis.call('HGET', workers, name)
+if doc then
+  local ok, d = pcall(cjson.decode, doc)
+  local beat = ok and type(d) == 'table' and tonumber(d.beat) or 0
+  if beat < now - after then
+    redis.call('HDEL', workers, name)
+    gone = 1
+  else
+    fresh = true
+  end
+end
+local dropped = 0
+if not fresh then
+  local list = redis.pcall('XINFO', 'CONSUMERS', stream, group)
+  if type(list) == 'table' and not list.err then
+    for _, c in ipairs(list) do
+      local f = {}
+      for i = 1, #c - 1, 2 do f[c[i]] = c[i + 1] end
+      if f.name == name and tonumber(f.pending) == 0 and tonumber(f.idle) >= after * 1000 then
+        redis.call('XGROUP', 'DELCONSUMER', stream, group, name)
+        dropped = 1
+      end
+    end
+  end
+end
+return { gone, dropped }
+]==]
+
+M.FORGET_AFTER = 86400   -- a worker silent (stopped or vanished) this long is forgotten
+
+-- Forgets workers and consumers no longer in use: heartbeats older than `after` seconds
+-- (default a day: stopped or vanished that long) leave the heartbeat hash, and consumers
+-- of the group that hold nothing and have been idle as long (with no younger heartbeat of
+-- their name) leave the group. A consumer that still holds entries stays until another
+-- worker has taken them over. -> { workers = n, consumers = n } | nil, err
+function Queue:prune(now, after)
+  now, after = now or os.time(), after or M.FORGET_AFTER
+  local res, err = self.conn:pipeline{ { "HGETALL", self.workers_key },
+                                       { "XINFO", "CONSUMERS", self.stream, self.group } }
+  if not res then return nil, err end
+  if redis.is_error(res[1]) then return nil, res[1] end
+  local names, seen = {}, {}
+  local function consider(name)
+    if not seen[name] then seen[name] = true names[#names + 1] = name end
+  end
+  local beats = res[1]
+  for i = 1, #beats - 1, 2 do
+    local doc = cjson.decode(beats[i + 1])
+    if not (type(doc) == "table" and tonumber(doc.beat) and tonumber(doc.beat) >= now - after) then consider(beats[i]) end
+  end
+  if not redis.is_error(res[2]) then
+    for _, c in ipairs(res[2]) do
+      local f = {}
+      for i = 1, #c - 1, 2 do f[c[i]] = c[i + 1] end
+      if tonumber(f.pending) == 0 and (tonumber(f.idle) or 0) >= after * 1000 then consider(f.name) end
+    end
+  end
+  local removed = { workers = 0, consumers = 0 }
+  for _, name in ipairs(names) do
+    local r, serr = self:script(PRUNE_SCRIPT, { self.workers_key, self.stream }, { self.group, name, now, after })
+    if not r then return nil, serr end
+    removed.workers = removed.workers + (tonumber(r[1]) or 0)
+    removed.consumers = removed.consumers + (tonumber(r[2]) or 0)
+  end
+  return removed
+end
+
+-- A script by EVALSHA, loaded (SCRIPT LOAD) on first use and again after NOSCRIPT.
+function Queue:script(text, keys, args)
+  local shas = self.shas
+  for _ = 1, 2 do
+    local sha = shas[text]
+    if not sha then
+      local loaded, lerr = self.conn:call("SCRIPT", "LOAD", text)
+      if not loaded then return nil, lerr end
+      sha = loaded
+      shas[text] = sha
+    end
+    local argv = { "EVALSHA", sha, #keys }
+    for _, k in ipairs(keys) do argv[#argv + 1] = k end
+    for _, a in ipairs(args) do argv[#argv + 1] = tostring(a) end
+    local res, err = self.conn:call(unpack_args(argv))
+    if res ~= nil or err.code ~= "NOSCRIPT" then return res, err end
+    shas[text] = nil
+  end
+  return nil, { kind = "redis", message = "the script could not be loaded" }
+end
+
+-- Removes dead letters (an operator's decision: nothing trims them on its own, a dead
+-- letter being its event's only record): those with the given stream ids, or those
+-- that died before `before` (seconds since the epoch). -> the number removed | nil, err
+function Queue:purge_dead(o)
+  if type(o) ~= "table" or (o.ids == nil) == (o.before == nil) then
+    error("queue:purge_dead: { ids = { id, ... } } or { before = seconds } expected", 2)
+  end
+  if o.ids then
+    if #o.ids == 0 then return 0 end
+    local args = { "XDEL", self.dead_stream }
+    for _, id in ipairs(o.ids) do args[#args + 1] = tostring(id) end
+    return self.conn:call(unpack_args(args))
+  end
+  return self.conn:call("XTRIM", self.dead_stream, "MINID", ("%d-0"):format(floor(o.before * 1000)))
 end
 
 local function id_parts(id)

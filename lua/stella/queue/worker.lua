@@ -3,7 +3,8 @@
 --   local worker = require "stella.queue.worker"
 --   local summary = worker.run{ queue = q, trigger = t, name = "w1", batch = 100,
 --                               lease = 30, max_deliveries = 5, block = 1, flush_every = 1,
---                               stop = fn, on_batch = fn(report) }
+--                               stop = fn, on_batch = fn(report), on_error = fn(message),
+--                               on_notice = fn(message), clock = fn() -> seconds }
 --
 -- Each round: the heartbeat; entries of a dead consumer, idle for `lease` seconds, taken
 -- over (XAUTOCLAIM), else new ones read (XREADGROUP, blocking up to `block` s); each
@@ -27,6 +28,23 @@
 -- worker died may go twice: at most a batch, and the first requests of the next one (its
 -- sends start while that batch is settled).
 --
+-- Redis away (a restart, a failover, the network): every call fails until it is back. The
+-- worker neither exits nor logs each failure: the first failure of an outage is reported
+-- once (on_error), the worker waits between rounds with a backoff (0.1 s, doubling, at
+-- most max_backoff s, default 2; stop() is looked at every 0.1 s), the connections connect
+-- again on their next call, and the first round that reaches Redis reports the outage's
+-- end (on_notice) with its length. What was in hand when Redis went is safe: an entry
+-- not acknowledged comes back after the lease, a request whose settle was not written is
+-- settled by the trigger's next flush (its reconcile), which runs in the round that finds
+-- Redis back; an outage longer than the outbox lease lets another worker send it again. A failure of the store during a
+-- flush or a batch is told apart from an outage by a PING on the queue's connection.
+-- Stopped while Redis is away with such settles in hand, the worker waits up to
+-- settle_grace seconds (5) for Redis to take them before it ends.
+--
+-- Every prune_every seconds (60) it forgets workers silent for forget_after seconds (a
+-- day; stopped or vanished) and the group's consumers that hold nothing and have been idle
+-- as long (queue:prune), so that neither grows with every worker name ever used.
+--
 -- stop() -> true ends the loop: no new read; a batch already read is decided, its sends
 -- in flight finish (the trigger's own stop ends the rest: they wait in the outbox), and it
 -- is acknowledged. Nothing read is left pending.
@@ -38,7 +56,7 @@ local remove = table.remove
 local M = {}
 
 M.DEFAULTS = { batch = 100, lease = 30, max_deliveries = 5, block = 1, flush_every = 1, beat_every = 2,
-                trim_every = 10 }
+                trim_every = 10, max_backoff = 2, prune_every = 60, forget_after = 86400, settle_grace = 5 }
 
 local function now_s()
   local ok, socket = pcall(require, "socket")
@@ -50,6 +68,49 @@ local clock = now_s()
 local function sleep(seconds)
   local ok, socket = pcall(require, "socket")
   if ok and type(socket) == "table" and socket.sleep then socket.sleep(seconds) end
+end
+
+-- An error of Redis being away (rather than of a command): the connection's network
+-- errors and the replies that say "not now" (LOADING, BUSY, ...).
+local function away(err)
+  return type(err) == "table" and (err.kind == "network" or (err.kind ~= "store" and err.retryable == true))
+end
+
+-- The outage tracker of a run: failures of one outage reported once, a backoff between
+-- rounds while it lasts.
+local function outages(o, warn, notice)
+  local t = { down = nil, failures = 0, backoff = 0 }
+  -- a failure of Redis or of the store (what): true when it belongs to an outage
+  function t.failed(what, err)
+    if not t.down and not away(err) then
+      if err == nil or (type(err) == "table" and err.kind ~= "store") then return false end
+      local ok, perr = o.queue:ping()   -- the store failed: is Redis there?
+      if ok then return false end
+      err = perr
+    end
+    t.failures = t.failures + 1
+    if not t.down then
+      t.down = clock()
+      t.backoff = 0.1
+      warn(("Redis unreachable (%s: %s); trying again, every %g s at most"):format(what, tostring(err), o.max_backoff))
+    end
+    return true
+  end
+  -- Redis answered: true when that ends an outage
+  function t.reached()
+    if not t.down then return false end
+    notice(("Redis reachable again after %.1f s (%d failed calls)"):format(clock() - t.down, t.failures))
+    t.down, t.failures = nil, 0
+    return true
+  end
+  -- between rounds while Redis is away: the backoff, in slices that look at stop()
+  function t.wait(stop)
+    if not t.down then return end
+    local till = clock() + t.backoff
+    while not stop() and clock() < till do sleep(math.min(0.1, till - clock())) end
+    t.backoff = math.min(t.backoff * 2, o.max_backoff)
+  end
+  return t
 end
 
 -- The decision failed for want of a store: try again later, not a verdict on the event.
@@ -167,7 +228,7 @@ function M.process(o, entries, report)
   return conclude(o, taken, outcomes, report)
 end
 
--- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors }.
+-- Runs until stop(). Returns { rounds, read, acked, dead, retried, flushed, outcomes, errors, outages }.
 -- The batches go through the trigger's pipeline (trigger:pipeline): while one batch's
 -- requests are on the wire (every connection busy), the next is read (without blocking)
 -- and decided, then its sends start as soon as the previous batch's end, and the previous
@@ -178,10 +239,19 @@ end
 function M.run(o)
   for k, v in pairs(M.DEFAULTS) do if o[k] == nil then o[k] = v end end
   local q, t, name, stop = o.queue, o.trigger, o.name, o.stop or function() return false end
-  local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outcomes = {} }
+  local time = o.clock or clock   -- when to beat, reclaim, flush and trim (a spec's clock: the trigger's)
+  local total = { rounds = 0, read = 0, acked = 0, dead = 0, retried = 0, flushed = 0, errors = 0, outages = 0,
+                  outcomes = {} }
   local info = { state = "running", started = os.time(), pid = o.pid, host = o.host }
-  local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, clock()
+  local last_beat, last_flush, last_reclaim, last_trim = -math.huge, -math.huge, -math.huge, time()
+  local last_prune = -math.huge
   local function warn(msg) total.errors = total.errors + 1 if o.on_error then o.on_error(msg) end end
+  local function notice(msg) if o.on_notice then o.on_notice(msg) end end
+  local trouble = outages(o, function(msg) total.outages = total.outages + 1 warn(msg) end, notice)
+  -- a failure: part of an outage (reported once), else reported as it is
+  local function failed(what, err)
+    if not trouble.failed(what, err) then warn(what .. ": " .. tostring(err)) end
+  end
   local function account(report)
     total.rounds = total.rounds + 1
     for _, k in ipairs{ "acked", "dead", "retried" } do total[k] = total[k] + report[k] end
@@ -198,7 +268,7 @@ function M.run(o)
       local b = remove(held, 1)
       if b.outcomes then
         local res, cerr = conclude(o, b.taken, b.outcomes, b.report)
-        if not res then warn("redis: " .. tostring(cerr)) end
+        if not res then failed("redis", cerr) end
       else
         not_processed(o, b.taken, err or "the batch was not completed", b.report)
       end
@@ -212,11 +282,22 @@ function M.run(o)
     if not ok then warn("batch: " .. tostring(err)) end
     conclude_held(true, not ok and err or cause)
   end
+  -- requests due again (retries, scheduled sends, a dead worker's leased ones), sent with
+  -- the same connections: the batch on the wire is completed first
+  local function flush()
+    drain()
+    local ok, summary, ferr = pcall(t.flush, t)
+    if not ok then warn("flush: " .. tostring(summary))
+    elseif not summary then failed("flush", ferr)
+    else total.flushed = total.flushed + (summary.sent or 0) end
+    last_flush = time()
+  end
   while not stop() do
-    local now = clock()
+    local now = time()
     if now - last_beat >= o.beat_every then
       info.processed = total.read
-      q:beat(name, info)
+      local ok, berr = q:beat(name, info)
+      if not ok then failed("heartbeat", berr) end
       last_beat = now
     end
     local entries, err
@@ -225,57 +306,81 @@ function M.run(o)
       entries, err = q:reclaim(name, o.lease * 1000, o.batch)
       last_reclaim = now
       if entries and #entries == o.batch then last_reclaim = -math.huge end   -- more may wait
+      if err then last_reclaim = -math.huge end                              -- again once Redis is back
     end
     if not err and (not entries or #entries == 0) and not stop() then
       -- a batch on the wire: no waiting for new entries (it is completed first, below)
       entries, err = q:read(name, o.batch, #held == 0 and o.block * 1000 or 0)
     end
     if err then
-      warn("redis: " .. tostring(err))
       drain()
-      sleep(o.block)   -- Redis away: try again a little later
-    elseif entries and #entries > 0 then
-      total.read = total.read + #entries
-      local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
-      local events, taken = prepare(o, entries, report)
-      if not events then
-        warn("redis: " .. tostring(taken))
-        account(report)
-      elseif #events == 0 then
-        account(report)
-      else
-        local b = { taken = taken, report = report }
-        held[#held + 1] = b
-        -- decides b and starts its sends; completes (settles) the batch before it
-        local ok, perr = pcall(pipe.process, pipe, events, b)
-        if ok then
-          conclude_held(false)
-        else
-          warn("batch: " .. tostring(perr))
-          drain(perr)
-        end
+      if not trouble.failed("read", err) then
+        warn("redis: " .. tostring(err))
+        sleep(o.block)   -- a command refused: not in a loop
       end
     else
-      drain()   -- nothing new: the batch on the wire completed, acknowledged
-    end
-    -- requests due again (retries, scheduled sends, a dead worker's leased ones); with a
-    -- batch on the wire, only when the outbox has one (completing the batch first
-    -- would leave the connections idle while the next is read and decided)
-    if not stop() and clock() - last_flush >= o.flush_every then
-      if #held == 0 or flush_due(t) then
-        drain()
-        local ok, summary, ferr = pcall(t.flush, t)
-        if not ok or not summary then warn("flush: " .. tostring(ok and ferr or summary))
-        else total.flushed = total.flushed + (summary.sent or 0) end
+      -- back after an outage: flush first, so that the settles Redis missed are written
+      -- (the flush's reconcile) before the outbox lease lets another worker send them
+      if trouble.reached() and not stop() then flush() end
+      if entries and #entries > 0 then
+        total.read = total.read + #entries
+        local report = { read = #entries, acked = 0, dead = 0, retried = 0, outcomes = {} }
+        local events, taken = prepare(o, entries, report)
+        if not events then
+          failed("redis", taken)
+          account(report)
+        elseif #events == 0 then
+          account(report)
+        else
+          local b = { taken = taken, report = report }
+          held[#held + 1] = b
+          -- decides b and starts its sends; completes (settles) the batch before it
+          local ok, perr = pcall(pipe.process, pipe, events, b)
+          if ok then
+            conclude_held(false)
+          else
+            warn("batch: " .. tostring(perr))
+            drain(perr)
+          end
+        end
+      else
+        drain()   -- nothing new: the batch on the wire completed, acknowledged
       end
-      last_flush = clock()
     end
-    if clock() - last_trim >= o.trim_every then
+    -- requests due again; with a batch on the wire, only when the outbox has one
+    -- (completing the batch first would leave the connections idle while the next is
+    -- read and decided)
+    if not stop() and not trouble.down and time() - last_flush >= o.flush_every then
+      if #held == 0 or flush_due(t) then flush() else last_flush = time() end
+    end
+    if not trouble.down and time() - last_trim >= o.trim_every then
       q:trim()   -- done entries out of the stream (failure: the next time)
-      last_trim = clock()
+      last_trim = time()
+    end
+    if not trouble.down and time() - last_prune >= o.prune_every then
+      q:prune(os.time(), o.forget_after)   -- workers silent for forget_after out (failure: the next time)
+      last_prune = time()
+    end
+    trouble.wait(stop)
+  end
+  drain()   -- the batch on the wire completed and acknowledged (or noted) first
+  -- settles Redis missed (requests sent while it was away), written before leaving: for
+  -- at most settle_grace seconds (a second signal ends the process at once)
+  local kept = t.unsettled and t:unsettled() or 0
+  if kept > 0 then
+    local till = clock() + o.settle_grace
+    while true do
+      pcall(t.settle_kept, t)
+      local left = t:unsettled()
+      if left == 0 or clock() >= till then
+        if left == 0 then notice(("settled %d request(s) sent while Redis was away"):format(kept))
+        else notice(("%d request(s) sent while Redis was away left unsettled: the outbox sends them again "
+          .. "after their lease"):format(left)) end
+        break
+      end
+      sleep(0.2)
     end
   end
-  drain()
   info.state, info.processed = "stopped", total.read
   q:beat(name, info)
   return total

@@ -25,12 +25,13 @@ local send = require "stella.trigger.send"
 local settle = require "stella.trigger.settle"
 local pipeline = require "stella.trigger.pipeline"
 local flush = require "stella.trigger.flush"
+local unsettled = require "stella.trigger.unsettled"
 local alert = require "stella.trigger.alert"
 local retention = require "stella.trigger.retention"
 local zones = require "stella.zones"
 
-local type, pairs, tostring, error, setmetatable =
-      type, pairs, tostring, error, setmetatable
+local type, pairs, ipairs, tostring, error, setmetatable =
+      type, pairs, ipairs, tostring, error, setmetatable
 local random = math.random
 
 local M = {}
@@ -159,6 +160,19 @@ end
 -- flush(): replay what is due in the outbox. Returns counts by status.
 function Trigger:flush()
   return flush.run(self)
+end
+
+-- unsettled() -> the outbox items of settles the store did not take, kept in this
+-- process (its requests were sent: a flush applies them before claiming anything).
+-- settle_kept() -> those applied now: items settled | nil, err (Redis still away).
+function Trigger:unsettled()
+  local n = 0
+  for _, plan in ipairs(self.unsettled_plans or {}) do n = n + unsettled.items_of(plan) end
+  return n
+end
+
+function Trigger:settle_kept()
+  return settle.reconcile(self, true)
 end
 
 -- purge([now]) -> { ledger = n, dead = n, marks = n } | nil, err: the ledger entries and

@@ -173,34 +173,54 @@
       });
   }
 
+  // The work queue (a Redis store): its numbers, the workers, the dead-letter stream.
   function drawWorkers(s) {
     var box = $("workers");
     clear(box);
+    $("queue").hidden = !s.queue;
+    $("queue-dead-panel").hidden = !s.queue;
     if (s.workers === null) {
       box.appendChild(el("p", { "class": "empty", id: "no-workers" },
         "No workers (" + s.backend + " store): `stella trigger` sends in line, and `stella retry` sends the outbox once due."));
-      if (s.queue === null) return;
     }
     if (s.queue) {
-      box.appendChild(el("p", {}, "Queue: " + s.queue.depth + " waiting, " + (s.queue.pending || 0) + " being worked on" +
-        (s.queue.oldest ? ", the oldest " + ago(s.now - s.queue.oldest) + " old" : "")));
+      var q = s.queue;
+      ["lag", "pending", "dead", "length"].forEach(function (k) { setK("queue." + k, q[k] === null ? "–" : q[k]); });
+      $("queue-oldest").textContent = q.oldest === null ? "Nothing waiting." :
+        "The oldest entry not done was added " + ago(s.now - q.oldest) + " ago (" + when(q.oldest) + ").";
+      var body = $("queue-dead").tBodies[0];
+      clear(body);
+      (q.dead_letters || []).forEach(function (d) {
+        var tr = el("tr", { "class": "row-qdead", "data-id": d.id });
+        tr.appendChild(el("td", { "class": "time" }, when(d.time)));
+        tr.appendChild(el("td", {}, d.entry === null || d.entry === "" ? "–" : d.entry));
+        tr.appendChild(el("td", { "class": "num" }, d.deliveries === null ? "–" : d.deliveries));
+        tr.appendChild(el("td", {}, d.worker === null || d.worker === "" ? "–" : d.worker));
+        tr.appendChild(el("td", { "class": "msg" }, d.reason));
+        body.appendChild(tr);
+      });
+      if (!(q.dead_letters || []).length) {
+        body.appendChild(el("tr")).appendChild(el("td", { colspan: 5, "class": "empty" }, "None: every entry was processed."));
+      }
     }
     if (!s.workers) return;
     if (s.workers.length === 0) { box.appendChild(el("p", { "class": "empty" }, "No worker has a heartbeat.")); return; }
-    var table = el("table"), head = el("tr");
-    ["worker", "host", "heartbeat", "busy", "processed"].forEach(function (h) { head.appendChild(el("th", {}, h)); });
+    var table = el("table", { id: "worker-table" }), head = el("tr");
+    ["worker", "state", "host", "heartbeat", "processed", "pending"].forEach(function (h) { head.appendChild(el("th", {}, h)); });
     table.appendChild(el("thead")).appendChild(head);
-    var body = table.appendChild(el("tbody"));
+    var tbody = table.appendChild(el("tbody"));
     s.workers.forEach(function (w) {
-      var tr = el("tr");
+      var tr = el("tr", { "class": "row-worker", "data-worker": w.name, "data-state": w.state || "" });
       tr.appendChild(el("td", {}, w.name));
+      tr.appendChild(el("td", { "class": "state state-" + (w.state || "unknown") }, w.state || (w.busy ? "live" : "–")));
       tr.appendChild(el("td", {}, (w.host || "") + (w.pid ? " (" + w.pid + ")" : "")));
-      tr.appendChild(el("td", { "class": "time" }, w.heartbeat ? ago(s.now - w.heartbeat) + " ago" : "–"));
-      tr.appendChild(el("td", { "class": "num" }, w.busy === undefined ? "–" : w.busy));
-      tr.appendChild(el("td", { "class": "num" }, w.processed === undefined ? "–" : w.processed));
-      body.appendChild(tr);
+      tr.appendChild(el("td", { "class": "time", "data-heartbeat": w.heartbeat || "", title: when(w.heartbeat) },
+                        w.heartbeat ? ago(s.now - w.heartbeat) + " ago" : "–"));
+      tr.appendChild(el("td", { "class": "num" }, w.processed === undefined || w.processed === null ? "–" : w.processed));
+      tr.appendChild(el("td", { "class": "num" }, w.pending === undefined || w.pending === null ? "–" : w.pending));
+      tbody.appendChild(tr);
     });
-    box.appendChild(table);
+    box.appendChild(el("div", { "class": "scroll" })).appendChild(table);
   }
 
   function pill(status) {
@@ -254,7 +274,17 @@
     if (!s.latest.length) body.appendChild(el("tr")).appendChild(el("td", { colspan: 5, "class": "empty" }, "None in this range."));
   }
 
+  // An empty list may come as {} (Debian's lua-cjson 2.1.0 has no array_mt): a list either way.
+  function lists(s) {
+    function list(x) { return Array.isArray(x) ? x : []; }
+    ["counts", "rate", "latest", "timeline", "dead"].forEach(function (k) { s[k] = list(s[k]); });
+    if (s.workers) s.workers = list(s.workers);
+    if (s.queue) ["consumers", "workers", "dead_letters"].forEach(function (k) { s.queue[k] = list(s.queue[k]); });
+    return s;
+  }
+
   function render(s) {
+    s = lists(s);
     last = s;
     $("db").textContent = s.db;
     $("backend").textContent = s.backend;
