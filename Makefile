@@ -63,9 +63,10 @@ BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
                 csrc/stella_parse.c \
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
+                csrc/stella_answer.c \
                 csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
+CORE_HDR     := csrc/stella.h csrc/stella_answer.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
                 csrc/lstella_encode.h
 BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c csrc/lstella_signal.c \
                 csrc/lstella_encode.c
@@ -140,7 +141,7 @@ asan:
 	 tools/run-tests busted:$(CURDIR)/build/asan/lua:build/asan
 
 # Coverage-guided fuzzing (libFuzzer, clang) under ASan + UBSan: the harnesses in spec/fuzz/
-# (fuzz_parse, fuzz_roundtrip, fuzz_url_key, fuzz_retry_after), each for FUZZ_SECONDS in turn,
+# (fuzz_parse, fuzz_roundtrip, fuzz_url_key, fuzz_retry_after, fuzz_answer), each for FUZZ_SECONDS in turn,
 # from the seed corpus in spec/fuzz/corpus/ plus what earlier runs found (build/fuzz/corpus/);
 # prints executions and coverage per harness. A crash leaves its input in build/fuzz/ and
 # fails the run. make test runs each for FUZZ_SMOKE_SECONDS.
@@ -148,7 +149,7 @@ asan:
 FUZZ_CC      ?= clang-14
 FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 5
-FUZZ_HARNESSES ?= fuzz_parse fuzz_roundtrip fuzz_url_key fuzz_retry_after
+FUZZ_HARNESSES ?= fuzz_parse fuzz_roundtrip fuzz_url_key fuzz_retry_after fuzz_answer
 FUZZ_CFLAGS  := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 FUZZ_BIN     := $(addprefix build/fuzz/,$(FUZZ_HARNESSES))
 FUZZ_LIB     := build/fuzz/libstella.a
