@@ -6,7 +6,7 @@
 #                        BUILD/stella/redis/core.so when hiredis' headers are installed)
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
 #   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
-#   make valgrind        the C tests and the Redis connection's specs under valgrind
+#   make valgrind        the C tests, the plain-http path's and the Redis connection's specs under valgrind
 #   make fuzz            libFuzzer harnesses under ASan + UBSan (FUZZ_SECONDS each; clang-14)
 #   make bench           benchmarks (ratios against baselines measured in the same run; the
 #                        client/server ones pinned: different CPUs, then the same CPU)
@@ -192,6 +192,8 @@ fuzz-mutate:
 VALGRIND     := valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 valgrind: build/c/test_core module
 	$(VALGRIND) build/c/test_core
+	LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./$(BUILD)/?.so;;" \
+	  STELLA_TEST_LUA=$(LUA_BIN) $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/http_answer_spec.lua
 	$(if $(HAVE_HIREDIS),LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" \
 	  LUA_CPATH="./$(BUILD)/?.so;;" STELLA_TEST_LUA=$(LUA_BIN) \
 	  $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/redis_spec.lua)

@@ -626,7 +626,7 @@ static int fast_end(stella_http *h, CURLcode code, const char *msg, stella_http_
  * idle: the request is sent once more on a fresh connection, as libcurl does. Returns
  * 1 when the post has ended, 0 when it goes on. */
 static int fast_broken(stella_http *h, CURLcode code, const char *what, int e, stella_http_result *res) {
-  char msg[160];
+  char msg[160], text[128];
   if (h->reused && !h->retried && h->answer.seen == 0) {
     h->retried = 1;
     h->out_off = 0;
@@ -641,7 +641,8 @@ static int fast_broken(stella_http *h, CURLcode code, const char *what, int e, s
     if (st == STELLA_ANSWER_DONE) return fast_end(h, CURLE_OK, NULL, res);
     return fast_end(h, (CURLcode)h->answer.code, h->answer.error, res);
   }
-  snprintf(msg, sizeof msg, "%s failure: %s", what, strerror(e));
+  if (strerror_r(e, text, sizeof text) != 0) snprintf(text, sizeof text, "error %d", e);   /* threads: not strerror */
+  snprintf(msg, sizeof msg, "%s failure: %s", what, text);
   return fast_end(h, code, msg, res);
 }
 
