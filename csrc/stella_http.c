@@ -11,8 +11,8 @@
  * libcurl writes, and reads the answer with stella_answer.c, which reads it as libcurl
  * does; a failure carries the libcurl code libcurl gives for it. It saves libcurl's
  * per-transfer set-up (URL, header list, status-line parsing, connection cache,
- * allocations) and half the system calls (libcurl polls the socket three times per
- * request); see README "Benchmarks". */
+ * allocations) and half the system calls (libcurl polls the socket three or four times
+ * per request); see README "Benchmarks". */
 #define _POSIX_C_SOURCE 200112L   /* nanosleep (for libcurl < 7.66), clock_gettime, poll */
 #include <ctype.h>
 #include <errno.h>
