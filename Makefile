@@ -6,7 +6,7 @@
 #                        BUILD/stella/redis/core.so when hiredis' headers are installed)
 #   make test            C tests + specs under Lua 5.4 and LuaJIT ("N passed, N failed")
 #   make asan            specs with the core (and stella.redis.core) built under AddressSanitizer
-#   make valgrind        the C tests and the Redis connection's specs under valgrind
+#   make valgrind        the C tests, the plain-http path's and the Redis connection's specs under valgrind
 #   make fuzz            libFuzzer harnesses under ASan + UBSan (FUZZ_SECONDS each; clang-14)
 #   make bench           benchmarks (ratios against baselines measured in the same run; the
 #                        client/server ones pinned: different CPUs, then the same CPU)
@@ -63,9 +63,10 @@ BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
                 csrc/stella_parse.c \
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
+                csrc/stella_answer.c \
                 csrc/stella_sender.c \
                 csrc/stella_sha256.c
-CORE_HDR     := csrc/stella.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
+CORE_HDR     := csrc/stella.h csrc/stella_answer.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
                 csrc/lstella_encode.h
 BINDING_SRC  := csrc/lstella.c csrc/lstella_http.c csrc/lstella_decode.c csrc/lstella_signal.c \
                 csrc/lstella_encode.c
@@ -140,7 +141,7 @@ asan:
 	 tools/run-tests busted:$(CURDIR)/build/asan/lua:build/asan
 
 # Coverage-guided fuzzing (libFuzzer, clang) under ASan + UBSan: the harnesses in spec/fuzz/
-# (fuzz_parse, fuzz_roundtrip, fuzz_url_key, fuzz_retry_after), each for FUZZ_SECONDS in turn,
+# (fuzz_parse, fuzz_roundtrip, fuzz_url_key, fuzz_retry_after, fuzz_answer), each for FUZZ_SECONDS in turn,
 # from the seed corpus in spec/fuzz/corpus/ plus what earlier runs found (build/fuzz/corpus/);
 # prints executions and coverage per harness. A crash leaves its input in build/fuzz/ and
 # fails the run. make test runs each for FUZZ_SMOKE_SECONDS.
@@ -148,7 +149,7 @@ asan:
 FUZZ_CC      ?= clang-14
 FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 5
-FUZZ_HARNESSES ?= fuzz_parse fuzz_roundtrip fuzz_url_key fuzz_retry_after
+FUZZ_HARNESSES ?= fuzz_parse fuzz_roundtrip fuzz_url_key fuzz_retry_after fuzz_answer
 FUZZ_CFLAGS  := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 FUZZ_BIN     := $(addprefix build/fuzz/,$(FUZZ_HARNESSES))
 FUZZ_LIB     := build/fuzz/libstella.a
@@ -191,6 +192,8 @@ fuzz-mutate:
 VALGRIND     := valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite
 valgrind: build/c/test_core module
 	$(VALGRIND) build/c/test_core
+	LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" LUA_CPATH="./$(BUILD)/?.so;;" \
+	  STELLA_TEST_LUA=$(LUA_BIN) $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/http_answer_spec.lua
 	$(if $(HAVE_HIREDIS),LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;" \
 	  LUA_CPATH="./$(BUILD)/?.so;;" STELLA_TEST_LUA=$(LUA_BIN) \
 	  $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/redis_spec.lua)

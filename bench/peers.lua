@@ -122,7 +122,7 @@ local function main()
     peers[#peers + 1] = { name = name, how = how, fn = fn, note = note, runs = {} }
   end
 
-  peer("stella `client:send`", "validates, canonical JSON; libcurl, 1 keep-alive connection", function()
+  peer("stella `client:send`", "validates, canonical JSON; 1 keep-alive connection (libcurl opens it)", function()
     return loop(SECONDS, function() assert(client:send(REQ)) end)
   end)
 
