@@ -108,10 +108,9 @@ build/c/test_core: spec/c/test_core.c $(CLIB)
 test: build/c/test_core fuzz-build
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
-	@tools/run-tests tap:build/c/test_core "tap:tools/run-fuzz --tap $(FUZZ_SMOKE_SECONDS) $(FUZZ_HARNESSES)" \
-	  tap:tools/rock-check \
-	  busted:lua5.4:build/5.4 busted:luajit:build/luajit \
-	  "tap:lua5.4 tools/soak.lua --tap --seconds $(SOAK_TEST_SECONDS)"
+	@tools/run-tests tap:build/c/test_core tap:tools/rock-check busted:lua5.4:build/5.4 \
+	  -- "tap:tools/run-fuzz --tap $(FUZZ_SMOKE_SECONDS) $(FUZZ_HARNESSES)" busted:luajit:build/luajit \
+	     "tap:lua5.4 tools/soak.lua --tap --seconds $(SOAK_TEST_SECONDS)"
 
 # A randomized fault schedule against the loopback test server, then a strict check of
 # the server's log against the ledger and the outbox (tools/soak.lua). SOAK_SEED replays
