@@ -1270,9 +1270,8 @@ static void test_sender(void) {
           if (!CHECK(seen == attempted, "sender: one result for each attempted item"))
             diag_long("results", (long)seen);
         }
-        if (CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->outcome ==
-                  STELLA_OUTCOME_NETWORK, "sender: the second lane's item failed as network or was not tried"))
-          CHECK(1, "sender: results of two lanes are readable");
+        CHECK(stella_sender_result(s, 1) == NULL || stella_sender_result(s, 1)->outcome ==
+              STELLA_OUTCOME_NETWORK, "sender: the second lane's item failed as network or was not tried");
         CHECK(stella_sender_done(s) == 1, "sender: done after wait, with two lanes");
       }
       stella_sender_free(s);
@@ -1280,18 +1279,20 @@ static void test_sender(void) {
       /* one group over both clients: a shared queue; a failure still stops every lane */
       {
         static const size_t one[3] = { 1, 1, 1 }, two[3] = { 1, 2, 2 };
-        size_t k, seen = 0;
+        size_t k, seen = 0, wrong_by = 0;
         s = stella_sender_start_shared(items, one, 3, 10000, err, sizeof err);
         if (CHECK(s != NULL, "sender: starts three posts shared by two clients")) {
           attempted = stella_sender_wait(s);
           if (!CHECK(attempted >= 1 && attempted <= 2, "sender: a shared queue stops at the failures (one per lane at most)"))
             diag_long("attempted", (long)attempted);
+          /* how many were attempted is a race between the lanes: one check over all of them */
           for (k = 0; k < 3; k++) {
             r = stella_sender_result(s, k);
             if (r == NULL) continue;
             seen++;
-            CHECK(r->by == 0 || r->by == 1, "sender: by is the first item of the client that posted it");
+            if (r->by != 0 && r->by != 1) wrong_by++;
           }
+          CHECK(seen > 0 && wrong_by == 0, "sender: by is the first item of the client that posted it");
           check_long((long)seen, (long)attempted, "sender: one result for each item a shared queue attempted");
           CHECK(stella_sender_result(s, 2) == NULL, "sender: the third item was not attempted");
         }

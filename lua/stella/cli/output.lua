@@ -1,8 +1,9 @@
 -- stella.cli.output: the machine-readable output of trigger, status, retry and validate
 -- (--json, --json-lines): JSON text for a summary object and for one event's outcome. The
 -- fields are documented in README, "Machine-readable output"; absent values are null.
-local assert, ipairs, next, pairs, setmetatable, tostring, type = assert, ipairs, next, pairs, setmetatable, tostring, type
-local sort = table.sort
+local assert, getmetatable, ipairs, pairs, setmetatable, tostring, type =
+      assert, getmetatable, ipairs, pairs, setmetatable, tostring, type
+local sort, concat = table.sort, table.concat
 local cjson = require "cjson.safe"
 
 local M = {}
@@ -14,23 +15,36 @@ local function value(v)
   return v
 end
 
--- JSON text of a table (keys sorted: the same object gives the same text)
-function M.encode(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  sort(keys)
-  local parts = {}
-  for _, k in ipairs(keys) do
-    local v = t[k]
-    parts[#parts + 1] = cjson.encode(k) .. ":" .. (type(v) == "table" and v ~= null and v[1] == nil and next(v) ~= nil
-      and M.encode(v) or assert(cjson.encode(v)))
-  end
-  return "{" .. table.concat(parts, ",") .. "}"
+-- A list for the output: encoded as a JSON array even when empty. (lua-cjson's own
+-- cjson.array_mt, where it has one, is the marker; Debian's lua-cjson 2.1.0 has none, and
+-- an empty table would come out as {}.)
+local ARRAY = cjson.array_mt or {}
+M.ARRAY = ARRAY
+function M.array(t)
+  return setmetatable(t or {}, ARRAY)
 end
+
+-- JSON text of a value: objects with their keys sorted (the same object gives the same
+-- text), tables marked by M.array or with a first element as arrays, other values by cjson.
+local function encode(v)
+  if type(v) ~= "table" or v == null then return assert(cjson.encode(v)) end
+  if getmetatable(v) == ARRAY or v[1] ~= nil then
+    local parts = {}
+    for i = 1, #v do parts[i] = encode(v[i]) end
+    return "[" .. concat(parts, ",") .. "]"
+  end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for i, k in ipairs(keys) do parts[i] = assert(cjson.encode(tostring(k))) .. ":" .. encode(v[k]) end
+  return "{" .. concat(parts, ",") .. "}"
+end
+M.encode = encode
 
 -- the tally of outcomes ({ status, reason, count } in the order met) as a list
 function M.counts(order)
-  local list = setmetatable({}, cjson.array_mt)
+  local list = M.array()
   for _, t in ipairs(order) do
     list[#list + 1] = { status = t.status, reason = value(t.reason), count = t.count }
   end

@@ -1,7 +1,9 @@
 -- stella.cli.queue_status: the work queue's part of `stella status` on a Redis --db
 -- (stella.queue: the stream, the consumer group, the dead letters, the workers'
 -- heartbeats), as text and as the "queue" field of --json.
-local error, ipairs, setmetatable, tostring = error, ipairs, setmetatable, tostring
+local error, ipairs, tostring = error, ipairs, tostring
+
+local output = require "stella.cli.output"
 
 local M = {}
 
@@ -27,7 +29,7 @@ function M.to_json(st)
   local null = cjson.null
   if not st then return null end
   local function v(x) if x == nil then return null end return x end
-  local consumers, workers = setmetatable({}, cjson.array_mt), setmetatable({}, cjson.array_mt)
+  local consumers, workers = output.array(), output.array()
   for i, c in ipairs(st.consumers) do consumers[i] = { name = c.name, pending = c.pending, idle = c.idle } end
   for i, w in ipairs(st.workers) do
     workers[i] = { name = w.name, state = w.state, heartbeat = w.beat, age = w.age, pid = v(w.pid), host = v(w.host),
@@ -79,7 +81,7 @@ function M.sources(db)
       if not s then return nil end
       local obj = M.to_json(s)
       obj.depth = obj.lag
-      local letters = setmetatable({}, cjson.array_mt)
+      local letters = output.array()
       for i, l in ipairs(r.dead or {}) do
         letters[i] = { id = l.id, time = l.time or cjson.null, entry = l.entry or cjson.null,
                        deliveries = l.deliveries or cjson.null, worker = l.worker or cjson.null, reason = l.reason or "" }
@@ -105,7 +107,7 @@ end
 -- paused (seconds left, 0: none), pauses, backlog, seen }]
 function M.rate_to_json(list)
   local cjson = require "cjson.safe"
-  local out = setmetatable({}, cjson.array_mt)
+  local out = output.array()
   for i, r in ipairs(list or {}) do
     out[i] = { key_id = r.id, label = r.label, per_second = r.rate == nil and cjson.null or r.rate, burst = r.burst,
                paused = r.paused, pauses = r.pauses, backlog = r.backlog, seen = r.seen }

@@ -141,7 +141,7 @@ end
 function M.to_json(st, extra)
   local cjson = require "cjson.safe"
   local null = cjson.null
-  local function array(t) return setmetatable(t, cjson.array_mt) end
+  local array = require("stella.cli.output").array
   local function v(x) if x == nil then return null end return x end
   local counts = array{}
   for i, c in ipairs(st.counts) do counts[i] = { status = c.status, reason = v(c.reason), count = c.count } end

@@ -184,7 +184,7 @@ function M.run(ctx, opts, paths)
 
   local total, passed, failed, bad = 0, 0, 0, 0
   local cjson = require "cjson"
-  local failures = setmetatable({}, cjson.array_mt)
+  local failures = require("stella.cli.output").array()
   for _, path in ipairs(paths) do
     local file, problems = cases_mod.load(path)
     if not file then

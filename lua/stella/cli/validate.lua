@@ -42,7 +42,7 @@ function M.run(ctx, opts, inputs)
   local output = require "stella.cli.output"
   local function problems_of(name, line_no, errors, message)
     if mode == "json-lines" then
-      local list = setmetatable({}, require("cjson").array_mt)
+      local list = output.array()
       for i, e in ipairs(errors or {}) do
         list[i] = { path = tostring(e.path), code = tostring(e.code), message = tostring(e.message) }
       end

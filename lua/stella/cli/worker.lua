@@ -87,7 +87,7 @@ local function list_dead(ctx, q, opts, mode)
   local dead, err = q:dead(limit)
   if not dead then ctx:warn("stella worker: %s", tostring(err)) return 1 end
   if mode == "json" then
-    local list = setmetatable({}, require("cjson").array_mt)
+    local list = output.array()
     for i, d in ipairs(dead) do list[i] = d end
     ctx:say("%s", require("cjson").encode{ command = "worker", dead = list })
     return 0

@@ -156,7 +156,7 @@ function Dashboard:status_object(params)
   local sources = self.sources
   local workers = sources.workers and sources.workers(now) or nil
   local queue = sources.queue and sources.queue(now) or nil
-  if workers then setmetatable(workers, cjson.array_mt) end
+  if workers then output.array(workers) end
   local name = tostring(self.store):match("^stella%.store%.(%w+)") or tostring(self.store)
   return status.to_json(st, { command = "dashboard", db = self.db, backend = name,
                               workers = workers or cjson.null, queue = queue or cjson.null })
