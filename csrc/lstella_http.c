@@ -513,26 +513,26 @@ static int push_send_result(lua_State *L, const stella_send_result *r) {
   return push_result(L, &hr);
 }
 
+/* sender:result(i) and sender:poster(i): item i's result once the threads have finished,
+ * or NULL when it was not attempted. */
+static const stella_send_result *waited_result(lua_State *L) {
+  sender_ud *su = open_sender(L);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  stella_sender_wait(su->s);
+  return i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+}
+
 /* sender:result(i) -> what http:post returns, for item i (after wait); nothing when the
  * item was not attempted */
 static int l_sender_result(lua_State *L) {
-  sender_ud *su = open_sender(L);
-  lua_Integer i = luaL_checkinteger(L, 2);
-  const stella_send_result *r;
-  stella_sender_wait(su->s);
-  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
-  if (r == NULL) return 0;
-  return push_send_result(L, r);
+  const stella_send_result *r = waited_result(L);
+  return r ? push_send_result(L, r) : 0;
 }
 
 /* sender:poster(i) -> the index of the first item of the client that posted item i
  * (after wait), or nothing when item i was not attempted */
 static int l_sender_poster(lua_State *L) {
-  sender_ud *su = open_sender(L);
-  lua_Integer i = luaL_checkinteger(L, 2);
-  const stella_send_result *r;
-  stella_sender_wait(su->s);
-  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+  const stella_send_result *r = waited_result(L);
   if (r == NULL) return 0;
   lua_pushinteger(L, (lua_Integer)r->by + 1);
   return 1;
