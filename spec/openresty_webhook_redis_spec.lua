@@ -27,7 +27,7 @@ local event = webhook_nginx.events(os.time() % 100000 * 1000 + 500, "r")
 
 describe("the OpenResty webhook with its queue on Redis", function()
   local api, srv
-  local running = {}
+  local nodes = webhook_nginx.nodes()
   local db_n = 0
 
   lazy_setup(function()
@@ -40,7 +40,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
   end)
 
   lazy_teardown(function()
-    for n in pairs(running) do n:stop() end
+    nodes:stop_all()
     if api then api:stop() end
     if srv then srv:remove() end
   end)
@@ -61,14 +61,11 @@ describe("the OpenResty webhook with its queue on Redis", function()
   local function webhook(url, settings, edit, prefix)
     edit = edit or {}
     edit["queue_capacity = 10000,"] = ('queue = "%s", %s'):format(url, settings or "queue_capacity = 10000,")
-    local n = webhook_nginx.start{ key = KEY, base_url = api.url, workers = 2, edit = edit, prefix = prefix }
-    running[n] = true
-    return n
+    return nodes:start{ key = KEY, base_url = api.url, workers = 2, edit = edit, prefix = prefix }
   end
 
   local function stop(n)
-    n:stop()
-    running[n] = nil
+    nodes:stop(n)
     local log = harness.read_file(n.prefix .. "/error.log") or ""
     assert.is_nil(log:find(PASSWORD, 1, true), "the Redis password is in the log")
     assert.is_nil(log:find(KEY, 1, true), "the API key is in the log")

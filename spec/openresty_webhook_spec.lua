@@ -15,7 +15,7 @@ local event = webhook_nginx.events(os.time() % 100000 * 1000)
 
 describe("the OpenResty webhook under load", function()
   local api
-  local running = {}
+  local nodes = webhook_nginx.nodes()
 
   lazy_setup(function()
     if not harness.read_file(ROOT .. "/build/luajit/stella/core.so") then
@@ -25,7 +25,7 @@ describe("the OpenResty webhook under load", function()
   end)
 
   lazy_teardown(function()
-    for n in pairs(running) do n:stop() end
+    nodes:stop_all()
     if api then api:stop() end
   end)
 
@@ -37,15 +37,10 @@ describe("the OpenResty webhook under load", function()
   -- The example's nginx.conf with 2 workers and the given edits, on a prefix of its own
   -- (or `prefix`, kept for a restart).
   local function webhook(edit, prefix)
-    local n = webhook_nginx.start{ key = KEY, base_url = api.url, workers = 2, edit = edit, prefix = prefix }
-    running[n] = true
-    return n
+    return nodes:start{ key = KEY, base_url = api.url, workers = 2, edit = edit, prefix = prefix }
   end
 
-  local function stop(n)
-    n:stop()
-    running[n] = nil
-  end
+  local function stop(n) nodes:stop(n) end
 
   local function health(n)
     local code, body = http(n.ports.PORT, "GET", "/events/health")

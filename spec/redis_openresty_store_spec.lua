@@ -145,7 +145,7 @@ describe("the OpenResty webhook on Redis, two nginx", function()
   local redis = require "stella.redis"
   local KEY = "test-key-webhook-redis-0123456789"
   local srv, api
-  local running = {}
+  local nodes = webhook_nginx.nodes()
 
   lazy_setup(function()
     srv = redis_server.start{}
@@ -153,15 +153,13 @@ describe("the OpenResty webhook on Redis, two nginx", function()
   end)
 
   lazy_teardown(function()
-    for n in pairs(running) do n:stop() end
+    nodes:stop_all()
     if api then api:stop() end
     if srv then srv:remove() end
   end)
 
   local function webhook(edit, env)
-    local n = webhook_nginx.start{ key = KEY, base_url = api.url, workers = 2, edit = edit, env = env }
-    running[n] = true
-    return n
+    return nodes:start{ key = KEY, base_url = api.url, workers = 2, edit = edit, env = env }
   end
 
   it("suppresses each customer across both, sends each interaction once, and pools its connections", function()
@@ -245,8 +243,7 @@ describe("the OpenResty webhook on Redis, two nginx", function()
     for _, n in ipairs{ a, b } do
       local log = n:error_log()
       assert.falsy(log:find("[error]", 1, true), log)
-      n:stop()
-      running[n] = nil
+      nodes:stop(n)
     end
   end)
 end)

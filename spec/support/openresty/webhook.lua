@@ -12,6 +12,10 @@
 --     prefix = dir, http = "server {...}",  -- as harness.start; ports (default { "PORT" })
 --     probe = "/events/status",             -- the path that says it is up (/events/health)
 --   }
+--   local nodes = webhook.nodes()         the nginx a spec starts, kept so that its teardown
+--                                         stops what a failed test left running:
+--                                         nodes:start(opts) (as webhook.start), nodes:stop(n),
+--                                         nodes:stop_all()
 --   webhook.http(port, method, path [, body [, timeout]]) -> status, body, headers
 --   webhook.wait_for(timeout, pred)       pred's first true value, or nil after timeout s
 --   webhook.events(first [, letter])      an event maker: a fresh id and customer per call
@@ -59,6 +63,28 @@ function M.start(o)
     ports = o.ports or { "PORT" }, edit = edit, prefix = o.prefix, http = o.http, env = env,
     probe = { port = "PORT", path = o.probe or "/events/health" },
   }
+end
+
+local Nodes = {}
+Nodes.__index = Nodes
+
+function M.nodes()
+  return setmetatable({ running = {} }, Nodes)
+end
+
+function Nodes:start(o)
+  local n = M.start(o)
+  self.running[n] = true
+  return n
+end
+
+function Nodes:stop(n)
+  n:stop()
+  self.running[n] = nil
+end
+
+function Nodes:stop_all()
+  for n in pairs(self.running) do self:stop(n) end
 end
 
 -- One HTTP/1.0 exchange: status, body, headers (lower-case names).
