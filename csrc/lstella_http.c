@@ -354,23 +354,30 @@ static sender_ud *check_sender(lua_State *L) {
   return (sender_ud *)luaL_checkudata(L, 1, SENDER_MT);
 }
 
+/* Lends (1) or gives back (0) a sender's clients (those of its registry table). */
+static void lend_clients(lua_State *L, sender_ud *su, int lend) {
+  size_t i, n;
+  su->lending = lend;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+  n = (size_t)stella_rawlen(L, -1);
+  for (i = 1; i <= n; i++) {
+    http_ud *h;
+    lua_rawgeti(L, -1, (int)i);
+    h = (http_ud *)lua_touserdata(L, -1);
+    if (h && lend && h->lent == NULL) h->lent = su;
+    else if (h && !lend && h->lent == su) h->lent = NULL;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 /* One close for close/__gc: stops and joins the thread, frees it, gives the clients back. */
 static int l_sender_close(lua_State *L) {
   sender_ud *su = check_sender(L);
   stella_sender_free(su->s);
   su->s = NULL;
   if (su->ref != LUA_NOREF) {
-    size_t i, n;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
-    n = (size_t)stella_rawlen(L, -1);
-    for (i = 1; i <= n; i++) {
-      http_ud *h;
-      lua_rawgeti(L, -1, (int)i);
-      h = (http_ud *)lua_touserdata(L, -1);
-      if (h && h->lent == su) h->lent = NULL;
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
+    lend_clients(L, su, 0);
     luaL_unref(L, LUA_REGISTRYINDEX, su->ref);
     su->ref = LUA_NOREF;
   }
@@ -561,23 +568,6 @@ static int l_sender_open(lua_State *L) {
   lua_newtable(L);   /* its lanes' clients, in lane order, and client -> lane number */
   su->ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;
-}
-
-/* Lends (1) or gives back (0) an appendable sender's clients. */
-static void lend_clients(lua_State *L, sender_ud *su, int lend) {
-  size_t i, n;
-  su->lending = lend;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
-  n = (size_t)stella_rawlen(L, -1);
-  for (i = 1; i <= n; i++) {
-    http_ud *h;
-    lua_rawgeti(L, -1, (int)i);
-    h = (http_ud *)lua_touserdata(L, -1);
-    if (h && lend && h->lent == NULL) h->lent = su;
-    else if (h && !lend && h->lent == su) h->lent = NULL;
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
 }
 
 static sender_ud *appendable(lua_State *L) {
