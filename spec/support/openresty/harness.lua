@@ -1,5 +1,6 @@
--- Starts an nginx (with its Lua module) from a config template, for spec/openresty_spec.lua:
--- the webhook of examples/openresty/ plus whatever server blocks a spec adds. Runs it with
+-- Starts an nginx (with its Lua module) from a config template, for the OpenResty specs
+-- (spec/openresty_spec.lua; support/openresty/webhook.lua for the webhook's specs): the
+-- webhook of examples/openresty/ plus whatever server blocks a spec adds. Runs it with
 -- stella.nginx, like spec/support/testserver.lua: in the foreground, as a child of this Lua
 -- process, on free 127.0.0.1 ports, in a temporary prefix removed by stop() (kept with
 -- $STELLA_KEEP_PREFIX). Runs under Lua 5.4 and LuaJIT; needs luasocket.
