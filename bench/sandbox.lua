@@ -77,17 +77,7 @@ local function wrk_script(body, key)
 end
 
 -- CPU time (ns) the sandbox's nginx processes have used so far (/proc/PID/schedstat).
-local function nginx_cpu()
-  local total = 0
-  for _, pid in ipairs(sb.process:pids()) do
-    local f = io.open("/proc/" .. pid .. "/schedstat", "rb")
-    if f then
-      total = total + (tonumber((f:read("*l") or ""):match("^(%d+)")) or 0)
-      f:close()
-    end
-  end
-  return total
-end
+local function nginx_cpu() return common.cpu_ns(sb.process:pids()) end
 
 local function wrk(url, seconds, script)
   local cpu0 = nginx_cpu()

@@ -36,6 +36,8 @@
 -- Environment: BENCH_WEBHOOK_SECONDS (each wrk run, default 3), BENCH_WEBHOOK_ROUNDS (5).
 local harness = require "support.openresty.harness"
 local slow_api = require "support.openresty.slow_api"
+local webhook = require "support.openresty.webhook"
+local common = require "bench.common"
 local redis_server = require "support.redis"
 local socket = require "socket"
 local cjson = require "cjson"
@@ -45,22 +47,11 @@ local DURATION = tonumber(os.getenv("BENCH_WEBHOOK_SECONDS")) or 3
 local ROUNDS = math.max(1, math.floor(tonumber(os.getenv("BENCH_WEBHOOK_ROUNDS")) or 5))
 local CONNECTIONS = 16
 local DRAIN = 4000
-local ROOT = (select(2, harness.run("pwd")):gsub("%s+$", ""))
 
 local api, web, rweb, srv
 local tmpfiles = {}
 
-local function http(port, method, path, body)
-  local c = socket.tcp()
-  c:settimeout(30)
-  assert(c:connect("127.0.0.1", port))
-  local head = method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-  if body then head = head .. "Content-Type: application/json\r\nContent-Length: " .. #body .. "\r\n" end
-  assert(c:send(head .. "\r\n" .. (body or "")))
-  local answer = assert(c:receive("*a"))
-  c:close()
-  return tonumber(answer:match("^HTTP/1%.%d (%d%d%d)")), answer:match("\r\n\r\n(.*)$")
-end
+local function http(port, method, path, body) return webhook.http(port, method, path, body, 30) end
 
 local function health()
   local _, body = http(web.ports.PORT, "GET", "/events/health")
@@ -97,18 +88,7 @@ end
 local NCPU = tonumber((select(2, harness.run("nproc")):match("%d+"))) or 1
 local WRK_CPU = NCPU >= 2 and (NCPU - 1) or nil
 
--- CPU time (ns) the processes have used so far (/proc/PID/schedstat).
-local function cpu_of(pids)
-  local total = 0
-  for _, pid in ipairs(pids) do
-    local f = io.open("/proc/" .. pid .. "/schedstat", "rb")
-    if f then
-      total = total + (tonumber((f:read("*l") or ""):match("^(%d+)")) or 0)
-      f:close()
-    end
-  end
-  return total
-end
+local cpu_of = common.cpu_ns   -- CPU time (ns) the processes have used so far
 
 local function nginx_cpu()
   local pids = web:pids()
@@ -135,41 +115,26 @@ local function wrk(url, seconds, script)
            non2xx = tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0, output = out }
 end
 
-local function wait_for(timeout, pred)
-  local deadline = socket.gettime() + timeout
-  repeat
-    if pred() then return true end
-    socket.sleep(0.05)
-  until socket.gettime() > deadline
-  return pred()
-end
+local wait_for, loadavg = webhook.wait_for, common.loadavg
 
-local function loadavg()
-  local lf = io.open("/proc/loadavg", "rb")
-  local load = lf and lf:read("*l"):match("^(%S+ %S+ %S+)") or "?"
-  if lf then lf:close() end
-  return load
+-- The edits of examples/openresty/nginx.conf both webhooks here get (2 workers, both on
+-- CPU 0 when wrk has a CPU of its own; warnings only; no access log), and `more`.
+local function edits(more)
+  more["worker_processes auto;"] = "worker_processes 2;" .. (WRK_CPU and "\nworker_cpu_affinity 1 1;" or "")
+  more["error_log @PREFIX@/error.log notice;"] = "error_log @PREFIX@/error.log warn;"
+  more["access_log @PREFIX@/access.log;"] = "access_log off;"
+  return more
 end
 
 local function main()
   local load0 = loadavg()
   api = slow_api.start{ delay = 0 }
-  web = harness.start{
-    template = ROOT .. "/examples/openresty/nginx.conf",
-    vars = {
-      STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
-      CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
-      NDK_MODULE = harness.find_module("ndk_http_module.so"),
-      LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
-    },
-    edit = {
-      ["worker_processes auto;"] = "worker_processes 2;"
-        .. (WRK_CPU and "\nworker_cpu_affinity 1 1;" or ""),   -- both workers on CPU 0
+  web = webhook.start{
+    key = "bench-key-0123456789", base_url = api.url,
+    edit = edits{
       ["queue_capacity = 10000,"] = "queue_capacity = 10000000,",
       ["lua_shared_dict stella_queue 16m;"] = "lua_shared_dict stella_queue 1024m;",
       ["lua_shared_dict stella 10m;"] = "lua_shared_dict stella 256m;",
-      ["error_log @PREFIX@/error.log notice;"] = "error_log @PREFIX@/error.log warn;",
-      ["access_log @PREFIX@/access.log;"] = "access_log off;",
       -- the backlog left at the end is not written out when the bench stops nginx
       ['spool = "@PREFIX@/spool.jsonl",'] = "spool = nil,",
     },
@@ -181,30 +146,15 @@ local function main()
       .. "h['Content-Type'] = 'application/json' h['Content-Length'] = 15 "
       .. "ngx.print('{\"accepted\":1}\\n') } } }\n",
     ports = { "PORT", "FIXED_PORT" },
-    env = { STELLA_TEST_KEY = "bench-key-0123456789", STELLA_BASE_URL = api.url, STELLA_MODE = "test" },
-    probe = { port = "PORT", path = "/events/health" },
   }
   local interp = rawget(_G, "jit") and jit.version or _VERSION
   -- 5. the same webhook with its queue on Redis
   srv = redis_server.start{}
-  rweb = harness.start{
-    template = ROOT .. "/examples/openresty/nginx.conf",
-    vars = {
-      STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
-      CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
-      NDK_MODULE = harness.find_module("ndk_http_module.so"),
-      LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
-    },
-    edit = {
-      ["worker_processes auto;"] = "worker_processes 2;"
-        .. (WRK_CPU and "\nworker_cpu_affinity 1 1;" or ""),
+  rweb = webhook.start{
+    key = "bench-key-0123456789", base_url = api.url,
+    edit = edits{
       ["queue_capacity = 10000,"] = 'queue = "' .. srv:url{ db = 1 } .. '", queue_capacity = 10000000,',
-      ["error_log @PREFIX@/error.log notice;"] = "error_log @PREFIX@/error.log warn;",
-      ["access_log @PREFIX@/access.log;"] = "access_log off;",
     },
-    ports = { "PORT" },
-    env = { STELLA_TEST_KEY = "bench-key-0123456789", STELLA_BASE_URL = api.url, STELLA_MODE = "test" },
-    probe = { port = "PORT", path = "/events/health" },
   }
 
   -- 4a. memory of the store's dict per surveyed event, and 3. the drain rate

@@ -306,13 +306,18 @@ static int l_http_start(lua_State *L) {
   return 1;
 }
 
+/* The optional wait_seconds at arg (default 0: never waits), in milliseconds, at most 60 s. */
+static long wait_ms_arg(lua_State *L, int arg) {
+  lua_Number wait = luaL_optnumber(L, arg, 0);
+  return wait > 0 ? (wait > 60 ? 60000L : (long)(wait * 1000 + 0.5)) : 0;
+}
+
 /* http:step([wait_seconds]) -> false while the started post runs, else what post returns.
  * wait_seconds (default 0) bounds how long it waits for the network. */
 static int l_http_step(lua_State *L) {
   http_ud *ud = open_http(L);
-  lua_Number wait = luaL_optnumber(L, 2, 0);
+  int wait_ms = (int)wait_ms_arg(L, 2);
   stella_http_result r;
-  int wait_ms = wait > 0 ? (wait > 60 ? 60000 : (int)(wait * 1000 + 0.5)) : 0;
   if (!stella_http_running(ud->h)) return luaL_error(L, "stella client: no started post to step");
   if (!stella_http_step(ud->h, wait_ms, &r)) {
     lua_pushboolean(L, 0);
@@ -349,27 +354,88 @@ static sender_ud *check_sender(lua_State *L) {
   return (sender_ud *)luaL_checkudata(L, 1, SENDER_MT);
 }
 
+/* Lends (1) or gives back (0) a sender's clients (those of its registry table). */
+static void lend_clients(lua_State *L, sender_ud *su, int lend) {
+  size_t i, n;
+  su->lending = lend;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
+  n = (size_t)stella_rawlen(L, -1);
+  for (i = 1; i <= n; i++) {
+    http_ud *h;
+    lua_rawgeti(L, -1, (int)i);
+    h = (http_ud *)lua_touserdata(L, -1);
+    if (h && lend && h->lent == NULL) h->lent = su;
+    else if (h && !lend && h->lent == su) h->lent = NULL;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 /* One close for close/__gc: stops and joins the thread, frees it, gives the clients back. */
 static int l_sender_close(lua_State *L) {
   sender_ud *su = check_sender(L);
   stella_sender_free(su->s);
   su->s = NULL;
   if (su->ref != LUA_NOREF) {
-    size_t i, n;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
-    n = (size_t)stella_rawlen(L, -1);
-    for (i = 1; i <= n; i++) {
-      http_ud *h;
-      lua_rawgeti(L, -1, (int)i);
-      h = (http_ud *)lua_touserdata(L, -1);
-      if (h && h->lent == su) h->lent = NULL;
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
+    lend_clients(L, su, 0);
     luaL_unref(L, LUA_REGISTRYINDEX, su->ref);
     su->ref = LUA_NOREF;
   }
   return 0;
+}
+
+/* send_many's and sender:add's arguments: the list at `list` of (client, path, body)
+ * triples and the groups at `gidx` (none when absent). -> the number of items. */
+static size_t triples(lua_State *L, int list, int gidx) {
+  size_t n;
+  luaL_checktype(L, list, LUA_TTABLE);
+  if (!lua_isnoneornil(L, gidx)) luaL_checktype(L, gidx, LUA_TTABLE);
+  n = (size_t)stella_rawlen(L, list);
+  if (n % 3 != 0) luaL_argerror(L, list, "a list of (client, path, body) triples expected");
+  if (!lua_isnoneornil(L, gidx) && (size_t)stella_rawlen(L, gidx) != n / 3)
+    luaL_argerror(L, gidx, "one group per item expected");
+  return n / 3;
+}
+
+/* The `count` items of those arguments (checked as triples() did), read into a scratch
+ * userdata pushed on the stack: items, and after them their groups (*groups, or NULL when
+ * gidx holds none). Every item is checked before anything is lent; a client lent to a
+ * sender other than `self` is waited for. Each client is stored at anchor[i] (an
+ * absolute index) when anchor is not 0. Raises "WHO: item K: ..." on a bad item. */
+static stella_send_item *read_items(lua_State *L, int list, int gidx, size_t count, const char *who,
+                                    const sender_ud *self, int anchor, size_t **groups) {
+  size_t i;
+  int grouped = !lua_isnoneornil(L, gidx);
+  stella_send_item *items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1)
+                                                                   * (sizeof *items + sizeof **groups));
+  *groups = grouped ? (size_t *)(void *)(items + (count ? count : 1)) : NULL;
+  for (i = 0; i < count; i++) {
+    http_ud *h;
+    if (grouped) {
+      lua_Integer g;
+      int isnum;
+      lua_rawgeti(L, gidx, (int)i + 1);
+      g = lua_tointegerx(L, -1, &isnum);
+      if (!isnum || g < 0) luaL_error(L, "%s: group %d: a whole number >= 0 expected", who, (int)i + 1);
+      (*groups)[i] = (size_t)g;
+      lua_pop(L, 1);
+    }
+    lua_rawgeti(L, list, (int)(3 * i + 1));
+    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
+    if (h == NULL || h->h == NULL) luaL_error(L, "%s: item %d: an open stella.http expected", who, (int)i + 1);
+    if (h->lent && h->lent != self) stella_sender_wait(h->lent->s);
+    if (anchor) lua_rawseti(L, anchor, (int)i + 1);
+    else lua_pop(L, 1);
+    lua_rawgeti(L, list, (int)(3 * i + 2));
+    lua_rawgeti(L, list, (int)(3 * i + 3));
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "%s: item %d: path and body must be strings", who, (int)i + 1);
+    items[i].h = h->h;
+    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
+    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
+    lua_pop(L, 2);
+  }
+  return items;
 }
 
 /* send_many({ http, path, body, http, path, body, ... }, budget_seconds [, groups]) ->
@@ -380,19 +446,13 @@ static int l_sender_close(lua_State *L) {
  * clients are lent to the threads until sender:close(); using one meanwhile waits for
  * them first. */
 static int l_send_many(lua_State *L) {
-  size_t n, i, count;
   lua_Number budget = luaL_checknumber(L, 2);
-  int grouped = !lua_isnoneornil(L, 3);
+  size_t i, count = triples(L, 1, 3);
   stella_send_item *items;
-  size_t *groups = NULL;
+  size_t *groups;
   sender_ud *su;
   char err[128];
-  luaL_checktype(L, 1, LUA_TTABLE);
-  if (grouped) luaL_checktype(L, 3, LUA_TTABLE);
-  n = (size_t)stella_rawlen(L, 1);
-  if (n % 3 != 0) return luaL_argerror(L, 1, "a list of (client, path, body) triples expected");
-  count = n / 3;
-  if (grouped && (size_t)stella_rawlen(L, 3) != count) return luaL_argerror(L, 3, "one group per item expected");
+  lua_settop(L, 3);
   /* the userdata first, so that nothing allocated below can leak on a Lua error */
   su = (sender_ud *)lua_newuserdata(L, sizeof *su);
   su->s = NULL;
@@ -400,35 +460,8 @@ static int l_send_many(lua_State *L) {
   su->appendable = su->lending = 0;
   luaL_getmetatable(L, SENDER_MT);
   lua_setmetatable(L, -2);
-  lua_createtable(L, (int)count, 0);          /* the lent clients, anchored */
-  /* scratch: the items, then (with groups) their groups */
-  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * (sizeof *items + sizeof *groups));
-  if (grouped) groups = (size_t *)(void *)(items + (count ? count : 1));
-  for (i = 0; i < count; i++) {
-    http_ud *h;
-    if (grouped) {
-      lua_Integer g;
-      int isnum;
-      lua_rawgeti(L, 3, (int)i + 1);
-      g = lua_tointegerx(L, -1, &isnum);
-      if (!isnum || g < 0) return luaL_error(L, "send_many: group %d: a whole number >= 0 expected", (int)i + 1);
-      groups[i] = (size_t)g;
-      lua_pop(L, 1);
-    }
-    lua_rawgeti(L, 1, (int)(3 * i + 1));
-    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
-    if (h == NULL || h->h == NULL) return luaL_error(L, "send_many: item %d: an open stella.http expected", (int)i + 1);
-    if (h->lent) stella_sender_wait(h->lent->s);
-    lua_rawseti(L, -3, (int)i + 1);
-    lua_rawgeti(L, 1, (int)(3 * i + 2));
-    lua_rawgeti(L, 1, (int)(3 * i + 3));
-    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-      return luaL_error(L, "send_many: item %d: path and body must be strings", (int)i + 1);
-    items[i].h = h->h;
-    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
-    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
-    lua_pop(L, 2);
-  }
+  lua_createtable(L, (int)count, 0);          /* the lent clients, anchored: index 5 */
+  items = read_items(L, 1, 3, count, "send_many", NULL, 5, &groups);   /* the scratch */
   su->s = stella_sender_start_shared(items, groups, count, budget > 0 ? (long)(budget * 1000) : 0,
                                      err, sizeof err);
   lua_pop(L, 1);                              /* the scratch */
@@ -456,8 +489,7 @@ static sender_ud *open_sender(lua_State *L) {
  * wait_seconds (default 0: never waits) for that */
 static int l_sender_done(lua_State *L) {
   sender_ud *su = open_sender(L);
-  lua_Number wait = luaL_optnumber(L, 2, 0);
-  long wait_ms = wait > 0 ? (wait > 60 ? 60000L : (long)(wait * 1000 + 0.5)) : 0;
+  long wait_ms = wait_ms_arg(L, 2);
   lua_pushboolean(L, wait_ms > 0 ? stella_sender_done_within(su->s, wait_ms) : stella_sender_done(su->s));
   return 1;
 }
@@ -474,16 +506,9 @@ static int l_sender_wait(lua_State *L) {
   return 1;
 }
 
-/* sender:result(i) -> what http:post returns, for item i (after wait); nothing when the
- * item was not attempted */
-static int l_sender_result(lua_State *L) {
-  sender_ud *su = open_sender(L);
-  lua_Integer i = luaL_checkinteger(L, 2);
-  const stella_send_result *r;
+/* Pushes what http:post returns for a sender's result r (push_result). */
+static int push_send_result(lua_State *L, const stella_send_result *r) {
   stella_http_result hr;
-  stella_sender_wait(su->s);
-  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
-  if (r == NULL) return 0;
   memset(&hr, 0, sizeof hr);
   hr.outcome = r->outcome;
   hr.status = r->status;
@@ -495,14 +520,26 @@ static int l_sender_result(lua_State *L) {
   return push_result(L, &hr);
 }
 
+/* sender:result(i) and sender:poster(i): item i's result once the threads have finished,
+ * or NULL when it was not attempted. */
+static const stella_send_result *waited_result(lua_State *L) {
+  sender_ud *su = open_sender(L);
+  lua_Integer i = luaL_checkinteger(L, 2);
+  stella_sender_wait(su->s);
+  return i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+}
+
+/* sender:result(i) -> what http:post returns, for item i (after wait); nothing when the
+ * item was not attempted */
+static int l_sender_result(lua_State *L) {
+  const stella_send_result *r = waited_result(L);
+  return r ? push_send_result(L, r) : 0;
+}
+
 /* sender:poster(i) -> the index of the first item of the client that posted item i
  * (after wait), or nothing when item i was not attempted */
 static int l_sender_poster(lua_State *L) {
-  sender_ud *su = open_sender(L);
-  lua_Integer i = luaL_checkinteger(L, 2);
-  const stella_send_result *r;
-  stella_sender_wait(su->s);
-  r = i >= 1 ? stella_sender_result(su->s, (size_t)(i - 1)) : NULL;
+  const stella_send_result *r = waited_result(L);
   if (r == NULL) return 0;
   lua_pushinteger(L, (lua_Integer)r->by + 1);
   return 1;
@@ -533,23 +570,6 @@ static int l_sender_open(lua_State *L) {
   return 1;
 }
 
-/* Lends (1) or gives back (0) an appendable sender's clients. */
-static void lend_clients(lua_State *L, sender_ud *su, int lend) {
-  size_t i, n;
-  su->lending = lend;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);
-  n = (size_t)stella_rawlen(L, -1);
-  for (i = 1; i <= n; i++) {
-    http_ud *h;
-    lua_rawgeti(L, -1, (int)i);
-    h = (http_ud *)lua_touserdata(L, -1);
-    if (h && lend && h->lent == NULL) h->lent = su;
-    else if (h && !lend && h->lent == su) h->lent = NULL;
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-}
-
 static sender_ud *appendable(lua_State *L) {
   sender_ud *su = check_sender(L);
   if (su->s == NULL) luaL_error(L, "attempt to use a closed stella sender");
@@ -562,48 +582,15 @@ static sender_ud *appendable(lua_State *L) {
  * chunks added before. */
 static int l_sender_add(lua_State *L) {
   sender_ud *su = appendable(L);
-  size_t n, i, count;
   lua_Number budget = luaL_checknumber(L, 3);
-  int grouped = !lua_isnoneornil(L, 4);
+  size_t i, count = triples(L, 2, 4);
   stella_send_item *items;
-  size_t *groups = NULL;
+  size_t *groups;
   long id;
   char err[128];
-  luaL_checktype(L, 2, LUA_TTABLE);
-  if (grouped) luaL_checktype(L, 4, LUA_TTABLE);
-  n = (size_t)stella_rawlen(L, 2);
-  if (n % 3 != 0) return luaL_argerror(L, 2, "a list of (client, path, body) triples expected");
-  count = n / 3;
-  if (grouped && (size_t)stella_rawlen(L, 4) != count) return luaL_argerror(L, 4, "one group per item expected");
   lua_settop(L, 4);
   lua_rawgeti(L, LUA_REGISTRYINDEX, su->ref);   /* the lanes' clients: index 5 */
-  items = (stella_send_item *)lua_newuserdata(L, (count ? count : 1) * (sizeof *items + sizeof *groups));
-  if (grouped) groups = (size_t *)(void *)(items + (count ? count : 1));
-  for (i = 0; i < count; i++) {   /* check everything before anything is lent */
-    http_ud *h;
-    if (grouped) {
-      lua_Integer g;
-      int isnum;
-      lua_rawgeti(L, 4, (int)i + 1);
-      g = lua_tointegerx(L, -1, &isnum);
-      if (!isnum || g < 0) return luaL_error(L, "sender:add: group %d: a whole number >= 0 expected", (int)i + 1);
-      groups[i] = (size_t)g;
-      lua_pop(L, 1);
-    }
-    lua_rawgeti(L, 2, (int)(3 * i + 1));
-    h = (http_ud *)luaL_testudata(L, -1, HTTP_MT);
-    if (h == NULL || h->h == NULL) return luaL_error(L, "sender:add: item %d: an open stella.http expected", (int)i + 1);
-    if (h->lent && h->lent != su) stella_sender_wait(h->lent->s);   /* another sender's */
-    lua_pop(L, 1);
-    lua_rawgeti(L, 2, (int)(3 * i + 2));
-    lua_rawgeti(L, 2, (int)(3 * i + 3));
-    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-      return luaL_error(L, "sender:add: item %d: path and body must be strings", (int)i + 1);
-    items[i].h = h->h;
-    items[i].path = lua_tostring(L, -2);   /* anchored by the argument table until copied */
-    items[i].body = lua_tolstring(L, -1, &items[i].body_len);
-    lua_pop(L, 2);
-  }
+  items = read_items(L, 2, 4, count, "sender:add", su, 0, &groups);   /* checks all before lending */
   id = stella_sender_add(su->s, items, groups, count, budget > 0 ? (long)(budget * 1000) : 0, err, sizeof err);
   if (id < 0) {
     lua_pushnil(L);
@@ -637,8 +624,7 @@ static int l_sender_add(lua_State *L) {
 static int l_sender_ready(lua_State *L) {
   sender_ud *su = appendable(L);
   long id = (long)luaL_checkinteger(L, 2);
-  lua_Number wait = luaL_optnumber(L, 3, 0);
-  long wait_ms = wait > 0 ? (wait > 60 ? 60000L : (long)(wait * 1000 + 0.5)) : 0;
+  long wait_ms = wait_ms_arg(L, 3);
   lua_pushboolean(L, stella_sender_ready(su->s, id, wait_ms));
   return 1;
 }
@@ -659,16 +645,7 @@ static int l_sender_collect(lua_State *L) {
     int state;
     const stella_send_result *r = stella_sender_collected(su->s, (size_t)k, &state);
     if (r) {
-      stella_http_result hr;
-      memset(&hr, 0, sizeof hr);
-      hr.outcome = r->outcome;
-      hr.status = r->status;
-      hr.body = r->body;
-      hr.body_len = r->body_len;
-      hr.content_type = r->content_type;
-      hr.retry_after_ms = r->retry_after_ms;
-      hr.error = r->error;
-      push_result(L, &hr);
+      push_send_result(L, r);
       lua_rawseti(L, -4, (int)k + 1);
       lua_rawgeti(L, -1, (int)r->by + 1);
       lua_rawseti(L, -3, (int)k + 1);

@@ -4,6 +4,7 @@
 -- default company, lua/stella/sandbox/files/config.lua) on a free port.
 local sandbox = require "stella.sandbox"
 local harness = require "support.openresty.harness"
+local webhook_nginx = require "support.openresty.webhook"
 local child = require "support.child"
 local cjson = require "cjson"
 local socket = require "socket"
@@ -83,35 +84,14 @@ describe("the examples, verbatim, against the default sandbox", function()
   end)
 
   it("the OpenResty webhook sends every event of examples/ the sandbox can take", function()
-    local web = harness.start{
-      template = ROOT .. "/examples/openresty/nginx.conf",
-      vars = {
-        STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
-        CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
-        NDK_MODULE = harness.find_module("ndk_http_module.so"),
-        LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
-      },
-      ports = { "PORT" },
-      env = { STELLA_TEST_KEY = sb.config.keys.test, STELLA_BASE_URL = sb.url, STELLA_MODE = "test" },
-      probe = { port = "PORT", path = "/events/status" },
-    }
+    local web = webhook_nginx.start{ key = sb.config.keys.test, base_url = sb.url, probe = "/events/status" }
     local ok, err = pcall(function()
       local events = {}
       for line in io.lines(ROOT .. "/examples/interactions.jsonl") do
         local e = require("cjson.safe").decode(line)   -- the file has malformed lines on purpose
         if type(e) == "table" then events[#events + 1] = e end
       end
-      local function http(method, path, body)
-        local c = socket.tcp()
-        c:settimeout(20)
-        assert(c:connect("127.0.0.1", web.ports.PORT))
-        assert(c:send(method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-          .. (body and ("Content-Type: application/json\r\nContent-Length: " .. #body .. "\r\n") or "")
-          .. "\r\n" .. (body or "")))
-        local answer = c:receive("*a")
-        c:close()
-        return tonumber(answer:match("^HTTP/1%.%d (%d+)")), answer:match("\r\n\r\n(.*)$")
-      end
+      local function http(method, path, body) return webhook_nginx.http(web.ports.PORT, method, path, body) end
       local code, body = http("POST", "/events", cjson.encode(events))
       assert.equal(202, code, body)
       local status

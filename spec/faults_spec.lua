@@ -3,6 +3,7 @@
 -- file, a closed port (the circuit breaker), an answer over the size cap, a proxy in the
 -- environment, a key echoed JSON-escaped. Counts are asserted, never times.
 local testserver = require "support.testserver"
+local child = require "support.child"
 local cjson = require "cjson"
 local nginx = require "stella.nginx"
 local stella = require "stella"
@@ -11,18 +12,16 @@ local store_mod = require "stella.store"
 
 local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local KEY = "tk_faults_0123456789/abcdefSECRET"   -- a "/" that JSON may write as "\/"
-local shell_quote, read_file, write_file, sh = nginx.shell_quote, nginx.read_file, nginx.write_file, nginx.run
+local shell_quote, write_file = nginx.shell_quote, nginx.write_file
 
--- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
-local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
-
--- Runs bin/stella to the end: status, stdout, stderr.
-local function stella_cmd(dir, args, env)
-  local status = sh(command(args, env) .. " >" .. shell_quote(dir .. "/out") .. " 2>" .. shell_quote(dir .. "/err"))
-  local out, err = read_file(dir .. "/out") or "", read_file(dir .. "/err") or ""
-  assert.is_nil((out .. err):find(KEY, 1, true), "the key leaked")
-  return status, out, err
+local function no_key(text)
+  assert.is_nil(text:find(KEY, 1, true), "the key leaked")
 end
+
+-- bin/stella run to the end (status, stdout, stderr) and in the background (its pid and
+-- a function waiting for those), output in DIR/NAME.out and .err, no key in either
+-- (support.child)
+local stella_cmd, stella_bg = child.runners(LUA, no_key)
 
 local function events_file(path, first, count)
   local lines = {}
@@ -35,7 +34,7 @@ local function events_file(path, first, count)
 end
 
 -- ext_interaction_id -> how many times the server received it, and the total
-local received = require("support.child").received
+local received = child.received
 
 -- the ledger's entries by status/reason, and event ids per status
 local function ledger_of(path)
@@ -50,6 +49,23 @@ local function ledger_of(path)
   local oc = assert(s:outbox_counts())
   s:close()
   return by, ids, oc
+end
+
+-- After an interrupted run that got the ids `got` through: `stella retry` on db sends the
+-- `rest` (that many requests), none of them sent before and each once, and leaves the
+-- outbox empty.
+local function retry_sends_the_rest(server, dir, db, env, got, rest)
+  server:reset()
+  local rstatus, rout = stella_cmd(dir, { "retry", "--db", db }, env)
+  assert.equal(0, rstatus, rout)
+  local again, atotal = received(server)
+  assert.equal(rest, atotal)
+  for id in pairs(again) do
+    assert.is_nil(got[id], "event " .. id .. " sent twice")
+    assert.equal(1, again[id])
+  end
+  local _, _, left = ledger_of(db)
+  assert.same({ queued = 0, dead = 0 }, left)
 end
 
 describe("faults", function()
@@ -77,19 +93,12 @@ describe("faults", function()
         for i = 1, 1000 do slow[i] = { delay = 0.01 } end
         server:script(slow)
         local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
-        -- the inner shell prints its pid and becomes the command; the outer one prints its status
-        local proc = assert(io.popen("sh -c " .. shell_quote("echo $$; exec " .. command({ "trigger", "--rules", rules,
-          "--db", db, input }, env) .. " >" .. shell_quote(dir .. "/out") .. " 2>" .. shell_quote(dir .. "/err"))
-          .. "; echo @$?"))
-        local pid = assert(tonumber(proc:read("*l")))
+        local pid, wait = stella_bg(dir, { "trigger", "--rules", rules, "--db", db, input }, env)
         -- mid-batch: past the first batch of 200, well before the end
         local ok = nginx.wait_until(60, function() return #server:requests() >= 250 end)
         os.execute("kill -" .. case[1] .. " " .. pid)
-        local rest = proc:read("*a")
-        proc:close()
+        local status, out, err = wait()
         assert.is_true(ok, "the server never got 250 requests")
-        local status = tonumber(rest:match("@(%d+)"))
-        local out, err = read_file(dir .. "/out") or "", read_file(dir .. "/err") or ""
         assert.equal(case[2], status, out .. err)
         assert.matches("stopped by SIG" .. case[1], err)
 
@@ -112,17 +121,7 @@ describe("faults", function()
         assert.is_true(interrupted > 0)
 
         -- a later retry sends exactly the rest: nothing twice
-        server:reset()
-        local rstatus, rout = stella_cmd(dir, { "retry", "--db", db }, env)
-        assert.equal(0, rstatus, rout)
-        local again, atotal = received(server)
-        assert.equal(interrupted, atotal)
-        for id in pairs(again) do
-          assert.is_nil(got[id], "event " .. id .. " sent twice")
-          assert.equal(1, again[id])
-        end
-        local _, _, left = ledger_of(db)
-        assert.same({ queued = 0, dead = 0 }, left)
+        retry_sends_the_rest(server, dir, db, env, got, interrupted)
       end)
     end
   end)
@@ -147,17 +146,13 @@ describe("faults", function()
       for i = 1, 1000 do slow[i] = { delay = 0.01 } end
       server:script(slow)
       local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
-      local proc = assert(io.popen("sh -c " .. shell_quote("echo $$; exec " .. command({ "retry", "--db", db }, env)
-        .. " >" .. shell_quote(dir .. "/out") .. " 2>" .. shell_quote(dir .. "/err")) .. "; echo @$?"))
-      local pid = assert(tonumber(proc:read("*l")))
+      local pid, wait = stella_bg(dir, { "retry", "--db", db }, env)
       -- past the first claim of 100, with the next one claimed ahead
       local ok = nginx.wait_until(60, function() return #server:requests() >= 250 end)
       os.execute("kill -INT " .. pid)
-      local rest = proc:read("*a")
-      proc:close()
+      local status, out, err = wait()
       assert.is_true(ok, "the server never got 250 requests")
-      local out, err = read_file(dir .. "/out") or "", read_file(dir .. "/err") or ""
-      assert.equal(130, tonumber(rest:match("@(%d+)")), out .. err)
+      assert.equal(130, status, out .. err)
 
       local got, total = received(server)
       local by, ids, oc = ledger_of(db)
@@ -172,17 +167,7 @@ describe("faults", function()
         assert.truthy(key == "sent/outbox" or key == "queued/interrupted", "unexpected ledger entry " .. key)
       end
 
-      server:reset()
-      local rstatus, rout = stella_cmd(dir, { "retry", "--db", db }, env)
-      assert.equal(0, rstatus, rout)
-      local again, atotal = received(server)
-      assert.equal(1000 - total, atotal)
-      for id in pairs(again) do
-        assert.is_nil(got[id], "event " .. id .. " sent twice")
-        assert.equal(1, again[id])
-      end
-      local _, _, left = ledger_of(db)
-      assert.same({ queued = 0, dead = 0 }, left)
+      retry_sends_the_rest(server, dir, db, env, got, 1000 - total)
     end)
   end)
 
@@ -249,7 +234,7 @@ describe("faults", function()
       os.execute("rm -rf " .. shell_quote(lockdir) .. " && mkdir -p " .. shell_quote(lockdir))
       local locker = LUA .. " spec/support/sqlite_lock.lua " .. shell_quote(db) .. " " .. shell_quote(lockdir)
         .. " 120 >/dev/null 2>&1 &"
-      os.execute(command({}, {}):gsub(" " .. LUA .. " bin/stella$", "") .. " " .. locker)
+      os.execute(child.stella_command(LUA, {}, {}):gsub(" " .. LUA .. " bin/stella$", "") .. " " .. locker)
       local waited = 0
       while not io.open(lockdir .. "/locked") and waited < 500 do os.execute("sleep 0.02") waited = waited + 1 end
       assert.truthy(io.open(lockdir .. "/locked"), "the locker did not take the lock")

@@ -10,13 +10,7 @@ local store = require "stella.store"
 local socket = require "socket"
 local cjson = require "cjson"
 
-local SPEC_DIR = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
-if SPEC_DIR:sub(1, 1) ~= "/" then
-  local _, cwd = harness.run("pwd")
-  SPEC_DIR = cwd:gsub("%s+$", "") .. "/" .. SPEC_DIR
-end
-local ROOT = SPEC_DIR:gsub("/spec$", ""):gsub("/%./spec$", "")
-local SUPPORT = SPEC_DIR .. "/support/openresty"
+local ROOT, SUPPORT = harness.ROOT, harness.SUPPORT
 local LUA = os.getenv("STELLA_TEST_LUA") or (rawget(_G, "jit") and "luajit" or "lua5.4")
 local DELAY = 2   -- seconds the fake API waits before answering, in the non-blocking spec
 
@@ -49,15 +43,7 @@ local function http(port, method, path, body, headers, timeout)
   return status, answer:match("\r\n\r\n(.*)$"), elapsed
 end
 
-local function wait_for(timeout, pred)
-  local deadline = socket.gettime() + timeout
-  while true do
-    local v = pred()
-    if v then return v end
-    if socket.gettime() > deadline then return nil end
-    socket.sleep(0.05)
-  end
-end
+local wait_for = require("support.openresty.webhook").wait_for   -- pred's first true value, or nil
 
 describe("stella on OpenResty", function()
   local api, web, certdir

@@ -10,68 +10,24 @@
 -- children either way, and each case sleeps on a slow API for seconds.
 local harness = require "support.openresty.harness"
 local slow_api = require "support.openresty.slow_api"
+local webhook_nginx = require "support.openresty.webhook"
 local redis_server = require "support.redis"
 local child = require "support.child"
 local queue = require "stella.queue"
 local socket = require "socket"
 local cjson = require "cjson"
 
-local SPEC_DIR = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
-if SPEC_DIR:sub(1, 1) ~= "/" then
-  local _, cwd = harness.run("pwd")
-  SPEC_DIR = cwd:gsub("%s+$", "") .. "/" .. SPEC_DIR
-end
-local ROOT = SPEC_DIR:gsub("/spec$", ""):gsub("/%./spec$", "")
+local ROOT = harness.ROOT
 local KEY = "test-key-webhook-redis-0123456789"
 local PASSWORD = "redis-pw-webhook-Zq9s3cret"   -- never in a log line or an answer
 local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local it = rawget(_G, "jit") and pending or it
-
--- One HTTP/1.0 exchange: status, body, headers (lower-case names).
-local function http(port, method, path, body, timeout)
-  local c = socket.tcp()
-  c:settimeout(timeout or 20)
-  assert(c:connect("127.0.0.1", port))
-  local head = method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
-  if body then
-    head = head .. "Content-Type: application/json\r\nContent-Length: " .. #body .. "\r\n"
-  end
-  assert(c:send(head .. "\r\n" .. (body or "")))
-  local answer, err, partial = c:receive("*a")
-  c:close()
-  answer = answer or partial
-  assert(answer and answer ~= "", "no answer: " .. tostring(err))
-  local headers = {}
-  for name, value in (answer:match("^(.-)\r\n\r\n") or ""):gmatch("\n([^:\r\n]+):%s*([^\r\n]*)") do
-    headers[name:lower()] = value
-  end
-  return tonumber(answer:match("^HTTP/1%.%d (%d%d%d)")), answer:match("\r\n\r\n(.*)$"), headers
-end
-
-local function wait_for(timeout, pred)
-  local deadline = socket.gettime() + timeout
-  while true do
-    local v = pred()
-    if v then return v end
-    if socket.gettime() > deadline then return nil end
-    socket.sleep(0.05)
-  end
-end
-
-local seq = os.time() % 100000 * 1000 + 500
-local function event()
-  seq = seq + 1
-  return {
-    id = seq, status = "solved", channel = "chat",
-    requester = { name = "Customer " .. seq, email = ("r%d@example.com"):format(seq) },
-    assignee = { name = "Paul Agent", email = "paulagent@blancapeak.com" },
-    tags = { "billing" }, locale = "en-US",
-  }
-end
+local http, wait_for = webhook_nginx.http, webhook_nginx.wait_for
+local event = webhook_nginx.events(os.time() % 100000 * 1000 + 500, "r")
 
 describe("the OpenResty webhook with its queue on Redis", function()
   local api, srv
-  local running = {}
+  local nodes = webhook_nginx.nodes()
   local db_n = 0
 
   lazy_setup(function()
@@ -84,7 +40,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
   end)
 
   lazy_teardown(function()
-    for n in pairs(running) do n:stop() end
+    nodes:stop_all()
     if api then api:stop() end
     if srv then srv:remove() end
   end)
@@ -104,27 +60,12 @@ describe("the OpenResty webhook with its queue on Redis", function()
   -- text added to configure{...}) and the edits, on a prefix of its own (or `prefix`).
   local function webhook(url, settings, edit, prefix)
     edit = edit or {}
-    edit["worker_processes auto;"] = "worker_processes 2;"
     edit["queue_capacity = 10000,"] = ('queue = "%s", %s'):format(url, settings or "queue_capacity = 10000,")
-    local n = harness.start{
-      template = ROOT .. "/examples/openresty/nginx.conf",
-      vars = {
-        STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
-        CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
-        NDK_MODULE = harness.find_module("ndk_http_module.so"),
-        LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
-      },
-      ports = { "PORT" }, edit = edit, prefix = prefix,
-      env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = api.url, STELLA_MODE = "test" },
-      probe = { port = "PORT", path = "/events/health" },
-    }
-    running[n] = true
-    return n
+    return nodes:start{ key = KEY, base_url = api.url, workers = 2, edit = edit, prefix = prefix }
   end
 
   local function stop(n)
-    n:stop()
-    running[n] = nil
+    nodes:stop(n)
     local log = harness.read_file(n.prefix .. "/error.log") or ""
     assert.is_nil(log:find(PASSWORD, 1, true), "the Redis password is in the log")
     assert.is_nil(log:find(KEY, 1, true), "the API key is in the log")
@@ -143,27 +84,9 @@ describe("the OpenResty webhook with its queue on Redis", function()
     return b
   end
 
-  -- Posts the events on one connection each, all sent before any answer is read.
-  -- -> { [id] = status }
-  local function burst(n, events)
-    local conns = {}
-    for i, e in ipairs(events) do
-      local body = cjson.encode(e)
-      local c = socket.tcp()
-      c:settimeout(20)
-      assert(c:connect("127.0.0.1", n.ports.PORT))
-      assert(c:send("POST /events HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
-        .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
-      conns[i] = c
-    end
-    local status = {}
-    for i, c in ipairs(conns) do
-      local answer = assert(c:receive("*a"))
-      c:close()
-      status[events[i].id] = tonumber(answer:match("^HTTP/1%.%d (%d%d%d)"))
-    end
-    return status
-  end
+  -- Posts `count` new events on one connection each, all sent before any answer is read;
+  -- each must be answered 202. -> { [id] = true }
+  local function burst(n, count) return webhook_nginx.burst_accepted(n.ports.PORT, event, count) end
 
   local function post(n, e)
     return http(n.ports.PORT, "POST", "/events", cjson.encode(e))
@@ -172,23 +95,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
   -- Waits until every id in `accepted` reached the API; then checks each did exactly
   -- once, that no id in `refused` did, and that the group has nothing left.
   local function all_sent_once(url, accepted, refused, timeout, log)
-    local want = 0
-    for _ in pairs(accepted) do want = want + 1 end
-    local got
-    local done = wait_for(timeout, function()
-      got = api:received()
-      local have = 0
-      for id in pairs(accepted) do if got[tostring(id)] then have = have + 1 end end
-      return have == want
-    end)
-    local missing = {}
-    for id in pairs(accepted) do
-      if not got[tostring(id)] then missing[#missing + 1] = tostring(id) end
-    end
-    assert.truthy(done, #missing .. " accepted event(s) never reached the API: "
-      .. table.concat(missing, ",") .. "\n" .. (log and log() or ""))
-    for id in pairs(accepted) do assert.equal(1, got[tostring(id)], "event " .. id .. " sent twice") end
-    for id in pairs(refused or {}) do assert.is_nil(got[tostring(id)], "refused event " .. id .. " was sent") end
+    webhook_nginx.all_sent_once(api, accepted, refused, timeout, log)
     assert.truthy(wait_for(10, function() return backlog(url).waiting == 0 end), cjson.encode(backlog(url)))
   end
 
@@ -198,20 +105,10 @@ describe("the OpenResty webhook with its queue on Redis", function()
     api:set_delay(1)
     local url = fresh_url()
     local n = webhook(url, nil, { ["consumers = 8,"] = "consumers = 3," })   -- 6 in all
-    local events = {}
-    for i = 1, 24 do events[i] = event() end
-    local accepted = {}
-    for id, s in pairs(burst(n, events)) do
-      assert.equal(202, s)
-      accepted[id] = true
-    end
+    local accepted = burst(n, 24)
     -- the 202s are in Redis: what is not received yet is waiting or pending in the group
     -- (the API read on both sides of the group's count, as in openresty_webhook_spec)
-    local function received_now()
-      local got, k = api:received(), 0
-      for id in pairs(accepted) do if got[tostring(id)] then k = k + 1 end end
-      return k
-    end
+    local function received_now() return webhook_nginx.received_count(api, accepted) end
     local before = received_now()
     local b = backlog(url)
     local after = received_now()
@@ -223,9 +120,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
     assert.is_number(h.queue.depth)
     assert.is_number(h.queue.oldest_age)
     all_sent_once(url, accepted, nil, 15, log_of(n))
-    local _, _, most = api:received()
-    assert.is_true(most <= 6, "the API held " .. most .. " requests at once: more than the pool")
-    assert.equal(6, most)   -- and the pool was used
+    webhook_nginx.pool_used(api, 6)
     assert.equal(0, health(n).queue.depth)
     stop(n)
   end)
@@ -234,21 +129,8 @@ describe("the OpenResty webhook with its queue on Redis", function()
     api:set_delay(1)
     local url = fresh_url()
     local n = webhook(url, "queue_capacity = 4,", { ["consumers = 8,"] = "consumers = 1," })
-    local accepted, refused = {}, {}
-    local nacc = 0
-    for _ = 1, 20 do
-      local e = event()
-      local code, body, headers = post(n, e)
-      if code == 202 then
-        accepted[e.id] = true
-        nacc = nacc + 1
-      else
-        assert.equal(503, code, body)
-        assert.equal("30", headers["retry-after"])
-        assert.truthy(cjson.decode(body).error:find("capacity of 4", 1, true), body)
-        refused[e.id] = true
-      end
-    end
+    -- each answered 202, or 503 with Retry-After: 30 naming the capacity
+    local accepted, refused, nacc = webhook_nginx.post_until_full(n.ports.PORT, event, 20, "capacity of 4")
     -- the capacity counts what the consumers hold (pending) as well: 4, and one more for
     -- each event sent meanwhile
     assert.is_true(nacc >= 4 and nacc < 20, nacc .. " accepted")
@@ -309,14 +191,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
     local c = socket.tcp()
     c:settimeout(10)
     assert(c:connect(srv.host, srv.port))
-    local function resp(...)
-      local parts = { "*" .. select("#", ...) .. "\r\n" }
-      for i = 1, select("#", ...) do
-        local a = tostring((select(i, ...)))
-        parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
-      end
-      return table.concat(parts)
-    end
+    local resp = redis_server.resp
     assert(c:send(resp("AUTH", PASSWORD)))
     assert.equal("+OK", c:receive("*l"))
     assert(c:send(resp("DEBUG", "SLEEP", "1.5")))
@@ -352,15 +227,8 @@ describe("the OpenResty webhook with its queue on Redis", function()
     finally(function() harness.run("rm -rf " .. harness.shell_quote(prefix)) end)
     local edit = { ["consumers = 8,"] = "consumers = 2," }
     local n = webhook(url, nil, edit, prefix)
-    local events, accepted = {}, {}
-    for i = 1, 14 do events[i] = event() end
-    for id, s in pairs(burst(n, events)) do
-      assert.equal(202, s)
-      accepted[id] = true
-    end
-    harness.run("kill -QUIT " .. n.pid)
-    assert.truthy(wait_for(10, function() return not harness.alive(n.pid) end), "nginx did not quit")
-    local log = harness.read_file(prefix .. "/error.log")
+    local accepted = burst(n, 14)
+    local log = webhook_nginx.quit(n)
     stop(n)
     assert.truthy(log:find("what is queued stays in stella.openresty.redis_queue", 1, true), log)
     assert.falsy(log:find("LOST", 1, true), log)
@@ -368,10 +236,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
     local b = backlog(url)
     assert.equal(0, b.pending)
     assert.is_true(b.waiting > 0, "nothing was left in the queue")
-    local got = api:received()
-    local sent = 0
-    for id in pairs(accepted) do if got[tostring(id)] then sent = sent + 1 end end
-    assert.equal(14, sent + b.waiting)
+    assert.equal(14, webhook_nginx.received_count(api, accepted) + b.waiting)
 
     local again = webhook(url, nil, edit, prefix)
     all_sent_once(url, accepted, nil, 15, log_of(again))
@@ -382,14 +247,9 @@ describe("the OpenResty webhook with its queue on Redis", function()
     api:set_delay(0.2)
     local url = fresh_url()
     local n = webhook(url, nil, { ["consumers = 8,"] = "consumers = 2," })
-    local accepted = {}
-    for i = 1, 60 do
-      if i == 20 then harness.run("kill -HUP " .. n.pid) end
-      local e = event()
-      local code, body = post(n, e)
-      assert.equal(202, code, body)
-      accepted[e.id] = true
-    end
+    local accepted, refused = webhook_nginx.post_reloading(n, event, 60, 20)   -- reloaded before the 20th
+    local id, answer = next(refused)
+    assert.is_nil(id, "event " .. tostring(id) .. " answered " .. tostring(answer))
     all_sent_once(url, accepted, nil, 20, log_of(n))
     local log = log_of(n)()
     assert.truthy(log:find("reconfiguring", 1, true), log)
@@ -421,12 +281,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
     api:set_delay(1)
     local url = fresh_url()
     local n = webhook(url, "queue_capacity = 10000, lease = 3,", { ["consumers = 8,"] = "consumers = 2," })
-    local events, accepted = {}, {}
-    for i = 1, 12 do events[i] = event() end
-    for id, s in pairs(burst(n, events)) do
-      assert.equal(202, s)
-      accepted[id] = true
-    end
+    local accepted = burst(n, 12)
     -- both workers' consumers hold an entry each (4 pending, the API sleeping on them)
     assert.truthy(wait_for(10, function() return backlog(url).pending == 4 end), cjson.encode(backlog(url)))
     local pids = n:pids()
@@ -453,12 +308,7 @@ describe("the OpenResty webhook with its queue on Redis", function()
     api:set_delay(0.2)
     local url = fresh_url()
     local n = webhook(url, nil, { ["consumers = 8,"] = "consumers = 0," })
-    local events, accepted = {}, {}
-    for i = 1, 20 do events[i] = event() end
-    for id, s in pairs(burst(n, events)) do
-      assert.equal(202, s)
-      accepted[id] = true
-    end
+    local accepted = burst(n, 20)
     local b = backlog(url)
     assert.equal(20, b.waiting)
     assert.equal(20, b.lag)   -- nginx read nothing
@@ -466,26 +316,22 @@ describe("the OpenResty webhook with its queue on Redis", function()
     finally(function() harness.run("rm -rf " .. harness.shell_quote(dir)) end)
     local workers = {}
     for w = 1, 2 do
-      local cmd = child.stella_command(LUA, { "worker", "--rules", ROOT .. "/examples/openresty/rules.lua",
+      local pid, wait = child.background(LUA, dir, { "worker", "--rules", ROOT .. "/examples/openresty/rules.lua",
         "--db", url, "--name", "w" .. w, "--batch", "5", "--block", "0.2", "--json" },
-        { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = api.url })
-      local out = dir .. "/w" .. w .. ".out"
-      local proc = assert(io.popen("sh -c " .. harness.shell_quote("echo $$; exec " .. cmd .. " >"
-        .. harness.shell_quote(out) .. " 2>" .. harness.shell_quote(out .. ".err")) .. "; echo @$?"))
-      workers[w] = { pid = assert(tonumber(proc:read("*l"))), proc = proc, out = out }
+        { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = api.url }, "w" .. w)
+      workers[w] = { pid = pid, wait = wait }
     end
     all_sent_once(url, accepted, nil, 20, function()
-      return child.read_file(dir .. "/w1.out.err") .. child.read_file(dir .. "/w2.out.err")
+      return child.read_file(dir .. "/w1.err") .. child.read_file(dir .. "/w2.err")
     end)
     local read = 0
     for _, w in ipairs(workers) do
       harness.run("kill -TERM " .. w.pid)
-      local rest = w.proc:read("*a")
-      w.proc:close()
-      assert.equal("0", rest:match("@(%d+)"), child.read_file(w.out .. ".err"))
-      local summary = cjson.decode(child.read_file(w.out))
-      assert.is_nil(child.read_file(w.out .. ".err"):find(KEY, 1, true))
-      assert.is_nil(child.read_file(w.out .. ".err"):find(PASSWORD, 1, true))
+      local status, out, err = w.wait()
+      assert.equal(0, status, err)
+      local summary = cjson.decode(out)
+      assert.is_nil(err:find(KEY, 1, true))
+      assert.is_nil(err:find(PASSWORD, 1, true))
       read = read + summary.read
     end
     assert.equal(20, read)

@@ -278,6 +278,33 @@ describe("background sends", function()
     end)
   end)
 
+  -- send_many and sender:add read their items alike; each names itself in what it raises
+  it("send_many and sender:add raise on a list of no triples, a closed client, a path or body not a string", function()
+    local a = http()
+    local closed = assert(core.http_new{ base_url = server.url, api_key = API_KEY, timeout = 5 })
+    closed:close()
+    local appendable = assert(core.sender_open())
+    local calls = {
+      send_many = function(list, groups) return core.send_many(list, 1, groups) end,
+      ["sender:add"] = function(list, groups) return appendable:add(list, 1, groups) end,
+    }
+    for who, call in pairs(calls) do
+      local function raises(words, list, groups)
+        local ok, err = pcall(call, list, groups)
+        assert.is_false(ok, who)
+        assert.truthy(tostring(err):find(words, 1, true), who .. ": " .. tostring(err))
+      end
+      raises("a list of (client, path, body) triples expected", { a, "/v1/requests" })
+      raises("one group per item expected", { a, "/v1/requests", "{}" }, { 1, 2 })
+      raises(who .. ": group 1: a whole number >= 0 expected", { a, "/v1/requests", "{}" }, { -1 })
+      raises(who .. ": item 2: an open stella.http expected", { a, "/v1/requests", "{}", closed, "/v1/requests", "{}" })
+      raises(who .. ": item 1: an open stella.http expected", { "x", "/v1/requests", "{}" })
+      raises(who .. ": item 1: path and body must be strings", { a, "/v1/requests", 5 })
+    end
+    appendable:close()
+    assert.equal(0, #server:requests())
+  end)
+
   describe("core.sender_open (an appendable sender)", function()
     local function wire_ids(reqs)
       local ids = {}

@@ -77,6 +77,24 @@ describe("stella.queue append and backlog", function()
     assert.equal(2, #res[2])
   end)
 
+  it("append and append_many raise at their caller on a capacity that is no whole number >= 0 or a text that is no string", function()
+    local q, c = fresh()
+    finally(function() q:close() c:close() end)
+    local here = "queue_append_spec.lua:%d+: "
+    for _, cap in ipairs{ -1, 1.5, "4" } do
+      assert.has_error(function() q:append({ "{}" }, cap) end)
+      local _, err = pcall(q.append, q, { "{}" }, cap)
+      assert.matches("queue:append: capacity must be a whole number >= 0", err, 1, true)
+      _, err = pcall(function() q:append_many({ { "{}" } }, cap) end)
+      assert.matches(here .. "queue:append_many: capacity must be a whole number >= 0", err)
+    end
+    local _, err = pcall(function() q:append({ "{}", 5 }, 4) end)
+    assert.matches(here .. "queue:append: text 2 is not a string", err)
+    _, err = pcall(function() q:append_many({ { "{}" }, { "{}", {} } }, 4) end)
+    assert.matches(here .. "queue:append_many: push 2, text 2 is not a string", err)
+    assert.equal(0, c:call("EXISTS", "stella:events"))   -- nothing appended
+  end)
+
   it("forgets the consumers of a prefix that hold nothing, never one holding entries", function()
     local q, c = fresh()
     finally(function() q:close() c:close() end)

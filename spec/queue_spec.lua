@@ -10,34 +10,15 @@ local store_mod = require "stella.store"
 
 local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local KEY = "tk_queue_0123456789SECRET"
-local shell_quote, read_file, write_file, sh = nginx.shell_quote, nginx.read_file, nginx.write_file, nginx.run
-
--- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
-local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
+local write_file = nginx.write_file
 
 local function no_secret(text)
   assert.is_nil(text:find(KEY, 1, true), "the key leaked: " .. text)
 end
 
-local function stella_cmd(dir, args, env, name)
-  name = name or "run"
-  local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
-  local status = sh(command(args, env) .. " >" .. shell_quote(out_file) .. " 2>" .. shell_quote(err_file))
-  local out, err = read_file(out_file) or "", read_file(err_file) or ""
-  no_secret(out .. err)
-  return status, out, err
-end
-
--- bin/stella in the background (support.child): its pid and a function waiting for its
--- status, stdout, stderr
-local function stella_bg(dir, args, env, name)
-  local pid, wait = require("support.child").background(LUA, dir, args, env, name)
-  return pid, function()
-    local status, out, err = wait()
-    no_secret(out .. err)
-    return status, out, err
-  end
-end
+-- bin/stella run to the end (status, stdout, stderr) and in the background (its pid and
+-- a function waiting for those), output in DIR/NAME.out and .err (support.child)
+local stella_cmd, stella_bg = require("support.child").runners(LUA, no_secret)
 
 local function event(i)
   return { customer = { name = "Cust " .. i, email = ("cust%d@example.com"):format(i) },

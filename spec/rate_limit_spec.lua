@@ -11,7 +11,7 @@ local rules_mod = require "stella.rules"
 
 local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local KEY = "tk_rate_0123456789SECRET"
-local shell_quote, read_file, write_file = nginx.shell_quote, nginx.read_file, nginx.write_file
+local write_file = nginx.write_file
 
 local function no_secret(text)
   assert.is_nil(tostring(text):find(KEY, 1, true), "the key leaked: " .. tostring(text))
@@ -307,21 +307,9 @@ describe("stella.rate_limit", function()
       if dir then nginx.remove_dir(dir) end
     end)
 
-    local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
-
-    local function stella_bg(args, env, name)
-      local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
-      local proc = assert(io.popen("sh -c " .. shell_quote("echo $$; exec " .. command(args, env) .. " >"
-        .. shell_quote(out_file) .. " 2>" .. shell_quote(err_file)) .. " 2>/dev/null; echo @$?"))
-      local pid = assert(tonumber(proc:read("*l")))
-      return pid, function()
-        local rest = proc:read("*a")
-        proc:close()
-        local out, err = read_file(out_file) or "", read_file(err_file) or ""
-        no_secret(out .. err)
-        return tonumber(rest:match("@(%d+)")), out, err
-      end
-    end
+    -- bin/stella run to the end, and in the background (support.child), output in
+    -- dir/NAME.out and .err, no key in either
+    local stella_cmd, stella_bg = require("support.child").runners(LUA, no_secret)
 
     local function event(i)
       return { customer = { name = "Cust " .. i, email = ("cust%d@example.com"):format(i) },
@@ -337,8 +325,8 @@ describe("stella.rate_limit", function()
       local env = { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = server.url }
       local workers = {}
       for w = 1, 3 do
-        local pid, wait = stella_bg({ "worker", "--rules", rules, "--db", url, "--name", "w" .. w, "--lease", "1",
-                                      "--block", "0.2", "--json" }, env, "w" .. w)
+        local pid, wait = stella_bg(dir, { "worker", "--rules", rules, "--db", url, "--name", "w" .. w, "--lease", "1",
+                                           "--block", "0.2", "--json" }, env, "w" .. w)
         workers[w] = { pid = pid, wait = wait }
       end
       local q = assert(require("stella.queue").open(url))
@@ -351,10 +339,8 @@ describe("stella.rate_limit", function()
         return #server:requests() >= 1 and hash
       end), "no pause after the 429")
       -- stella status shows it
-      local status_out = dir .. "/status.out"
-      assert.equal(0, nginx.run(command({ "status", "--db", url, "--json" }, {}) .. " >" .. shell_quote(status_out)))
-      local st = read_file(status_out)
-      no_secret(st)
+      local code, st, st_err = stella_cmd(dir, { "status", "--db", url, "--json" }, {}, "status")
+      assert.equal(0, code, st_err)
       local rl = cjson.decode(st).rate_limits
       assert.equal(1, #rl)
       assert.equal(id, rl[1].key_id)

@@ -140,11 +140,12 @@ end)
 describe("the OpenResty webhook on Redis, two nginx", function()
   local harness = require "support.openresty.harness"
   local slow_api = require "support.openresty.slow_api"
+  local webhook_nginx = require "support.openresty.webhook"
   local store = require "stella.store"
   local redis = require "stella.redis"
   local KEY = "test-key-webhook-redis-0123456789"
   local srv, api
-  local running = {}
+  local nodes = webhook_nginx.nodes()
 
   lazy_setup(function()
     srv = redis_server.start{}
@@ -152,48 +153,13 @@ describe("the OpenResty webhook on Redis, two nginx", function()
   end)
 
   lazy_teardown(function()
-    for n in pairs(running) do n:stop() end
+    nodes:stop_all()
     if api then api:stop() end
     if srv then srv:remove() end
   end)
 
   local function webhook(edit, env)
-    edit["worker_processes auto;"] = "worker_processes 2;"
-    env.STELLA_TEST_KEY, env.STELLA_BASE_URL, env.STELLA_MODE = KEY, api.url, "test"
-    local n = harness.start{
-      template = ROOT .. "/examples/openresty/nginx.conf",
-      vars = {
-        STELLA_ROOT = ROOT, EXAMPLE_DIR = ROOT .. "/examples/openresty",
-        CA_FILE = "/etc/ssl/certs/ca-certificates.crt", RESOLVER = "127.0.0.1",
-        NDK_MODULE = harness.find_module("ndk_http_module.so"),
-        LUA_MODULE = harness.find_module("ngx_http_lua_module.so"),
-      },
-      ports = { "PORT" }, edit = edit, env = env,
-      probe = { port = "PORT", path = "/events/health" },
-    }
-    running[n] = true
-    return n
-  end
-
-  -- Opens a connection per event to its node and sends them all, then reads every answer.
-  local function burst(posts)
-    local conns = {}
-    for i, p in ipairs(posts) do
-      local body = cjson.encode(p.event)
-      local c = socket.tcp()
-      c:settimeout(20)
-      assert(c:connect("127.0.0.1", p.node.ports.PORT))
-      assert(c:send("POST /events HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
-        .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
-      conns[i] = c
-    end
-    local status = {}
-    for i, c in ipairs(conns) do
-      local answer = assert(c:receive("*a"))
-      c:close()
-      status[i] = tonumber(answer:match("^HTTP/1%.%d (%d%d%d)"))
-    end
-    return status
+    return nodes:start{ key = KEY, base_url = api.url, workers = 2, edit = edit, env = env }
   end
 
   it("suppresses each customer across both, sends each interaction once, and pools its connections", function()
@@ -215,15 +181,16 @@ describe("the OpenResty webhook on Redis, two nginx", function()
                     requester = { name = "Customer " .. c, email = ("cust%d-%d@example.com"):format(c, base) },
                     assignee = { name = "Paul Agent", email = "paulagent@blancapeak.com" }, locale = "en-US" }
         local first = (c + t) % 2 == 0 and a or b
-        posts[#posts + 1] = { node = first, event = e }
+        posts[#posts + 1] = { port = first.ports.PORT, event = e }
         times[tostring(id)] = 1
         if t % 3 == 0 then
-          posts[#posts + 1] = { node = first == a and b or a, event = e }
+          posts[#posts + 1] = { port = (first == a and b or a).ports.PORT, event = e }
           times[tostring(id)] = 2
         end
       end
     end
-    for i, s in ipairs(burst(posts)) do assert.equal(202, s, "post " .. i) end
+    -- each post on a connection of its own to its node, all sent before any answer is read
+    for i, s in ipairs(webhook_nginx.post_all(posts)) do assert.equal(202, s, "post " .. i) end
     -- every post decided: the one ledger (in Redis) has an entry for each
     local s = assert(store.redis(srv:url()))
     local entries
@@ -276,8 +243,7 @@ describe("the OpenResty webhook on Redis, two nginx", function()
     for _, n in ipairs{ a, b } do
       local log = n:error_log()
       assert.falsy(log:find("[error]", 1, true), log)
-      n:stop()
-      running[n] = nil
+      nodes:stop(n)
     end
   end)
 end)

@@ -40,14 +40,8 @@ local bit = rawget(_G, "jit") and require("bit") or assert(load([[
     tohex = function(a, n) return string.format("%0" .. n .. "x", u(a)) end,
   }]]))()
 
--- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
-local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
-
-local function stella_cmd(dir, args, env)
-  local out_file, err_file = dir .. "/cmd.out", dir .. "/cmd.err"
-  local status = sh(command(args, env) .. " >" .. shell_quote(out_file) .. " 2>" .. shell_quote(err_file))
-  return status, read_file(out_file) or "", read_file(err_file) or ""
-end
+-- bin/stella run to the end: status, stdout, stderr (support.child)
+local function stella_cmd(dir, args, env) return require("support.child").run(LUA, dir, args, env, "cmd") end
 
 describe("the rules inside Redis", function()
   local srv, dir, now

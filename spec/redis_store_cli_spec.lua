@@ -6,6 +6,7 @@
 -- loopback only. Counts are asserted, never times.
 local testserver = require "support.testserver"
 local redis_server = require "support.redis"
+local child = require "support.child"
 local cjson = require "cjson"
 local nginx = require "stella.nginx"
 local store_mod = require "stella.store"
@@ -14,30 +15,13 @@ local LUA = os.getenv("STELLA_TEST_LUA") or "lua5.4"
 local KEY = "tk_redis_store_0123456789SECRET"
 local PASSWORD = "default-pw-0123SECRET"
 local APP_PASSWORD = "app pw:@/%SECRET"   -- needs %-escaping in a URL
-local shell_quote, read_file, write_file, sh = nginx.shell_quote, nginx.read_file, nginx.write_file, nginx.run
+local shell_quote, read_file, write_file = nginx.shell_quote, nginx.read_file, nginx.write_file
 
 local function escape(s)
   return (s:gsub("[^%w%-._~]", function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
--- "env ... LUA bin/stella ARGS" with this process's module paths (support.child)
-local function command(args, env) return require("support.child").stella_command(LUA, args, env) end
-
 local SPEC_DIR = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./")
-
--- "env LUA_PATH=... LUA_CPATH=..." with this process's module paths
-local function command_env()
-  local parts = { "env" }
-  for _, name in ipairs{ "LUA_PATH", "LUA_CPATH", "LUA_PATH_5_4", "LUA_CPATH_5_4" } do
-    local v = os.getenv(name)
-    if v then parts[#parts + 1] = name .. "=" .. shell_quote(v) end
-  end
-  if not os.getenv("LUA_PATH") then
-    parts[#parts + 1] = "LUA_PATH=" .. shell_quote(package.path)
-    parts[#parts + 1] = "LUA_CPATH=" .. shell_quote(package.cpath)
-  end
-  return table.concat(parts, " ")
-end
 
 local function no_secret(text)
   for _, s in ipairs{ KEY, PASSWORD, APP_PASSWORD, escape(APP_PASSWORD) } do
@@ -45,30 +29,10 @@ local function no_secret(text)
   end
 end
 
--- Runs bin/stella to the end: status, stdout, stderr (no secret in either).
-local function stella_cmd(dir, args, env, name)
-  name = name or "run"
-  local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
-  local status = sh(command(args, env) .. " >" .. shell_quote(out_file) .. " 2>" .. shell_quote(err_file))
-  local out, err = read_file(out_file) or "", read_file(err_file) or ""
-  no_secret(out .. err)
-  return status, out, err
-end
-
--- Starts bin/stella in the background: its pid and a function waiting for its status.
-local function stella_bg(dir, args, env, name)
-  local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
-  local proc = assert(io.popen("sh -c " .. shell_quote("echo $$; exec " .. command(args, env) .. " >"
-    .. shell_quote(out_file) .. " 2>" .. shell_quote(err_file)) .. " 2>/dev/null; echo @$?"))
-  local pid = assert(tonumber(proc:read("*l")))
-  return pid, function()
-    local rest = proc:read("*a")
-    proc:close()
-    local out, err = read_file(out_file) or "", read_file(err_file) or ""
-    no_secret(out .. err)
-    return tonumber(rest:match("@(%d+)")), out, err
-  end
-end
+-- bin/stella run to the end (status, stdout, stderr) and in the background (its pid and
+-- a function waiting for those), output in DIR/NAME.out and .err, no secret in either
+-- (support.child)
+local stella_cmd, stella_bg = child.runners(LUA, no_secret)
 
 -- Events for interactions first..last; customer(i) names the customer's e-mail number.
 local function events_file(path, ids, customer)
@@ -343,7 +307,7 @@ describe("the stella command on the Redis store", function()
     local url = fresh_url()
     local log = dir .. "/writer.log"
     local writer = SPEC_DIR .. "support/redis_writer.lua"
-    local proc = assert(io.popen(command_env() .. " " .. LUA .. " " .. shell_quote(writer) .. " " .. shell_quote(url)
+    local proc = assert(io.popen(child.ENV .. LUA .. " " .. shell_quote(writer) .. " " .. shell_quote(url)
       .. " " .. shell_quote(log) .. " 100000 2>&1"))
     local ok = nginx.wait_until(60, function()
       local _, n = (read_file(log) or ""):gsub("\nok ", "")

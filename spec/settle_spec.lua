@@ -55,11 +55,9 @@ local function run_locked(mode, dir, db, url, count, release)
   return result
 end
 
+-- bin/stella with the key and the test server's URL, run to the end: status, stdout, stderr
 local function stella_cmd(dir, args, url)
-  local cmd = { child.ENV, "env STELLA_TEST_KEY=" .. q(KEY), "STELLA_BASE_URL=" .. q(url), LUA, "bin/stella" }
-  for _, a in ipairs(args) do cmd[#cmd + 1] = q(a) end
-  local status = nginx.run(table.concat(cmd, " ") .. " >" .. q(dir .. "/out") .. " 2>" .. q(dir .. "/err"))
-  return status, child.read_file(dir .. "/out"), child.read_file(dir .. "/err")
+  return child.run(LUA, dir, args, { STELLA_TEST_KEY = KEY, STELLA_BASE_URL = url })
 end
 
 describe("a settle that meets a database locked by another process", function()

@@ -10,6 +10,11 @@
 --   child.background(lua, dir, args [, env [, name]])  bin/stella started in the background
 --                       (as stella_command), its output in DIR/NAME.out and .err: its pid and
 --                       a function that waits for it -> exit status, stdout, stderr
+--   child.run(lua, dir, args [, env [, name]])  bin/stella run to the end (as stella_command),
+--                       its output in DIR/NAME.out and .err -> exit status, stdout, stderr
+--   child.runners(lua, check)  run and background for one interpreter, with check(stdout ..
+--                       stderr) called on every output (a spec's "no secret leaked"):
+--                       function(dir, args, env, name) each
 --   child.received(server)  { [ext_interaction_id] = times } the test server received, total
 local M = {}
 
@@ -63,6 +68,27 @@ function M.background(lua, dir, args, env, name)
     local rest = proc:read("*a")
     proc:close()
     return tonumber(rest:match("@(%d+)")), M.read_file(out_file), M.read_file(err_file)
+  end
+end
+
+function M.run(lua, dir, args, env, name)
+  name = name or "run"
+  local out_file, err_file = dir .. "/" .. name .. ".out", dir .. "/" .. name .. ".err"
+  local status = require("stella.nginx").run(M.stella_command(lua, args, env) .. " >" .. M.quote(out_file)
+    .. " 2>" .. M.quote(err_file))
+  return status, M.read_file(out_file), M.read_file(err_file)
+end
+
+function M.runners(lua, check)
+  local function checked(status, out, err)
+    check(out .. err)
+    return status, out, err
+  end
+  return function(dir, args, env, name)
+    return checked(M.run(lua, dir, args, env, name))
+  end, function(dir, args, env, name)
+    local pid, wait = M.background(lua, dir, args, env, name)
+    return pid, function() return checked(wait()) end
   end
 end
 

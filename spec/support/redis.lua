@@ -14,6 +14,7 @@
 --   srv.host, srv.port, srv.dir, srv:url{ user =, password =, db = }, srv:running(),
 --   srv:stop() (SHUTDOWN by SIGTERM), srv:kill() (SIGKILL), srv:start() (again, same
 --   port and dir), srv:log(), srv:remove() (stop and delete the directory)
+--   redis_server.resp(...)  a command in RESP, for a spec's own raw connection
 local socket = require "socket"
 local nginx = require "stella.nginx"   -- the shell, file, port and wait helpers
 
@@ -27,7 +28,7 @@ local Server = {}
 Server.__index = Server
 
 -- A RESP command.
-local function resp(...)
+function M.resp(...)
   local parts = { "*" .. select("#", ...) .. "\r\n" }
   for i = 1, select("#", ...) do
     local a = tostring((select(i, ...)))
@@ -35,6 +36,7 @@ local function resp(...)
   end
   return table.concat(parts)
 end
+local resp = M.resp
 
 -- Ready: PING answers +PONG (after AUTH when there is a password). While it loads its AOF
 -- the server answers -LOADING, and before AUTH -NOAUTH even while loading.

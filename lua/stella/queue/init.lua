@@ -101,30 +101,35 @@ function Queue:submit(event)
 end
 
 -- The library of stella_enqueue, loaded on the conn once (its forks share the list of
--- libraries, so a fork's fcall loads it again on a server that lost it).
-local function has_library(conn)
+-- libraries, so a fork's fcall loads it again on a server that lost it): true, or nil, err.
+local function load_library(conn)
   for _, l in ipairs(conn.libraries) do
     if l.name == queue_lib.name then return true end
   end
-  return false
+  return conn:load_library(queue_lib.name, queue_lib.code, queue_lib.version)
+end
+
+-- What append and append_many start their call's ARGV with (the group, the capacity),
+-- the library loaded; or nil, err. A capacity other than nil or a whole number >= 0 is
+-- misuse: raised at their caller.
+local function enqueue_args(self, capacity, who)
+  if capacity ~= nil and (type(capacity) ~= "number" or capacity < 0 or capacity ~= floor(capacity)) then
+    error(who .. ": capacity must be a whole number >= 0", 3)
+  end
+  local ok, err = load_library(self.conn)
+  if not ok then return nil, err end
+  return { self.group, tostring(capacity or 0) }
 end
 
 function Queue:append(texts, capacity)
   if type(texts) ~= "table" then error("queue:append: a list of JSON texts expected", 2) end
-  if capacity ~= nil and (type(capacity) ~= "number" or capacity < 0 or capacity ~= floor(capacity)) then
-    error("queue:append: capacity must be a whole number >= 0", 2)
-  end
-  local conn = self.conn
-  if not has_library(conn) then
-    local ok, err = conn:load_library(queue_lib.name, queue_lib.code, queue_lib.version)
-    if not ok then return nil, err end
-  end
-  local args = { self.group, tostring(capacity or 0) }
+  local args, err = enqueue_args(self, capacity, "queue:append")
+  if not args then return nil, err end
   for i = 1, #texts do
     if type(texts[i]) ~= "string" then error("queue:append: text " .. i .. " is not a string", 2) end
     args[i + 2] = texts[i]
   end
-  return conn:fcall("stella_enqueue", { self.stream }, args)
+  return self.conn:fcall("stella_enqueue", { self.stream }, args)
 end
 
 -- Several pushes in one call: pushes = { { texts }, ... }, each all or none against the
@@ -132,15 +137,9 @@ end
 -- (redis.is_error; code "FULL"); or nil, err when the call failed as a whole.
 function Queue:append_many(pushes, capacity)
   if type(pushes) ~= "table" then error("queue:append_many: a list of lists of JSON texts expected", 2) end
-  if capacity ~= nil and (type(capacity) ~= "number" or capacity < 0 or capacity ~= floor(capacity)) then
-    error("queue:append_many: capacity must be a whole number >= 0", 2)
-  end
-  local conn = self.conn
-  if not has_library(conn) then
-    local ok, err = conn:load_library(queue_lib.name, queue_lib.code, queue_lib.version)
-    if not ok then return nil, err end
-  end
-  local args, n = { self.group, tostring(capacity or 0) }, 2
+  local args, err = enqueue_args(self, capacity, "queue:append_many")
+  if not args then return nil, err end
+  local n = 2
   for i = 1, #pushes do
     local texts = pushes[i]
     n = n + 1
@@ -151,7 +150,7 @@ function Queue:append_many(pushes, capacity)
       args[n] = texts[j]
     end
   end
-  return conn:fcall("stella_enqueue_many", { self.stream }, args)
+  return self.conn:fcall("stella_enqueue_many", { self.stream }, args)
 end
 
 -- fields: { event = raw text or "", reason = "...", id = entry id or "", deliveries, worker }

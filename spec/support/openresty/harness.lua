@@ -1,5 +1,6 @@
--- Starts an nginx (with its Lua module) from a config template, for spec/openresty_spec.lua:
--- the webhook of examples/openresty/ plus whatever server blocks a spec adds. Runs it with
+-- Starts an nginx (with its Lua module) from a config template, for the OpenResty specs
+-- (spec/openresty_spec.lua; support/openresty/webhook.lua for the webhook's specs): the
+-- webhook of examples/openresty/ plus whatever server blocks a spec adds. Runs it with
 -- stella.nginx, like spec/support/testserver.lua: in the foreground, as a child of this Lua
 -- process, on free 127.0.0.1 ports, in a temporary prefix removed by stop() (kept with
 -- $STELLA_KEEP_PREFIX). Runs under Lua 5.4 and LuaJIT; needs luasocket.
@@ -16,6 +17,8 @@
 --     prefix = dir,                                  -- keep this prefix (not removed)
 --   }
 --   n.ports.PORT, n.url (http://127.0.0.1:PORT), n:error_log(), n:pids(), n:stop()
+--   harness.ROOT     the checkout's top directory, absolute (from where this file is)
+--   harness.SUPPORT  this directory (spec/support/openresty), absolute
 local socket = require "socket"
 local nginx = require "stella.nginx"
 
@@ -25,6 +28,9 @@ local START_TIMEOUT = 10
 
 M.read_file, M.run, M.shell_quote = nginx.read_file, nginx.run, nginx.shell_quote
 M.is_root, M.free_port, M.alive, M.wait_until = nginx.is_root, nginx.free_port, nginx.alive, nginx.wait_until
+
+M.SUPPORT = nginx.absolute(debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or ".")
+M.ROOT = M.SUPPORT:gsub("/spec/support/openresty$", "")
 
 function M.write_file(path, text)
   assert(nginx.write_file(path, text))
