@@ -180,7 +180,11 @@ describe("the OpenResty webhook under load", function()
       cjson.encode(health(n)) .. "\n" .. harness.read_file(prefix .. "/error.log"))
     local got, _, _, failed = api:received()
     assert.is_nil(next(got), "the API took an event while failing")
-    assert.is_true(failed >= 6, failed .. " failed requests")
+    -- the API was asked and failed them; not necessarily all six: on a loaded machine a send
+    -- can end before it reaches the API (a timeout, its batch past half the lease) and wait
+    -- in the outbox unattempted (seen under make asan). None taken and all six queued is
+    -- what the rest of the spec builds on.
+    assert.is_true(failed >= 1, failed .. " failed requests")
 
     local log = webhook_nginx.quit(n)
     stop(n)
