@@ -109,7 +109,8 @@ function M.new(opts)
     warn_at = warn_at < 1 and warn_at or 0.8,
     on_outcome = opts.on_outcome, shared_store = opts.shared_store and true or false,
     pool = nil, refused = 0, last_refusal_log = 0,
-    replay_at = nil,   -- when this worker's replay of rate-limited requests is due (replay_held)
+    replay_at = nil,     -- when this worker's replay of rate-limited requests is due (replay_held)
+    replay_last = nil,   -- the latest due time of those requests
   }, Service)
 end
 
@@ -280,27 +281,36 @@ end
 -- After a send call of this coroutine that the fleet's rate limit held back (the
 -- trigger's gate, stella.rate_limit: no slot soon, the round's budget spent, the key
 -- paused after a 429): those requests wait in the outbox, due within seconds; the outbox
--- is replayed when the first is due, not at the next flush_every (one timer per worker
--- for the earliest due time; a replay held back again schedules the next).
+-- is replayed when the first is due, not at the next flush_every. One timer per worker,
+-- for the earliest due time; when it has run, another for the latest one not yet due
+-- (replay_last); a replay held back again schedules its own.
+local function schedule_replay(self, at)
+  local now = ngx.now()
+  if at < now + REPLAY_MIN then at = now + REPLAY_MIN end
+  if self.replay_at and self.replay_at <= at then return end
+  self.replay_at = at
+  local okt, err = ngx.timer.at(at - now, function(premature)
+    if self.replay_at == at then self.replay_at = nil end
+    if premature then return end
+    flush(self)
+    local last = self.replay_last
+    if last and last > ngx.now() then schedule_replay(self, last) else self.replay_last = nil end
+  end)
+  if not okt then
+    self.replay_at = nil
+    ngx.log(ngx.ERR, "stella: cannot schedule the outbox replay of rate-limited requests: ", tostring(err))
+  end
+end
+
 replay_held = function(self)
   local ok, trigger = pcall(self.get_trigger)
   local gate = ok and type(trigger) == "table" and trigger.gate
   if not gate then return end
   local held, due = gate:held_back_here()
   if not held then return end
-  local now = ngx.now()
-  local at = (due or now + 1) + 0.05   -- due: the trigger's clock (ngx.time, whole seconds)
-  if at < now + REPLAY_MIN then at = now + REPLAY_MIN end
-  if self.replay_at and self.replay_at <= at then return end
-  self.replay_at = at
-  local okt, err = ngx.timer.at(at - now, function(premature)
-    if self.replay_at == at then self.replay_at = nil end
-    if not premature then flush(self) end
-  end)
-  if not okt then
-    self.replay_at = nil
-    ngx.log(ngx.ERR, "stella: cannot schedule the outbox replay of rate-limited requests: ", tostring(err))
-  end
+  local at = (due or ngx.now() + 1) + 0.05   -- due: the trigger's clock (ngx.time, whole seconds)
+  if not (self.replay_last and self.replay_last >= at) then self.replay_last = at end
+  schedule_replay(self, at)
 end
 
 -- What earlier workers spooled, back into the queue and the outbox. -> true when the
