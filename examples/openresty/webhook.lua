@@ -17,9 +17,11 @@
 -- Redis). configure{ queue = "redis://..." } puts accepted events on Redis instead of the
 -- queue's dict (stella.openresty.redis_queue: the stream `stella worker` reads; the store
 -- is then Redis too, the queue's URL unless store says another); the client talks
--- through cosockets. Worker 0 replays the outbox every flush_every seconds (requests
--- that failed with a retryable error: 429, 5xx, timeouts, network), restores what a
--- stopping nginx spooled, and logs a warning when the queue or a dict fills up.
+-- through cosockets. With the store on Redis, the rules' rate_limit holds for every send
+-- (the fleet's limit per API key: stella.rate_limit). Worker 0 replays the outbox every
+-- flush_every seconds (requests that failed with a retryable error: 429, 5xx, timeouts,
+-- network), restores what a stopping nginx spooled, and logs a warning when the queue or a
+-- dict fills up.
 --
 -- Settings: M.configure{...} in nginx.conf's init_by_lua_block (see there).
 --
@@ -33,6 +35,8 @@ local cosocket = require "stella.transport.cosocket"
 local queue = require "stella.openresty.queue"
 local redis_queue = require "stella.openresty.redis_queue"
 local service = require "stella.openresty.service"
+local rules_mod = require "stella.rules"
+local rate_limit = require "stella.rate_limit"
 
 local ngx = ngx
 local getenv, io_open, type, tostring, ipairs, pairs, next, error =
@@ -76,7 +80,7 @@ function M.configure(opts)
 end
 
 -- Per worker, built on first use (in a request or a timer, never in init_by_lua).
-local store, trigger, svc
+local store, trigger, svc, rules
 
 local function env(name)
   local v = getenv(name)
@@ -110,14 +114,40 @@ local function get_store()
   return store
 end
 
+-- The rules file, compiled once per worker.
+local function get_rules()
+  if rules then return rules end
+  local compiled, err = rules_mod.load(settings.rules)
+  if not compiled then error("webhook: " .. tostring(err), 2) end
+  rules = compiled
+  return rules
+end
+
+-- The fleet's rate limit (stella.rate_limit), when the rules set rate_limit and the store
+-- is on Redis: the consumers' sends and the outbox replays of every worker (and of every
+-- nginx and `stella worker` on that Redis) share one limit per API key, and a 429 with
+-- Retry-After pauses the key for all of them. Waits for a slot are ngx.sleep (the worker
+-- serves other requests meanwhile), at most max_wait each and `budget` seconds per send
+-- call, as `stella worker` paces a round (half the lease, 0.5 to 5 s); what has no slot
+-- then goes back to the outbox, due at its slot, and is replayed then (service.lua).
+local function get_gate(compiled)
+  if not (compiled.rate_limit and redis_url()) then return nil end
+  local limiter = assert(rate_limit.open(redis_url()))
+  return rate_limit.gate{ limiter = limiter, rules = compiled, sleep = ngx.sleep,
+                          budget = math.max(0.5, math.min(5, settings.lease / 2)) }
+end
+
 local function get_trigger()
   if trigger then return trigger end
+  local compiled = get_rules()
+  local gate = get_gate(compiled)
   local keys
   if env("STELLA_TEST_KEY") or env("STELLA_PRODUCTION_KEY") then
     keys = { test = env("STELLA_TEST_KEY"), production = env("STELLA_PRODUCTION_KEY") }
   end
   trigger = stella.trigger{
-    rules = settings.rules,
+    rules = compiled,
+    gate = gate,
     store = get_store(),
     clock = ngx.time,
     -- no purge by the trigger every hour in every worker: the shdict store bounds its ledger
@@ -139,7 +169,8 @@ local function get_trigger()
 end
 
 local function log_outcome(o)
-  local failed = o.status == "failed" or o.status == "invalid" or o.status == "queued"
+  -- (a request the rate limit handed back to the outbox, "queued (deferred)", is no failure)
+  local failed = o.status == "failed" or o.status == "invalid" or (o.status == "queued" and o.reason ~= "deferred")
   ngx.log(failed and ngx.WARN or ngx.INFO, "stella: event ", tostring(o.event_id or "(no id)"), ": ", o.status,
     o.reason and (" (" .. o.reason .. ")") or "", o.request_id and (" request " .. o.request_id) or "",
     o.detail and failed and (": " .. o.detail) or "")
@@ -276,6 +307,14 @@ end
 -- init_worker_by_lua
 function M.init_worker()
   get_service():init_worker()
+  if ngx.worker.id() == 0 and not redis_url() then
+    -- the shared dict store: no fleet to share a limit with (a rules mistake: said at first use)
+    local ok, compiled = pcall(get_rules)
+    if ok and compiled.rate_limit then
+      ngx.log(ngx.ERR, "stella: the rules' rate_limit is kept in Redis and applies with the store on Redis ",
+        "(configure's store or queue, or STELLA_DB) only; not applied with the shared dict store")
+    end
+  end
 end
 
 -- exit_worker_by_lua

@@ -38,6 +38,10 @@
 -- its worker died is taken over after a lease): exit_worker spools nothing of it, and it
 -- needs shared_store (the outbox must outlive nginx as the queue does) and no spool.
 -- consumers = 0 starts no consumer: other processes (`stella worker`) read that queue.
+--
+-- A trigger with a gate (the fleet's rate limit, stella.rate_limit) may hand requests back
+-- to the outbox, due at their slot: the worker whose send call did replays the outbox when
+-- the first is due, rather than at the next flush_every.
 local cjson = require "cjson.safe"
 local consumers_mod = require "stella.openresty.consumers"
 local spool_mod = require "stella.openresty.spool"
@@ -54,6 +58,7 @@ Service.__index = Service
 local FAR = 10 * 365 * 86400   -- claim every queued outbox item, due or not
 local REQUEUE_PAUSE = 1        -- seconds before a consumer takes events its store refused
 local MAX_IDS_LOGGED = 200     -- event ids named in one log line
+local REPLAY_MIN = 0.2         -- seconds: the soonest replay of requests the rate limit held back
 
 local function positive(v, name, default)
   if v == nil then return default end
@@ -104,6 +109,8 @@ function M.new(opts)
     warn_at = warn_at < 1 and warn_at or 0.8,
     on_outcome = opts.on_outcome, shared_store = opts.shared_store and true or false,
     pool = nil, refused = 0, last_refusal_log = 0,
+    replay_at = nil,     -- when this worker's replay of rate-limited requests is due (replay_held)
+    replay_last = nil,   -- the latest due time of those requests
   }, Service)
 end
 
@@ -258,6 +265,8 @@ end
 -- Worker life: consumers, the outbox timer, the spool
 ---------------------------------------------------------------------------------------
 
+local replay_held
+
 local function flush(self)
   local ok, summary = pcall(function() return self.get_trigger():flush() end)
   if not ok then
@@ -266,6 +275,42 @@ local function flush(self)
     ngx.log(ngx.NOTICE, "stella: outbox: ", summary.sent, " sent, ", summary.recorded, " recorded, ",
       summary.queued, " still queued, ", summary.failed, " failed")
   end
+  replay_held(self)
+end
+
+-- After a send call of this coroutine that the fleet's rate limit held back (the
+-- trigger's gate, stella.rate_limit: no slot soon, the round's budget spent, the key
+-- paused after a 429): those requests wait in the outbox, due within seconds; the outbox
+-- is replayed when the first is due, not at the next flush_every. One timer per worker,
+-- for the earliest due time; when it has run, another for the latest one not yet due
+-- (replay_last); a replay held back again schedules its own.
+local function schedule_replay(self, at)
+  local now = ngx.now()
+  if at < now + REPLAY_MIN then at = now + REPLAY_MIN end
+  if self.replay_at and self.replay_at <= at then return end
+  self.replay_at = at
+  local okt, err = ngx.timer.at(at - now, function(premature)
+    if self.replay_at == at then self.replay_at = nil end
+    if premature then return end
+    flush(self)
+    local last = self.replay_last
+    if last and last > ngx.now() then schedule_replay(self, last) else self.replay_last = nil end
+  end)
+  if not okt then
+    self.replay_at = nil
+    ngx.log(ngx.ERR, "stella: cannot schedule the outbox replay of rate-limited requests: ", tostring(err))
+  end
+end
+
+replay_held = function(self)
+  local ok, trigger = pcall(self.get_trigger)
+  local gate = ok and type(trigger) == "table" and trigger.gate
+  if not gate then return end
+  local held, due = gate:held_back_here()
+  if not held then return end
+  local at = (due or ngx.now() + 1) + 0.05   -- due: the trigger's clock (ngx.time, whole seconds)
+  if not (self.replay_last and self.replay_last >= at) then self.replay_last = at end
+  schedule_replay(self, at)
 end
 
 -- What earlier workers spooled, back into the queue and the outbox. -> true when the
@@ -340,9 +385,15 @@ function Service:init_worker()
   local handle, on_error
   if q.durable then
     -- entries a consumer could not handle stay pending in the queue: taken again after its lease
-    handle = function(entries) return q:consume(entries, self) end
+    handle = function(entries)
+      q:consume(entries, self)
+      replay_held(self)
+    end
   else
-    handle = function(entries) return self:handle(entries) end
+    handle = function(entries)
+      self:handle(entries)
+      replay_held(self)
+    end
     on_error = function(entries)
       -- a bug in the rules or the store: keep the events rather than lose them
       ngx.sleep(REQUEUE_PAUSE)

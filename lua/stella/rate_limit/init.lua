@@ -1,5 +1,6 @@
 -- stella.rate_limit: one rate limit per API key for every sender on one Redis (the fleet
--- of `stella worker`s, `stella trigger`/`retry` with --db redis://...), and a pause for
+-- of `stella worker`s, `stella trigger`/`retry` with --db redis://..., the consumers and
+-- outbox replays of examples/openresty with its store on Redis), and a pause for
 -- the key that every sender honours once any of them gets a 429 with Retry-After.
 --
 -- In the rules file (off unless given):
@@ -27,6 +28,7 @@ local core = require "stella.core"
 local ceil, floor, max, min = math.ceil, math.floor, math.max, math.min
 local error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type =
       error, getmetatable, ipairs, pairs, setmetatable, tonumber, tostring, type
+local running = coroutine.running
 
 local M = {}
 
@@ -98,7 +100,10 @@ Limiter.__index = Limiter
 M.Limiter = Limiter
 
 -- open(url | { url, prefix, timeout } | conn) -> limiter | nil, err. A conn given is
--- borrowed (not closed by close()).
+-- borrowed (not closed by close()). Inside nginx (the conn on cosockets, which belong to
+-- the request or timer that opened them) the conn is a template: each operation takes a
+-- connection of its own from nginx's keep-alive pool (a fork) and gives it back, as
+-- stella.store.redis does, so that the consumers' coroutines never share one.
 function M.open(opts)
   local redis = require "stella.redis"
   if type(opts) == "string" then opts = { url = opts } end
@@ -110,7 +115,10 @@ function M.open(opts)
     if not conn then return nil, err end
     own = true
   end
-  return setmetatable({ conn = conn, own = own, prefix = conn.prefix .. "rate:", sha = {} }, Limiter)
+  local forking = conn.cosocket and true or false
+  if forking and own then conn:close() end   -- back to nginx's pool: every operation takes its own
+  return setmetatable({ conn = conn, own = own, forking = forking, prefix = conn.prefix .. "rate:", sha = {} },
+                      Limiter)
 end
 
 function Limiter:close()
@@ -118,14 +126,24 @@ function Limiter:close()
   self.conn = nil
 end
 
+-- The connection for one operation, and its return (see open).
+local function take_conn(self)
+  if self.forking then return self.conn:fork() end
+  return self.conn
+end
+
+local function give_conn(self, c)
+  if c ~= self.conn then c:close() end
+end
+
 -- EVALSHA, loading the script first (SCRIPT LOAD) or running it whole (EVAL) when the
 -- server does not have it (a restart, SCRIPT FLUSH).
 local function script(self, code, key, ...)
-  local conn = self.conn
+  local conn = take_conn(self)
   local sha = self.sha[code]
   if not sha then
     local loaded, err = conn:call("SCRIPT", "LOAD", code)
-    if not loaded then return nil, err end
+    if not loaded then give_conn(self, conn) return nil, err end
     sha = loaded
     self.sha[code] = sha
   end
@@ -133,6 +151,7 @@ local function script(self, code, key, ...)
   if res == nil and type(err) == "table" and err.code == "NOSCRIPT" then
     res, err = conn:call("EVAL", code, 1, key, ...)
   end
+  give_conn(self, conn)
   return res, err
 end
 
@@ -158,7 +177,9 @@ end
 -- checks before each request of its slots after the first: a pause another sender set
 -- meanwhile holds them too.
 function Limiter:paused(id)
-  local res, err = self.conn:pipeline{ { "TIME" }, { "HGET", self.prefix .. id, "until" } }
+  local conn = take_conn(self)
+  local res, err = conn:pipeline{ { "TIME" }, { "HGET", self.prefix .. id, "until" } }
+  give_conn(self, conn)
   if not res then return nil, err end
   local time = res[1]
   if type(time) ~= "table" then return nil, time end
@@ -170,8 +191,15 @@ end
 -- (per second, nil: pause only), burst, paused (seconds left, 0: none), pauses (429s
 -- with Retry-After so far), backlog (seconds of slots taken ahead of now), seen (seconds
 -- ago) }, sorted by label then id.
+local status_on
 function Limiter:status()
-  local conn = self.conn
+  local conn = take_conn(self)
+  local res, err = status_on(self, conn)
+  give_conn(self, conn)
+  return res, err
+end
+
+status_on = function(self, conn)
   local keys, cursor = {}, "0"
   repeat
     local res, err = conn:call("SCAN", cursor, "MATCH", self.prefix .. "*", "COUNT", 200)
@@ -222,21 +250,38 @@ M.Gate = Gate
 -- paces its requests before it hands the rest back to the outbox (nil: no limit but the
 -- outbox lease's; `stella worker` gives one, so that a round never stalls). sleep(seconds)
 -- -> false when a signal ended it (core.sleep); clock: core.monotonic.
--- gate.held_back: true after a send call that handed requests back for want of a slot
--- (flush.lua then claims no more this time).
+-- gate:held_back_here() -> true, due after a send call of the running coroutine that handed
+-- requests back for want of a slot (flush.lua then claims no more this time); due: the
+-- earliest time (the trigger's clock) one of them is due again, nil if unknown. gate.held_back:
+-- the same for the last send call of any coroutine.
+-- One gate serves several coroutines at once (inside nginx, the consumers of a worker
+-- share its trigger): what one send call changes as it goes (its time budget, a 429
+-- met) is that call's own, found by the running coroutine.
 function M.gate(o)
   local limits = o.rules and o.rules.rate_limit
   if not limits then return nil end
   if o.budget ~= nil and not (type(o.budget) == "number" and o.budget > 0) then
     error("stella.rate_limit.gate: budget must be a number of seconds above 0", 2)
   end
-  return setmetatable({ limiter = o.limiter, limits = limits, budget = o.budget, sleep = o.sleep or core.sleep,
-                        clock = o.clock or core.monotonic, by_brand = {}, by_id = {}, hit = nil,
-                        held_back = false }, Gate)
+  local self = setmetatable({ limiter = o.limiter, limits = limits, budget = o.budget, sleep = o.sleep or core.sleep,
+                              clock = o.clock or core.monotonic, by_brand = {}, by_id = {}, held_back = false,
+                              calls = setmetatable({}, { __mode = "k" }) }, Gate)
+  self.call_mt = { __index = self }
+  return self
+end
+
+local MAIN = {}   -- the calls' key outside coroutines (LuaJIT's running() gives nil there)
+
+function Gate:held_back_here()
+  local call = self.calls[running() or MAIN]
+  if not (call and call.held_back) then return false end
+  return true, call.due
 end
 
 -- A hand-back: not sent, back in the outbox due at next_at, attempts unchanged (settle.lua).
-local function held(next_at, message)
+-- call.due: the earliest next_at of a send call's hand-backs (held_back_here).
+local function held(next_at, message, call)
+  if call and not (call.due and call.due <= next_at) then call.due = next_at end
   return require("stella.error").new{ kind = "deferred", retryable = true, handed_back = true, attempts = 0,
                                        next_at = next_at, message = message }
 end
@@ -276,14 +321,16 @@ end
 -- does not retry). Without Retry-After the client retries as it always does.
 function Gate:rate_limited(lim, err, retry_after_ms)
   if type(retry_after_ms) ~= "number" or retry_after_ms < 0 then return false end
-  local t = self.trigger
+  local call = self.calls[running() or MAIN]
+  if not (call and call.active) then call = {} end   -- (a send outside gate:send: none is)
+  local t = call.trigger
   local cap = t and t.outbox_opts and t.outbox_opts.max_delay or 3600
   local seconds = min(retry_after_ms / 1000, cap)
   local left = self.limiter:pause(lim.id, seconds, lim.label)   -- nil: Redis away; this sender holds back still
   seconds = max(seconds, left or 0)
   local next_at = (t and t.clock() or os.time()) + ceil(seconds)
   err.next_at = next_at
-  self.hit = { next_at = next_at, seconds = seconds }
+  call.hit = { next_at = next_at, seconds = seconds }
   return true
 end
 
@@ -310,12 +357,13 @@ end
 -- pause's end, as does everything after it.
 local function hold_rest(self, idx, from, results, errs, interrupted)
   local hit = self.hit
+  if not (self.due and self.due <= hit.next_at) then self.due = hit.next_at end   -- (the 429's own too)
   local msg = ("not sent yet: the service answered 429; the key is paused for every sender for %g s")
     :format(hit.seconds)
   for k = 1, #idx do
     local i = idx[k]
     if (k >= from and errs[i] == nil and results[i] == nil) or (errs[i] ~= nil and errs[i] == interrupted) then
-      errs[i] = held(hit.next_at, msg)
+      errs[i] = held(hit.next_at, msg, self)
     end
   end
 end
@@ -330,19 +378,20 @@ local function send_limited(self, t, lim, list, idx, chunk, pace, results, errs,
     end
     if self.ends and self.clock() >= self.ends then
       local h = held(t.clock() + 1, ("not sent yet: this round's time for rate-limited sends (%g s) is up; "
-        .. "it waits in the outbox"):format(self.budget))
+        .. "it waits in the outbox"):format(self.budget), self)
       for k = pos, n do errs[idx[k]] = h end
       self.held_back = true
       return
     end
     local g, err = self.limiter:take(lim.id, lim.settings, n - pos + 1, lim.label)
+    if g then g.at = self.clock() end   -- the slots count from the answer, on the gate's clock
     if not g or g.granted == 0 then
       self.held_back = true
       local wait = g and (g.paused > 0 and g.paused or max(0, g.base)) or 1
       local why = not g and ("the rate limit cannot be read from Redis (" .. tostring(err) .. ")")
         or g.paused > 0 and ("the key is paused for every sender after a 429, for %g s more"):format(g.paused)
         or ("the key's rate limit (%s) has no slot for it within %g s"):format(lim.settings.text, lim.settings.max_wait)
-      local h = held(t.clock() + max(1, ceil(wait)), "not sent yet: " .. why .. "; it waits in the outbox")
+      local h = held(t.clock() + max(1, ceil(wait)), "not sent yet: " .. why .. "; it waits in the outbox", self)
       for k = pos, n do errs[idx[k]] = h end
       return
     end
@@ -358,7 +407,7 @@ local function send_limited(self, t, lim, list, idx, chunk, pace, results, errs,
         if left ~= 0 then
           local h = held(t.clock() + max(1, ceil(left or 1)), left and
             ("not sent yet: the key is paused for every sender after a 429, for %g s more; it waits in the outbox")
-              :format(left) or "not sent yet: the rate limit cannot be read from Redis; it waits in the outbox")
+              :format(left) or "not sent yet: the rate limit cannot be read from Redis; it waits in the outbox", self)
           for r = pos + k, n do errs[idx[r]] = h end
           self.held_back = true
           return
@@ -387,9 +436,10 @@ end
 -- with lanes (chunks sent over several connections) the requests whose slots fall within
 -- M.PACE s, so that they go side by side.
 function Gate:send(t, list, chunk, lanes)
-  self.trigger = t
-  self.held_back = false
-  self.ends = self.budget and self.clock() + self.budget or nil
+  -- this call's state; the gate's fields through __index
+  local call = setmetatable({ trigger = t, held_back = false, hit = nil, active = true,
+                              ends = self.budget and self.clock() + self.budget or nil }, self.call_mt)
+  self.calls[running() or MAIN] = call
   local pace = lanes and M.PACE or 0
   local results, errs = {}, {}
   local n, i, later = #list, 1, false
@@ -409,14 +459,16 @@ function Gate:send(t, list, chunk, lanes)
         j = j + 1
       end
       if lim then
-        send_limited(self, t, lim, list, idx, chunk, pace, results, errs, later)
+        send_limited(call, t, lim, list, idx, chunk, pace, results, errs, later)
       else
-        send_part(self, t, list, idx, 1, #idx, chunk, results, errs, later)
+        send_part(call, t, list, idx, 1, #idx, chunk, results, errs, later)
       end
       later = true
       i = j
     end
   end
+  call.active = false
+  self.held_back = call.held_back
   return results, errs
 end
 

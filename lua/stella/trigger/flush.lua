@@ -66,7 +66,7 @@ function M.run(self)
     if prev then
       local outcomes, serr = complete(prev)
       -- halted: interrupted, circuit_open; held back: the rate limit has no slot for more now
-      if serr or ferr or send.halted(outcomes) or (self.gate and self.gate.held_back) then
+      if serr or ferr or send.halted(outcomes) or (self.gate and self.gate:held_back_here()) then
         if cur then
           local _, cerr = complete(cur)
           serr = serr or cerr
