@@ -94,7 +94,7 @@ http {
                 ngx.print(cjson.encode({ total = api:get("n") or 0, ids = ids, max = api:get("max") or 0,
                                          failed = api:get("failed") or 0, customers = customers,
                                          first = api:get("first"), last = api:get("last"),
-                                         held = api:get("held") or 0 }))
+                                         held = api:get("held") or 0, busy = api:get("busy") or 0 }))
             }
         }
         location = /_answered {
@@ -165,6 +165,13 @@ function Api:received()
   assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
   local v = cjson.decode(body)
   return v.ids, v.total, v.max, v.failed, v.customers
+end
+
+-- how many requests the API holds right now (arrived, not yet answered)
+function Api:busy()
+  local code, body = get(self.port, "/_received")
+  assert(code == 200, "slow_api: /_received failed: " .. tostring(body))
+  return cjson.decode(body).busy
 end
 
 function Api:span()
