@@ -1,6 +1,9 @@
 -- bench/lanes.lua: how busy `--connections C` keeps its connections against an API that
--- answers in 20 ms (spec/support/openresty/slow_api.lua: nginx, ngx.sleep before each
--- answer), C = 1, 8, 16, 32, 64:
+-- answers in 20 ms, C = 1, 8, 16, 32, 64. The API is bench/delay_api.c
+-- (spec/support/delay_api.lua: one epoll thread answering each request exactly 20 ms after
+-- it arrived); BENCH_LANES_API=nginx takes spec/support/openresty/slow_api.lua instead
+-- (nginx, ngx.sleep), which holds a request 21-22 ms (millisecond timers, a cached clock,
+-- shared-dict work per request), so no client reaches 95% of C / 20 ms against it.
 --   trigger  the trigger's pipeline fed in batches of the size `stella trigger` uses
 --            (stella.cli.trigger.batch_size(C)), SQLite store, connections = C
 --   retry    trigger:flush() (`stella retry --connections C`) on an outbox of as many items
@@ -9,12 +12,19 @@
 --            ceiling of the threads and libcurl, which trigger and retry reach when batch
 --            boundaries cost nothing
 --   wrk      wrk -t1 -cC on the same endpoint, the same body size
--- each as events (requests) per second and as a share of the ideal C / 20 ms.
--- Environment: BENCH_LANES ("1 8 16 32 64"), BENCH_LANES_SECONDS (ideal seconds per run, 2).
+-- each as events (requests) per second and as a share of the ideal C / 20 ms, with the
+-- API's mean hold time per request (arrival to answer) and the mean round trip the client
+-- saw (C x elapsed / n; for wrk C / its rate): their difference is what the client and the
+-- kernel add. Each run checks that the API answered every request once (no interaction
+-- twice).
+-- Placement: the API on BENCH_SERVER_CPU, this process (its lanes, and wrk) on
+-- BENCH_CLIENT_CPU; unset, on a machine of 2 CPUs or more with taskset: API on CPU 0,
+-- client on CPU 1.
+-- Environment: BENCH_LANES ("1 8 16 32 64"), BENCH_LANES_SECONDS (ideal seconds per run, 2),
+-- BENCH_LANES_API ("delay", or "nginx").
 local stella = require "stella"
 local store_mod = require "stella.store"
 local cli_trigger = require "stella.cli.trigger"
-local slow_api = require "support.openresty.slow_api"
 local common = require "bench.common"
 local socket = require "socket"
 
@@ -37,7 +47,21 @@ local RULES = {
   once_per_interaction = true,
 }
 
-local api = slow_api.start{ delay = LATENCY }
+local API_KIND = os.getenv("BENCH_LANES_API") or "delay"
+assert(API_KIND == "delay" or API_KIND == "nginx", "BENCH_LANES_API: delay or nginx")
+
+local client_cpu, server_cpu, placement = common.placement()
+if not client_cpu and common.cpus() >= 2 and common.run("command -v taskset"):match("taskset") then
+  client_cpu, server_cpu, placement = "1", "0", "client on CPU 1, server on CPU 0"
+end
+local api
+if API_KIND == "nginx" then
+  common.pin(server_cpu)   -- nginx inherits this process's CPU
+  api = require("support.openresty.slow_api").start{ delay = LATENCY }
+else
+  api = require("support.delay_api").start{ delay = LATENCY, cpu = server_cpu }
+end
+common.pin(client_cpu)
 local tmpfiles = {}
 local client_opts = { api_key = "tk_bench_lanes", base_url = api.url, timeout = 10 }
 
@@ -77,7 +101,7 @@ local function trigger_rate(c, n)
   local elapsed = gettime() - t0
   t:close()
   assert(sent == n)
-  return n / elapsed
+  return elapsed
 end
 
 -- `stella retry --connections c`: an outbox of n items (written by a trigger that was
@@ -96,7 +120,7 @@ local function retry_rate(c, n)
   local elapsed = gettime() - t0
   r:close()
   assert(summary.sent == n, fmt("retry sent %d of %d", summary.sent, n))
-  return n / elapsed
+  return elapsed
 end
 
 -- The lanes alone: n requests over c clients in chunks of `size`, every chunk added at
@@ -128,27 +152,65 @@ local function sender_rate(c, n, size)
   next_ticket = next_ticket + n
   s:close()
   for i = 1, c do hs[i]:close() end
-  return n / elapsed
+  return elapsed
+end
+
+-- What the API answered since its last reset: how many, their mean hold time (s); raises
+-- when an interaction was answered twice, or (`n`) when not exactly n were answered.
+local function answered(what, n)
+  local ids, total = api:received()
+  local twice = 0
+  if API_KIND == "nginx" then
+    for _, k in pairs(ids) do if k > 1 then twice = twice + 1 end end
+  else
+    twice = ids.dups
+  end
+  if twice > 0 then error(fmt("%s: %d interactions were answered more than once", what, twice), 0) end
+  if n and total ~= n then error(fmt("%s: the API answered %d requests of %d", what, total, n), 0) end
+  local _, _, held = api:span()
+  return total, total > 0 and held / total or 0
 end
 
 local ok, err = pcall(function()
   local script = common.wrk_post_script("tk_bench_lanes")
   tmpfiles[#tmpfiles + 1] = script
-  print(fmt("lanes benchmark under %s: an API answering in %d ms (nginx, ngx.sleep), %d ideal seconds per run; load %s",
-    rawget(_G, "jit") and jit.version or _VERSION, LATENCY * 1000, SECONDS, common.loadavg()))
-  print("      C    ideal/s   trigger/s      %   retry/s      %  sender/s      %     wrk/s      %  (batch)")
+  print(fmt("lanes benchmark under %s: an API answering in %d ms (%s), %d ideal seconds per run, %s; load %s",
+    rawget(_G, "jit") and jit.version or _VERSION, LATENCY * 1000,
+    API_KIND == "nginx" and "nginx, ngx.sleep" or "bench/delay_api.c", SECONDS, placement, common.loadavg()))
+  print("  hold: the API's mean time from a request's arrival to its answer; round trip: C x elapsed / n")
+  print("      C  mode        ideal/s     rate/s       %   hold ms  round trip ms  (batch)")
+  local summary = {}
   for _, c in ipairs(LANES) do
     local ideal = c / LATENCY
-    local n = math.max(cli_trigger.batch_size(c), math.floor(ideal * SECONDS))
+    local size = cli_trigger.batch_size(c)
+    local n = math.max(size, math.floor(ideal * SECONDS))
+    local row = { c = c }
+    local function report(mode, rate, hold, trip)
+      row[mode] = rate / ideal * 100
+      print(fmt("  %5d  %-8s %10.0f %10.0f  %5.1f%%  %8.2f  %13.2f  (%d)", c, mode, ideal, rate,
+        rate / ideal * 100, hold * 1000, trip * 1000, size))
+    end
     api:reset()
-    local tr = trigger_rate(c, n)
+    local el = trigger_rate(c, n)
+    local _, hold = answered("trigger", n)
+    report("trigger", n / el, hold, c * el / n)
     api:reset()
-    local rr = retry_rate(c, n)
+    el = retry_rate(c, n)
+    _, hold = answered("retry", n)
+    report("retry", n / el, hold, c * el / n)
     api:reset()
-    local sr = sender_rate(c, n, cli_trigger.batch_size(c))
+    el = sender_rate(c, n, size)
+    _, hold = answered("sender", n)
+    report("sender", n / el, hold, c * el / n)
+    api:reset()
     local wr = common.wrk_rate(c, SECONDS, script, api.url)
-    print(fmt("  %5d %10.0f %11.0f %5.1f%% %9.0f %5.1f%% %9.0f %5.1f%% %9.0f %5.1f%%  (%d)", c, ideal, tr,
-      tr / ideal * 100, rr, rr / ideal * 100, sr, sr / ideal * 100, wr, wr / ideal * 100, cli_trigger.batch_size(c)))
+    _, hold = answered("wrk")
+    report("wrk", wr, hold, c / wr)
+    summary[#summary + 1] = row
+  end
+  print("      C   trigger     retry    sender       wrk   (% of C / 20 ms)")
+  for _, r in ipairs(summary) do
+    print(fmt("  %5d  %7.1f%%  %7.1f%%  %7.1f%%  %7.1f%%", r.c, r.trigger, r.retry, r.sender, r.wrk))
   end
   print(fmt("  load after: %s", common.loadavg()))
 end)
