@@ -101,7 +101,7 @@ local function trigger_rate(c, n)
   local elapsed = gettime() - t0
   t:close()
   assert(sent == n)
-  return elapsed
+  return elapsed, t0
 end
 
 -- `stella retry --connections c`: an outbox of n items (written by a trigger that was
@@ -120,7 +120,7 @@ local function retry_rate(c, n)
   local elapsed = gettime() - t0
   r:close()
   assert(summary.sent == n, fmt("retry sent %d of %d", summary.sent, n))
-  return elapsed
+  return elapsed, t0
 end
 
 -- The lanes alone: n requests over c clients in chunks of `size`, every chunk added at
@@ -152,7 +152,7 @@ local function sender_rate(c, n, size)
   next_ticket = next_ticket + n
   s:close()
   for i = 1, c do hs[i]:close() end
-  return elapsed
+  return elapsed, t0
 end
 
 -- What the API answered since its last reset: how many, their mean hold time (s); raises
@@ -167,8 +167,8 @@ local function answered(what, n)
   end
   if twice > 0 then error(fmt("%s: %d interactions were answered more than once", what, twice), 0) end
   if n and total ~= n then error(fmt("%s: the API answered %d requests of %d", what, total, n), 0) end
-  local _, _, held = api:span()
-  return total, total > 0 and held / total or 0
+  local first, last, held = api:span()
+  return total, total > 0 and held / total or 0, first, last
 end
 
 local ok, err = pcall(function()
@@ -177,35 +177,35 @@ local ok, err = pcall(function()
   print(fmt("lanes benchmark under %s: an API answering in %d ms (%s), %d ideal seconds per run, %s; load %s",
     rawget(_G, "jit") and jit.version or _VERSION, LATENCY * 1000,
     API_KIND == "nginx" and "nginx, ngx.sleep" or "bench/delay_api.c", SECONDS, placement, common.loadavg()))
-  print("  hold: the API's mean time from a request's arrival to its answer; round trip: C x elapsed / n")
-  print("      C  mode        ideal/s     rate/s       %   hold ms  round trip ms  (batch)")
+  print("  hold: the API's mean time from a request's arrival to its answer; round trip: C x elapsed / n;")
+  print("  start: from the call to the first arrival at the API; end: from the last answer to the return;")
+  print("  between: the rate from the first arrival to the last answer, as a share of C / 20 ms")
+  print("      C  mode        ideal/s     rate/s       %   hold ms  round trip ms  start ms  end ms  between  (batch)")
   local summary = {}
   for _, c in ipairs(LANES) do
     local ideal = c / LATENCY
     local size = cli_trigger.batch_size(c)
     local n = math.max(size, math.floor(ideal * SECONDS))
     local row = { c = c }
-    local function report(mode, rate, hold, trip)
+    local function report(mode, rate, hold, trip, start, stop, between)
       row[mode] = rate / ideal * 100
-      print(fmt("  %5d  %-8s %10.0f %10.0f  %5.1f%%  %8.2f  %13.2f  (%d)", c, mode, ideal, rate,
-        rate / ideal * 100, hold * 1000, trip * 1000, size))
+      print(fmt("  %5d  %-8s %10.0f %10.0f  %5.1f%%  %8.2f  %13.2f  %8s  %6s  %6s  (%d)", c, mode, ideal, rate,
+        rate / ideal * 100, hold * 1000, trip * 1000, start and fmt("%.1f", start * 1000) or "-",
+        stop and fmt("%.1f", stop * 1000) or "-", fmt("%.1f%%", between / ideal * 100), size))
     end
-    api:reset()
-    local el = trigger_rate(c, n)
-    local _, hold = answered("trigger", n)
-    report("trigger", n / el, hold, c * el / n)
-    api:reset()
-    el = retry_rate(c, n)
-    _, hold = answered("retry", n)
-    report("retry", n / el, hold, c * el / n)
-    api:reset()
-    el = sender_rate(c, n, size)
-    _, hold = answered("sender", n)
-    report("sender", n / el, hold, c * el / n)
+    local function measure(mode, run)
+      api:reset()
+      local el, t0 = run()
+      local _, hold, first, last = answered(mode, n)
+      report(mode, n / el, hold, c * el / n, first - t0, t0 + el - last, n / (last - first))
+    end
+    measure("trigger", function() return trigger_rate(c, n) end)
+    measure("retry", function() return retry_rate(c, n) end)
+    measure("sender", function() return sender_rate(c, n, size) end)
     api:reset()
     local wr = common.wrk_rate(c, SECONDS, script, api.url)
-    _, hold = answered("wrk")
-    report("wrk", wr, hold, c / wr)
+    local total, hold, first, last = answered("wrk")
+    report("wrk", wr, hold, c / wr, nil, nil, total / (last - first))
     summary[#summary + 1] = row
   end
   print("      C   trigger     retry    sender       wrk   (% of C / 20 ms)")
