@@ -204,6 +204,9 @@ local ok, err = pcall(function()
     measure("sender", function() return sender_rate(c, n, size) end)
     api:reset()
     local wr = common.wrk_rate(c, SECONDS, script, api.url)
+    -- the requests wrk left in flight: the nginx API still answers (and counts) them
+    local deadline = gettime() + 1
+    while api:busy() > 0 and gettime() < deadline do socket.sleep(0.01) end
     local total, hold, first, last = answered("wrk")
     report("wrk", wr, hold, c / wr, nil, nil, total / (last - first))
     summary[#summary + 1] = row
