@@ -91,17 +91,17 @@ local function trigger_rate(c, n)
       sent = sent + 1
     end
   end)
-  local t0 = gettime()
+  local t0, cpu0 = gettime(), os.clock()   -- CPU: the process's, the lanes' threads included
   for first = 1, n, size do
     local batch = {}
     for i = first, math.min(n, first + size - 1) do batch[#batch + 1] = evs[i] end
     p:process(batch)
   end
   p:finish()
-  local elapsed = gettime() - t0
+  local elapsed, cpu = gettime() - t0, os.clock() - cpu0
   t:close()
   assert(sent == n)
-  return elapsed, t0
+  return elapsed, t0, cpu
 end
 
 -- `stella retry --connections c`: an outbox of n items (written by a trigger that was
@@ -115,12 +115,12 @@ local function retry_rate(c, n)
   p:finish()
   t:close()
   local r = stella.trigger{ rules = RULES, store = store, client = client_opts, connections = c }
-  local t0 = gettime()
+  local t0, cpu0 = gettime(), os.clock()   -- CPU: the process's, the lanes' threads included
   local summary = assert(r:flush())
-  local elapsed = gettime() - t0
+  local elapsed, cpu = gettime() - t0, os.clock() - cpu0
   r:close()
   assert(summary.sent == n, fmt("retry sent %d of %d", summary.sent, n))
-  return elapsed, t0
+  return elapsed, t0, cpu
 end
 
 -- The lanes alone: n requests over c clients in chunks of `size`, every chunk added at
@@ -130,7 +130,7 @@ local function sender_rate(c, n, size)
   local hs = {}
   for i = 1, c do hs[i] = assert(core.http_new{ base_url = api.url, api_key = "tk_bench_lanes", timeout = 10 }) end
   local s = assert(core.sender_open())
-  local t0 = gettime()
+  local t0, cpu0 = gettime(), os.clock()   -- CPU: the process's, the lanes' threads included
   local ids = {}
   for first = 1, n, size do
     local flat, groups = {}, {}
@@ -148,11 +148,11 @@ local function sender_rate(c, n, size)
     assert(s:ready(id, 60))
     for _, r in ipairs((s:collect(id))) do assert(r and r.status and r.status < 300, "not sent") end
   end
-  local elapsed = gettime() - t0
+  local elapsed, cpu = gettime() - t0, os.clock() - cpu0
   next_ticket = next_ticket + n
   s:close()
   for i = 1, c do hs[i]:close() end
-  return elapsed, t0
+  return elapsed, t0, cpu
 end
 
 -- What the API answered since its last reset: how many, their mean hold time (s); raises
@@ -179,25 +179,27 @@ local ok, err = pcall(function()
     API_KIND == "nginx" and "nginx, ngx.sleep" or "bench/delay_api.c", SECONDS, placement, common.loadavg()))
   print("  hold: the API's mean time from a request's arrival to its answer; round trip: C x elapsed / n;")
   print("  start: from the call to the first arrival at the API; end: from the last answer to the return;")
-  print("  between: the rate from the first arrival to the last answer, as a share of C / 20 ms")
-  print("      C  mode        ideal/s     rate/s       %   hold ms  round trip ms  start ms  end ms  between  (batch)")
+  print("  between: the rate from the first arrival to the last answer, as a share of C / 20 ms;")
+  print("  CPU: this process's CPU time (every thread) per request, µs")
+  print("      C  mode        ideal/s     rate/s       %   hold ms  round trip ms  start ms  end ms  between   CPU  (batch)")
   local summary = {}
   for _, c in ipairs(LANES) do
     local ideal = c / LATENCY
     local size = cli_trigger.batch_size(c)
     local n = math.max(size, math.floor(ideal * SECONDS))
     local row = { c = c }
-    local function report(mode, rate, hold, trip, start, stop, between)
+    local function report(mode, rate, hold, trip, start, stop, between, cpu)
       row[mode] = rate / ideal * 100
-      print(fmt("  %5d  %-8s %10.0f %10.0f  %5.1f%%  %8.2f  %13.2f  %8s  %6s  %6s  (%d)", c, mode, ideal, rate,
+      print(fmt("  %5d  %-8s %10.0f %10.0f  %5.1f%%  %8.2f  %13.2f  %8s  %6s  %6s  %4s  (%d)", c, mode, ideal, rate,
         rate / ideal * 100, hold * 1000, trip * 1000, start and fmt("%.1f", start * 1000) or "-",
-        stop and fmt("%.1f", stop * 1000) or "-", fmt("%.1f%%", between / ideal * 100), size))
+        stop and fmt("%.1f", stop * 1000) or "-", fmt("%.1f%%", between / ideal * 100),
+        cpu and fmt("%.0f", cpu * 1e6) or "-", size))
     end
     local function measure(mode, run)
       api:reset()
-      local el, t0 = run()
+      local el, t0, cpu = run()
       local _, hold, first, last = answered(mode, n)
-      report(mode, n / el, hold, c * el / n, first - t0, t0 + el - last, n / (last - first))
+      report(mode, n / el, hold, c * el / n, first - t0, t0 + el - last, n / (last - first), cpu / n)
     end
     measure("trigger", function() return trigger_rate(c, n) end)
     measure("retry", function() return retry_rate(c, n) end)
