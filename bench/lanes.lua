@@ -21,7 +21,7 @@
 -- BENCH_CLIENT_CPU; unset, on a machine of 2 CPUs or more with taskset: API on CPU 0,
 -- client on CPU 1.
 -- Environment: BENCH_LANES ("1 8 16 32 64"), BENCH_LANES_SECONDS (ideal seconds per run, 2),
--- BENCH_LANES_API ("delay", or "nginx").
+-- BENCH_LANES_API ("delay", or "nginx"), BENCH_LANES_MODES (which of "trigger retry sender wrk").
 local stella = require "stella"
 local store_mod = require "stella.store"
 local cli_trigger = require "stella.cli.trigger"
@@ -35,6 +35,8 @@ local LATENCY = 0.02
 local SECONDS = tonumber(os.getenv("BENCH_LANES_SECONDS") or "2")
 local LANES = {}
 for c in (os.getenv("BENCH_LANES") or "1 8 16 32 64"):gmatch("%d+") do LANES[#LANES + 1] = tonumber(c) end
+local MODES = {}
+for m in (os.getenv("BENCH_LANES_MODES") or "trigger retry sender wrk"):gmatch("%a+") do MODES[m] = true end
 
 local RULES = {
   map = function(e)
@@ -196,26 +198,30 @@ local ok, err = pcall(function()
         cpu and fmt("%.0f", cpu * 1e6) or "-", size))
     end
     local function measure(mode, run)
+      if not MODES[mode] then return end
       api:reset()
       local el, t0, cpu = run()
+      if not el then return end   -- wrk: reported already
       local _, hold, first, last = answered(mode, n)
       report(mode, n / el, hold, c * el / n, first - t0, t0 + el - last, n / (last - first), cpu / n)
     end
     measure("trigger", function() return trigger_rate(c, n) end)
     measure("retry", function() return retry_rate(c, n) end)
     measure("sender", function() return sender_rate(c, n, size) end)
-    api:reset()
-    local wr = common.wrk_rate(c, SECONDS, script, api.url)
-    -- the requests wrk left in flight: the nginx API still answers (and counts) them
-    local deadline = gettime() + 1
-    while api:busy() > 0 and gettime() < deadline do socket.sleep(0.01) end
-    local total, hold, first, last = answered("wrk")
-    report("wrk", wr, hold, c / wr, nil, nil, total / (last - first))
+    measure("wrk", function()
+      local wr = common.wrk_rate(c, SECONDS, script, api.url)
+      -- the requests wrk left in flight: the nginx API still answers (and counts) them
+      local deadline = gettime() + 1
+      while api:busy() > 0 and gettime() < deadline do socket.sleep(0.01) end
+      local total, hold, first, last = answered("wrk")
+      report("wrk", wr, hold, c / wr, nil, nil, total / (last - first))
+    end)
     summary[#summary + 1] = row
   end
   print("      C   trigger     retry    sender       wrk   (% of C / 20 ms)")
   for _, r in ipairs(summary) do
-    print(fmt("  %5d  %7.1f%%  %7.1f%%  %7.1f%%  %7.1f%%", r.c, r.trigger, r.retry, r.sender, r.wrk))
+    local function pct(v) return v and fmt("%7.1f%%", v) or "       -" end
+    print(fmt("  %5d  %s  %s  %s  %s", r.c, pct(r.trigger), pct(r.retry), pct(r.sender), pct(r.wrk)))
   end
   print(fmt("  load after: %s", common.loadavg()))
 end)
