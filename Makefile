@@ -126,7 +126,7 @@ soak:
 # processes (nginx, shells) are not preloaded with it. Specs that start Lua
 # children (the CLI, the stores) use the same host through STELLA_TEST_LUA.
 ASAN_FLAGS   := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
-asan:
+asan: build/bench/delay_api
 	$(MAKE) LUA=5.4 BUILD=build/asan MODULE=build/asan/stella/core.so CFLAGS="$(ASAN_FLAGS)" \
 	        LDFLAGS="-fsanitize=address,undefined" module
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
