@@ -105,7 +105,7 @@ $(CLIB): $(patsubst csrc/%.c,build/c/%.o,$(CORE_SRC))
 build/c/test_core: spec/c/test_core.c $(CLIB)
 	$(CC) $(WARN) $(CFLAGS) -Icsrc $(CURL_CFLAGS) -o $@ $< $(CLIB) $(CURL_LIBS) $(THREAD_LIBS)
 
-test: build/c/test_core fuzz-build
+test: build/c/test_core build/bench/delay_api fuzz-build
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
 	@tools/run-tests tap:build/c/test_core tap:tools/rock-check busted:lua5.4:build/5.4 \
@@ -126,7 +126,7 @@ soak:
 # processes (nginx, shells) are not preloaded with it. Specs that start Lua
 # children (the CLI, the stores) use the same host through STELLA_TEST_LUA.
 ASAN_FLAGS   := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
-asan:
+asan: build/bench/delay_api
 	$(MAKE) LUA=5.4 BUILD=build/asan MODULE=build/asan/stella/core.so CFLAGS="$(ASAN_FLAGS)" \
 	        LDFLAGS="-fsanitize=address,undefined" module
 	$(CC) $(WARN) $(ASAN_FLAGS) -Icsrc $(CURL_CFLAGS) -o build/asan/test_core spec/c/test_core.c \
@@ -197,7 +197,13 @@ valgrind: build/c/test_core module
 	  LUA_CPATH="./$(BUILD)/?.so;;" STELLA_TEST_LUA=$(LUA_BIN) \
 	  $(VALGRIND) $(LUA_BIN) /usr/bin/busted -o TAP spec/redis_spec.lua)
 
-bench:
+# bench/delay_api.c: the API answering in exactly the delay that bench/lanes.lua and
+# spec/delay_api_spec.lua use (a fixture, Linux only; not part of the library).
+build/bench/delay_api: bench/delay_api.c
+	@mkdir -p build/bench
+	$(CC) $(WARN) $(CFLAGS) -o $@ bench/delay_api.c
+
+bench: build/bench/delay_api
 	$(MAKE) LUA=5.4 module
 	$(MAKE) LUA=luajit module
 	@tools/run-bench
