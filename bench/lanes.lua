@@ -5,7 +5,7 @@
 -- (nginx, ngx.sleep), which holds a request 21-22 ms (millisecond timers, a cached clock,
 -- shared-dict work per request), so no client reaches 95% of C / 20 ms against it.
 --   trigger  the trigger's pipeline fed in batches of the size `stella trigger` uses
---            (stella.cli.trigger.batch_size(C)), SQLite store, connections = C
+--            (stella.cli.trigger.batch_sizes(C)), SQLite store, connections = C
 --   retry    trigger:flush() (`stella retry --connections C`) on an outbox of as many items
 --   sender   the trigger's lanes alone (core.sender_open, C clients sharing one queue), the
 --            same number of requests added in chunks of the batch size, no store work: the
@@ -82,10 +82,10 @@ local function events(n)
   return list
 end
 
--- `stella trigger --connections c`: its pipeline, its batch size.
+-- `stella trigger --connections c`: its pipeline, its batch sizes.
 local function trigger_rate(c, n)
   local t = stella.trigger{ rules = RULES, store = new_store(), client = client_opts, connections = c }
-  local evs, size = events(n), cli_trigger.batch_size(c)
+  local evs, next_size = events(n), cli_trigger.batch_sizes(c)
   local sent = 0
   local p = t:pipeline(function(outcomes)
     for _, o in ipairs(outcomes) do
@@ -94,9 +94,12 @@ local function trigger_rate(c, n)
     end
   end)
   local t0, cpu0 = gettime(), os.clock()   -- CPU: the process's, the lanes' threads included
-  for first = 1, n, size do
+  local first = 1
+  while first <= n do   -- the CLI's batches: small first, doubling up to batch_size(c)
+    local size = next_size()
     local batch = {}
     for i = first, math.min(n, first + size - 1) do batch[#batch + 1] = evs[i] end
+    first = first + size
     p:process(batch)
   end
   p:finish()

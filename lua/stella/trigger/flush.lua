@@ -27,6 +27,10 @@ function M.run(self)
   -- at least 32 items per connection: a claim and a settle per batch, and the connections
   -- busy for 32 round trips in between rather than one or two (bench/lanes.lua)
   local size = math.max(o.batch, 32 * (self.connections or 1))
+  -- the first claim small (two items per connection), each next twice the one before up
+  -- to size: nothing is on the wire before the first claim is validated and handed over,
+  -- and the next claim is made while the one before is out
+  local want = math.min(size, math.max(8, 2 * (self.connections or 1)))
   retention.when_due(self, self.clock())
   -- waits for batch b's sends, settles it; returns its outcomes and a settle's error
   local function complete(b)
@@ -41,14 +45,14 @@ function M.run(self)
   local prev
   while true do
     local cur, ferr
-    if not prev or prev.claimed == size then
+    if not prev or prev.claimed == prev.want then
       local done, rerr = settle.reconcile(self)
       if not done then
         ferr = rerr
       else
         if done > 0 then summary.reconciled = (summary.reconciled or 0) + done end
         local now = self.clock()
-        local items, err = self.store:claim(now, o.lease, size)
+        local items, err = self.store:claim(now, o.lease, want)
         if not items then
           ferr = err
         elseif #items > 0 then
@@ -59,7 +63,9 @@ function M.run(self)
           local invalid
           items, invalid = unvalidated.check(self, items, batch, now, summary)
           if #invalid > 0 then alert.conclude(self, invalid, now) end
-          cur = { items = items, batch = batch, now = now, claimed = claimed, finish = send.start(self, items, now) }
+          cur = { items = items, batch = batch, now = now, claimed = claimed, want = want,
+                  finish = send.start(self, items, now) }
+          want = math.min(size, want * 2)
         end
       end
     end
