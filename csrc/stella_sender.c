@@ -21,10 +21,15 @@
  * lanes: the caller may use one only while the sender is paused with no post in flight
  * (stella_sender_pause), or after stella_sender_wait. */
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime, pthreads */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include "stella.h"
 
 enum { QUEUED, TAKEN, DONE, SKIPPED, WITHDRAWN };
@@ -57,17 +62,23 @@ typedef struct queue {
 } queue;
 
 typedef struct lane {
-  stella_sender *s;
+  struct lane *next;             /* the loop's list, in the order made (linked under the lock) */
   stella_http *h;                /* the client this lane posts with */
   size_t first;                  /* one list: the index of the client's first item; else the lane's number */
   queue *q;                      /* where it takes its items from */
-  pthread_t thread;
-  size_t attempted;              /* written by the lane's thread, read after the join */
-  int started;
+  /* the loop thread's (under the lock, or outside it while the item is TAKEN) */
+  item *it;                      /* the item in flight, or NULL */
+  int fresh;                     /* it was taken and its post is not started yet */
+  int ended_post;                /* its post has ended, it->r is filled: settle it */
+  int failed;                    /* ... and it failed */
+  int ended;                     /* the lane takes nothing more */
+  long long due;                 /* step the post by then whatever its socket does */
+  size_t attempted;              /* read after the join */
 } lane;
 
 struct stella_sender {
-  lane **lanes;                  /* each its own allocation: a thread holds its lane */
+  lane **lanes;                  /* each its own allocation (the caller's index of them) */
+  lane *first_lane, *last_lane;  /* the same lanes as a list: the loop thread's */
   size_t nlanes, cap_lanes;
   queue **queues;
   size_t nqueues, cap_queues;
@@ -75,15 +86,17 @@ struct stella_sender {
   chunk *held;                   /* the chunk collected last (its results are read from here) */
   long next_id;
   int appendable;
+  pthread_t thread;              /* the loop thread: drives every lane's posts */
+  int wake_r, wake_w;            /* the pipe that wakes it from its poll (-1: none) */
   pthread_mutex_t lock;          /* guards everything below, the queues and the items' state */
-  pthread_cond_t work;           /* signalled when there is something for the lanes to do */
   pthread_cond_t changed;        /* signalled when an item is resolved or a lane ends */
+  int woken;                     /* a byte is in the pipe */
   size_t finished;               /* lanes whose thread has ended */
   size_t busy;                   /* posts in flight */
   size_t failures;               /* failed items in chunks not collected yet */
   int sealed;                    /* one list: no more items come; lanes end when theirs are taken */
   int stop, paused, broken;
-  int mutex_ready, work_ready, changed_ready, joined;
+  int mutex_ready, changed_ready, started, joined;
 };
 
 static long long now_ms(void) {
@@ -134,14 +147,13 @@ static void free_chunk(chunk *c) {
   free(c);
 }
 
-/* One post by lane ln of item it (taken, the lock not held). Returns 1 when it failed. */
-static int post(lane *ln, item *it) {
-  stella_http_result r;
+/* Keeps the result of item it's post, which ended on lane ln with r (the lock not held).
+ * Returns 1 when it failed. */
+static int keep(lane *ln, item *it, const stella_http_result *r) {
   stella_send_result *out = &it->r;
-  stella_http_post(ln->h, it->path, it->body, it->body_len, &r);
   out->attempted = 1;
   out->by = ln->first;
-  if (!keep_result(out, &r)) {   /* out of memory: report the attempt as an internal failure */
+  if (!keep_result(out, r)) {   /* out of memory: report the attempt as an internal failure */
     free(out->body);
     free(out->content_type);
     free(out->error);
@@ -152,20 +164,31 @@ static int post(lane *ln, item *it) {
   return out->outcome != STELLA_OUTCOME_OK;
 }
 
-/* One lane: takes its queue's items oldest first until the sender stops (or, for one
- * list, until its queue is empty or a lane failed). */
-static void *run(void *arg) {
-  lane *ln = (lane *)arg;
-  stella_sender *s = ln->s;
+/* Wakes the loop thread from its poll (the lock held): one byte in the pipe, unless one
+ * is there already. */
+static void wake(stella_sender *s) {
+  if (s->woken || s->wake_w < 0) return;
+  s->woken = 1;
+  while (write(s->wake_w, "w", 1) < 0 && errno == EINTR) {}
+}
+
+/* Lane ln ends (the lock held). */
+static void end_lane(stella_sender *s, lane *ln) {
+  ln->ended = 1;
+  s->finished++;
+  pthread_cond_broadcast(&s->changed);
+}
+
+/* An idle lane takes its queue's next item (the lock held): sets ln->it, or ends the lane
+ * when the sender stops (or, for one list, when its queue is empty), or leaves it idle. */
+static void take(stella_sender *s, lane *ln, int *signal) {
   queue *q = ln->q;
-  pthread_mutex_lock(&s->lock);
   for (;;) {
     item *it;
-    if (s->stop) break;
+    if (s->stop) { end_lane(s, ln); return; }
     if (s->paused || q->head == NULL) {
-      if (s->sealed) break;
-      pthread_cond_wait(&s->work, &s->lock);
-      continue;
+      if (s->sealed) end_lane(s, ln);
+      return;
     }
     it = q->head;
     q->head = it->next;
@@ -174,36 +197,148 @@ static void *run(void *arg) {
     if (it->deadline_ms != 0 && now_ms() >= it->deadline_ms) {   /* past its budget: not sent */
       it->state = SKIPPED;
       it->c->resolved++;
-      if (it->c->resolved == it->c->n) pthread_cond_broadcast(&s->changed);
+      if (it->c->resolved == it->c->n) *signal = 1;
       continue;
     }
     it->state = TAKEN;
     it->c->taken++;
     s->busy++;
+    ln->it = it;
+    ln->fresh = 1;
+    return;
+  }
+}
+
+/* Lane ln's post has ended (the lock held): its item is resolved. */
+static void settle(stella_sender *s, lane *ln, int *signal) {
+  item *it = ln->it;
+  ln->it = NULL;
+  ln->ended_post = 0;
+  ln->attempted++;
+  it->state = DONE;
+  it->c->taken--;
+  it->c->resolved++;
+  s->busy--;
+  if (ln->failed) {
+    it->c->failed++;
+    if (s->appendable) { s->paused = 1; s->failures++; }
+    else s->stop = 1;   /* a one-list sender's lanes end */
+  }
+  /* wake the caller only for what it waits for (not at every post: that costs it a
+   * wake-up per request): a chunk through, a chunk's or all posts in flight ended */
+  if (it->c->resolved == it->c->n || it->c->taken == 0 || s->busy == 0 || ln->failed) *signal = 1;
+}
+
+/* Starts lane ln's post and moves it on as far as it goes without waiting (the lock not
+ * held). */
+static void begin(lane *ln) {
+  stella_http_result r;
+  item *it = ln->it;
+  ln->fresh = 0;
+  if (stella_http_start(ln->h, it->path, it->body, it->body_len, &r) != STELLA_OUTCOME_OK ||
+      stella_http_step(ln->h, 0, &r)) {
+    ln->failed = keep(ln, it, &r);
+    ln->ended_post = 1;
+  }
+}
+
+/* Steps lane ln's post in flight (the lock not held). */
+static void advance(lane *ln) {
+  stella_http_result r;
+  if (stella_http_step(ln->h, 0, &r)) {
+    ln->failed = keep(ln, ln->it, &r);
+    ln->ended_post = 1;
+  }
+}
+
+/* The loop thread: every lane's posts, one at a time per lane, all lanes at once. Each
+ * round, under the lock: the posts that ended are resolved, the idle lanes take their
+ * next items. Then, without it: the new posts start (their requests go out at once), and
+ * one poll waits for every post in flight (its socket, its time left) and the wake-up
+ * pipe (the caller added items, resumed or stopped); the posts whose socket is ready or
+ * whose time has come are stepped. The thread ends once every lane has ended. */
+static void *loop(void *arg) {
+  stella_sender *s = (stella_sender *)arg;
+  struct pollfd *fds = NULL;
+  lane **polled = NULL;          /* fds[i + 1] is lane polled[i]'s socket */
+  size_t cap = 0;
+  pthread_mutex_lock(&s->lock);
+  for (;;) {
+    lane *ln, *first = s->first_lane, *last = s->last_lane;   /* lanes added later: next round */
+    int signal = 0, live = 0, nfds = 1, rc;
+    long wait = -1;
+    long long now;
+    size_t k, n = 0;
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
+      if (ln->ended) continue;
+      if (ln->ended_post) settle(s, ln, &signal);
+    }
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
+      if (ln->ended) continue;
+      if (ln->it == NULL) take(s, ln, &signal);
+      if (!ln->ended) live++;
+      if (ln->it) n++;
+    }
+    if (signal) pthread_cond_broadcast(&s->changed);
+    if (live == 0) break;
     pthread_mutex_unlock(&s->lock);
-    {
-      int failed = post(ln, it);
-      pthread_mutex_lock(&s->lock);
-      ln->attempted++;
-      it->state = DONE;
-      it->c->taken--;
-      it->c->resolved++;
-      s->busy--;
-      if (failed) {
-        it->c->failed++;
-        if (s->appendable) { s->paused = 1; s->failures++; }
-        else s->stop = 1;
-        pthread_cond_broadcast(&s->work);   /* a one-list sender's lanes end */
+
+    if (n + 1 > cap) {   /* out of memory: no sockets polled, each post stepped every 1 ms */
+      struct pollfd *f = (struct pollfd *)realloc(fds, (n + 1) * sizeof *fds);
+      lane **p = f ? (lane **)realloc(polled, (n + 1) * sizeof *polled) : NULL;
+      if (f) fds = f;
+      if (p) { polled = p; cap = n + 1; }
+    }
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next)
+      if (!ln->ended && ln->fresh) begin(ln);
+    now = now_ms();
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
+      short events;
+      long t;
+      int fd;
+      if (ln->ended || ln->it == NULL || ln->ended_post) continue;
+      fd = stella_http_wait_fd(ln->h, &events, &t);
+      ln->due = now + t;
+      if (wait < 0 || t < wait) wait = t;
+      if (fd >= 0 && (size_t)nfds < cap) {
+        fds[nfds].fd = fd;
+        fds[nfds].events = events;
+        fds[nfds].revents = 0;
+        polled[nfds - 1] = ln;
+        nfds++;
+      } else if (wait > 1 && fd >= 0) {
+        wait = 1;
       }
-      /* wake the caller only for what it waits for (not at every post: that costs it a
-       * wake-up per request): a chunk through, a chunk's or all posts in flight ended */
-      if (it->c->resolved == it->c->n || it->c->taken == 0 || s->busy == 0 || failed)
-        pthread_cond_broadcast(&s->changed);
+    }
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next)
+      if (!ln->ended && ln->ended_post) wait = 0;   /* ended at once: resolve it now */
+    if (cap > 0) {
+      fds[0].fd = s->wake_r;
+      fds[0].events = POLLIN;
+      fds[0].revents = 0;
+      rc = poll(fds, (nfds_t)nfds, (int)(wait > INT_MAX ? INT_MAX : wait));
+    } else {
+      rc = poll(NULL, 0, wait < 0 || wait > 1 ? 1 : (int)wait);
+    }
+    if (rc > 0 && cap > 0) {
+      for (k = 1; k < (size_t)nfds; k++)
+        if (fds[k].revents) advance(polled[k - 1]);
+    }
+    now = now_ms();
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
+      if (ln->ended || ln->it == NULL || ln->ended_post) continue;
+      if (now >= ln->due || cap == 0) advance(ln);
+    }
+    pthread_mutex_lock(&s->lock);
+    if (cap == 0 || fds[0].revents) {   /* the caller woke us: empty the pipe */
+      char buf[64];
+      while (read(s->wake_r, buf, sizeof buf) > 0) {}
+      s->woken = 0;
     }
   }
-  s->finished++;
-  pthread_cond_broadcast(&s->changed);
   pthread_mutex_unlock(&s->lock);
+  free(fds);
+  free(polled);
   return NULL;
 }
 
@@ -213,10 +348,18 @@ static stella_sender *new_sender(int appendable, char *err, size_t errlen) {
   if (s == NULL) goto fail;
   s->appendable = appendable;
   s->next_id = 1;
+  s->wake_r = s->wake_w = -1;
+  {
+    int p[2], k;
+    if (pipe(p) != 0) { why = "cannot create a pipe"; goto fail; }
+    s->wake_r = p[0];
+    s->wake_w = p[1];
+    for (k = 0; k < 2; k++)
+      if (fcntl(p[k], F_SETFL, fcntl(p[k], F_GETFL) | O_NONBLOCK) != 0 ||
+          fcntl(p[k], F_SETFD, FD_CLOEXEC) != 0) { why = "cannot set up a pipe"; goto fail; }
+  }
   if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
   s->mutex_ready = 1;
-  if (pthread_cond_init(&s->work, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
-  s->work_ready = 1;
   if (pthread_cond_init(&s->changed, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
   s->changed_ready = 1;
   return s;
@@ -243,8 +386,9 @@ static int grow(void **array, size_t *cap, size_t need, size_t size) {
   return 1;
 }
 
-/* The lane of client h, made (with its queue, its thread not started) when new; NULL with
- * *why set on failure. Only the caller's thread changes the lane and queue lists. */
+/* The lane of client h, made (with its queue) when new; NULL with *why set on failure.
+ * Only the caller's thread makes lanes and queues (the loop thread reads a new lane's
+ * queue once it is in the list). */
 static lane *lane_for(stella_sender *s, stella_http *h, size_t group, size_t first, const char **why) {
   size_t k, q;
   lane *ln;
@@ -267,11 +411,15 @@ static lane *lane_for(stella_sender *s, stella_http *h, size_t group, size_t fir
     qu->group = group;
     s->queues[s->nqueues++] = qu;
   }
-  ln->s = s;
   ln->h = h;
   ln->first = s->appendable ? s->nlanes : first;
   ln->q = qu;
   s->lanes[s->nlanes++] = ln;
+  pthread_mutex_lock(&s->lock);   /* the loop thread walks the list */
+  if (s->last_lane) s->last_lane->next = ln;
+  else s->first_lane = ln;
+  s->last_lane = ln;
+  pthread_mutex_unlock(&s->lock);
   return ln;
 }
 
@@ -280,7 +428,7 @@ long stella_sender_add(stella_sender *s, const stella_send_item *items, const si
   const char *why = "out of memory";
   chunk *c = NULL;
   lane **of = NULL;   /* item -> its lane */
-  size_t i, k, old_lanes = s->nlanes;
+  size_t i, old_lanes = s->nlanes;
   long long deadline = now_ms() + (budget_ms > 0 ? budget_ms : 0);
   if (s->stop || s->broken || s->joined || s->sealed) { why = "the sender has stopped"; goto fail; }
   c = (chunk *)calloc(1, sizeof *c);
@@ -301,13 +449,13 @@ long stella_sender_add(stella_sender *s, const stella_send_item *items, const si
     of[i] = lane_for(s, items[i].h, groups ? groups[i] : 0, i, &why);
     if (of[i] == NULL) goto fail;
   }
-  for (k = old_lanes; k < s->nlanes; k++) {   /* the new lanes' threads: they wait for work */
-    if (pthread_create(&s->lanes[k]->thread, NULL, run, s->lanes[k]) != 0) {
-      s->broken = 1;   /* a lane without its thread: no more items may come */
+  if (!s->started && s->nlanes > 0) {   /* the loop thread: its lanes wait for work */
+    if (pthread_create(&s->thread, NULL, loop, s) != 0) {
+      s->broken = 1;   /* lanes without a thread: no more items may come */
       why = "cannot start a sending thread";
       goto fail;
     }
-    s->lanes[k]->started = 1;
+    s->started = 1;
   }
   pthread_mutex_lock(&s->lock);
   c->id = s->next_id++;
@@ -321,7 +469,7 @@ long stella_sender_add(stella_sender *s, const stella_send_item *items, const si
     else q->head = it;
     q->tail = it;
   }
-  pthread_cond_broadcast(&s->work);
+  wake(s);
   pthread_mutex_unlock(&s->lock);
   free(of);
   return c->id;
@@ -428,7 +576,7 @@ int stella_sender_resume(stella_sender *s) {
   pthread_mutex_lock(&s->lock);
   if (s->appendable && !s->stop && s->failures == 0) s->paused = 0;
   running = s->appendable && !s->stop && !s->paused;
-  if (running) pthread_cond_broadcast(&s->work);
+  if (running) wake(s);
   pthread_mutex_unlock(&s->lock);
   return running;
 }
@@ -456,7 +604,7 @@ stella_sender *stella_sender_start_shared(const stella_send_item *items, const s
   }
   pthread_mutex_lock(&s->lock);
   s->sealed = 1;   /* the lanes end once their queue is empty */
-  pthread_cond_broadcast(&s->work);
+  wake(s);
   pthread_mutex_unlock(&s->lock);
   return s;
 }
@@ -482,17 +630,14 @@ void stella_sender_stop(stella_sender *s) {
   if (!s->mutex_ready || s->joined) return;
   pthread_mutex_lock(&s->lock);
   s->stop = 1;
-  pthread_cond_broadcast(&s->work);
+  wake(s);
   pthread_cond_broadcast(&s->changed);
   pthread_mutex_unlock(&s->lock);
 }
 
 static void join_all(stella_sender *s) {
-  size_t k;
-  for (k = 0; k < s->nlanes; k++) {
-    if (s->lanes[k]->started) pthread_join(s->lanes[k]->thread, NULL);
-    s->lanes[k]->started = 0;
-  }
+  if (s->started) pthread_join(s->thread, NULL);
+  s->started = 0;
   s->joined = 1;
 }
 
@@ -515,13 +660,14 @@ const stella_send_result *stella_sender_result(const stella_sender *s, size_t i)
 void stella_sender_free(stella_sender *s) {
   size_t k;
   if (s == NULL) return;
-  if (s->mutex_ready && s->work_ready && s->changed_ready && !s->joined) {
+  if (s->mutex_ready && s->changed_ready && !s->joined) {
     stella_sender_stop(s);   /* each lane ends its post in flight (or times out); none starts another */
     join_all(s);
   }
   if (s->changed_ready) pthread_cond_destroy(&s->changed);
-  if (s->work_ready) pthread_cond_destroy(&s->work);
   if (s->mutex_ready) pthread_mutex_destroy(&s->lock);
+  if (s->wake_r >= 0) close(s->wake_r);
+  if (s->wake_w >= 0) close(s->wake_w);
   free_chunk(s->held);
   while (s->chunks) {
     chunk *c = s->chunks;
