@@ -30,6 +30,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__linux__) && !defined(STELLA_SENDER_POLL)
+#include <sys/epoll.h>
+#endif
 #include "stella.h"
 
 enum { QUEUED, TAKEN, DONE, SKIPPED, WITHDRAWN };
@@ -73,6 +76,9 @@ typedef struct lane {
   int failed;                    /* ... and it failed */
   int ended;                     /* the lane takes nothing more */
   long long due;                 /* step the post by then whatever its socket does */
+  int fd;                        /* the socket it waits on (in the epoll set), or -1 */
+  short events;                  /* ... for these (POLLIN, POLLOUT) */
+  int ready;                     /* the wait found it ready */
   size_t attempted;              /* read after the join */
 } lane;
 
@@ -87,7 +93,8 @@ struct stella_sender {
   long next_id;
   int appendable;
   pthread_t thread;              /* the loop thread: drives every lane's posts */
-  int wake_r, wake_w;            /* the pipe that wakes it from its poll (-1: none) */
+  int wake_r, wake_w;            /* the pipe that wakes it from its wait (-1: none) */
+  int ep;                        /* Linux: the loop's epoll set (-1: none) */
   pthread_mutex_t lock;          /* guards everything below, the queues and the items' state */
   pthread_cond_t changed;        /* signalled when an item is resolved or a lane ends */
   int woken;                     /* a byte is in the pipe */
@@ -229,8 +236,113 @@ static void settle(stella_sender *s, lane *ln, int *signal) {
   if (it->c->resolved == it->c->n || it->c->taken == 0 || s->busy == 0 || ln->failed) *signal = 1;
 }
 
-/* Starts lane ln's post and moves it on as far as it goes without waiting (the lock not
- * held). */
+/* ---------- what the loop thread waits on ------------------------------------------- */
+
+/* Linux: an epoll set holding the wake-up pipe (no lane) and each lane's socket while its
+ * post waits for it (a lane whose post ended takes its socket out: an idle keep-alive
+ * connection wakes nobody). Elsewhere: one poll() over the pipe and the lanes' sockets. */
+#if defined(__linux__) && !defined(STELLA_SENDER_POLL)
+#define USE_EPOLL 1
+#endif
+
+typedef struct waiter {
+  int wake_r;
+#ifdef USE_EPOLL
+  int ep;
+  struct epoll_event ready[64];
+#else
+  struct pollfd *fds;            /* entry 0: the pipe; entry k: polled[k - 1]'s socket */
+  lane **polled;
+  size_t cap;
+#endif
+} waiter;
+
+/* Where lane ln's post stands after a call on its client (the loop thread): what to wait
+ * for (ln->fd, ln->events, in the waiter) and until when (ln->due). */
+static void watch(waiter *w, lane *ln, long long now) {
+  short events = 0;
+  long t = 0;
+  int fd = -1;
+  if (ln->it != NULL && !ln->ended_post) fd = stella_http_wait_fd(ln->h, &events, &t);
+  ln->due = now + t;
+#ifdef USE_EPOLL
+  if (ln->fd >= 0 && ln->fd != fd) epoll_ctl(w->ep, EPOLL_CTL_DEL, ln->fd, NULL);   /* may be closed already */
+  ln->fd = -1;
+  if (fd >= 0) {
+    /* MOD every time: a socket closed and opened again within the call may have the same
+     * number and is no longer in the set */
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    e.events = (uint32_t)(((events & POLLIN) ? EPOLLIN : 0) | ((events & POLLOUT) ? EPOLLOUT : 0));
+    e.data.ptr = ln;
+    if (epoll_ctl(w->ep, EPOLL_CTL_MOD, fd, &e) == 0 ||
+        (errno == ENOENT && epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &e) == 0)) ln->fd = fd;
+  }
+#else
+  (void)w;
+  ln->fd = fd;
+#endif
+  ln->events = events;
+  if (fd >= 0 && ln->fd < 0 && t > 1) ln->due = now + 1;   /* not watched: stepped every 1 ms */
+}
+
+/* Waits up to wait_ms (-1: until woken) for the watched sockets; marks the lanes whose
+ * socket is ready (ln->ready). Returns 1 when the caller woke the loop. */
+static int wait_for(waiter *w, lane *first, lane *last, long wait_ms) {
+  int woken = 0, n, k;
+  int timeout = wait_ms < 0 ? -1 : (int)(wait_ms > INT_MAX ? INT_MAX : wait_ms);
+#ifdef USE_EPOLL
+  (void)first;
+  (void)last;
+  n = epoll_wait(w->ep, w->ready, (int)(sizeof w->ready / sizeof w->ready[0]), timeout);
+  for (k = 0; k < n; k++) {
+    lane *ln = (lane *)w->ready[k].data.ptr;
+    if (ln == NULL) woken = 1;
+    else ln->ready = 1;
+  }
+#else
+  lane *ln;
+  size_t count = 1;
+  for (ln = first; ln; ln = ln == last ? NULL : ln->next) count++;
+  if (count > w->cap) {
+    struct pollfd *f = (struct pollfd *)realloc(w->fds, count * sizeof *f);
+    lane **p = f ? (lane **)realloc(w->polled, count * sizeof *p) : NULL;
+    if (f) w->fds = f;
+    if (p) { w->polled = p; w->cap = count; }
+  }
+  if (count > w->cap) {   /* out of memory: every post is stepped every 1 ms */
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) ln->ready = 1;
+    poll(NULL, 0, timeout < 0 || timeout > 1 ? 1 : timeout);
+    return 1;
+  }
+  w->fds[0].fd = w->wake_r;
+  w->fds[0].events = POLLIN;
+  w->fds[0].revents = 0;
+  count = 1;
+  for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
+    if (ln->fd < 0) continue;
+    w->fds[count].fd = ln->fd;
+    w->fds[count].events = ln->events;
+    w->fds[count].revents = 0;
+    w->polled[count - 1] = ln;
+    count++;
+  }
+  n = poll(w->fds, (nfds_t)count, timeout);
+  for (k = 1; n > 0 && (size_t)k < count; k++)
+    if (w->fds[k].revents) w->polled[k - 1]->ready = 1;
+  if (n > 0 && w->fds[0].revents) woken = 1;
+#endif
+  if (woken) {   /* empty the pipe */
+    char buf[64];
+    while (read(w->wake_r, buf, sizeof buf) > 0) {}
+  }
+  return woken;
+}
+
+/* ---------- the loop thread --------------------------------------------------------- */
+
+/* Starts lane ln's post and moves it on as far as it goes without waiting: the request
+ * goes out at once (the lock not held). */
 static void begin(lane *ln) {
   stella_http_result r;
   item *it = ln->it;
@@ -253,92 +365,64 @@ static void advance(lane *ln) {
 
 /* The loop thread: every lane's posts, one at a time per lane, all lanes at once. Each
  * round, under the lock: the posts that ended are resolved, the idle lanes take their
- * next items. Then, without it: the new posts start (their requests go out at once), and
- * one poll waits for every post in flight (its socket, its time left) and the wake-up
- * pipe (the caller added items, resumed or stopped); the posts whose socket is ready or
- * whose time has come are stepped. The thread ends once every lane has ended. */
+ * next items. Then, without it: the new posts start (their requests go out at once), one
+ * wait for every post in flight (its socket, its time left) and the wake-up pipe (the
+ * caller added items, resumed or stopped), and the posts whose socket is ready or whose
+ * time has come are stepped. The thread ends once every lane has ended. */
 static void *loop(void *arg) {
   stella_sender *s = (stella_sender *)arg;
-  struct pollfd *fds = NULL;
-  lane **polled = NULL;          /* fds[i + 1] is lane polled[i]'s socket */
-  size_t cap = 0;
+  waiter w;
+  memset(&w, 0, sizeof w);
+  w.wake_r = s->wake_r;
+#ifdef USE_EPOLL
+  w.ep = s->ep;
+#endif
   pthread_mutex_lock(&s->lock);
   for (;;) {
     lane *ln, *first = s->first_lane, *last = s->last_lane;   /* lanes added later: next round */
-    int signal = 0, live = 0, nfds = 1, rc;
+    int signal = 0, live = 0, ended = 0;
     long wait = -1;
     long long now;
-    size_t k, n = 0;
     for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
       if (ln->ended) continue;
       if (ln->ended_post) settle(s, ln, &signal);
-    }
-    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
-      if (ln->ended) continue;
       if (ln->it == NULL) take(s, ln, &signal);
       if (!ln->ended) live++;
-      if (ln->it) n++;
     }
     if (signal) pthread_cond_broadcast(&s->changed);
     if (live == 0) break;
+    s->woken = 0;   /* whatever the caller did so far is seen: the pipe may be emptied */
     pthread_mutex_unlock(&s->lock);
 
-    if (n + 1 > cap) {   /* out of memory: no sockets polled, each post stepped every 1 ms */
-      struct pollfd *f = (struct pollfd *)realloc(fds, (n + 1) * sizeof *fds);
-      lane **p = f ? (lane **)realloc(polled, (n + 1) * sizeof *polled) : NULL;
-      if (f) fds = f;
-      if (p) { polled = p; cap = n + 1; }
-    }
-    for (ln = first; ln; ln = ln == last ? NULL : ln->next)
-      if (!ln->ended && ln->fresh) begin(ln);
     now = now_ms();
     for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
-      short events;
+      if (ln->ended || !ln->fresh) continue;
+      begin(ln);
+      watch(&w, ln, now);
+    }
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
       long t;
-      int fd;
-      if (ln->ended || ln->it == NULL || ln->ended_post) continue;
-      fd = stella_http_wait_fd(ln->h, &events, &t);
-      ln->due = now + t;
+      if (ln->ended || ln->it == NULL) continue;
+      if (ln->ended_post) { ended = 1; continue; }
+      t = ln->due > now ? (long)(ln->due - now) : 0;
       if (wait < 0 || t < wait) wait = t;
-      if (fd >= 0 && (size_t)nfds < cap) {
-        fds[nfds].fd = fd;
-        fds[nfds].events = events;
-        fds[nfds].revents = 0;
-        polled[nfds - 1] = ln;
-        nfds++;
-      } else if (wait > 1 && fd >= 0) {
-        wait = 1;
-      }
     }
-    for (ln = first; ln; ln = ln == last ? NULL : ln->next)
-      if (!ln->ended && ln->ended_post) wait = 0;   /* ended at once: resolve it now */
-    if (cap > 0) {
-      fds[0].fd = s->wake_r;
-      fds[0].events = POLLIN;
-      fds[0].revents = 0;
-      rc = poll(fds, (nfds_t)nfds, (int)(wait > INT_MAX ? INT_MAX : wait));
-    } else {
-      rc = poll(NULL, 0, wait < 0 || wait > 1 ? 1 : (int)wait);
-    }
-    if (rc > 0 && cap > 0) {
-      for (k = 1; k < (size_t)nfds; k++)
-        if (fds[k].revents) advance(polled[k - 1]);
-    }
+    if (!ended) wait_for(&w, first, last, wait);   /* else: resolve it at once */
     now = now_ms();
     for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
-      if (ln->ended || ln->it == NULL || ln->ended_post) continue;
-      if (now >= ln->due || cap == 0) advance(ln);
+      if (ln->ended || ln->it == NULL || ln->ended_post) { ln->ready = 0; continue; }
+      if (!ln->ready && now < ln->due) continue;
+      ln->ready = 0;
+      advance(ln);
+      watch(&w, ln, now);
     }
     pthread_mutex_lock(&s->lock);
-    if (cap == 0 || fds[0].revents) {   /* the caller woke us: empty the pipe */
-      char buf[64];
-      while (read(s->wake_r, buf, sizeof buf) > 0) {}
-      s->woken = 0;
-    }
   }
   pthread_mutex_unlock(&s->lock);
-  free(fds);
-  free(polled);
+#ifndef USE_EPOLL
+  free(w.fds);
+  free(w.polled);
+#endif
   return NULL;
 }
 
@@ -348,7 +432,7 @@ static stella_sender *new_sender(int appendable, char *err, size_t errlen) {
   if (s == NULL) goto fail;
   s->appendable = appendable;
   s->next_id = 1;
-  s->wake_r = s->wake_w = -1;
+  s->wake_r = s->wake_w = s->ep = -1;
   {
     int p[2], k;
     if (pipe(p) != 0) { why = "cannot create a pipe"; goto fail; }
@@ -358,6 +442,19 @@ static stella_sender *new_sender(int appendable, char *err, size_t errlen) {
       if (fcntl(p[k], F_SETFL, fcntl(p[k], F_GETFL) | O_NONBLOCK) != 0 ||
           fcntl(p[k], F_SETFD, FD_CLOEXEC) != 0) { why = "cannot set up a pipe"; goto fail; }
   }
+#if defined(__linux__) && !defined(STELLA_SENDER_POLL)
+  {
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    e.events = EPOLLIN;
+    e.data.ptr = NULL;   /* the pipe: no lane */
+    s->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (s->ep < 0 || epoll_ctl(s->ep, EPOLL_CTL_ADD, s->wake_r, &e) != 0) {
+      why = "cannot create an epoll set";
+      goto fail;
+    }
+  }
+#endif
   if (pthread_mutex_init(&s->lock, NULL) != 0) { why = "cannot create a mutex"; goto fail; }
   s->mutex_ready = 1;
   if (pthread_cond_init(&s->changed, NULL) != 0) { why = "cannot create a condition variable"; goto fail; }
@@ -412,6 +509,7 @@ static lane *lane_for(stella_sender *s, stella_http *h, size_t group, size_t fir
     s->queues[s->nqueues++] = qu;
   }
   ln->h = h;
+  ln->fd = -1;
   ln->first = s->appendable ? s->nlanes : first;
   ln->q = qu;
   s->lanes[s->nlanes++] = ln;
@@ -668,6 +766,7 @@ void stella_sender_free(stella_sender *s) {
   if (s->mutex_ready) pthread_mutex_destroy(&s->lock);
   if (s->wake_r >= 0) close(s->wake_r);
   if (s->wake_w >= 0) close(s->wake_w);
+  if (s->ep >= 0) close(s->ep);
   free_chunk(s->held);
   while (s->chunks) {
     chunk *c = s->chunks;
