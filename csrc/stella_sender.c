@@ -238,9 +238,10 @@ static void settle(stella_sender *s, lane *ln, int *signal) {
 
 /* ---------- what the loop thread waits on ------------------------------------------- */
 
-/* Linux: an epoll set holding the wake-up pipe (no lane) and each lane's socket while its
- * post waits for it (a lane whose post ended takes its socket out: an idle keep-alive
- * connection wakes nobody). Elsewhere: one poll() over the pipe and the lanes' sockets. */
+/* Linux: an epoll set holding the wake-up pipe (no lane) and the lanes' sockets, each
+ * armed for one event at a time (EPOLLONESHOT: an idle keep-alive connection that the
+ * server closes wakes the loop once at most; a closed socket leaves the set by itself).
+ * Elsewhere: one poll() over the pipe and the sockets of the posts in flight. */
 #if defined(__linux__) && !defined(STELLA_SENDER_POLL)
 #define USE_EPOLL 1
 #endif
@@ -266,14 +267,14 @@ static void watch(waiter *w, lane *ln, long long now) {
   if (ln->it != NULL && !ln->ended_post) fd = stella_http_wait_fd(ln->h, &events, &t);
   ln->due = now + t;
 #ifdef USE_EPOLL
-  if (ln->fd >= 0 && ln->fd != fd) epoll_ctl(w->ep, EPOLL_CTL_DEL, ln->fd, NULL);   /* may be closed already */
   ln->fd = -1;
   if (fd >= 0) {
-    /* MOD every time: a socket closed and opened again within the call may have the same
-     * number and is no longer in the set */
+    /* one shot, armed again after every call: a socket closed (which leaves the set) and
+     * opened again within the call may have the same number; a lane's socket stays in the
+     * set while the lane is idle, disarmed, or armed for one event that wakes nobody */
     struct epoll_event e;
     memset(&e, 0, sizeof e);
-    e.events = (uint32_t)(((events & POLLIN) ? EPOLLIN : 0) | ((events & POLLOUT) ? EPOLLOUT : 0));
+    e.events = (uint32_t)(EPOLLONESHOT | ((events & POLLIN) ? EPOLLIN : 0) | ((events & POLLOUT) ? EPOLLOUT : 0));
     e.data.ptr = ln;
     if (epoll_ctl(w->ep, EPOLL_CTL_MOD, fd, &e) == 0 ||
         (errno == ENOENT && epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &e) == 0)) ln->fd = fd;
