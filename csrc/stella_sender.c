@@ -1,7 +1,15 @@
-/* stella_sender.c - posts bodies on background threads ("lanes"): one thread per client,
- * each posting items one after another: its client's own, or, for clients given one
- * group, the group's next item not yet taken (a shared queue: a lane that is done with
- * one post takes the next, so no connection waits for a slower one).
+/* stella_sender.c - posts bodies in the background over several clients ("lanes"), each
+ * posting items one after another: its client's own, or, for clients given one group,
+ * the group's next item not yet taken (a shared queue: a lane that is done with one post
+ * takes the next, so no connection waits for a slower one).
+ *
+ * One thread drives every lane (loop() below): it starts a post on each idle lane
+ * (stella_http_start and a first step, which sends the request), waits for all the posts
+ * in flight at once (their sockets and times left, from stella_http_wait_fd: epoll on
+ * Linux, poll() elsewhere) and steps those that are ready, as wrk does, instead of a
+ * thread per lane each blocked in its own client: one wake-up per answer, not a thread
+ * switch and a lock hand-over per post. A post's timeouts, connection reuse and
+ * reconnects are the client's own, as for stella_http_post.
  *
  * Two ways to use it. stella_sender_start_shared takes one list and its lanes end once
  * it is taken. stella_sender_open makes an appendable sender: lists ("chunks") are added
@@ -20,7 +28,7 @@
  * when a lane gets to it is skipped; stop ends everything. The clients are lent to the
  * lanes: the caller may use one only while the sender is paused with no post in flight
  * (stella_sender_pause), or after stella_sender_wait. */
-#define _POSIX_C_SOURCE 200112L   /* clock_gettime, pthreads */
+#define _POSIX_C_SOURCE 200112L   /* clock_gettime, pthreads, poll */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -98,7 +106,7 @@ struct stella_sender {
   pthread_mutex_t lock;          /* guards everything below, the queues and the items' state */
   pthread_cond_t changed;        /* signalled when an item is resolved or a lane ends */
   int woken;                     /* a byte is in the pipe */
-  size_t finished;               /* lanes whose thread has ended */
+  size_t finished;               /* lanes that have ended (take no more items) */
   size_t busy;                   /* posts in flight */
   size_t failures;               /* failed items in chunks not collected yet */
   int sealed;                    /* one list: no more items come; lanes end when theirs are taken */
@@ -171,7 +179,7 @@ static int keep(lane *ln, item *it, const stella_http_result *r) {
   return out->outcome != STELLA_OUTCOME_OK;
 }
 
-/* Wakes the loop thread from its poll (the lock held): one byte in the pipe, unless one
+/* Wakes the loop thread from its wait (the lock held): one byte in the pipe, unless one
  * is there already. */
 static void wake(stella_sender *s) {
   if (s->woken || s->wake_w < 0) return;
@@ -384,9 +392,10 @@ static void *loop(void *arg) {
     int signal = 0, live = 0, ended = 0;
     long wait = -1;
     long long now;
-    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next)   /* every failure is seen ... */
+      if (!ln->ended && ln->ended_post) settle(s, ln, &signal);
+    for (ln = first; ln; ln = ln == last ? NULL : ln->next) {   /* ... before a lane takes more */
       if (ln->ended) continue;
-      if (ln->ended_post) settle(s, ln, &signal);
       if (ln->it == NULL) take(s, ln, &signal);
       if (!ln->ended) live++;
     }
