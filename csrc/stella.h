@@ -288,6 +288,11 @@ stella_outcome stella_http_start(stella_http *h, const char *path, const char *b
 int stella_http_step(stella_http *h, int wait_ms, stella_http_result *res);
 /* 1 while a started transfer has not ended. */
 int stella_http_running(const stella_http *h);
+/* What the running transfer waits for: returns a socket to poll for `*events` (POLLIN,
+ * POLLOUT), or -1 when there is none to wait on (step it again after the time); and in
+ * `*timeout_ms` the time after which stella_http_step must be called whatever the socket
+ * does (the post's timeout, libcurl's timers). -1 when nothing runs. */
+int stella_http_wait_fd(const stella_http *h, short *events, long *timeout_ms);
 /* TCP connections this client has opened so far (1 after many calls = keep-alive works). */
 long stella_http_connects(const stella_http *h);
 void stella_http_free(stella_http *h);             /* NULL is fine */

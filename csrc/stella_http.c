@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <time.h>
@@ -849,6 +850,47 @@ stella_outcome stella_http_post(stella_http *h, const char *path, const char *bo
 
 int stella_http_running(const stella_http *h) {
   return h->running;
+}
+
+/* What a running post waits for, so that one thread can wait for many clients at once
+ * (stella_sender.c). The fast path, once connected: its socket, what it waits for and the
+ * time left of the post. libcurl's phases (connecting, https): libcurl's socket when it
+ * has exactly one, and libcurl's timer, at most 1 s (none or several sockets: at most
+ * 10 ms, so that the caller steps it often). */
+int stella_http_wait_fd(const stella_http *h, short *events, long *timeout_ms) {
+  fd_set r, w, e;
+  int maxfd = -1, fd, found = -1, count = 0;
+  long t = -1;
+  *events = 0;
+  *timeout_ms = 0;
+  if (!h->running) return -1;
+  if (h->fast && h->phase != FAST_CONNECTING) {
+    long long left = h->deadline - now_ms();
+    *events = h->want;
+    *timeout_ms = left > 0 ? (long)left : 0;
+    return (int)h->sock;
+  }
+  FD_ZERO(&r);
+  FD_ZERO(&w);
+  FD_ZERO(&e);
+  if (curl_multi_fdset(h->multi, &r, &w, &e, &maxfd) != CURLM_OK) maxfd = -1;
+  for (fd = 0; fd <= maxfd; fd++) {
+    short ev = (short)((FD_ISSET(fd, &r) ? POLLIN : 0) | (FD_ISSET(fd, &w) ? POLLOUT : 0));
+    if (ev == 0 && !FD_ISSET(fd, &e)) continue;
+    count++;
+    found = fd;
+    *events = ev;
+  }
+  if (curl_multi_timeout(h->multi, &t) != CURLM_OK) t = 0;
+  if (count != 1) {
+    *events = 0;
+    found = -1;
+    if (t < 0 || t > 10) t = 10;
+  } else if (t < 0 || t > 1000) {
+    t = 1000;
+  }
+  *timeout_ms = t;
+  return found;
 }
 
 /* ---------- retry policy ------------------------------------------------------------ */

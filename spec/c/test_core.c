@@ -11,8 +11,11 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include <errno.h>
 #include <locale.h>
 #include <math.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1402,6 +1405,279 @@ static void test_sender_appendable(void) {
   stella_http_free(h);
 }
 
+/* ---------- the sender's loop against a loopback server that answers ----------------- */
+
+/* A keep-alive HTTP/1.1 server on a thread of its own, one poll() over its connections:
+ * answers each POST 201 with "{}"; a POST to /close is answered with Connection: close
+ * and its connection closed (the client connects again). Counts the requests answered. */
+#define SERVER_CONNS 128
+typedef struct test_server {
+  int listen_fd, stop_r, stop_w, port;
+  pthread_t thread;
+  pthread_mutex_t lock;
+  long answered, accepted;
+} test_server;
+
+typedef struct server_conn {
+  int fd;
+  size_t len;
+  char buf[8192];
+} server_conn;
+
+/* One complete request at the front of c->buf: its length (head and body), or 0. */
+static size_t request_length(const server_conn *c) {
+  size_t i, body = 0;
+  for (i = 0; i + 3 < c->len; i++) {
+    if (memcmp(c->buf + i, "\r\n\r\n", 4) != 0) continue;
+    {
+      size_t k;
+      for (k = 0; k + 16 < i; k++)   /* "content-length: " in any case */
+        if ((c->buf[k] == '\n') && (c->buf[k + 1] == 'C' || c->buf[k + 1] == 'c') &&
+            strncmp(c->buf + k + 2, "ontent-Length:", 14) == 0) {
+          body = (size_t)strtoul(c->buf + k + 16, NULL, 10);
+          break;
+        }
+    }
+    return c->len >= i + 4 + body ? i + 4 + body : 0;
+  }
+  return 0;
+}
+
+static void *serve(void *arg) {
+  test_server *ts = (test_server *)arg;
+  server_conn *conns = (server_conn *)calloc(SERVER_CONNS, sizeof *conns);
+  struct pollfd fds[SERVER_CONNS + 2];
+  int k;
+  if (conns == NULL) return NULL;
+  for (k = 0; k < SERVER_CONNS; k++) conns[k].fd = -1;
+  for (;;) {
+    int n;
+    fds[0].fd = ts->stop_r;
+    fds[0].events = POLLIN;
+    fds[1].fd = ts->listen_fd;
+    fds[1].events = POLLIN;
+    for (k = 0; k < SERVER_CONNS; k++) {
+      fds[k + 2].fd = conns[k].fd;
+      fds[k + 2].events = POLLIN;
+    }
+    for (k = 0; k < SERVER_CONNS + 2; k++) fds[k].revents = 0;
+    n = poll(fds, SERVER_CONNS + 2, -1);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 || fds[0].revents) break;
+    if (fds[1].revents) {
+      int fd = accept(ts->listen_fd, NULL, NULL);
+      for (k = 0; fd >= 0 && k < SERVER_CONNS && conns[k].fd >= 0; k++) {}
+      if (fd >= 0 && k == SERVER_CONNS) close(fd);
+      else if (fd >= 0) {
+        conns[k].fd = fd;
+        conns[k].len = 0;
+        pthread_mutex_lock(&ts->lock);
+        ts->accepted++;
+        pthread_mutex_unlock(&ts->lock);
+      }
+    }
+    for (k = 0; k < SERVER_CONNS; k++) {
+      server_conn *c = &conns[k];
+      ssize_t got;
+      size_t len;
+      if (c->fd < 0 || fds[k + 2].revents == 0) continue;
+      got = read(c->fd, c->buf + c->len, sizeof c->buf - c->len);
+      if (got <= 0) { close(c->fd); c->fd = -1; continue; }
+      c->len += (size_t)got;
+      while (c->fd >= 0 && (len = request_length(c)) > 0) {
+        static const char keep[] = "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                                   "Content-Length: 2\r\n\r\n{}";
+        static const char bye[] = "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                                  "Connection: close\r\nContent-Length: 2\r\n\r\n{}";
+        int closing = strncmp(c->buf, "POST /close ", 12) == 0;
+        const char *answer = closing ? bye : keep;
+        size_t alen = closing ? sizeof bye - 1 : sizeof keep - 1;
+        if (write(c->fd, answer, alen) != (ssize_t)alen) closing = 1;
+        pthread_mutex_lock(&ts->lock);
+        ts->answered++;
+        pthread_mutex_unlock(&ts->lock);
+        memmove(c->buf, c->buf + len, c->len - len);
+        c->len -= len;
+        if (closing) { close(c->fd); c->fd = -1; }
+      }
+      if (c->fd >= 0 && c->len == sizeof c->buf) { close(c->fd); c->fd = -1; }
+    }
+  }
+  for (k = 0; k < SERVER_CONNS; k++) if (conns[k].fd >= 0) close(conns[k].fd);
+  free(conns);
+  return NULL;
+}
+
+static int server_start(test_server *ts) {
+  int p[2];
+  memset(ts, 0, sizeof *ts);
+  ts->listen_fd = silent_listener(&ts->port);
+  if (ts->listen_fd < 0) return 0;
+  if (pipe(p) != 0) { close(ts->listen_fd); return 0; }
+  ts->stop_r = p[0];
+  ts->stop_w = p[1];
+  pthread_mutex_init(&ts->lock, NULL);
+  if (pthread_create(&ts->thread, NULL, serve, ts) != 0) {
+    close(p[0]);
+    close(p[1]);
+    close(ts->listen_fd);
+    pthread_mutex_destroy(&ts->lock);
+    return 0;
+  }
+  return 1;
+}
+
+static long server_count(test_server *ts, int accepted) {
+  long n;
+  pthread_mutex_lock(&ts->lock);
+  n = accepted ? ts->accepted : ts->answered;
+  pthread_mutex_unlock(&ts->lock);
+  return n;
+}
+
+static void server_stop(test_server *ts) {
+  if (write(ts->stop_w, "x", 1) != 1) diag("error", "cannot stop the test server");
+  pthread_join(ts->thread, NULL);
+  close(ts->stop_r);
+  close(ts->stop_w);
+  close(ts->listen_fd);
+  pthread_mutex_destroy(&ts->lock);
+}
+
+/* One loop thread drives every lane: more lanes than one epoll_wait reports, three chunks,
+ * each post answered on its lane's one connection; connections closed by the server after
+ * each answer (a new socket, maybe with the old one's number); a post that times out on
+ * one lane while another lane's posts are answered. */
+static void test_sender_loop(void) {
+  enum { LANES = 70, PER = 6 };
+  static const char body[] = "{\"x\":1}";
+  static stella_send_item items[LANES * PER];
+  static size_t groups[LANES * PER];
+  stella_http *hs[LANES];
+  test_server ts;
+  stella_sender *s;
+  const stella_send_result *r;
+  char url[64], err[128];
+  long ids[3];
+  int i, k, state, made = 0;
+  short events;
+  long timeout_ms;
+  size_t done = 0, ok = 0, bad_by = 0, reused = 0, start;
+
+  if (!CHECK(server_start(&ts), "sender loop: a loopback server that answers")) return;
+  snprintf(url, sizeof url, "http://127.0.0.1:%d", ts.port);
+  for (i = 0; i < LANES; i++) {
+    hs[i] = loopback_client(url, 10000);
+    if (hs[i] != NULL) made++;
+  }
+  if (!CHECK(made == LANES, "sender loop: 70 clients")) goto out;
+  events = 1;
+  timeout_ms = 1;
+  check_long(stella_http_wait_fd(hs[0], &events, &timeout_ms), -1, "http_wait_fd: no socket while nothing runs");
+  CHECK(events == 0 && timeout_ms == 0, "http_wait_fd: nothing to wait for");
+  for (i = 0; i < LANES * PER; i++) {
+    items[i].h = hs[i % LANES];
+    items[i].path = "/v1/requests";
+    items[i].body = body;
+    items[i].body_len = sizeof body - 1;
+    groups[i] = 1;
+  }
+
+  /* three chunks over one group of 70 lanes: every item answered, each lane on one connection */
+  s = stella_sender_open(err, sizeof err);
+  if (CHECK(s != NULL, "sender loop: opens")) {
+    for (k = 0, start = 0; k < 3; k++) {
+      size_t n = k == 0 ? LANES : (LANES * PER - LANES) / 2;
+      ids[k] = stella_sender_add(s, items + start, groups + start, n, 60000, err, sizeof err);
+      start += n;
+    }
+    CHECK(ids[0] > 0 && ids[1] > ids[0] && ids[2] > ids[1], "sender loop: three chunks added");
+    for (k = 0; k < 3; k++) {
+      long n;
+      size_t j;
+      CHECK(stella_sender_ready(s, ids[k], 60000) == 1, "sender loop: a chunk is through");
+      n = stella_sender_collect(s, ids[k]);
+      for (j = 0; n > 0 && j < (size_t)n; j++) {
+        r = stella_sender_collected(s, j, &state);
+        if (r == NULL || state != STELLA_SEND_DONE) continue;
+        done++;
+        if (r->outcome == STELLA_OUTCOME_OK && r->status == 201 && r->body_len == 2) ok++;
+        if (r->by >= LANES) bad_by++;
+      }
+    }
+    if (!CHECK(done == LANES * PER && ok == done, "sender loop: all 420 posts answered 201"))
+      { diag_long("done", (long)done); diag_long("ok", (long)ok); }
+    CHECK(bad_by == 0, "sender loop: by is a lane's number");
+    check_long((long)stella_sender_wait(s), LANES * PER, "sender loop: 420 posts attempted");
+  }
+  stella_sender_free(s);
+  for (i = 0; i < LANES; i++) if (stella_http_connects(hs[i]) == 1) reused++;
+  check_long((long)reused, LANES, "sender loop: each client kept its one connection");
+  check_long(server_count(&ts, 1), LANES, "sender loop: the server accepted 70 connections");
+  check_long(server_count(&ts, 0), LANES * PER, "sender loop: the server answered 420 requests");
+
+  /* the server closes every connection after its answer: each post on a new socket */
+  for (i = 0; i < 40; i++) {
+    items[i].h = hs[i % 4];
+    items[i].path = "/close";
+    groups[i] = 1;
+  }
+  s = stella_sender_start_shared(items, groups, 40, 60000, err, sizeof err);
+  if (CHECK(s != NULL, "sender loop: starts 40 posts to /close over 4 lanes")) {
+    check_long((long)stella_sender_wait(s), 40, "sender loop: 40 posts attempted");
+    for (i = 0, ok = 0; i < 40; i++) {
+      r = stella_sender_result(s, (size_t)i);
+      if (r != NULL && r->outcome == STELLA_OUTCOME_OK && r->status == 201) ok++;
+    }
+    check_long((long)ok, 40, "sender loop: each answered 201 on its new connection");
+  }
+  stella_sender_free(s);
+  check_long(stella_http_connects(hs[0]) + stella_http_connects(hs[1]) + stella_http_connects(hs[2]) +
+             stella_http_connects(hs[3]), 4 + 36, "sender loop: a new connection for each post after a lane's first");
+
+  /* a lane whose server never answers times out on its own; the other lane's posts go on */
+  {
+    int port = 0, fd = silent_listener(&port);
+    char silent[64];
+    stella_http *quiet;
+    if (!CHECK(fd >= 0, "sender loop: a silent listener")) goto out;
+    snprintf(silent, sizeof silent, "http://127.0.0.1:%d", port);
+    quiet = loopback_client(silent, 700);
+    if (CHECK(quiet != NULL, "sender loop: a client for the silent listener")) {
+      double t0 = now_ms();
+      items[0].h = quiet;
+      for (i = 1; i < 6; i++) {
+        items[i].h = hs[0];
+        items[i].path = "/v1/requests";
+      }
+      s = stella_sender_start(items, 6, 60000, err, sizeof err);
+      if (CHECK(s != NULL, "sender loop: starts a hanging post beside five others")) {
+        size_t attempted = stella_sender_wait(s);
+        double took = now_ms() - t0;
+        r = stella_sender_result(s, 0);
+        CHECK(r != NULL && r->outcome == STELLA_OUTCOME_TIMEOUT, "sender loop: the hanging post timed out");
+        if (!CHECK(took >= 650, "sender loop: ... after its own timeout"))
+          diag_long("elapsed ms", (long)took);
+        r = stella_sender_result(s, 1);
+        CHECK(r != NULL && r->outcome == STELLA_OUTCOME_OK, "sender loop: the other lane's first post was answered meanwhile");
+        for (i = 2, ok = 0; i < 6; i++) {
+          r = stella_sender_result(s, (size_t)i);
+          if (r == NULL || r->outcome == STELLA_OUTCOME_OK) ok++;
+        }
+        check_long((long)ok, 4, "sender loop: the others answered or not attempted after the failure");
+        CHECK(attempted >= 2, "sender loop: both lanes posted");
+      }
+      stella_sender_free(s);
+    }
+    stella_http_free(quiet);
+    close(fd);
+  }
+
+out:
+  for (i = 0; i < LANES; i++) stella_http_free(hs[i]);
+  server_stop(&ts);
+}
+
 /* ---------- JSON text (stella_parse_json) ------------------------------------------ */
 
 /* Parses NUL-terminated `text`; expects success. */
@@ -1986,6 +2262,7 @@ int main(void) {
   test_http_start_step();
   test_sender();
   test_sender_appendable();
+  test_sender_loop();
   test_hostile_inputs();
   test_parse_valid();
   test_parse_errors();
