@@ -64,7 +64,7 @@ CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/
                 csrc/stella_parse.c \
                 csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
                 csrc/stella_answer.c \
-                csrc/stella_sender.c \
+                csrc/stella_sender.c csrc/stella_slice.c \
                 csrc/stella_sha256.c
 CORE_HDR     := csrc/stella.h csrc/stella_answer.h csrc/stella_schema.h csrc/compat.h csrc/lstella.h csrc/lstella_decode.h \
                 csrc/lstella_encode.h

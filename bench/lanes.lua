@@ -9,7 +9,7 @@
 --   retry    trigger:flush() (`stella retry --connections C`) on an outbox of as many items
 --   sender   the trigger's lanes alone (core.sender_open, C clients sharing one queue), the
 --            same number of requests added in chunks of the batch size, no store work: the
---            ceiling of the threads and libcurl, which trigger and retry reach when batch
+--            ceiling of the lanes' loop and libcurl, which trigger and retry reach when batch
 --            boundaries cost nothing
 --   wrk      wrk -t1 -cC on the same endpoint, the same body size
 -- each as events (requests) per second and as a share of the ideal C / 20 ms, with the

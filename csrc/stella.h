@@ -299,13 +299,14 @@ void stella_http_free(stella_http *h);             /* NULL is fine */
 
 /* ---------- sending a list in the background ---------------------------------------- */
 
-/* Posts items on background threads (pthreads), so that the caller can do other work
- * meanwhile: one thread per distinct client in the list, each posting its client's items
- * in list order (several clients to one host: several connections, concurrent sends).
+/* Posts items in the background (one loop thread, pthreads), so that the caller can do
+ * other work meanwhile: one lane per distinct client in the list, each posting its
+ * client's items in list order (several clients to one host: several connections,
+ * concurrent sends); the loop thread drives every lane's post at once (epoll on Linux).
  * First attempts only: a lane stops, and stops the others after their post in flight, at
  * the first answer that is not 2xx or the first transport failure; no item but the first
  * starts once `budget_ms` has passed since the start; freeing the sender stops them too.
- * Paths and bodies are copied. The clients are lent to the threads: do not use them
+ * Paths and bodies are copied. The clients are lent to the lanes: do not use them
  * until stella_sender_wait has returned. */
 typedef struct stella_send_item {
   stella_http *h;
@@ -339,21 +340,27 @@ stella_sender *stella_sender_start(const stella_send_item *items, size_t n, long
  * groups" otherwise). */
 stella_sender *stella_sender_start_shared(const stella_send_item *items, const size_t *groups,
                                           size_t n, long budget_ms, char *err, size_t errlen);
-/* 1 once every thread has finished (never waits). */
+/* 1 once every lane has finished (never waits). */
 int stella_sender_done(stella_sender *s);
-/* 1 once every thread has finished, waiting up to `wait_ms` for that (0: not at all). */
+/* 1 once every lane has finished, waiting up to `wait_ms` for that (0: not at all). */
 int stella_sender_done_within(stella_sender *s, long wait_ms);
-/* Asks the threads to stop: each ends its post in flight (or times out) and starts no
+/* Asks the lanes to stop: each ends its post in flight (or times out) and starts no
  * other; the items not attempted stay for the caller (stella_sender_result is NULL). */
 void stella_sender_stop(stella_sender *s);
-/* Waits for the threads (an appendable sender's lanes are stopped first); returns how many
- * items they attempted (with one client, a prefix of the list; with several, any subset:
- * see stella_sender_result). */
+/* Waits for the lanes and the loop thread (an appendable sender's lanes are stopped
+ * first); returns how many items they attempted (with one client, a prefix of the list;
+ * with several, any subset: see stella_sender_result). */
 size_t stella_sender_wait(stella_sender *s);
 /* Item i's result after stella_sender_wait, or NULL if it was not attempted. */
 const stella_send_result *stella_sender_result(const stella_sender *s, size_t i);
-/* Stops the threads after their posts in flight, waits for them, frees everything. NULL is fine. */
+/* Stops the lanes after their posts in flight, waits for them, frees everything. NULL is fine. */
 void stella_sender_free(stella_sender *s);
+
+/* Asks the scheduler for a time slice of slice_ns for the calling thread (Linux 6.12+,
+ * SCHED_OTHER; elsewhere nothing): the sender's loop thread uses it so that an answer
+ * wakes it at once even while the caller's thread keeps the same CPU busy
+ * (stella_slice.c). */
+void stella_short_slice(long slice_ns);
 
 /* An appendable sender (stella_sender.c): its lanes wait for items added while they are
  * busy, chunk after chunk, so that they go from one chunk straight on to the next. At a
