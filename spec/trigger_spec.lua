@@ -1097,3 +1097,62 @@ describe("stella.trigger retention", function()
     t:close()
   end)
 end)
+
+describe("the first batches ramp up", function()
+  local stella = require "stella"
+  local cli_trigger = require "stella.cli.trigger"
+  local server
+  lazy_setup(function() server = testserver.start() end)
+  lazy_teardown(function() if server then server:stop() end end)
+
+  local function take(next_size, n)
+    local sizes = {}
+    for i = 1, n do sizes[i] = next_size() end
+    return sizes
+  end
+
+  it("stella trigger's batches: two events per connection (at least 8), doubling up to batch_size", function()
+    assert.same({ 128, 256, 512, 1024, 2048, 2048 }, take(cli_trigger.batch_sizes(64), 6))
+    assert.equal(2048, cli_trigger.batch_size(64))
+    assert.same({ 8, 16, 32, 64, 128, 200, 200 }, take(cli_trigger.batch_sizes(1), 7))
+    assert.same({ 16, 32, 64, 128, 256, 256 }, take(cli_trigger.batch_sizes(8), 6))
+  end)
+
+  it("flush() claims 2 items per connection first, each next claim twice the one before, and sends each once", function()
+    local store = stella.store.memory()
+    local rules = { map = function(e)
+      return { customer = { name = "C" .. e.n, email = ("ramp%d@example.com"):format(e.n) },
+               employee = { email = "agent@example.com" }, channel = "phone", ext_interaction_id = "ramp-" .. e.n }
+    end, channels = { phone = "integrated" } }
+    local client = { api_key = API_KEY, base_url = server.url, timeout = 5 }
+    -- an outbox of 300 items: a trigger told to stop at once sends none of them
+    local first = stella.trigger{ rules = rules, store = store, client = client, stop = function() return true end }
+    local events = {}
+    for i = 1, 300 do events[i] = { n = i } end
+    first:process_many(events)
+    first:close()
+    assert.equal(300, store:outbox_counts().queued)
+    assert.same({}, server:requests())
+
+    local asked, real_claim = {}, store.claim
+    store.claim = function(self, now, lease, n)
+      asked[#asked + 1] = n
+      return real_claim(self, now, lease, n)
+    end
+    local t = stella.trigger{ rules = rules, store = store, client = client, connections = 4 }
+    local summary = assert(t:flush())
+    t:close()
+    -- 8 + 16 + 32 + 64 = 120, then the full size max(outbox batch 100, 32 x 4) = 128 twice
+    -- (the second claim takes the last 52: less than asked, so the flush ends)
+    assert.same({ 8, 16, 32, 64, 128, 128 }, asked)
+    assert.equal(300, summary.sent)
+    local seen, reqs = {}, server:requests()
+    assert.equal(300, #reqs)
+    for _, r in ipairs(reqs) do
+      local id = r.body:match('"ext_interaction_id":"([^"]+)"')
+      assert.is_nil(seen[id], "sent twice: " .. tostring(id))
+      seen[id] = true
+    end
+    assert.equal(0, store:outbox_counts().queued)
+  end)
+end)
