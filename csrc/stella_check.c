@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "stella.h"
+#include "stella_schema.h"
 
 struct stella_checker {
   stella_arena arena;   /* the parsed tree and the decoded strings of the last call */
@@ -98,8 +99,8 @@ int stella_check_json(stella_checker *c, int endpoint, const char *text, size_t 
   if (rc > 0) return 0;
   o.channels = NULL;
   o.channel_count = 0;
-  rc = stella_validate(&c->arena, endpoint == STELLA_RECOVERY ? STELLA_RECOVERY : STELLA_REQUEST, &req,
-                       &o, &errors);
+  rc = stella_validate_parsed(&c->arena, endpoint == STELLA_RECOVERY ? STELLA_RECOVERY : STELLA_REQUEST,
+                              &req, &o, &errors, text, len);
   if (rc < 0) return -1;
   if (rc > 0) return 0;
   for (i = 0; i < n; i++) {

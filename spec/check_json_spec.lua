@@ -106,6 +106,26 @@ describe("stella.check_json", function()
     end
   end)
 
+  it("finds a control character given as an escape (in a field, a property's name or its value)", function()
+    for _, use_ffi in ipairs{ true, false } do
+      local c = check_json.new("request", PATHS, { ffi = use_ffi })
+      for text, code in pairs{
+        ["{" .. HEAD .. ',"ext_interaction_id":"1","brand":"a\\u0001b"}'] = "control_character",
+        ["{" .. HEAD .. ',"ext_interaction_id":"1","custom_properties":{"k\\u0000":"v"}}'] = "invalid_key",
+        ["{" .. HEAD .. ',"ext_interaction_id":"1","custom_properties":{"k":"v\\u001f"}}'] = "control_character",
+        ["{" .. HEAD .. ',"ext_interaction_id":"a\\u0007"}'] = "control_character",
+      } do
+        local ok, errors = c:check(text)
+        assert.is_nil(ok, text)
+        assert.equal(1, #errors, text)
+        assert.equal(code, errors[1].code, text)
+      end
+      -- tab, line feed and carriage return are fine, escaped
+      assert.is_true(c:check("{" .. HEAD .. ',"ext_interaction_id":"1","brand":"a\\tb\\r\\nc"}'))
+      assert.equal("a\tb\r\nc", c:get(5))
+    end
+  end)
+
   it("checks its arguments", function()
     assert.has_error(function() check_json.new("other", PATHS) end,
       'check_json.new: kind must be "request" or "recovery"')

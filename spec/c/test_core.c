@@ -1998,6 +1998,30 @@ static void test_check_json(void) {
     check(f[8].type == STELLA_NIL && f[9].type == STELLA_NIL, "check_json: no member, or a path through a string");
     check(f[10].type == STELLA_TABLE, "check_json: an array");
   }
+  {
+    /* a control character given as an escape is still one (the decoded string is not in
+     * the text): in a field, a property's name and a property's value */
+    static const char *const bad[] = {
+      REQ_HEAD ",\"brand\":\"a\\u0001b\"}",
+      REQ_HEAD ",\"custom_properties\":{\"k\\u0000\":\"v\"}}",
+      REQ_HEAD ",\"custom_properties\":{\"k\":\"v\\u001f\"}}",
+    };
+    size_t k;
+    for (k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+      stella_arena a;
+      stella_value v;
+      stella_parse_error perr;
+      stella_violations errs;
+      stella_arena_init(&a);
+      check(stella_check_json(c, STELLA_REQUEST, bad[k], strlen(bad[k]), paths, 1, f) == 0,
+            "check_json: an escaped control character -> 0");
+      check(stella_parse_json(&a, bad[k], strlen(bad[k]), &v, &perr) == 0 &&
+            stella_validate(&a, STELLA_REQUEST, &v, NULL, &errs) == 1 && errs.count == 1 &&
+            (strcmp(errs.items[0].code, "control_character") == 0 || strcmp(errs.items[0].code, "invalid_key") == 0),
+            "check_json: ... which stella_validate reports");
+      stella_arena_free(&a);
+    }
+  }
   rc = stella_check_json(c, STELLA_REQUEST, "{\"channel\":\"phone\"}", 19, paths, 1, f);
   check(rc == 0, "check_json: a request missing its required fields -> 0");
   rc = stella_check_json(c, STELLA_REQUEST, "{\"channel\":", 11, paths, 1, f);
