@@ -62,7 +62,7 @@ LIBDIR       ?= $(PREFIX)/lib
 BUILD        := build/$(LUA)
 CORE_SRC     := csrc/stella_value.c csrc/stella_text.c csrc/stella_codes.c csrc/stella_schema.c \
                 csrc/stella_parse.c \
-                csrc/stella_validate.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
+                csrc/stella_validate.c csrc/stella_check.c csrc/stella_json.c csrc/stella_outcome.c csrc/stella_http.c \
                 csrc/stella_answer.c \
                 csrc/stella_sender.c csrc/stella_slice.c \
                 csrc/stella_sha256.c

@@ -209,16 +209,22 @@ static int check_args(lua_State *L, scratch *s, stella_endpoint *endpoint, stell
   return opts;
 }
 
-/* Validates req; returns 1 if valid, otherwise pushes nil, errors and returns 0. */
-static int check_request(lua_State *L, scratch *s, stella_endpoint endpoint, const stella_value *req,
-                         const stella_options *o) {
+/* Validates req (parsed from text[0..len) when text is not NULL: see stella_validate_parsed);
+ * returns 1 if valid, otherwise pushes nil, errors and returns 0. */
+static int check_parsed(lua_State *L, scratch *s, stella_endpoint endpoint, const stella_value *req,
+                        const stella_options *o, const char *text, size_t len) {
   stella_violations v;
-  int n = stella_validate(&s->arena, endpoint, req, o, &v);
+  int n = stella_validate_parsed(&s->arena, endpoint, req, o, &v, text, len);
   if (n < 0) return luaL_error(L, "not enough memory");
   if (n == 0) return 1;
   lua_pushnil(L);
   push_violations(L, &v);
   return 0;
+}
+
+static int check_request(lua_State *L, scratch *s, stella_endpoint endpoint, const stella_value *req,
+                         const stella_options *o) {
+  return check_parsed(L, s, endpoint, req, o, NULL, 0);
 }
 
 /* The one pass (lstella_encode.c) into s->json: 1 when it took the request (valid), 0 when
@@ -345,7 +351,7 @@ static int run_json_validation(lua_State *L, scratch *s, stella_endpoint *endpoi
     lua_rawseti(L, -2, 1);
     return 0;
   }
-  if (!check_request(L, s, *endpoint, req, &o)) return 0;
+  if (!check_parsed(L, s, *endpoint, req, &o, text, len)) return 0;
   return 1;
 }
 

@@ -146,6 +146,36 @@ typedef struct stella_options {
 int stella_validate(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
                     const stella_options *opts, stella_violations *errors);
 
+/* ---------- checking JSON text in one call (stella_check.c) --------------------- */
+
+/* stella_validate's question for JSON text, asked in one plain call with no Lua in it (so
+ * that LuaJIT's FFI can make it: the sandbox's check of every request), with the values a
+ * caller wants from a valid document. A checker owns the memory of its last call. */
+typedef struct stella_checker stella_checker;
+
+/* The value at one path of a valid document. type is STELLA_NIL when the path is absent,
+ * null or not a value JSON can hold; STELLA_STRING (ptr, len: into the text, or the
+ * checker's memory for a string with escapes, valid until its next call; upper is 1 when
+ * it holds an ASCII capital letter); STELLA_NUMBER (num, and is_int with i when it is an
+ * integer); STELLA_BOOL (boolean); STELLA_TABLE (an object or array). */
+typedef struct stella_field {
+  int type, is_int, boolean, upper;
+  const char *ptr;
+  size_t len;
+  long long i;
+  double num;
+} stella_field;
+
+stella_checker *stella_checker_new(void);          /* NULL when out of memory */
+void stella_checker_free(stella_checker *c);       /* NULL is fine */
+/* Parses `text` and validates it for `endpoint` (a stella_endpoint; no options: any
+ * channel name). A valid document: fills out[0..n-1] with the values at the dotted paths
+ * paths[0..n-1] ("customer.email") and returns 1. Returns 0 when the text is not JSON or
+ * not valid (what is wrong is for stella_parse_json and stella_validate to say), -1 when
+ * out of memory or given NULL. */
+int stella_check_json(stella_checker *c, int endpoint, const char *text, size_t len,
+                      const char *const *paths, size_t n, stella_field *out);
+
 /* ---------- encoding ------------------------------------------------------ */
 
 typedef struct stella_buffer {

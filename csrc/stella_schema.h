@@ -49,6 +49,12 @@ const schema *stella_schema_for(stella_endpoint endpoint);
 const schema *stella_schema_by_id(int id);
 
 /* What the validator and the encoders share (stella_validate.c, stella_json.c). */
+/* stella_validate of a document stella_parse_json made from text[0..len): the same answers,
+ * with no search for control characters in the strings that point into the text (not
+ * escaped there: the parser refuses a raw byte below 0x20). NULL text: stella_validate. */
+int stella_validate_parsed(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
+                           const stella_options *opts, stella_violations *errors, const char *text,
+                           size_t len);
 /* 1 if the string holds whitespace or a control character (external_url's rule). */
 int stella_has_space_or_control(const char *s, size_t len);
 /* The offset of the first C0 control other than tab, LF and CR in s (NUL included), or len. */

@@ -11,6 +11,10 @@ typedef struct ctx {
   stella_arena *arena;
   stella_violations *errors;
   const stella_options *opts;
+  /* the JSON text the document was parsed from, or 0, 0: a string pointing into it was
+   * not escaped there, and strict JSON holds no raw byte below 0x20 (the parser refuses
+   * one), so it needs no search for control characters (see stella_validate_parsed) */
+  uintptr_t text, text_end;
 } ctx;
 
 /* A path is only turned into text when an error is reported: valid input
@@ -149,8 +153,15 @@ size_t stella_find_control(const char *str, size_t len) {
 
 /* Reports a control character in a text field; returns 0 if there is one. NUL is named:
  * C strings, databases and the service's own stack may cut the text there. */
+/* stella_find_control, or len at once for a string of the parsed text (see ctx) */
+static size_t find_control(const ctx *c, const char *s, size_t len) {
+  uintptr_t at = (uintptr_t)s;
+  if (at >= c->text && at < c->text_end && len <= c->text_end - at) return len;
+  return stella_find_control(s, len);
+}
+
 static int check_controls(ctx *c, const path *p, const stella_value *v) {
-  size_t at = stella_find_control(v->u.string.ptr, v->u.string.len);
+  size_t at = find_control(c, v->u.string.ptr, v->u.string.len);
   unsigned char ch;
   if (at == v->u.string.len) return 1;
   ch = (unsigned char)v->u.string.ptr[at];
@@ -187,10 +198,10 @@ static int check_text(ctx *c, const path *p, const stella_value *v, int allow_em
 }
 
 /* A custom property name: a non-empty UTF-8 string without control characters. */
-static int prop_name_valid(const stella_value *key) {
+static int prop_name_valid(const ctx *c, const stella_value *key) {
   return key->type == STELLA_STRING && key->u.string.len > 0 &&
          stella_utf8_valid(key->u.string.ptr, key->u.string.len) &&
-         stella_find_control(key->u.string.ptr, key->u.string.len) == key->u.string.len;
+         find_control(c, key->u.string.ptr, key->u.string.len) == key->u.string.len;
 }
 
 static void check_max_chars(ctx *c, const path *p, const stella_value *v) {
@@ -405,7 +416,7 @@ static const stella_pair **sorted_pairs(ctx *c, const stella_value *t, const uns
 static path key_path(ctx *c, const path *parent, const stella_value *key) {
   path kp = field_path(parent, NULL, 0);
   const char *prefix;
-  if (prop_name_valid(key)) return field_path(parent, key->u.string.ptr, key->u.string.len);
+  if (prop_name_valid(c, key)) return field_path(parent, key->u.string.ptr, key->u.string.len);
   prefix = render(c, parent);
   if (prefix == NULL) prefix = "";
   if (key->type == STELLA_NUMBER && key->u.number.is_int)
@@ -423,7 +434,7 @@ static path key_path(ctx *c, const path *parent, const stella_value *key) {
 static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report_errors) {
   const stella_value *key = &pair->key, *val = &pair->value;
   path kp;
-  if (!prop_name_valid(key)) {
+  if (!prop_name_valid(c, key)) {
     if (!report_errors) return 0;
     kp = key_path(c, p, key);
     report(c, &kp, "invalid_key",
@@ -441,7 +452,7 @@ static int check_prop(ctx *c, const path *p, const stella_pair *pair, int report
   }
   if (val->type == STELLA_STRING) {
     if (stella_utf8_valid(val->u.string.ptr, val->u.string.len) &&
-        stella_find_control(val->u.string.ptr, val->u.string.len) == val->u.string.len &&
+        find_control(c, val->u.string.ptr, val->u.string.len) == val->u.string.len &&
         (val->u.string.len <= STELLA_MAX_TEXT_CHARS ||
          stella_utf8_length(val->u.string.ptr, val->u.string.len) <= STELLA_MAX_TEXT_CHARS))
       return 1;
@@ -643,10 +654,18 @@ static void check_value(ctx *c, const field *f, const path *p, const stella_valu
 
 int stella_validate(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
                     const stella_options *opts, stella_violations *errors) {
+  return stella_validate_parsed(a, endpoint, req, opts, errors, NULL, 0);
+}
+
+int stella_validate_parsed(stella_arena *a, stella_endpoint endpoint, const stella_value *req,
+                           const stella_options *opts, stella_violations *errors, const char *text,
+                           size_t len) {
   ctx c;
   c.arena = a;
   c.errors = errors;
   c.opts = opts;
+  c.text = text ? (uintptr_t)text : 0;
+  c.text_end = text ? (uintptr_t)text + len : 0;
   errors->items = NULL;
   errors->count = errors->cap = 0;
   errors->oom = 0;

@@ -96,7 +96,12 @@ describe("stella sandbox", function()
     local err
     sb, err = sandbox.start{ port = 0, config = companies.multi_brand(),
       -- a handler that fails, for nginx's own 500 (see "nginx's own errors")
-      extra_locations = 'location = /_spec/fail { content_by_lua_block { error("failing on purpose") } }' }
+      extra_locations = 'location = /_spec/fail { content_by_lua_block { error("failing on purpose") } }\n'
+        -- how the handler checks a body: "ffi" (stella.check_json through LuaJIT's FFI)
+        .. 'location = /_spec/check_json { content_by_lua_block { local cj = require("stella.check_json") '
+        .. 'local a = require("stella.sandbox.server").request_check.ffi and "ffi" '
+        .. 'or ("validate_json: " .. tostring(cj.ffi_missing)) '
+        .. 'ngx.header["Content-Length"] = #a ngx.print(a) } }' }
     assert(sb, err)
     test, prod = client(sb, TEST_KEY), client(sb, PRODUCTION_KEY)
   end)
@@ -234,6 +239,12 @@ describe("stella sandbox", function()
     it("answers a failing handler with 500 in JSON", function()
       assert_json_answer(500, "Internal Server Error",
         raw("GET /_spec/fail HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+    end)
+
+    it("checks request bodies with the C core through LuaJIT's FFI (stella.check_json)", function()
+      local code, _, body = raw("GET /_spec/check_json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+      assert.equal(200, code)
+      assert.equal("ffi", body)
     end)
 
     it("keeps its error page out of reach", function()

@@ -33,6 +33,11 @@ int main(int argc, char **argv) {
   stella_arena a;
   stella_buffer out;
   int failed = 0;
+  stella_checker *checker = stella_checker_new();
+  if (checker == NULL) {
+    printf("not ok 1 - fuzz: no checker (out of memory)\n1..1\n");
+    return 1;
+  }
   stella_arena_init(&a);
   stella_buffer_init(&out);
   for (it = 0; it < iters && !failed; it++) {
@@ -59,6 +64,7 @@ int main(int argc, char **argv) {
       }
     }
     stella_arena_reset(&a);
+    ok = 0;
     why = check_parse(&a, buf, len, &v, &rc);
     if (why == NULL && rc == 0) {
       parsed++;
@@ -66,6 +72,7 @@ int main(int argc, char **argv) {
       if (why == NULL) why = check_roundtrip(&a, endpoint, &v, &out, &ok);
       if (why == NULL && ok) valid++;
     }
+    if (why == NULL) why = check_checker(checker, endpoint, buf, len, rc == 0 && ok);
     if (why) {
       printf("not ok 1 - %s (iteration %ld, seed %u)\n", why, it, seed0);
       failed = 1;
@@ -73,9 +80,10 @@ int main(int argc, char **argv) {
   }
   if (!failed)
     printf("ok 1 - fuzz: %ld mutated documents (%ld parsed, %ld valid) through parse, validate, "
-           "encode\n", iters, parsed, valid);
+           "encode, and stella_check_json\n", iters, parsed, valid);
   printf("1..1\n");
   stella_arena_free(&a);
   stella_buffer_free(&out);
+  stella_checker_free(checker);
   return failed;
 }

@@ -2289,6 +2289,78 @@ static void test_parse_for_decode(void) {
   stella_arena_free(&a);
 }
 
+/* stella_check_json: the validator's answer for JSON text and the values at dotted paths */
+static void test_check_json(void) {
+  static const char *const paths[] = { "customer.email", "employee.email", "channel", "ext_interaction_id",
+                                       "do_not_send", "customer", "brand", "customer.name", "", "customer.x.y",
+                                       "tags" };
+  static const char text[] =
+      "{\"customer\":{\"name\":\"Jo\\u00e9 \\\"Q\\\"\",\"email\":\"Jo@Example.COM\"},"
+      "\"employee\":{\"email\":\"paul@example.com\"},\"channel\":\"phone\",\"ext_interaction_id\":123456,"
+      "\"do_not_send\":false,\"tags\":[\"a\"]}";
+  stella_field f[11];
+  stella_checker *c = stella_checker_new();
+  int rc;
+  if (!check(c != NULL, "check_json: a checker")) return;
+  rc = stella_check_json(c, STELLA_REQUEST, text, strlen(text), paths, 11, f);
+  if (check(rc == 1, "check_json: a valid request -> 1")) {
+    check(f[0].type == STELLA_STRING && f[0].len == 14 && memcmp(f[0].ptr, "Jo@Example.COM", 14) == 0 &&
+          f[0].upper == 1,
+          "check_json: a string, its capital letters noticed");
+    check(f[1].type == STELLA_STRING && f[1].len == 16 && memcmp(f[1].ptr, "paul@example.com", 16) == 0 &&
+          f[1].upper == 0, "check_json: a nested string without capitals");
+    check(f[1].ptr > text && f[1].ptr < text + sizeof text, "check_json: an unescaped string points into the text");
+    check(f[2].type == STELLA_STRING && f[2].len == 5, "check_json: a top-level string");
+    check(f[3].type == STELLA_NUMBER && f[3].is_int && f[3].i == 123456 && f[3].num == 123456.0,
+          "check_json: an integer");
+    check(f[4].type == STELLA_BOOL && f[4].boolean == 0, "check_json: false");
+    check(f[5].type == STELLA_TABLE, "check_json: an object");
+    check(f[6].type == STELLA_NIL, "check_json: an absent member");
+    check(f[7].type == STELLA_STRING && f[7].len == 8 && memcmp(f[7].ptr, "Jo\xc3\xa9 \"Q\"", 8) == 0 &&
+          f[7].upper == 1, "check_json: an escaped string, decoded");
+    check(f[8].type == STELLA_NIL && f[9].type == STELLA_NIL, "check_json: no member, or a path through a string");
+    check(f[10].type == STELLA_TABLE, "check_json: an array");
+  }
+  {
+    /* a control character given as an escape is still one (the decoded string is not in
+     * the text): in a field, a property's name and a property's value */
+    static const char *const bad[] = {
+      REQ_HEAD ",\"brand\":\"a\\u0001b\"}",
+      REQ_HEAD ",\"custom_properties\":{\"k\\u0000\":\"v\"}}",
+      REQ_HEAD ",\"custom_properties\":{\"k\":\"v\\u001f\"}}",
+    };
+    size_t k;
+    for (k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+      stella_arena a;
+      stella_value v;
+      stella_parse_error perr;
+      stella_violations errs;
+      stella_arena_init(&a);
+      check(stella_check_json(c, STELLA_REQUEST, bad[k], strlen(bad[k]), paths, 1, f) == 0,
+            "check_json: an escaped control character -> 0");
+      check(stella_parse_json(&a, bad[k], strlen(bad[k]), &v, &perr) == 0 &&
+            stella_validate(&a, STELLA_REQUEST, &v, NULL, &errs) == 1 && errs.count == 1 &&
+            (strcmp(errs.items[0].code, "control_character") == 0 || strcmp(errs.items[0].code, "invalid_key") == 0),
+            "check_json: ... which stella_validate reports");
+      stella_arena_free(&a);
+    }
+  }
+  rc = stella_check_json(c, STELLA_REQUEST, "{\"channel\":\"phone\"}", 19, paths, 1, f);
+  check(rc == 0, "check_json: a request missing its required fields -> 0");
+  rc = stella_check_json(c, STELLA_REQUEST, "{\"channel\":", 11, paths, 1, f);
+  check(rc == 0, "check_json: not JSON -> 0");
+  rc = stella_check_json(c, STELLA_RECOVERY, EXAMPLE_JSON, strlen(EXAMPLE_JSON), paths, 0, NULL);
+  check(rc == 0, "check_json: a request is no recovery -> 0");
+  rc = stella_check_json(c, STELLA_REQUEST, EXAMPLE_JSON, strlen(EXAMPLE_JSON), NULL, 0, NULL);
+  check(rc == 1, "check_json: no paths -> 1 for a valid request");
+  check(stella_check_json(NULL, STELLA_REQUEST, EXAMPLE_JSON, 2, paths, 1, f) == -1 &&
+        stella_check_json(c, STELLA_REQUEST, NULL, 0, paths, 1, f) == -1 &&
+        stella_check_json(c, STELLA_REQUEST, EXAMPLE_JSON, strlen(EXAMPLE_JSON), NULL, 1, f) == -1,
+        "check_json: NULL arguments -> -1");
+  stella_checker_free(c);
+  stella_checker_free(NULL);
+}
+
 int main(void) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   printf("# lua-stella C core %s\n", STELLA_VERSION);
@@ -2319,6 +2391,7 @@ int main(void) {
   test_parse_locale();
   test_parse_then_validate();
   test_parse_for_decode();
+  test_check_json();
   printf("1..%d\n", tests_run);
   if (tests_failed) printf("# %d of %d checks failed\n", tests_failed, tests_run);
   return tests_failed ? 1 : 0;

@@ -228,3 +228,23 @@ const char *check_roundtrip(stella_arena *a, stella_endpoint endpoint, const ste
   stella_buffer_free(&again);
   return why;
 }
+
+const char *check_checker(stella_checker *c, stella_endpoint endpoint, const char *text, size_t len,
+                          int valid) {
+  static const char *const paths[] = { "customer.email", "employee", "ext_interaction_id", "do_not_send",
+                                       "custom_properties.seats", "tags", "initial_feedback_request_id",
+                                       "customer.name.x", "" };
+  stella_field f[sizeof paths / sizeof paths[0]];
+  size_t i;
+  int rc = stella_check_json(c, (int)endpoint, text, len, paths, sizeof paths / sizeof paths[0], f);
+  if (rc < 0) return "check_json: out of memory";
+  if (rc != (valid ? 1 : 0)) return "check_json: another answer than parse + validate";
+  for (i = 0; rc == 1 && i < sizeof paths / sizeof paths[0]; i++) {
+    if (f[i].type != STELLA_NIL && f[i].type != STELLA_BOOL && f[i].type != STELLA_NUMBER &&
+        f[i].type != STELLA_STRING && f[i].type != STELLA_TABLE)
+      return "check_json: a value of an unknown type";
+    if (f[i].type == STELLA_STRING && f[i].ptr == NULL) return "check_json: a string without its bytes";
+    if (f[i].type == STELLA_STRING && f[i].len > len) return "check_json: a string longer than the text";
+  }
+  return NULL;
+}

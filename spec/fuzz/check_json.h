@@ -25,4 +25,10 @@ const char *check_rewrite(stella_arena *a, const stella_value *doc, stella_buffe
 const char *check_roundtrip(stella_arena *a, stella_endpoint endpoint, const stella_value *doc,
                             stella_buffer *scratch, int *valid);
 
+/* stella_check_json on the same text must answer as parse + validate did (`valid`: the
+ * text parsed and validated as `endpoint`): 1 exactly then, else 0; a value it reports is
+ * of a known type, a string a non-NULL pointer (into the text when it has no escape). */
+const char *check_checker(stella_checker *c, stella_endpoint endpoint, const char *text, size_t len,
+                          int valid);
+
 #endif

@@ -29,6 +29,7 @@ local cjson = require "cjson.safe"
 local stella = require "stella"
 local config = require "stella.sandbox.config"
 local status = require "stella.sandbox.status"
+local check_json = require "stella.check_json"
 
 local ngx = ngx
 local ngx_now, ngx_print, ngx_say, ngx_header = ngx.now, ngx.print, ngx.say, ngx.header
@@ -417,10 +418,11 @@ local function id_text(v)
   return v
 end
 
-local function employee_error(email, custom_id)
-  local a = email and conf.by_email[lower(email)]
+-- (lemail: the employee's e-mail in lower case, or nil)
+local function employee_error(lemail, custom_id)
+  local a = lemail and conf.by_email[lemail]
   local b = custom_id and conf.by_custom_id[custom_id]
-  if (email and not a) or (custom_id and not b) or (a and b and a ~= b) then
+  if (lemail and not a) or (custom_id and not b) or (a and b and a ~= b) then
     return LABELS.employee_not_found
   end
   local e = a or b
@@ -454,9 +456,14 @@ local function echo_head(body)
   return sub(body, 1, last - 1)
 end
 
--- What a request's checks read: validate_json returns these values of a valid body.
-local REQUEST_FIELDS = { fields = { "employee.email", "employee.custom_id", "customer.email", "channel",
-                                    "brand", "language", "do_not_send", "ext_interaction_id" } }
+-- What a request's checks read of a valid body (stella.check_json: under LuaJIT the C
+-- core's check is an FFI call, compiled into the handler's trace, and only the values
+-- read become Lua strings).
+local F_EMP_EMAIL, F_EMP_ID, F_EMAIL, F_CHANNEL, F_BRAND, F_LANGUAGE, F_DO_NOT_SEND, F_IX = 1, 2, 3, 4, 5, 6, 7, 8
+local request_check = check_json.new("request", { "employee.email", "employee.custom_id", "customer.email",
+                                                  "channel", "brand", "language", "do_not_send",
+                                                  "ext_interaction_id" })
+M.request_check = request_check
 
 -- A request body -> status, answer; for 200, the answer is the body without its closing
 -- "}", then the request id and the delivery (M.requests prints the echo from these).
@@ -465,15 +472,16 @@ function M.handle_request(mode, body, t)
   local perr = not_an_object(body)
   if perr then return reject(t, mode, "request", body, nil, perr) end
   -- the C core: the checks the client makes before sending, on the text itself
-  local ok, emp_email, emp_id, email, channel, brand, language, do_not_send, ix =
-    validate_json(body, REQUEST_FIELDS)
-  if not ok then return reject(t, mode, "request", body, nil, emp_email) end
+  local rc = request_check
+  local ok, errors = rc:check(body)
+  if not ok then return reject(t, mode, "request", body, nil, errors) end
 
-  local label = employee_error(emp_email, emp_id)
-  local lemail = lower(email)
+  local label = employee_error(rc:present(F_EMP_EMAIL) and rc:lower(F_EMP_EMAIL) or nil, rc:get(F_EMP_ID))
+  local lemail = rc:lower(F_EMAIL)
   if not label then label = customer_error(lemail) end
+  local brand = rc:get(F_BRAND)
   if not label then
-    local cm = conf.channels[channel]
+    local cm = conf.channels[rc:get(F_CHANNEL)]
     if not cm then label = LABELS.channel_disabled
     elseif cm == "manual" and mode == "production" then label = LABELS.channel_manual end
   end
@@ -485,12 +493,12 @@ function M.handle_request(mode, body, t)
       if not b or not b.active then label = LABELS.brand_invalid end
     end
   end
-  if not label and conf.multi_language and language == nil then label = LABELS.language end
+  if not label and conf.multi_language and not rc:present(F_LANGUAGE) then label = LABELS.language end
   if label then return reject(t, mode, "request", body, label) end
 
   -- accepted: where does it go?
   local delivery, to, until_t
-  if do_not_send == true then
+  if rc:get(F_DO_NOT_SEND) == true then
     delivery = "do_not_send"
   elseif conf.unsubscribed_set[lemail] then
     delivery = "unsubscribed"
@@ -512,7 +520,7 @@ function M.handle_request(mode, body, t)
     end
     if not delivery then
       if mode == "test" then delivery, to = "test_inbox", conf.test_email
-      else delivery, to = "customer", email end
+      else delivery, to = "customer", rc:get(F_EMAIL) end
     end
   end
 
@@ -521,7 +529,7 @@ function M.handle_request(mode, body, t)
   q_next[mode] = seq
   local id = request_id(mode, seq)
   pend(TAB[mode], seq, t, id, mode, delivery, to, until_t, body,
-       "i:" .. mode .. ":" .. id_text(ix), D_KEY[mode][delivery])
+       "i:" .. mode .. ":" .. id_text(rc:get(F_IX)), D_KEY[mode][delivery])
   -- the echo: the body as sent (a valid JSON object) with two more members, as parts for
   -- ngx.print (one long string per request, unlike every other one, would cost LuaJIT's
   -- string table a search through the others: their sampled hashes are all alike)
@@ -579,7 +587,7 @@ function M.handle_recovery(mode, body, t)
   if not ok then return reject(t, mode, "recovery", body, nil, employee) end
   local json = assert(encode_json(body, "recovery"))   -- valid: its canonical form, for the row
 
-  local label = employee and employee_error(emp_email, emp_id) or nil
+  local label = employee and employee_error(emp_email and lower(emp_email), emp_id) or nil
   local original, email
   if not label then
     if feedback_id ~= nil then
