@@ -1,7 +1,7 @@
 -- stella.trigger.flush: replays the outbox (trigger:flush, `stella retry`). Claims what is
 -- due, a leased batch at a time, sends it (send.start: first attempts over the brand's
 -- connections, then in line) and settles it (settle.claimed), until nothing is due. The
--- next batch is claimed and handed to the connections while the one before is still out.
+-- next batch is claimed and handed to the connections while those before it are still out.
 -- Items come back here after a retryable failure, a crash, or a batch that ran past half
 -- of its lease. Before each claim, the settles some run could not write to the store are
 -- written (settle.reconcile): their items were sent already and must not be claimed.
@@ -39,13 +39,18 @@ function M.run(self)
     alert.conclude(self, outcomes, b.now)
     return outcomes, serr
   end
-  -- the next batch is claimed and handed to the lanes while the one before is still on
-  -- the wire (prev), so that the connections go straight on from one to the other; a
-  -- batch claimed is always sent (or handed back) and settled before the flush ends
-  local prev
+  -- Batches claimed and handed to the lanes, not completed yet, oldest first. The next
+  -- batch is claimed and handed over while those before it are still on the wire, so that
+  -- the connections go straight on from one to the next; the oldest are completed once
+  -- they hold as many items as the newest (batches of one size: the one before is
+  -- completed right after the next is handed over, two out at once; the small first
+  -- claims stay out together until the claims are at full size, so that one slow answer
+  -- among them does not hold the lanes up). A batch claimed is always sent (or handed
+  -- back) and settled before the flush ends.
+  local out, held, more = {}, 0, true
   while true do
-    local cur, ferr
-    if not prev or prev.claimed == prev.want then
+    local ferr
+    if more then
       local done, rerr = settle.reconcile(self)
       if not done then
         ferr = rerr
@@ -55,37 +60,44 @@ function M.run(self)
         local items, err = self.store:claim(now, o.lease, want)
         if not items then
           ferr = err
-        elseif #items > 0 then
+        else
           local claimed = #items
-          -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
-          local batch = decide.new_batch(self)
-          -- requests decided inside Redis are validated first; the invalid ones settled there
-          local invalid
-          items, invalid = unvalidated.check(self, items, batch, now, summary)
-          if #invalid > 0 then alert.conclude(self, invalid, now) end
-          cur = { items = items, batch = batch, now = now, claimed = claimed, want = want,
-                  finish = send.start(self, items, now) }
+          if claimed < want then more = false end   -- nothing more is due
+          if claimed > 0 then
+            -- a batch only for the ledger's hash of e-mails: claimed items carry their hashes
+            local batch = decide.new_batch(self)
+            -- requests decided inside Redis are validated first; the invalid ones settled there
+            local invalid
+            items, invalid = unvalidated.check(self, items, batch, now, summary)
+            if #invalid > 0 then alert.conclude(self, invalid, now) end
+            out[#out + 1] = { items = items, batch = batch, now = now, claimed = claimed,
+                              finish = send.start(self, items, now) }
+            held = held + claimed
+          end
           want = math.min(size, want * 2)
         end
       end
+      if ferr then more = false end
     end
-    if prev then
-      local outcomes, serr = complete(prev)
+    -- complete the oldest batches: while they hold as many items as the newest, all of
+    -- them once nothing more is claimed
+    while #out > 0 and (not more or (#out > 1 and held - out[#out].claimed >= out[#out].claimed)) do
+      local b = table.remove(out, 1)
+      held = held - b.claimed
+      local outcomes, serr = complete(b)
       -- halted: interrupted, circuit_open; held back: the rate limit has no slot for more now
-      if serr or ferr or send.halted(outcomes) or (self.gate and self.gate:held_back_here()) then
-        if cur then
-          local _, cerr = complete(cur)
+      if serr or send.halted(outcomes) or (self.gate and self.gate:held_back_here()) then
+        while #out > 0 do
+          local _, cerr = complete(table.remove(out, 1))
           serr = serr or cerr
         end
         if ferr then return nil, ferr end
         if serr then return summary, serr end
-        break
+        return summary
       end
-    elseif ferr then
-      return nil, ferr
     end
-    if not cur then break end
-    prev = cur
+    if ferr then return nil, ferr end
+    if not more and #out == 0 then break end
   end
   return summary
 end

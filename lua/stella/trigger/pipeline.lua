@@ -33,7 +33,8 @@ Pipeline.__index = Pipeline
 -- settle, at finish(), or by the next run; the first process() also writes those another
 -- run left behind.
 function M.new(trigger, on_outcomes)
-  return setmetatable({ trigger = trigger, sink = on_outcomes, prev = nil, started = false }, Pipeline)
+  -- out: the batches decided and on the wire, not completed yet, oldest first; held: their events
+  return setmetatable({ trigger = trigger, sink = on_outcomes, out = {}, held = 0, started = false }, Pipeline)
 end
 
 -- Completes batch b: waits for the rest of its sends, then settles it and hands its
@@ -50,6 +51,13 @@ local function complete(p, b)
   p.sink(alert.conclude(t, b.outcomes, b.now), b.events, b.tag)
 end
 
+-- Completes the oldest batch on the wire (taken off the list first: completed once).
+local function complete_oldest(p)
+  local b = table.remove(p.out, 1)
+  p.held = p.held - #b.events
+  complete(p, b)
+end
+
 function Pipeline:process(events, tag)
   if type(events) ~= "table" then error("pipeline:process: list of events expected", 2) end
   for i = 1, #events do
@@ -61,30 +69,33 @@ function Pipeline:process(events, tag)
     -- what an earlier run sent but could not record: written before anything else
     if not t.dry_run then settle.reconcile(t) end
   end
-  local prev = self.prev
-  self.prev = nil
   local now = t.clock()
   retention.when_due(t, now)
-  -- decided while the previous batch's requests are still on the wire
+  -- decided while the batches before it have their requests on the wire
   local dok, outcomes, batch, written = pcall(decide.batch, t, events, now)
   if not dok then
-    -- the previous batch is on the wire: complete it, then let the error go on
-    if prev then complete(self, prev) end
+    -- the batches before it are on the wire: complete them, then let the error go on
+    while #self.out > 0 do complete_oldest(self) end
     error(outcomes, 0)
   end
   local b = { events = events, tag = tag, outcomes = outcomes, batch = batch, now = now }
-  self.prev = b
-  -- this batch's sends go to the lanes behind the previous batch's, which may still be
-  -- out: the lanes go straight on from one to the other; the previous batch is then
-  -- completed (its results collected, settled) while this one is on the wire
+  -- this batch's sends go to the lanes behind the earlier batches', which may still be
+  -- out: the lanes go straight on from one to the next; the earlier batches are then
+  -- completed (their results collected, settled) while this one is on the wire
   if written then b.finish = send.start(t, send.sends_of(outcomes), now) end
-  if prev then complete(self, prev) end
+  local out = self.out
+  out[#out + 1] = b
+  self.held = self.held + #events
+  -- the oldest are completed once they hold as many events as this batch: batches of one
+  -- size leave two out at once, the one before completed right after this one is added;
+  -- growing batches (`stella trigger`'s first ones) stay out together until the batches
+  -- are at full size, so that a slow answer in a small first batch does not hold up the
+  -- lanes behind it
+  while #out > 1 and self.held - #events >= #events do complete_oldest(self) end
 end
 
 function Pipeline:finish()
-  local b = self.prev
-  self.prev = nil
-  if b then complete(self, b) end
+  while #self.out > 0 do complete_oldest(self) end
   local t = self.trigger
   if t.unsettled_plans and #t.unsettled_plans > 0 then settle.reconcile(t, true) end
 end
