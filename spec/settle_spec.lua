@@ -149,6 +149,40 @@ describe("a settle that meets a database locked by another process", function()
     assert.equal(0, res.reconciled)
   end)
 
+  it("in a flush whose second claim meets the lock: the first batch sent and kept, the rest left queued; the next flush sends only the rest", function()
+    local db = dir .. "/claim.db"
+    child.remove_db(db)
+    local s = assert(store_mod.sqlite(db))
+    local now = os.time()
+    -- 10 items: the first claim takes 8 (two per connection, at least 8); the lock comes in
+    -- after it, so the second claim fails while the first batch is on the wire
+    for i = 1, 10 do
+      assert(s:enqueue{ kind = "request", body = cjson.encode{ ext_interaction_id = "c" .. i }, event_id = "c" .. i,
+                        created_at = now, next_at = now, attempts = 0 })
+    end
+    s:close()
+    local r = run_locked("flush", dir, db, server.url, 10, "end")
+    assert.is_nil(r.summary, "the flush did not end with the claim's error")
+    assert.truthy(r.err, "the flush did not report the store's failure")
+    assert.matches("lock", r.err)
+    local got, total = received(server)
+    assert.equal(8, total)
+    -- the first batch's settle met the lock too: kept beside the database for the next run
+    assert.is_true(exists(db .. "-unsettled"))
+    server:reset()
+    local status, out, err = stella_cmd(dir, { "retry", "--db", db }, server.url)
+    assert.equal(0, status, out .. err)
+    assert.matches("sent 2, recorded 0, still queued 0, failed 0", out)
+    assert.matches("recorded 8 settles an earlier run could not write", out)
+    local again
+    again, total = received(server)
+    assert.equal(2, total)
+    for id in pairs(again) do assert.is_nil(got[id], id .. " sent twice") end
+    local by, _, oc = ledger_of(db)
+    assert.same({ ["sent/outbox"] = 10 }, by)
+    assert.same({ queued = 0, dead = 0 }, oc)
+  end)
+
   it("in a flush: counted once, as sent but unrecorded; the next flush records it without sending", function()
     local db = dir .. "/flush.db"
     child.remove_db(db)
