@@ -82,6 +82,20 @@ describe("a settle that meets a database locked by another process", function()
     server:script(items)
   end
 
+  -- A new SQLite database at dir/name with n outbox items due now (ids prefix1..prefixN).
+  local function outbox_db(name, prefix, n)
+    local db = dir .. "/" .. name
+    child.remove_db(db)
+    local s = assert(store_mod.sqlite(db))
+    local now = os.time()
+    for i = 1, n do
+      assert(s:enqueue{ kind = "request", body = cjson.encode{ ext_interaction_id = prefix .. i },
+                        event_id = prefix .. i, created_at = now, next_at = now, attempts = 0 })
+    end
+    s:close()
+    return db
+  end
+
   it("is tried again: a lock released between its tries leaves the run as if nothing happened", function()
     local db = dir .. "/first.db"
     child.remove_db(db)
@@ -150,17 +164,9 @@ describe("a settle that meets a database locked by another process", function()
   end)
 
   it("in a flush whose second claim meets the lock: the first batch sent and kept, the rest left queued; the next flush sends only the rest", function()
-    local db = dir .. "/claim.db"
-    child.remove_db(db)
-    local s = assert(store_mod.sqlite(db))
-    local now = os.time()
     -- 10 items: the first claim takes 8 (two per connection, at least 8); the lock comes in
     -- after it, so the second claim fails while the first batch is on the wire
-    for i = 1, 10 do
-      assert(s:enqueue{ kind = "request", body = cjson.encode{ ext_interaction_id = "c" .. i }, event_id = "c" .. i,
-                        created_at = now, next_at = now, attempts = 0 })
-    end
-    s:close()
+    local db = outbox_db("claim.db", "c", 10)
     local r = run_locked("flush", dir, db, server.url, 10, "end")
     assert.is_nil(r.summary, "the flush did not end with the claim's error")
     assert.truthy(r.err, "the flush did not report the store's failure")
@@ -184,17 +190,9 @@ describe("a settle that meets a database locked by another process", function()
   end)
 
   it("in a flush: counted once, as sent but unrecorded; the next flush records it without sending", function()
-    local db = dir .. "/flush.db"
-    child.remove_db(db)
-    local s = assert(store_mod.sqlite(db))
-    local now = os.time()
     -- 7 items: fewer than the flush's first claim (8), so one claim takes them all and the
     -- lock comes in before their settle (a second claim would meet it first)
-    for i = 1, 7 do
-      assert(s:enqueue{ kind = "request", body = cjson.encode{ ext_interaction_id = "f" .. i }, event_id = "f" .. i,
-                        created_at = now, next_at = now, attempts = 0 })
-    end
-    s:close()
+    local db = outbox_db("flush.db", "f", 7)
     local r = run_locked("flush", dir, db, server.url, 7, "end")
     assert.truthy(r.err, "the flush did not report the store's failure")
     assert.equal(7, r.summary.sent)

@@ -291,19 +291,22 @@ function Nginx:wait(on_line)
   self:stop()
 end
 
--- Stops nginx when it is garbage-collected (at the latest when the Lua state closes). The
--- guard must be created after the popen handle: finalisers run newest first, and the
--- handle's own finaliser would otherwise block waiting for a still-running nginx. Lua 5.4
--- runs __gc on tables; LuaJIT (5.1) only on userdata, hence newproxy.
-local function gc_guard(n)
-  local function finalise() pcall(Nginx.stop, n) end
+-- A value that calls finalise() when it is garbage-collected (at the latest when the Lua
+-- state closes): kept beside a child process (nginx here, redis-server and the bench's
+-- delay API in the specs) so that the process is stopped. Create it after the popen handle:
+-- finalisers run newest first, and the handle's own finaliser would otherwise block waiting
+-- for a still-running child. Lua 5.4 runs __gc on tables; LuaJIT (5.1) only on userdata,
+-- hence newproxy. Errors in finalise are ignored.
+local function gc_guard(finalise)
+  local function run() pcall(finalise) end
   if newproxy then
     local guard = newproxy(true)
-    getmetatable(guard).__gc = finalise
+    getmetatable(guard).__gc = run
     return guard
   end
-  return setmetatable({}, { __gc = finalise })
+  return setmetatable({}, { __gc = run })
 end
+M.gc_guard = gc_guard
 
 -- One try with the ports in vars. true, or false, the log and whether the port was taken
 -- by someone else (so that fresh ports are worth a try).
@@ -404,7 +407,7 @@ function M.start(opts)
     if self.temporary then remove_dir(self.prefix) end
     return nil, log, in_use, self.ports
   end
-  self.gc_guard = gc_guard(self)
+  self.gc_guard = gc_guard(function() Nginx.stop(self) end)
   running[self] = true
   return self
 end

@@ -40,17 +40,6 @@ end
 local Api = {}
 Api.__index = Api
 
--- Stops the server when it is garbage-collected (at the latest when the Lua state closes).
-local function gc_guard(api)
-  local function finalise() pcall(api.stop, api) end
-  if newproxy then
-    local guard = newproxy(true)
-    getmetatable(guard).__gc = finalise
-    return guard
-  end
-  return setmetatable({}, { __gc = finalise })
-end
-
 function M.start(opts)
   opts = opts or {}
   if not nginx.file_exists(M.BINARY) then
@@ -68,7 +57,7 @@ function M.start(opts)
     error("delay_api: " .. M.BINARY .. " did not start", 2)
   end
   local api = setmetatable({ proc = proc, pid = pid, port = port, url = "http://127.0.0.1:" .. port }, Api)
-  api.guard = gc_guard(api)
+  api.guard = nginx.gc_guard(function() api:stop() end)   -- stopped when collected
   return api
 end
 

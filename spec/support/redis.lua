@@ -91,17 +91,6 @@ function Server:config()
   return table.concat(lines, "\n") .. "\n"
 end
 
--- Stops the server when it is garbage-collected (at the latest when the Lua state closes).
-local function gc_guard(srv)
-  local function finalise() pcall(srv.remove, srv) end
-  if newproxy then
-    local guard = newproxy(true)
-    getmetatable(guard).__gc = finalise
-    return guard
-  end
-  return setmetatable({}, { __gc = finalise })
-end
-
 function Server:running()
   return self.pid ~= nil and nginx.alive(self.pid)
 end
@@ -123,7 +112,7 @@ function Server:launch()
   -- Finalisers run newest first: this guard, newer than the popen handle, stops the server
   -- before the handle's own finaliser would wait for it (at the latest when Lua exits). All
   -- guards live as long as the server object: an old one must not stop a newer process.
-  self.guards[#self.guards + 1] = gc_guard(self)
+  self.guards[#self.guards + 1] = nginx.gc_guard(function() self:remove() end)   -- removed when collected
   local up = nginx.wait_until(START_TIMEOUT, function()
     return not nginx.alive(self.pid) or ready("127.0.0.1", self.port, self.opts.requirepass)
   end) and nginx.alive(self.pid)
